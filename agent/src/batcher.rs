@@ -1,0 +1,669 @@
+//! The batcher: moves staged records to the sinks. [`flush_once`] runs one flush cycle of one
+//! sink: it leases batches from the store, hands them to the sink and turns each outcome into an
+//! ack, a retry with exponential backoff and jitter, or a dead letter. [`Batcher`] runs one task
+//! per sink that starts a cycle on each `CRONTAB` tick (missed ticks collapse into one), after
+//! writes when `FLUSH_ON_WRITE` is on, and when the store's earliest retry comes due. A sink's
+//! cycles never overlap because its task is one sequential loop. On shutdown the delivery in
+//! flight may finish within the grace period and is then settled; otherwise its lease is
+//! released and the records stay pending. Per-key order is the store's job: a batch holds at
+//! most one record per (entity, key).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use estafeta_staging::{Delivery, Staging, StoreError};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::ingest::Metrics;
+use crate::sinks::{Outcome, Sink};
+
+/// After a write notification, wait this long so a burst of writes gives one cycle.
+pub const WRITE_DEBOUNCE: Duration = Duration::from_millis(5);
+/// The batcher wakes at least this often to re-read the clock (it may have jumped).
+pub const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// A retry wake-up is never sooner than this after the previous cycle, so a store that
+/// reports an already due time cannot make the loop spin.
+pub const MIN_WAKEUP_GAP: Duration = Duration::from_secs(1);
+/// The daemon's batcher deletes delivered segment files at most this often per sink: cleanup
+/// seals the segment being written when it is drained, so doing it after every write-triggered
+/// cycle would leave many small files.
+pub const CLEANUP_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest dead-letter reason written to the log, in characters.
+const MAX_LOGGED_REASON_CHARS: usize = 200;
+
+/// What one flush cycle of one sink did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FlushReport {
+    pub sink: String,
+    pub delivered: u64,
+    pub retried: u64,
+    pub dead: u64,
+    /// Records built and logged but not sent (`DRY_RUN`).
+    pub dry_run: u64,
+}
+
+/// Why a flush cycle stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CycleEnd {
+    /// Nothing deliverable is left.
+    Drained,
+    /// `limit` records were handled.
+    Limit,
+    /// Every outcome of a batch was a retry: the sink is down; don't hammer it.
+    SinkDown,
+    /// One batch was logged (`DRY_RUN`); the same records would come back.
+    DryRun,
+    /// Shutdown.
+    Cancelled,
+}
+
+/// Shutdown for a cycle: once `token` fires, the delivery in flight gets `grace` to finish.
+struct Stop<'a> {
+    token: &'a CancellationToken,
+    grace: Duration,
+}
+
+/// Runs one flush cycle of `sink`: batches until nothing is deliverable or `limit` records.
+pub async fn flush_once(
+    store: &Staging,
+    sink: &Arc<dyn Sink>,
+    config: &Config,
+    limit: usize,
+) -> anyhow::Result<FlushReport> {
+    let mut rng = XorShift::from_clock();
+    let (report, _) = flush_cycle(store, sink, config, limit, None, true, &mut rng).await?;
+    Ok(report)
+}
+
+async fn flush_cycle(
+    store: &Staging,
+    sink: &Arc<dyn Sink>,
+    config: &Config,
+    limit: usize,
+    stop: Option<&Stop<'_>>,
+    cleanup: bool,
+    rng: &mut XorShift,
+) -> anyhow::Result<(FlushReport, CycleEnd)> {
+    let name = sink.name().to_owned();
+    let mut report = FlushReport {
+        sink: name.clone(),
+        ..FlushReport::default()
+    };
+    let mut remaining = limit;
+    let end = loop {
+        if remaining == 0 {
+            break CycleEnd::Limit;
+        }
+        if stop.is_some_and(|stop| stop.token.is_cancelled()) {
+            break CycleEnd::Cancelled;
+        }
+        let want = config.batch_size.max(1).min(remaining);
+        let sink_name = name.clone();
+        let batch = blocking(store, move |store| store.next_batch(&sink_name, want)).await?;
+        if batch.is_empty() {
+            break CycleEnd::Drained;
+        }
+        remaining = remaining.saturating_sub(batch.len());
+        let seqs: Vec<u64> = batch.iter().map(|d| d.envelope.seq).collect();
+        debug!(sink = %name, records = batch.len(), "Batch leased.");
+
+        if config.dry_run {
+            for line in sink.dry_run(&batch) {
+                info!(sink = %name, "DRY_RUN: {line}");
+            }
+            release(store, &name, seqs).await?;
+            report.dry_run += batch.len() as u64;
+            break CycleEnd::DryRun;
+        }
+
+        let outcomes = match stop {
+            None => Some(sink.deliver(&batch).await),
+            Some(stop) => {
+                let mut deliver = sink.deliver(&batch);
+                tokio::select! {
+                    outcomes = &mut deliver => Some(outcomes),
+                    () = stop.token.cancelled() => {
+                        info!(sink = %name, records = batch.len(), grace_secs = stop.grace.as_secs_f64(), "Shutting down; waiting for the delivery in flight.");
+                        tokio::time::timeout(stop.grace, &mut deliver).await.ok()
+                    }
+                }
+            }
+        };
+        let Some(outcomes) = outcomes else {
+            warn!(sink = %name, records = seqs.len(), "The delivery in flight did not finish within the grace period; its records stay pending and will be sent again.");
+            release(store, &name, seqs).await?;
+            break CycleEnd::Cancelled;
+        };
+
+        let settled = settle(store, &name, config, batch, outcomes, rng).await?;
+        report.delivered += settled.delivered;
+        report.retried += settled.retried;
+        report.dead += settled.dead;
+        if settled.retried > 0 && settled.delivered == 0 && settled.dead == 0 {
+            warn!(
+                sink = %name, records = settled.retried,
+                error = settled.first_error.as_deref().unwrap_or_default(),
+                "Sink unavailable; the records stay pending and will be retried with backoff."
+            );
+            break CycleEnd::SinkDown;
+        }
+    };
+
+    if cleanup {
+        match blocking(store, |store| store.cleanup()).await {
+            Ok(cleanup) if cleanup.segments_deleted > 0 => debug!(
+                segments = cleanup.segments_deleted,
+                bytes = cleanup.bytes_freed,
+                "Delivered segment files deleted."
+            ),
+            Ok(_) => {}
+            Err(err) => warn!(
+                error = format!("{err:#}"),
+                "Could not delete delivered segment files; will try again after the next flush."
+            ),
+        }
+    }
+    if report.delivered + report.retried + report.dead > 0 {
+        info!(
+            sink = %name, delivered = report.delivered, retried = report.retried,
+            dead = report.dead, "Flush completed."
+        );
+    }
+    Ok((report, end))
+}
+
+/// What settling one batch did.
+struct Settled {
+    delivered: u64,
+    retried: u64,
+    dead: u64,
+    first_error: Option<String>,
+}
+
+/// Turns a batch's outcomes into store calls, all in one blocking task.
+async fn settle(
+    store: &Staging,
+    sink: &str,
+    config: &Config,
+    batch: Vec<Delivery>,
+    outcomes: Vec<Outcome>,
+    rng: &mut XorShift,
+) -> anyhow::Result<Settled> {
+    if outcomes.len() != batch.len() {
+        error!(
+            sink,
+            records = batch.len(),
+            outcomes = outcomes.len(),
+            "The sink answered a different number of outcomes than records; records without an outcome stay pending."
+        );
+    }
+    let now = Utc::now();
+    let mut acks = Vec::new();
+    let mut retries = Vec::new();
+    let mut deads = Vec::new();
+    let mut unanswered = Vec::new();
+    let mut outcomes = outcomes.into_iter();
+    for delivery in &batch {
+        let seq = delivery.envelope.seq;
+        match outcomes.next() {
+            Some(Outcome::Delivered) => acks.push(seq),
+            Some(Outcome::Retry { error, retry_after }) => {
+                let delay = retry_after.unwrap_or_else(|| {
+                    backoff(delivery.attempts, config.retry_base, config.retry_max, rng)
+                });
+                let retry_at = now
+                    + chrono::Duration::from_std(delay)
+                        .unwrap_or_else(|_| chrono::Duration::days(1));
+                retries.push((seq, error, retry_at));
+            }
+            Some(Outcome::Dead { reason }) => {
+                deads.push((seq, delivery.envelope.id.clone(), reason));
+            }
+            None => unanswered.push(seq),
+        }
+    }
+    let settled_counts = Settled {
+        delivered: acks.len() as u64,
+        retried: retries.len() as u64,
+        dead: deads.len() as u64,
+        first_error: retries.first().map(|(_, error, _)| error.clone()),
+    };
+    let sink_name = sink.to_owned();
+    let dead_paths = blocking(store, move |store| {
+        if !acks.is_empty() {
+            store.ack(&sink_name, &acks)?;
+            store.note_sink_result(&sink_name, None)?;
+        }
+        for (seq, error, retry_at) in &retries {
+            store.fail(&sink_name, *seq, error, *retry_at)?;
+        }
+        if let Some((_, error, _)) = retries.first() {
+            store.note_sink_result(&sink_name, Some(error))?;
+        }
+        let mut paths = Vec::with_capacity(deads.len());
+        for (seq, id, reason) in deads {
+            let path = store.dead(&sink_name, seq, &reason)?;
+            paths.push((seq, id, reason, path));
+        }
+        if !unanswered.is_empty() {
+            store.release(&sink_name, &unanswered)?;
+        }
+        Ok(paths)
+    })
+    .await?;
+    for (seq, id, reason, path) in dead_paths {
+        let reason: String = reason.chars().take(MAX_LOGGED_REASON_CHARS).collect();
+        warn!(
+            sink, seq, %id, path = %path.display(), %reason,
+            "Record refused by the sink; moved to the dead letters. Fix it and replay it with `estafeta retry --send`."
+        );
+    }
+    Ok(settled_counts)
+}
+
+/// Gives leased records back untouched.
+async fn release(store: &Staging, sink: &str, seqs: Vec<u64>) -> anyhow::Result<()> {
+    let sink = sink.to_owned();
+    blocking(store, move |store| store.release(&sink, &seqs)).await
+}
+
+/// Runs a blocking store call off the async workers.
+async fn blocking<T, F>(store: &Staging, call: F) -> anyhow::Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&Staging) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = store.clone();
+    let result = tokio::task::spawn_blocking(move || call(&store))
+        .await
+        .context("a staging task panicked")?;
+    Ok(result?)
+}
+
+/// `min(max, base * 2^attempts)`, then a random point between 50% and 100% of it (jitter, so
+/// many agents coming back at once do not retry in step).
+fn backoff(attempts: u32, base: Duration, max: Duration, rng: &mut XorShift) -> Duration {
+    let factor = 1u32.checked_shl(attempts).unwrap_or(u32::MAX);
+    let full = base.saturating_mul(factor).min(max);
+    full.mul_f64(0.5 + 0.5 * rng.next_f64())
+}
+
+/// A tiny xorshift64* generator seeded from the clock; jitter needs spread, not secrecy.
+struct XorShift(u64);
+
+impl XorShift {
+    fn from_clock() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9E37_79B9_7F4A_7C15);
+        // Mix in a counter so generators made in the same nanosecond differ.
+        static CALLS: AtomicU64 = AtomicU64::new(0);
+        let salt = CALLS
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Self((nanos ^ salt) | 1)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `[0, 1)`.
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// `CRONTAB` read in `TZ` (or the machine's local time).
+#[derive(Clone)]
+pub struct Schedule {
+    cron: croner::Cron,
+    tz: Option<chrono_tz::Tz>,
+}
+
+impl Schedule {
+    /// Parses 5-field cron, or 6 fields with seconds first.
+    pub fn new(crontab: &str, tz: Option<chrono_tz::Tz>) -> anyhow::Result<Self> {
+        let cron = croner::Cron::new(crontab)
+            .with_seconds_optional()
+            .parse()
+            .with_context(|| {
+                format!("CRONTAB {crontab:?} is not a valid cron expression; use 5 fields (minute hour day month weekday) or 6 with seconds first")
+            })?;
+        Ok(Self { cron, tz })
+    }
+
+    /// The first tick strictly after `now`; `None` if the expression never matches again.
+    pub fn next_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let next = match self.tz {
+            Some(tz) => self
+                .cron
+                .find_next_occurrence(&now.with_timezone(&tz), false)
+                .map(|t| t.with_timezone(&Utc)),
+            None => self
+                .cron
+                .find_next_occurrence(&now.with_timezone(&chrono::Local), false)
+                .map(|t| t.with_timezone(&Utc)),
+        };
+        next.ok()
+    }
+}
+
+/// Runs one delivery task per sink until cancelled.
+pub struct Batcher {
+    store: Staging,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    schedule: Schedule,
+    writes: Option<watch::Receiver<u64>>,
+}
+
+impl Batcher {
+    /// `writes` changes after each staged write (see `IngestState::subscribe_writes`); it is
+    /// only listened to when `FLUSH_ON_WRITE` is on.
+    pub fn new(
+        store: Staging,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        writes: Option<watch::Receiver<u64>>,
+    ) -> anyhow::Result<Self> {
+        let schedule = Schedule::new(&config.crontab, config.tz)?;
+        let writes = writes.filter(|_| config.flush_on_write);
+        Ok(Self {
+            store,
+            config,
+            metrics,
+            schedule,
+            writes,
+        })
+    }
+
+    /// Starts one task per sink on `tracker`. After `cancel` fires, a delivery in flight gets
+    /// `grace` to finish before its records are released.
+    pub fn spawn(
+        &self,
+        sinks: &[Arc<dyn Sink>],
+        tracker: &TaskTracker,
+        cancel: &CancellationToken,
+        grace: Duration,
+    ) {
+        for sink in sinks {
+            let task = SinkTask {
+                store: self.store.clone(),
+                config: self.config.clone(),
+                metrics: self.metrics.clone(),
+                schedule: self.schedule.clone(),
+                writes: self.writes.clone(),
+                sink: sink.clone(),
+                cancel: cancel.clone(),
+                grace,
+            };
+            tracker.spawn(task.run());
+        }
+    }
+}
+
+/// The loop of one sink.
+struct SinkTask {
+    store: Staging,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    schedule: Schedule,
+    writes: Option<watch::Receiver<u64>>,
+    sink: Arc<dyn Sink>,
+    cancel: CancellationToken,
+    grace: Duration,
+}
+
+impl SinkTask {
+    async fn run(mut self) {
+        let name = self.sink.name().to_owned();
+        let mut rng = XorShift::from_clock();
+        let mut next_tick = self.schedule.next_after(Utc::now());
+        // With FLUSH_ON_WRITE, deliver what an earlier run left right away.
+        let mut due = self.writes.is_some();
+        // After a cycle that found the sink down (or a dry run), writes do not start cycles;
+        // the tick and the retry times still do.
+        let mut quiet_writes = false;
+        let mut last_cleanup: Option<tokio::time::Instant> = None;
+        info!(sink = %name, next_tick = ?next_tick, "Batcher started.");
+        loop {
+            if self.cancel.is_cancelled() {
+                break;
+            }
+            let now = Utc::now();
+            let tick_due = next_tick.is_some_and(|tick| tick <= now);
+            if !due && !tick_due {
+                let wakeup = if self.config.dry_run {
+                    None
+                } else {
+                    self.next_wakeup(&name).await
+                };
+                let gap = chrono::Duration::from_std(MIN_WAKEUP_GAP).unwrap_or_default();
+                let wakeup = wakeup.map(|at| at.max(now + gap));
+                let target = match (next_tick, wakeup) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let sleep_for = target
+                    .map(|at| (at - now).to_std().unwrap_or(Duration::ZERO))
+                    .unwrap_or(MAX_SLEEP)
+                    .min(MAX_SLEEP);
+                let listen = !quiet_writes && self.writes.is_some();
+                tokio::select! {
+                    biased;
+                    () = self.cancel.cancelled() => break,
+                    changed = changed(&mut self.writes), if listen => {
+                        if changed {
+                            tokio::select! {
+                                () = self.cancel.cancelled() => break,
+                                () = tokio::time::sleep(WRITE_DEBOUNCE) => {}
+                            }
+                            if let Some(writes) = &mut self.writes {
+                                writes.borrow_and_update();
+                            }
+                            due = true;
+                        } else {
+                            self.writes = None;
+                        }
+                    }
+                    () = tokio::time::sleep(sleep_for) => {
+                        due = wakeup.is_some_and(|at| Utc::now() >= at);
+                    }
+                }
+                continue;
+            }
+
+            let now = Utc::now();
+            let ticked = next_tick.is_some_and(|tick| tick <= now);
+            if ticked {
+                // Every tick that passed (during a long flush, a suspend) collapses into this cycle.
+                next_tick = self.schedule.next_after(now);
+            }
+            if ticked && !self.config.dry_run {
+                match probe_on_tick(&self.store, &self.sink, &self.config, &mut rng).await {
+                    Ok(Probe::StillDown) => {
+                        due = false;
+                        quiet_writes = true;
+                        continue;
+                    }
+                    Ok(Probe::Back | Probe::NothingWaiting) => {}
+                    Err(err) => {
+                        warn!(sink = %name, error = format!("{err:#}"), "Could not probe the sink; running the cycle as usual.")
+                    }
+                }
+            }
+            due = false;
+            if let Some(writes) = &mut self.writes {
+                // Writes that landed before this cycle starts are covered by it.
+                writes.borrow_and_update();
+            }
+            let stop = Stop {
+                token: &self.cancel,
+                grace: self.grace,
+            };
+            let cleanup = last_cleanup.is_none_or(|at| at.elapsed() >= CLEANUP_INTERVAL);
+            if cleanup {
+                last_cleanup = Some(tokio::time::Instant::now());
+            }
+            let cycle = flush_cycle(
+                &self.store,
+                &self.sink,
+                &self.config,
+                self.config.max_records,
+                Some(&stop),
+                cleanup,
+                &mut rng,
+            )
+            .await;
+            match cycle {
+                Ok((report, end)) => {
+                    self.metrics.add_flush(&report);
+                    quiet_writes = matches!(end, CycleEnd::SinkDown | CycleEnd::DryRun);
+                    if end == CycleEnd::Cancelled {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    error!(sink = %name, error = format!("{err:#}"), "Flush failed; records stay pending and are tried again at the next tick.");
+                    quiet_writes = true;
+                }
+            }
+        }
+        info!(sink = %name, "Batcher stopped.");
+    }
+
+    async fn next_wakeup(&self, name: &str) -> Option<DateTime<Utc>> {
+        let sink = name.to_owned();
+        match blocking(&self.store, move |store| store.next_wakeup(&sink)).await {
+            Ok(at) => at,
+            Err(err) => {
+                warn!(sink = %name, error = format!("{err:#}"), "Could not read the next retry time; relying on the schedule.");
+                None
+            }
+        }
+    }
+}
+
+/// What a tick's probe found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// No record waits in backoff: nothing to probe.
+    NothingWaiting,
+    /// The probe record was answered (delivered or refused for good): the sink is back, and
+    /// every record waiting in backoff is due now.
+    Back,
+    /// The probe failed again: leave the backoff as it is.
+    StillDown,
+}
+
+/// On a `CRONTAB` tick, records waiting in backoff would otherwise wait out their retry time
+/// (up to `RETRY_MAX_SECS`) even though the central side may be back. One record — the oldest
+/// waiting head — is sent at once as a probe; if the sink answers, the whole backlog becomes
+/// due and drains in this tick's cycle. A sink that is still down gets one request per tick,
+/// never a batch.
+async fn probe_on_tick(
+    store: &Staging,
+    sink: &Arc<dyn Sink>,
+    config: &Config,
+    rng: &mut XorShift,
+) -> anyhow::Result<Probe> {
+    let name = sink.name().to_owned();
+    let waiting = {
+        let name = name.clone();
+        blocking(store, move |store| store.next_wakeup(&name)).await?
+    };
+    if waiting.is_none_or(|at| at <= Utc::now()) {
+        return Ok(Probe::NothingWaiting);
+    }
+    let batch = {
+        let name = name.clone();
+        blocking(store, move |store| store.probe_batch(&name)).await?
+    };
+    if batch.is_empty() {
+        return Ok(Probe::NothingWaiting);
+    }
+    let outcomes = sink.deliver(&batch).await;
+    let settled = settle(store, &name, config, batch, outcomes, rng).await?;
+    if settled.retried > 0 {
+        debug!(sink = %name, "Tick probe: the sink is still unavailable.");
+        return Ok(Probe::StillDown);
+    }
+    let woken = {
+        let name = name.clone();
+        blocking(store, move |store| store.retry_now(&name)).await?
+    };
+    info!(sink = %name, records = woken, "The sink answered again; delivering the records that waited in backoff.");
+    Ok(Probe::Back)
+}
+
+/// Waits for the next write; `false` when no more writes can come.
+async fn changed(writes: &mut Option<watch::Receiver<u64>>) -> bool {
+    match writes {
+        Some(writes) => writes.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let mut rng = XorShift::from_clock();
+        let base = Duration::from_secs(2);
+        let max = Duration::from_secs(60);
+        for _ in 0..100 {
+            let first = backoff(0, base, max, &mut rng);
+            assert!(
+                first >= Duration::from_secs(1) && first <= base,
+                "{first:?}"
+            );
+            let third = backoff(3, base, max, &mut rng);
+            assert!(
+                third >= Duration::from_secs(8) && third <= Duration::from_secs(16),
+                "{third:?}"
+            );
+            let late = backoff(200, base, max, &mut rng);
+            assert!(late >= max / 2 && late <= max, "{late:?}");
+        }
+    }
+
+    #[test]
+    fn schedule_accepts_five_and_six_fields() {
+        let now = DateTime::parse_from_rfc3339("2025-03-01T10:00:30Z")
+            .expect("valid time")
+            .with_timezone(&Utc);
+        let minutely = Schedule::new("* * * * *", Some(chrono_tz::UTC)).expect("5 fields");
+        assert_eq!(
+            minutely.next_after(now).map(|t| t.to_rfc3339()),
+            Some("2025-03-01T10:01:00+00:00".to_owned())
+        );
+        let every_10s = Schedule::new("*/10 * * * * *", Some(chrono_tz::UTC)).expect("6 fields");
+        assert_eq!(
+            every_10s.next_after(now).map(|t| t.to_rfc3339()),
+            Some("2025-03-01T10:00:40+00:00".to_owned())
+        );
+        let sao_paulo =
+            Schedule::new("0 8 * * *", Some(chrono_tz::America::Sao_Paulo)).expect("tz");
+        assert_eq!(
+            sao_paulo.next_after(now).map(|t| t.to_rfc3339()),
+            Some("2025-03-01T11:00:00+00:00".to_owned())
+        );
+        assert!(Schedule::new("not cron", None).is_err());
+    }
+}

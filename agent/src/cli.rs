@@ -1,0 +1,1256 @@
+//! The command line: one binary, `estafeta run` for the daemon and the offline tools beside it
+//! (`stage`, `ls`, `show`, `status`, `flush`, `retry`, `reindex`, `check-config`, `version`).
+//! The tools open the staging store directly; the daemon may be running at the same time.
+//!
+//! Exit codes:
+//!
+//! | code | meaning |
+//! | ---- | ------- |
+//! | 0 | success |
+//! | 1 | runtime failure (the store, a sink or the disk failed; a record was not found) |
+//! | 2 | usage or configuration error (bad arguments, a configuration mistake, bad input to `stage`) |
+//! | 3 | `check-config` found a sink it could not reach |
+//! | 4 | staging is full or refuses writes (`stage`) |
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use estafeta_staging::{ListFilter, NewRecord, StageError, Staging, StoreError};
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::config::{Config, ConfigError};
+
+/// Success.
+pub const EXIT_OK: u8 = 0;
+/// A runtime failure.
+pub const EXIT_FAILURE: u8 = 1;
+/// A usage or configuration error.
+pub const EXIT_USAGE: u8 = 2;
+/// `check-config` could not reach a sink.
+pub const EXIT_UNREACHABLE: u8 = 3;
+/// Staging is full or refuses writes.
+pub const EXIT_REFUSED: u8 = 4;
+
+/// How long `check-config` waits for each sink to answer.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest error text shown in a table cell, in characters.
+const MAX_CELL_CHARS: usize = 60;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Offline-first store-and-forward agent: stages every write on local disk, then delivers it
+/// to the central database and APIs when they are reachable.
+#[derive(Debug, Parser)]
+#[command(name = "estafeta", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Read this .env file instead of ./.env (it must exist).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: ingest API, batcher and sinks, until SIGINT or SIGTERM.
+    Run,
+    /// Stage a JSON object (or an array of objects, all or nothing) from FILE or stdin.
+    Stage {
+        /// What happened: create, update, delete, upsert, … ([a-z0-9_-]).
+        action: String,
+        /// What it happened to: patient, attendance, … ([a-z0-9_-]).
+        entity: String,
+        /// JSON file to read; `-` or nothing reads stdin.
+        file: Option<PathBuf>,
+        /// Record key (default: the entity's key field in the payload, `id` unless configured).
+        #[arg(long, value_name = "K")]
+        key: Option<String>,
+    },
+    /// List staged records (or dead letters with --failed), oldest first.
+    Ls {
+        /// List dead letters instead of pending records.
+        #[arg(long)]
+        failed: bool,
+        #[arg(long, value_name = "A")]
+        action: Option<String>,
+        #[arg(long, value_name = "E")]
+        entity: Option<String>,
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// One JSON object per line: id, seq, action, entity, key, state, attempts, last_error, path.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one record (by id, sequence number, or a segment or dead-letter file) as JSON.
+    Show {
+        #[arg(value_name = "ID|SEQ|PATH")]
+        target: String,
+    },
+    /// Pending, dead and last results per sink and per action/entity; disk free; version.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deliver what is pending now, once, and print what happened per sink.
+    Flush {
+        /// Only this sink.
+        #[arg(long, value_name = "S")]
+        sink: Option<String>,
+        /// At most N records per sink (default MAX_RECORDS).
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+    /// List dead letters to requeue; with --send, put them back in line in sequence order.
+    Retry {
+        /// Dead-letter folder (default FAILED_DIR, or <staging>/_failed).
+        #[arg(long, value_name = "D")]
+        dir: Option<PathBuf>,
+        /// One dead-letter file.
+        #[arg(long, value_name = "F", conflicts_with = "dir")]
+        file: Option<PathBuf>,
+        /// Requeue for real (without it, only list what would be requeued).
+        #[arg(long)]
+        send: bool,
+        /// Copy each requeued dead-letter file into DIR first.
+        #[arg(long, value_name = "DIR")]
+        move_ok: Option<PathBuf>,
+        /// At most N dead letters.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Show every field of each dead letter.
+        #[arg(long)]
+        verbose: bool,
+    },
+    /// Rebuild the staging index from the folder (stop the daemon first).
+    Reindex,
+    /// Print the effective configuration (secrets hidden), every mistake, and whether each
+    /// sink answers.
+    CheckConfig {
+        /// Do not try to reach the sinks.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Print the version.
+    Version,
+}
+
+/// Bad input on the command line (not a clap error): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn usage(message: impl Into<String>) -> anyhow::Error {
+    UsageError(message.into()).into()
+}
+
+/// Parses the arguments, runs the command and returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return ExitCode::from(if err.use_stderr() {
+                EXIT_USAGE
+            } else {
+                EXIT_OK
+            });
+        }
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            report(&err);
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    let env_file = cli.env_file.as_deref();
+    match cli.command {
+        Command::Version => {
+            write_stdout(&format!("estafeta {VERSION}\n"));
+            Ok(EXIT_OK)
+        }
+        Command::CheckConfig { offline } => check_config(env_file, offline),
+        command => {
+            let config = Config::load(env_file)?;
+            match command {
+                Command::Run => run_daemon(config),
+                Command::Stage {
+                    action,
+                    entity,
+                    file,
+                    key,
+                } => stage(&config, &action, &entity, file.as_deref(), key),
+                Command::Ls {
+                    failed,
+                    action,
+                    entity,
+                    limit,
+                    json,
+                } => ls(&config, failed, action, entity, limit, json),
+                Command::Show { target } => show(&config, &target),
+                Command::Status { json } => status(&config, json),
+                Command::Flush { sink, limit } => flush(config, sink, limit),
+                Command::Retry {
+                    dir,
+                    file,
+                    send,
+                    move_ok,
+                    limit,
+                    verbose,
+                } => retry(&config, dir, file, send, move_ok, limit, verbose),
+                Command::Reindex => reindex(&config),
+                Command::Version | Command::CheckConfig { .. } => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+fn report(err: &anyhow::Error) {
+    if let Some(config) = err.downcast_ref::<ConfigError>() {
+        eprintln!(
+            "estafeta: the configuration has {} problem{}:",
+            config.problems.len(),
+            if config.problems.len() == 1 { "" } else { "s" }
+        );
+        for problem in &config.problems {
+            eprintln!("  {problem}");
+        }
+        eprintln!("Run `estafeta check-config` to see the effective configuration.");
+    } else {
+        eprintln!("estafeta: {err:#}");
+    }
+}
+
+/// The exit code for an error, by its type.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<ConfigError>().is_some() || err.downcast_ref::<UsageError>().is_some() {
+        return EXIT_USAGE;
+    }
+    match err.downcast_ref::<StageError>() {
+        Some(StageError::Full(_) | StageError::Poisoned(_) | StageError::Closed) => EXIT_REFUSED,
+        Some(StageError::Invalid(_) | StageError::UnknownSink(..) | StageError::Conflict(_)) => {
+            EXIT_USAGE
+        }
+        _ => EXIT_FAILURE,
+    }
+}
+
+/// Writes to stdout; a closed pipe (`estafeta ls | head`) is not an error.
+fn write_stdout(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Staging> {
+    let (store, _report) = Staging::open(config.staging_options()).with_context(|| {
+        format!(
+            "could not open the staging folder {}",
+            config.staging_path.display()
+        )
+    })?;
+    Ok(store)
+}
+
+// ---------------------------------------------------------------------------------------------
+// run
+
+fn run_daemon(config: Config) -> anyhow::Result<u8> {
+    let _guard = crate::logging::init(&config);
+    let runtime = runtime()?;
+    let result = runtime.block_on(async {
+        // Registered before anything else so an early SIGTERM is a clean stop, not a kill.
+        let shutdown = imp::shutdown_signal()?;
+        crate::daemon::run(config, shutdown).await
+    });
+    match result {
+        Ok(()) => Ok(EXIT_OK),
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "Estafeta stopped with an error.");
+            Ok(EXIT_FAILURE)
+        }
+    }
+}
+
+#[cfg(unix)]
+mod imp {
+    use std::future::Future;
+
+    use anyhow::Context as _;
+    use tokio::signal::unix::{SignalKind, signal};
+
+    /// Resolves on the first SIGINT or SIGTERM. Call inside the runtime.
+    pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+        let mut interrupt =
+            signal(SignalKind::interrupt()).context("could not listen for SIGINT")?;
+        let mut terminate =
+            signal(SignalKind::terminate()).context("could not listen for SIGTERM")?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "Stop requested."),
+                _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "Stop requested."),
+            }
+        })
+    }
+}
+
+#[cfg(not(unix))]
+mod imp {
+    use std::future::Future;
+
+    /// Resolves on the first Ctrl-C (or the service manager's stop, which sends one).
+    pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+        Ok(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!(signal = "ctrl-c", "Stop requested.");
+            } else {
+                // Without a signal handler the only stop left is the process being killed.
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// stage
+
+fn stage(
+    config: &Config,
+    action: &str,
+    entity: &str,
+    file: Option<&Path>,
+    key: Option<String>,
+) -> anyhow::Result<u8> {
+    for (what, name) in [("action", action), ("entity", entity)] {
+        estafeta_staging::validate_name(what, name).map_err(|err| usage(err.to_string()))?;
+    }
+    let (text, source) = match file {
+        None => (read_stdin()?, "stdin".to_owned()),
+        Some(path) if path == Path::new("-") => (read_stdin()?, "stdin".to_owned()),
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|err| usage(format!("could not read {}: {err}", path.display())))?,
+            path.display().to_string(),
+        ),
+    };
+    let items = split_payload(&text).map_err(|why| usage(format!("{source}: {why}")))?;
+    let key_field = config.key_field(entity).to_owned();
+    let sinks = config.route(action, entity);
+    let mut records = Vec::with_capacity(items.len());
+    for item in items {
+        let record_key = match &key {
+            Some(key) => Some(key.clone()),
+            None => {
+                let value: Value = serde_json::from_str(item.get())
+                    .context("could not read a record of the input again")?;
+                key_of(&value, &key_field)
+            }
+        };
+        records.push(NewRecord {
+            action: action.to_owned(),
+            entity: entity.to_owned(),
+            key: record_key,
+            payload: item,
+            sinks: (!sinks.is_empty()).then(|| sinks.clone()),
+        });
+    }
+    let store = open_store(config)?;
+    let staged = store.stage_batch(records, None)?;
+    let mut out = String::new();
+    for receipt in staged.receipts() {
+        out.push_str(&format!(
+            "{}\t{}\t{}\n",
+            receipt.id,
+            receipt.seq,
+            receipt.path.display()
+        ));
+    }
+    write_stdout(&out);
+    Ok(EXIT_OK)
+}
+
+fn read_stdin() -> anyhow::Result<String> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|err| usage(format!("could not read stdin: {err}")))?;
+    Ok(text)
+}
+
+/// One JSON object, or a non-empty array of objects, each kept byte for byte.
+fn split_payload(text: &str) -> Result<Vec<Box<RawValue>>, String> {
+    let expected = "expected one JSON object or an array of JSON objects";
+    let trimmed = text.trim();
+    match trimmed.as_bytes().first() {
+        Some(b'{') => {
+            let raw: Box<RawValue> =
+                serde_json::from_str(trimmed).map_err(|err| format!("not valid JSON: {err}"))?;
+            Ok(vec![raw])
+        }
+        Some(b'[') => {
+            let items: Vec<Box<RawValue>> =
+                serde_json::from_str(trimmed).map_err(|err| format!("not valid JSON: {err}"))?;
+            if items.is_empty() {
+                return Err(format!("the array is empty; {expected}"));
+            }
+            if let Some(index) = items.iter().position(|i| !i.get().starts_with('{')) {
+                return Err(format!(
+                    "item {index} of the array is not an object; {expected}"
+                ));
+            }
+            Ok(items)
+        }
+        Some(_) => match serde_json::from_str::<Value>(trimmed) {
+            Ok(_) => Err(expected.to_owned()),
+            Err(err) => Err(format!("not valid JSON: {err}")),
+        },
+        None => Err(format!("the input is empty; {expected}")),
+    }
+}
+
+/// The record key from the payload's key field, when it is a string or a number.
+fn key_of(value: &Value, key_field: &str) -> Option<String> {
+    match value.get(key_field)? {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ls
+
+/// One line of `ls`.
+struct Row {
+    id: String,
+    seq: u64,
+    action: String,
+    entity: String,
+    key: Option<String>,
+    state: String,
+    attempts: u32,
+    last_error: Option<String>,
+    path: PathBuf,
+    sink: Option<String>,
+}
+
+fn ls(
+    config: &Config,
+    failed: bool,
+    action: Option<String>,
+    entity: Option<String>,
+    limit: Option<usize>,
+    as_json: bool,
+) -> anyhow::Result<u8> {
+    let store = open_store(config)?;
+    let rows: Vec<Row> = if failed {
+        let mut letters = store.dead_letters(None)?;
+        letters.retain(|d| {
+            action.as_ref().is_none_or(|a| *a == d.action)
+                && entity.as_ref().is_none_or(|e| *e == d.entity)
+        });
+        if let Some(limit) = limit {
+            letters.truncate(limit);
+        }
+        letters
+            .into_iter()
+            .map(|d| Row {
+                id: d.id,
+                seq: d.seq,
+                action: d.action,
+                entity: d.entity,
+                key: d.key,
+                state: "dead".into(),
+                attempts: d.attempts,
+                last_error: Some(d.reason),
+                path: d.path,
+                sink: Some(d.sink),
+            })
+            .collect()
+    } else {
+        let filter = ListFilter {
+            action,
+            entity,
+            limit,
+            ..ListFilter::default()
+        };
+        store
+            .list(&filter)?
+            .into_iter()
+            .map(|r| Row {
+                id: r.id,
+                seq: r.seq,
+                action: r.action,
+                entity: r.entity,
+                key: r.key,
+                state: r.state.as_str().into(),
+                attempts: r.attempts,
+                last_error: r.last_error,
+                path: r.path,
+                sink: None,
+            })
+            .collect()
+    };
+    let mut out = String::new();
+    if as_json {
+        for row in &rows {
+            let mut line = json!({
+                "id": row.id,
+                "seq": row.seq,
+                "action": row.action,
+                "entity": row.entity,
+                "key": row.key,
+                "state": row.state,
+                "attempts": row.attempts,
+                "last_error": row.last_error,
+                "path": row.path,
+            });
+            if let Some(sink) = &row.sink {
+                line["sink"] = json!(sink);
+            }
+            out.push_str(&line.to_string());
+            out.push('\n');
+        }
+    } else {
+        let mut header = vec!["SEQ", "ID", "ACTION", "ENTITY", "KEY", "STATE", "ATTEMPTS"];
+        if failed {
+            header.push("SINK");
+        }
+        header.extend(["LAST_ERROR", "PATH"]);
+        let body = rows
+            .iter()
+            .map(|row| {
+                let mut cells = vec![
+                    row.seq.to_string(),
+                    row.id.clone(),
+                    row.action.clone(),
+                    row.entity.clone(),
+                    row.key.clone().unwrap_or_else(|| "-".into()),
+                    row.state.clone(),
+                    row.attempts.to_string(),
+                ];
+                if let Some(sink) = &row.sink {
+                    cells.push(sink.clone());
+                }
+                cells.push(
+                    row.last_error
+                        .as_deref()
+                        .map(|e| shorten(e, MAX_CELL_CHARS))
+                        .unwrap_or_else(|| "-".into()),
+                );
+                cells.push(row.path.display().to_string());
+                cells
+            })
+            .collect::<Vec<_>>();
+        out.push_str(&table(&header, &body));
+    }
+    write_stdout(&out);
+    Ok(EXIT_OK)
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len().saturating_sub(1);
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i == last {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// One line, at most `max` characters (an ellipsis marks the cut).
+fn shorten(text: &str, max: usize) -> String {
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if one_line.chars().count() <= max {
+        one_line
+    } else {
+        let mut cut: String = one_line.chars().take(max.saturating_sub(1)).collect();
+        cut.push('…');
+        cut
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// show
+
+fn show(config: &Config, target: &str) -> anyhow::Result<u8> {
+    let store = open_store(config)?;
+    let path = Path::new(target);
+    let documents = if path.is_file() {
+        show_file(&store, path)?
+    } else {
+        vec![record_json(&store, target)?]
+    };
+    let value = if documents.len() == 1 {
+        documents.into_iter().next().unwrap_or(Value::Null)
+    } else {
+        Value::Array(documents)
+    };
+    let mut text = serde_json::to_string_pretty(&value).context("could not format the record")?;
+    text.push('\n');
+    write_stdout(&text);
+    Ok(EXIT_OK)
+}
+
+/// A record as `show` prints it: the envelope and its state for every sink.
+fn record_json(store: &Staging, id_or_seq: &str) -> anyhow::Result<Value> {
+    let (envelope, info) = store.get(id_or_seq).map_err(|err| match err {
+        StoreError::NotFound(what) => anyhow::anyhow!(
+            "no record {what} in staging at {}; `estafeta ls` lists the records it holds",
+            store.root().display()
+        ),
+        other => anyhow::Error::new(other),
+    })?;
+    Ok(json!({
+        "envelope": envelope,
+        "path": info.path,
+        "state": info.state,
+        "attempts": info.attempts,
+        "last_error": info.last_error,
+        "sinks": info.sinks,
+    }))
+}
+
+/// A dead-letter file (one JSON document with `record`) or a segment file (one record per line).
+fn show_file(store: &Staging, path: &Path) -> anyhow::Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("could not read {}", path.display()))?;
+    if let Ok(letter) = serde_json::from_str::<Value>(&text)
+        && let Some(id) = letter.pointer("/record/id").and_then(Value::as_str)
+    {
+        let mut record = record_json(store, id)?;
+        record["dead_letter"] = json!({
+            "file": path,
+            "sink": letter.get("sink"),
+            "reason": letter.get("reason"),
+            "attempts": letter.get("attempts"),
+            "failed_at": letter.get("failed_at"),
+        });
+        return Ok(vec![record]);
+    }
+    let mut records = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let id = serde_json::from_str::<Value>(line)
+            .ok()
+            .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned))
+            .ok_or_else(|| {
+                usage(format!(
+                    "{} line {}: not a staged record (expected a segment or dead-letter file)",
+                    path.display(),
+                    number + 1
+                ))
+            })?;
+        records.push(record_json(store, &id)?);
+    }
+    if records.is_empty() {
+        return Err(usage(format!("{} holds no record", path.display())));
+    }
+    Ok(records)
+}
+
+// ---------------------------------------------------------------------------------------------
+// status
+
+fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
+    let store = open_store(config)?;
+    let status = store.status()?;
+    if as_json {
+        let mut value = serde_json::to_value(&status).context("could not format the status")?;
+        value["version"] = json!(VERSION);
+        value["agent_id"] = json!(config.agent_id);
+        let mut text =
+            serde_json::to_string_pretty(&value).context("could not format the status")?;
+        text.push('\n');
+        write_stdout(&text);
+        return Ok(EXIT_OK);
+    }
+    let mut out = format!(
+        "estafeta {VERSION} (agent {})\nstaging: {}\nrecords pending: {}, bytes staged: {}, disk free: {}\n",
+        config.agent_id,
+        status.root.display(),
+        status.records_pending,
+        bytes(status.bytes_staged),
+        status
+            .disk_free_bytes
+            .map(bytes)
+            .unwrap_or_else(|| "unknown".into()),
+    );
+    if let Some(reason) = &status.staging_blocked {
+        out.push_str(&format!("STAGING REFUSES WRITES: {reason}\n"));
+    }
+    out.push('\n');
+    let sink_rows: Vec<Vec<String>> = status
+        .sinks
+        .iter()
+        .map(|s| {
+            vec![
+                s.sink.clone(),
+                s.pending.to_string(),
+                s.in_flight.to_string(),
+                s.dead.to_string(),
+                s.oldest_pending_age_secs
+                    .map(age)
+                    .unwrap_or_else(|| "-".into()),
+                s.last_success_at.clone().unwrap_or_else(|| "-".into()),
+                s.last_failure_at.clone().unwrap_or_else(|| "-".into()),
+                s.next_attempt_at.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "SINK",
+            "PENDING",
+            "IN_FLIGHT",
+            "DEAD",
+            "OLDEST_PENDING",
+            "LAST_SUCCESS",
+            "LAST_FAILURE",
+            "NEXT_ATTEMPT",
+        ],
+        &sink_rows,
+    ));
+    for sink in &status.sinks {
+        if let Some(error) = &sink.last_error {
+            out.push_str(&format!(
+                "  {} last error: {}\n",
+                sink.sink,
+                shorten(error, 200)
+            ));
+        }
+    }
+    if !status.groups.is_empty() {
+        out.push('\n');
+        let group_rows: Vec<Vec<String>> = status
+            .groups
+            .iter()
+            .map(|g| {
+                vec![
+                    g.action.clone(),
+                    g.entity.clone(),
+                    g.pending.to_string(),
+                    g.dead.to_string(),
+                    g.oldest_pending_age_secs
+                        .map(age)
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &["ACTION", "ENTITY", "PENDING", "DEAD", "OLDEST_PENDING"],
+            &group_rows,
+        ));
+    }
+    write_stdout(&out);
+    Ok(EXIT_OK)
+}
+
+/// `3d4h`, `2h5m`, `4m12s`, `9s`.
+fn age(secs: i64) -> String {
+    let s = secs.max(0);
+    let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if d > 0 {
+        format!("{d}d{h}h")
+    } else if h > 0 {
+        format!("{h}h{m}m")
+    } else if m > 0 {
+        format!("{m}m{s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// `512 B`, `3.2 MiB`, `41.0 GiB`.
+fn bytes(n: u64) -> String {
+    const UNITS: &[&str] = &["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64;
+    let mut unit = "B";
+    for u in UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = u;
+    }
+    format!("{value:.1} {unit}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// flush
+
+fn flush(config: Config, only: Option<String>, limit: Option<usize>) -> anyhow::Result<u8> {
+    let _guard = crate::logging::init(&config);
+    let sinks = crate::sinks::build(&config.sinks)
+        .map_err(|err| usage(format!("the sinks are misconfigured: {err:#}")))?;
+    let sinks: Vec<_> = match &only {
+        Some(name) => {
+            let chosen: Vec<_> = sinks.into_iter().filter(|s| s.name() == name).collect();
+            if chosen.is_empty() {
+                return Err(usage(format!(
+                    "no sink is named {name:?}; configured sinks: {}",
+                    config.sink_names().join(", ")
+                )));
+            }
+            chosen
+        }
+        None => sinks,
+    };
+    let store = open_store(&config)?;
+    let limit = limit.unwrap_or(config.max_records);
+    let runtime = runtime()?;
+    let mut code = EXIT_OK;
+    let mut out = String::new();
+    for sink in &sinks {
+        match runtime.block_on(crate::batcher::flush_once(&store, sink, &config, limit)) {
+            Ok(report) => out.push_str(&format!(
+                "{}: delivered {}, retried {}, dead {}{}\n",
+                report.sink,
+                report.delivered,
+                report.retried,
+                report.dead,
+                if config.dry_run {
+                    format!(", dry run {}", report.dry_run)
+                } else {
+                    String::new()
+                }
+            )),
+            Err(err) => {
+                out.push_str(&format!("{}: failed: {err:#}\n", sink.name()));
+                code = EXIT_FAILURE;
+            }
+        }
+    }
+    write_stdout(&out);
+    Ok(code)
+}
+
+// ---------------------------------------------------------------------------------------------
+// retry
+
+/// A dead-letter file as `retry` reads it.
+struct Letter {
+    path: PathBuf,
+    sink: String,
+    seq: u64,
+    id: String,
+    action: String,
+    entity: String,
+    key: Option<String>,
+    reason: String,
+    attempts: Option<u64>,
+    failed_at: Option<String>,
+}
+
+fn read_letter(path: &Path) -> Result<Letter, String> {
+    let text = std::fs::read_to_string(path).map_err(|err| err.to_string())?;
+    let doc: Value = serde_json::from_str(&text).map_err(|err| format!("not valid JSON: {err}"))?;
+    let text_at = |pointers: &[&str]| {
+        pointers
+            .iter()
+            .find_map(|p| doc.pointer(p).and_then(Value::as_str).map(str::to_owned))
+    };
+    let sink = text_at(&["/sink"]).ok_or("no \"sink\" field")?;
+    let seq = ["/seq", "/record/seq"]
+        .iter()
+        .find_map(|p| doc.pointer(p).and_then(Value::as_u64))
+        .ok_or("no \"seq\" field")?;
+    Ok(Letter {
+        path: path.to_path_buf(),
+        sink,
+        seq,
+        id: text_at(&["/id", "/record/id"]).unwrap_or_default(),
+        action: text_at(&["/action", "/record/action"]).unwrap_or_default(),
+        entity: text_at(&["/entity", "/record/entity"]).unwrap_or_default(),
+        key: text_at(&["/key", "/record/key"]),
+        reason: text_at(&["/reason"]).unwrap_or_default(),
+        attempts: doc.get("attempts").and_then(Value::as_u64),
+        failed_at: text_at(&["/failed_at"]),
+    })
+}
+
+/// Every `*.json` under `dir`, skipping the store's own `_…` folders (such as `_damaged`).
+fn json_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let name = entry.file_name();
+        if entry.file_type()?.is_dir() {
+            if !name.to_string_lossy().starts_with('_') {
+                json_files(&path, out)?;
+            }
+        } else if path.extension().is_some_and(|e| e == "json") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn retry(
+    config: &Config,
+    dir: Option<PathBuf>,
+    file: Option<PathBuf>,
+    send: bool,
+    move_ok: Option<PathBuf>,
+    limit: Option<usize>,
+    verbose: bool,
+) -> anyhow::Result<u8> {
+    let mut code = EXIT_OK;
+    let mut letters = Vec::new();
+    let files = match &file {
+        Some(file) => vec![file.clone()],
+        None => {
+            let dir = dir.unwrap_or_else(|| config.failed_dir());
+            let mut files = Vec::new();
+            match json_files(&dir, &mut files) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound && send => {
+                    return Err(usage(format!("no dead-letter folder at {}", dir.display())));
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(anyhow::Error::new(err)
+                        .context(format!("could not read {}", dir.display())));
+                }
+            }
+            files
+        }
+    };
+    for path in files {
+        match read_letter(&path) {
+            Ok(letter) => letters.push(letter),
+            Err(why) => {
+                eprintln!("skipped {}: not a dead letter ({why})", path.display());
+                if file.is_some() {
+                    return Err(usage(format!(
+                        "{} is not a dead letter: {why}",
+                        path.display()
+                    )));
+                }
+            }
+        }
+    }
+    // Sequence order: a key's earlier record must be back in line before its later ones.
+    letters.sort_by(|a, b| (a.seq, &a.sink).cmp(&(b.seq, &b.sink)));
+    if let Some(limit) = limit {
+        letters.truncate(limit);
+    }
+    let store = if send {
+        Some(open_store(config)?)
+    } else {
+        None
+    };
+    let mut requeued = 0usize;
+    for letter in &letters {
+        let line = describe_letter(letter, verbose);
+        let Some(store) = &store else {
+            write_stdout(&format!("would requeue {line}\n"));
+            continue;
+        };
+        if let Some(target) = &move_ok
+            && let Err(err) = copy_into(&letter.path, target)
+        {
+            eprintln!(
+                "not requeued {line}: could not copy it into {}: {err}",
+                target.display()
+            );
+            code = EXIT_FAILURE;
+            continue;
+        }
+        match store.requeue(&letter.sink, letter.seq) {
+            Ok(()) => {
+                requeued += 1;
+                write_stdout(&format!("requeued {line}\n"));
+            }
+            Err(err) => {
+                eprintln!("not requeued {line}: {err}");
+                code = EXIT_FAILURE;
+            }
+        }
+    }
+    let summary = if send {
+        format!(
+            "requeued {requeued} of {} dead letter(s); the daemon delivers them on its next tick (or run `estafeta flush`)\n",
+            letters.len()
+        )
+    } else {
+        format!(
+            "{} dead letter(s) would be requeued; run again with --send to requeue them\n",
+            letters.len()
+        )
+    };
+    write_stdout(&summary);
+    Ok(code)
+}
+
+fn describe_letter(letter: &Letter, verbose: bool) -> String {
+    let mut line = format!(
+        "seq={} sink={} {}/{} key={}",
+        letter.seq,
+        letter.sink,
+        letter.action,
+        letter.entity,
+        letter.key.as_deref().unwrap_or("-")
+    );
+    if verbose {
+        line.push_str(&format!(
+            "\n  id: {}\n  file: {}\n  attempts: {}\n  failed at: {}\n  reason: {}",
+            letter.id,
+            letter.path.display(),
+            letter
+                .attempts
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "?".into()),
+            letter.failed_at.as_deref().unwrap_or("?"),
+            letter.reason
+        ));
+    } else {
+        line.push_str(&format!(": {}", shorten(&letter.reason, 100)));
+    }
+    line
+}
+
+/// Copies `file` into `dir` (created if needed), never overwriting: a clash gets a suffix.
+fn copy_into(file: &Path, dir: &Path) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "dead-letter.json".into());
+    let mut target = dir.join(&name);
+    let mut n = 1;
+    while target.exists() {
+        target = dir.join(format!("{name}.{n}"));
+        n += 1;
+    }
+    std::fs::copy(file, &target)?;
+    Ok(target)
+}
+
+// ---------------------------------------------------------------------------------------------
+// reindex
+
+fn reindex(config: &Config) -> anyhow::Result<u8> {
+    eprintln!(
+        "Rebuilding the index of {} from its folder; stop the daemon first, it keeps the index it opened.",
+        config.staging_path.display()
+    );
+    let report = Staging::reindex(config.staging_options()).with_context(|| {
+        format!(
+            "could not rebuild the index of {}",
+            config.staging_path.display()
+        )
+    })?;
+    let mut out = format!(
+        "index rebuilt: {}\nrecords recovered: {}\ntorn tails repaired: {}\n",
+        report.rebuild_reason.as_deref().unwrap_or("yes"),
+        report.records_recovered,
+        report.torn_tails_repaired
+    );
+    for moved in &report.moved_aside {
+        out.push_str(&format!(
+            "moved aside {} -> {}: {}\n",
+            moved.from.display(),
+            moved.to.display(),
+            moved.reason
+        ));
+    }
+    write_stdout(&out);
+    Ok(EXIT_OK)
+}
+
+// ---------------------------------------------------------------------------------------------
+// check-config
+
+fn check_config(env_file: Option<&Path>, offline: bool) -> anyhow::Result<u8> {
+    let cwd = std::env::current_dir().context("could not read the working directory")?;
+    let inspection = Config::inspect(&cwd, env_file, &crate::config::process_env());
+    let mut out = String::from("# Effective configuration (secrets hidden); origin in brackets\n");
+    let width = inspection
+        .settings
+        .iter()
+        .map(|s| s.key.len())
+        .max()
+        .unwrap_or(0);
+    for setting in &inspection.settings {
+        out.push_str(&format!(
+            "{:<width$} = {}  [{}]\n",
+            setting.key, setting.value, setting.origin
+        ));
+    }
+    let config = match inspection.result {
+        Ok(config) => config,
+        Err(err) => {
+            write_stdout(&out);
+            eprintln!(
+                "{} problem{}:",
+                err.problems.len(),
+                if err.problems.len() == 1 { "" } else { "s" }
+            );
+            for problem in &err.problems {
+                eprintln!("  {problem}");
+            }
+            return Ok(EXIT_USAGE);
+        }
+    };
+    let flat: BTreeMap<&str, ()> = crate::config::KEYS.iter().map(|k| (*k, ())).collect();
+    for (key, value) in config.redacted() {
+        if !flat.contains_key(key.as_str()) {
+            out.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    out.push_str(&format!("# sources: {}\n", config.sources.join(", ")));
+    write_stdout(&out);
+    let sinks = crate::sinks::build(&config.sinks)
+        .map_err(|err| usage(format!("the sinks are misconfigured: {err:#}")))?;
+    if offline {
+        write_stdout("configuration OK (sinks not contacted: --offline)\n");
+        return Ok(EXIT_OK);
+    }
+    let results = runtime()?.block_on(probe_all(&sinks));
+    let mut code = EXIT_OK;
+    let mut out = String::new();
+    for (name, result) in results {
+        match result {
+            Ok(()) => out.push_str(&format!("sink {name}: reachable\n")),
+            Err(err) => {
+                out.push_str(&format!("sink {name}: UNREACHABLE: {err:#}\n"));
+                code = EXIT_UNREACHABLE;
+            }
+        }
+    }
+    out.push_str(if code == EXIT_OK {
+        "configuration OK; every sink answered\n"
+    } else {
+        "configuration OK, but a sink did not answer (records are staged and wait for it)\n"
+    });
+    write_stdout(&out);
+    Ok(code)
+}
+
+/// Probes every sink at once, each bounded by [`PROBE_TIMEOUT`].
+async fn probe_all(sinks: &[Arc<dyn crate::sinks::Sink>]) -> Vec<(String, anyhow::Result<()>)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, sink) in sinks.iter().enumerate() {
+        let sink = Arc::clone(sink);
+        tasks.spawn(async move {
+            let result = match tokio::time::timeout(PROBE_TIMEOUT, sink.probe()).await {
+                Ok(result) => result,
+                Err(_) => Err(anyhow::anyhow!(
+                    "no answer within {} s",
+                    PROBE_TIMEOUT.as_secs()
+                )),
+            };
+            (index, sink.name().to_owned(), result)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(result) => results.push(result),
+            Err(err) => results.push((
+                usize::MAX,
+                "?".into(),
+                Err(anyhow::anyhow!("probe task failed: {err}")),
+            )),
+        }
+    }
+    results.sort_by_key(|(index, _, _)| *index);
+    results
+        .into_iter()
+        .map(|(_, name, result)| (name, result))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn payloads_are_an_object_or_an_array_of_objects() {
+        assert_eq!(split_payload(r#"{"id": 1}"#).map(|v| v.len()), Ok(1));
+        assert_eq!(
+            split_payload(r#"[{"id": 1}, {"id": 2}]"#).map(|v| v.len()),
+            Ok(2)
+        );
+        assert!(split_payload("[]").is_err());
+        assert!(split_payload(r#"[{"id": 1}, 2]"#).is_err());
+        assert!(split_payload("42").is_err());
+        assert!(split_payload("{").is_err());
+        assert!(split_payload("").is_err());
+    }
+
+    #[test]
+    fn ages_and_sizes_read_well() {
+        assert_eq!(age(9), "9s");
+        assert_eq!(age(252), "4m12s");
+        assert_eq!(age(7500), "2h5m");
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let text = table(
+            &["A", "BB"],
+            &[
+                vec!["long".into(), "x".into()],
+                vec!["s".into(), "y".into()],
+            ],
+        );
+        assert_eq!(text, "A     BB\nlong  x\ns     y\n");
+    }
+}

@@ -1,0 +1,1972 @@
+//! Configuration: `.env` (or `--env-file`), then the process environment, then the optional TOML
+//! file named by `CONFIG_FILE` (environment overrides the file; `${VAR}` in the file's strings
+//! reads the environment). Everything is parsed and validated here, before the store is opened
+//! or a port is bound, and every mistake is reported at once as (key, value, what was expected),
+//! secrets redacted. With nothing configured the agent still runs: staging in `./staging`, the
+//! ingest API on loopback and an embedded SQLite file `./central.db` as the central database.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file's `[agent]` table, `.env`, the
+//! process environment. An empty value (`KEY=`) counts as not set, so a copied `.env.example`
+//! never hides a value from the file. The `api` and `database` sinks the environment defines
+//! (`CENTRAL_API_*`, `CENTRAL_DATABASE_URL`) override the file's sinks of the same name field by
+//! field, keeping the file's HTTP routes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::sinks::database::DatabaseSinkConfig;
+use crate::sinks::http::{HttpRoute, HttpSinkConfig};
+use crate::sinks::redact_url;
+
+/// Default ingest address: loopback only.
+pub const DEFAULT_INGEST_ADDR: &str = "127.0.0.1:8787";
+/// Default batcher schedule: every minute.
+pub const DEFAULT_CRONTAB: &str = "* * * * *";
+/// Default largest request body, in bytes: 10 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// Default records per flush cycle and sink.
+pub const DEFAULT_MAX_RECORDS: usize = 100_000;
+/// Default records per batch handed to a sink.
+pub const DEFAULT_BATCH_SIZE: usize = 500;
+/// Default `STAGING_AREA_PATH`, relative to the working directory.
+pub const DEFAULT_STAGING_AREA_PATH: &str = "staging";
+/// The central database used when no sink is configured anywhere.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://central.db";
+/// Default `LOG_LEVEL`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Default first retry delay, in seconds.
+pub const DEFAULT_RETRY_BASE_SECS: u64 = 1;
+/// Default longest retry delay, in seconds.
+pub const DEFAULT_RETRY_MAX_SECS: u64 = 300;
+/// Default time a stop waits for the flush in flight, in seconds.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 10;
+/// Default HTTP request timeout, in seconds.
+pub const DEFAULT_API_TIMEOUT_SECS: u64 = 10;
+/// Default records of different keys an HTTP sink sends at once.
+pub const DEFAULT_API_CONCURRENCY: usize = 8;
+/// Largest accepted HTTP sink concurrency.
+pub const MAX_CONCURRENCY: usize = 1024;
+/// `AGENT_ID` when the host name cannot be found.
+pub const DEFAULT_AGENT_ID: &str = "estafeta";
+/// Longest accepted `AGENT_ID`, in bytes.
+pub const MAX_AGENT_ID_LEN: usize = 128;
+/// Name of the sink `CENTRAL_DATABASE_URL` defines (and of the embedded default).
+pub const DATABASE_SINK: &str = "database";
+/// Name of the sink `CENTRAL_API_URL` defines.
+pub const API_SINK: &str = "api";
+/// Payload field holding the record key when the entity names none.
+pub const DEFAULT_KEY_FIELD: &str = "id";
+
+/// Every flat key, in the order `.env.example` and `check-config` list them.
+pub const KEYS: &[&str] = &[
+    "CRONTAB",
+    "TZ",
+    "STAGING_AREA_PATH",
+    "IS_ABSOLUTE_STAGING_AREA_PATH",
+    "FAILED_DIR",
+    "STAGING_MAX_BYTES",
+    "STAGING_MIN_FREE_BYTES",
+    "KEEP_DELIVERED_DAYS",
+    "INGEST_ADDR",
+    "INGEST_TOKEN",
+    "MAX_BODY_BYTES",
+    "FLUSH_ON_WRITE",
+    "MAX_RECORDS",
+    "BATCH_SIZE",
+    "DRY_RUN",
+    "RETRY_BASE_SECS",
+    "RETRY_MAX_SECS",
+    "SHUTDOWN_GRACE_SECS",
+    "AGENT_ID",
+    "LOG_DIR",
+    "LOG_LEVEL",
+    "CENTRAL_DATABASE_URL",
+    "CENTRAL_API_URL",
+    "CENTRAL_API_TOKEN",
+    "CENTRAL_API_TIMEOUT_SECS",
+    "CENTRAL_API_VERIFY_TLS",
+    "CENTRAL_API_CA_FILE",
+    "CENTRAL_API_CONCURRENCY",
+    "CONFIG_FILE",
+];
+
+/// The `CENTRAL_API_*` keys other than the URL.
+const API_KEYS: &[&str] = &[
+    "CENTRAL_API_TOKEN",
+    "CENTRAL_API_TIMEOUT_SECS",
+    "CENTRAL_API_VERIFY_TLS",
+    "CENTRAL_API_CA_FILE",
+    "CENTRAL_API_CONCURRENCY",
+];
+
+/// The effective configuration of one agent.
+#[derive(Clone)]
+pub struct Config {
+    /// Where the values came from (`.env` path, TOML path), for logs and `check-config`.
+    pub sources: Vec<String>,
+    /// `CRONTAB`: the batcher's schedule, 5 fields or 6 with seconds.
+    pub crontab: String,
+    /// `TZ`: the time zone `CRONTAB` is read in; `None`: the machine's local time.
+    pub tz: Option<chrono_tz::Tz>,
+    /// `STAGING_AREA_PATH` resolved with `IS_ABSOLUTE_STAGING_AREA_PATH`.
+    pub staging_path: PathBuf,
+    /// `FAILED_DIR`: dead letters; `None`: `<staging>/_failed`.
+    pub failed_dir: Option<PathBuf>,
+    /// `STAGING_MAX_BYTES`: largest total staging size; `None`: no limit.
+    pub staging_max_bytes: Option<u64>,
+    /// `STAGING_MIN_FREE_BYTES`: refuse writes below this free disk space.
+    pub staging_min_free_bytes: u64,
+    /// `KEEP_DELIVERED_DAYS`: keep delivered records this long (default 0).
+    pub keep_delivered: Duration,
+    /// `INGEST_ADDR`.
+    pub ingest_addr: SocketAddr,
+    /// `INGEST_TOKEN`: bearer token the ingest API requires, when set.
+    pub ingest_token: Option<String>,
+    /// `MAX_BODY_BYTES`.
+    pub max_body_bytes: usize,
+    /// `FLUSH_ON_WRITE`: deliver right after staging, without waiting for the tick.
+    pub flush_on_write: bool,
+    /// `MAX_RECORDS`: records per flush cycle and sink.
+    pub max_records: usize,
+    /// `BATCH_SIZE`: records per batch handed to a sink.
+    pub batch_size: usize,
+    /// `DRY_RUN`: build and log every request, deliver nothing, keep everything pending.
+    pub dry_run: bool,
+    /// `RETRY_BASE_SECS` / `RETRY_MAX_SECS`: exponential backoff bounds.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// `SHUTDOWN_GRACE_SECS`: how long a stop waits for the flush in flight.
+    pub shutdown_grace: Duration,
+    /// `AGENT_ID`: this agent's name in the central tables (default: the host name).
+    pub agent_id: String,
+    /// `LOG_DIR`: daily log files; `None`: stderr only.
+    pub log_dir: Option<PathBuf>,
+    /// `LOG_LEVEL`: a tracing filter such as `info` or `estafeta=debug`.
+    pub log_level: String,
+    /// Sinks, from `CENTRAL_DATABASE_URL`, `CENTRAL_API_*` and `[[sinks]]` in the TOML file.
+    pub sinks: Vec<SinkConfig>,
+    /// Routing rules, first match wins; no match: every sink.
+    pub routes: Vec<Route>,
+    /// Per-entity settings (`[entities.NAME]`).
+    pub entities: BTreeMap<String, EntityConfig>,
+}
+
+/// One sink.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Unique name: `database` and `api` for the ones from `.env`.
+    pub name: String,
+    pub kind: SinkKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    Http(crate::sinks::http::HttpSinkConfig),
+    /// `postgres://`, `mysql://` or `sqlite://` URL.
+    Database(crate::sinks::database::DatabaseSinkConfig),
+}
+
+/// Which sinks get the records of an (action, entity); `None` matches any.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub action: Option<String>,
+    pub entity: Option<String>,
+    pub sinks: Vec<String>,
+}
+
+/// Settings of one entity.
+#[derive(Debug, Clone, Default)]
+pub struct EntityConfig {
+    /// Payload field holding the record key (default `id`).
+    pub key_field: Option<String>,
+    /// JSON Schema every payload of this entity must satisfy (HTTP 422 otherwise).
+    pub schema: Option<serde_json::Value>,
+}
+
+// By hand, so `{:?}` of a config never prints the ingest token (sinks redact themselves).
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("sources", &self.sources)
+            .field("crontab", &self.crontab)
+            .field("tz", &self.tz)
+            .field("staging_path", &self.staging_path)
+            .field("failed_dir", &self.failed_dir)
+            .field("staging_max_bytes", &self.staging_max_bytes)
+            .field("staging_min_free_bytes", &self.staging_min_free_bytes)
+            .field("keep_delivered", &self.keep_delivered)
+            .field("ingest_addr", &self.ingest_addr)
+            .field("ingest_token", &self.ingest_token.as_ref().map(|_| "***"))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("flush_on_write", &self.flush_on_write)
+            .field("max_records", &self.max_records)
+            .field("batch_size", &self.batch_size)
+            .field("dry_run", &self.dry_run)
+            .field("retry_base", &self.retry_base)
+            .field("retry_max", &self.retry_max)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("agent_id", &self.agent_id)
+            .field("log_dir", &self.log_dir)
+            .field("log_level", &self.log_level)
+            .field("sinks", &self.sinks)
+            .field("routes", &self.routes)
+            .field("entities", &self.entities.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// One configuration mistake: the key (as the user wrote it), the value (redacted when
+/// secret) and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `CRONTAB`, `[agent] crontab`, `sinks[1].url`, `--env-file`, …
+    pub key: String,
+    /// The value as shown to people: secrets are `***`, URL passwords hidden.
+    pub value: Option<String>,
+    /// What was expected, or what to do.
+    pub expected: String,
+    /// `expected` continues a sentence (`KEY=value listens beyond …`) instead of following a
+    /// colon.
+    sentence: bool,
+}
+
+impl Problem {
+    /// `KEY=value: expected`.
+    pub fn new(key: impl Into<String>, value: Option<String>, expected: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            value,
+            expected: expected.into(),
+            sentence: false,
+        }
+    }
+
+    /// `KEY=value sentence`.
+    fn sentence(key: impl Into<String>, value: String, rest: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            value: Some(value),
+            expected: rest.into(),
+            sentence: true,
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.value, self.sentence) {
+            (Some(value), true) => write!(f, "{}={} {}", self.key, quote(value), self.expected),
+            (Some(value), false) => write!(f, "{}={}: {}", self.key, quote(value), self.expected),
+            (None, _) => write!(f, "{}: {}", self.key, self.expected),
+        }
+    }
+}
+
+/// Quotes a value when it would be hard to read bare (spaces, quotes, empty).
+fn quote(value: &str) -> String {
+    let plain = !value.is_empty()
+        && value
+            .chars()
+            .all(|c| !c.is_whitespace() && !c.is_control() && c != '"' && c != '\'');
+    if plain {
+        value.to_owned()
+    } else {
+        format!("{value:?}")
+    }
+}
+
+/// Every mistake found in the configuration, one per line.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}", lines(.problems))]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+fn lines(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One flat key as loaded, for `check-config`: value shown redacted, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    pub key: String,
+    pub value: String,
+    /// `default`, `.env`, `environment` or `CONFIG_FILE`.
+    pub origin: String,
+}
+
+/// What loading found: every flat key with its origin, and the configuration or its mistakes.
+#[derive(Debug)]
+pub struct Inspection {
+    pub settings: Vec<Setting>,
+    pub result: Result<Config, ConfigError>,
+}
+
+impl Config {
+    /// Loads `.env` (the working directory's, or `env_file`), the process environment and the
+    /// TOML file named by `CONFIG_FILE`. The process environment is read, never changed.
+    pub fn load(env_file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(env_file, &process_env())
+    }
+
+    /// [`Config::load`] with `process_env` standing in for the process environment.
+    pub fn load_from(
+        env_file: Option<&Path>,
+        process_env: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        Self::inspect(&working_dir(), env_file, process_env).result
+    }
+
+    /// Loads with `cwd` as the working directory (the default `.env` and relative paths are
+    /// found there) and reports where every flat key came from.
+    pub fn inspect(
+        cwd: &Path,
+        env_file: Option<&Path>,
+        process_env: &BTreeMap<String, String>,
+    ) -> Inspection {
+        Loader::new(cwd).run(env_file, process_env)
+    }
+
+    /// Sink names, in configuration order.
+    pub fn sink_names(&self) -> Vec<String> {
+        self.sinks.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The sinks the records of (action, entity) go to: the first matching route's, else all.
+    pub fn route(&self, action: &str, entity: &str) -> Vec<String> {
+        self.routes
+            .iter()
+            .find(|r| {
+                r.action.as_deref().is_none_or(|a| a == action)
+                    && r.entity.as_deref().is_none_or(|e| e == entity)
+            })
+            .map(|r| r.sinks.clone())
+            .unwrap_or_else(|| self.sink_names())
+    }
+
+    /// The payload field holding the record key of `entity` (default `id`).
+    pub fn key_field(&self, entity: &str) -> &str {
+        self.entities
+            .get(entity)
+            .and_then(|e| e.key_field.as_deref())
+            .unwrap_or(DEFAULT_KEY_FIELD)
+    }
+
+    /// The dead-letter folder: `FAILED_DIR` or `<staging>/_failed`.
+    pub fn failed_dir(&self) -> PathBuf {
+        self.failed_dir
+            .clone()
+            .unwrap_or_else(|| self.staging_path.join("_failed"))
+    }
+
+    /// How to open the staging store.
+    pub fn staging_options(&self) -> estafeta_staging::Options {
+        let mut options =
+            estafeta_staging::Options::new(&self.staging_path).with_sinks(self.sink_names());
+        options.failed_dir = self.failed_dir.clone();
+        options.max_bytes = self.staging_max_bytes;
+        options.min_free_bytes = self.staging_min_free_bytes;
+        options.keep_delivered = self.keep_delivered;
+        options
+    }
+
+    /// The effective configuration as (key, shown value): secrets are `***`, passwords inside
+    /// URLs are `***`.
+    pub fn redacted(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut push = |key: &str, value: String| out.push((key.to_owned(), value));
+        push("CRONTAB", self.crontab.clone());
+        push(
+            "TZ",
+            self.tz
+                .map(|tz| tz.name().to_owned())
+                .unwrap_or_else(|| "(local time)".into()),
+        );
+        push("STAGING_AREA_PATH", self.staging_path.display().to_string());
+        push("FAILED_DIR", self.failed_dir().display().to_string());
+        push(
+            "STAGING_MAX_BYTES",
+            self.staging_max_bytes
+                .map(|b| b.to_string())
+                .unwrap_or_else(|| "(no limit)".into()),
+        );
+        push(
+            "STAGING_MIN_FREE_BYTES",
+            self.staging_min_free_bytes.to_string(),
+        );
+        push(
+            "KEEP_DELIVERED_DAYS",
+            (self.keep_delivered.as_secs() / 86_400).to_string(),
+        );
+        push("INGEST_ADDR", self.ingest_addr.to_string());
+        push("INGEST_TOKEN", shown_secret(self.ingest_token.as_deref()));
+        push("MAX_BODY_BYTES", self.max_body_bytes.to_string());
+        push("FLUSH_ON_WRITE", self.flush_on_write.to_string());
+        push("MAX_RECORDS", self.max_records.to_string());
+        push("BATCH_SIZE", self.batch_size.to_string());
+        push("DRY_RUN", self.dry_run.to_string());
+        push("RETRY_BASE_SECS", secs(self.retry_base));
+        push("RETRY_MAX_SECS", secs(self.retry_max));
+        push("SHUTDOWN_GRACE_SECS", secs(self.shutdown_grace));
+        push("AGENT_ID", self.agent_id.clone());
+        push(
+            "LOG_DIR",
+            self.log_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|| "(stderr only)".into()),
+        );
+        push("LOG_LEVEL", self.log_level.clone());
+        for sink in &self.sinks {
+            let key = |field: &str| format!("sinks.{}.{field}", sink.name);
+            match &sink.kind {
+                SinkKind::Database(db) => {
+                    push(&key("type"), "database".into());
+                    push(&key("url"), redact_url(&db.url));
+                }
+                SinkKind::Http(http) => {
+                    push(&key("type"), "http".into());
+                    push(&key("url"), redact_url(&http.url));
+                    push(&key("token"), shown_secret(http.token.as_deref()));
+                    push(&key("timeout_secs"), secs(http.timeout));
+                    push(&key("verify_tls"), http.verify_tls.to_string());
+                    push(
+                        &key("ca_file"),
+                        http.ca_file
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "(not set)".into()),
+                    );
+                    push(&key("concurrency"), http.concurrency.to_string());
+                    for (i, route) in http.routes.iter().enumerate() {
+                        push(&key(&format!("routes[{i}]")), describe_http_route(route));
+                    }
+                }
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            push(
+                &format!("routes[{i}]"),
+                format!(
+                    "action={} entity={} -> {}",
+                    route.action.as_deref().unwrap_or("*"),
+                    route.entity.as_deref().unwrap_or("*"),
+                    route.sinks.join(", ")
+                ),
+            );
+        }
+        for (name, entity) in &self.entities {
+            push(
+                &format!("entities.{name}.key_field"),
+                entity
+                    .key_field
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_KEY_FIELD.into()),
+            );
+            if entity.schema.is_some() {
+                push(&format!("entities.{name}.schema"), "(JSON Schema)".into());
+            }
+        }
+        out
+    }
+}
+
+fn describe_http_route(route: &HttpRoute) -> String {
+    let mut text = format!(
+        "entity={} action={}",
+        route.entity.as_deref().unwrap_or("*"),
+        route.action.as_deref().unwrap_or("*")
+    );
+    if let Some(method) = &route.method {
+        text.push_str(&format!(" method={method}"));
+    }
+    if let Some(path) = &route.path {
+        text.push_str(&format!(" path={path}"));
+    }
+    for name in route.headers.keys() {
+        // Header values may be API keys: names only.
+        text.push_str(&format!(" header {name}=***"));
+    }
+    text
+}
+
+fn shown_secret(secret: Option<&str>) -> String {
+    match secret {
+        Some(_) => "***".into(),
+        None => "(not set)".into(),
+    }
+}
+
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{}", d.as_secs())
+    } else {
+        format!("{s}")
+    }
+}
+
+/// The process environment as text (variables that are not UTF-8 are read lossily).
+pub fn process_env() -> BTreeMap<String, String> {
+    std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn working_dir() -> PathBuf {
+    std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+}
+
+/// Whether a flat key holds a secret, shown as `***`.
+fn is_secret(key: &str) -> bool {
+    let key = key.to_ascii_uppercase();
+    key.ends_with("TOKEN") || key.contains("PASSWORD") || key.contains("SECRET")
+}
+
+/// A value as it may be shown: secrets hidden, URL passwords hidden.
+fn shown(key: &str, value: &str) -> String {
+    if is_secret(key) {
+        "***".into()
+    } else if key.to_ascii_uppercase().ends_with("URL") {
+        redact_url(value)
+    } else {
+        value.to_owned()
+    }
+}
+
+/// Where a flat value came from.
+#[derive(Debug, Clone)]
+enum Origin {
+    Default,
+    EnvFile,
+    Environment,
+    ConfigFile,
+}
+
+impl Origin {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Origin::Default => "default",
+            Origin::EnvFile => ".env",
+            Origin::Environment => "environment",
+            Origin::ConfigFile => "CONFIG_FILE",
+        }
+    }
+
+    /// The key as the user wrote it.
+    fn label(&self, key: &str) -> String {
+        match self {
+            Origin::ConfigFile => format!("[agent] {}", key.to_ascii_lowercase()),
+            _ => key.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Raw {
+    value: String,
+    origin: Origin,
+}
+
+/// The TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    /// Flat keys in lowercase (checked by hand, to name the unknown ones).
+    #[serde(default)]
+    agent: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    sinks: Vec<FileSink>,
+    #[serde(default)]
+    routes: Vec<FileRoute>,
+    #[serde(default)]
+    entities: BTreeMap<String, FileEntity>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum FileSinkType {
+    Http,
+    Database,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSink {
+    name: String,
+    #[serde(rename = "type")]
+    kind: FileSinkType,
+    url: String,
+    token: Option<String>,
+    timeout_secs: Option<f64>,
+    verify_tls: Option<bool>,
+    ca_file: Option<PathBuf>,
+    concurrency: Option<usize>,
+    #[serde(default)]
+    routes: Vec<FileHttpRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttpRoute {
+    entity: Option<String>,
+    action: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    action: Option<String>,
+    entity: Option<String>,
+    sinks: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEntity {
+    key_field: Option<String>,
+    schema: Option<PathBuf>,
+}
+
+/// HTTP methods a route may use.
+const METHODS: &[&str] = &["POST", "PUT", "PATCH", "DELETE", "GET"];
+
+struct Loader {
+    cwd: PathBuf,
+    problems: Vec<Problem>,
+    sources: Vec<String>,
+    /// Flat keys, highest precedence already applied.
+    raw: BTreeMap<&'static str, Raw>,
+    /// `.env` plus the process environment, for `${VAR}` (empty values kept).
+    vars: BTreeMap<String, String>,
+}
+
+impl Loader {
+    fn new(cwd: &Path) -> Self {
+        Self {
+            cwd: cwd.to_path_buf(),
+            problems: Vec::new(),
+            sources: Vec::new(),
+            raw: BTreeMap::new(),
+            vars: BTreeMap::new(),
+        }
+    }
+
+    fn problem(
+        &mut self,
+        key: impl Into<String>,
+        value: Option<String>,
+        expected: impl Into<String>,
+    ) {
+        self.problems.push(Problem::new(key, value, expected));
+    }
+
+    fn run(
+        mut self,
+        env_file: Option<&Path>,
+        process_env: &BTreeMap<String, String>,
+    ) -> Inspection {
+        let dotenv = self.read_env_file(env_file);
+        for (key, value) in &dotenv {
+            self.vars.insert(key.clone(), value.clone());
+        }
+        for (key, value) in process_env {
+            self.vars.insert(key.clone(), value.clone());
+        }
+        for key in KEYS {
+            if let Some(value) = process_env.get(*key).filter(|v| !v.trim().is_empty()) {
+                self.set(key, value, Origin::Environment);
+            } else if let Some(value) = dotenv.get(*key).filter(|v| !v.trim().is_empty()) {
+                self.set(key, value, Origin::EnvFile);
+            }
+        }
+        if self.raw.keys().any(|k| process_env.contains_key(*k)) {
+            self.sources.push("environment".into());
+        }
+        let (file, file_dir) = self.read_config_file();
+        for (key, value) in &file.agent {
+            self.agent_key(key, value);
+        }
+        let settings = self.settings(process_env);
+        let config = self.build(file, &file_dir, process_env);
+        let result = if self.problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                problems: self.problems,
+            })
+        };
+        Inspection { settings, result }
+    }
+
+    fn set(&mut self, key: &'static str, value: &str, origin: Origin) {
+        self.raw.insert(
+            key,
+            Raw {
+                value: value.trim().to_owned(),
+                origin,
+            },
+        );
+    }
+
+    /// Reads `.env` without touching the process environment.
+    fn read_env_file(&mut self, env_file: Option<&Path>) -> BTreeMap<String, String> {
+        let (path, explicit) = match env_file {
+            Some(path) => (self.cwd.join(path), true),
+            None => (self.cwd.join(".env"), false),
+        };
+        let mut values = BTreeMap::new();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !explicit => return values,
+            Err(err) => {
+                self.problem(
+                    "--env-file",
+                    Some(path.display().to_string()),
+                    format!("expected a readable .env file: {err}"),
+                );
+                return values;
+            }
+        };
+        self.sources.push(format!(".env {}", path.display()));
+        let text = quote_unquoted_spaces(&text);
+        for item in dotenvy::from_read_iter(std::io::Cursor::new(text.into_bytes())) {
+            match item {
+                Ok((key, value)) => {
+                    values.insert(key, value);
+                }
+                // The line may hold a secret: say only that it is wrong.
+                Err(dotenvy::Error::LineParse(_, index)) => self.problem(
+                    format!(".env {}", path.display()),
+                    None,
+                    format!(
+                        "a line could not be read (near character {index}); expected KEY=value, with quotes closed on the line where they open"
+                    ),
+                ),
+                Err(err) => {
+                    self.problem(
+                        format!(".env {}", path.display()),
+                        None,
+                        format!("could not be read: {}", io_reason(&err)),
+                    );
+                    break;
+                }
+            }
+        }
+        values
+    }
+
+    /// Reads and parses `CONFIG_FILE`, with `${VAR}` substituted. Returns the file and its folder.
+    fn read_config_file(&mut self) -> (FileConfig, PathBuf) {
+        let Some(raw) = self.raw.get("CONFIG_FILE").cloned() else {
+            return (FileConfig::default(), self.cwd.clone());
+        };
+        let label = raw.origin.label("CONFIG_FILE");
+        let path = self.cwd.join(&raw.value);
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.cwd.clone());
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) => {
+                self.problem(
+                    label,
+                    Some(raw.value.clone()),
+                    format!("expected a readable TOML file: {err}"),
+                );
+                return (FileConfig::default(), dir);
+            }
+        };
+        self.sources.push(format!("CONFIG_FILE {}", path.display()));
+        // First pass on the text itself, so unknown keys and wrong types come with a line.
+        if let Err(err) = toml::from_str::<FileConfig>(&text) {
+            let line = err
+                .span()
+                .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+            let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+            self.problem(
+                label,
+                Some(raw.value.clone()),
+                format!("{at}{}", err.message().trim()),
+            );
+            return (FileConfig::default(), dir);
+        }
+        let mut table: toml::Table = match toml::from_str(&text) {
+            Ok(table) => table,
+            Err(err) => {
+                self.problem(label, Some(raw.value.clone()), err.message().to_owned());
+                return (FileConfig::default(), dir);
+            }
+        };
+        let before = self.problems.len();
+        for (key, value) in table.iter_mut() {
+            self.substitute(key, value);
+        }
+        if self.problems.len() > before {
+            return (FileConfig::default(), dir);
+        }
+        match toml::Value::Table(table).try_into::<FileConfig>() {
+            Ok(file) => (file, dir),
+            Err(err) => {
+                self.problem(label, Some(raw.value.clone()), err.message().to_owned());
+                (FileConfig::default(), dir)
+            }
+        }
+    }
+
+    /// Replaces `${VAR}` in every string under `value` with the environment's VAR.
+    fn substitute(&mut self, path: &str, value: &mut toml::Value) {
+        match value {
+            toml::Value::String(text) if text.contains("${") => match expand(text, &self.vars) {
+                Ok(expanded) => *text = expanded,
+                Err(expected) => self.problem(path, Some(text.clone()), expected),
+            },
+            toml::Value::Array(items) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    self.substitute(&format!("{path}[{i}]"), item);
+                }
+            }
+            toml::Value::Table(table) => {
+                for (key, item) in table.iter_mut() {
+                    self.substitute(&format!("{path}.{key}"), item);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A flat key from the file's `[agent]` table; the environment wins over it.
+    fn agent_key(&mut self, key: &str, value: &toml::Value) {
+        let upper = key.to_ascii_uppercase();
+        let known = KEYS
+            .iter()
+            .find(|k| **k == upper && **k != "CONFIG_FILE" && key == key.to_ascii_lowercase());
+        let Some(known) = known else {
+            self.problem(
+                format!("[agent] {key}"),
+                None,
+                format!(
+                    "unknown key; expected one of: {}",
+                    KEYS.iter()
+                        .filter(|k| **k != "CONFIG_FILE")
+                        .map(|k| k.to_ascii_lowercase())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            return;
+        };
+        let text = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => {
+                self.problem(
+                    format!("[agent] {key}"),
+                    None,
+                    "expected a string, a number or true/false",
+                );
+                return;
+            }
+        };
+        if !self.raw.contains_key(known) && !text.trim().is_empty() {
+            self.set(known, &text, Origin::ConfigFile);
+        }
+    }
+
+    fn settings(&self, process_env: &BTreeMap<String, String>) -> Vec<Setting> {
+        KEYS.iter()
+            .map(|key| match self.raw.get(key) {
+                Some(raw) => Setting {
+                    key: (*key).to_owned(),
+                    value: shown(key, &raw.value),
+                    origin: raw.origin.as_str().to_owned(),
+                },
+                None => Setting {
+                    key: (*key).to_owned(),
+                    value: match *key {
+                        "AGENT_ID" => default_agent_id(process_env),
+                        _ => default_shown(key),
+                    },
+                    origin: Origin::Default.as_str().to_owned(),
+                },
+            })
+            .collect()
+    }
+
+    /// Parses `key` with `parse`, or gives `default` when it is not set. A bad value is
+    /// recorded as a problem and `default` stands in so the rest can still be checked.
+    fn parse<T>(
+        &mut self,
+        key: &'static str,
+        default: T,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> T {
+        self.parse_opt(key, parse).unwrap_or(default)
+    }
+
+    fn parse_opt<T>(
+        &mut self,
+        key: &'static str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Option<T> {
+        let raw = self.raw.get(key)?.clone();
+        match parse(&raw.value) {
+            Ok(value) => Some(value),
+            Err(expected) => {
+                self.problem(
+                    raw.origin.label(key),
+                    Some(shown(key, &raw.value)),
+                    expected,
+                );
+                None
+            }
+        }
+    }
+
+    fn text(&self, key: &str) -> Option<String> {
+        self.raw.get(key).map(|r| r.value.clone())
+    }
+
+    fn label(&self, key: &str) -> String {
+        self.raw
+            .get(key)
+            .map(|r| r.origin.label(key))
+            .unwrap_or_else(|| key.to_owned())
+    }
+
+    fn build(
+        &mut self,
+        file: FileConfig,
+        file_dir: &Path,
+        process_env: &BTreeMap<String, String>,
+    ) -> Config {
+        let crontab = self.parse("CRONTAB", DEFAULT_CRONTAB.to_owned(), |v| {
+            validate_crontab(v).map(|()| v.to_owned())
+        });
+        let tz = self.parse_opt("TZ", parse_tz).flatten();
+
+        let is_absolute = self.parse("IS_ABSOLUTE_STAGING_AREA_PATH", false, parse_bool);
+        let staging_text = self
+            .text("STAGING_AREA_PATH")
+            .unwrap_or_else(|| DEFAULT_STAGING_AREA_PATH.into());
+        let staging_given = PathBuf::from(&staging_text);
+        if is_absolute && !staging_given.is_absolute() {
+            self.problem(
+                self.label("STAGING_AREA_PATH"),
+                Some(staging_text.clone()),
+                "expected an absolute path because IS_ABSOLUTE_STAGING_AREA_PATH is true; give a full path or set IS_ABSOLUTE_STAGING_AREA_PATH=false",
+            );
+        }
+        // As the seed did: a relative path is taken from the working directory.
+        let staging_path = if is_absolute {
+            staging_given
+        } else {
+            self.cwd.join(staging_given)
+        };
+        let failed_dir = self.text("FAILED_DIR").map(|d| self.cwd.join(d));
+        let staging_max_bytes = self.parse_opt("STAGING_MAX_BYTES", |v| {
+            parse_size(v).and_then(|b| {
+                if b == 0 {
+                    Err("expected a size above 0 (leave it empty for no limit)".into())
+                } else {
+                    Ok(b)
+                }
+            })
+        });
+        let staging_min_free_bytes = self.parse(
+            "STAGING_MIN_FREE_BYTES",
+            estafeta_staging::DEFAULT_MIN_FREE_BYTES,
+            parse_size,
+        );
+        let keep_days = self.parse("KEEP_DELIVERED_DAYS", 0u64, |v| {
+            parse_u64(
+                v,
+                "a whole number of days (0 deletes delivered records at once)",
+            )
+        });
+        let ingest_addr = self.parse(
+            "INGEST_ADDR",
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 8787)),
+            parse_addr,
+        );
+        let ingest_token = self.text("INGEST_TOKEN");
+        let max_body_bytes = self.parse("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, |v| {
+            parse_size(v).and_then(|b| positive_usize(b, "a size above 0 such as 10MiB"))
+        });
+        let flush_on_write = self.parse("FLUSH_ON_WRITE", true, parse_bool);
+        let max_records = self.parse("MAX_RECORDS", DEFAULT_MAX_RECORDS, |v| {
+            parse_u64(v, "a whole number above 0")
+                .and_then(|n| positive_usize(n, "a whole number above 0"))
+        });
+        let batch_size = self.parse("BATCH_SIZE", DEFAULT_BATCH_SIZE, |v| {
+            parse_u64(v, "a whole number above 0")
+                .and_then(|n| positive_usize(n, "a whole number above 0"))
+        });
+        let dry_run = self.parse("DRY_RUN", false, parse_bool);
+        let retry_base = self.parse(
+            "RETRY_BASE_SECS",
+            Duration::from_secs(DEFAULT_RETRY_BASE_SECS),
+            |v| parse_secs(v, false),
+        );
+        let retry_max = self.parse(
+            "RETRY_MAX_SECS",
+            Duration::from_secs(DEFAULT_RETRY_MAX_SECS),
+            |v| parse_secs(v, false),
+        );
+        if retry_base > retry_max {
+            self.problem(
+                self.label("RETRY_MAX_SECS"),
+                Some(secs(retry_max)),
+                format!("expected at least RETRY_BASE_SECS ({})", secs(retry_base)),
+            );
+        }
+        let shutdown_grace = self.parse(
+            "SHUTDOWN_GRACE_SECS",
+            Duration::from_secs(DEFAULT_SHUTDOWN_GRACE_SECS),
+            |v| parse_secs(v, true),
+        );
+        let agent_id = self
+            .parse_opt("AGENT_ID", |v| validate_agent_id(v).map(|()| v.to_owned()))
+            .unwrap_or_else(|| default_agent_id(process_env));
+        let log_dir = self.text("LOG_DIR").map(|d| self.cwd.join(d));
+        let log_level = self.parse("LOG_LEVEL", DEFAULT_LOG_LEVEL.to_owned(), |v| {
+            validate_log_level(v).map(|()| v.to_owned())
+        });
+
+        if !ingest_addr.ip().is_loopback() && ingest_token.is_none() {
+            self.problems.push(Problem::sentence(
+                self.label("INGEST_ADDR"),
+                ingest_addr.to_string(),
+                "listens beyond this machine but INGEST_TOKEN is empty: set INGEST_TOKEN to a long random secret, or listen on 127.0.0.1",
+            ));
+        }
+
+        let sinks = self.sinks(&file.sinks, file_dir, &agent_id);
+        let names: BTreeSet<&str> = sinks.iter().map(|s| s.name.as_str()).collect();
+        let routes = self.routes(&file.routes, &names);
+        let entities = self.entities(file.entities, file_dir);
+
+        Config {
+            sources: if self.sources.is_empty() {
+                vec!["embedded defaults".into()]
+            } else {
+                self.sources.clone()
+            },
+            crontab,
+            tz,
+            staging_path,
+            failed_dir,
+            staging_max_bytes,
+            staging_min_free_bytes,
+            keep_delivered: Duration::from_secs(keep_days.saturating_mul(86_400)),
+            ingest_addr,
+            ingest_token,
+            max_body_bytes,
+            flush_on_write,
+            max_records,
+            batch_size,
+            dry_run,
+            retry_base,
+            retry_max,
+            shutdown_grace,
+            agent_id,
+            log_dir,
+            log_level,
+            sinks,
+            routes,
+            entities,
+        }
+    }
+
+    fn sinks(
+        &mut self,
+        file_sinks: &[FileSink],
+        file_dir: &Path,
+        agent_id: &str,
+    ) -> Vec<SinkConfig> {
+        let mut sinks: Vec<SinkConfig> = Vec::new();
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, sink) in file_sinks.iter().enumerate() {
+            let at = format!("sinks[{i}]");
+            if let Err(err) = estafeta_staging::validate_name("sink", &sink.name) {
+                self.problem(
+                    format!("{at}.name"),
+                    Some(sink.name.clone()),
+                    invalid_reason(err),
+                );
+            }
+            if let Some(first) = seen.get(&sink.name) {
+                self.problem(
+                    format!("{at}.name"),
+                    Some(sink.name.clone()),
+                    format!("expected a unique sink name; sinks[{first}] is already called that"),
+                );
+                continue;
+            }
+            seen.insert(sink.name.clone(), i);
+            let kind = match sink.kind {
+                FileSinkType::Database => {
+                    for (field, set) in [
+                        ("token", sink.token.is_some()),
+                        ("timeout_secs", sink.timeout_secs.is_some()),
+                        ("verify_tls", sink.verify_tls.is_some()),
+                        ("ca_file", sink.ca_file.is_some()),
+                        ("concurrency", sink.concurrency.is_some()),
+                        ("routes", !sink.routes.is_empty()),
+                    ] {
+                        if set {
+                            self.problem(
+                                format!("{at}.{field}"),
+                                None,
+                                "applies to http sinks only; remove it from this database sink",
+                            );
+                        }
+                    }
+                    if let Err(expected) = check_database_url(&sink.url) {
+                        self.problem(format!("{at}.url"), Some(redact_url(&sink.url)), expected);
+                    }
+                    SinkKind::Database(DatabaseSinkConfig {
+                        url: sink.url.clone(),
+                        agent_id: agent_id.to_owned(),
+                    })
+                }
+                FileSinkType::Http => {
+                    if let Err(expected) = check_http_url(&sink.url) {
+                        self.problem(format!("{at}.url"), Some(redact_url(&sink.url)), expected);
+                    }
+                    let timeout = match sink.timeout_secs {
+                        Some(t) => match secs_from_f64(t, false) {
+                            Ok(d) => d,
+                            Err(expected) => {
+                                self.problem(
+                                    format!("{at}.timeout_secs"),
+                                    Some(t.to_string()),
+                                    expected,
+                                );
+                                Duration::from_secs(DEFAULT_API_TIMEOUT_SECS)
+                            }
+                        },
+                        None => Duration::from_secs(DEFAULT_API_TIMEOUT_SECS),
+                    };
+                    let concurrency = sink.concurrency.unwrap_or(DEFAULT_API_CONCURRENCY);
+                    if let Err(expected) = check_concurrency(concurrency) {
+                        self.problem(
+                            format!("{at}.concurrency"),
+                            Some(concurrency.to_string()),
+                            expected,
+                        );
+                    }
+                    let ca_file = sink.ca_file.as_ref().map(|p| file_dir.join(p));
+                    if let Some(ca) = &ca_file
+                        && let Err(expected) = check_readable(ca)
+                    {
+                        self.problem(
+                            format!("{at}.ca_file"),
+                            Some(ca.display().to_string()),
+                            expected,
+                        );
+                    }
+                    let mut routes = Vec::new();
+                    for (j, route) in sink.routes.iter().enumerate() {
+                        routes.push(self.http_route(&format!("{at}.routes[{j}]"), route));
+                    }
+                    SinkKind::Http(HttpSinkConfig {
+                        url: sink.url.clone(),
+                        token: sink.token.clone().filter(|t| !t.is_empty()),
+                        timeout,
+                        verify_tls: sink.verify_tls.unwrap_or(true),
+                        ca_file,
+                        routes,
+                        concurrency,
+                    })
+                }
+            };
+            sinks.push(SinkConfig {
+                name: sink.name.clone(),
+                kind,
+            });
+        }
+        self.env_database_sink(&mut sinks, agent_id);
+        self.env_api_sink(&mut sinks);
+        if sinks.is_empty() {
+            sinks.push(SinkConfig {
+                name: DATABASE_SINK.into(),
+                kind: SinkKind::Database(DatabaseSinkConfig {
+                    url: DEFAULT_DATABASE_URL.into(),
+                    agent_id: agent_id.to_owned(),
+                }),
+            });
+        }
+        sinks
+    }
+
+    fn http_route(&mut self, at: &str, route: &FileHttpRoute) -> HttpRoute {
+        let method = route.method.as_ref().map(|m| m.to_ascii_uppercase());
+        if let Some(m) = &method
+            && !METHODS.contains(&m.as_str())
+        {
+            self.problem(
+                format!("{at}.method"),
+                Some(m.clone()),
+                format!("expected one of {}", METHODS.join(", ")),
+            );
+        }
+        for (field, name) in [("entity", &route.entity), ("action", &route.action)] {
+            if let Some(name) = name
+                && name != "*"
+                && let Err(err) = estafeta_staging::validate_name(field, name)
+            {
+                self.problem(
+                    format!("{at}.{field}"),
+                    Some(name.clone()),
+                    invalid_reason(err),
+                );
+            }
+        }
+        if let Some(path) = &route.path
+            && !path.starts_with('/')
+        {
+            self.problem(
+                format!("{at}.path"),
+                Some(path.clone()),
+                "expected a path starting with '/', such as /{entity}/{key}",
+            );
+        }
+        HttpRoute {
+            entity: route.entity.clone().filter(|e| e != "*"),
+            action: route.action.clone().filter(|a| a != "*"),
+            method,
+            path: route.path.clone(),
+            headers: route.headers.clone(),
+        }
+    }
+
+    /// `CENTRAL_DATABASE_URL`: the `database` sink (overriding the file's, if it has one).
+    fn env_database_sink(&mut self, sinks: &mut Vec<SinkConfig>, agent_id: &str) {
+        let Some(url) = self.text("CENTRAL_DATABASE_URL") else {
+            return;
+        };
+        if let Err(expected) = check_database_url(&url) {
+            self.problem(
+                self.label("CENTRAL_DATABASE_URL"),
+                Some(redact_url(&url)),
+                expected,
+            );
+        }
+        match sinks.iter_mut().find(|s| s.name == DATABASE_SINK) {
+            Some(SinkConfig {
+                kind: SinkKind::Database(db),
+                ..
+            }) => db.url = url,
+            Some(_) => self.problem(
+                self.label("CENTRAL_DATABASE_URL"),
+                Some(redact_url(&url)),
+                "the CONFIG_FILE already has an http sink named \"database\"; rename that sink",
+            ),
+            None => sinks.push(SinkConfig {
+                name: DATABASE_SINK.into(),
+                kind: SinkKind::Database(DatabaseSinkConfig {
+                    url,
+                    agent_id: agent_id.to_owned(),
+                }),
+            }),
+        }
+    }
+
+    /// `CENTRAL_API_*`: the `api` sink (overriding the file's, field by field, if it has one).
+    fn env_api_sink(&mut self, sinks: &mut Vec<SinkConfig>) {
+        let url = self.text("CENTRAL_API_URL");
+        if let Some(url) = &url
+            && let Err(expected) = check_http_url(url)
+        {
+            self.problem(
+                self.label("CENTRAL_API_URL"),
+                Some(redact_url(url)),
+                expected,
+            );
+        }
+        let token = self.text("CENTRAL_API_TOKEN");
+        let timeout = self.parse_opt("CENTRAL_API_TIMEOUT_SECS", |v| parse_secs(v, false));
+        let verify_tls = self.parse_opt("CENTRAL_API_VERIFY_TLS", parse_bool);
+        let ca_file = self.text("CENTRAL_API_CA_FILE").map(|p| self.cwd.join(p));
+        if let Some(ca) = &ca_file
+            && let Err(expected) = check_readable(ca)
+        {
+            self.problem(
+                self.label("CENTRAL_API_CA_FILE"),
+                Some(ca.display().to_string()),
+                expected,
+            );
+        }
+        let concurrency = self.parse_opt("CENTRAL_API_CONCURRENCY", |v| {
+            parse_u64(v, "a whole number from 1 to 1024")
+                .and_then(|n| {
+                    usize::try_from(n).map_err(|_| "expected a whole number from 1 to 1024".into())
+                })
+                .and_then(|n| check_concurrency(n).map(|()| n))
+        });
+        let existing = sinks.iter_mut().find(|s| s.name == API_SINK);
+        match existing {
+            Some(SinkConfig {
+                kind: SinkKind::Http(http),
+                ..
+            }) => {
+                if let Some(url) = url {
+                    http.url = url;
+                }
+                if token.is_some() {
+                    http.token = token;
+                }
+                if let Some(timeout) = timeout {
+                    http.timeout = timeout;
+                }
+                if let Some(verify) = verify_tls {
+                    http.verify_tls = verify;
+                }
+                if ca_file.is_some() {
+                    http.ca_file = ca_file;
+                }
+                if let Some(concurrency) = concurrency {
+                    http.concurrency = concurrency;
+                }
+            }
+            Some(_) => {
+                if let Some(key) = std::iter::once("CENTRAL_API_URL")
+                    .chain(API_KEYS.iter().copied())
+                    .find(|k| self.raw.contains_key(*k))
+                {
+                    self.problem(
+                        self.label(key),
+                        None,
+                        "the CONFIG_FILE already has a database sink named \"api\"; rename that sink",
+                    );
+                }
+            }
+            None => match url {
+                Some(url) => sinks.push(SinkConfig {
+                    name: API_SINK.into(),
+                    kind: SinkKind::Http(HttpSinkConfig {
+                        url,
+                        token,
+                        timeout: timeout.unwrap_or(Duration::from_secs(DEFAULT_API_TIMEOUT_SECS)),
+                        verify_tls: verify_tls.unwrap_or(true),
+                        ca_file,
+                        routes: Vec::new(),
+                        concurrency: concurrency.unwrap_or(DEFAULT_API_CONCURRENCY),
+                    }),
+                }),
+                None => {
+                    // Only keys that show intent: the defaults may well be uncommented.
+                    for key in ["CENTRAL_API_TOKEN", "CENTRAL_API_CA_FILE"] {
+                        if let Some(raw) = self.raw.get(key).cloned() {
+                            self.problems.push(Problem::sentence(
+                                raw.origin.label(key),
+                                shown(key, &raw.value),
+                                "is set but CENTRAL_API_URL is empty: set CENTRAL_API_URL or remove this key",
+                            ));
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    fn routes(&mut self, file_routes: &[FileRoute], names: &BTreeSet<&str>) -> Vec<Route> {
+        let mut routes = Vec::new();
+        for (i, route) in file_routes.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            for (field, name) in [("action", &route.action), ("entity", &route.entity)] {
+                if let Some(name) = name
+                    && name != "*"
+                    && let Err(err) = estafeta_staging::validate_name(field, name)
+                {
+                    self.problem(
+                        format!("{at}.{field}"),
+                        Some(name.clone()),
+                        invalid_reason(err),
+                    );
+                }
+            }
+            if route.sinks.is_empty() {
+                self.problem(
+                    format!("{at}.sinks"),
+                    Some("[]".into()),
+                    "expected at least one sink name",
+                );
+            }
+            for sink in &route.sinks {
+                if !names.contains(sink.as_str()) {
+                    self.problem(
+                        format!("{at}.sinks"),
+                        Some(sink.clone()),
+                        format!(
+                            "expected the name of a configured sink: {}",
+                            names.iter().copied().collect::<Vec<_>>().join(", ")
+                        ),
+                    );
+                }
+            }
+            routes.push(Route {
+                action: route.action.clone().filter(|a| a != "*"),
+                entity: route.entity.clone().filter(|e| e != "*"),
+                sinks: route.sinks.clone(),
+            });
+        }
+        routes
+    }
+
+    fn entities(
+        &mut self,
+        file_entities: BTreeMap<String, FileEntity>,
+        file_dir: &Path,
+    ) -> BTreeMap<String, EntityConfig> {
+        let mut entities = BTreeMap::new();
+        for (name, entity) in file_entities {
+            let at = format!("entities.{name}");
+            if let Err(err) = estafeta_staging::validate_name("entity", &name) {
+                self.problem(at.clone(), None, invalid_reason(err));
+            }
+            if let Some(field) = &entity.key_field
+                && field.trim().is_empty()
+            {
+                self.problem(
+                    format!("{at}.key_field"),
+                    Some(field.clone()),
+                    "expected a payload field name such as id",
+                );
+            }
+            let schema = entity.schema.as_ref().and_then(|path| {
+                let path = file_dir.join(path);
+                match read_schema(&path) {
+                    Ok(schema) => Some(schema),
+                    Err(expected) => {
+                        self.problem(
+                            format!("{at}.schema"),
+                            Some(path.display().to_string()),
+                            expected,
+                        );
+                        None
+                    }
+                }
+            });
+            entities.insert(
+                name,
+                EntityConfig {
+                    key_field: entity.key_field.filter(|f| !f.trim().is_empty()),
+                    schema,
+                },
+            );
+        }
+        entities
+    }
+}
+
+/// The value `check-config` shows for a key that is not set.
+fn default_shown(key: &str) -> String {
+    match key {
+        "CRONTAB" => DEFAULT_CRONTAB.into(),
+        "TZ" => "(local time)".into(),
+        "STAGING_AREA_PATH" => DEFAULT_STAGING_AREA_PATH.into(),
+        "IS_ABSOLUTE_STAGING_AREA_PATH" => "false".into(),
+        "FAILED_DIR" => "(<staging>/_failed)".into(),
+        "STAGING_MAX_BYTES" => "(no limit)".into(),
+        "STAGING_MIN_FREE_BYTES" => estafeta_staging::DEFAULT_MIN_FREE_BYTES.to_string(),
+        "KEEP_DELIVERED_DAYS" => "0".into(),
+        "INGEST_ADDR" => DEFAULT_INGEST_ADDR.into(),
+        "MAX_BODY_BYTES" => DEFAULT_MAX_BODY_BYTES.to_string(),
+        "FLUSH_ON_WRITE" => "true".into(),
+        "MAX_RECORDS" => DEFAULT_MAX_RECORDS.to_string(),
+        "BATCH_SIZE" => DEFAULT_BATCH_SIZE.to_string(),
+        "DRY_RUN" => "false".into(),
+        "RETRY_BASE_SECS" => DEFAULT_RETRY_BASE_SECS.to_string(),
+        "RETRY_MAX_SECS" => DEFAULT_RETRY_MAX_SECS.to_string(),
+        "SHUTDOWN_GRACE_SECS" => DEFAULT_SHUTDOWN_GRACE_SECS.to_string(),
+        "LOG_DIR" => "(stderr only)".into(),
+        "LOG_LEVEL" => DEFAULT_LOG_LEVEL.into(),
+        "CENTRAL_DATABASE_URL" => format!("({DEFAULT_DATABASE_URL} when no sink is configured)"),
+        "CENTRAL_API_TIMEOUT_SECS" => DEFAULT_API_TIMEOUT_SECS.to_string(),
+        "CENTRAL_API_VERIFY_TLS" => "true".into(),
+        "CENTRAL_API_CONCURRENCY" => DEFAULT_API_CONCURRENCY.to_string(),
+        _ => "(not set)".into(),
+    }
+}
+
+/// `.env` text with every unquoted value that holds spaces (`CRONTAB=*/5 * * * * # note`)
+/// single-quoted, comment dropped, as python-dotenv (the seeds' reader) reads it; dotenvy
+/// refuses such lines. Lines inside a multi-line quoted value are left alone.
+fn quote_unquoted_spaces(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut open: Option<char> = None;
+    for line in text.split_inclusive('\n') {
+        let (body, newline) = match line.strip_suffix('\n') {
+            Some(body) => (body, "\n"),
+            None => (line, ""),
+        };
+        if let Some(quote) = open {
+            if !count_quotes(body, quote).is_multiple_of(2) {
+                open = None;
+            }
+            out.push_str(line);
+            continue;
+        }
+        let trimmed = body.trim_start();
+        let rest = trimmed.strip_prefix("export ").unwrap_or(trimmed);
+        let Some((key, value)) = rest.split_once('=') else {
+            out.push_str(line);
+            continue;
+        };
+        let value = value.trim();
+        match value.chars().next() {
+            Some(quote @ ('"' | '\'')) => {
+                if count_quotes(&value[1..], quote).is_multiple_of(2) {
+                    open = Some(quote);
+                }
+                out.push_str(line);
+            }
+            _ => {
+                let value = match value.find(" #") {
+                    Some(comment) => value[..comment].trim_end(),
+                    None => value,
+                };
+                if is_env_name(key.trim())
+                    && value.contains(char::is_whitespace)
+                    && !value.contains('\'')
+                    && !trimmed.starts_with('#')
+                {
+                    out.push_str(&format!("{}='{value}'{newline}", key.trim()));
+                } else {
+                    out.push_str(line);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Quote characters in `text` that are not escaped with a backslash.
+fn count_quotes(text: &str, quote: char) -> usize {
+    let mut count = 0;
+    let mut escaped = false;
+    for c in text.chars() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' && quote == '"' {
+            escaped = true;
+        } else if c == quote {
+            count += 1;
+        }
+    }
+    count
+}
+
+fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+/// `${VAR}` replaced by VAR's value; an unset VAR is an error naming it.
+fn expand(text: &str, vars: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err("expected ${NAME} with a closing brace".into());
+        };
+        let name = &after[..end];
+        let valid = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(format!(
+                "expected ${{NAME}} with NAME made of A-Z, 0-9 and '_', found ${{{name}}}"
+            ));
+        }
+        match vars.get(name) {
+            Some(value) => out.push_str(value),
+            None => {
+                return Err(format!(
+                    "environment variable {name} is not set; set it in .env or the environment, or remove ${{{name}}}"
+                ));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Checks a cron expression: 5 fields, or 6 with seconds first (or a nickname like `@hourly`).
+pub fn validate_crontab(expr: &str) -> Result<(), String> {
+    let expr = expr.trim();
+    if !expr.starts_with('@') {
+        let fields = expr.split_whitespace().count();
+        if fields != 5 && fields != 6 {
+            return Err(format!(
+                "expected 5 cron fields (or 6 with seconds), found {fields}"
+            ));
+        }
+    }
+    croner::Cron::new(expr)
+        .with_seconds_optional()
+        .parse()
+        .map(|_| ())
+        .map_err(|err| {
+            format!(
+                "expected a cron expression such as \"*/5 * * * *\" (minute hour day month weekday): {err}"
+            )
+        })
+}
+
+/// `TZ`: an IANA name; a file path such as `:/etc/localtime` means the machine's local time.
+fn parse_tz(text: &str) -> Result<Option<chrono_tz::Tz>, String> {
+    let name = text.trim().trim_start_matches(':');
+    if name.starts_with('/') {
+        // glibc's `TZ=:/usr/share/zoneinfo/Area/City` form: use the name after `zoneinfo/`.
+        return Ok(name
+            .split_once("zoneinfo/")
+            .and_then(|(_, zone)| chrono_tz::Tz::from_str(zone).ok()));
+    }
+    chrono_tz::Tz::from_str(name)
+        .map(Some)
+        .map_err(|_| "expected an IANA time zone name such as America/Sao_Paulo or UTC".to_string())
+}
+
+/// `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`, any case.
+pub fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false (also 1/0, yes/no)".into()),
+    }
+}
+
+/// A size in bytes: `1048576`, `500MB` (powers of 1000), `2GiB` (powers of 1024), `1.5GB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    const EXPECTED: &str = "expected a size in bytes, such as 1048576, 500MB or 2GiB";
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number = number.replace('_', "");
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "ki" | "kib" => 1 << 10,
+        "mi" | "mib" => 1 << 20,
+        "gi" | "gib" => 1 << 30,
+        "ti" | "tib" => 1 << 40,
+        _ => return Err(EXPECTED.into()),
+    };
+    if number.is_empty() {
+        return Err(EXPECTED.into());
+    }
+    if let Ok(whole) = number.parse::<u64>() {
+        return whole
+            .checked_mul(multiplier)
+            .ok_or_else(|| EXPECTED.to_string());
+    }
+    let fraction: f64 = number.parse().map_err(|_| EXPECTED.to_string())?;
+    let bytes = fraction * multiplier as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(EXPECTED.into());
+    }
+    Ok(bytes.round() as u64)
+}
+
+fn parse_u64(text: &str, what: &str) -> Result<u64, String> {
+    text.trim()
+        .replace('_', "")
+        .parse::<u64>()
+        .map_err(|_| format!("expected {what}"))
+}
+
+fn positive_usize(n: u64, what: &str) -> Result<usize, String> {
+    match usize::try_from(n) {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("expected {what}")),
+    }
+}
+
+/// Seconds, whole or fractional; zero allowed only when `zero_ok`.
+fn parse_secs(text: &str, zero_ok: bool) -> Result<Duration, String> {
+    let value: f64 = text.trim().parse().map_err(|_| expected_secs(zero_ok))?;
+    secs_from_f64(value, zero_ok)
+}
+
+fn secs_from_f64(value: f64, zero_ok: bool) -> Result<Duration, String> {
+    if !value.is_finite() || value < 0.0 || (value == 0.0 && !zero_ok) || value > 1e9 {
+        return Err(expected_secs(zero_ok));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+fn expected_secs(zero_ok: bool) -> String {
+    if zero_ok {
+        "expected a number of seconds, 0 or more, such as 10".into()
+    } else {
+        "expected a number of seconds above 0, such as 10 or 0.5".into()
+    }
+}
+
+/// `INGEST_ADDR`: `IP:PORT`, or `localhost:PORT`.
+fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    if let Some(port) = text.strip_prefix("localhost:")
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    Err("expected IP:PORT such as 127.0.0.1:8787 (or [::1]:8787)".into())
+}
+
+fn check_concurrency(n: usize) -> Result<(), String> {
+    if (1..=MAX_CONCURRENCY).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected a whole number from 1 to {MAX_CONCURRENCY}"
+        ))
+    }
+}
+
+fn check_http_url(url: &str) -> Result<(), String> {
+    const EXPECTED: &str =
+        "expected an http:// or https:// URL such as https://central.example/api";
+    match reqwest::Url::parse(url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => {
+            Ok(())
+        }
+        Ok(_) => Err(EXPECTED.into()),
+        Err(err) => Err(format!("{EXPECTED} ({err})")),
+    }
+}
+
+/// `postgres://`, `postgresql://`, `mysql://`, `mariadb://` or `sqlite://PATH`.
+fn check_database_url(url: &str) -> Result<(), String> {
+    const EXPECTED: &str = "expected postgres://user@host/db, postgresql://…, mysql://user@host/db, mariadb://… or sqlite://PATH";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(EXPECTED.into());
+    };
+    match scheme.to_ascii_lowercase().as_str() {
+        "sqlite" => {
+            if rest.trim().is_empty() {
+                Err("expected sqlite://PATH with a file path, such as sqlite://central.db".into())
+            } else {
+                Ok(())
+            }
+        }
+        "postgres" | "postgresql" | "mysql" | "mariadb" => match reqwest::Url::parse(url) {
+            Ok(parsed) if parsed.host().is_some() => Ok(()),
+            Ok(_) => Err(format!("{EXPECTED}: the host is missing")),
+            Err(err) => Err(format!("{EXPECTED} ({err})")),
+        },
+        _ => Err(EXPECTED.into()),
+    }
+}
+
+fn check_readable(path: &Path) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err("expected a file, found a folder".into()),
+        Err(err) => Err(format!("expected a readable file: {err}")),
+    }
+}
+
+/// Reads a JSON Schema file and checks that it compiles.
+fn read_schema(path: &Path) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| format!("expected a readable JSON Schema file: {err}"))?;
+    let schema: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|err| format!("expected a JSON Schema, but the file is not valid JSON: {err}"))?;
+    jsonschema::validator_for(&schema)
+        .map_err(|err| format!("expected a valid JSON Schema: {err}"))?;
+    Ok(schema)
+}
+
+fn validate_agent_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_AGENT_ID_LEN || id.chars().any(char::is_control) {
+        Err(format!(
+            "expected a name of 1 to {MAX_AGENT_ID_LEN} characters without control characters"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// `/etc/hostname`, else `HOSTNAME` / `COMPUTERNAME`, else `estafeta`.
+fn default_agent_id(env: &BTreeMap<String, String>) -> String {
+    let from_file = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned());
+    from_file
+        .into_iter()
+        .chain(
+            ["HOSTNAME", "COMPUTERNAME"]
+                .iter()
+                .filter_map(|k| env.get(*k).map(|v| v.trim().to_owned())),
+        )
+        .find(|name| validate_agent_id(name).is_ok())
+        .unwrap_or_else(|| DEFAULT_AGENT_ID.to_owned())
+}
+
+/// `LOG_LEVEL`: a level (`info`) or tracing directives (`info,estafeta=debug`).
+fn validate_log_level(text: &str) -> Result<(), String> {
+    const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+    const EXPECTED: &str = "expected trace, debug, info, warn, error or off, or directives such as info,estafeta=debug";
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((_, level)) => level,
+            // A bare word is a level unless it is clearly a target path.
+            None if directive.contains("::") || directive.contains('[') => continue,
+            None => directive,
+        };
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(EXPECTED.into());
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map(|_| ())
+        .map_err(|err| format!("{EXPECTED} ({err})"))
+}
+
+fn invalid_reason(err: estafeta_staging::StageError) -> String {
+    match err {
+        estafeta_staging::StageError::Invalid(reason) => format!("expected a valid name: {reason}"),
+        other => other.to_string(),
+    }
+}
+
+fn io_reason(err: &dotenvy::Error) -> String {
+    match err {
+        dotenvy::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_bytes_and_suffixes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5 kib"), Ok(1536));
+        assert_eq!(parse_size("10_000"), Ok(10_000));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("MB").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn booleans_accept_the_usual_spellings() {
+        for yes in ["true", "TRUE", "1", "yes", "On"] {
+            assert_eq!(parse_bool(yes), Ok(true), "{yes}");
+        }
+        for no in ["false", "False", "0", "no", "OFF"] {
+            assert_eq!(parse_bool(no), Ok(false), "{no}");
+        }
+        assert!(parse_bool("sim").is_err());
+    }
+
+    #[test]
+    fn crontab_takes_five_or_six_fields() {
+        assert!(validate_crontab("*/5 * * * *").is_ok());
+        assert!(validate_crontab("0 */5 * * * *").is_ok());
+        assert!(validate_crontab("@hourly").is_ok());
+        assert_eq!(
+            validate_crontab("*/5 * *"),
+            Err("expected 5 cron fields (or 6 with seconds), found 3".to_string())
+        );
+        assert!(validate_crontab("61 * * * *").is_err());
+    }
+
+    #[test]
+    fn expand_reads_variables_and_names_the_missing_one() {
+        let vars = BTreeMap::from([("A".to_string(), "x".to_string())]);
+        assert_eq!(expand("pre-${A}-post", &vars), Ok("pre-x-post".to_string()));
+        let err = expand("${MISSING}", &vars).expect_err("unset variable");
+        assert!(err.contains("MISSING"), "{err}");
+        assert!(expand("${A", &vars).is_err());
+    }
+
+    #[test]
+    fn unquoted_values_with_spaces_are_read_like_python_dotenv() {
+        let text = "CRONTAB=*/5 * * * * # every five minutes\nexport TZ= UTC\nA=\"multi\nB=not a key\"\nC=plain\n# D=a b\n";
+        assert_eq!(
+            quote_unquoted_spaces(text),
+            "CRONTAB='*/5 * * * *'\nexport TZ= UTC\nA=\"multi\nB=not a key\"\nC=plain\n# D=a b\n"
+        );
+        let parsed: BTreeMap<String, String> = dotenvy::from_read_iter(std::io::Cursor::new(
+            quote_unquoted_spaces(text).into_bytes(),
+        ))
+        .collect::<Result<_, _>>()
+        .expect("the quoted text parses");
+        assert_eq!(parsed["CRONTAB"], "*/5 * * * *");
+        assert_eq!(parsed["A"], "multi\nB=not a key");
+        assert_eq!(parsed["TZ"], "UTC");
+    }
+
+    #[test]
+    fn tz_accepts_names_and_local_paths() {
+        assert_eq!(parse_tz("UTC"), Ok(Some(chrono_tz::UTC)));
+        assert_eq!(
+            parse_tz(":/usr/share/zoneinfo/America/Sao_Paulo"),
+            Ok(Some(chrono_tz::America::Sao_Paulo))
+        );
+        assert_eq!(parse_tz(":/etc/localtime"), Ok(None));
+        assert!(parse_tz("Mars/Olympus").is_err());
+    }
+
+    #[test]
+    fn log_levels_are_checked() {
+        assert!(validate_log_level("info").is_ok());
+        assert!(validate_log_level("warn,estafeta=debug").is_ok());
+        assert!(validate_log_level("verbose").is_err());
+        assert!(validate_log_level("estafeta=loud").is_err());
+    }
+
+    #[test]
+    fn problems_quote_values_with_spaces() {
+        let p = Problem::new("CRONTAB", Some("*/5 * *".into()), "expected 5");
+        assert_eq!(p.to_string(), "CRONTAB=\"*/5 * *\": expected 5");
+        let p = Problem::sentence("INGEST_ADDR", "0.0.0.0:8787".into(), "listens");
+        assert_eq!(p.to_string(), "INGEST_ADDR=0.0.0.0:8787 listens");
+    }
+}

@@ -1,0 +1,266 @@
+//! The daemon (`estafeta run`): opens the staging store, builds the sinks, binds the ingest
+//! API, starts one batcher task per sink and the scanner that adopts JSON files other programs
+//! drop into the staging tree, then runs until `shutdown` resolves. Stopping refuses new
+//! writes (503), stops accepting connections, cancels the batchers and waits at most
+//! `SHUTDOWN_GRACE_SECS` for the work in flight; whatever is not settled by then stays pending.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use estafeta_staging::{OpenReport, Staging};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::batcher::Batcher;
+use crate::config::{Config, SinkKind};
+use crate::ingest::{self, IngestState};
+
+/// How often the staging tree is scanned for files written by other programs.
+pub const FOREIGN_SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// A foreign file is adopted only once it has not changed for this long (it may still be
+/// being written).
+pub const FOREIGN_QUIET: Duration = Duration::from_secs(2);
+
+/// Runs the agent until `shutdown` resolves: opens the store, binds the ingest API, starts the
+/// batcher and the foreign-file scanner, then drains within the grace period.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        sources = ?config.sources,
+        staging = %config.staging_path.display(),
+        dry_run = config.dry_run,
+        "Starting estafeta."
+    );
+    if !config.ingest_addr.ip().is_loopback() && config.ingest_token.is_none() {
+        bail!(
+            "INGEST_ADDR {} is not a loopback address and INGEST_TOKEN is not set; set INGEST_TOKEN or listen on 127.0.0.1",
+            config.ingest_addr
+        );
+    }
+    for sink in &config.sinks {
+        let (kind, url) = match &sink.kind {
+            SinkKind::Http(http) => ("http", &http.url),
+            SinkKind::Database(database) => ("database", &database.url),
+        };
+        info!(sink = %sink.name, kind, url = %crate::sinks::redact_url(url), "Sink configured.");
+    }
+    if config.sinks.is_empty() {
+        warn!("No sink is configured: records are staged but delivered nowhere.");
+    }
+
+    let options = config.staging_options();
+    let staging_path = config.staging_path.clone();
+    let (store, report) = tokio::task::spawn_blocking(move || Staging::open(options))
+        .await
+        .context("the task opening the staging store panicked")?
+        .with_context(|| {
+            format!(
+                "could not open the staging folder {}",
+                staging_path.display()
+            )
+        })?;
+    log_open_report(&report);
+
+    let sinks = crate::sinks::build(&config.sinks).context("could not set up the sinks")?;
+    let state = IngestState::new(store.clone(), config.clone())?;
+
+    let listener = tokio::net::TcpListener::bind(config.ingest_addr)
+        .await
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::AddrInUse => anyhow::anyhow!(
+                "the ingest address {} is already in use (is another estafeta running?); stop the other program or change INGEST_ADDR",
+                config.ingest_addr
+            ),
+            _ => anyhow::Error::new(err).context(format!(
+                "could not listen on {}; check INGEST_ADDR",
+                config.ingest_addr
+            )),
+        })?;
+    let bound = listener.local_addr().context("reading the bound address")?;
+    info!(addr = %bound, token = config.ingest_token.is_some(), "Ingest API listening.");
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let app = ingest::router(state.clone());
+    let server_stop = cancel.clone();
+    let server = tracker.spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_stop.cancelled().await })
+            .await
+    });
+
+    // The batchers settle their flush in flight a little before the daemon stops waiting, so
+    // their release reaches the store.
+    let deliver_grace = config
+        .shutdown_grace
+        .saturating_sub(config.shutdown_grace / 5);
+    let batcher = Batcher::new(
+        store.clone(),
+        config.clone(),
+        state.metrics().clone(),
+        Some(state.subscribe_writes()),
+    )?;
+    batcher.spawn(&sinks, &tracker, &cancel, deliver_grace);
+    tracker.spawn(scan_foreign(
+        store,
+        config.clone(),
+        state.clone(),
+        cancel.clone(),
+    ));
+    info!(sinks = sinks.len(), crontab = %config.crontab, flush_on_write = config.flush_on_write, "Estafeta is running.");
+
+    tokio::pin!(shutdown);
+    tokio::pin!(server);
+    let server_failed = tokio::select! {
+        () = &mut shutdown => None,
+        result = &mut server => Some(result),
+    };
+
+    info!(
+        grace_secs = config.shutdown_grace.as_secs_f64(),
+        "Stopping: refusing new records and draining."
+    );
+    state.begin_shutdown();
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            "The grace period ran out; records still in flight stay pending and are sent after the next start."
+        );
+    }
+    match server_failed {
+        Some(Ok(Ok(()))) | None => {
+            info!("Estafeta stopped.");
+            Ok(())
+        }
+        Some(Ok(Err(err))) => Err(anyhow::Error::new(err).context("the ingest API stopped")),
+        Some(Err(err)) => Err(anyhow::Error::new(err).context("the ingest API task failed")),
+    }
+}
+
+fn log_open_report(report: &OpenReport) {
+    if report.index_rebuilt {
+        warn!(
+            reason = report.rebuild_reason.as_deref().unwrap_or("missing"),
+            "The staging index was rebuilt from the folder."
+        );
+    }
+    for moved in &report.moved_aside {
+        warn!(
+            from = %moved.from.display(), to = %moved.to.display(), reason = %moved.reason,
+            "Damaged bytes in the staging folder were moved aside with the reason; the file says which record they held."
+        );
+    }
+    if report.records_recovered > 0 || report.torn_tails_repaired > 0 || report.leases_released > 0
+    {
+        info!(
+            recovered = report.records_recovered,
+            torn_tails = report.torn_tails_repaired,
+            leases_released = report.leases_released,
+            "Staging recovered after an unclean stop."
+        );
+    }
+}
+
+/// Adopts JSON files other programs write into the staging tree (the seed's layout).
+async fn scan_foreign(
+    store: Staging,
+    config: Arc<Config>,
+    state: IngestState,
+    cancel: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(FOREIGN_SCAN_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The watcher is only a hint that makes adoption prompt: it can drop events (queue
+    // overflow, network folders), so the periodic full rescan stays the guarantee.
+    let (hint_tx, mut hints) = tokio::sync::mpsc::channel::<()>(1);
+    let _watcher = watch_foreign_files(store.root(), hint_tx);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            _ = interval.tick() => {}
+            Some(()) = hints.recv() => {
+                // Let the writer finish the file before the scan judges it.
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(FOREIGN_QUIET + Duration::from_millis(100)) => {}
+                }
+            }
+        }
+        let store = store.clone();
+        let config = config.clone();
+        let scan = tokio::task::spawn_blocking(move || {
+            let key_of = |entity: &str, payload: &serde_json::Value| {
+                ingest::handlers::key_of(payload, config.key_field(entity))
+            };
+            store.adopt_foreign(&key_of, FOREIGN_QUIET)
+        })
+        .await;
+        match scan {
+            Ok(Ok(report)) => {
+                for moved in &report.moved_aside {
+                    warn!(
+                        from = %moved.from.display(), to = %moved.to.display(), reason = %moved.reason,
+                        "A file in the staging folder could not be adopted and was moved aside."
+                    );
+                }
+                if report.adopted > 0 {
+                    info!(
+                        adopted = report.adopted,
+                        waiting = report.waiting,
+                        "Adopted files written by other programs."
+                    );
+                    state.notify_write();
+                }
+            }
+            Ok(Err(err)) => {
+                error!(error = %err, "Scanning the staging folder for foreign files failed; trying again later.");
+            }
+            Err(err) => error!(error = %err, "The foreign-file scan panicked; trying again later."),
+        }
+    }
+}
+
+/// Watches the staging folder for `.json` files written by other programs and sends a hint
+/// for each burst. `None` when the platform's watcher cannot start (the rescan still runs).
+fn watch_foreign_files(
+    root: &std::path::Path,
+    hint: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let handler = move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        let foreign = event.paths.iter().any(|p| {
+            p.extension().is_some_and(|e| e == "json")
+                && !p
+                    .components()
+                    .any(|c| c.as_os_str().to_string_lossy().starts_with('_'))
+        });
+        if foreign && (event.kind.is_create() || event.kind.is_modify()) {
+            let _ = hint.try_send(());
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(err) => {
+            warn!(error = %err, "Cannot watch the staging folder; foreign files are found by the periodic rescan only.");
+            return None;
+        }
+    };
+    if let Err(err) = watcher.watch(root, notify::RecursiveMode::Recursive) {
+        warn!(error = %err, "Cannot watch the staging folder; foreign files are found by the periodic rescan only.");
+        return None;
+    }
+    Some(watcher)
+}

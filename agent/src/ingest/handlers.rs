@@ -1,0 +1,554 @@
+//! The ingest API's handlers. `POST /v1/records/{action}/{entity}` checks, in this order: the
+//! token (401), shutdown (503), the names (400), the optional headers (400), the content type
+//! (415), the body size (413, never buffering more than `MAX_BODY_BYTES`), the JSON syntax
+//! (400), the body's shape (400) and each entity's JSON Schema (422); only then does it stage,
+//! all records of a request in one all-or-nothing call that returns once they are durable.
+//! A refused request stages nothing.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use estafeta_staging::{ClientKey, NewRecord, StageError, Staged, validate_name};
+use serde_json::Value;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+use super::IngestState;
+use super::error::ApiError;
+
+/// Header carrying the client's idempotency key.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Header carrying the record key (otherwise the entity's key field of the payload).
+pub const RECORD_KEY: &str = "x-record-key";
+/// Header set on an answer that repeats the first answer to an idempotency key.
+pub const REPLAYED: &str = "idempotent-replayed";
+/// Longest `Idempotency-Key` accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// `POST /v1/records/{action}/{entity}`.
+pub async fn post_records(
+    State(state): State<IngestState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let response = match stage_request(&state, path, &headers, body).await {
+        Ok(response) => response,
+        Err(err) => err.into_response(),
+    };
+    state.metrics().record_request(response.status().as_u16());
+    response
+}
+
+async fn stage_request(
+    state: &IngestState,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_token(state, headers)?;
+    if state.is_shutting_down() {
+        return Err(ApiError::shutting_down());
+    }
+    let Path((action, entity)) = path.map_err(|err| {
+        ApiError::bad_request(
+            "invalid_name",
+            format!(
+                "{err}; use /v1/records/<action>/<entity> with names from a-z, 0-9, '_' and '-'"
+            ),
+        )
+    })?;
+    for (what, name) in [("action", &action), ("entity", &entity)] {
+        validate_name(what, name).map_err(|err| {
+            let message = match err {
+                StageError::Invalid(message) => message,
+                other => other.to_string(),
+            };
+            ApiError::bad_request("invalid_name", message)
+        })?;
+    }
+    let client_key = header_text(headers, IDEMPOTENCY_KEY)?;
+    if let Some(key) = &client_key
+        && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_header",
+            format!(
+                "the Idempotency-Key header must have 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
+            ),
+        ));
+    }
+    let record_key = header_text(headers, RECORD_KEY)?;
+    check_content_type(headers)?;
+    let limit = state.config().max_body_bytes;
+    let bytes = read_body(headers, body, limit).await?;
+
+    let raw: &RawValue = serde_json::from_slice(&bytes).map_err(|err| {
+        ApiError::bad_request(
+            "invalid_json",
+            format!(
+                "the body is not valid JSON: {err}; send one JSON object or an array of JSON objects"
+            ),
+        )
+    })?;
+    let (items, is_array) = split_body(raw)?;
+
+    let validator = state.validator(&entity);
+    let key_field = state.config().key_field(&entity).to_owned();
+    let sinks = state.config().route(&action, &entity);
+    let sinks = (!sinks.is_empty()).then_some(sinks);
+    let mut records = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let needs_value = validator.is_some() || record_key.is_none();
+        let value: Option<Value> = if needs_value {
+            Some(serde_json::from_str(item.get()).map_err(|err| {
+                ApiError::internal(format!("could not read record {index} again: {err}"))
+            })?)
+        } else {
+            None
+        };
+        if let (Some(validator), Some(value)) = (validator, &value)
+            && let Some(error) = validator.iter_errors(value).next()
+        {
+            return Err(schema_violation(&entity, is_array.then_some(index), &error));
+        }
+        let key = match &record_key {
+            Some(key) => Some(key.clone()),
+            None => value.as_ref().and_then(|value| key_of(value, &key_field)),
+        };
+        records.push(NewRecord {
+            action: action.clone(),
+            entity: entity.clone(),
+            key,
+            payload: RawValue::to_owned(item),
+            sinks: sinks.clone(),
+        });
+    }
+
+    let client_key = client_key.map(|key| ClientKey {
+        fingerprint: fingerprint(&action, &entity, record_key.as_deref(), &bytes),
+        key,
+    });
+    let store = state.store().clone();
+    let staged = tokio::task::spawn_blocking(move || store.stage_batch(records, client_key))
+        .await
+        .map_err(|err| {
+            ApiError::internal(format!(
+                "staging task failed: {err}; send the request again"
+            ))
+        })?
+        .map_err(ApiError::from_stage)?;
+
+    let replayed = matches!(staged, Staged::Replayed(_));
+    if !replayed {
+        state.metrics().add_staged(staged.receipts().len() as u64);
+        state.notify_write();
+    }
+    tracing::debug!(
+        %action, %entity, records = staged.receipts().len(), replayed,
+        "Request staged."
+    );
+    let receipts = staged.receipts();
+    let body = match (is_array, receipts) {
+        (false, [receipt]) => serde_json::json!({
+            "id": receipt.id,
+            "seq": receipt.seq,
+            "path": receipt.path,
+        }),
+        _ => serde_json::json!({
+            "ids": receipts.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            "seqs": receipts.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        }),
+    };
+    let mut response = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if replayed {
+        response
+            .headers_mut()
+            .insert(REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// Checks `Authorization: Bearer <INGEST_TOKEN>` when a token is configured.
+pub(crate) fn check_token(state: &IngestState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = state.config().ingest_token.as_deref() else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            let (scheme, token) = value.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+    match given {
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        _ => Err(ApiError::unauthorized()),
+    }
+}
+
+/// Compares the digests of both sides so neither the content nor the length of the token
+/// shows in the time taken.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let a = Sha256::digest(a);
+    let b = Sha256::digest(b);
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// An optional header as text; 400 when it is not visible ASCII.
+fn header_text(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(text) => Ok(Some(text.trim().to_owned())),
+        Err(_) => Err(ApiError::bad_request(
+            "invalid_header",
+            format!("the {name} header must be printable ASCII text"),
+        )),
+    }
+}
+
+/// `Content-Type` must be `application/json`, parameters such as `charset` allowed.
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(|value| value.split(';').next().unwrap_or_default().trim());
+    match media_type {
+        Some(media_type) if media_type.eq_ignore_ascii_case("application/json") => Ok(()),
+        Some(other) => Err(unsupported_media_type(&format!("the body is {other:?}"))),
+        None => Err(unsupported_media_type("the Content-Type header is missing")),
+    }
+}
+
+fn unsupported_media_type(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!("{what}; send JSON with the header 'Content-Type: application/json'"),
+    )
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        format!(
+            "the body is larger than {limit} bytes (MAX_BODY_BYTES); split the records into smaller requests"
+        ),
+    )
+}
+
+/// Reads at most `limit` bytes; a larger body is refused without being buffered whole.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large(limit));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|err| {
+        let over_limit = {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+            let mut found = false;
+            while let Some(current) = source {
+                if current.is::<http_body_util::LengthLimitError>() {
+                    found = true;
+                    break;
+                }
+                source = current.source();
+            }
+            found
+        };
+        if over_limit {
+            too_large(limit)
+        } else {
+            ApiError::bad_request(
+                "invalid_body",
+                format!("the body could not be read: {err}; send the request again"),
+            )
+        }
+    })
+}
+
+/// One object, or an array of at least one object. Returns the records and whether the body
+/// was an array.
+fn split_body(raw: &RawValue) -> Result<(Vec<&RawValue>, bool), ApiError> {
+    match raw.get().trim_start().as_bytes().first() {
+        Some(b'{') => Ok((vec![raw], false)),
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|err| {
+                ApiError::bad_request(
+                    "invalid_json",
+                    format!("the array could not be read: {err}"),
+                )
+            })?;
+            if items.is_empty() {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    "the array is empty; send at least one JSON object",
+                ));
+            }
+            if let Some((index, item)) = items
+                .iter()
+                .enumerate()
+                .find(|(_, item)| !item.get().trim_start().starts_with('{'))
+            {
+                return Err(ApiError::bad_request(
+                    "invalid_body",
+                    format!(
+                        "element {index} of the array is {}, not a JSON object; every element must be an object",
+                        json_kind(item.get())
+                    ),
+                ));
+            }
+            Ok((items, true))
+        }
+        _ => Err(ApiError::bad_request(
+            "invalid_body",
+            format!(
+                "the body is {}; send one JSON object or an array of JSON objects",
+                json_kind(raw.get())
+            ),
+        )),
+    }
+}
+
+/// Names the kind of a JSON text, never echoing its content (it may be patient data).
+fn json_kind(text: &str) -> &'static str {
+    match text.trim_start().as_bytes().first() {
+        Some(b'{') => "an object",
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'n') => "null",
+        _ => "a number",
+    }
+}
+
+/// The record key from the payload's key field, when it is a string or a number.
+pub(crate) fn key_of(value: &Value, key_field: &str) -> Option<String> {
+    match value.get(key_field)? {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        _ => None,
+    }
+}
+
+/// The same key with another request is a conflict; the fingerprint covers everything that
+/// decides what gets staged.
+fn fingerprint(action: &str, entity: &str, record_key: Option<&str>, body: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    for part in [
+        action.as_bytes(),
+        entity.as_bytes(),
+        record_key.unwrap_or_default().as_bytes(),
+    ] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part);
+    }
+    hasher.update(body);
+    let digest = hasher.finalize();
+    let mut hex = String::with_capacity(2 * digest.len());
+    for byte in digest {
+        use std::fmt::Write;
+        let _ = write!(hex, "{byte:02x}");
+    }
+    format!("sha256:{hex}")
+}
+
+fn schema_violation(
+    entity: &str,
+    index: Option<usize>,
+    error: &jsonschema::ValidationError<'_>,
+) -> ApiError {
+    let pointer = error.instance_path.as_str();
+    let at = if pointer.is_empty() {
+        "the record itself".to_owned()
+    } else {
+        format!("{pointer:?}")
+    };
+    let schema_path = error.schema_path.as_str();
+    let rule = schema_path.rsplit('/').next().unwrap_or(schema_path);
+    let record = match index {
+        Some(index) => format!("record {index}"),
+        None => "the record".to_owned(),
+    };
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "schema_violation",
+        format!(
+            "{record} does not match the schema of entity {entity:?}: the value at {at} breaks the rule {rule:?} (schema path {schema_path:?}): {}; fix the payload and send the request again",
+            error.masked()
+        ),
+    )
+}
+
+/// `GET /v1/status`: the store's status, the version, the uptime and the ingest counters.
+pub async fn status(
+    State(state): State<IngestState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_token(&state, &headers)?;
+    let store = state.store().clone();
+    let status = tokio::task::spawn_blocking(move || store.status())
+        .await
+        .map_err(|err| ApiError::internal(format!("status task failed: {err}")))?
+        .map_err(|err| ApiError::internal(format!("could not read the staging status: {err}")))?;
+    let mut body = serde_json::to_value(&status)
+        .map_err(|err| ApiError::internal(format!("could not write the status: {err}")))?;
+    if let Value::Object(map) = &mut body {
+        map.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+        map.insert("uptime_secs".into(), state.uptime_secs().into());
+        map.insert("dry_run".into(), state.config().dry_run.into());
+        map.insert("shutting_down".into(), state.is_shutting_down().into());
+        map.insert(
+            "ingest".into(),
+            serde_json::to_value(state.metrics().ingest_counters()).unwrap_or_default(),
+        );
+    }
+    Ok(Json(body).into_response())
+}
+
+/// `GET /healthz`: the process runs.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `GET /readyz`: the store is open, answers, and accepts writes.
+pub async fn readyz(State(state): State<IngestState>) -> Response {
+    let not_ready = |message: String| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", message).into_response()
+    };
+    if state.is_shutting_down() {
+        return not_ready("estafeta is shutting down".into());
+    }
+    let store = state.store().clone();
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || store.status()),
+    )
+    .await
+    {
+        Ok(Ok(Ok(status))) => match status.staging_blocked {
+            None => "ready".into_response(),
+            Some(reason) => not_ready(format!("staging refuses writes: {reason}")),
+        },
+        Ok(Ok(Err(err))) => not_ready(format!("the staging store does not answer: {err}")),
+        Ok(Err(err)) => not_ready(format!("the status task failed: {err}")),
+        Err(_) => not_ready("the staging store did not answer within 5 seconds".into()),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<IngestState>) -> Response {
+    let store = state.store().clone();
+    let status = match tokio::task::spawn_blocking(move || store.status()).await {
+        Ok(Ok(status)) => Some(status),
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "Could not read the staging status for /metrics.");
+            None
+        }
+        Err(_) => None,
+    };
+    let text = state.metrics().render(status.as_ref());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// `GET /v1/openapi.json`.
+pub async fn openapi(State(state): State<IngestState>) -> Json<Value> {
+    Json(super::openapi::document(state.config().max_body_bytes))
+}
+
+/// Any path the API does not have.
+pub async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such path; see GET /v1/openapi.json for the paths this API has",
+    )
+}
+
+/// A known path with a method it does not take.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this path does not take that method; see GET /v1/openapi.json (records are sent with POST)",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_depends_on_every_part() {
+        let base = fingerprint("create", "patient", None, b"{}");
+        assert_eq!(base, fingerprint("create", "patient", None, b"{}"));
+        assert_ne!(base, fingerprint("update", "patient", None, b"{}"));
+        assert_ne!(base, fingerprint("create", "patients", None, b"{}"));
+        assert_ne!(base, fingerprint("create", "patient", Some("1"), b"{}"));
+        assert_ne!(base, fingerprint("create", "patient", None, b"{ }"));
+        assert!(base.starts_with("sha256:"));
+    }
+
+    #[test]
+    fn split_body_accepts_objects_and_arrays_of_objects_only() {
+        let parse =
+            |text: &str| -> Box<RawValue> { serde_json::from_str(text).expect("valid JSON") };
+        assert!(matches!(split_body(&parse(r#"{"a":1}"#)), Ok((items, false)) if items.len() == 1));
+        assert!(
+            matches!(split_body(&parse(r#" [ {"a":1}, {} ] "#)), Ok((items, true)) if items.len() == 2)
+        );
+        for bad in [
+            "[]",
+            "[1]",
+            r#"[{}, "x"]"#,
+            "3",
+            "null",
+            r#""text""#,
+            "true",
+        ] {
+            let err = split_body(&parse(bad)).expect_err(bad);
+            assert_eq!(err.code, "invalid_body", "{bad}");
+        }
+    }
+
+    #[test]
+    fn key_of_takes_strings_and_numbers_only() {
+        let value = serde_json::json!({"id": 42, "name": "x", "obj": {}});
+        assert_eq!(key_of(&value, "id").as_deref(), Some("42"));
+        assert_eq!(key_of(&value, "name").as_deref(), Some("x"));
+        assert_eq!(key_of(&value, "obj"), None);
+        assert_eq!(key_of(&value, "missing"), None);
+    }
+
+    #[test]
+    fn constant_time_eq_compares_content() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

@@ -1,0 +1,272 @@
+//! The ingest API's OpenAPI 3.0 document, served at `GET /v1/openapi.json`. Written by hand as
+//! one JSON literal so it reads like the API; the tests in `agent/tests/ingest_api.rs` check
+//! that every path and status it lists is what the handlers really do.
+
+use serde_json::{Value, json};
+
+/// The pattern of action and entity names (`estafeta_staging::validate_name`).
+pub const NAME_PATTERN: &str = "^[a-z0-9-][a-z0-9_-]{0,63}$";
+
+/// The document; `max_body_bytes` is the configured `MAX_BODY_BYTES`.
+pub fn document(max_body_bytes: usize) -> Value {
+    let error = |description: &str| {
+        json!({
+            "description": description,
+            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
+        })
+    };
+    let unavailable = |description: &str| {
+        json!({
+            "description": description,
+            "headers": { "Retry-After": { "$ref": "#/components/headers/RetryAfter" } },
+            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
+        })
+    };
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Estafeta ingest API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Stage records on the local disk; estafeta delivers them to the central database and APIs, in order per (entity, key), when they are reachable. A 202 answer means the records are durable on disk. Every error answer is JSON {\"error\": code, \"message\": text} and stages nothing. When INGEST_TOKEN is set, POST /v1/records and GET /v1/status require 'Authorization: Bearer <INGEST_TOKEN>'."
+        },
+        "paths": {
+            "/v1/records/{action}/{entity}": {
+                "post": {
+                    "operationId": "stageRecords",
+                    "summary": "Stage one record (a JSON object) or several, all or nothing (a JSON array of objects).",
+                    "security": [ {}, { "bearer": [] } ],
+                    "parameters": [
+                        { "$ref": "#/components/parameters/Action" },
+                        { "$ref": "#/components/parameters/Entity" },
+                        {
+                            "name": "Idempotency-Key",
+                            "in": "header",
+                            "required": false,
+                            "description": "The client's key for this request. The same key with the same action, entity, X-Record-Key and body answers the first answer again (header Idempotent-Replayed: true) and stages nothing; the same key with anything else is a 409.",
+                            "schema": { "type": "string", "minLength": 1, "maxLength": super::handlers::MAX_IDEMPOTENCY_KEY_LEN }
+                        },
+                        {
+                            "name": "X-Record-Key",
+                            "in": "header",
+                            "required": false,
+                            "description": "The record key (applies to every record of the request). Without it, the key is the payload's key field for the entity (default \"id\") when it is a string or a number; otherwise the record has no key. Records of one (entity, key) are delivered in the order they were staged.",
+                            "schema": { "type": "string", "maxLength": estafeta_staging::MAX_KEY_LEN }
+                        }
+                    ],
+                    "requestBody": {
+                        "required": true,
+                        "description": format!("At most {max_body_bytes} bytes (MAX_BODY_BYTES). The entity's JSON Schema, when configured, applies to each record."),
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        { "type": "object" },
+                                        { "type": "array", "minItems": 1, "items": { "type": "object" } }
+                                    ]
+                                }
+                            }
+                        }
+                    },
+                    "responses": {
+                        "202": {
+                            "description": "Staged durably (or, with a repeated Idempotency-Key, the first answer again). An object body answers {id, seq, path}; an array body answers {ids, seqs}.",
+                            "headers": {
+                                "Idempotent-Replayed": {
+                                    "description": "\"true\" when this answer repeats the first answer to the Idempotency-Key.",
+                                    "schema": { "type": "string", "enum": ["true"] }
+                                }
+                            },
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "oneOf": [
+                                            { "$ref": "#/components/schemas/Receipt" },
+                                            { "$ref": "#/components/schemas/BatchReceipt" }
+                                        ]
+                                    }
+                                }
+                            }
+                        },
+                        "400": error("invalid_name (action or entity outside the name pattern), invalid_header, invalid_json (with line and column), invalid_body (not an object or a non-empty array of objects), invalid_record (refused by the store, e.g. a key that is too long), unknown_sink (a route names a sink that does not exist)."),
+                        "401": {
+                            "description": "unauthorized: INGEST_TOKEN is set and the request has no 'Authorization: Bearer' header with it.",
+                            "headers": { "WWW-Authenticate": { "schema": { "type": "string", "enum": ["Bearer"] } } },
+                            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
+                        },
+                        "405": error("method_not_allowed: records are sent with POST."),
+                        "409": error("idempotency_conflict: the Idempotency-Key was already used with a different request."),
+                        "413": error("body_too_large: the body is over MAX_BODY_BYTES."),
+                        "415": error("unsupported_media_type: the Content-Type is missing or not application/json."),
+                        "422": error("schema_violation: a record does not match its entity's JSON Schema; the message names the record, the JSON pointer of the value and the rule."),
+                        "500": error("internal_error: writing to staging failed; nothing was staged."),
+                        "503": unavailable("shutting_down (estafeta is stopping) or staging_stopped (a disk flush failed; estafeta must be restarted)."),
+                        "507": unavailable("staging_full: the disk is below STAGING_MIN_FREE_BYTES or staging is at STAGING_MAX_BYTES; records already staged are safe.")
+                    }
+                }
+            },
+            "/v1/status": {
+                "get": {
+                    "operationId": "status",
+                    "summary": "Counts per sink and per action/entity, disk space, version, uptime and ingest counters.",
+                    "security": [ {}, { "bearer": [] } ],
+                    "responses": {
+                        "200": {
+                            "description": "The status.",
+                            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Status" } } }
+                        },
+                        "401": error("unauthorized: INGEST_TOKEN is set and the request does not carry it."),
+                        "500": error("internal_error: the staging store could not be read.")
+                    }
+                }
+            },
+            "/healthz": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Liveness: 200 while the process runs.",
+                    "responses": {
+                        "200": { "description": "ok", "content": { "text/plain": { "schema": { "type": "string", "enum": ["ok"] } } } }
+                    }
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "operationId": "ready",
+                    "summary": "Readiness: 200 when the store is open and accepts writes.",
+                    "responses": {
+                        "200": { "description": "ready", "content": { "text/plain": { "schema": { "type": "string", "enum": ["ready"] } } } },
+                        "503": error("not_ready: shutting down, the store does not answer, or staging refuses writes (full disk, size limit, failed flush); the message says which.")
+                    }
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus text format: estafeta_records_staged_total, estafeta_ingest_requests_total{code}, estafeta_records_pending{sink}, estafeta_records_dead{sink}, estafeta_deliveries_total{sink,outcome}, estafeta_staging_bytes, estafeta_disk_free_bytes.",
+                    "responses": {
+                        "200": { "description": "The metrics.", "content": { "text/plain": { "schema": { "type": "string" } } } }
+                    }
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document.",
+                    "responses": {
+                        "200": { "description": "OpenAPI 3.0 document.", "content": { "application/json": { "schema": { "type": "object" } } } }
+                    }
+                }
+            }
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": { "type": "http", "scheme": "bearer", "description": "INGEST_TOKEN" }
+            },
+            "parameters": {
+                "Action": {
+                    "name": "action", "in": "path", "required": true,
+                    "description": "What happened: create, update, upsert, delete or another name. Names starting with '_' are reserved.",
+                    "schema": { "type": "string", "pattern": NAME_PATTERN }
+                },
+                "Entity": {
+                    "name": "entity", "in": "path", "required": true,
+                    "description": "What it happened to: patient, attendance, … Names starting with '_' are reserved.",
+                    "schema": { "type": "string", "pattern": NAME_PATTERN }
+                }
+            },
+            "headers": {
+                "RetryAfter": { "description": "Seconds to wait before sending again.", "schema": { "type": "integer" } }
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error", "message"],
+                    "properties": {
+                        "error": {
+                            "type": "string",
+                            "description": "Stable code.",
+                            "enum": [
+                                "invalid_name", "invalid_header", "invalid_json", "invalid_body",
+                                "invalid_record", "unknown_sink", "unauthorized", "not_found",
+                                "method_not_allowed", "idempotency_conflict", "body_too_large",
+                                "unsupported_media_type", "schema_violation", "internal_error",
+                                "shutting_down", "staging_stopped", "staging_full", "not_ready"
+                            ]
+                        },
+                        "message": { "type": "string", "description": "What went wrong and what to do about it." }
+                    }
+                },
+                "Receipt": {
+                    "type": "object",
+                    "required": ["id", "seq", "path"],
+                    "properties": {
+                        "id": { "type": "string", "description": "UUIDv7; also the Idempotency-Key sinks send." },
+                        "seq": { "type": "integer", "format": "int64", "description": "Strictly increasing over the store." },
+                        "path": { "type": "string", "description": "The staging file that holds the record." }
+                    }
+                },
+                "BatchReceipt": {
+                    "type": "object",
+                    "required": ["ids", "seqs"],
+                    "properties": {
+                        "ids": { "type": "array", "items": { "type": "string" } },
+                        "seqs": { "type": "array", "items": { "type": "integer", "format": "int64" } }
+                    }
+                },
+                "Status": {
+                    "type": "object",
+                    "required": ["version", "uptime_secs", "records_pending", "sinks", "ingest"],
+                    "properties": {
+                        "version": { "type": "string" },
+                        "uptime_secs": { "type": "integer" },
+                        "dry_run": { "type": "boolean" },
+                        "shutting_down": { "type": "boolean" },
+                        "root": { "type": "string" },
+                        "records_pending": { "type": "integer" },
+                        "bytes_staged": { "type": "integer" },
+                        "disk_free_bytes": { "type": "integer", "nullable": true },
+                        "staging_blocked": { "type": "string", "nullable": true },
+                        "sinks": { "type": "array", "items": { "type": "object" } },
+                        "groups": { "type": "array", "items": { "type": "object" } },
+                        "ingest": {
+                            "type": "object",
+                            "properties": {
+                                "records_staged": { "type": "integer" },
+                                "requests": { "type": "object", "additionalProperties": { "type": "integer" } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_pattern_matches_validate_name() {
+        // The pattern is written for people; check it agrees with the store on the edges.
+        for (name, ok) in [
+            ("create", true),
+            ("a-b_c", true),
+            ("-x", true),
+            ("_failed", false),
+            ("", false),
+            ("Upper", false),
+            ("a/b", false),
+        ] {
+            assert_eq!(
+                estafeta_staging::validate_name("name", name).is_ok(),
+                ok,
+                "{name}"
+            );
+        }
+        let doc = document(1024);
+        assert_eq!(
+            doc["components"]["parameters"]["Action"]["schema"]["pattern"],
+            NAME_PATTERN
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! The ingest API's shared state: the store, the configuration, the JSON Schema validators
+//! compiled once at start, the write signal that wakes the batcher (`FLUSH_ON_WRITE`), the
+//! shutting-down flag and the counters. Cheap to clone: one `Arc` inside.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use estafeta_staging::Staging;
+use tokio::sync::watch;
+
+use super::metrics::Metrics;
+use crate::config::Config;
+
+/// What every ingest handler shares.
+#[derive(Clone)]
+pub struct IngestState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Staging,
+    config: Arc<Config>,
+    /// One compiled validator per entity that has a schema.
+    validators: HashMap<String, jsonschema::Validator>,
+    /// Bumped after each successful stage when `FLUSH_ON_WRITE` is on. A watch channel rather
+    /// than a `Notify`: a batcher busy flushing when the write lands still sees it afterwards.
+    writes: watch::Sender<u64>,
+    shutting_down: AtomicBool,
+    metrics: Arc<Metrics>,
+    started: Instant,
+}
+
+impl IngestState {
+    /// Compiles every entity's JSON Schema; fails naming the entity whose schema is invalid.
+    pub fn new(store: Staging, config: Arc<Config>) -> anyhow::Result<Self> {
+        let mut validators = HashMap::new();
+        for (entity, settings) in &config.entities {
+            if let Some(schema) = &settings.schema {
+                let validator = jsonschema::validator_for(schema)
+                    .map_err(|err| anyhow::anyhow!("{}", err.masked()))
+                    .with_context(|| {
+                        format!("the JSON Schema of entity {entity:?} is not valid; fix [entities.{entity}].schema")
+                    })?;
+                validators.insert(entity.clone(), validator);
+            }
+        }
+        let (writes, _) = watch::channel(0);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                validators,
+                writes,
+                shutting_down: AtomicBool::new(false),
+                metrics: Arc::new(Metrics::default()),
+                started: Instant::now(),
+            }),
+        })
+    }
+
+    pub fn store(&self) -> &Staging {
+        &self.inner.store
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    pub(crate) fn validator(&self, entity: &str) -> Option<&jsonschema::Validator> {
+        self.inner.validators.get(entity)
+    }
+
+    /// A receiver that changes after every write (only when `FLUSH_ON_WRITE` is on).
+    pub fn subscribe_writes(&self) -> watch::Receiver<u64> {
+        self.inner.writes.subscribe()
+    }
+
+    /// Tells the batchers that new records are staged, when `FLUSH_ON_WRITE` asks for it.
+    pub fn notify_write(&self) {
+        if self.inner.config.flush_on_write {
+            self.inner.writes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// From now on every `POST` is answered 503.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    pub fn uptime_secs(&self) -> u64 {
+        self.inner.started.elapsed().as_secs()
+    }
+}

@@ -1,0 +1,10 @@
+//! The `estafeta` agent: configuration, ingest API, batcher, sinks and the CLI, on top of the
+//! staging store (`estafeta-staging`). The binary's `main` only calls [`cli::main`].
+
+pub mod batcher;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod ingest;
+pub mod logging;
+pub mod sinks;

@@ -1,0 +1,809 @@
+//! HTTP sink: one request per record, sent with reqwest over rustls, records of a batch in
+//! parallel (at most `concurrency` at once; outcomes keep the batch's order).
+//!
+//! Default mapping, from the record's action (routes below override it):
+//!
+//! ```text
+//! create                       POST   {url}/{entity}
+//! update, upsert (with a key)  PUT    {url}/{entity}/{key}
+//! delete (with a key)          DELETE {url}/{entity}/{key}
+//! update, upsert, delete
+//!   (no key)                   POST   {url}/{entity}/{action}
+//! any other action             POST   {url}/{entity}
+//! ```
+//!
+//! A keyless update or delete cannot name a resource, and `DELETE {url}/{entity}` would read as
+//! "delete the collection", so those go as a `POST` to an action endpoint; the action is also in
+//! the `X-Estafeta-Action` header. The key is sent as one path segment, percent-encoded
+//! (`a/b c` → `a%2Fb%20c`); a key that cannot be a segment (empty, `.` or `..`) makes the record
+//! dead with that reason unless a route places it elsewhere. Routes ([`HttpRoute`]) override the
+//! method, the path (a template with `{entity}`, `{action}`, `{key}`, `{id}`, each encoded as a
+//! segment) and add headers, per (entity, action); the first matching route wins.
+//!
+//! Every request carries `Content-Type: application/json`, `Authorization: Bearer <token>` when
+//! a token is set (a route may replace both), then `Idempotency-Key` (the record's id, contract
+//! 4), `X-Estafeta-Seq` and `X-Estafeta-Action`, which no route can change. The body is the
+//! payload byte for byte, for `DELETE` too.
+//!
+//! Answers are sorted as contract 5 says: 2xx → delivered; connection errors, timeouts, 408,
+//! 425, 429 and 5xx → retry, with the server's `Retry-After` (seconds or an IMF-fixdate) as the
+//! hint; anything else → dead, with `HTTP <status>: <first 512 bytes of the body>`. Redirects
+//! are not followed and count as dead: following a 301/303 turns a `POST` into a `GET` whose 200
+//! would be taken for a delivery that never happened. Error messages never carry the token or a
+//! password from the URL.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use estafeta_staging::{Delivery, Envelope};
+use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Client, Method, Response, StatusCode, Url};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::{BoxFuture, Outcome, Sink, error_chain, redact_url, scrub, url_secrets};
+
+/// Most bytes of a response body quoted in a dead letter's reason or a retry's error.
+pub const MAX_ERROR_BODY_BYTES: usize = 512;
+
+/// Placeholders a route's path template may use.
+const PLACEHOLDERS: &[&str] = &["entity", "action", "key", "id"];
+
+/// `CENTRAL_API_*` or a `[[sinks]]` entry with `type = "http"`.
+#[derive(Clone)]
+pub struct HttpSinkConfig {
+    /// Base URL: create → `POST {url}/{entity}`, update/upsert → `PUT {url}/{entity}/{key}`,
+    /// delete → `DELETE {url}/{entity}/{key}`.
+    pub url: String,
+    /// Sent as `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+    pub timeout: Duration,
+    /// `false` only when explicitly disabled (`CENTRAL_API_VERIFY_TLS=false`).
+    pub verify_tls: bool,
+    /// Extra CA certificate (PEM) to trust.
+    pub ca_file: Option<PathBuf>,
+    /// Per (entity, action) overrides of method, path and headers.
+    pub routes: Vec<HttpRoute>,
+    /// Records of different keys sent at once.
+    pub concurrency: usize,
+}
+
+// By hand, so `{:?}` of a config never prints the token or a password in the URL.
+impl fmt::Debug for HttpSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSinkConfig")
+            .field("url", &redact_url(&self.url))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("timeout", &self.timeout)
+            .field("verify_tls", &self.verify_tls)
+            .field("ca_file", &self.ca_file)
+            .field("routes", &self.routes)
+            .field("concurrency", &self.concurrency)
+            .finish()
+    }
+}
+
+/// An override for one (entity, action); `None` matches any.
+#[derive(Clone)]
+pub struct HttpRoute {
+    pub entity: Option<String>,
+    pub action: Option<String>,
+    pub method: Option<String>,
+    /// Path template appended to the base URL: `{entity}`, `{action}`, `{key}`, `{id}`.
+    pub path: Option<String>,
+    pub headers: BTreeMap<String, String>,
+}
+
+// By hand: header values may be secrets (an API key), so only their names are shown.
+impl fmt::Debug for HttpRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpRoute")
+            .field("entity", &self.entity)
+            .field("action", &self.action)
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A route checked and parsed once, at build time.
+struct CompiledRoute {
+    entity: Option<String>,
+    action: Option<String>,
+    method: Option<Method>,
+    path: Option<String>,
+    headers: HeaderMap,
+}
+
+impl CompiledRoute {
+    fn matches(&self, envelope: &Envelope) -> bool {
+        self.entity.as_ref().is_none_or(|e| *e == envelope.entity)
+            && self.action.as_ref().is_none_or(|a| *a == envelope.action)
+    }
+}
+
+/// What the workers share: enough to send a request and describe its failure.
+struct Shared {
+    client: Client,
+    timeout: Duration,
+    /// Token and URL password, scrubbed from every error message.
+    secrets: Vec<String>,
+}
+
+/// Delivers records as HTTP requests; see the module documentation for the mapping.
+pub struct HttpSink {
+    name: String,
+    base: Url,
+    token: Option<HeaderValue>,
+    routes: Vec<CompiledRoute>,
+    concurrency: usize,
+    shared: Arc<Shared>,
+}
+
+impl HttpSink {
+    /// Checks the URL, the routes and the TLS settings and builds the client. Connects to
+    /// nothing.
+    pub fn new(name: impl Into<String>, config: HttpSinkConfig) -> anyhow::Result<Self> {
+        let name = name.into();
+        let shown = redact_url(&config.url);
+        let base = Url::parse(&config.url).with_context(|| {
+            format!("the HTTP sink URL {shown:?} is not a valid URL; expected https://host/path")
+        })?;
+        if !matches!(base.scheme(), "http" | "https") {
+            bail!(
+                "the HTTP sink URL {shown:?} has scheme {:?}; expected http or https",
+                base.scheme()
+            );
+        }
+
+        let mut builder = Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("estafeta/", env!("CARGO_PKG_VERSION")));
+        if !config.timeout.is_zero() {
+            builder = builder
+                .timeout(config.timeout)
+                .connect_timeout(config.timeout);
+        }
+        if !config.verify_tls {
+            tracing::warn!(sink = %name, url = %shown, "TLS certificate verification is disabled for this sink.");
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path).with_context(|| {
+                format!("cannot read the CA file {}; check the path", path.display())
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).with_context(|| {
+                format!("the CA file {} is not a PEM certificate", path.display())
+            })?;
+            if certs.is_empty() {
+                bail!(
+                    "the CA file {} holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
+                    path.display()
+                );
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
+            .build()
+            .context("cannot build the HTTP client for this sink")?;
+
+        let token = match &config.token {
+            Some(token) => {
+                let mut value =
+                    HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                        anyhow::anyhow!(
+                            "the API token holds characters not allowed in an HTTP header"
+                        )
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| {
+                compile_route(route).with_context(|| format!("route {} of the HTTP sink", i + 1))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+
+        let mut secrets = url_secrets(&config.url);
+        if let Some(token) = config.token.as_ref().filter(|t| !t.is_empty()) {
+            secrets.insert(0, token.clone());
+        }
+        Ok(Self {
+            name,
+            base,
+            token,
+            routes,
+            concurrency: config.concurrency.max(1),
+            shared: Arc::new(Shared {
+                client,
+                timeout: config.timeout,
+                secrets,
+            }),
+        })
+    }
+
+    /// The method, URL and route headers for one record, or the reason it cannot be sent.
+    fn target(&self, envelope: &Envelope) -> Result<(Method, Url, Option<&HeaderMap>), String> {
+        let route = self.routes.iter().find(|r| r.matches(envelope));
+        let method = route
+            .and_then(|r| r.method.clone())
+            .unwrap_or_else(|| default_method(envelope));
+        let path = match route.and_then(|r| r.path.as_deref()) {
+            Some(template) => render(template, envelope)?,
+            None => default_segments(envelope)?
+                .iter()
+                .map(|s| encode_segment(s))
+                .collect::<Vec<_>>()
+                .join("/"),
+        };
+        Ok((method, join(&self.base, &path), route.map(|r| &r.headers)))
+    }
+
+    /// The request for one record, or its outcome when it cannot be built.
+    fn request(&self, delivery: &Delivery) -> Result<reqwest::Request, Outcome> {
+        let envelope = &delivery.envelope;
+        let (method, url, route_headers) = self
+            .target(envelope)
+            .map_err(|reason| Outcome::Dead { reason })?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(token) = &self.token {
+            headers.insert(header::AUTHORIZATION, token.clone());
+        }
+        if let Some(extra) = route_headers {
+            for (name, value) in extra {
+                headers.insert(name.clone(), value.clone());
+            }
+        }
+        let dead = |what: &str| Outcome::Dead {
+            reason: format!("the record's {what} cannot be sent as an HTTP header"),
+        };
+        headers.insert(
+            HeaderName::from_static("idempotency-key"),
+            HeaderValue::from_str(&envelope.id).map_err(|_| dead("id"))?,
+        );
+        headers.insert(
+            HeaderName::from_static("x-estafeta-seq"),
+            HeaderValue::from(envelope.seq),
+        );
+        headers.insert(
+            HeaderName::from_static("x-estafeta-action"),
+            HeaderValue::from_str(&envelope.action).map_err(|_| dead("action"))?,
+        );
+        let mut request = reqwest::Request::new(method, url);
+        *request.headers_mut() = headers;
+        *request.body_mut() = Some(envelope.payload.get().as_bytes().to_vec().into());
+        Ok(request)
+    }
+}
+
+impl Sink for HttpSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+            let permits = Arc::new(Semaphore::new(self.concurrency));
+            // Dropping the JoinSet (the batch future cancelled at shutdown) aborts the sends.
+            let mut tasks = JoinSet::new();
+            for (i, delivery) in batch.iter().enumerate() {
+                match self.request(delivery) {
+                    Err(outcome) => outcomes[i] = Some(outcome),
+                    Ok(request) => {
+                        let permits = Arc::clone(&permits);
+                        let shared = Arc::clone(&self.shared);
+                        tasks.spawn(async move {
+                            let _permit = permits
+                                .acquire_owned()
+                                .await
+                                .expect("the semaphore is never closed");
+                            (i, send(&shared, request).await)
+                        });
+                    }
+                }
+            }
+            while let Some(joined) = tasks.join_next().await {
+                match joined {
+                    Ok((i, outcome)) => outcomes[i] = Some(outcome),
+                    Err(err) => {
+                        tracing::error!(sink = %self.name, error = %err, "An HTTP delivery task failed; its record will be retried.");
+                    }
+                }
+            }
+            let outcomes: Vec<Outcome> = outcomes
+                .into_iter()
+                .map(|o| {
+                    o.unwrap_or_else(|| Outcome::Retry {
+                        error: "the delivery task failed unexpectedly".to_owned(),
+                        retry_after: None,
+                    })
+                })
+                .collect();
+            tracing::debug!(
+                sink = %self.name,
+                records = batch.len(),
+                delivered = outcomes.iter().filter(|o| matches!(o, Outcome::Delivered)).count(),
+                "HTTP batch sent."
+            );
+            outcomes
+        })
+    }
+
+    fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|delivery| {
+                let envelope = &delivery.envelope;
+                match self.target(envelope) {
+                    Ok((method, url, _)) => format!(
+                        "{method} {} Idempotency-Key={} ({} bytes)",
+                        redact_url(url.as_str()),
+                        envelope.id,
+                        envelope.payload.get().len()
+                    ),
+                    Err(reason) => format!("NOT SENT Idempotency-Key={}: {reason}", envelope.id),
+                }
+            })
+            .collect()
+    }
+
+    fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let mut request = self.shared.client.head(self.base.clone());
+            if let Some(token) = &self.token {
+                request = request.header(header::AUTHORIZATION, token.clone());
+            }
+            match request.send().await {
+                // Any answer, even 404 or 405, means the server is there.
+                Ok(response) => {
+                    tracing::debug!(sink = %self.name, status = %response.status(), "HTTP sink reachable.");
+                    Ok(())
+                }
+                Err(err) => Err(anyhow::anyhow!(
+                    "cannot reach {}: {}",
+                    redact_url(self.base.as_str()),
+                    describe(&self.shared, err)
+                )),
+            }
+        })
+    }
+}
+
+fn compile_route(route: &HttpRoute) -> anyhow::Result<CompiledRoute> {
+    let method = match &route.method {
+        Some(m) => Some(
+            Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                .map_err(|_| anyhow::anyhow!("method {m:?} is not an HTTP method"))?,
+        ),
+        None => None,
+    };
+    if let Some(template) = &route.path {
+        check_template(template)?;
+    }
+    let mut headers = HeaderMap::new();
+    for (name, value) in &route.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| anyhow::anyhow!("header name {name:?} is not a valid HTTP header name"))?;
+        // The value may be a secret: never quote it.
+        let mut value = HeaderValue::from_str(value).map_err(|_| {
+            anyhow::anyhow!("the value of header {name} holds characters not allowed in a header")
+        })?;
+        value.set_sensitive(true);
+        headers.insert(name, value);
+    }
+    Ok(CompiledRoute {
+        entity: route.entity.clone(),
+        action: route.action.clone(),
+        method,
+        path: route.path.clone(),
+        headers,
+    })
+}
+
+/// Rejects unknown or unclosed placeholders, so a typo fails at start rather than per record.
+fn check_template(template: &str) -> anyhow::Result<()> {
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .with_context(|| format!("path {template:?} has an unclosed '{{'"))?;
+        let name = &after[..close];
+        if !PLACEHOLDERS.contains(&name) {
+            bail!(
+                "path {template:?} uses {{{name}}}; the placeholders are {{entity}}, {{action}}, {{key}} and {{id}}"
+            );
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
+}
+
+/// The default method for a record (see the module documentation).
+fn default_method(envelope: &Envelope) -> Method {
+    match (envelope.action.as_str(), envelope.key.is_some()) {
+        ("update" | "upsert", true) => Method::PUT,
+        ("delete", true) => Method::DELETE,
+        _ => Method::POST,
+    }
+}
+
+/// The default path segments for a record (see the module documentation).
+fn default_segments(envelope: &Envelope) -> Result<Vec<&str>, String> {
+    let entity = envelope.entity.as_str();
+    let action = envelope.action.as_str();
+    match (action, envelope.key.as_deref()) {
+        ("update" | "upsert" | "delete", Some(key)) => {
+            // `.` and `..` (even encoded) are dot segments a URL parser folds away:
+            // `PUT {url}/patient/..` would reach `{url}/`.
+            if matches!(key, "" | "." | "..") {
+                return Err(format!(
+                    "key {key:?} cannot be sent as a URL path segment; add a route that places it elsewhere"
+                ));
+            }
+            Ok(vec![entity, key])
+        }
+        ("update" | "upsert" | "delete", None) => Ok(vec![entity, action]),
+        _ => Ok(vec![entity]),
+    }
+}
+
+/// Fills a checked template; each value is encoded as one path segment.
+fn render(template: &str, envelope: &Envelope) -> Result<String, String> {
+    let mut out = String::with_capacity(template.len() + 64);
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let close = after.find('}').unwrap_or(after.len());
+        let value = match &after[..close] {
+            "entity" => envelope.entity.as_str(),
+            "action" => envelope.action.as_str(),
+            "id" => envelope.id.as_str(),
+            // check_template allows nothing else.
+            _ => match envelope.key.as_deref() {
+                Some(key) if !matches!(key, "" | "." | "..") => key,
+                Some(key) => {
+                    return Err(format!(
+                        "key {key:?} cannot be sent as a URL path segment (route path {template:?})"
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "the route path {template:?} needs {{key}} but the record has no key"
+                    ));
+                }
+            },
+        };
+        out.push_str(&encode_segment(value));
+        rest = after.get(close + 1..).unwrap_or("");
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, so a value stays one segment.
+fn encode_segment(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// `base` with `path` (which may carry a `?query`) appended to its path; base query kept.
+fn join(base: &Url, path: &str) -> Url {
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let mut url = base.clone();
+    let full = format!(
+        "{}/{}",
+        base.path().trim_end_matches('/'),
+        path.trim_start_matches('/')
+    );
+    url.set_path(&full);
+    let query = match (base.query(), query) {
+        (Some(b), Some(q)) => Some(format!("{b}&{q}")),
+        (b, q) => b.or(q).map(str::to_owned),
+    };
+    url.set_query(query.as_deref());
+    url
+}
+
+async fn send(shared: &Shared, request: reqwest::Request) -> Outcome {
+    let method = request.method().clone();
+    let path = request.url().path().to_owned();
+    match shared.client.execute(request).await {
+        Ok(response) => classify(response).await,
+        Err(err) => Outcome::Retry {
+            error: format!("{method} {path}: {}", describe(shared, err)),
+            retry_after: None,
+        },
+    }
+}
+
+/// Sorts an answer into delivered / retry / dead (contract 5).
+async fn classify(response: Response) -> Outcome {
+    let status = response.status();
+    if status.is_success() {
+        // Read the (usually small) answer so the connection can be reused.
+        let _ = response.bytes().await;
+        return Outcome::Delivered;
+    }
+    let retry_after = response
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let transient = matches!(
+        status,
+        StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS
+    ) || status.is_server_error();
+    let body = body_start(response).await;
+    let message = if body.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status}: {body}")
+    };
+    if transient {
+        Outcome::Retry {
+            error: message,
+            retry_after,
+        }
+    } else {
+        Outcome::Dead { reason: message }
+    }
+}
+
+/// The first [`MAX_ERROR_BODY_BYTES`] of a body, as text; whatever arrived if reading fails.
+async fn body_start(mut response: Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < MAX_ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    bytes.truncate(MAX_ERROR_BODY_BYTES);
+    String::from_utf8_lossy(&bytes).trim().to_owned()
+}
+
+/// `Retry-After`: delay in seconds or an HTTP-date (IMF-fixdate); a date in the past is zero.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = when.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// A transport error as one line, with its causes, without URL, token or password.
+fn describe(shared: &Shared, err: reqwest::Error) -> String {
+    let err = err.without_url();
+    let text = if err.is_timeout() {
+        format!(
+            "timed out after {:?}: {}",
+            shared.timeout,
+            error_chain(&err)
+        )
+    } else if err.is_connect() {
+        format!("cannot connect: {}", error_chain(&err))
+    } else {
+        error_chain(&err)
+    };
+    scrub(text, &shared.secrets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn envelope(action: &str, entity: &str, key: Option<&str>) -> Envelope {
+        Envelope {
+            v: 1,
+            id: "0190a0a0-0000-7000-8000-000000000001".to_owned(),
+            seq: 7,
+            action: action.to_owned(),
+            entity: entity.to_owned(),
+            key: key.map(str::to_owned),
+            staged_at: "2024-06-01T12:00:00.000000Z".to_owned(),
+            client_key: None,
+            client_fingerprint: None,
+            sinks: vec!["api".to_owned()],
+            payload: RawValue::from_string("{}".to_owned()).expect("valid JSON"),
+        }
+    }
+
+    fn sink(routes: Vec<HttpRoute>) -> HttpSink {
+        HttpSink::new(
+            "api",
+            HttpSinkConfig {
+                url: "https://central.example/api/v1/?tenant=3".to_owned(),
+                token: Some("s3cret".to_owned()),
+                timeout: Duration::from_secs(5),
+                verify_tls: true,
+                ca_file: None,
+                routes,
+                concurrency: 4,
+            },
+        )
+        .expect("valid config")
+    }
+
+    fn target(sink: &HttpSink, e: &Envelope) -> (String, String) {
+        let (method, url, _) = sink.target(e).expect("a target");
+        (method.to_string(), url.to_string())
+    }
+
+    #[test]
+    fn default_mapping_follows_the_action_and_encodes_the_key() {
+        let s = sink(vec![]);
+        let base = "https://central.example/api/v1";
+        let cases = [
+            ("create", Some("1"), "POST", "/patient?tenant=3"),
+            (
+                "update",
+                Some("a/b c"),
+                "PUT",
+                "/patient/a%2Fb%20c?tenant=3",
+            ),
+            ("upsert", Some("1"), "PUT", "/patient/1?tenant=3"),
+            ("delete", Some("1"), "DELETE", "/patient/1?tenant=3"),
+            ("delete", None, "POST", "/patient/delete?tenant=3"),
+            ("update", None, "POST", "/patient/update?tenant=3"),
+            ("deactivate", Some("1"), "POST", "/patient?tenant=3"),
+        ];
+        for (action, key, method, path) in cases {
+            let got = target(&s, &envelope(action, "patient", key));
+            assert_eq!(
+                got,
+                (method.to_owned(), format!("{base}{path}")),
+                "{action} {key:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn dot_keys_are_dead_not_folded_into_the_parent_path() {
+        let s = sink(vec![]);
+        for key in ["", ".", ".."] {
+            let reason = s
+                .target(&envelope("update", "patient", Some(key)))
+                .expect_err("refused");
+            assert!(reason.contains("path segment"), "{reason}");
+        }
+    }
+
+    #[test]
+    fn first_matching_route_overrides_method_path_and_headers() {
+        let route = |entity: Option<&str>, method: &str, path: &str| HttpRoute {
+            entity: entity.map(str::to_owned),
+            action: Some("delete".to_owned()),
+            method: Some(method.to_owned()),
+            path: Some(path.to_owned()),
+            headers: BTreeMap::from([("X-Api-Key".to_owned(), "k".to_owned())]),
+        };
+        let s = sink(vec![
+            route(Some("patient"), "post", "/people/{key}/remove?by={action}"),
+            route(None, "PATCH", "{entity}/{id}"),
+        ]);
+        assert_eq!(
+            target(&s, &envelope("delete", "patient", Some("x y"))),
+            (
+                "POST".to_owned(),
+                "https://central.example/api/v1/people/x%20y/remove?tenant=3&by=delete".to_owned()
+            )
+        );
+        assert_eq!(
+            target(&s, &envelope("delete", "visit", None)),
+            (
+                "PATCH".to_owned(),
+                "https://central.example/api/v1/visit/0190a0a0-0000-7000-8000-000000000001?tenant=3"
+                    .to_owned()
+            )
+        );
+        let err = s
+            .target(&envelope("delete", "patient", None))
+            .expect_err("no key");
+        assert!(err.contains("no key"), "{err}");
+    }
+
+    #[test]
+    fn bad_routes_and_urls_fail_at_build_time() {
+        let bad = HttpRoute {
+            entity: None,
+            action: None,
+            method: None,
+            path: Some("/x/{patient}".to_owned()),
+            headers: BTreeMap::new(),
+        };
+        let err = HttpSink::new(
+            "api",
+            HttpSinkConfig {
+                url: "http://h/".to_owned(),
+                token: None,
+                timeout: Duration::from_secs(1),
+                verify_tls: true,
+                ca_file: None,
+                routes: vec![bad],
+                concurrency: 1,
+            },
+        )
+        .err()
+        .expect("unknown placeholder");
+        assert!(format!("{err:#}").contains("{patient}"), "{err:#}");
+
+        let err = HttpSink::new(
+            "api",
+            HttpSinkConfig {
+                url: "ftp://user:pw@h/".to_owned(),
+                token: None,
+                timeout: Duration::from_secs(1),
+                verify_tls: true,
+                ca_file: None,
+                routes: vec![],
+                concurrency: 1,
+            },
+        )
+        .err()
+        .expect("bad scheme");
+        assert!(!format!("{err:#}").contains("pw"), "{err:#}");
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        let later = (chrono::Utc::now() + chrono::Duration::seconds(90))
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string();
+        let wait = parse_retry_after(&later).expect("a date");
+        assert!(wait > Duration::from_secs(80) && wait <= Duration::from_secs(90));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn config_debug_hides_the_token() {
+        let config = HttpSinkConfig {
+            url: "https://u:pw@h/".to_owned(),
+            token: Some("s3cret".to_owned()),
+            timeout: Duration::from_secs(1),
+            verify_tls: true,
+            ca_file: None,
+            routes: vec![],
+            concurrency: 1,
+        };
+        let text = format!("{config:?}");
+        assert!(!text.contains("s3cret") && !text.contains(":pw@"), "{text}");
+    }
+}

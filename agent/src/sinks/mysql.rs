@@ -1,0 +1,297 @@
+//! MariaDB / MySQL database sink, with mysql_async (see [`super::database`] for the landing
+//! table and the rules every database sink follows). `mysql://` and `mariadb://` URLs both work.
+//!
+//! Every new connection runs `sql/mysql/session.sql`: strict mode, so a value that does not fit
+//! is an error rather than a silently cut row, and UTC. A batch is one transaction in which one
+//! prepared `INSERT … ON DUPLICATE KEY UPDATE idempotency_key = idempotency_key` runs per row
+//! (not `INSERT IGNORE`, which would downgrade bad values to warnings). InnoDB undoes only the
+//! failing statement on a data error, so a refused row (SQLSTATE class 22 or 23, or codes such as
+//! 1406 too long, 1366 bad value, 1452 foreign key, 4025 / 3819 CHECK) becomes dead with the
+//! server's message while the other rows of the transaction commit: the row-by-row pass comes
+//! for free. Any other error (1213 deadlock, 1205 lock wait, 1040 too many connections, a lost
+//! connection, a missing grant) retries the whole batch on a new connection. A statement per
+//! row costs one round trip each, a fair price on a LAN for SQL text that never depends on the
+//! batch. TLS to MySQL is not built in (mysql_async's `minimal-rust` features).
+
+use anyhow::Context as _;
+use estafeta_staging::Delivery;
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts, Params, TxOpts, Value};
+use tokio::sync::Mutex;
+
+use super::database::{
+    BATCH_TIMEOUT, CONNECT_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration, Rows,
+    dry_run_lines,
+};
+use super::{BoxFuture, Outcome, Sink, database, error_chain, redact_url, scrub, url_secrets};
+
+/// Schema changes, in order.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_landing",
+    sql: include_str!("../../../sql/mysql/0001_landing.sql"),
+}];
+
+const SESSION_SQL: &str = include_str!("../../../sql/mysql/session.sql");
+const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../sql/mysql/schema_migrations.sql");
+const INSERT_SQL: &str = include_str!("../../../sql/mysql/insert_record.sql");
+const APPLIED_SQL: &str = "SELECT version FROM estafeta_schema_migrations";
+const RECORD_MIGRATION_SQL: &str =
+    "INSERT IGNORE INTO estafeta_schema_migrations (version, name) VALUES (?, ?)";
+/// Serializes migrations of agents starting together; waits up to 30 s.
+const LOCK_SQL: &str = "SELECT GET_LOCK('estafeta_migrations', 30)";
+const UNLOCK_SQL: &str = "DO RELEASE_LOCK('estafeta_migrations')";
+
+/// Server error codes that mean "this row's data", beyond SQLSTATE classes 22 and 23 (some of
+/// them report the generic HY000).
+const ROW_ERROR_CODES: &[u16] = &[
+    1048, // column cannot be null
+    1062, // duplicate entry (another unique key)
+    1264, // out of range
+    1265, // data truncated
+    1292, // incorrect value (dates, numbers)
+    1366, // incorrect string / integer value
+    1367, // illegal value
+    1406, // data too long
+    1451, 1452, // foreign key
+    1690, // value out of range
+    3140, // invalid JSON text (MySQL)
+    3819, // check constraint violated (MySQL)
+    4025, // check constraint failed (MariaDB, JSON_VALID)
+];
+
+/// Delivers records into a MariaDB / MySQL landing table.
+pub struct MysqlSink {
+    name: String,
+    agent_id: String,
+    opts: Opts,
+    /// The URL with its password hidden, for messages.
+    shown: String,
+    secrets: Vec<String>,
+    conn: Mutex<Option<Conn>>,
+}
+
+impl MysqlSink {
+    /// Checks the URL; connects to nothing.
+    pub fn new(name: impl Into<String>, config: DatabaseSinkConfig) -> anyhow::Result<Self> {
+        let shown = redact_url(&config.url);
+        let secrets = url_secrets(&config.url);
+        // mysql_async knows only `mysql://`; `mariadb://` is the same protocol.
+        let url = match config.url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("mariadb") => {
+                format!("mysql://{rest}")
+            }
+            _ => config.url.clone(),
+        };
+        let opts = Opts::from_url(&url).map_err(|err| {
+            anyhow::anyhow!(
+                "the MySQL URL {shown:?} is not valid: {}; expected mysql://user:password@host:3306/database",
+                scrub(err.to_string(), &secrets)
+            )
+        })?;
+        Ok(Self {
+            name: name.into(),
+            agent_id: config.agent_id,
+            opts,
+            shown,
+            secrets,
+            conn: Mutex::new(None),
+        })
+    }
+
+    async fn connect(&self) -> Result<Conn, String> {
+        let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(self.opts.clone()))
+            .await
+            .map_err(|_| {
+                format!(
+                    "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
+                    self.shown
+                )
+            })?
+            .map_err(|err| {
+                format!(
+                    "cannot connect to {}: {}",
+                    self.shown,
+                    self.failure(err).message()
+                )
+            })?;
+        conn.query_drop(SESSION_SQL)
+            .await
+            .map_err(|err| self.failure(err).message())?;
+        Ok(conn)
+    }
+
+    /// Applies the migrations this database lacks, under a named lock. MySQL commits DDL at
+    /// once, so each migration must be safe to run twice (`IF NOT EXISTS`). When every migration
+    /// is already recorded (a DBA may have run `sql/mysql/` by hand), no DDL is sent: the agent's
+    /// user then needs only SELECT on `estafeta_schema_migrations` and INSERT, UPDATE on
+    /// `estafeta_records` (`ON DUPLICATE KEY UPDATE` asks for UPDATE).
+    async fn migrate(&self, conn: &mut Conn) -> Result<(), String> {
+        if let Ok(applied) = conn.query::<i64, _>(APPLIED_SQL).await
+            && MIGRATIONS.iter().all(|m| applied.contains(&m.version))
+        {
+            return Ok(());
+        }
+        let fail = |err| {
+            format!(
+                "cannot prepare the landing table at {}: {}",
+                self.shown,
+                self.failure(err).message()
+            )
+        };
+        let locked: Option<Option<i64>> = conn.query_first(LOCK_SQL).await.map_err(fail)?;
+        if locked.flatten() != Some(1) {
+            return Err(format!(
+                "another agent holds the migration lock at {} for over 30 s",
+                self.shown
+            ));
+        }
+        let result = async {
+            conn.query_drop(SCHEMA_MIGRATIONS_SQL).await?;
+            let applied: Vec<i64> = conn.query(APPLIED_SQL).await?;
+            for migration in MIGRATIONS {
+                if applied.contains(&migration.version) {
+                    continue;
+                }
+                conn.query_drop(migration.sql).await?;
+                conn.exec_drop(RECORD_MIGRATION_SQL, (migration.version, migration.name))
+                    .await?;
+                tracing::info!(sink = %self.name, migration = migration.name, "Database migration applied.");
+            }
+            Ok::<(), mysql_async::Error>(())
+        }
+        .await;
+        // The lock also ends with the connection, which an error drops.
+        let unlocked = conn.query_drop(UNLOCK_SQL).await;
+        result.and(unlocked).map_err(fail)
+    }
+
+    /// Delivers the rows on the sink's connection, (re)connecting first when needed. `Err`
+    /// means: retry the whole batch.
+    async fn deliver_rows(
+        &self,
+        slot: &mut Option<Conn>,
+        rows: &[LandingRow],
+    ) -> Result<Vec<Outcome>, String> {
+        // Unlike tokio-postgres, nothing tells a mysql_async connection that the server
+        // dropped it (wait_timeout, a restart): ask, rather than fail the batch once.
+        if let Some(conn) = slot.as_mut()
+            && conn.ping().await.is_err()
+        {
+            *slot = None;
+        }
+        let conn = match slot {
+            Some(conn) => conn,
+            None => {
+                let mut conn = self.connect().await?;
+                self.migrate(&mut conn).await?;
+                slot.insert(conn)
+            }
+        };
+        let transient = |err| self.failure(err).message();
+        let mut tx = conn
+            .start_transaction(TxOpts::default())
+            .await
+            .map_err(transient)?;
+        let statement = tx.prep(INSERT_SQL).await.map_err(transient)?;
+        let mut outcomes = Vec::with_capacity(rows.len());
+        for row in rows {
+            match tx.exec_drop(&statement, self.params(row)).await {
+                Ok(()) => outcomes.push(Outcome::Delivered),
+                Err(err) => match self.failure(err) {
+                    // InnoDB undid this statement only; the transaction goes on.
+                    Failure::Row(reason) => outcomes.push(Outcome::Dead { reason }),
+                    Failure::Transient(error) => return Err(error),
+                },
+            }
+        }
+        tx.commit().await.map_err(transient)?;
+        Ok(outcomes)
+    }
+
+    fn params(&self, row: &LandingRow) -> Params {
+        let t = row.staged_at.naive_utc();
+        use chrono::{Datelike as _, Timelike as _};
+        let staged_at = Value::Date(
+            // Years beyond u16 cannot come from an RFC 3339 string.
+            u16::try_from(t.year()).unwrap_or(0),
+            t.month() as u8,
+            t.day() as u8,
+            t.hour() as u8,
+            t.minute() as u8,
+            t.second() as u8,
+            t.nanosecond() / 1_000 % 1_000_000,
+        );
+        Params::Positional(vec![
+            Value::from(row.idempotency_key.as_str()),
+            Value::from(self.agent_id.as_str()),
+            Value::from(row.seq),
+            Value::from(row.action.as_str()),
+            Value::from(row.entity.as_str()),
+            Value::from(row.record_key.as_deref()),
+            Value::from(row.payload.as_str()),
+            staged_at,
+        ])
+    }
+
+    /// Sorts an error (module documentation) and words it without the password.
+    fn failure(&self, err: mysql_async::Error) -> Failure {
+        match err {
+            mysql_async::Error::Server(server) => {
+                let message = scrub(
+                    format!(
+                        "MySQL {} ({}): {}",
+                        server.code, server.state, server.message
+                    ),
+                    &self.secrets,
+                );
+                let row = server.state.starts_with("22")
+                    || server.state.starts_with("23")
+                    || ROW_ERROR_CODES.contains(&server.code);
+                if row {
+                    Failure::Row(message)
+                } else {
+                    Failure::Transient(message)
+                }
+            }
+            other => Failure::Transient(scrub(error_chain(&other), &self.secrets)),
+        }
+    }
+}
+
+impl Sink for MysqlSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let rows = Rows::new(batch);
+            if rows.rows.is_empty() {
+                return rows.finish(Vec::new());
+            }
+            let mut slot = self.conn.lock().await;
+            let result =
+                tokio::time::timeout(BATCH_TIMEOUT, self.deliver_rows(&mut slot, &rows.rows)).await;
+            let outcomes =
+                database::outcomes_or_retry(&self.name, rows.rows.len(), result, || *slot = None);
+            rows.finish(outcomes)
+        })
+    }
+
+    fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
+        dry_run_lines(&self.shown, batch)
+    }
+
+    fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let mut conn = self.connect().await.map_err(anyhow::Error::msg)?;
+            conn.query_drop("SELECT 1")
+                .await
+                .map_err(|err| anyhow::anyhow!(self.failure(err).message()))
+                .with_context(|| format!("MySQL at {} answered with an error", self.shown))?;
+            let _ = conn.disconnect().await;
+            Ok(())
+        })
+    }
+}

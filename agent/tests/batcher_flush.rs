@@ -1,0 +1,538 @@
+//! The batcher against a real staging store in a temporary folder and a scripted in-test sink:
+//! outcomes become acks, retries and dead letters; per-key order holds; a down sink is not
+//! hammered; dry run keeps everything pending; the daemon's per-sink task flushes after a
+//! write and gives its lease back when shutdown outlasts the delivery.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use estafeta::batcher::{Batcher, flush_once};
+use estafeta::config::Config;
+use estafeta::ingest::IngestState;
+use estafeta::sinks::{BoxFuture, Outcome, Sink};
+use estafeta_staging::{Delivery, ListFilter, NewRecord, Options, RecordInfo, Staging, State};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const SINK: &str = "test";
+
+fn test_config(root: &std::path::Path) -> Config {
+    Config {
+        sources: vec!["test".into()],
+        crontab: "0 0 1 1 *".into(),
+        tz: None,
+        staging_path: root.to_path_buf(),
+        failed_dir: None,
+        staging_max_bytes: None,
+        staging_min_free_bytes: 0,
+        keep_delivered: Duration::ZERO,
+        ingest_addr: "127.0.0.1:0".parse().expect("valid address"),
+        ingest_token: None,
+        max_body_bytes: 4096,
+        flush_on_write: true,
+        max_records: 1000,
+        batch_size: 100,
+        dry_run: false,
+        retry_base: Duration::from_secs(60),
+        retry_max: Duration::from_secs(600),
+        shutdown_grace: Duration::from_secs(5),
+        agent_id: "test-agent".into(),
+        log_dir: None,
+        log_level: "info".into(),
+        sinks: Vec::new(),
+        routes: Vec::new(),
+        entities: BTreeMap::new(),
+    }
+}
+
+fn open_store(dir: &tempfile::TempDir) -> Staging {
+    let mut options = Options::new(dir.path()).with_sinks([SINK]);
+    options.min_free_bytes = 0;
+    Staging::open(options).expect("store opens").0
+}
+
+/// Stages `(action, key, fate)` records of entity `patient`; returns their seqs.
+fn stage(store: &Staging, records: &[(&str, &str, &str)]) -> Vec<u64> {
+    records
+        .iter()
+        .map(|(action, key, fate)| {
+            let payload = serde_json::json!({ "id": key, "fate": fate }).to_string();
+            let record = NewRecord::new(*action, "patient", Some((*key).to_owned()), &payload)
+                .expect("valid record");
+            store.stage(record).expect("staged").seq
+        })
+        .collect()
+}
+
+/// One batch as the sink saw it: (key, seq) per record.
+type Batch = Vec<(Option<String>, u64)>;
+
+/// A sink whose answer for each record is the payload's `fate`: `ok`, `retry`, `retry-later`
+/// (with a one-hour `Retry-After`) or `dead`. Remembers every batch it was handed.
+#[derive(Default)]
+struct ScriptSink {
+    batches: Mutex<Vec<Batch>>,
+    calls: AtomicUsize,
+    /// Delivery takes this long (to test shutdown).
+    delay: Option<Duration>,
+}
+
+impl ScriptSink {
+    fn batches(&self) -> Vec<Batch> {
+        self.batches.lock().expect("lock").clone()
+    }
+}
+
+fn fate(delivery: &Delivery) -> Outcome {
+    let payload: serde_json::Value =
+        serde_json::from_str(delivery.envelope.payload.get()).expect("JSON payload");
+    match payload["fate"].as_str() {
+        Some("retry") => Outcome::Retry {
+            error: "HTTP 503".into(),
+            retry_after: None,
+        },
+        Some("retry-later") => Outcome::Retry {
+            error: "HTTP 429".into(),
+            retry_after: Some(Duration::from_secs(3600)),
+        },
+        Some("dead") => Outcome::Dead {
+            reason: "HTTP 400: bad record".into(),
+        },
+        _ => Outcome::Delivered,
+    }
+}
+
+impl Sink for ScriptSink {
+    fn name(&self) -> &str {
+        SINK
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(delay) = self.delay {
+                tokio::time::sleep(delay).await;
+            }
+            self.batches.lock().expect("lock").push(
+                batch
+                    .iter()
+                    .map(|d| (d.envelope.key.clone(), d.envelope.seq))
+                    .collect(),
+            );
+            batch.iter().map(fate).collect()
+        })
+    }
+
+    fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|d| {
+                format!(
+                    "would send seq {} to /{}",
+                    d.envelope.seq, d.envelope.entity
+                )
+            })
+            .collect()
+    }
+
+    fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn records_by_seq(store: &Staging) -> HashMap<u64, RecordInfo> {
+    let filter = ListFilter {
+        include_delivered: true,
+        ..ListFilter::default()
+    };
+    store
+        .list(&filter)
+        .expect("list")
+        .into_iter()
+        .map(|r| (r.seq, r))
+        .collect()
+}
+
+fn sink_state(info: &RecordInfo) -> &estafeta_staging::SinkState {
+    info.sinks
+        .iter()
+        .find(|s| s.sink == SINK)
+        .expect("record routed to the test sink")
+}
+
+#[tokio::test]
+async fn outcomes_become_acks_retries_and_dead_letters() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let config = test_config(dir.path());
+    let seqs = stage(
+        &store,
+        &[
+            ("create", "a", "ok"),
+            ("create", "b", "retry"),
+            ("create", "c", "dead"),
+            ("create", "d", "ok"),
+            ("create", "e", "retry-later"),
+        ],
+    );
+    let sink = Arc::new(ScriptSink::default());
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let before = Utc::now();
+    let report = flush_once(&store, &dyn_sink, &config, 1000)
+        .await
+        .expect("flush");
+    assert_eq!(
+        (
+            report.delivered,
+            report.retried,
+            report.dead,
+            report.dry_run
+        ),
+        (2, 2, 1, 0)
+    );
+    assert_eq!(report.sink, SINK);
+    assert_eq!(sink.calls.load(Ordering::SeqCst), 1);
+
+    let status = store.status().expect("status");
+    let sink_status = status
+        .sinks
+        .iter()
+        .find(|s| s.sink == SINK)
+        .expect("sink status");
+    assert_eq!(sink_status.pending + sink_status.in_flight, 2);
+    assert_eq!(sink_status.dead, 1);
+    assert!(sink_status.last_success_at.is_some());
+    assert!(sink_status.last_failure_at.is_some());
+
+    let records = records_by_seq(&store);
+    for seq in [seqs[0], seqs[3]] {
+        assert!(
+            records
+                .get(&seq)
+                .is_none_or(|r| sink_state(r).state == State::Delivered),
+            "seq {seq} delivered"
+        );
+    }
+    // Backoff for a first failure: between 50% and 100% of RETRY_BASE (60 s).
+    let retried = sink_state(&records[&seqs[1]]);
+    assert_eq!((retried.state, retried.attempts), (State::Pending, 1));
+    assert_eq!(retried.last_error.as_deref(), Some("HTTP 503"));
+    let at = next_attempt(retried);
+    assert!(at >= before + chrono::Duration::seconds(29), "{at}");
+    assert!(at <= Utc::now() + chrono::Duration::seconds(61), "{at}");
+    // The server's Retry-After wins over the backoff.
+    let later = next_attempt(sink_state(&records[&seqs[4]]));
+    assert!(later >= before + chrono::Duration::seconds(3590), "{later}");
+
+    assert_eq!(sink_state(&records[&seqs[2]]).state, State::Dead);
+    let dead = store.dead_letters(None).expect("dead letters");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].seq, seqs[2]);
+    assert!(dead[0].reason.contains("HTTP 400"), "{}", dead[0].reason);
+    assert!(dead[0].path.exists());
+
+    // Nothing is due now: a second cycle sends nothing.
+    let report = flush_once(&store, &dyn_sink, &config, 1000)
+        .await
+        .expect("flush");
+    assert_eq!((report.delivered, report.retried, report.dead), (0, 0, 0));
+    assert_eq!(sink.calls.load(Ordering::SeqCst), 1);
+}
+
+fn next_attempt(state: &estafeta_staging::SinkState) -> DateTime<Utc> {
+    let at = state.next_attempt_at.as_deref().expect("next attempt set");
+    DateTime::parse_from_rfc3339(at)
+        .expect("RFC 3339")
+        .with_timezone(&Utc)
+}
+
+#[tokio::test]
+async fn records_of_one_key_are_delivered_in_order() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let config = test_config(dir.path());
+    let seqs = stage(
+        &store,
+        &[
+            ("create", "k1", "ok"),
+            ("create", "k2", "ok"),
+            ("update", "k1", "ok"),
+            ("delete", "k1", "ok"),
+            ("update", "k2", "ok"),
+            ("create", "k1", "ok"),
+        ],
+    );
+    let sink = Arc::new(ScriptSink::default());
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let report = flush_once(&store, &dyn_sink, &config, 1000)
+        .await
+        .expect("flush");
+    assert_eq!(report.delivered, 6);
+
+    let batches = sink.batches();
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for batch in &batches {
+        let mut keys: Vec<_> = batch.iter().map(|(key, _)| key.clone()).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(
+            keys.len(),
+            batch.len(),
+            "one record per key per batch: {batch:?}"
+        );
+        for (key, seq) in batch {
+            seen.entry(key.clone().expect("keyed"))
+                .or_default()
+                .push(*seq);
+        }
+    }
+    assert_eq!(seen["k1"], vec![seqs[0], seqs[2], seqs[3], seqs[5]]);
+    assert_eq!(seen["k2"], vec![seqs[1], seqs[4]]);
+    assert_eq!(store.status().expect("status").records_pending, 0);
+}
+
+#[tokio::test]
+async fn a_retried_record_holds_back_its_own_key_only() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let config = test_config(dir.path());
+    let seqs = stage(
+        &store,
+        &[
+            ("create", "k1", "retry"),
+            ("create", "k2", "ok"),
+            ("update", "k1", "ok"),
+            ("update", "k2", "ok"),
+        ],
+    );
+    let sink = Arc::new(ScriptSink::default());
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let report = flush_once(&store, &dyn_sink, &config, 1000)
+        .await
+        .expect("flush");
+    assert_eq!((report.delivered, report.retried), (2, 1));
+    let sent: Vec<u64> = sink
+        .batches()
+        .concat()
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert!(
+        !sent.contains(&seqs[2]),
+        "k1's update waits for k1's create"
+    );
+    let records = records_by_seq(&store);
+    assert_eq!(sink_state(&records[&seqs[2]]).state, State::Pending);
+    assert_eq!(sink_state(&records[&seqs[2]]).attempts, 0);
+}
+
+#[tokio::test]
+async fn a_sink_that_is_down_is_not_hammered() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let mut config = test_config(dir.path());
+    config.batch_size = 2;
+    let records: Vec<(&str, String, &str)> = (0..6)
+        .map(|i| ("create", format!("k{i}"), "retry"))
+        .collect();
+    let records: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|(a, k, f)| (*a, k.as_str(), *f))
+        .collect();
+    stage(&store, &records);
+    let sink = Arc::new(ScriptSink::default());
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let report = flush_once(&store, &dyn_sink, &config, 1000)
+        .await
+        .expect("flush");
+    assert_eq!((report.delivered, report.retried), (0, 2));
+    assert_eq!(sink.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(store.status().expect("status").records_pending, 6);
+}
+
+#[tokio::test]
+async fn limit_caps_one_cycle() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let mut config = test_config(dir.path());
+    config.batch_size = 2;
+    stage(
+        &store,
+        &[
+            ("create", "a", "ok"),
+            ("create", "b", "ok"),
+            ("create", "c", "ok"),
+            ("create", "d", "ok"),
+            ("create", "e", "ok"),
+        ],
+    );
+    let sink = Arc::new(ScriptSink::default());
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let report = flush_once(&store, &dyn_sink, &config, 3)
+        .await
+        .expect("flush");
+    assert_eq!(report.delivered, 3);
+    let sizes: Vec<usize> = sink.batches().iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![2, 1]);
+    assert_eq!(store.status().expect("status").records_pending, 2);
+}
+
+#[tokio::test]
+async fn dry_run_delivers_nothing_and_keeps_everything_pending() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let mut config = test_config(dir.path());
+    config.dry_run = true;
+    let seqs = stage(
+        &store,
+        &[
+            ("create", "a", "ok"),
+            ("create", "b", "ok"),
+            ("update", "a", "ok"),
+        ],
+    );
+    let sink = Arc::new(ScriptSink::default());
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    for _ in 0..2 {
+        let report = flush_once(&store, &dyn_sink, &config, 1000)
+            .await
+            .expect("flush");
+        // One batch only: a and b (a's update waits behind a's create).
+        assert_eq!((report.dry_run, report.delivered), (2, 0));
+    }
+    assert_eq!(sink.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(store.status().expect("status").records_pending, 3);
+    let records = records_by_seq(&store);
+    for seq in seqs {
+        let state = sink_state(&records[&seq]);
+        assert_eq!(
+            (state.state, state.attempts),
+            (State::Pending, 0),
+            "seq {seq}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn batcher_flushes_after_a_write_and_stops_on_cancel() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let config = Arc::new(test_config(dir.path())); // the tick is once a year
+    let state = IngestState::new(store.clone(), config.clone()).expect("state");
+    let sink = Arc::new(ScriptSink::default());
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let batcher = Batcher::new(
+        store.clone(),
+        config.clone(),
+        state.metrics().clone(),
+        Some(state.subscribe_writes()),
+    )
+    .expect("batcher");
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    batcher.spawn(&[dyn_sink], &tracker, &cancel, Duration::from_secs(1));
+
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    stage(&store, &[("create", "a", "ok"), ("create", "b", "ok")]);
+    state.notify_write();
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while store.status().expect("status").records_pending > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "records delivered after the write");
+    assert_eq!(sink.batches().concat().len(), 2);
+
+    cancel.cancel();
+    tracker.close();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    assert!(stopped.is_ok(), "the batcher stops on cancel");
+}
+
+#[tokio::test]
+async fn shutdown_outlasting_a_delivery_releases_its_records() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let config = Arc::new(test_config(dir.path()));
+    let seqs = stage(&store, &[("create", "a", "ok"), ("create", "b", "ok")]);
+    let sink = Arc::new(ScriptSink {
+        delay: Some(Duration::from_secs(3600)),
+        ..ScriptSink::default()
+    });
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let (_writes, rx) = tokio::sync::watch::channel(0u64);
+    let metrics = Arc::new(estafeta::ingest::Metrics::default());
+    let batcher = Batcher::new(store.clone(), config, metrics, Some(rx)).expect("batcher");
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    // FLUSH_ON_WRITE: the task delivers what is pending right away.
+    batcher.spawn(&[dyn_sink], &tracker, &cancel, Duration::from_millis(200));
+    let started = tokio::time::timeout(Duration::from_secs(10), async {
+        while sink.calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(started.is_ok(), "delivery started");
+
+    cancel.cancel();
+    tracker.close();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    assert!(stopped.is_ok(), "the batcher stops after the grace period");
+    let records = records_by_seq(&store);
+    for seq in seqs {
+        let state = sink_state(&records[&seq]);
+        assert_eq!(
+            (state.state, state.attempts),
+            (State::Pending, 0),
+            "seq {seq}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn batcher_delivers_on_the_cron_tick_when_flush_on_write_is_off() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let mut config = test_config(dir.path());
+    config.flush_on_write = false;
+    config.crontab = "* * * * * *".into(); // every second, with the seconds field
+    let config = Arc::new(config);
+    let sink = Arc::new(ScriptSink::default());
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let (writes, rx) = tokio::sync::watch::channel(0u64);
+    let metrics = Arc::new(estafeta::ingest::Metrics::default());
+    let batcher = Batcher::new(store.clone(), config, metrics.clone(), Some(rx)).expect("batcher");
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    batcher.spawn(&[dyn_sink], &tracker, &cancel, Duration::from_secs(1));
+
+    stage(&store, &[("create", "a", "ok"), ("create", "b", "ok")]);
+    writes.send_modify(|n| *n += 1); // ignored: FLUSH_ON_WRITE is off
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while store.status().expect("status").records_pending > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the tick delivered the records");
+    // The cycle's counters are published when the cycle ends (after its cleanup).
+    let counted = tokio::time::timeout(Duration::from_secs(5), async {
+        while !metrics
+            .render(None)
+            .contains("estafeta_deliveries_total{sink=\"test\",outcome=\"delivered\"} 2")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(counted.is_ok(), "{}", metrics.render(None));
+    cancel.cancel();
+    tracker.close();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    assert!(stopped.is_ok(), "the batcher stops on cancel");
+}

@@ -1,0 +1,513 @@
+//! Loading the configuration: defaults, precedence (.env < environment, file < environment),
+//! `${VAR}` in the TOML file, validation that reports every mistake at once, and redaction.
+//! Every test passes its own environment map and working directory, so none depends on the
+//! process environment or on another test.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use estafeta::config::{Config, ConfigError, Inspection, SinkKind};
+
+fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn inspect(dir: &Path, pairs: &[(&str, &str)]) -> Inspection {
+    Config::inspect(dir, None, &env(pairs))
+}
+
+fn load(dir: &Path, pairs: &[(&str, &str)]) -> Config {
+    match inspect(dir, pairs).result {
+        Ok(config) => config,
+        Err(err) => panic!("configuration refused:\n{err}"),
+    }
+}
+
+fn refuse(dir: &Path, pairs: &[(&str, &str)]) -> ConfigError {
+    inspect(dir, pairs)
+        .result
+        .expect_err("the configuration should be refused")
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write test file");
+    path
+}
+
+#[test]
+fn nothing_configured_gives_the_embedded_defaults() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = load(dir.path(), &[]);
+    assert_eq!(config.crontab, "* * * * *");
+    assert_eq!(config.tz, None);
+    assert_eq!(config.staging_path, dir.path().join("staging"));
+    assert_eq!(config.failed_dir, None);
+    assert_eq!(
+        config.failed_dir(),
+        dir.path().join("staging").join("_failed")
+    );
+    assert_eq!(config.ingest_addr.to_string(), "127.0.0.1:8787");
+    assert_eq!(config.ingest_token, None);
+    assert_eq!(config.max_body_bytes, 10 * 1024 * 1024);
+    assert!(config.flush_on_write);
+    assert!(!config.dry_run);
+    assert_eq!(config.max_records, 100_000);
+    assert_eq!(config.batch_size, 500);
+    assert_eq!(config.retry_base, Duration::from_secs(1));
+    assert_eq!(config.retry_max, Duration::from_secs(300));
+    assert_eq!(config.shutdown_grace, Duration::from_secs(10));
+    assert_eq!(config.log_level, "info");
+    assert_eq!(config.log_dir, None);
+    assert!(!config.agent_id.is_empty());
+    assert_eq!(config.sink_names(), vec!["database".to_string()]);
+    match &config.sinks[0].kind {
+        SinkKind::Database(db) => assert_eq!(db.url, "sqlite://central.db"),
+        other => panic!("expected the embedded SQLite sink, got {other:?}"),
+    }
+    assert_eq!(
+        config.route("create", "patient"),
+        vec!["database".to_string()]
+    );
+    assert_eq!(config.key_field("patient"), "id");
+    let options = config.staging_options();
+    assert_eq!(options.root, dir.path().join("staging"));
+    assert_eq!(options.sinks, vec!["database".to_string()]);
+}
+
+#[test]
+fn every_mistake_is_listed_at_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let err = refuse(
+        dir.path(),
+        &[
+            ("CRONTAB", "*/5 * *"),
+            ("TZ", "Mars/Olympus"),
+            ("IS_ABSOLUTE_STAGING_AREA_PATH", "maybe"),
+            ("STAGING_MAX_BYTES", "lots"),
+            ("MAX_BODY_BYTES", "0"),
+            ("FLUSH_ON_WRITE", "sim"),
+            ("BATCH_SIZE", "-3"),
+            ("RETRY_BASE_SECS", "soon"),
+            ("LOG_LEVEL", "verbose"),
+            ("CENTRAL_DATABASE_URL", "oracle://u:pw@db/x"),
+            ("CENTRAL_API_URL", "ftp://api"),
+            ("INGEST_ADDR", "not-an-address"),
+        ],
+    );
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    for key in [
+        "CRONTAB",
+        "TZ",
+        "IS_ABSOLUTE_STAGING_AREA_PATH",
+        "STAGING_MAX_BYTES",
+        "MAX_BODY_BYTES",
+        "FLUSH_ON_WRITE",
+        "BATCH_SIZE",
+        "RETRY_BASE_SECS",
+        "LOG_LEVEL",
+        "CENTRAL_DATABASE_URL",
+        "CENTRAL_API_URL",
+        "INGEST_ADDR",
+    ] {
+        assert!(keys.contains(&key), "{key} missing from:\n{err}");
+    }
+    let text = err.to_string();
+    assert!(
+        text.contains(r#"CRONTAB="*/5 * *": expected 5 cron fields (or 6 with seconds), found 3"#),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().count(),
+        err.problems.len(),
+        "one problem per line"
+    );
+    assert!(!text.contains(":pw@"), "a URL password leaked:\n{text}");
+}
+
+#[test]
+fn a_non_loopback_address_without_a_token_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let err = refuse(dir.path(), &[("INGEST_ADDR", "0.0.0.0:8787")]);
+    assert_eq!(
+        err.to_string(),
+        "INGEST_ADDR=0.0.0.0:8787 listens beyond this machine but INGEST_TOKEN is empty: set INGEST_TOKEN to a long random secret, or listen on 127.0.0.1"
+    );
+    let config = load(
+        dir.path(),
+        &[
+            ("INGEST_ADDR", "0.0.0.0:8787"),
+            ("INGEST_TOKEN", "a-long-random-secret"),
+        ],
+    );
+    assert_eq!(config.ingest_addr.to_string(), "0.0.0.0:8787");
+}
+
+#[test]
+fn an_unknown_key_in_the_toml_file_is_named() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(
+        dir.path(),
+        "estafeta.toml",
+        "[[sinks]]\nname = \"api\"\ntype = \"http\"\nurl = \"https://api.example\"\ncolour = \"blue\"\n",
+    );
+    let err = refuse(dir.path(), &[("CONFIG_FILE", "estafeta.toml")]);
+    let text = err.to_string();
+    assert!(text.contains("colour"), "{text}");
+    assert!(
+        text.starts_with("CONFIG_FILE=estafeta.toml: line 5"),
+        "{text}"
+    );
+
+    write(
+        dir.path(),
+        "agent.toml",
+        "[agent]\ncrontab = \"* * * * *\"\nkrontab = \"x\"\n",
+    );
+    let err = refuse(dir.path(), &[("CONFIG_FILE", "agent.toml")]);
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert_eq!(err.problems[0].key, "[agent] krontab");
+}
+
+#[test]
+fn variables_in_the_toml_file_read_the_environment() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(
+        dir.path(),
+        "estafeta.toml",
+        r#"
+[[sinks]]
+name = "api"
+type = "http"
+url = "https://${API_HOST}/v1"
+token = "${API_TOKEN}"
+"#,
+    );
+    let config = load(
+        dir.path(),
+        &[
+            ("CONFIG_FILE", "estafeta.toml"),
+            ("API_HOST", "central.example"),
+            ("API_TOKEN", "t0ken"),
+        ],
+    );
+    match &config.sinks[0].kind {
+        SinkKind::Http(http) => {
+            assert_eq!(http.url, "https://central.example/v1");
+            assert_eq!(http.token.as_deref(), Some("t0ken"));
+        }
+        other => panic!("expected an http sink, got {other:?}"),
+    }
+
+    let err = refuse(
+        dir.path(),
+        &[
+            ("CONFIG_FILE", "estafeta.toml"),
+            ("API_HOST", "central.example"),
+        ],
+    );
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert_eq!(err.problems[0].key, "sinks[0].token");
+    assert!(err.problems[0].expected.contains("API_TOKEN"), "{err}");
+}
+
+#[test]
+fn the_environment_overrides_the_toml_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(
+        dir.path(),
+        "estafeta.toml",
+        r#"
+[agent]
+crontab = "0 * * * *"
+batch_size = 50
+dry_run = true
+
+[[sinks]]
+name = "api"
+type = "http"
+url = "https://file.example"
+timeout_secs = 3
+
+[[sinks.routes]]
+entity = "patient"
+method = "put"
+"#,
+    );
+    let config = load(
+        dir.path(),
+        &[
+            ("CONFIG_FILE", "estafeta.toml"),
+            ("CRONTAB", "*/10 * * * * *"),
+            ("CENTRAL_API_URL", "https://env.example"),
+        ],
+    );
+    assert_eq!(config.crontab, "*/10 * * * * *", "environment wins");
+    assert_eq!(
+        config.batch_size, 50,
+        "the file fills what the environment leaves"
+    );
+    assert!(config.dry_run);
+    assert_eq!(config.sink_names(), vec!["api".to_string()]);
+    match &config.sinks[0].kind {
+        SinkKind::Http(http) => {
+            assert_eq!(http.url, "https://env.example");
+            assert_eq!(http.timeout, Duration::from_secs(3));
+            assert_eq!(http.routes.len(), 1, "the file's routes stay");
+            assert_eq!(http.routes[0].method.as_deref(), Some("PUT"));
+        }
+        other => panic!("expected an http sink, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_process_environment_overrides_the_env_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(
+        dir.path(),
+        ".env",
+        "CRONTAB=\"*/5 * * * *\"\nSTAGING_AREA_PATH=dados\nMAX_RECORDS=10\n",
+    );
+    let config = load(dir.path(), &[("MAX_RECORDS", "20")]);
+    assert_eq!(config.crontab, "*/5 * * * *");
+    assert_eq!(config.staging_path, dir.path().join("dados"));
+    assert_eq!(config.max_records, 20);
+    assert!(
+        config.sources.iter().any(|s| s.starts_with(".env")),
+        "{:?}",
+        config.sources
+    );
+}
+
+#[test]
+fn an_explicit_env_file_must_exist() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let err = Config::inspect(dir.path(), Some(Path::new("missing.env")), &env(&[]))
+        .result
+        .expect_err("a missing --env-file is an error");
+    assert_eq!(err.problems[0].key, "--env-file");
+}
+
+#[test]
+fn the_staging_path_follows_is_absolute_staging_area_path() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let absolute = dir.path().join("abs");
+    let absolute_text = absolute.to_str().expect("utf-8 temp path");
+    let config = load(
+        dir.path(),
+        &[
+            ("STAGING_AREA_PATH", absolute_text),
+            ("IS_ABSOLUTE_STAGING_AREA_PATH", "TRUE"),
+        ],
+    );
+    assert_eq!(config.staging_path, absolute);
+    let config = load(
+        dir.path(),
+        &[
+            ("STAGING_AREA_PATH", "rel/dir"),
+            ("IS_ABSOLUTE_STAGING_AREA_PATH", "no"),
+        ],
+    );
+    assert_eq!(config.staging_path, dir.path().join("rel/dir"));
+    let err = refuse(
+        dir.path(),
+        &[
+            ("STAGING_AREA_PATH", "rel/dir"),
+            ("IS_ABSOLUTE_STAGING_AREA_PATH", "1"),
+        ],
+    );
+    assert_eq!(err.problems[0].key, "STAGING_AREA_PATH");
+}
+
+#[test]
+fn routes_must_name_configured_sinks_and_sinks_must_be_unique() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(
+        dir.path(),
+        "estafeta.toml",
+        r#"
+[[sinks]]
+name = "one"
+type = "database"
+url = "sqlite://one.db"
+
+[[sinks]]
+name = "one"
+type = "database"
+url = "sqlite://two.db"
+
+[[routes]]
+entity = "patient"
+sinks = ["nowhere"]
+
+[entities."Bad/Name"]
+key_field = "x"
+"#,
+    );
+    let err = refuse(dir.path(), &[("CONFIG_FILE", "estafeta.toml")]);
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    assert!(keys.contains(&"sinks[1].name"), "{err}");
+    assert!(keys.contains(&"routes[0].sinks"), "{err}");
+    assert!(keys.contains(&"entities.Bad/Name"), "{err}");
+}
+
+#[test]
+fn routes_and_key_fields_answer_per_action_and_entity() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(
+        dir.path(),
+        "estafeta.toml",
+        r#"
+[[routes]]
+entity = "audit"
+sinks = ["database"]
+
+[entities.visit]
+key_field = "visit_no"
+"#,
+    );
+    let config = load(
+        dir.path(),
+        &[
+            ("CONFIG_FILE", "estafeta.toml"),
+            ("CENTRAL_DATABASE_URL", "sqlite://db.sqlite"),
+            ("CENTRAL_API_URL", "https://api.example"),
+        ],
+    );
+    assert_eq!(
+        config.route("create", "audit"),
+        vec!["database".to_string()]
+    );
+    assert_eq!(
+        config.route("create", "patient"),
+        vec!["database".to_string(), "api".to_string()]
+    );
+    assert_eq!(config.key_field("visit"), "visit_no");
+    assert_eq!(config.key_field("patient"), "id");
+}
+
+#[test]
+fn secrets_are_redacted() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(
+        dir.path(),
+        "estafeta.toml",
+        r#"
+[[sinks]]
+name = "partner"
+type = "http"
+url = "https://partner.example"
+token = "file-token-123"
+
+[[sinks.routes]]
+headers = { "X-Api-Key" = "header-secret-456" }
+"#,
+    );
+    let config = load(
+        dir.path(),
+        &[
+            ("CONFIG_FILE", "estafeta.toml"),
+            ("INGEST_TOKEN", "ingest-secret-789"),
+            (
+                "CENTRAL_DATABASE_URL",
+                "postgres://estafeta:db-pass-000@db.example/central",
+            ),
+            ("CENTRAL_API_URL", "https://api.example"),
+            ("CENTRAL_API_TOKEN", "api-token-abc"),
+        ],
+    );
+    let shown = config.redacted();
+    let text = shown
+        .iter()
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for secret in [
+        "file-token-123",
+        "header-secret-456",
+        "ingest-secret-789",
+        "db-pass-000",
+        "api-token-abc",
+    ] {
+        assert!(!text.contains(secret), "{secret} shown:\n{text}");
+    }
+    let get = |key: &str| {
+        shown
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("{key} missing from:\n{text}"))
+    };
+    assert_eq!(get("INGEST_TOKEN"), "***");
+    assert_eq!(get("sinks.api.token"), "***");
+    assert_eq!(get("sinks.partner.token"), "***");
+    assert_eq!(
+        get("sinks.database.url"),
+        "postgres://estafeta:***@db.example/central"
+    );
+    assert!(!format!("{config:?}").contains("ingest-secret-789"));
+
+    // Check-config's view of the raw settings hides them too.
+    let inspection = inspect(
+        dir.path(),
+        &[
+            ("INGEST_TOKEN", "ingest-secret-789"),
+            (
+                "CENTRAL_DATABASE_URL",
+                "postgres://estafeta:db-pass-000@db.example/central",
+            ),
+        ],
+    );
+    let raw = format!("{:?}", inspection.settings);
+    assert!(
+        !raw.contains("ingest-secret-789") && !raw.contains("db-pass-000"),
+        "{raw}"
+    );
+}
+
+#[test]
+fn sizes_durations_and_booleans_are_read() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = load(
+        dir.path(),
+        &[
+            ("STAGING_MAX_BYTES", "2GiB"),
+            ("STAGING_MIN_FREE_BYTES", "500MB"),
+            ("MAX_BODY_BYTES", "1048576"),
+            ("KEEP_DELIVERED_DAYS", "7"),
+            ("FLUSH_ON_WRITE", "No"),
+            ("DRY_RUN", "yes"),
+            ("RETRY_BASE_SECS", "0.5"),
+            ("TZ", "America/Sao_Paulo"),
+        ],
+    );
+    assert_eq!(config.staging_max_bytes, Some(2 << 30));
+    assert_eq!(config.staging_min_free_bytes, 500_000_000);
+    assert_eq!(config.max_body_bytes, 1 << 20);
+    assert_eq!(config.keep_delivered, Duration::from_secs(7 * 86_400));
+    assert!(!config.flush_on_write);
+    assert!(config.dry_run);
+    assert_eq!(config.retry_base, Duration::from_millis(500));
+    assert_eq!(config.tz, Some(chrono_tz::America::Sao_Paulo));
+}
+
+#[test]
+fn a_seed_style_env_file_with_an_unquoted_crontab_is_read() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let absolute = dir.path().join("dados");
+    write(
+        dir.path(),
+        ".env",
+        &format!(
+            "CRONTAB=*/5 * * * * # a cada 5 minutos\nSTAGING_AREA_PATH={}\nIS_ABSOLUTE_STAGING_AREA_PATH=True\nOUTRA_CHAVE=valor\n",
+            absolute.display()
+        ),
+    );
+    let config = load(dir.path(), &[]);
+    assert_eq!(config.crontab, "*/5 * * * *");
+    assert_eq!(config.staging_path, absolute);
+}

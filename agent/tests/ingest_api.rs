@@ -1,0 +1,671 @@
+//! The ingest HTTP API against a real staging store in a temporary folder, driven through
+//! `tower::ServiceExt::oneshot`: every answer the API documents, and for every error, that
+//! nothing was staged.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode, header};
+use estafeta::config::{Config, EntityConfig};
+use estafeta::ingest::{self, IngestState};
+use estafeta_staging::{ListFilter, Options, Staging};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const TOKEN: &str = "s3cret-token";
+
+/// A configuration with no sinks (the store is opened with its own) and small limits.
+fn test_config(root: &std::path::Path) -> Config {
+    Config {
+        sources: vec!["test".into()],
+        crontab: "* * * * *".into(),
+        tz: None,
+        staging_path: root.to_path_buf(),
+        failed_dir: None,
+        staging_max_bytes: None,
+        staging_min_free_bytes: 0,
+        keep_delivered: Duration::ZERO,
+        ingest_addr: "127.0.0.1:0".parse().expect("valid address"),
+        ingest_token: None,
+        max_body_bytes: 4096,
+        flush_on_write: true,
+        max_records: 1000,
+        batch_size: 100,
+        dry_run: false,
+        retry_base: Duration::from_secs(1),
+        retry_max: Duration::from_secs(60),
+        shutdown_grace: Duration::from_secs(5),
+        agent_id: "test-agent".into(),
+        log_dir: None,
+        log_level: "info".into(),
+        sinks: Vec::new(),
+        routes: Vec::new(),
+        entities: BTreeMap::new(),
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: Staging,
+    state: IngestState,
+    app: Router,
+}
+
+fn harness_with(configure: impl FnOnce(&mut Config, &mut Options)) -> Harness {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = test_config(dir.path());
+    let mut options = Options::new(dir.path()).with_sinks(["test"]);
+    options.min_free_bytes = 0;
+    configure(&mut config, &mut options);
+    let (store, _) = Staging::open(options).expect("store opens");
+    let state = IngestState::new(store.clone(), config.into()).expect("state builds");
+    let app = ingest::router(state.clone());
+    Harness {
+        _dir: dir,
+        store,
+        state,
+        app,
+    }
+}
+
+fn harness() -> Harness {
+    harness_with(|_, _| {})
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    text: String,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|err| panic!("answer is not JSON ({err}): {}", self.text))
+    }
+
+    /// Asserts an error answer: status, JSON `{"error", "message"}` and the code.
+    fn assert_error(&self, status: StatusCode, code: &str) {
+        assert_eq!(self.status, status, "{}", self.text);
+        let body = self.json();
+        assert_eq!(body["error"], code, "{}", self.text);
+        let message = body["message"].as_str().expect("message is text");
+        assert!(!message.is_empty());
+        assert_eq!(
+            body.as_object().map(|o| o.len()),
+            Some(2),
+            "only error and message: {body}"
+        );
+        assert_eq!(
+            self.headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+            Some("application/json")
+        );
+    }
+}
+
+impl Harness {
+    async fn send(&self, request: Request<Body>) -> Answer {
+        let response = self
+            .app
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("router is infallible");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body reads");
+        Answer {
+            status,
+            headers,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    async fn post(&self, path: &str, body: &str) -> Answer {
+        self.send(
+            post(path)
+                .body(Body::from(body.to_owned()))
+                .expect("request"),
+        )
+        .await
+    }
+
+    fn pending(&self) -> u64 {
+        self.store.status().expect("status").records_pending
+    }
+
+    fn records(&self) -> Vec<estafeta_staging::RecordInfo> {
+        self.store.list(&ListFilter::default()).expect("list")
+    }
+
+    fn assert_nothing_staged(&self) {
+        assert_eq!(self.pending(), 0);
+        assert!(self.records().is_empty());
+    }
+}
+
+fn post(path: &str) -> axum::http::request::Builder {
+    Request::post(path).header(header::CONTENT_TYPE, "application/json")
+}
+
+#[tokio::test]
+async fn object_is_staged_and_answered_with_id_seq_and_path() {
+    let h = harness();
+    let answer = h
+        .post(
+            "/v1/records/create/patient",
+            r#"{"id": "p-1", "name": "Ana"}"#,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    let body = answer.json();
+    assert!(body["id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert!(body["seq"].as_u64().is_some());
+    let path = body["path"].as_str().expect("path");
+    assert!(std::path::Path::new(path).exists(), "{path}");
+    assert_eq!(h.pending(), 1);
+    let records = h.records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].action, "create");
+    assert_eq!(records[0].entity, "patient");
+    assert_eq!(records[0].key.as_deref(), Some("p-1"));
+    assert_eq!(records[0].id, body["id"].as_str().expect("id"));
+}
+
+#[tokio::test]
+async fn array_is_staged_all_together() {
+    let h = harness();
+    let answer = h
+        .post(
+            "/v1/records/update/patient",
+            r#"[{"id": 1}, {"id": 2}, {"name": "no key"}]"#,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    let body = answer.json();
+    assert_eq!(body["ids"].as_array().map(Vec::len), Some(3));
+    let seqs: Vec<u64> = body["seqs"]
+        .as_array()
+        .expect("seqs")
+        .iter()
+        .map(|s| s.as_u64().expect("number"))
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert_eq!(h.pending(), 3);
+    let keys: Vec<Option<String>> = h.records().into_iter().map(|r| r.key).collect();
+    assert_eq!(keys, vec![Some("1".into()), Some("2".into()), None]);
+}
+
+#[tokio::test]
+async fn record_key_header_overrides_the_key_field() {
+    let h = harness_with(|config, _| {
+        config.entities.insert(
+            "visit".into(),
+            EntityConfig {
+                key_field: Some("visit_no".into()),
+                schema: None,
+            },
+        );
+    });
+    let answer = h
+        .post(
+            "/v1/records/create/visit",
+            r#"{"visit_no": "v-9", "id": "x"}"#,
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    let answer = h
+        .send(
+            post("/v1/records/create/visit")
+                .header("X-Record-Key", "from-header")
+                .body(Body::from(r#"{"visit_no": "v-9"}"#))
+                .expect("request"),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    let keys: Vec<Option<String>> = h.records().into_iter().map(|r| r.key).collect();
+    assert_eq!(keys, vec![Some("v-9".into()), Some("from-header".into())]);
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_the_first_answer_and_refuses_another_body() {
+    let h = harness();
+    let request = |body: &str| {
+        post("/v1/records/create/patient")
+            .header("Idempotency-Key", "req-1")
+            .body(Body::from(body.to_owned()))
+            .expect("request")
+    };
+    let first = h.send(request(r#"{"id": 1}"#)).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.text);
+    assert!(first.headers.get("idempotent-replayed").is_none());
+
+    let again = h.send(request(r#"{"id": 1}"#)).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{}", again.text);
+    assert_eq!(again.json(), first.json());
+    assert_eq!(
+        again
+            .headers
+            .get("idempotent-replayed")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
+    assert_eq!(h.pending(), 1);
+
+    let other = h.send(request(r#"{"id": 2}"#)).await;
+    other.assert_error(StatusCode::CONFLICT, "idempotency_conflict");
+    assert_eq!(h.pending(), 1);
+
+    // The same key on another entity is another request too.
+    let elsewhere = h
+        .send(
+            post("/v1/records/create/visit")
+                .header("Idempotency-Key", "req-1")
+                .body(Body::from(r#"{"id": 1}"#))
+                .expect("request"),
+        )
+        .await;
+    elsewhere.assert_error(StatusCode::CONFLICT, "idempotency_conflict");
+    assert_eq!(h.pending(), 1);
+}
+
+#[tokio::test]
+async fn token_is_required_when_configured() {
+    let h = harness_with(|config, _| config.ingest_token = Some(TOKEN.into()));
+    let body = r#"{"id": 1}"#;
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Basic czNjcmV0LXRva2Vu"),
+        Some("Bearer"),
+    ] {
+        let mut request = post("/v1/records/create/patient");
+        if let Some(auth) = auth {
+            request = request.header(header::AUTHORIZATION, auth);
+        }
+        let answer = h
+            .send(request.body(Body::from(body)).expect("request"))
+            .await;
+        answer.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+        assert_eq!(
+            answer
+                .headers
+                .get(header::WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok()),
+            Some("Bearer")
+        );
+    }
+    // The token is checked before anything else, even a bad name.
+    let answer = h
+        .send(
+            post("/v1/records/_x/patient")
+                .body(Body::from(body))
+                .expect("request"),
+        )
+        .await;
+    answer.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    let status = h
+        .send(
+            Request::get("/v1/status")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await;
+    status.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    h.assert_nothing_staged();
+
+    let answer = h
+        .send(
+            post("/v1/records/create/patient")
+                .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+                .body(Body::from(body))
+                .expect("request"),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    assert_eq!(h.pending(), 1);
+}
+
+#[tokio::test]
+async fn names_outside_the_pattern_are_refused() {
+    let h = harness();
+    let long = "a".repeat(65);
+    for path in [
+        "/v1/records/Create/patient".to_owned(),
+        "/v1/records/create/_failed".to_owned(),
+        "/v1/records/create/pa.tient".to_owned(),
+        "/v1/records/create/%2E%2E".to_owned(),
+        "/v1/records/cr%20eate/patient".to_owned(),
+        format!("/v1/records/create/{long}"),
+    ] {
+        let answer = h.post(&path, r#"{"id": 1}"#).await;
+        answer.assert_error(StatusCode::BAD_REQUEST, "invalid_name");
+    }
+    h.assert_nothing_staged();
+}
+
+#[tokio::test]
+async fn content_type_must_be_json() {
+    let h = harness();
+    let body = r#"{"id": 1}"#;
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let mut request = Request::post("/v1/records/create/patient");
+        if let Some(content_type) = content_type {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        let answer = h
+            .send(request.body(Body::from(body)).expect("request"))
+            .await;
+        answer.assert_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    }
+    h.assert_nothing_staged();
+    let answer = h
+        .send(
+            Request::post("/v1/records/create/patient")
+                .header(header::CONTENT_TYPE, "Application/JSON; charset=utf-8")
+                .body(Body::from(body))
+                .expect("request"),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+}
+
+#[tokio::test]
+async fn body_over_the_limit_is_refused() {
+    let h = harness(); // MAX_BODY_BYTES = 4096
+    let big = format!(r#"{{"id": 1, "blob": "{}"}}"#, "x".repeat(5000));
+    // Declared length over the limit.
+    let answer = h
+        .send(
+            post("/v1/records/create/patient")
+                .header(header::CONTENT_LENGTH, big.len())
+                .body(Body::from(big.clone()))
+                .expect("request"),
+        )
+        .await;
+    answer.assert_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+    // No declared length: cut off while reading, never buffered whole.
+    let answer = h
+        .send(
+            post("/v1/records/create/patient")
+                .body(Body::from(big.clone()))
+                .expect("request"),
+        )
+        .await;
+    answer.assert_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+    h.assert_nothing_staged();
+}
+
+#[tokio::test]
+async fn invalid_json_names_line_and_column() {
+    let h = harness();
+    let answer = h
+        .post("/v1/records/create/patient", "{\"id\": 1,\n  \"name\": }")
+        .await;
+    answer.assert_error(StatusCode::BAD_REQUEST, "invalid_json");
+    let message = answer.json()["message"].as_str().expect("text").to_owned();
+    assert!(message.contains("line 2 column"), "{message}");
+    for body in ["", "{", r#"{"id": 1} trailing"#] {
+        let answer = h.post("/v1/records/create/patient", body).await;
+        answer.assert_error(StatusCode::BAD_REQUEST, "invalid_json");
+    }
+    h.assert_nothing_staged();
+}
+
+#[tokio::test]
+async fn bodies_other_than_objects_are_refused() {
+    let h = harness();
+    for body in [
+        "[]",
+        "3",
+        "null",
+        r#""text""#,
+        "[1, 2]",
+        r#"[{"id": 1}, "x"]"#,
+        "[[]]",
+    ] {
+        let answer = h.post("/v1/records/create/patient", body).await;
+        answer.assert_error(StatusCode::BAD_REQUEST, "invalid_body");
+    }
+    h.assert_nothing_staged();
+}
+
+#[tokio::test]
+async fn schema_violation_names_pointer_and_rule_and_stages_nothing() {
+    let h = harness_with(|config, _| {
+        config.entities.insert(
+            "patient".into(),
+            EntityConfig {
+                key_field: None,
+                schema: Some(json!({
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "age": {"type": "integer", "minimum": 0}
+                    }
+                })),
+            },
+        );
+    });
+    let answer = h
+        .post(
+            "/v1/records/create/patient",
+            r#"{"name": "Ana", "age": -4}"#,
+        )
+        .await;
+    answer.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "schema_violation");
+    let message = answer.json()["message"].as_str().expect("text").to_owned();
+    assert!(message.contains("/age"), "{message}");
+    assert!(message.contains("minimum"), "{message}");
+    assert!(
+        !message.contains("-4"),
+        "the value is not echoed: {message}"
+    );
+
+    // One bad record in an array refuses the whole array.
+    let answer = h
+        .post(
+            "/v1/records/create/patient",
+            r#"[{"name": "Ana"}, {"age": 3}]"#,
+        )
+        .await;
+    answer.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "schema_violation");
+    let message = answer.json()["message"].as_str().expect("text").to_owned();
+    assert!(message.contains("record 1"), "{message}");
+    assert!(message.contains("required"), "{message}");
+    h.assert_nothing_staged();
+
+    // Other entities have no schema; valid records pass.
+    let answer = h.post("/v1/records/create/visit", r#"{"age": -4}"#).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    let answer = h
+        .post("/v1/records/create/patient", r#"{"name": "Ana", "age": 4}"#)
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+    assert_eq!(h.pending(), 2);
+}
+
+#[tokio::test]
+async fn full_staging_answers_507() {
+    let h = harness_with(|_, options| options.max_bytes = Some(10));
+    let answer = h.post("/v1/records/create/patient", r#"{"id": 1}"#).await;
+    answer.assert_error(StatusCode::INSUFFICIENT_STORAGE, "staging_full");
+    assert!(answer.headers.get(header::RETRY_AFTER).is_some());
+    h.assert_nothing_staged();
+    let ready = h
+        .send(
+            Request::get("/readyz")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await;
+    ready.assert_error(StatusCode::SERVICE_UNAVAILABLE, "not_ready");
+}
+
+#[tokio::test]
+async fn shutting_down_answers_503() {
+    let h = harness();
+    h.state.begin_shutdown();
+    let answer = h.post("/v1/records/create/patient", r#"{"id": 1}"#).await;
+    answer.assert_error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down");
+    assert!(answer.headers.get(header::RETRY_AFTER).is_some());
+    h.assert_nothing_staged();
+    let ready = h
+        .send(
+            Request::get("/readyz")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await;
+    ready.assert_error(StatusCode::SERVICE_UNAVAILABLE, "not_ready");
+}
+
+#[tokio::test]
+async fn unknown_paths_and_wrong_methods_answer_json() {
+    let h = harness();
+    let answer = h
+        .send(
+            Request::get("/v1/nothing")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await;
+    answer.assert_error(StatusCode::NOT_FOUND, "not_found");
+    let answer = h.post("/v1/records/create", r#"{"id": 1}"#).await;
+    answer.assert_error(StatusCode::NOT_FOUND, "not_found");
+    let answer = h
+        .send(
+            Request::get("/v1/records/create/patient")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await;
+    answer.assert_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    let answer = h
+        .send(
+            Request::delete("/healthz")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await;
+    answer.assert_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    h.assert_nothing_staged();
+}
+
+#[tokio::test]
+async fn health_ready_status_and_metrics_answer() {
+    let h = harness();
+    let get = |path: &str| Request::get(path).body(Body::empty()).expect("request");
+    let health = h.send(get("/healthz")).await;
+    assert_eq!(
+        (health.status, health.text.as_str()),
+        (StatusCode::OK, "ok")
+    );
+    let ready = h.send(get("/readyz")).await;
+    assert_eq!(ready.status, StatusCode::OK, "{}", ready.text);
+
+    let answer = h
+        .post("/v1/records/create/patient", r#"[{"id": 1}, {"id": 2}]"#)
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED);
+    let answer = h.post("/v1/records/create/patient", "nope").await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+
+    let status = h.send(get("/v1/status")).await;
+    assert_eq!(status.status, StatusCode::OK, "{}", status.text);
+    let status = status.json();
+    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["records_pending"], 2);
+    assert_eq!(status["ingest"]["records_staged"], 2);
+    assert_eq!(status["ingest"]["requests"]["202"], 1);
+    assert_eq!(status["ingest"]["requests"]["400"], 1);
+    assert!(status["uptime_secs"].is_u64());
+
+    let metrics = h.send(get("/metrics")).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert!(
+        metrics
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/plain"))
+    );
+    for line in [
+        "estafeta_records_staged_total 2",
+        "estafeta_ingest_requests_total{code=\"202\"} 1",
+        "estafeta_ingest_requests_total{code=\"400\"} 1",
+        "estafeta_records_pending{sink=\"test\"} 2",
+        "estafeta_records_dead{sink=\"test\"} 0",
+        "estafeta_staging_bytes ",
+    ] {
+        assert!(metrics.text.contains(line), "{line:?} in\n{}", metrics.text);
+    }
+}
+
+#[tokio::test]
+async fn openapi_document_lists_what_the_api_does() {
+    let h = harness();
+    let answer = h
+        .send(
+            Request::get("/v1/openapi.json")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let doc = answer.json();
+    assert!(
+        doc["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.0"))
+    );
+    let paths = doc["paths"].as_object().expect("paths");
+    for (path, item) in paths {
+        for method in item.as_object().expect("methods").keys() {
+            // Every documented path and method exists (a real path for the template).
+            let uri = path
+                .replace("{action}", "create")
+                .replace("{entity}", "patient");
+            let request = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(&uri)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(r#"{"id": 1}"#))
+                .expect("request");
+            let answer = h.send(request).await;
+            let code = answer.status.as_u16().to_string();
+            assert!(
+                item[method]["responses"].get(&code).is_some(),
+                "{method} {path} answered {code}, which the document does not list"
+            );
+        }
+    }
+    let post = &paths["/v1/records/{action}/{entity}"]["post"];
+    for code in [
+        "202", "400", "401", "409", "413", "415", "422", "503", "507",
+    ] {
+        assert!(post["responses"].get(code).is_some(), "{code}");
+    }
+    let headers: Vec<&str> = post["parameters"]
+        .as_array()
+        .expect("parameters")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(headers.contains(&"Idempotency-Key") && headers.contains(&"X-Record-Key"));
+    assert_eq!(
+        doc["components"]["parameters"]["Entity"]["schema"]["pattern"],
+        "^[a-z0-9-][a-z0-9_-]{0,63}$"
+    );
+}

@@ -1,0 +1,280 @@
+//! The MariaDB / MySQL sink against the real MariaDB on 127.0.0.1:3306
+//! (`scripts/start-services`). Never skipped: a missing server fails the tests with a message
+//! saying how to start it.
+
+mod common;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use common::{Count, agent_id, closed_port, delivery};
+use estafeta::sinks::database::{self, DatabaseSinkConfig};
+use estafeta::sinks::{Outcome, Sink};
+use mysql_async::prelude::Queryable;
+use mysql_async::{Conn, Opts};
+use tokio::sync::Mutex;
+
+const URL: &str = "mysql://root@127.0.0.1:3306/test";
+
+/// A direct connection for checking what landed.
+async fn connect_to(url: &str) -> Conn {
+    let opts = Opts::from_url(url).expect("a valid URL");
+    Conn::new(opts).await.unwrap_or_else(|err| {
+        panic!("cannot connect to MariaDB at {url}: {err}; run scripts/start-services to start the test servers")
+    })
+}
+
+fn sink_at(url: &str, agent: &str) -> Arc<dyn Sink> {
+    database::build(
+        "central",
+        DatabaseSinkConfig {
+            url: url.to_owned(),
+            agent_id: agent.to_owned(),
+        },
+    )
+    .expect("a valid MySQL URL")
+}
+
+async fn sink(agent: &str) -> (Arc<dyn Sink>, Arc<Mutex<Conn>>) {
+    let conn = connect_to(URL).await;
+    (sink_at(URL, agent), Arc::new(Mutex::new(conn)))
+}
+
+fn counter(
+    conn: &Arc<Mutex<Conn>>,
+) -> impl Fn(Vec<String>) -> Pin<Box<dyn Future<Output = usize> + Send>> + Sync {
+    let conn = Arc::clone(conn);
+    move |ids| {
+        let conn = Arc::clone(&conn);
+        Box::pin(async move {
+            let mut conn = conn.lock().await;
+            let mut n = 0;
+            // One bound id per query: no SQL built from values, even in tests.
+            for id in ids {
+                let found: Option<i64> = conn
+                    .exec_first(
+                        "SELECT count(*) FROM estafeta_records WHERE idempotency_key = ?",
+                        (id,),
+                    )
+                    .await
+                    .expect("count rows");
+                n += usize::try_from(found.unwrap_or(0)).expect("a count");
+            }
+            n
+        })
+    }
+}
+
+#[tokio::test]
+async fn conformance_batch_lands_once_and_resend_changes_nothing() {
+    let (sink, conn) = sink(&agent_id()).await;
+    let count = counter(&conn);
+    let count: Count<'_> = &count;
+    common::assert_batch_lands_once_and_resend_changes_nothing(sink.as_ref(), count, "patient")
+        .await;
+}
+
+#[tokio::test]
+async fn rows_hold_the_envelope_and_the_payload_in_utc() {
+    let agent = agent_id();
+    let (sink, conn) = sink(&agent).await;
+    let batch = vec![
+        delivery(
+            "upsert",
+            "patient",
+            Some("p/1 ç"),
+            r#"{"nome":"João","idade":41}"#,
+        ),
+        delivery("create", "event", None, r#"[1,"dois"]"#),
+    ];
+    assert_eq!(sink.deliver(&batch).await, vec![Outcome::Delivered; 2]);
+    let mut conn = conn.lock().await;
+    for record in &batch {
+        let e = &record.envelope;
+        type Row = (String, i64, String, String, Option<String>, String, String);
+        let row: Row = conn
+            .exec_first(
+                "SELECT agent_id, seq, action, entity, record_key, payload, \
+                 DATE_FORMAT(staged_at, '%Y-%m-%dT%H:%i:%s.%fZ') \
+                 FROM estafeta_records WHERE idempotency_key = ?",
+                (e.id.as_str(),),
+            )
+            .await
+            .expect("query the row")
+            .expect("the row");
+        assert_eq!(row.0, agent);
+        assert_eq!(row.1, i64::try_from(e.seq).expect("small"));
+        assert_eq!(
+            (row.2.as_str(), row.3.as_str()),
+            (e.action.as_str(), e.entity.as_str())
+        );
+        assert_eq!(row.4, e.key);
+        assert_eq!(
+            row.5,
+            e.payload.get(),
+            "MariaDB keeps the JSON text as given"
+        );
+        assert_eq!(
+            row.6, e.staged_at,
+            "staged_at is stored in UTC with microseconds"
+        );
+    }
+}
+
+#[tokio::test]
+async fn conformance_a_value_too_long_is_dead_alone() {
+    let (sink, conn) = sink(&agent_id()).await;
+    let count = counter(&conn);
+    let bad = delivery("create", &"e".repeat(65), Some("1"), "{}");
+    let reason =
+        common::assert_only_the_refused_record_is_dead(sink.as_ref(), &count, "patient", bad).await;
+    assert!(reason.starts_with("MySQL 1406"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_key_too_long_is_dead_alone() {
+    let (sink, conn) = sink(&agent_id()).await;
+    let count = counter(&conn);
+    let bad = delivery("update", "patient", Some(&"k".repeat(513)), "{}");
+    let reason =
+        common::assert_only_the_refused_record_is_dead(sink.as_ref(), &count, "visit", bad).await;
+    assert!(reason.contains("record_key"), "{reason}");
+}
+
+#[tokio::test]
+async fn conformance_connection_refused_retries_everything_without_the_password() {
+    for scheme in ["mysql", "mariadb"] {
+        let url = format!(
+            "{scheme}://root:Pa55w0rd-x@127.0.0.1:{}/test",
+            closed_port()
+        );
+        let sink = sink_at(&url, &agent_id());
+        let error =
+            common::assert_unreachable_sink_retries_everything(sink.as_ref(), &["Pa55w0rd-x"])
+                .await;
+        assert!(
+            error.contains(&format!("{scheme}://root:***@127.0.0.1:")),
+            "{error}"
+        );
+        let err = sink.probe().await.expect_err("nothing listens there");
+        assert!(!format!("{err:#}").contains("Pa55w0rd-x"), "{err:#}");
+    }
+}
+
+#[tokio::test]
+async fn probe_reaches_the_database() {
+    let (sink, _conn) = sink(&agent_id()).await;
+    sink.probe().await.expect("MariaDB answers SELECT 1");
+}
+
+#[tokio::test]
+async fn migrations_run_once_even_when_agents_start_together() {
+    // A fresh database, so the migrations really run, by four sinks at once.
+    let mut admin = connect_to(URL).await;
+    let db = format!("estafeta_test_{}", uuid::Uuid::now_v7().simple());
+    admin
+        .query_drop(format!("CREATE DATABASE {db}"))
+        .await
+        .expect("create a scratch database");
+    let url = format!("mysql://root@127.0.0.1:3306/{db}");
+
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let sink = sink_at(&url, &agent_id());
+            let batch = vec![delivery("create", "patient", None, "{}")];
+            tokio::spawn(async move { sink.deliver(&batch).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.expect("the task ran"));
+    }
+    let mut conn = connect_to(&url).await;
+    let applied: Vec<(i64, String)> = conn
+        .query("SELECT version, name FROM estafeta_schema_migrations")
+        .await
+        .expect("the migrations table");
+    let rows: Option<i64> = conn
+        .query_first("SELECT count(*) FROM estafeta_records")
+        .await
+        .expect("count");
+    drop(conn);
+    admin
+        .query_drop(format!("DROP DATABASE {db}"))
+        .await
+        .expect("drop the scratch database");
+
+    for o in outcomes {
+        assert_eq!(o, vec![Outcome::Delivered]);
+    }
+    assert_eq!(applied, vec![(1, "0001_landing".to_owned())]);
+    assert_eq!(rows, Some(4));
+}
+
+#[tokio::test]
+async fn a_killed_connection_is_replaced_before_the_next_batch() {
+    // A scratch database, so the sink's connection is the only one using it.
+    let mut admin = connect_to(URL).await;
+    let db = format!("estafeta_test_{}", uuid::Uuid::now_v7().simple());
+    admin
+        .query_drop(format!("CREATE DATABASE {db}"))
+        .await
+        .expect("create a scratch database");
+    let url = format!("mysql://root@127.0.0.1:3306/{db}");
+    let sink = sink_at(&url, &agent_id());
+
+    let first = sink
+        .deliver(&[delivery("create", "patient", Some("1"), "{}")])
+        .await;
+    let ids: Vec<u64> = admin
+        .exec(
+            "SELECT id FROM information_schema.processlist WHERE db = ?",
+            (db.as_str(),),
+        )
+        .await
+        .expect("find the sink's connection");
+    for id in &ids {
+        admin
+            .query_drop(format!("KILL {id}"))
+            .await
+            .expect("kill the sink's connection");
+    }
+    let second = sink
+        .deliver(&[delivery("create", "patient", Some("2"), "{}")])
+        .await;
+    let rows: Option<i64> = admin
+        .query_first(format!("SELECT count(*) FROM {db}.estafeta_records"))
+        .await
+        .expect("count");
+    admin
+        .query_drop(format!("DROP DATABASE {db}"))
+        .await
+        .expect("drop the scratch database");
+
+    assert_eq!(first, vec![Outcome::Delivered]);
+    assert_eq!(ids.len(), 1, "one connection per sink");
+    assert_eq!(
+        second,
+        vec![Outcome::Delivered],
+        "the dead connection was noticed and replaced"
+    );
+    assert_eq!(rows, Some(2));
+}
+
+#[tokio::test]
+async fn dry_run_names_the_row_but_not_the_payload() {
+    let sink = sink_at("mariadb://u:hunter22@db.example/central", "a");
+    let record = delivery("create", "patient", Some("1"), r#"{"nome":"Segredo"}"#);
+    let lines = sink.dry_run(std::slice::from_ref(&record));
+    assert_eq!(lines.len(), 1);
+    let line = &lines[0];
+    assert!(
+        line.contains(&record.envelope.id) && line.contains("seq="),
+        "{line}"
+    );
+    assert!(
+        !line.contains("Segredo") && !line.contains("hunter22"),
+        "{line}"
+    );
+}

@@ -1,0 +1,199 @@
+//! Stage throughput and time to acknowledge, with 1 KB payloads:
+//! 1, 16 and 64 concurrent stagers × batches of 1 and 256 records; p99 at a steady
+//! 1,000 records/s; and the open time and memory with a large backlog.
+//!
+//! Run: `cargo bench -p estafeta-staging --bench stage` (set `STAGE_BENCH_BACKLOG=1000000`
+//! for the full backlog figure; `STAGE_BENCH_DIR` to measure another disk).
+
+use estafeta_staging::*;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+fn payload() -> String {
+    // 1 KB of JSON, shaped like a patient record.
+    let filler = "x".repeat(1024 - 80);
+    format!(r#"{{"id":1,"nome":"Maria da Silva","cpf":"12345678900","obs":"{filler}"}}"#)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn base_dir() -> tempfile::TempDir {
+    match std::env::var("STAGE_BENCH_DIR") {
+        Ok(d) => tempfile::tempdir_in(d).unwrap(),
+        Err(_) => tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap(),
+    }
+}
+
+fn open(root: &std::path::Path) -> Staging {
+    let mut opts = Options::new(root).with_sinks(["db"]);
+    opts.min_free_bytes = 0;
+    Staging::open(opts).unwrap().0
+}
+
+fn throughput(stagers: usize, batch: usize, duration: Duration) {
+    let dir = base_dir();
+    let store = open(dir.path());
+    let body = payload();
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..stagers)
+        .map(|t| {
+            let (store, stop, count, body) =
+                (store.clone(), stop.clone(), count.clone(), body.clone());
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let records = (0..batch)
+                        .map(|i| {
+                            n += 1;
+                            let key = format!("{t}-{}", (n + i) % 1000);
+                            NewRecord::new("create", "patient", Some(key), &body).unwrap()
+                        })
+                        .collect();
+                    let t0 = Instant::now();
+                    store.stage_batch(records, None).unwrap();
+                    lat.push(t0.elapsed());
+                    count.fetch_add(batch as u64, Ordering::Relaxed);
+                }
+                lat
+            })
+        })
+        .collect();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut lat: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort();
+    let n = count.load(Ordering::Relaxed);
+    println!(
+        "| {stagers:>3} | {batch:>4} | {:>9.0} | {:>8.2} | {:>8.2} | {:>8.2} |",
+        n as f64 / secs,
+        percentile(&lat, 0.50).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3,
+        lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+}
+
+fn steady_rate(rate: u64, duration: Duration) {
+    let dir = base_dir();
+    let store = open(dir.path());
+    let body = payload();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    let mut next = start;
+    let mut i = 0u64;
+    while start.elapsed() < duration {
+        let now = Instant::now();
+        if now < next {
+            std::thread::sleep(next - now);
+        }
+        i += 1;
+        let r = NewRecord::new("create", "patient", Some((i % 500).to_string()), &body).unwrap();
+        let t0 = Instant::now();
+        store.stage(r).unwrap();
+        lat.push(t0.elapsed());
+        next += interval;
+    }
+    lat.sort();
+    println!(
+        "steady {rate} records/s for {:?}: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} records)",
+        duration,
+        percentile(&lat, 0.50).as_secs_f64() * 1e3,
+        percentile(&lat, 0.99).as_secs_f64() * 1e3,
+        lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        lat.len()
+    );
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn backlog(n: u64) {
+    let dir = base_dir();
+    {
+        let store = open(dir.path());
+        let body = payload();
+        let mut staged = 0;
+        while staged < n {
+            let batch = 1000.min(n - staged);
+            let records = (0..batch)
+                .map(|i| {
+                    NewRecord::new(
+                        "create",
+                        "patient",
+                        Some(((staged + i) % 50_000).to_string()),
+                        &body,
+                    )
+                    .unwrap()
+                })
+                .collect();
+            store.stage_batch(records, None).unwrap();
+            staged += batch;
+        }
+    }
+    let rss_before = rss_kib();
+    let t0 = Instant::now();
+    let store = open(dir.path());
+    let open_time = t0.elapsed();
+    let t1 = Instant::now();
+    let batch = store.next_batch("db", 500).unwrap();
+    let first_batch = t1.elapsed();
+    let status = store.status().unwrap();
+    println!(
+        "backlog {n}: open {:.0} ms, first next_batch(500) {:.1} ms ({} records), status pending {}, RSS {} MiB (before open {} MiB)",
+        open_time.as_secs_f64() * 1e3,
+        first_batch.as_secs_f64() * 1e3,
+        batch.len(),
+        status.records_pending,
+        rss_kib() / 1024,
+        rss_before / 1024
+    );
+}
+
+fn main() {
+    // `cargo test --benches` runs this with `--bench` absent: keep that run short.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let secs = if quick { 0.3 } else { 3.0 };
+    let d = Duration::from_secs_f64(secs);
+    println!("| stagers | batch | records/s | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|");
+    for stagers in [1, 16, 64] {
+        for batch in [1, 256] {
+            throughput(stagers, batch, d);
+        }
+    }
+    steady_rate(
+        1000,
+        if quick {
+            Duration::from_millis(300)
+        } else {
+            Duration::from_secs(10)
+        },
+    );
+    let n = std::env::var("STAGE_BENCH_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 2_000 } else { 100_000 });
+    backlog(n);
+}

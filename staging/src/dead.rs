@@ -1,0 +1,234 @@
+//! Dead letters and damaged records. A record a sink refused for good gets one readable JSON
+//! file under `<failed>/<action>/<entity>/<yyyy>/<mm>/<dd>/`, holding the envelope, the sink,
+//! the reason and the attempts; `requeue` puts it back in line with its original sequence
+//! number. Bytes the store cannot trust (bad checksum, cut files) go to `<failed>/_damaged/`
+//! with the reason, and stop holding back the records after them.
+
+use chrono::Utc;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+use crate::api_types::DeadLetter;
+use crate::error::StoreError;
+use crate::layout;
+use crate::record::Envelope;
+use crate::store::{Shared, Staging};
+
+/// The content of a dead-letter file.
+#[derive(Serialize, Deserialize)]
+struct DeadLetterFile {
+    sink: String,
+    reason: String,
+    attempts: u32,
+    failed_at: String,
+    segment: String,
+    record: Envelope,
+}
+
+/// `<failed>/<action>/<entity>/<yyyy>/<mm>/<dd>/<staged>-<seq>-<sink>.json`, from the record's
+/// staged date, so the same record and sink always map to the same file.
+fn dead_letter_path(failed_dir: &Path, env: &Envelope, sink: &str) -> PathBuf {
+    let staged = chrono::DateTime::parse_from_rfc3339(&env.staged_at)
+        .map(|d| d.with_timezone(&Utc))
+        .unwrap_or_else(|_| Utc::now());
+    failed_dir
+        .join(layout::day_dir(&env.action, &env.entity, staged))
+        .join(format!(
+            "{}-{:016}-{sink}.json",
+            staged.format("%Y%m%dT%H%M%S%.6fZ"),
+            env.seq
+        ))
+}
+
+/// Marks (sink, seq) dead and writes its dead letter.
+pub fn kill(store: &Staging, sink: &str, seq: u64, reason: &str) -> Result<PathBuf, StoreError> {
+    let (env, info) = store.get(&seq.to_string())?;
+    let attempts = info
+        .sinks
+        .iter()
+        .find(|s| s.sink == sink)
+        .map(|s| s.attempts + 1)
+        .unwrap_or(1);
+    let path = dead_letter_path(store.failed_dir(), &env, sink);
+    let letter = DeadLetterFile {
+        sink: sink.to_string(),
+        reason: reason.to_string(),
+        attempts,
+        failed_at: layout::rfc3339(Utc::now()),
+        segment: layout::rel_string(store.root(), &info.path),
+        record: env,
+    };
+    let mut bytes = serde_json::to_vec_pretty(&letter).expect("dead letters serialize");
+    bytes.push(b'\n');
+    // The file first: if we crash before the index update, the record is simply retried.
+    layout::write_file_durable(&path, &bytes).map_err(|e| StoreError::io("write", &path, e))?;
+    store.db().execute(
+        "UPDATE deliveries SET state = 'dead', attempts = ?1, last_error = ?2, lease_until = 0
+          WHERE sink = ?3 AND seq = ?4",
+        params![attempts, reason, sink, seq as i64],
+    )?;
+    Ok(path)
+}
+
+/// Puts a dead (sink, seq) back to pending and removes its dead letter.
+pub fn requeue(store: &Staging, sink: &str, seq: u64) -> Result<(), StoreError> {
+    let (env, _) = store.get(&seq.to_string())?;
+    let changed = store.db().execute(
+        "UPDATE deliveries SET state = 'pending', attempts = 0, next_at = 0, lease_until = 0, last_error = NULL
+          WHERE sink = ?1 AND seq = ?2 AND state = 'dead'",
+        params![sink, seq as i64],
+    )?;
+    if changed == 0 {
+        return Err(StoreError::NotFound(format!(
+            "{seq} as a dead letter of sink {sink:?}"
+        )));
+    }
+    let path = dead_letter_path(store.failed_dir(), &env, sink);
+    layout::remove_file_durable(&path).map_err(|e| StoreError::io("remove", &path, e))?;
+    if let Some(dir) = path.parent() {
+        layout::prune_empty_dirs(store.failed_dir(), dir);
+    }
+    Ok(())
+}
+
+fn parse_letter(path: &Path) -> Option<DeadLetterFile> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Every dead letter under `failed_dir`, oldest record first.
+pub fn list(failed_dir: &Path, limit: Option<usize>) -> Result<Vec<DeadLetter>, StoreError> {
+    let files =
+        layout::walk_day_files(failed_dir).map_err(|e| StoreError::io("read", failed_dir, e))?;
+    let mut out: Vec<DeadLetter> = files
+        .iter()
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("json"))
+        .filter_map(|p| {
+            let l = parse_letter(p)?;
+            Some(DeadLetter {
+                path: p.clone(),
+                id: l.record.id,
+                seq: l.record.seq,
+                sink: l.sink,
+                action: l.record.action,
+                entity: l.record.entity,
+                key: l.record.key,
+                reason: l.reason,
+                attempts: l.attempts,
+                failed_at: l.failed_at,
+            })
+        })
+        .collect();
+    out.sort_by_key(|d| (d.seq, d.sink.clone()));
+    if let Some(limit) = limit {
+        out.truncate(limit);
+    }
+    Ok(out)
+}
+
+/// After a rebuild: the dead letters in the folder say which deliveries are dead.
+pub fn apply_dead_letters(shared: &Shared, conn: &Connection) -> Result<(), StoreError> {
+    for letter in list(&shared.failed_dir, None)? {
+        conn.execute(
+            "UPDATE deliveries SET state = 'dead', attempts = ?1, last_error = ?2 WHERE sink = ?3 AND seq = ?4",
+            params![letter.attempts, letter.reason, letter.sink, letter.seq as i64],
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes damaged bytes found in a segment to `<failed>/_damaged/`, with the reason.
+pub fn write_damaged(
+    shared: &Shared,
+    segment: &Path,
+    offset: u64,
+    bytes: &[u8],
+    reason: &str,
+) -> Result<PathBuf, StoreError> {
+    let rel = layout::rel_string(&shared.root, segment).replace('/', "_");
+    let path = shared
+        .failed_dir
+        .join(layout::DAMAGED_DIR)
+        .join(format!("{rel}.at-{offset:012}.json"));
+    let doc = serde_json::json!({
+        "segment": layout::rel_string(&shared.root, segment),
+        "offset": offset,
+        "reason": reason,
+        "moved_at": layout::rfc3339(Utc::now()),
+        "bytes": String::from_utf8_lossy(bytes),
+    });
+    let mut out = serde_json::to_vec_pretty(&doc).expect("json serializes");
+    out.push(b'\n');
+    layout::write_file_durable(&path, &out).map_err(|e| StoreError::io("write", &path, e))?;
+    Ok(path)
+}
+
+/// Sets an indexed record aside as damaged: its bytes go to `_damaged/` as far as they can be
+/// read, and it stops holding back the later records of its key. Runs in the caller's
+/// transaction.
+pub fn set_aside_record(
+    shared: &Shared,
+    conn: &Connection,
+    seq: u64,
+    segment: &Path,
+    reason: &str,
+) -> Result<PathBuf, StoreError> {
+    let row: Option<(i64, i64, String, String, Option<String>, String)> = conn
+        .query_row(
+            "SELECT offset, len, id, entity, key, sinks FROM records WHERE seq = ?1",
+            [seq as i64],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((offset, len, id, entity, key, sinks)) = row else {
+        return Err(StoreError::NotFound(seq.to_string()));
+    };
+    let bytes = read_some(segment, offset as u64, len as u64);
+    let note = format!(
+        "{reason} (record seq {seq}, id {id}, entity {entity}, key {}, sinks {sinks})",
+        key.as_deref().unwrap_or("-")
+    );
+    let to = write_damaged(shared, segment, offset as u64, &bytes, &note)?;
+    conn.execute("DELETE FROM deliveries WHERE seq = ?1", [seq as i64])?;
+    conn.execute(
+        "UPDATE records SET open_sinks = 0, sinks = '', delivered_at = NULL WHERE seq = ?1",
+        [seq as i64],
+    )?;
+    tracing::error!(seq, id = %id, reason = %reason, moved_to = %to.display(), "A staged record is damaged on disk and was moved aside.");
+    Ok(to)
+}
+
+fn read_some(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut buf = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path)
+        && f.seek(SeekFrom::Start(offset)).is_ok()
+    {
+        let _ = f.take(len).read_to_end(&mut buf);
+    }
+    buf
+}
+
+/// A record found damaged while reading it for delivery.
+pub fn move_damaged_record(
+    store: &Staging,
+    seq: u64,
+    segment: &Path,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let mut db = store.db();
+    let tx = db.transaction()?;
+    set_aside_record(store.shared(), &tx, seq, segment, reason)?;
+    tx.commit()?;
+    Ok(())
+}

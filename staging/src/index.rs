@@ -1,0 +1,169 @@
+//! The SQLite index: which records exist, where their bytes are, and their delivery state per
+//! sink. It is a cache of the folder plus delivery state; `reindex` rebuilds it from the folder.
+
+use rusqlite::{Connection, OpenFlags, params};
+use std::path::Path;
+use std::time::Duration;
+
+/// How long a connection waits for another process's write before giving up. Long, because a
+/// reader must never fail with "database is locked" while the daemon flushes.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(60);
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS segments (
+    id          INTEGER PRIMARY KEY,
+    path        TEXT NOT NULL UNIQUE,      -- relative to the staging root, '/' separated
+    indexed_len INTEGER NOT NULL,          -- bytes of the file the index has read
+    sealed      INTEGER NOT NULL DEFAULT 0,-- no process appends to it any more
+    deleting    INTEGER NOT NULL DEFAULT 0 -- cleanup decided to delete it
+);
+CREATE TABLE IF NOT EXISTS records (
+    seq          INTEGER PRIMARY KEY,
+    id           TEXT NOT NULL UNIQUE,
+    segment_id   INTEGER NOT NULL,
+    offset       INTEGER NOT NULL,
+    len          INTEGER NOT NULL,
+    action       TEXT NOT NULL,
+    entity       TEXT NOT NULL,
+    key          TEXT,
+    staged_at    TEXT NOT NULL,
+    sinks        TEXT NOT NULL,            -- comma-separated sink names
+    open_sinks   INTEGER NOT NULL,         -- sinks that have not confirmed it yet
+    delivered_at INTEGER                   -- unix seconds, when the last sink confirmed it
+);
+CREATE INDEX IF NOT EXISTS records_by_segment ON records(segment_id, open_sinks);
+CREATE INDEX IF NOT EXISTS records_open ON records(open_sinks, seq);
+CREATE TABLE IF NOT EXISTS deliveries (
+    sink        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    entity      TEXT NOT NULL,
+    okey        TEXT NOT NULL,             -- 'k:' || key, or '' for keyless records
+    state       TEXT NOT NULL,             -- pending | in_flight | dead (delivered rows are deleted)
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     INTEGER NOT NULL DEFAULT 0,-- unix ms: not before
+    lease_until INTEGER NOT NULL DEFAULT 0,-- unix ms: in_flight lease end
+    lease_owner TEXT,                      -- the process holding the lease (see leases.rs)
+    last_error  TEXT,
+    PRIMARY KEY (sink, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_by_key ON deliveries(sink, entity, okey, seq);
+CREATE TABLE IF NOT EXISTS client_keys (
+    key         TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    receipts    TEXT NOT NULL,             -- JSON array of receipts, the first answer
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sinks (
+    name            TEXT PRIMARY KEY,
+    last_success_at TEXT,
+    last_failure_at TEXT,
+    last_error      TEXT
+);
+"#;
+
+/// Opens (creating) the index. `durable`: synchronous=FULL (deliveries, cleanup); otherwise
+/// NORMAL, used only by the writer, whose records are already fsync'd in their segment and
+/// re-read from it after a power cut.
+pub fn open(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
+    conn.execute_batch(SCHEMA)?;
+    #[cfg(unix)]
+    restrict_permissions(path);
+    Ok(conn)
+}
+
+#[cfg(unix)]
+fn restrict_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+/// Checks the index can be trusted; the error says why not.
+pub fn check(conn: &Connection) -> Result<(), String> {
+    let verdict: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if verdict != "ok" {
+        return Err(format!("integrity check failed: {verdict}"));
+    }
+    conn.query_row("SELECT COUNT(*) FROM segments", [], |r| r.get::<_, i64>(0))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+pub fn meta_get(conn: &Connection, k: &str) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    conn.query_row("SELECT v FROM meta WHERE k = ?1", [k], |r| r.get(0))
+        .optional()
+}
+
+pub fn meta_set(conn: &Connection, k: &str, v: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
+        params![k, v],
+    )?;
+    Ok(())
+}
+
+/// Ordering group of a record: its key, or the whole entity for keyless records.
+pub fn order_key(key: Option<&str>) -> String {
+    match key {
+        Some(k) => format!("k:{k}"),
+        None => String::new(),
+    }
+}
+
+/// Inserts one record and its deliveries. Idempotent: a record already indexed (another
+/// process rebuilt the index concurrently) is left as it is.
+#[allow(clippy::too_many_arguments)]
+pub fn insert_record(
+    conn: &Connection,
+    env: &crate::record::Envelope,
+    segment_id: i64,
+    offset: u64,
+    len: u64,
+) -> rusqlite::Result<bool> {
+    let sinks = env.sinks.join(",");
+    let inserted = conn
+        .prepare_cached(
+            "INSERT OR IGNORE INTO records (seq, id, segment_id, offset, len, action, entity, key, staged_at, sinks, open_sinks)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?
+        .execute(params![
+            env.seq as i64,
+            env.id,
+            segment_id,
+            offset as i64,
+            len as i64,
+            env.action,
+            env.entity,
+            env.key,
+            env.staged_at,
+            sinks,
+            env.sinks.len() as i64
+        ])?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    let okey = order_key(env.key.as_deref());
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR IGNORE INTO deliveries (sink, seq, entity, okey, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
+    )?;
+    for sink in &env.sinks {
+        stmt.execute(params![sink, env.seq as i64, env.entity, okey])?;
+    }
+    Ok(true)
+}

@@ -1,0 +1,593 @@
+//! The writer: one thread per process that turns stage requests into durable records with
+//! group commit. Requests queue on a channel; the writer takes every request waiting, appends
+//! their lines to the segment files, makes each touched file durable with one fdatasync, indexes
+//! them, and only then answers every caller in the group. Concurrent stagers share one flush;
+//! no request is answered before its own flush.
+//!
+//! Across processes (the daemon and a CLI `stage`), sequence numbers come from `_state/seq`,
+//! read and advanced under an exclusive file lock that is held until the group is indexed, so
+//! a record is never visible to a deliverer before the records numbered below it.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, TransactionBehavior, params};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::time::Instant;
+
+use crate::error::StageError;
+use crate::layout;
+use crate::record::{ClientKey, Envelope, FORMAT_VERSION, Receipt, Staged};
+use crate::segment;
+use crate::store::Shared;
+
+/// Most records one group commit takes before flushing.
+const MAX_GROUP_RECORDS: usize = 4096;
+/// A segment idle this long with every record delivered is closed so cleanup can delete it.
+const DRAINED_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A record validated by the caller's thread, ready to be numbered and written.
+pub struct Prepared {
+    pub action: String,
+    pub entity: String,
+    pub key: Option<String>,
+    pub payload: Box<serde_json::value::RawValue>,
+    pub sinks: Vec<String>,
+}
+
+pub struct StageRequest {
+    pub records: Vec<Prepared>,
+    pub client_key: Option<ClientKey>,
+    pub reply: SyncSender<Result<Staged, StageError>>,
+}
+
+pub enum Message {
+    Stage(StageRequest),
+    /// Close active segments whose records are all delivered (cleanup asks before deleting).
+    SealDrained(SyncSender<()>),
+}
+
+struct ActiveSegment {
+    file: File,
+    path: PathBuf,
+    id: i64,
+    len: u64,
+    day: (i32, u32, u32),
+    last_write: Instant,
+}
+
+pub struct Writer {
+    shared: Arc<Shared>,
+    conn: Connection,
+    seq_file: File,
+    active: HashMap<(String, String), ActiveSegment>,
+}
+
+/// Opens `_state/seq`, the cross-process sequence counter and lock.
+pub fn open_seq_file(state_dir: &Path) -> std::io::Result<File> {
+    layout::private_file()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(state_dir.join("seq"))
+}
+
+/// Reads the last sequence number handed out (0 for a new store).
+pub fn read_seq(f: &mut File) -> std::io::Result<u64> {
+    let mut s = String::new();
+    f.seek(SeekFrom::Start(0))?;
+    f.read_to_string(&mut s)?;
+    Ok(s.trim().parse().unwrap_or(0))
+}
+
+/// Writes the last sequence number handed out. Not fsync'd: after a power cut the store
+/// recomputes it from the segments and the index on open.
+pub fn write_seq(f: &mut File, seq: u64) -> std::io::Result<()> {
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(format!("{seq:020}\n").as_bytes())
+}
+
+impl Writer {
+    pub fn new(shared: Arc<Shared>, conn: Connection, seq_file: File) -> Self {
+        Self {
+            shared,
+            conn,
+            seq_file,
+            active: HashMap::new(),
+        }
+    }
+
+    pub fn run(mut self, rx: Receiver<Message>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = Vec::new();
+            let mut seal_waiters = Vec::new();
+            let mut count = 0;
+            let mut next = Some(first);
+            while let Some(msg) = next.take() {
+                match msg {
+                    Message::Stage(req) => {
+                        count += req.records.len();
+                        group.push(req);
+                    }
+                    Message::SealDrained(reply) => seal_waiters.push(reply),
+                }
+                if count < MAX_GROUP_RECORDS {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if !group.is_empty() {
+                self.commit_group(group);
+            }
+            if !seal_waiters.is_empty() {
+                if let Err(err) = self.seal_drained() {
+                    tracing::warn!(error = %err, "Could not close drained segment files; will retry at the next cleanup.");
+                }
+                for w in seal_waiters {
+                    let _ = w.send(());
+                }
+            }
+        }
+    }
+
+    fn commit_group(&mut self, group: Vec<StageRequest>) {
+        if let Some(reason) = self.shared.poisoned() {
+            for req in group {
+                let _ = req.reply.send(Err(StageError::Poisoned(reason.clone())));
+            }
+            return;
+        }
+        if let Err(err) = self.seq_file.lock() {
+            let err = StageError::Io {
+                path: self.shared.state_dir.join("seq"),
+                source: err,
+            };
+            reply_all(group, &err);
+            return;
+        }
+        let result = self.commit_locked(group);
+        let _ = self.seq_file.unlock();
+        // Answer only now: every record of the group is durable and indexed.
+        for (reply, answer) in result {
+            let _ = reply.send(answer);
+        }
+    }
+
+    /// Numbers, writes, syncs and indexes the group; returns each request's answer.
+    #[allow(clippy::type_complexity)]
+    fn commit_locked(
+        &mut self,
+        group: Vec<StageRequest>,
+    ) -> Vec<(
+        SyncSender<Result<Staged, StageError>>,
+        Result<Staged, StageError>,
+    )> {
+        let mut answers = Vec::with_capacity(group.len());
+        match self.try_commit(group, &mut answers) {
+            Ok(()) => answers,
+            Err((err, pending)) => {
+                // Nothing of the group was acknowledged; the store stops accepting writes.
+                let reason = err.to_string();
+                tracing::error!(error = %reason, "Staging write failed; refusing further writes until restart.");
+                self.shared.poison(reason.clone());
+                let mut out: Vec<_> = answers;
+                for reply in pending {
+                    out.push((reply, Err(StageError::Poisoned(reason.clone()))));
+                }
+                out
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn try_commit(
+        &mut self,
+        group: Vec<StageRequest>,
+        answers: &mut Vec<(
+            SyncSender<Result<Staged, StageError>>,
+            Result<Staged, StageError>,
+        )>,
+    ) -> Result<(), (StageError, Vec<SyncSender<Result<Staged, StageError>>>)> {
+        let now = Utc::now();
+        let staged_at = layout::rfc3339(now);
+        let Writer {
+            shared,
+            conn,
+            seq_file,
+            active,
+        } = self;
+        let root = shared.root.clone();
+
+        let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(e) => {
+                let pending = group.into_iter().map(|r| r.reply).collect();
+                return Err((StageError::Store(e.into()), pending));
+            }
+        };
+
+        let mut last_seq = match read_seq(seq_file) {
+            Ok(s) => s,
+            Err(e) => {
+                let pending = group.into_iter().map(|r| r.reply).collect();
+                return Err((
+                    StageError::Io {
+                        path: shared.state_dir.join("seq"),
+                        source: e,
+                    },
+                    pending,
+                ));
+            }
+        };
+        let staged_bytes: u64 = tx
+            .query_row(
+                "SELECT COALESCE(SUM(indexed_len), 0) FROM segments WHERE deleting = 0",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .unwrap_or(0) as u64;
+        let free = fs4::available_space(&root).ok();
+
+        // Phase 1: decide each request, number the accepted ones and encode their lines.
+        struct Accepted {
+            reply: SyncSender<Result<Staged, StageError>>,
+            envelopes: Vec<Envelope>,
+            lines: Vec<Vec<u8>>,
+            client_key: Option<ClientKey>,
+        }
+        let mut accepted: Vec<Accepted> = Vec::new();
+        let mut group_bytes = 0u64;
+        let mut keys_in_group: HashMap<String, (String, usize)> = HashMap::new();
+        let mut replays: Vec<(SyncSender<Result<Staged, StageError>>, usize)> = Vec::new();
+        for req in group {
+            if let Some(ck) = &req.client_key {
+                match lookup_client_key(&tx, &ck.key) {
+                    Ok(Some((fp, receipts))) => {
+                        let answer = if fp == ck.fingerprint {
+                            Ok(Staged::Replayed(receipts))
+                        } else {
+                            Err(StageError::Conflict(ck.key.clone()))
+                        };
+                        answers.push((req.reply, answer));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        answers.push((req.reply, Err(StageError::Store(e.into()))));
+                        continue;
+                    }
+                }
+                if let Some((fp, idx)) = keys_in_group.get(&ck.key) {
+                    if *fp == ck.fingerprint {
+                        replays.push((req.reply, *idx));
+                    } else {
+                        answers.push((req.reply, Err(StageError::Conflict(ck.key.clone()))));
+                    }
+                    continue;
+                }
+            }
+            let estimate: u64 = req
+                .records
+                .iter()
+                .map(|r| r.payload.get().len() as u64 + 320)
+                .sum();
+            if let Some(max) = shared.opts.max_bytes
+                && staged_bytes + group_bytes + estimate > max
+            {
+                let reason = format!(
+                    "the staging size limit of {max} bytes is reached ({} bytes staged)",
+                    staged_bytes + group_bytes
+                );
+                shared.set_blocked(Some(reason.clone()));
+                answers.push((req.reply, Err(StageError::Full(reason))));
+                continue;
+            }
+            if let Some(free) = free
+                && free < shared.opts.min_free_bytes + group_bytes + estimate
+            {
+                let reason = format!(
+                    "only {free} bytes are free on the disk of {} and at least {} must stay free",
+                    root.display(),
+                    shared.opts.min_free_bytes
+                );
+                shared.set_blocked(Some(reason.clone()));
+                answers.push((req.reply, Err(StageError::Full(reason))));
+                continue;
+            }
+            let mut envelopes = Vec::with_capacity(req.records.len());
+            let mut lines = Vec::with_capacity(req.records.len());
+            for rec in req.records {
+                last_seq += 1;
+                let env = Envelope {
+                    v: FORMAT_VERSION,
+                    id: uuid::Uuid::now_v7().to_string(),
+                    seq: last_seq,
+                    action: rec.action,
+                    entity: rec.entity,
+                    key: rec.key,
+                    staged_at: staged_at.clone(),
+                    client_key: req.client_key.as_ref().map(|c| c.key.clone()),
+                    client_fingerprint: req.client_key.as_ref().map(|c| c.fingerprint.clone()),
+                    sinks: rec.sinks,
+                    payload: rec.payload,
+                };
+                let line = segment::encode_line(&env);
+                group_bytes += line.len() as u64;
+                lines.push(line);
+                envelopes.push(env);
+            }
+            if let Some(ck) = &req.client_key {
+                keys_in_group.insert(ck.key.clone(), (ck.fingerprint.clone(), accepted.len()));
+            }
+            accepted.push(Accepted {
+                reply: req.reply,
+                envelopes,
+                lines,
+                client_key: req.client_key,
+            });
+        }
+        if accepted.is_empty() {
+            let _ = tx.commit();
+            return Ok(());
+        }
+        if !answers
+            .iter()
+            .any(|(_, a)| matches!(a, Err(StageError::Full(_))))
+        {
+            shared.set_blocked(None);
+        }
+
+        // Phase 2: append every line to its segment, in sequence order per segment.
+        let mut touched: Vec<(String, String)> = Vec::new();
+        let mut before_len: HashMap<(String, String), u64> = HashMap::new();
+        let mut placed: Vec<Vec<(i64, PathBuf, u64, u64)>> = Vec::with_capacity(accepted.len());
+        let mut buffers: HashMap<(String, String), Vec<u8>> = HashMap::new();
+        let mut io_error: Option<StageError> = None;
+        for acc in &accepted {
+            let mut places = Vec::with_capacity(acc.envelopes.len());
+            for (env, line) in acc.envelopes.iter().zip(&acc.lines) {
+                let k = (env.action.clone(), env.entity.clone());
+                if !before_len.contains_key(&k) {
+                    match segment_for(shared, active, &tx, &k, now, env.seq) {
+                        Ok(len) => {
+                            before_len.insert(k.clone(), len);
+                            touched.push(k.clone());
+                        }
+                        Err(e) => {
+                            io_error = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let seg = active.get_mut(&k).expect("segment opened above");
+                let buf = buffers.entry(k).or_default();
+                let offset = seg.len + buf.len() as u64;
+                buf.extend_from_slice(line);
+                places.push((seg.id, seg.path.clone(), offset, line.len() as u64));
+            }
+            if io_error.is_some() {
+                break;
+            }
+            placed.push(places);
+        }
+        // Phase 3: write and fdatasync each touched segment once.
+        if io_error.is_none() {
+            for k in &touched {
+                let seg = active.get_mut(k).expect("touched segments are active");
+                let buf = &buffers[k];
+                let res = seg
+                    .file
+                    .write_all(buf)
+                    .and_then(|()| sync_data(&seg.file, shared));
+                if let Err(e) = res {
+                    io_error = Some(StageError::Io {
+                        path: seg.path.clone(),
+                        source: e,
+                    });
+                    break;
+                }
+                seg.len += buf.len() as u64;
+                seg.last_write = Instant::now();
+            }
+        }
+        if let Some(err) = io_error {
+            // Cut what this group appended so no unacknowledged record is left behind.
+            for k in &touched {
+                if let (Some(seg), Some(len)) = (active.get_mut(k), before_len.get(k)) {
+                    let _ = seg.file.set_len(*len);
+                    let _ = seg.file.seek(SeekFrom::Start(*len));
+                    seg.len = *len;
+                }
+            }
+            drop(tx);
+            let pending = accepted.into_iter().map(|a| a.reply).collect();
+            return Err((err, pending));
+        }
+
+        // Phase 4: index the group and advance the counter, then commit.
+        let indexed = (|| -> rusqlite::Result<()> {
+            for (acc, places) in accepted.iter().zip(&placed) {
+                for (env, (seg_id, _, offset, len)) in acc.envelopes.iter().zip(places) {
+                    crate::index::insert_record(&tx, env, *seg_id, *offset, *len)?;
+                }
+                if let Some(ck) = &acc.client_key {
+                    let receipts = receipts_of(&acc.envelopes, places);
+                    tx.execute(
+                        "INSERT OR REPLACE INTO client_keys (key, fingerprint, receipts, created_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![
+                            ck.key,
+                            ck.fingerprint,
+                            serde_json::to_string(&receipts).expect("receipts serialize"),
+                            now.timestamp()
+                        ],
+                    )?;
+                }
+            }
+            for k in &touched {
+                let seg = &active[k];
+                tx.execute(
+                    "UPDATE segments SET indexed_len = MAX(indexed_len, ?1) WHERE id = ?2",
+                    params![seg.len as i64, seg.id],
+                )?;
+            }
+            Ok(())
+        })();
+        let committed = indexed.and_then(|()| tx.commit());
+        if let Err(e) = committed {
+            let pending = accepted.into_iter().map(|a| a.reply).collect();
+            return Err((StageError::Store(e.into()), pending));
+        }
+        if let Err(e) = write_seq(seq_file, last_seq) {
+            // The records are durable and indexed; the counter is rebuilt from them on open.
+            tracing::warn!(error = %e, "Could not update the sequence counter file.");
+        }
+        let mut receipts_by_index = Vec::with_capacity(accepted.len());
+        for (acc, places) in accepted.iter().zip(&placed) {
+            receipts_by_index.push(receipts_of(&acc.envelopes, places));
+        }
+        for (reply, idx) in replays {
+            answers.push((reply, Ok(Staged::Replayed(receipts_by_index[idx].clone()))));
+        }
+        for (acc, receipts) in accepted.into_iter().zip(receipts_by_index) {
+            answers.push((acc.reply, Ok(Staged::New(receipts))));
+        }
+        Ok(())
+    }
+}
+
+/// The active segment for (action, entity), rotating it when full or on a new UTC day.
+/// Returns its current length.
+fn segment_for(
+    shared: &Shared,
+    active: &mut HashMap<(String, String), ActiveSegment>,
+    tx: &Connection,
+    k: &(String, String),
+    now: DateTime<Utc>,
+    first_seq: u64,
+) -> Result<u64, StageError> {
+    use chrono::Datelike;
+    let day = (now.year(), now.month(), now.day());
+    if let Some(seg) = active.get(k) {
+        if seg.day == day && seg.len < shared.opts.segment_max_bytes {
+            return Ok(seg.len);
+        }
+        let seg = active.remove(k).expect("checked above");
+        tx.execute("UPDATE segments SET sealed = 1 WHERE id = ?1", [seg.id])
+            .map_err(|e| StageError::Store(e.into()))?;
+    }
+    let dir = shared.root.join(layout::day_dir(&k.0, &k.1, now));
+    let path = dir.join(layout::segment_file_name(now, first_seq));
+    let io = |source| StageError::Io {
+        path: path.clone(),
+        source,
+    };
+    layout::create_dir_durable(&dir).map_err(io)?;
+    let file = layout::private_file()
+        .append(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io)?;
+    // Held while this process appends: other processes leave a locked segment alone.
+    file.try_lock().map_err(|e| {
+        io(std::io::Error::other(format!(
+            "cannot lock a new segment file: {e}"
+        )))
+    })?;
+    layout::sync_dir(&dir).map_err(io)?;
+    let rel = layout::rel_string(&shared.root, &path);
+    tx.execute(
+        "INSERT INTO segments (path, indexed_len, sealed) VALUES (?1, 0, 0)",
+        [&rel],
+    )
+    .map_err(|e| StageError::Store(e.into()))?;
+    let id = tx.last_insert_rowid();
+    active.insert(
+        k.clone(),
+        ActiveSegment {
+            file,
+            path,
+            id,
+            len: 0,
+            day,
+            last_write: Instant::now(),
+        },
+    );
+    Ok(0)
+}
+
+impl Writer {
+    fn seal_drained(&mut self) -> rusqlite::Result<()> {
+        let mut drained = Vec::new();
+        for (k, seg) in &self.active {
+            if seg.last_write.elapsed() < DRAINED_IDLE {
+                continue;
+            }
+            let open: i64 = self.conn.query_row(
+                "SELECT COUNT(*) FROM records WHERE segment_id = ?1 AND open_sinks > 0",
+                [seg.id],
+                |r| r.get(0),
+            )?;
+            if open == 0 {
+                drained.push(k.clone());
+            }
+        }
+        for k in drained {
+            let seg = self.active.remove(&k).expect("listed above");
+            self.conn
+                .execute("UPDATE segments SET sealed = 1 WHERE id = ?1", [seg.id])?;
+        }
+        Ok(())
+    }
+}
+
+/// `fdatasync`, or the injected failure of the `fault-injection` feature.
+fn sync_data(file: &File, shared: &Shared) -> std::io::Result<()> {
+    #[cfg(feature = "fault-injection")]
+    if shared
+        .fail_next_sync
+        .swap(false, std::sync::atomic::Ordering::SeqCst)
+    {
+        return Err(std::io::Error::other("injected fdatasync failure"));
+    }
+    let _ = shared;
+    file.sync_data()
+}
+
+fn receipts_of(envelopes: &[Envelope], places: &[(i64, PathBuf, u64, u64)]) -> Vec<Receipt> {
+    envelopes
+        .iter()
+        .zip(places)
+        .map(|(env, (_, path, _, _))| Receipt {
+            id: env.id.clone(),
+            seq: env.seq,
+            path: path.clone(),
+        })
+        .collect()
+}
+
+fn lookup_client_key(
+    conn: &Connection,
+    key: &str,
+) -> rusqlite::Result<Option<(String, Vec<Receipt>)>> {
+    use rusqlite::OptionalExtension;
+    let row: Option<(String, String)> = conn
+        .query_row(
+            "SELECT fingerprint, receipts FROM client_keys WHERE key = ?1",
+            [key],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(row.map(|(fp, receipts)| (fp, serde_json::from_str(&receipts).unwrap_or_default())))
+}
+
+fn reply_all(group: Vec<StageRequest>, err: &StageError) {
+    for req in group {
+        let _ = req.reply.send(Err(StageError::Io {
+            path: PathBuf::from("_state/seq"),
+            source: std::io::Error::other(err.to_string()),
+        }));
+    }
+}

@@ -1,0 +1,364 @@
+//! Behaviour of the store through its public API: staging, per-key order, leases, dead letters,
+//! cleanup, reopening, limits and permissions.
+
+use estafeta_staging::*;
+use std::path::Path;
+use std::time::Duration;
+
+fn open(dir: &Path) -> Staging {
+    Staging::open(Options::new(dir).with_sinks(["db"]))
+        .unwrap()
+        .0
+}
+
+fn rec(action: &str, entity: &str, key: Option<&str>, payload: &str) -> NewRecord {
+    NewRecord::new(action, entity, key.map(String::from), payload).unwrap()
+}
+
+fn seqs(batch: &[Delivery]) -> Vec<u64> {
+    batch.iter().map(|d| d.envelope.seq).collect()
+}
+
+#[test]
+fn staged_record_is_readable_json_under_action_entity_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let r = store
+        .stage(rec(
+            "create",
+            "patient",
+            Some("42"),
+            "{ \"nome\": \"Ana Lúcia\", \"peso\": 61.50 }",
+        ))
+        .unwrap();
+    assert_eq!(r.seq, 1);
+    let rel = r
+        .path
+        .strip_prefix(dir.path())
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let parts: Vec<&str> = rel.split('/').collect();
+    assert_eq!(parts[0..2], ["create", "patient"]);
+    assert_eq!(parts[2].len(), 4);
+    assert!(parts[5].ends_with(".jsonl"), "{rel}");
+    let text = std::fs::read_to_string(&r.path).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["id"], r.id.as_str());
+    assert_eq!(line["seq"], 1);
+    assert_eq!(line["key"], "42");
+    assert_eq!(line["v"], 1);
+    assert!(line["staged_at"].as_str().unwrap().ends_with('Z'));
+    assert!(
+        text.contains(r#""payload":{"nome":"Ana Lúcia","peso":61.50}"#),
+        "{text}"
+    );
+}
+
+#[test]
+fn per_key_order_holds_back_only_the_same_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a1 = store
+        .stage(rec("create", "patient", Some("a"), "{}"))
+        .unwrap()
+        .seq;
+    let a2 = store
+        .stage(rec("delete", "patient", Some("a"), "{}"))
+        .unwrap()
+        .seq;
+    let b1 = store
+        .stage(rec("update", "patient", Some("b"), "{}"))
+        .unwrap()
+        .seq;
+    let a3 = store
+        .stage(rec("create", "patient", Some("a"), "{}"))
+        .unwrap()
+        .seq;
+
+    let batch = store.next_batch("db", 10).unwrap();
+    assert_eq!(seqs(&batch), vec![a1, b1]);
+    // Leased: a second deliverer gets nothing.
+    assert!(store.next_batch("db", 10).unwrap().is_empty());
+    store
+        .fail(
+            "db",
+            a1,
+            "503",
+            chrono::Utc::now() + chrono::Duration::hours(1),
+        )
+        .unwrap();
+    store.ack("db", &[b1]).unwrap();
+    // a1 in backoff holds back a2 and a3, nothing else is pending.
+    assert!(store.next_batch("db", 10).unwrap().is_empty());
+    store
+        .fail(
+            "db",
+            a1,
+            "503",
+            chrono::Utc::now() - chrono::Duration::seconds(1),
+        )
+        .unwrap();
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a1]);
+    store.ack("db", &[a1]).unwrap();
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a2]);
+    store.ack("db", &[a2]).unwrap();
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a3]);
+}
+
+#[test]
+fn keyless_records_are_ordered_per_entity() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let p1 = store.stage(rec("create", "log", None, "{}")).unwrap().seq;
+    let _p2 = store.stage(rec("create", "log", None, "{}")).unwrap().seq;
+    let q1 = store.stage(rec("create", "exam", None, "{}")).unwrap().seq;
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![p1, q1]);
+}
+
+#[test]
+fn dead_letter_is_readable_and_requeue_keeps_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a1 = store
+        .stage(rec("create", "patient", Some("a"), r#"{"n":1}"#))
+        .unwrap()
+        .seq;
+    let a2 = store
+        .stage(rec("update", "patient", Some("a"), r#"{"n":2}"#))
+        .unwrap()
+        .seq;
+    let b1 = store
+        .stage(rec("create", "patient", Some("b"), r#"{"n":3}"#))
+        .unwrap()
+        .seq;
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a1, b1]);
+    let path = store.dead("db", a1, "HTTP 400: cpf inválido").unwrap();
+    store.ack("db", &[b1]).unwrap();
+    assert!(path.starts_with(dir.path().join("_failed/create/patient")));
+    let letter: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(letter["reason"], "HTTP 400: cpf inválido");
+    assert_eq!(letter["sink"], "db");
+    assert_eq!(letter["record"]["seq"], a1);
+    assert_eq!(letter["record"]["payload"]["n"], 1);
+    // The dead head holds back a2.
+    assert!(store.next_batch("db", 10).unwrap().is_empty());
+    let dead = store.dead_letters(None).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].seq, a1);
+    store.requeue("db", a1).unwrap();
+    assert!(!path.exists());
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a1]);
+    store.ack("db", &[a1]).unwrap();
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a2]);
+}
+
+#[test]
+fn records_leave_the_disk_only_when_every_sink_has_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Staging::open(Options::new(dir.path()).with_sinks(["api", "db"]))
+        .unwrap()
+        .0;
+    let r = store
+        .stage(rec("create", "patient", Some("1"), "{}"))
+        .unwrap();
+    assert_eq!(seqs(&store.next_batch("api", 10).unwrap()), vec![r.seq]);
+    store.ack("api", &[r.seq]).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    store.cleanup().unwrap();
+    assert!(r.path.exists(), "deleted before the db sink had it");
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![r.seq]);
+    store.ack("db", &[r.seq]).unwrap();
+    let report = store.cleanup().unwrap();
+    assert_eq!(report.segments_deleted, 1);
+    assert!(!r.path.exists());
+    assert!(!dir.path().join("create").exists(), "empty folders pruned");
+    assert_eq!(store.status().unwrap().records_pending, 0);
+}
+
+#[test]
+fn a_batch_is_all_or_nothing_and_sequences_increase() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bad = vec![
+        rec("create", "patient", None, "{}"),
+        NewRecord {
+            action: "create".into(),
+            entity: "../etc".into(),
+            key: None,
+            payload: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            sinks: None,
+        },
+    ];
+    assert!(matches!(
+        store.stage_batch(bad, None),
+        Err(StageError::Invalid(_))
+    ));
+    assert_eq!(store.status().unwrap().records_pending, 0);
+    let ok = (0..5)
+        .map(|i| rec("create", "patient", Some(&i.to_string()), "{}"))
+        .collect();
+    let staged = store.stage_batch(ok, None).unwrap();
+    let got: Vec<u64> = staged.receipts().iter().map(|r| r.seq).collect();
+    assert_eq!(got, vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn client_key_replays_the_first_answer_and_refuses_another_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let key = |fp: &str| {
+        Some(ClientKey {
+            key: "k1".into(),
+            fingerprint: fp.into(),
+        })
+    };
+    let first = store
+        .stage_batch(vec![rec("create", "patient", None, "{}")], key("a"))
+        .unwrap();
+    assert!(matches!(first, Staged::New(_)));
+    let again = store
+        .stage_batch(vec![rec("create", "patient", None, "{}")], key("a"))
+        .unwrap();
+    assert_eq!(again, Staged::Replayed(first.receipts().to_vec()));
+    let other = store.stage_batch(vec![rec("create", "patient", None, "{}")], key("b"));
+    assert!(matches!(other, Err(StageError::Conflict(_))));
+    assert_eq!(store.status().unwrap().records_pending, 1);
+}
+
+#[test]
+fn reopen_keeps_pending_records_and_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        for i in 0..3 {
+            store
+                .stage(rec("create", "patient", Some(&i.to_string()), "{}"))
+                .unwrap();
+        }
+    }
+    let (store, report) = Staging::open(Options::new(dir.path()).with_sinks(["db"])).unwrap();
+    assert!(!report.index_rebuilt);
+    assert_eq!(store.status().unwrap().records_pending, 3);
+    assert_eq!(
+        store
+            .stage(rec("create", "patient", None, "{}"))
+            .unwrap()
+            .seq,
+        4
+    );
+}
+
+#[test]
+fn size_limit_refuses_with_full_and_stages_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = Options::new(dir.path()).with_sinks(["db"]);
+    opts.max_bytes = Some(4096);
+    opts.min_free_bytes = 0;
+    let store = Staging::open(opts).unwrap().0;
+    let big = format!("{{\"x\":\"{}\"}}", "a".repeat(1000));
+    let mut accepted = 0;
+    let err = loop {
+        match store.stage(rec("create", "patient", None, &big)) {
+            Ok(_) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted < 10, "limit never reached");
+    };
+    assert!(matches!(err, StageError::Full(_)), "{err}");
+    assert_eq!(store.status().unwrap().records_pending, accepted);
+    assert!(store.status().unwrap().staging_blocked.is_some());
+    // Deliver everything: space comes back and staging resumes by itself.
+    loop {
+        let b = store.next_batch("db", 100).unwrap();
+        if b.is_empty() {
+            break;
+        }
+        store.ack("db", &seqs(&b)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    store.cleanup().unwrap();
+    store.stage(rec("create", "patient", None, &big)).unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn staging_folders_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("staging");
+    let store = open(&root);
+    let r = store.stage(rec("create", "patient", None, "{}")).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&root), 0o700);
+    assert_eq!(mode(r.path.parent().unwrap()), 0o700);
+    assert_eq!(mode(&r.path), 0o600);
+    assert_eq!(mode(&root.join("_state/index.sqlite3")), 0o600);
+}
+
+#[test]
+fn a_failed_fsync_poisons_the_store_and_acknowledges_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let kept = store
+        .stage(rec("create", "patient", Some("1"), "{}"))
+        .unwrap();
+    store.inject_sync_failure();
+    let err = store
+        .stage(rec("create", "patient", Some("2"), r#"{"lost":true}"#))
+        .unwrap_err();
+    assert!(matches!(err, StageError::Poisoned(_)), "{err}");
+    // Every later write fails too, with a message that says what to do.
+    let later = store
+        .stage(rec("create", "patient", Some("3"), "{}"))
+        .unwrap_err();
+    assert!(later.to_string().contains("restart estafeta"), "{later}");
+    assert!(store.status().unwrap().staging_blocked.is_some());
+    drop(store);
+    // After a restart only the acknowledged record is there; the failed one was cut off.
+    let store = open(dir.path());
+    let all = store.list(&ListFilter::default()).unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![kept.seq]
+    );
+    assert!(
+        !std::fs::read_to_string(&kept.path)
+            .unwrap()
+            .contains("lost")
+    );
+    store
+        .stage(rec("create", "patient", Some("4"), "{}"))
+        .unwrap();
+}
+
+#[test]
+fn a_probe_ignores_backoff_and_retry_now_wakes_the_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = store
+        .stage(rec("create", "patient", Some("a"), "{}"))
+        .unwrap()
+        .seq;
+    let b = store
+        .stage(rec("create", "patient", Some("b"), "{}"))
+        .unwrap()
+        .seq;
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a, b]);
+    store.fail("db", a, "connection refused", later).unwrap();
+    store.fail("db", b, "connection refused", later).unwrap();
+    assert!(store.next_batch("db", 10).unwrap().is_empty());
+    // The probe takes only the oldest waiting head, leased like any batch.
+    assert_eq!(seqs(&store.probe_batch("db").unwrap()), vec![a]);
+    assert_eq!(seqs(&store.probe_batch("db").unwrap()), vec![b]);
+    assert!(
+        store.probe_batch("db").unwrap().is_empty(),
+        "both are leased now"
+    );
+    store.ack("db", &[a]).unwrap();
+    store.fail("db", b, "connection refused", later).unwrap();
+    // The sink answered: the backlog is due at once, without waiting out its backoff.
+    assert_eq!(store.retry_now("db").unwrap(), 1);
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![b]);
+}

@@ -1,0 +1,596 @@
+//! `estafeta-load`: a small HTTP/1.1 load client for the ingest API.
+//!
+//! `--connections N` tasks each send requests back to back over their own keep-alive
+//! connection until `--duration` seconds pass or `--requests` requests were sent in all; each
+//! request carries one JSON object (`--batch 1`) or an array of `--batch K` objects, each
+//! object padded to about `--payload-bytes` with a distinct `id`. At the end it prints one
+//! JSON line: connections, batch, requests, records (acknowledged), errors (anything but 202),
+//! seconds, records_per_sec and p50 / p99 / max time to acknowledge one request, in ms.
+//!
+//! It speaks HTTP/1.1 over a plain `TcpStream` itself rather than through reqwest: on a
+//! 2-core machine the client shares the CPU with the server it measures, so it should cost as
+//! little as possible per request. Only `http://` URLs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// Load client for the Estafeta ingest API (HTTP/1.1, keep-alive, one connection per task).
+#[derive(Debug, Parser)]
+#[command(name = "estafeta-load")]
+struct Args {
+    /// Endpoint to POST to, e.g. http://127.0.0.1:8787/v1/records/create/patient
+    #[arg(long)]
+    url: String,
+    /// Concurrent connections, each sending requests back to back.
+    #[arg(long, default_value_t = 1)]
+    connections: usize,
+    /// Stop after this many seconds (default 10 unless --requests is given).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Stop after this many requests in all.
+    #[arg(long, value_name = "N")]
+    requests: Option<u64>,
+    /// Records per request: 1 sends a JSON object, K>1 a JSON array of K objects.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Approximate size of each JSON object, in bytes.
+    #[arg(long, default_value_t = 1024)]
+    payload_bytes: usize,
+    /// Bearer token (Authorization header).
+    #[arg(long, env = "INGEST_TOKEN")]
+    token: Option<String>,
+    /// Give up on one request after this many seconds (counted as an error).
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    timeout: f64,
+    /// Runtime worker threads (1: a single-threaded runtime, lightest beside the server).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Prefix of the records' `id` fields (default: derived from the clock, so that runs differ).
+    #[arg(long)]
+    id_prefix: Option<String>,
+}
+
+/// Where to connect and what to send in the request line.
+#[derive(Debug, Clone)]
+struct Target {
+    addr: String,
+    host_header: String,
+    path: String,
+}
+
+fn parse_url(url: &str) -> anyhow::Result<Target> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        bail!("only http:// URLs are supported, got {url:?}");
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        bail!("no host in {url:?}");
+    }
+    let addr = if authority
+        .rsplit(':')
+        .next()
+        .is_some_and(|p| p.parse::<u16>().is_ok())
+        && !authority.ends_with(']')
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:80")
+    };
+    Ok(Target {
+        addr,
+        host_header: authority.to_string(),
+        path: path.to_string(),
+    })
+}
+
+/// What one task measured.
+#[derive(Default)]
+struct TaskResult {
+    requests: u64,
+    ok: u64,
+    /// Time to acknowledge each 202, in microseconds.
+    latencies_us: Vec<u32>,
+    /// Error kind (an HTTP status or "io"/"timeout") → count.
+    errors: BTreeMap<String, u64>,
+    first_error: Option<String>,
+}
+
+impl TaskResult {
+    fn error(&mut self, kind: String, detail: String) {
+        *self.errors.entry(kind).or_default() += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(detail);
+        }
+    }
+}
+
+/// Shared limits: the deadline and/or the request budget.
+struct Limits {
+    deadline: Option<Instant>,
+    budget: Option<u64>,
+    issued: AtomicU64,
+}
+
+impl Limits {
+    /// Takes the next request slot, or `false` when the run is over.
+    fn take(&self) -> bool {
+        if self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        match self.budget {
+            Some(n) => self.issued.fetch_add(1, Ordering::Relaxed) < n,
+            None => true,
+        }
+    }
+}
+
+/// Builds the request bodies of one task: a distinct `id` per record, padded to size.
+struct BodyMaker {
+    prefix: String,
+    batch: usize,
+    payload_bytes: usize,
+    pad: Arc<str>,
+    next: u64,
+}
+
+impl BodyMaker {
+    fn write_record(&mut self, out: &mut Vec<u8>) {
+        let n = self.next;
+        self.next += 1;
+        let head = format!(
+            "{{\"id\":\"{}-{n}\",\"n\":{n},\"kind\":\"bench\",\"pad\":\"",
+            self.prefix
+        );
+        let tail = "\"}";
+        let pad_len = self
+            .payload_bytes
+            .saturating_sub(head.len() + tail.len())
+            .min(self.pad.len());
+        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(&self.pad.as_bytes()[..pad_len]);
+        out.extend_from_slice(tail.as_bytes());
+    }
+
+    fn body(&mut self, out: &mut Vec<u8>) {
+        out.clear();
+        if self.batch <= 1 {
+            self.write_record(out);
+        } else {
+            out.push(b'[');
+            for i in 0..self.batch {
+                if i > 0 {
+                    out.push(b',');
+                }
+                self.write_record(out);
+            }
+            out.push(b']');
+        }
+    }
+}
+
+/// A parsed response head and where its body starts in the buffer.
+struct Head {
+    status: u16,
+    header_len: usize,
+    content_length: Option<usize>,
+    chunked: bool,
+    close: bool,
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn parse_head(buf: &[u8]) -> anyhow::Result<Option<Head>> {
+    let Some(end) = find(buf, b"\r\n\r\n") else {
+        if buf.len() > 64 * 1024 {
+            bail!("response head longer than 64 KiB");
+        }
+        return Ok(None);
+    };
+    let text = std::str::from_utf8(&buf[..end]).context("response head is not UTF-8")?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.split(' ');
+    let version = parts.next().unwrap_or_default();
+    if !version.starts_with("HTTP/1.") {
+        bail!("not an HTTP/1.x response: {status_line:?}");
+    }
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let mut head = Head {
+        status,
+        header_len: end + 4,
+        content_length: None,
+        chunked: false,
+        close: version == "HTTP/1.0",
+    };
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            head.content_length = Some(value.parse().context("bad Content-Length")?);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            head.chunked = value.to_ascii_lowercase().contains("chunked");
+        } else if name.eq_ignore_ascii_case("connection") {
+            let v = value.to_ascii_lowercase();
+            if v.contains("close") {
+                head.close = true;
+            } else if v.contains("keep-alive") {
+                head.close = false;
+            }
+        }
+    }
+    Ok(Some(head))
+}
+
+/// Reads more bytes into `buf`; an early EOF is an error.
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
+    let start = buf.len();
+    buf.resize(start + 16 * 1024, 0);
+    let n = stream.read(&mut buf[start..]).await;
+    match n {
+        Ok(0) => {
+            buf.truncate(start);
+            bail!("connection closed by the server")
+        }
+        Ok(n) => {
+            buf.truncate(start + n);
+            Ok(())
+        }
+        Err(err) => {
+            buf.truncate(start);
+            Err(err.into())
+        }
+    }
+}
+
+/// Reads one whole response; returns its status, the start of its body (for error messages)
+/// and whether the server closes the connection after it. Consumes it from `buf`.
+async fn read_response(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> anyhow::Result<(u16, String, bool)> {
+    let head = loop {
+        if let Some(head) = parse_head(buf)? {
+            break head;
+        }
+        fill(stream, buf).await?;
+    };
+    let body_start = head.header_len;
+    let (body, consumed) = if head.chunked {
+        // Decode chunks until the zero-size one and the trailer's blank line.
+        let mut body = Vec::new();
+        let mut pos = body_start;
+        loop {
+            let line_end = loop {
+                if let Some(i) = find(&buf[pos..], b"\r\n") {
+                    break pos + i;
+                }
+                fill(stream, buf).await?;
+            };
+            let size_text = std::str::from_utf8(&buf[pos..line_end])?;
+            let size_text = size_text.split(';').next().unwrap_or_default().trim();
+            let size = usize::from_str_radix(size_text, 16)
+                .with_context(|| format!("bad chunk size {size_text:?}"))?;
+            pos = line_end + 2;
+            if size == 0 {
+                // Trailer lines up to an empty line.
+                loop {
+                    let end = loop {
+                        if let Some(i) = find(&buf[pos..], b"\r\n") {
+                            break pos + i;
+                        }
+                        fill(stream, buf).await?;
+                    };
+                    let empty = end == pos;
+                    pos = end + 2;
+                    if empty {
+                        break;
+                    }
+                }
+                break;
+            }
+            while buf.len() < pos + size + 2 {
+                fill(stream, buf).await?;
+            }
+            body.extend_from_slice(&buf[pos..pos + size]);
+            pos += size + 2;
+        }
+        (body, pos)
+    } else if let Some(len) = head.content_length {
+        while buf.len() < body_start + len {
+            fill(stream, buf).await?;
+        }
+        (buf[body_start..body_start + len].to_vec(), body_start + len)
+    } else if head.status == 204 || head.status == 304 || head.status < 200 {
+        (Vec::new(), body_start)
+    } else {
+        // Body delimited by the end of the connection.
+        while fill(stream, buf).await.is_ok() {}
+        (buf[body_start..].to_vec(), buf.len())
+    };
+    buf.drain(..consumed);
+    let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
+    Ok((head.status, snippet, head.close))
+}
+
+/// One connection's loop.
+async fn run_task(
+    index: usize,
+    target: Arc<Target>,
+    args: Arc<Args>,
+    limits: Arc<Limits>,
+    pad: Arc<str>,
+    prefix: String,
+) -> TaskResult {
+    let mut result = TaskResult::default();
+    let timeout = Duration::from_secs_f64(args.timeout);
+    let mut maker = BodyMaker {
+        prefix: format!("{prefix}-{index}"),
+        batch: args.batch,
+        payload_bytes: args.payload_bytes,
+        pad,
+        next: 0,
+    };
+    let auth = args
+        .token
+        .as_deref()
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let mut body = Vec::new();
+    let mut request = Vec::new();
+    let mut buf = Vec::with_capacity(16 * 1024);
+    let mut conn: Option<TcpStream> = None;
+    while limits.take() {
+        maker.body(&mut body);
+        request.clear();
+        request.extend_from_slice(
+            format!(
+                "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}\r\n",
+                target.path,
+                target.host_header,
+                body.len()
+            )
+            .as_bytes(),
+        );
+        request.extend_from_slice(&body);
+        result.requests += 1;
+        let started = Instant::now();
+        let attempt = tokio::time::timeout(timeout, async {
+            if conn.is_none() {
+                let stream = TcpStream::connect(&target.addr)
+                    .await
+                    .with_context(|| format!("connecting to {}", target.addr))?;
+                stream.set_nodelay(true)?;
+                buf.clear();
+                conn = Some(stream);
+            }
+            let stream = conn.as_mut().expect("connected above");
+            if let Err(err) = stream.write_all(&request).await {
+                // The server may have answered (413, say) and closed before reading it all:
+                // report its answer rather than the broken pipe when there is one.
+                return match read_response(stream, &mut buf).await {
+                    Ok((status, snippet, _)) => Ok((status, snippet, true)),
+                    Err(_) => Err(anyhow::Error::from(err).context("sending the request")),
+                };
+            }
+            read_response(stream, &mut buf).await
+        })
+        .await;
+        match attempt {
+            Ok(Ok((status, snippet, close))) => {
+                if close {
+                    conn = None;
+                }
+                if status == 202 {
+                    result.ok += 1;
+                    let us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                    result.latencies_us.push(us);
+                } else {
+                    result.error(status.to_string(), format!("HTTP {status}: {snippet}"));
+                }
+            }
+            Ok(Err(err)) => {
+                conn = None;
+                result.error("io".into(), format!("{err:#}"));
+                // Don't spin against a server that is down.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                conn = None;
+                result.error(
+                    "timeout".into(),
+                    format!("no answer within {}s", args.timeout),
+                );
+            }
+        }
+    }
+    result
+}
+
+fn percentile_ms(sorted_us: &[u32], p: f64) -> Option<f64> {
+    if sorted_us.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted_us.len() as f64).ceil() as usize;
+    let i = rank.clamp(1, sorted_us.len()) - 1;
+    Some(round3(sorted_us[i] as f64 / 1000.0))
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let runtime = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let target = Arc::new(parse_url(&args.url)?);
+    let duration = match (args.duration, args.requests) {
+        (Some(d), _) => Some(d),
+        (None, Some(_)) => None,
+        (None, None) => Some(10.0),
+    };
+    if duration.is_some_and(|d| !(d > 0.0 && d.is_finite())) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    let prefix = args.id_prefix.clone().unwrap_or_else(|| {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        format!("L{:x}", nanos % (1 << 48))
+    });
+    // A fixed pseudo-random alphanumeric pad (xorshift), so payloads are not trivially repetitive.
+    let pad: Arc<str> = {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+        let s: String = (0..args.payload_bytes)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                alphabet[(x % alphabet.len() as u64) as usize] as char
+            })
+            .collect();
+        s.into()
+    };
+    let started = Instant::now();
+    let limits = Arc::new(Limits {
+        deadline: duration.map(|d| started + Duration::from_secs_f64(d)),
+        budget: args.requests,
+        issued: AtomicU64::new(0),
+    });
+    let args = Arc::new(args);
+    let mut handles = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        handles.push(tokio::spawn(run_task(
+            i,
+            target.clone(),
+            args.clone(),
+            limits.clone(),
+            pad.clone(),
+            prefix.clone(),
+        )));
+    }
+    let mut requests = 0u64;
+    let mut ok = 0u64;
+    let mut latencies: Vec<u32> = Vec::new();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut first_error: Option<String> = None;
+    for handle in handles {
+        let r = handle.await.context("a load task panicked")?;
+        requests += r.requests;
+        ok += r.ok;
+        latencies.extend_from_slice(&r.latencies_us);
+        for (k, v) in r.errors {
+            *errors.entry(k).or_default() += v;
+        }
+        if first_error.is_none() {
+            first_error = r.first_error;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let records = ok * args.batch as u64;
+    let error_count: u64 = errors.values().sum();
+    if let Some(e) = &first_error {
+        eprintln!("estafeta-load: {error_count} errors; the first: {e}");
+    }
+    let line = json!({
+        "connections": args.connections,
+        "batch": args.batch,
+        "requests": requests,
+        "records": records,
+        "errors": error_count,
+        "seconds": round3(seconds),
+        "records_per_sec": if seconds > 0.0 { (records as f64 / seconds).round() } else { 0.0 },
+        "p50_ms": percentile_ms(&latencies, 50.0),
+        "p99_ms": percentile_ms(&latencies, 99.0),
+        "max_ms": latencies.last().map(|&us| round3(us as f64 / 1000.0)),
+        "error_kinds": errors,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let t = parse_url("http://127.0.0.1:8787/v1/records/create/x").unwrap();
+        assert_eq!(t.addr, "127.0.0.1:8787");
+        assert_eq!(t.path, "/v1/records/create/x");
+        let t = parse_url("http://localhost").unwrap();
+        assert_eq!(t.addr, "localhost:80");
+        assert_eq!(t.path, "/");
+        assert!(parse_url("https://x/").is_err());
+    }
+
+    #[test]
+    fn bodies_are_valid_json_of_the_asked_size() {
+        let mut m = BodyMaker {
+            prefix: "p".into(),
+            batch: 3,
+            payload_bytes: 1024,
+            pad: "a".repeat(1024).into(),
+            next: 0,
+        };
+        let mut out = Vec::new();
+        m.body(&mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let arr = v.as_array().unwrap();
+        assert_eq!(arr.len(), 3);
+        assert_eq!(arr[2]["id"], "p-2");
+        for r in arr {
+            assert_eq!(serde_json::to_string(r).unwrap().len(), 1024);
+        }
+    }
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<u32> = (1..=100).map(|x| x * 1000).collect();
+        assert_eq!(percentile_ms(&v, 50.0), Some(50.0));
+        assert_eq!(percentile_ms(&v, 99.0), Some(99.0));
+        assert_eq!(percentile_ms(&[], 99.0), None);
+    }
+}

@@ -1,0 +1,27 @@
+//! Helpers for the end-to-end tests: the `estafeta` binary as a child process ([`Agent`],
+//! [`run_cli`]), the real PostgreSQL and MariaDB servers ([`pg`], [`mysql`]) and an in-process
+//! misbehaving HTTP API ([`FlakyHttpServer`]), waiting on the agent's status and reading its
+//! staging folder ([`wait_drained`], [`record_files`], [`raw_request`]) and a reproducible
+//! workload of records ([`mixed_plan`], [`post_plan`]). The servers come from
+//! `scripts/start-services`.
+
+mod agent;
+mod bin;
+mod cuttable;
+mod db;
+mod flaky;
+mod support;
+mod workload;
+
+pub use agent::{Agent, AgentSpec, CLI_TIMEOUT, body_value, run_cli};
+pub use bin::{BIN_NAME, estafeta_bin, free_port, profile_dir};
+pub use db::{MYSQL_URL, PG_CONFIG, PG_URL, mysql, pg, unique_name};
+pub use flaky::{FlakyHttpServer, RecordedRequest};
+pub use support::{
+    RawBody, drained, json_lines, log_tail, raw_request, record_files, sink_status, status,
+    status_with, wait_drained, wait_status,
+};
+pub use workload::{
+    DeliveryReport, Planned, Rng, Staged, by_id, check_http_deliveries, default_route, mixed_plan,
+    payload, post_plan, seqs_by_key,
+};
