@@ -48,6 +48,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (sink, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_by_key ON deliveries(sink, entity, okey, seq);
+-- Lookups of one record's deliveries across sinks (record details, listing dead letters,
+-- moving a damaged record aside); without it each is a scan of every pending delivery.
+CREATE INDEX IF NOT EXISTS deliveries_by_seq ON deliveries(seq);
 CREATE TABLE IF NOT EXISTS client_keys (
     key         TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,

@@ -95,7 +95,7 @@ pub fn status(store: &Staging) -> Result<Status, StoreError> {
     {
         let mut stmt = db.prepare(
             "SELECT r.action, r.entity, COUNT(*), MIN(r.staged_at),
-                    SUM(EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = r.seq AND d.state = 'dead'))
+                    SUM(r.seq IN (SELECT seq FROM deliveries WHERE state = 'dead'))
                FROM records r WHERE r.open_sinks > 0
               GROUP BY r.action, r.entity ORDER BY r.action, r.entity",
         )?;

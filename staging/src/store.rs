@@ -557,7 +557,7 @@ impl Staging {
             "SELECT r.seq FROM records r
               WHERE (?1 IS NULL OR r.action = ?1) AND (?2 IS NULL OR r.entity = ?2)
                 AND (?3 OR r.open_sinks > 0)
-                AND (NOT ?4 OR EXISTS (SELECT 1 FROM deliveries d WHERE d.seq = r.seq AND d.state = 'dead'))
+                AND (NOT ?4 OR r.seq IN (SELECT seq FROM deliveries WHERE state = 'dead'))
                 AND r.sinks != ''
               ORDER BY r.seq LIMIT ?5",
         )?;
