@@ -74,14 +74,9 @@ pub fn init_stderr(level: &str) {
 }
 
 fn filter(level: &str) -> EnvFilter {
-    let filter = EnvFilter::builder()
+    EnvFilter::builder()
         .parse(level)
-        .unwrap_or_else(|_| EnvFilter::new(crate::config::DEFAULT_LOG_LEVEL));
-    // The file watcher's own INFO lines (a removed day folder's watch) are noise to operators.
-    match "notify=warn".parse() {
-        Ok(quiet) if !level.contains("notify") => filter.add_directive(quiet),
-        _ => filter,
-    }
+        .unwrap_or_else(|_| EnvFilter::new(crate::config::DEFAULT_LOG_LEVEL))
 }
 
 fn open_appender(dir: &std::path::Path) -> std::io::Result<RollingFileAppender> {

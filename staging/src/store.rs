@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::layout;
 use crate::record::{State, compact_json, validate_name};
-use crate::writer::{self, Message, Prepared, StageRequest, Writer};
+use crate::writer::{self, Message, Prepared, Reply, StageRequest, Writer};
 use crate::*;
 
 /// How many stage requests may wait for the writer before callers block on the queue.
@@ -256,6 +256,25 @@ impl Staging {
         records: Vec<NewRecord>,
         client_key: Option<ClientKey>,
     ) -> Result<Staged, StageError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.stage_batch_then(records, client_key, move |staged| {
+            let _ = reply.send(staged);
+        })?;
+        answer.recv().map_err(|_| StageError::Closed)?
+    }
+
+    /// The same without waiting: checks the records, queues them for the writer and returns.
+    /// `when_durable` gets the answer on the writer thread once the records are on stable
+    /// storage (or failed); it must only hand it over (a channel send), never block. An error
+    /// returned here means nothing was queued. Blocks only while the writer's queue is full.
+    /// This is what an async server uses, so that a request waiting for its flush holds no
+    /// thread.
+    pub fn stage_batch_then(
+        &self,
+        records: Vec<NewRecord>,
+        client_key: Option<ClientKey>,
+        when_durable: impl FnOnce(Result<Staged, StageError>) + Send + 'static,
+    ) -> Result<(), StageError> {
         if records.is_empty() {
             return Err(StageError::Invalid(
                 "nothing to stage: the batch is empty".into(),
@@ -268,16 +287,14 @@ impl Staging {
             .into_iter()
             .map(|r| self.prepare(r))
             .collect::<Result<Vec<_>, _>>()?;
-        let (reply, answer) = mpsc::sync_channel(1);
         let sender = lock(&self.inner.tx).clone().ok_or(StageError::Closed)?;
         sender
             .send(Message::Stage(StageRequest {
                 records: prepared,
                 client_key,
-                reply,
+                reply: Reply::new(when_durable),
             }))
-            .map_err(|_| StageError::Closed)?;
-        answer.recv().map_err(|_| StageError::Closed)?
+            .map_err(|_| StageError::Closed)
     }
 
     fn prepare(&self, r: NewRecord) -> Result<Prepared, StageError> {

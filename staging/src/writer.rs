@@ -16,6 +16,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender};
+
 use std::time::Instant;
 
 use crate::error::StageError;
@@ -38,10 +39,25 @@ pub struct Prepared {
     pub sinks: Vec<String>,
 }
 
+/// Where the writer sends a stage request's answer once its records are on stable storage (or
+/// failed): a blocking caller's channel, or an async caller's wake-up. It runs on the writer
+/// thread, so it must only hand the answer over, never block.
+pub struct Reply(Box<dyn FnOnce(Result<Staged, StageError>) + Send>);
+
+impl Reply {
+    pub fn new(deliver: impl FnOnce(Result<Staged, StageError>) + Send + 'static) -> Self {
+        Self(Box::new(deliver))
+    }
+
+    pub fn send(self, answer: Result<Staged, StageError>) {
+        (self.0)(answer)
+    }
+}
+
 pub struct StageRequest {
     pub records: Vec<Prepared>,
     pub client_key: Option<ClientKey>,
-    pub reply: SyncSender<Result<Staged, StageError>>,
+    pub reply: Reply,
 }
 
 pub enum Message {
@@ -136,7 +152,7 @@ impl Writer {
     fn commit_group(&mut self, group: Vec<StageRequest>) {
         if let Some(reason) = self.shared.poisoned() {
             for req in group {
-                let _ = req.reply.send(Err(StageError::Poisoned(reason.clone())));
+                req.reply.send(Err(StageError::Poisoned(reason.clone())));
             }
             return;
         }
@@ -152,7 +168,7 @@ impl Writer {
         let _ = self.seq_file.unlock();
         // Answer only now: every record of the group is durable and indexed.
         for (reply, answer) in result {
-            let _ = reply.send(answer);
+            reply.send(answer);
         }
     }
 
@@ -161,10 +177,7 @@ impl Writer {
     fn commit_locked(
         &mut self,
         group: Vec<StageRequest>,
-    ) -> Vec<(
-        SyncSender<Result<Staged, StageError>>,
-        Result<Staged, StageError>,
-    )> {
+    ) -> Vec<(Reply, Result<Staged, StageError>)> {
         let mut answers = Vec::with_capacity(group.len());
         match self.try_commit(group, &mut answers) {
             Ok(()) => answers,
@@ -186,11 +199,8 @@ impl Writer {
     fn try_commit(
         &mut self,
         group: Vec<StageRequest>,
-        answers: &mut Vec<(
-            SyncSender<Result<Staged, StageError>>,
-            Result<Staged, StageError>,
-        )>,
-    ) -> Result<(), (StageError, Vec<SyncSender<Result<Staged, StageError>>>)> {
+        answers: &mut Vec<(Reply, Result<Staged, StageError>)>,
+    ) -> Result<(), (StageError, Vec<Reply>)> {
         let now = Utc::now();
         let staged_at = layout::rfc3339(now);
         let Writer {
@@ -233,7 +243,7 @@ impl Writer {
 
         // Phase 1: decide each request, number the accepted ones and encode their lines.
         struct Accepted {
-            reply: SyncSender<Result<Staged, StageError>>,
+            reply: Reply,
             envelopes: Vec<Envelope>,
             lines: Vec<Vec<u8>>,
             client_key: Option<ClientKey>,
@@ -241,7 +251,7 @@ impl Writer {
         let mut accepted: Vec<Accepted> = Vec::new();
         let mut group_bytes = 0u64;
         let mut keys_in_group: HashMap<String, (String, usize)> = HashMap::new();
-        let mut replays: Vec<(SyncSender<Result<Staged, StageError>>, usize)> = Vec::new();
+        let mut replays: Vec<(Reply, usize)> = Vec::new();
         for req in group {
             if let Some(ck) = &req.client_key {
                 match lookup_client_key(&tx, &ck.key) {
@@ -585,7 +595,7 @@ fn lookup_client_key(
 
 fn reply_all(group: Vec<StageRequest>, err: &StageError) {
     for req in group {
-        let _ = req.reply.send(Err(StageError::Io {
+        req.reply.send(Err(StageError::Io {
             path: PathBuf::from("_state/seq"),
             source: std::io::Error::other(err.to_string()),
         }));

@@ -135,13 +135,16 @@ async fn stage_request(
         key,
     });
     let store = state.store().clone();
-    let staged = tokio::task::spawn_blocking(move || store.stage_batch(records, client_key))
+    // The request waits for its group commit without holding a thread: the writer wakes it.
+    let (durable, answer) = tokio::sync::oneshot::channel();
+    store
+        .stage_batch_then(records, client_key, move |staged| {
+            let _ = durable.send(staged);
+        })
+        .map_err(ApiError::from_stage)?;
+    let staged = answer
         .await
-        .map_err(|err| {
-            ApiError::internal(format!(
-                "staging task failed: {err}; send the request again"
-            ))
-        })?
+        .map_err(|_| ApiError::from_stage(StageError::Closed))?
         .map_err(ApiError::from_stage)?;
 
     let replayed = matches!(staged, Staged::Replayed(_));
