@@ -16,3 +16,5 @@ mod bad_input;
 mod kill_restart;
 // The real PostgreSQL and MariaDB: one row per record, per-key landing order, C→D→C.
 mod databases;
+// Files other programs write into the staging tree (the seed's layout) are adopted and delivered.
+mod foreign_files;
