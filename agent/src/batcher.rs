@@ -97,64 +97,128 @@ async fn flush_cycle(
         ..FlushReport::default()
     };
     let mut remaining = limit;
-    let end = loop {
-        if remaining == 0 {
-            break CycleEnd::Limit;
-        }
-        if stop.is_some_and(|stop| stop.token.is_cancelled()) {
-            break CycleEnd::Cancelled;
-        }
-        let want = config.batch_size.max(1).min(remaining);
-        let sink_name = name.clone();
-        let batch = blocking(store, move |store| store.next_batch(&sink_name, want)).await?;
-        if batch.is_empty() {
-            break CycleEnd::Drained;
-        }
-        remaining = remaining.saturating_sub(batch.len());
-        let seqs: Vec<u64> = batch.iter().map(|d| d.envelope.seq).collect();
-        debug!(sink = %name, records = batch.len(), "Batch leased.");
-
-        if config.dry_run {
-            for line in sink.dry_run(&batch) {
-                info!(sink = %name, "DRY_RUN: {line}");
+    // A three-stage pipeline, so that the store's work overlaps the sink's round trip: while
+    // one batch travels to the sink, the batch before it is settled (acked) and the batch after
+    // it is leased. Per-key order holds: a record stays in flight until it is settled, and a
+    // record in flight keeps the later records of its key out of every batch.
+    let mut prefetched: Option<Vec<Delivery>> = None;
+    let mut unsettled: Option<(Vec<Delivery>, Vec<Outcome>)> = None;
+    let result: anyhow::Result<CycleEnd> = async {
+        loop {
+            if remaining == 0 {
+                return Ok(CycleEnd::Limit);
             }
-            release(store, &name, seqs).await?;
-            report.dry_run += batch.len() as u64;
-            break CycleEnd::DryRun;
-        }
+            if stop.is_some_and(|stop| stop.token.is_cancelled()) {
+                return Ok(CycleEnd::Cancelled);
+            }
+            let batch = match prefetched.take() {
+                Some(batch) => batch,
+                None => {
+                    // Nothing was leased ahead: settle the batch in flight first, since it may
+                    // be what holds the next records of its keys back.
+                    if let Some((batch, outcomes)) = unsettled.take() {
+                        let settled = settle(store, &name, config, batch, outcomes, rng).await?;
+                        report.add(&settled);
+                    }
+                    lease(store, &name, config.batch_size.max(1).min(remaining)).await?
+                }
+            };
+            if batch.is_empty() {
+                return Ok(CycleEnd::Drained);
+            }
+            remaining = remaining.saturating_sub(batch.len());
+            let seqs: Vec<u64> = batch.iter().map(|d| d.envelope.seq).collect();
+            debug!(sink = %name, records = batch.len(), "Batch leased.");
 
-        let outcomes = match stop {
-            None => Some(sink.deliver(&batch).await),
-            Some(stop) => {
-                let mut deliver = sink.deliver(&batch);
-                tokio::select! {
-                    outcomes = &mut deliver => Some(outcomes),
-                    () = stop.token.cancelled() => {
-                        info!(sink = %name, records = batch.len(), grace_secs = stop.grace.as_secs_f64(), "Shutting down; waiting for the delivery in flight.");
-                        tokio::time::timeout(stop.grace, &mut deliver).await.ok()
+            if config.dry_run {
+                for line in sink.dry_run(&batch) {
+                    info!(sink = %name, "DRY_RUN: {line}");
+                }
+                release(store, &name, seqs).await?;
+                report.dry_run += batch.len() as u64;
+                return Ok(CycleEnd::DryRun);
+            }
+
+            let deliver = async {
+                match stop {
+                    None => Some(sink.deliver(&batch).await),
+                    Some(stop) => {
+                        let mut deliver = sink.deliver(&batch);
+                        tokio::select! {
+                            outcomes = &mut deliver => Some(outcomes),
+                            () = stop.token.cancelled() => {
+                                info!(sink = %name, records = batch.len(), grace_secs = stop.grace.as_secs_f64(), "Shutting down; waiting for the delivery in flight.");
+                                tokio::time::timeout(stop.grace, &mut deliver).await.ok()
+                            }
+                        }
                     }
                 }
+            };
+            let previous = unsettled.take();
+            let settle_previous = async {
+                match previous {
+                    Some((batch, outcomes)) => {
+                        settle(store, &name, config, batch, outcomes, rng).await.map(Some)
+                    }
+                    None => Ok(None),
+                }
+            };
+            let next_want = config.batch_size.max(1).min(remaining);
+            let prefetch = async {
+                if next_want == 0 {
+                    return Ok(Vec::new());
+                }
+                lease(store, &name, next_want).await
+            };
+            let (settled, outcomes, next) = tokio::join!(settle_previous, deliver, prefetch);
+            // An empty look-ahead proves nothing: the batch in flight held back the later
+            // records of its keys, so the next iteration leases again once it is settled.
+            let next_failed = next.is_err();
+            prefetched = next.ok().filter(|next| !next.is_empty());
+            let Some(outcomes) = outcomes else {
+                warn!(sink = %name, records = seqs.len(), "The delivery in flight did not finish within the grace period; its records stay pending and will be sent again.");
+                release(store, &name, seqs).await?;
+                if let Some(settled) = settled? {
+                    report.add(&settled);
+                }
+                return Ok(CycleEnd::Cancelled);
+            };
+            unsettled = Some((batch, outcomes));
+            if let Some(settled) = settled? {
+                report.add(&settled);
             }
-        };
-        let Some(outcomes) = outcomes else {
-            warn!(sink = %name, records = seqs.len(), "The delivery in flight did not finish within the grace period; its records stay pending and will be sent again.");
-            release(store, &name, seqs).await?;
-            break CycleEnd::Cancelled;
-        };
-
-        let settled = settle(store, &name, config, batch, outcomes, rng).await?;
-        report.delivered += settled.delivered;
-        report.retried += settled.retried;
-        report.dead += settled.dead;
-        if settled.retried > 0 && settled.delivered == 0 && settled.dead == 0 {
-            warn!(
-                sink = %name, records = settled.retried,
-                error = settled.first_error.as_deref().unwrap_or_default(),
-                "Sink unavailable; the records stay pending and will be retried with backoff."
-            );
-            break CycleEnd::SinkDown;
+            if next_failed {
+                anyhow::bail!("could not lease the next batch from the staging store");
+            }
+            let (_, outcomes) = unsettled.as_ref().expect("just set");
+            let retried = outcomes.iter().any(|o| matches!(o, Outcome::Retry { .. }));
+            let answered = outcomes
+                .iter()
+                .any(|o| matches!(o, Outcome::Delivered | Outcome::Dead { .. }));
+            if retried && !answered {
+                let (batch, outcomes) = unsettled.take().expect("just set");
+                let settled = settle(store, &name, config, batch, outcomes, rng).await?;
+                report.add(&settled);
+                warn!(
+                    sink = %name, records = settled.retried,
+                    error = settled.first_error.as_deref().unwrap_or_default(),
+                    "Sink unavailable; the records stay pending and will be retried with backoff."
+                );
+                return Ok(CycleEnd::SinkDown);
+            }
         }
+    }
+    .await;
+    // Settle the last batch delivered, and give back a batch leased ahead but not sent.
+    let last = match unsettled.take() {
+        Some((batch, outcomes)) => settle(store, &name, config, batch, outcomes, rng)
+            .await
+            .map(|settled| report.add(&settled)),
+        None => Ok(()),
     };
+    release_prefetched(store, &name, prefetched.take()).await;
+    let end = result?;
+    last?;
 
     if cleanup {
         match blocking(store, |store| store.cleanup()).await {
@@ -185,6 +249,14 @@ struct Settled {
     retried: u64,
     dead: u64,
     first_error: Option<String>,
+}
+
+impl FlushReport {
+    fn add(&mut self, settled: &Settled) {
+        self.delivered += settled.delivered;
+        self.retried += settled.retried;
+        self.dead += settled.dead;
+    }
 }
 
 /// Turns a batch's outcomes into store calls, all in one blocking task.
@@ -238,8 +310,7 @@ async fn settle(
     let sink_name = sink.to_owned();
     let dead_paths = blocking(store, move |store| {
         if !acks.is_empty() {
-            store.ack(&sink_name, &acks)?;
-            store.note_sink_result(&sink_name, None)?;
+            store.ack(&sink_name, &acks)?; // also notes the sink's last success
         }
         for (seq, error, retry_at) in &retries {
             store.fail(&sink_name, *seq, error, *retry_at)?;
@@ -269,6 +340,23 @@ async fn settle(
 }
 
 /// Gives leased records back untouched.
+async fn lease(store: &Staging, sink: &str, want: usize) -> anyhow::Result<Vec<Delivery>> {
+    let sink = sink.to_owned();
+    blocking(store, move |store| store.next_batch(&sink, want)).await
+}
+
+/// Gives back a batch leased ahead that will not be delivered in this cycle. Best effort: if
+/// it fails, the lease runs out by itself.
+async fn release_prefetched(store: &Staging, sink: &str, batch: Option<Vec<Delivery>>) {
+    let Some(batch) = batch.filter(|b| !b.is_empty()) else {
+        return;
+    };
+    let seqs = batch.iter().map(|d| d.envelope.seq).collect();
+    if let Err(err) = release(store, sink, seqs).await {
+        warn!(sink = %sink, error = format!("{err:#}"), "Could not give back a batch leased ahead; its records wait for the lease to run out.");
+    }
+}
+
 async fn release(store: &Staging, sink: &str, seqs: Vec<u64>) -> anyhow::Result<()> {
     let sink = sink.to_owned();
     blocking(store, move |store| store.release(&sink, &seqs)).await

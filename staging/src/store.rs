@@ -478,6 +478,12 @@ impl Staging {
                     upd.execute(params![*seq as i64, now])?;
                 }
             }
+            // An ack is the sink's latest success: noted in the same commit (one sync, not two).
+            tx.prepare_cached(
+                "INSERT INTO sinks (name, last_success_at) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET last_success_at = excluded.last_success_at",
+            )?
+            .execute(params![sink, layout::rfc3339(Utc::now())])?;
         }
         tx.commit()?;
         Ok(())
