@@ -636,6 +636,14 @@ impl Staging {
     }
 
     /// Why staging refuses writes right now, if it does.
+    /// Whether the index answers a query: the cheap check behind a readiness probe (`status`
+    /// counts every pending record, which takes seconds with a backlog of millions).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.db()
+            .query_row("SELECT COUNT(*) FROM sinks", [], |_| Ok(()))?;
+        Ok(())
+    }
+
     pub fn blocked_reason(&self) -> Option<String> {
         if let Some(p) = self.inner.shared.poisoned() {
             return Some(format!("staging stopped after a failed disk flush: {p}"));

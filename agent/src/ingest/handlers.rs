@@ -443,11 +443,11 @@ pub async fn readyz(State(state): State<IngestState>) -> Response {
     let store = state.store().clone();
     match tokio::time::timeout(
         Duration::from_secs(5),
-        tokio::task::spawn_blocking(move || store.status()),
+        tokio::task::spawn_blocking(move || store.ping().map(|()| store.blocked_reason())),
     )
     .await
     {
-        Ok(Ok(Ok(status))) => match status.staging_blocked {
+        Ok(Ok(Ok(blocked))) => match blocked {
             None => "ready".into_response(),
             Some(reason) => not_ready(format!("staging refuses writes: {reason}")),
         },
