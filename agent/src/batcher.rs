@@ -339,7 +339,7 @@ async fn settle(
     Ok(settled_counts)
 }
 
-/// Gives leased records back untouched.
+/// Leases the next batch of `sink` (up to `want` records).
 async fn lease(store: &Staging, sink: &str, want: usize) -> anyhow::Result<Vec<Delivery>> {
     let sink = sink.to_owned();
     blocking(store, move |store| store.next_batch(&sink, want)).await
@@ -357,6 +357,7 @@ async fn release_prefetched(store: &Staging, sink: &str, batch: Option<Vec<Deliv
     }
 }
 
+/// Gives leased records back untouched.
 async fn release(store: &Staging, sink: &str, seqs: Vec<u64>) -> anyhow::Result<()> {
     let sink = sink.to_owned();
     blocking(store, move |store| store.release(&sink, &seqs)).await

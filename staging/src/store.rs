@@ -19,6 +19,9 @@ use crate::*;
 
 /// How many stage requests may wait for the writer before callers block on the queue.
 const QUEUE_DEPTH: usize = 16 * 1024;
+/// Notes a sink's latest success (`?1` sink, `?2` RFC 3339 time): in `ack` and `note_sink_result`.
+const NOTE_SUCCESS_SQL: &str = "INSERT INTO sinks (name, last_success_at) VALUES (?1, ?2)
+     ON CONFLICT(name) DO UPDATE SET last_success_at = excluded.last_success_at";
 /// Client idempotency keys are remembered this long.
 const CLIENT_KEY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -479,11 +482,8 @@ impl Staging {
                 }
             }
             // An ack is the sink's latest success: noted in the same commit (one sync, not two).
-            tx.prepare_cached(
-                "INSERT INTO sinks (name, last_success_at) VALUES (?1, ?2)
-                 ON CONFLICT(name) DO UPDATE SET last_success_at = excluded.last_success_at",
-            )?
-            .execute(params![sink, layout::rfc3339(Utc::now())])?;
+            tx.prepare_cached(NOTE_SUCCESS_SQL)?
+                .execute(params![sink, layout::rfc3339(Utc::now())])?;
         }
         tx.commit()?;
         Ok(())
@@ -548,11 +548,7 @@ impl Staging {
         let now = layout::rfc3339(Utc::now());
         let db = self.db();
         match error {
-            None => db.execute(
-                "INSERT INTO sinks (name, last_success_at) VALUES (?1, ?2)
-                 ON CONFLICT(name) DO UPDATE SET last_success_at = excluded.last_success_at",
-                params![sink, now],
-            )?,
+            None => db.execute(NOTE_SUCCESS_SQL, params![sink, now])?,
             Some(err) => db.execute(
                 "INSERT INTO sinks (name, last_failure_at, last_error) VALUES (?1, ?2, ?3)
                  ON CONFLICT(name) DO UPDATE SET last_failure_at = excluded.last_failure_at,
