@@ -1,5 +1,6 @@
 //! The command line: one binary, `estafeta run` for the daemon and the offline tools beside it
-//! (`stage`, `ls`, `show`, `status`, `flush`, `retry`, `reindex`, `check-config`, `version`).
+//! (`stage`, `ls`, `show`, `status`, `flush`, `retry`, `reindex`, `check-config`, `version`),
+//! and `service`, the Windows service entry point.
 //! The tools open the staging store directly; the daemon may be running at the same time.
 //!
 //! Exit codes:
@@ -50,8 +51,9 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Debug, Parser)]
 #[command(name = "estafeta", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Read this .env file instead of ./.env (it must exist).
-    #[arg(long, global = true, value_name = "PATH")]
+    /// Read this .env file instead of ./.env (it must exist). The installed service uses
+    /// /etc/estafeta/estafeta.env (Linux) or %ProgramData%\Estafeta\estafeta.env (Windows).
+    #[arg(long, global = true, value_name = "PATH", env = "ESTAFETA_ENV_FILE")]
     pub env_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -130,6 +132,14 @@ pub enum Command {
     },
     /// Rebuild the staging index from the folder (stop the daemon first).
     Reindex,
+    /// The SQL sources: checkpoint, last run, rows read in the last cycle, last error.
+    Sources {
+        #[command(subcommand)]
+        command: Option<SourcesCommand>,
+        /// One JSON object per source.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the effective configuration (secrets hidden), every mistake, and whether each
     /// sink answers.
     CheckConfig {
@@ -137,8 +147,48 @@ pub enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// The fleet's last heartbeats in a central database: one line per agent, flagged STALE,
+    /// BACKLOG or DEAD. Reads no local configuration.
+    Fleet {
+        /// postgres://…, mysql://… (MariaDB too) or sqlite://PATH: the central database the
+        /// agents' heartbeats reach.
+        #[arg(long, value_name = "URL")]
+        database: String,
+        /// Flag agents not heard from for more than this many minutes.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        stale_minutes: u64,
+        /// Flag agents whose oldest pending record is older than this many minutes.
+        #[arg(long, value_name = "N", default_value_t = 30)]
+        backlog_minutes: u64,
+        /// One JSON object per agent and line, with its flags.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version.
     Version,
+    /// Run as the Windows service `Estafeta` (started by Windows, not from a console). Its env
+    /// file is --env-file or %ProgramData%\Estafeta\estafeta.env, created from
+    /// estafeta.env.default beside the executable when missing.
+    Service {
+        /// Only create the data folder and the env file when missing, then exit.
+        #[arg(long)]
+        prepare_only: bool,
+    },
+}
+
+/// `estafeta sources …`.
+#[derive(Debug, Subcommand)]
+pub enum SourcesCommand {
+    /// Rewind a source on purpose: its next cycle reads from the start (the initial load
+    /// again), or from just after VALUE. Records already staged are not touched.
+    Reset {
+        /// The source's name.
+        name: String,
+        /// The checkpoint to go back to: `1500`, or a JSON array with one value per
+        /// checkpoint column (`'["2026-11-01T00:00:00Z", 0]'`).
+        #[arg(long, value_name = "VALUE")]
+        to: Option<String>,
+    },
 }
 
 /// Bad input on the command line (not a clap error): exit code 2.
@@ -181,6 +231,13 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::CheckConfig { offline } => check_config(env_file, offline),
+        Command::Fleet {
+            database,
+            stale_minutes,
+            backlog_minutes,
+            json,
+        } => fleet(&database, stale_minutes, backlog_minutes, json),
+        Command::Service { prepare_only } => service(env_file, prepare_only),
         command => {
             let config = Config::load(env_file)?;
             match command {
@@ -210,10 +267,101 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     verbose,
                 } => retry(&config, dir, file, send, move_ok, limit, verbose),
                 Command::Reindex => reindex(&config),
-                Command::Version | Command::CheckConfig { .. } => unreachable!("handled above"),
+                Command::Sources { command, json } => match command {
+                    None => sources(&config, json),
+                    Some(SourcesCommand::Reset { name, to }) => {
+                        reset_source(&config, &name, to.as_deref())
+                    }
+                },
+                Command::Version
+                | Command::CheckConfig { .. }
+                | Command::Fleet { .. }
+                | Command::Service { .. } => {
+                    unreachable!("handled above")
+                }
             }
         }
     }
+}
+
+/// `estafeta fleet`: the `estafeta_fleet` view as a table (or JSON lines).
+fn fleet(
+    database: &str,
+    stale_minutes: u64,
+    backlog_minutes: u64,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let rows = runtime()?.block_on(crate::fleet::load(database))?;
+    let stale = i64::try_from(stale_minutes.saturating_mul(60)).unwrap_or(i64::MAX);
+    let backlog = i64::try_from(backlog_minutes.saturating_mul(60)).unwrap_or(i64::MAX);
+    let mut out = String::new();
+    if json {
+        for row in &rows {
+            let mut value = serde_json::to_value(row).context("writing a fleet row as JSON")?;
+            value["flags"] = serde_json::json!(row.flags(stale, backlog));
+            out.push_str(&value.to_string());
+            out.push('\n');
+        }
+        write_stdout(&out);
+        return Ok(EXIT_OK);
+    }
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.agent_id.clone(),
+                r.hostname.clone(),
+                r.version.clone(),
+                format!("{} ago", age(r.seen_secs_ago)),
+                r.records_pending.to_string(),
+                r.oldest_pending_age_secs
+                    .map(age)
+                    .unwrap_or_else(|| "-".into()),
+                r.dead_letters.to_string(),
+                r.disk_free_bytes
+                    .and_then(|b| u64::try_from(b).ok())
+                    .map(bytes)
+                    .unwrap_or_else(|| "-".into()),
+                {
+                    let flags = r.flags(stale, backlog);
+                    if flags.is_empty() {
+                        "ok".into()
+                    } else {
+                        flags.join(",")
+                    }
+                },
+                r.last_error
+                    .as_deref()
+                    .map(|e| shorten(e, 60))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "AGENT",
+            "HOST",
+            "VERSION",
+            "SEEN",
+            "PENDING",
+            "OLDEST_PENDING",
+            "DEAD",
+            "DISK_FREE",
+            "FLAGS",
+            "LAST_ERROR",
+        ],
+        &cells,
+    ));
+    let flagged = rows
+        .iter()
+        .filter(|r| !r.flags(stale, backlog).is_empty())
+        .count();
+    out.push_str(&format!(
+        "{} agent(s), {flagged} flagged (STALE: not seen for {stale_minutes} min; BACKLOG: oldest pending over {backlog_minutes} min; DEAD: dead letters)\n",
+        rows.len()
+    ));
+    write_stdout(&out);
+    Ok(EXIT_OK)
 }
 
 fn report(err: &anyhow::Error) {
@@ -286,6 +434,31 @@ fn run_daemon(config: Config) -> anyhow::Result<u8> {
             tracing::error!(error = %format!("{err:#}"), "Estafeta stopped with an error.");
             Ok(EXIT_FAILURE)
         }
+    }
+}
+
+/// `estafeta service`: the Windows service, or only its data folder with `--prepare-only`.
+fn service(env_file: Option<&Path>, prepare_only: bool) -> anyhow::Result<u8> {
+    if prepare_only {
+        let (path, outcome) = crate::winservice::prepare(env_file)?;
+        write_stdout(&match outcome {
+            crate::winservice::EnvFile::Created => {
+                format!("created {} from the template\n", path.display())
+            }
+            crate::winservice::EnvFile::Kept => format!("kept {} as it is\n", path.display()),
+        });
+        return Ok(EXIT_OK);
+    }
+    #[cfg(windows)]
+    {
+        crate::winservice::run(env_file)?;
+        Ok(EXIT_OK)
+    }
+    #[cfg(not(windows))]
+    {
+        Err(usage(
+            "`estafeta service` runs the agent as a Windows service; on Linux the systemd unit runs `estafeta run` (systemctl start estafeta), in a console use `estafeta run`",
+        ))
     }
 }
 
@@ -563,6 +736,141 @@ fn ls(
     }
     write_stdout(&out);
     Ok(EXIT_OK)
+}
+
+// ---------------------------------------------------------------------------------------------
+// sources
+
+fn sources(config: &Config, as_json: bool) -> anyhow::Result<u8> {
+    let store = open_store(config)?;
+    let states = store.sources()?;
+    let mut names: Vec<&str> = config.sql_sources.iter().map(|s| s.name.as_str()).collect();
+    // Sources the index knows but the configuration no longer has are shown too.
+    for state in &states {
+        if !names.contains(&state.name.as_str()) {
+            names.push(&state.name);
+        }
+    }
+    let rows: Vec<serde_json::Value> = names
+        .iter()
+        .map(|name| {
+            let state = states
+                .iter()
+                .find(|s| s.name == *name)
+                .cloned()
+                .unwrap_or_default();
+            let configured = config.sql_sources.iter().find(|s| s.name == *name);
+            serde_json::json!({
+                "name": name,
+                "configured": configured.is_some(),
+                "enabled": configured.is_some_and(|s| s.enabled),
+                "schedule": configured.map(|s| match &s.when {
+                    crate::sources::When::Cron(expr) => expr.clone(),
+                    crate::sources::When::Every(every) => format!("every {}s", every.as_secs_f64()),
+                }),
+                "checkpoint": state.checkpoint,
+                "last_run_at": state.last_run_at,
+                "last_rows": state.last_rows,
+                "last_error": state.last_error,
+            })
+        })
+        .collect();
+    if as_json {
+        let mut out = String::new();
+        for row in &rows {
+            out.push_str(&row.to_string());
+            out.push('\n');
+        }
+        write_stdout(&out);
+        return Ok(EXIT_OK);
+    }
+    if rows.is_empty() {
+        write_stdout("No sources are configured ([[sources]] in the CONFIG_FILE TOML).\n");
+        return Ok(EXIT_OK);
+    }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let body: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            let enabled = match (row["configured"].as_bool(), row["enabled"].as_bool()) {
+                (Some(false), _) => "not configured",
+                (_, Some(true)) => "yes",
+                _ => "no",
+            };
+            vec![
+                text(&row["name"]),
+                enabled.to_owned(),
+                text(&row["schedule"]),
+                text(&row["checkpoint"]),
+                text(&row["last_run_at"]),
+                text(&row["last_rows"]),
+                shorten(&text(&row["last_error"]), MAX_CELL_CHARS),
+            ]
+        })
+        .collect();
+    write_stdout(&table(
+        &[
+            "SOURCE",
+            "ENABLED",
+            "SCHEDULE",
+            "CHECKPOINT",
+            "LAST RUN",
+            "ROWS",
+            "LAST ERROR",
+        ],
+        &body,
+    ));
+    Ok(EXIT_OK)
+}
+
+fn reset_source(config: &Config, name: &str, to: Option<&str>) -> anyhow::Result<u8> {
+    let Some(source) = config.sql_sources.iter().find(|s| s.name == name) else {
+        return Err(usage(format!(
+            "no source is named {name:?}; the configured ones are: {}",
+            config
+                .sql_sources
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let checkpoint = match to {
+        None => None,
+        Some(text) => Some(checkpoint_from_cli(text, source.checkpoint.len()).map_err(usage)?),
+    };
+    let store = open_store(config)?;
+    store.reset_source(name, checkpoint.as_deref())?;
+    write_stdout(&match &checkpoint {
+        None => format!(
+            "Source {name} rewound to the start: its next cycle reads every row again (an initial load).\n"
+        ),
+        Some(c) => {
+            format!("Source {name} rewound to {c}: its next cycle reads the rows after it.\n")
+        }
+    });
+    Ok(EXIT_OK)
+}
+
+/// `--to VALUE` as the stored checkpoint: a JSON array with one value per checkpoint column.
+fn checkpoint_from_cli(text: &str, columns: usize) -> Result<String, String> {
+    let value = serde_json::from_str::<serde_json::Value>(text)
+        .unwrap_or_else(|_| serde_json::Value::String(text.to_owned()));
+    let values = match value {
+        serde_json::Value::Array(values) => values,
+        single => vec![single],
+    };
+    if values.len() != columns {
+        return Err(format!(
+            "--to {text:?} gives {} value(s) but the source has {columns} checkpoint column(s); give a JSON array such as '[\"2026-11-01T00:00:00Z\", 0]'",
+            values.len()
+        ));
+    }
+    Ok(serde_json::Value::Array(values).to_string())
 }
 
 /// Left-aligned columns separated by two spaces; the last column is not padded.

@@ -16,12 +16,15 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::sinks::database::DatabaseSinkConfig;
+use crate::sinks::apply::ApplyStatements;
+use crate::sinks::database::{DatabaseSinkConfig, Dialect};
 use crate::sinks::http::{HttpRoute, HttpSinkConfig};
+use crate::sinks::nats::{NatsSinkConfig, Retention, StreamSettings};
 use crate::sinks::redact_url;
 
 /// Default ingest address: loopback only.
@@ -30,6 +33,8 @@ pub const DEFAULT_INGEST_ADDR: &str = "127.0.0.1:8787";
 pub const DEFAULT_CRONTAB: &str = "* * * * *";
 /// Default largest request body, in bytes: 10 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
+/// `INGEST_BODY_TIMEOUT_SECS` default: how long a client may take to send its request body.
+pub const DEFAULT_INGEST_BODY_TIMEOUT_SECS: u64 = 30;
 /// Default records per flush cycle and sink.
 pub const DEFAULT_MAX_RECORDS: usize = 100_000;
 /// Default records per batch handed to a sink.
@@ -60,6 +65,8 @@ pub const MAX_AGENT_ID_LEN: usize = 128;
 pub const DATABASE_SINK: &str = "database";
 /// Name of the sink `CENTRAL_API_URL` defines.
 pub const API_SINK: &str = "api";
+/// Name of the sink `CENTRAL_NATS_URL` defines.
+pub const NATS_SINK: &str = "nats";
 /// Payload field holding the record key when the entity names none.
 pub const DEFAULT_KEY_FIELD: &str = "id";
 
@@ -70,12 +77,14 @@ pub const KEYS: &[&str] = &[
     "STAGING_AREA_PATH",
     "IS_ABSOLUTE_STAGING_AREA_PATH",
     "FAILED_DIR",
+    "INBOX_PATH",
     "STAGING_MAX_BYTES",
     "STAGING_MIN_FREE_BYTES",
     "KEEP_DELIVERED_DAYS",
     "INGEST_ADDR",
     "INGEST_TOKEN",
     "MAX_BODY_BYTES",
+    "INGEST_BODY_TIMEOUT_SECS",
     "FLUSH_ON_WRITE",
     "MAX_RECORDS",
     "BATCH_SIZE",
@@ -84,6 +93,7 @@ pub const KEYS: &[&str] = &[
     "RETRY_MAX_SECS",
     "SHUTDOWN_GRACE_SECS",
     "AGENT_ID",
+    "HEARTBEAT_SECS",
     "LOG_DIR",
     "LOG_LEVEL",
     "CENTRAL_DATABASE_URL",
@@ -93,6 +103,12 @@ pub const KEYS: &[&str] = &[
     "CENTRAL_API_VERIFY_TLS",
     "CENTRAL_API_CA_FILE",
     "CENTRAL_API_CONCURRENCY",
+    "CENTRAL_NATS_URL",
+    "CENTRAL_NATS_TOKEN",
+    "CENTRAL_NATS_SUBJECT",
+    "CENTRAL_NATS_TIMEOUT_SECS",
+    "CENTRAL_NATS_CREATE_STREAM",
+    "CENTRAL_NATS_STREAM",
     "CONFIG_FILE",
 ];
 
@@ -103,6 +119,15 @@ const API_KEYS: &[&str] = &[
     "CENTRAL_API_VERIFY_TLS",
     "CENTRAL_API_CA_FILE",
     "CENTRAL_API_CONCURRENCY",
+];
+
+/// The `CENTRAL_NATS_*` keys other than the URL.
+const NATS_KEYS: &[&str] = &[
+    "CENTRAL_NATS_TOKEN",
+    "CENTRAL_NATS_SUBJECT",
+    "CENTRAL_NATS_TIMEOUT_SECS",
+    "CENTRAL_NATS_CREATE_STREAM",
+    "CENTRAL_NATS_STREAM",
 ];
 
 /// The effective configuration of one agent.
@@ -118,6 +143,8 @@ pub struct Config {
     pub staging_path: PathBuf,
     /// `FAILED_DIR`: dead letters; `None`: `<staging>/_failed`.
     pub failed_dir: Option<PathBuf>,
+    /// `INBOX_PATH`: a drop folder in the staging layout whose files are adopted; `None`: none.
+    pub inbox_path: Option<PathBuf>,
     /// `STAGING_MAX_BYTES`: largest total staging size; `None`: no limit.
     pub staging_max_bytes: Option<u64>,
     /// `STAGING_MIN_FREE_BYTES`: refuse writes below this free disk space.
@@ -130,6 +157,8 @@ pub struct Config {
     pub ingest_token: Option<String>,
     /// `MAX_BODY_BYTES`.
     pub max_body_bytes: usize,
+    /// `INGEST_BODY_TIMEOUT_SECS`: a request body not received in full by then gets 408.
+    pub ingest_body_timeout: Duration,
     /// `FLUSH_ON_WRITE`: deliver right after staging, without waiting for the tick.
     pub flush_on_write: bool,
     /// `MAX_RECORDS`: records per flush cycle and sink.
@@ -145,6 +174,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `AGENT_ID`: this agent's name in the central tables (default: the host name).
     pub agent_id: String,
+    /// `HEARTBEAT_SECS`: how often the agent reports its state to the sinks that take
+    /// heartbeats (default 60 s; zero: never).
+    pub heartbeat: Duration,
     /// `LOG_DIR`: daily log files; `None`: stderr only.
     pub log_dir: Option<PathBuf>,
     /// `LOG_LEVEL`: a tracing filter such as `info` or `estafeta=debug`.
@@ -155,6 +187,8 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Per-entity settings (`[entities.NAME]`).
     pub entities: BTreeMap<String, EntityConfig>,
+    /// SQL sources (`[[sources]]`): queries polled on a schedule.
+    pub sql_sources: Vec<crate::sources::SourceConfig>,
 }
 
 /// One sink.
@@ -170,6 +204,8 @@ pub enum SinkKind {
     Http(crate::sinks::http::HttpSinkConfig),
     /// `postgres://`, `mysql://` or `sqlite://` URL.
     Database(crate::sinks::database::DatabaseSinkConfig),
+    /// NATS JetStream: `nats://` or `tls://` URL.
+    Nats(crate::sinks::nats::NatsSinkConfig),
 }
 
 /// Which sinks get the records of an (action, entity); `None` matches any.
@@ -198,12 +234,14 @@ impl fmt::Debug for Config {
             .field("tz", &self.tz)
             .field("staging_path", &self.staging_path)
             .field("failed_dir", &self.failed_dir)
+            .field("inbox_path", &self.inbox_path)
             .field("staging_max_bytes", &self.staging_max_bytes)
             .field("staging_min_free_bytes", &self.staging_min_free_bytes)
             .field("keep_delivered", &self.keep_delivered)
             .field("ingest_addr", &self.ingest_addr)
             .field("ingest_token", &self.ingest_token.as_ref().map(|_| "***"))
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("ingest_body_timeout", &self.ingest_body_timeout)
             .field("flush_on_write", &self.flush_on_write)
             .field("max_records", &self.max_records)
             .field("batch_size", &self.batch_size)
@@ -212,11 +250,16 @@ impl fmt::Debug for Config {
             .field("retry_max", &self.retry_max)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("agent_id", &self.agent_id)
+            .field("heartbeat", &self.heartbeat)
             .field("log_dir", &self.log_dir)
             .field("log_level", &self.log_level)
             .field("sinks", &self.sinks)
             .field("routes", &self.routes)
             .field("entities", &self.entities.keys().collect::<Vec<_>>())
+            .field(
+                "sql_sources",
+                &self.sql_sources.iter().map(|s| &s.name).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -395,6 +438,12 @@ impl Config {
         push("STAGING_AREA_PATH", self.staging_path.display().to_string());
         push("FAILED_DIR", self.failed_dir().display().to_string());
         push(
+            "INBOX_PATH",
+            self.inbox_path
+                .as_ref()
+                .map_or_else(|| "(none)".to_owned(), |p| p.display().to_string()),
+        );
+        push(
             "STAGING_MAX_BYTES",
             self.staging_max_bytes
                 .map(|b| b.to_string())
@@ -411,6 +460,7 @@ impl Config {
         push("INGEST_ADDR", self.ingest_addr.to_string());
         push("INGEST_TOKEN", shown_secret(self.ingest_token.as_deref()));
         push("MAX_BODY_BYTES", self.max_body_bytes.to_string());
+        push("INGEST_BODY_TIMEOUT_SECS", secs(self.ingest_body_timeout));
         push("FLUSH_ON_WRITE", self.flush_on_write.to_string());
         push("MAX_RECORDS", self.max_records.to_string());
         push("BATCH_SIZE", self.batch_size.to_string());
@@ -419,6 +469,7 @@ impl Config {
         push("RETRY_MAX_SECS", secs(self.retry_max));
         push("SHUTDOWN_GRACE_SECS", secs(self.shutdown_grace));
         push("AGENT_ID", self.agent_id.clone());
+        push("HEARTBEAT_SECS", secs(self.heartbeat));
         push(
             "LOG_DIR",
             self.log_dir
@@ -433,6 +484,16 @@ impl Config {
                 SinkKind::Database(db) => {
                     push(&key("type"), "database".into());
                     push(&key("url"), redact_url(&db.url));
+                    if let Some(apply) = &db.apply {
+                        let files: Vec<String> = apply
+                            .statements()
+                            .map(|s| format!("{}.{}", s.entity, s.action))
+                            .collect();
+                        push(
+                            &key("apply_dir"),
+                            format!("{} ({})", apply.dir.display(), files.join(", ")),
+                        );
+                    }
                 }
                 SinkKind::Http(http) => {
                     push(&key("type"), "http".into());
@@ -450,6 +511,27 @@ impl Config {
                     push(&key("concurrency"), http.concurrency.to_string());
                     for (i, route) in http.routes.iter().enumerate() {
                         push(&key(&format!("routes[{i}]")), describe_http_route(route));
+                    }
+                }
+                SinkKind::Nats(nats) => {
+                    push(&key("type"), "nats".into());
+                    push(&key("url"), redact_url(&nats.url));
+                    push(&key("token"), shown_secret(nats.token.as_deref()));
+                    push(&key("subject"), nats.subject.clone());
+                    push(&key("timeout_secs"), secs(nats.timeout));
+                    push(&key("create_stream"), nats.stream.is_some().to_string());
+                    if let Some(stream) = &nats.stream {
+                        push(&key("stream"), stream.name.clone());
+                        push(&key("stream_subjects"), stream.subjects.join(", "));
+                        push(&key("retention"), stream.retention.as_str().into());
+                        push(&key("replicas"), stream.replicas.to_string());
+                        push(
+                            &key("duplicate_window_secs"),
+                            stream
+                                .duplicate_window
+                                .map(secs)
+                                .unwrap_or_else(|| "(server default, 120)".into()),
+                        );
                     }
                 }
             }
@@ -596,6 +678,8 @@ struct FileConfig {
     routes: Vec<FileRoute>,
     #[serde(default)]
     entities: BTreeMap<String, FileEntity>,
+    #[serde(default)]
+    sources: Vec<crate::sources::FileSource>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -603,6 +687,17 @@ struct FileConfig {
 enum FileSinkType {
     Http,
     Database,
+    Nats,
+}
+
+impl FileSinkType {
+    fn as_str(self) -> &'static str {
+        match self {
+            FileSinkType::Http => "http",
+            FileSinkType::Database => "database",
+            FileSinkType::Nats => "nats",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -619,6 +714,52 @@ struct FileSink {
     concurrency: Option<usize>,
     #[serde(default)]
     routes: Vec<FileHttpRoute>,
+    /// nats: subject template (default `estafeta.{entity}.{action}`).
+    subject: Option<String>,
+    /// nats: create the stream when it does not exist (default false).
+    create_stream: Option<bool>,
+    /// nats: the stream's name (default `ESTAFETA`), with `create_stream`.
+    stream: Option<String>,
+    /// nats: the stream's subjects (default: the template with `*` for placeholders).
+    stream_subjects: Option<Vec<String>>,
+    /// nats: `limits` (default), `interest` or `workqueue`.
+    retention: Option<String>,
+    /// nats: stream replicas, 1 to 5 (default 1).
+    replicas: Option<usize>,
+    /// nats: the stream's duplicate window in seconds (default: the server's, 120).
+    duplicate_window_secs: Option<f64>,
+    /// Database sinks: folder of `<entity>.<action>.sql` apply statements (apply mode),
+    /// relative to the TOML file.
+    apply_dir: Option<PathBuf>,
+    connections: Option<usize>,
+}
+
+impl FileSink {
+    /// The optional fields that are set, with the sink types they apply to.
+    fn typed_fields(&self) -> Vec<(&'static str, bool, &'static [FileSinkType])> {
+        use FileSinkType::{Database, Http, Nats};
+        vec![
+            ("token", self.token.is_some(), &[Http, Nats]),
+            ("timeout_secs", self.timeout_secs.is_some(), &[Http, Nats]),
+            ("verify_tls", self.verify_tls.is_some(), &[Http]),
+            ("ca_file", self.ca_file.is_some(), &[Http]),
+            ("concurrency", self.concurrency.is_some(), &[Http]),
+            ("routes", !self.routes.is_empty(), &[Http]),
+            ("subject", self.subject.is_some(), &[Nats]),
+            ("create_stream", self.create_stream.is_some(), &[Nats]),
+            ("stream", self.stream.is_some(), &[Nats]),
+            ("stream_subjects", self.stream_subjects.is_some(), &[Nats]),
+            ("retention", self.retention.is_some(), &[Nats]),
+            ("replicas", self.replicas.is_some(), &[Nats]),
+            (
+                "duplicate_window_secs",
+                self.duplicate_window_secs.is_some(),
+                &[Nats],
+            ),
+            ("apply_dir", self.apply_dir.is_some(), &[Database]),
+            ("connections", self.connections.is_some(), &[Database]),
+        ]
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -986,6 +1127,7 @@ impl Loader {
             self.cwd.join(staging_given)
         };
         let failed_dir = self.text("FAILED_DIR").map(|d| self.cwd.join(d));
+        let inbox_path = self.text("INBOX_PATH").map(|d| self.cwd.join(d));
         let staging_max_bytes = self.parse_opt("STAGING_MAX_BYTES", |v| {
             parse_size(v).and_then(|b| {
                 if b == 0 {
@@ -1015,6 +1157,11 @@ impl Loader {
         let max_body_bytes = self.parse("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, |v| {
             parse_size(v).and_then(|b| positive_usize(b, "a size above 0 such as 10MiB"))
         });
+        let ingest_body_timeout = self.parse(
+            "INGEST_BODY_TIMEOUT_SECS",
+            Duration::from_secs(DEFAULT_INGEST_BODY_TIMEOUT_SECS),
+            |v| parse_secs(v, false),
+        );
         let flush_on_write = self.parse("FLUSH_ON_WRITE", true, parse_bool);
         let max_records = self.parse("MAX_RECORDS", DEFAULT_MAX_RECORDS, |v| {
             parse_u64(v, "a whole number above 0")
@@ -1050,6 +1197,11 @@ impl Loader {
         let agent_id = self
             .parse_opt("AGENT_ID", |v| validate_agent_id(v).map(|()| v.to_owned()))
             .unwrap_or_else(|| default_agent_id(process_env));
+        let heartbeat = self.parse(
+            "HEARTBEAT_SECS",
+            Duration::from_secs(crate::heartbeat::DEFAULT_HEARTBEAT_SECS),
+            |v| parse_secs(v, true),
+        );
         let log_dir = self.text("LOG_DIR").map(|d| self.cwd.join(d));
         let log_level = self.parse("LOG_LEVEL", DEFAULT_LOG_LEVEL.to_owned(), |v| {
             validate_log_level(v).map(|()| v.to_owned())
@@ -1067,6 +1219,7 @@ impl Loader {
         let names: BTreeSet<&str> = sinks.iter().map(|s| s.name.as_str()).collect();
         let routes = self.routes(&file.routes, &names);
         let entities = self.entities(file.entities, file_dir);
+        let sql_sources = crate::sources::load(&file.sources, file_dir, &mut self.problems);
 
         Config {
             sources: if self.sources.is_empty() {
@@ -1078,12 +1231,14 @@ impl Loader {
             tz,
             staging_path,
             failed_dir,
+            inbox_path,
             staging_max_bytes,
             staging_min_free_bytes,
             keep_delivered: Duration::from_secs(keep_days.saturating_mul(86_400)),
             ingest_addr,
             ingest_token,
             max_body_bytes,
+            ingest_body_timeout,
             flush_on_write,
             max_records,
             batch_size,
@@ -1092,11 +1247,13 @@ impl Loader {
             retry_max,
             shutdown_grace,
             agent_id,
+            heartbeat,
             log_dir,
             log_level,
             sinks,
             routes,
             entities,
+            sql_sources,
         }
     }
 
@@ -1108,6 +1265,9 @@ impl Loader {
     ) -> Vec<SinkConfig> {
         let mut sinks: Vec<SinkConfig> = Vec::new();
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        // (sink name, key, folder): loaded once the URL is final (CENTRAL_DATABASE_URL may
+        // change the dialect).
+        let mut apply_dirs: Vec<(String, String, PathBuf)> = Vec::new();
         for (i, sink) in file_sinks.iter().enumerate() {
             let at = format!("sinks[{i}]");
             if let Err(err) = estafeta_staging::validate_name("sink", &sink.name) {
@@ -1126,30 +1286,53 @@ impl Loader {
                 continue;
             }
             seen.insert(sink.name.clone(), i);
+            for (field, set, types) in sink.typed_fields() {
+                if set && !types.contains(&sink.kind) {
+                    let applies = types
+                        .iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" and ");
+                    self.problem(
+                        format!("{at}.{field}"),
+                        None,
+                        format!(
+                            "applies to {applies} sinks only; remove it from this {} sink",
+                            sink.kind.as_str()
+                        ),
+                    );
+                }
+            }
             let kind = match sink.kind {
+                FileSinkType::Nats => SinkKind::Nats(self.file_nats_sink(&at, sink, agent_id)),
                 FileSinkType::Database => {
-                    for (field, set) in [
-                        ("token", sink.token.is_some()),
-                        ("timeout_secs", sink.timeout_secs.is_some()),
-                        ("verify_tls", sink.verify_tls.is_some()),
-                        ("ca_file", sink.ca_file.is_some()),
-                        ("concurrency", sink.concurrency.is_some()),
-                        ("routes", !sink.routes.is_empty()),
-                    ] {
-                        if set {
-                            self.problem(
-                                format!("{at}.{field}"),
-                                None,
-                                "applies to http sinks only; remove it from this database sink",
-                            );
-                        }
-                    }
                     if let Err(expected) = check_database_url(&sink.url) {
                         self.problem(format!("{at}.url"), Some(redact_url(&sink.url)), expected);
                     }
+                    if let Some(dir) = &sink.apply_dir {
+                        apply_dirs.push((
+                            sink.name.clone(),
+                            format!("{at}.apply_dir"),
+                            file_dir.join(dir),
+                        ));
+                    }
+                    let connections = match sink.connections {
+                        None => crate::sinks::database::DEFAULT_CONNECTIONS,
+                        Some(n @ 1..=2) => n,
+                        Some(n) => {
+                            self.problem(
+                                format!("{at}.connections"),
+                                Some(n.to_string()),
+                                "expected 1 or 2 (connections a PostgreSQL batch is spread over)",
+                            );
+                            crate::sinks::database::DEFAULT_CONNECTIONS
+                        }
+                    };
                     SinkKind::Database(DatabaseSinkConfig {
                         url: sink.url.clone(),
                         agent_id: agent_id.to_owned(),
+                        apply: None,
+                        connections,
                     })
                 }
                 FileSinkType::Http => {
@@ -1209,13 +1392,19 @@ impl Loader {
             });
         }
         self.env_database_sink(&mut sinks, agent_id);
+        for (name, at, dir) in apply_dirs {
+            self.apply_statements(&mut sinks, &name, &at, &dir);
+        }
         self.env_api_sink(&mut sinks);
+        self.env_nats_sink(&mut sinks, agent_id);
         if sinks.is_empty() {
             sinks.push(SinkConfig {
                 name: DATABASE_SINK.into(),
                 kind: SinkKind::Database(DatabaseSinkConfig {
                     url: DEFAULT_DATABASE_URL.into(),
                     agent_id: agent_id.to_owned(),
+                    apply: None,
+                    connections: crate::sinks::database::DEFAULT_CONNECTIONS,
                 }),
             });
         }
@@ -1263,6 +1452,30 @@ impl Loader {
         }
     }
 
+    /// Apply mode: reads and checks the statement files of sink `name` for its final URL's
+    /// dialect; each bad file is a problem naming it.
+    fn apply_statements(&mut self, sinks: &mut [SinkConfig], name: &str, at: &str, dir: &Path) {
+        let Some(SinkConfig {
+            kind: SinkKind::Database(db),
+            ..
+        }) = sinks.iter_mut().find(|s| s.name == name)
+        else {
+            return;
+        };
+        // A bad URL is reported on its own.
+        let Ok(dialect) = Dialect::of(&db.url) else {
+            return;
+        };
+        match ApplyStatements::load(dir, dialect) {
+            Ok(statements) => db.apply = Some(Arc::new(statements)),
+            Err(problems) => {
+                for problem in problems {
+                    self.problem(at, Some(dir.display().to_string()), problem);
+                }
+            }
+        }
+    }
+
     /// `CENTRAL_DATABASE_URL`: the `database` sink (overriding the file's, if it has one).
     fn env_database_sink(&mut self, sinks: &mut Vec<SinkConfig>, agent_id: &str) {
         let Some(url) = self.text("CENTRAL_DATABASE_URL") else {
@@ -1290,6 +1503,8 @@ impl Loader {
                 kind: SinkKind::Database(DatabaseSinkConfig {
                     url,
                     agent_id: agent_id.to_owned(),
+                    apply: None,
+                    connections: crate::sinks::database::DEFAULT_CONNECTIONS,
                 }),
             }),
         }
@@ -1393,6 +1608,215 @@ impl Loader {
         }
     }
 
+    /// A `type = "nats"` sink of the file.
+    fn file_nats_sink(&mut self, at: &str, sink: &FileSink, agent_id: &str) -> NatsSinkConfig {
+        if let Err(expected) = crate::sinks::nats::check_nats_url(&sink.url) {
+            self.problem(format!("{at}.url"), Some(redact_url(&sink.url)), expected);
+        }
+        let timeout = match sink.timeout_secs {
+            Some(t) => secs_from_f64(t, false).unwrap_or_else(|expected| {
+                self.problem(format!("{at}.timeout_secs"), Some(t.to_string()), expected);
+                Duration::from_secs(crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS)
+            }),
+            None => Duration::from_secs(crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS),
+        };
+        let subject = sink
+            .subject
+            .clone()
+            .unwrap_or_else(|| crate::sinks::nats::DEFAULT_SUBJECT.into());
+        if let Err(expected) = crate::sinks::nats::check_subject_template(&subject) {
+            self.problem(format!("{at}.subject"), Some(subject.clone()), expected);
+        }
+        let create = sink.create_stream.unwrap_or(false);
+        if !create {
+            for (field, set) in [
+                ("stream", sink.stream.is_some()),
+                ("stream_subjects", sink.stream_subjects.is_some()),
+                ("retention", sink.retention.is_some()),
+                ("replicas", sink.replicas.is_some()),
+                (
+                    "duplicate_window_secs",
+                    sink.duplicate_window_secs.is_some(),
+                ),
+            ] {
+                if set {
+                    self.problem(
+                        format!("{at}.{field}"),
+                        None,
+                        "is used only to create the stream: set create_stream = true, or remove it",
+                    );
+                }
+            }
+        }
+        let stream = create.then(|| {
+            let name = sink
+                .stream
+                .clone()
+                .unwrap_or_else(|| crate::sinks::nats::DEFAULT_STREAM.into());
+            if let Err(expected) = crate::sinks::nats::check_stream_name(&name) {
+                self.problem(format!("{at}.stream"), Some(name.clone()), expected);
+            }
+            let subjects = sink
+                .stream_subjects
+                .clone()
+                .unwrap_or_else(|| vec![crate::sinks::nats::default_stream_subject(&subject)]);
+            if subjects.is_empty() || subjects.iter().any(|s| s.trim().is_empty()) {
+                self.problem(
+                    format!("{at}.stream_subjects"),
+                    Some(format!("{subjects:?}")),
+                    "expected at least one subject, such as \"estafeta.>\"",
+                );
+            }
+            let retention = match &sink.retention {
+                Some(text) => Retention::parse(text).unwrap_or_else(|expected| {
+                    self.problem(format!("{at}.retention"), Some(text.clone()), expected);
+                    Retention::Limits
+                }),
+                None => Retention::Limits,
+            };
+            let replicas = sink.replicas.unwrap_or(1);
+            if !(1..=crate::sinks::nats::MAX_REPLICAS).contains(&replicas) {
+                self.problem(
+                    format!("{at}.replicas"),
+                    Some(replicas.to_string()),
+                    format!(
+                        "expected 1 to {} (at most the cluster's server count)",
+                        crate::sinks::nats::MAX_REPLICAS
+                    ),
+                );
+            }
+            let duplicate_window = sink.duplicate_window_secs.and_then(|t| {
+                secs_from_f64(t, false)
+                    .map_err(|expected| {
+                        self.problem(
+                            format!("{at}.duplicate_window_secs"),
+                            Some(t.to_string()),
+                            expected,
+                        )
+                    })
+                    .ok()
+            });
+            StreamSettings {
+                name,
+                subjects,
+                retention,
+                replicas,
+                duplicate_window,
+            }
+        });
+        NatsSinkConfig {
+            url: sink.url.clone(),
+            token: sink.token.clone().filter(|t| !t.is_empty()),
+            subject,
+            timeout,
+            agent_id: agent_id.to_owned(),
+            stream,
+        }
+    }
+
+    /// `CENTRAL_NATS_*`: the `nats` sink (overriding the file's, field by field, if it has one).
+    fn env_nats_sink(&mut self, sinks: &mut Vec<SinkConfig>, agent_id: &str) {
+        let url = self.text("CENTRAL_NATS_URL");
+        if let Some(url) = &url
+            && let Err(expected) = crate::sinks::nats::check_nats_url(url)
+        {
+            self.problem(
+                self.label("CENTRAL_NATS_URL"),
+                Some(redact_url(url)),
+                expected,
+            );
+        }
+        let token = self.text("CENTRAL_NATS_TOKEN");
+        let subject = self.parse_opt("CENTRAL_NATS_SUBJECT", |v| {
+            crate::sinks::nats::check_subject_template(v).map(|()| v.to_owned())
+        });
+        let timeout = self.parse_opt("CENTRAL_NATS_TIMEOUT_SECS", |v| parse_secs(v, false));
+        let create_stream = self.parse_opt("CENTRAL_NATS_CREATE_STREAM", parse_bool);
+        let stream_name = self.parse_opt("CENTRAL_NATS_STREAM", |v| {
+            crate::sinks::nats::check_stream_name(v).map(|()| v.to_owned())
+        });
+        match sinks.iter_mut().find(|s| s.name == NATS_SINK) {
+            Some(SinkConfig {
+                kind: SinkKind::Nats(nats),
+                ..
+            }) => {
+                if let Some(url) = url {
+                    nats.url = url;
+                }
+                if token.is_some() {
+                    nats.token = token;
+                }
+                if let Some(subject) = subject {
+                    // The stream's default subjects follow the template.
+                    if let Some(stream) = &mut nats.stream
+                        && stream.subjects
+                            == [crate::sinks::nats::default_stream_subject(&nats.subject)]
+                    {
+                        stream.subjects =
+                            vec![crate::sinks::nats::default_stream_subject(&subject)];
+                    }
+                    nats.subject = subject;
+                }
+                if let Some(timeout) = timeout {
+                    nats.timeout = timeout;
+                }
+                match (create_stream, &mut nats.stream) {
+                    (Some(false), _) => nats.stream = None,
+                    (Some(true), None) => {
+                        nats.stream = Some(default_stream(&nats.subject, stream_name.clone()));
+                    }
+                    _ => {}
+                }
+                if let (Some(name), Some(stream)) = (stream_name, &mut nats.stream) {
+                    stream.name = name;
+                }
+            }
+            Some(_) => {
+                if let Some(key) = std::iter::once("CENTRAL_NATS_URL")
+                    .chain(NATS_KEYS.iter().copied())
+                    .find(|k| self.raw.contains_key(*k))
+                {
+                    self.problem(
+                        self.label(key),
+                        None,
+                        "the CONFIG_FILE already has a sink named \"nats\" of another type; rename that sink",
+                    );
+                }
+            }
+            None => match url {
+                Some(url) => {
+                    let subject =
+                        subject.unwrap_or_else(|| crate::sinks::nats::DEFAULT_SUBJECT.into());
+                    let stream = create_stream
+                        .unwrap_or(false)
+                        .then(|| default_stream(&subject, stream_name));
+                    sinks.push(SinkConfig {
+                        name: NATS_SINK.into(),
+                        kind: SinkKind::Nats(NatsSinkConfig {
+                            url,
+                            token,
+                            subject,
+                            timeout: timeout.unwrap_or(Duration::from_secs(
+                                crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS,
+                            )),
+                            agent_id: agent_id.to_owned(),
+                            stream,
+                        }),
+                    });
+                }
+                None => {
+                    if let Some(raw) = self.raw.get("CENTRAL_NATS_TOKEN").cloned() {
+                        self.problems.push(Problem::sentence(
+                            raw.origin.label("CENTRAL_NATS_TOKEN"),
+                            shown("CENTRAL_NATS_TOKEN", &raw.value),
+                            "is set but CENTRAL_NATS_URL is empty: set CENTRAL_NATS_URL or remove this key",
+                        ));
+                    }
+                }
+            },
+        }
+    }
+
     fn routes(&mut self, file_routes: &[FileRoute], names: &BTreeSet<&str>) -> Vec<Route> {
         let mut routes = Vec::new();
         for (i, route) in file_routes.iter().enumerate() {
@@ -1483,6 +1907,18 @@ impl Loader {
     }
 }
 
+/// The stream `create_stream = true` makes when nothing else is said: `ESTAFETA` (or `name`),
+/// capturing the template's subjects, limits retention, one replica, the server's window.
+fn default_stream(subject: &str, name: Option<String>) -> StreamSettings {
+    StreamSettings {
+        name: name.unwrap_or_else(|| crate::sinks::nats::DEFAULT_STREAM.into()),
+        subjects: vec![crate::sinks::nats::default_stream_subject(subject)],
+        retention: Retention::Limits,
+        replicas: 1,
+        duplicate_window: None,
+    }
+}
+
 /// The value `check-config` shows for a key that is not set.
 fn default_shown(key: &str) -> String {
     match key {
@@ -1491,11 +1927,13 @@ fn default_shown(key: &str) -> String {
         "STAGING_AREA_PATH" => DEFAULT_STAGING_AREA_PATH.into(),
         "IS_ABSOLUTE_STAGING_AREA_PATH" => "false".into(),
         "FAILED_DIR" => "(<staging>/_failed)".into(),
+        "INBOX_PATH" => "(none)".into(),
         "STAGING_MAX_BYTES" => "(no limit)".into(),
         "STAGING_MIN_FREE_BYTES" => estafeta_staging::DEFAULT_MIN_FREE_BYTES.to_string(),
         "KEEP_DELIVERED_DAYS" => "0".into(),
         "INGEST_ADDR" => DEFAULT_INGEST_ADDR.into(),
         "MAX_BODY_BYTES" => DEFAULT_MAX_BODY_BYTES.to_string(),
+        "INGEST_BODY_TIMEOUT_SECS" => DEFAULT_INGEST_BODY_TIMEOUT_SECS.to_string(),
         "FLUSH_ON_WRITE" => "true".into(),
         "MAX_RECORDS" => DEFAULT_MAX_RECORDS.to_string(),
         "BATCH_SIZE" => DEFAULT_BATCH_SIZE.to_string(),
@@ -1503,19 +1941,26 @@ fn default_shown(key: &str) -> String {
         "RETRY_BASE_SECS" => DEFAULT_RETRY_BASE_SECS.to_string(),
         "RETRY_MAX_SECS" => DEFAULT_RETRY_MAX_SECS.to_string(),
         "SHUTDOWN_GRACE_SECS" => DEFAULT_SHUTDOWN_GRACE_SECS.to_string(),
+        "HEARTBEAT_SECS" => crate::heartbeat::DEFAULT_HEARTBEAT_SECS.to_string(),
         "LOG_DIR" => "(stderr only)".into(),
         "LOG_LEVEL" => DEFAULT_LOG_LEVEL.into(),
         "CENTRAL_DATABASE_URL" => format!("({DEFAULT_DATABASE_URL} when no sink is configured)"),
         "CENTRAL_API_TIMEOUT_SECS" => DEFAULT_API_TIMEOUT_SECS.to_string(),
         "CENTRAL_API_VERIFY_TLS" => "true".into(),
         "CENTRAL_API_CONCURRENCY" => DEFAULT_API_CONCURRENCY.to_string(),
+        "CENTRAL_NATS_SUBJECT" => crate::sinks::nats::DEFAULT_SUBJECT.into(),
+        "CENTRAL_NATS_TIMEOUT_SECS" => crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS.to_string(),
+        "CENTRAL_NATS_CREATE_STREAM" => "false".into(),
+        "CENTRAL_NATS_STREAM" => crate::sinks::nats::DEFAULT_STREAM.into(),
         _ => "(not set)".into(),
     }
 }
 
-/// `.env` text with every unquoted value that holds spaces (`CRONTAB=*/5 * * * * # note`)
-/// single-quoted, comment dropped, as python-dotenv (the seeds' reader) reads it; dotenvy
-/// refuses such lines. Lines inside a multi-line quoted value are left alone.
+/// `.env` text with every unquoted value that holds spaces (`CRONTAB=*/5 * * * * # note`) or
+/// backslashes (`FAILED_DIR=C:\Estafeta\failed`, a Windows path) single-quoted, comment
+/// dropped, as python-dotenv (the seeds' reader) reads it: literally. dotenvy refuses the first
+/// and reads `\` in the second as an escape. Lines inside a multi-line quoted value are left
+/// alone.
 fn quote_unquoted_spaces(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
     let mut open: Option<char> = None;
@@ -1551,7 +1996,7 @@ fn quote_unquoted_spaces(text: &str) -> String {
                     None => value,
                 };
                 if is_env_name(key.trim())
-                    && value.contains(char::is_whitespace)
+                    && (value.contains(char::is_whitespace) || value.contains('\\'))
                     && !value.contains('\'')
                     && !trimmed.starts_with('#')
                 {

@@ -3,6 +3,7 @@
 //! drop into the staging tree, then runs until `shutdown` resolves. Stopping refuses new
 //! writes (503), stops accepting connections, cancels the batchers and waits at most
 //! `SHUTDOWN_GRACE_SECS` for the work in flight; whatever is not settled by then stays pending.
+//! Under systemd it reports ready, stopping and watchdog pings (see [`crate::notify`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -52,8 +53,14 @@ pub async fn run(
         let (kind, url) = match &sink.kind {
             SinkKind::Http(http) => ("http", &http.url),
             SinkKind::Database(database) => ("database", &database.url),
+            SinkKind::Nats(nats) => ("nats", &nats.url),
         };
         info!(sink = %sink.name, kind, url = %crate::sinks::redact_url(url), "Sink configured.");
+        if let SinkKind::Database(database) = &sink.kind
+            && let Some(apply) = &database.apply
+        {
+            info!(sink = %sink.name, apply_dir = %apply.dir.display(), statements = apply.statements().count(), "Apply mode: records with a statement file are applied to the real tables.");
+        }
     }
     if config.sinks.is_empty() {
         warn!("No sink is configured: records are staged but delivered nowhere.");
@@ -113,6 +120,16 @@ pub async fn run(
         Some(state.subscribe_writes()),
     )?;
     batcher.spawn(&sinks, &tracker, &cancel, deliver_grace);
+    tracker.spawn(crate::heartbeat::run(
+        store.clone(),
+        sinks.clone(),
+        config.clone(),
+        cancel.clone(),
+    ));
+    let wake = state.clone();
+    crate::sources::spawn_all(&store, &config, &tracker, &cancel, move || {
+        wake.notify_write()
+    });
     tracker.spawn(scan_foreign(
         store,
         config.clone(),
@@ -120,6 +137,9 @@ pub async fn run(
         cancel.clone(),
     ));
     info!(sinks = sinks.len(), crontab = %config.crontab, flush_on_write = config.flush_on_write, "Estafeta is running.");
+    // systemd (Type=notify): up now; the watchdog pings run until the drain below is over.
+    crate::notify::ready(&format!("Running; ingest API on {bound}."));
+    let watchdog = crate::notify::spawn_watchdog();
 
     tokio::pin!(shutdown);
     tokio::pin!(server);
@@ -132,6 +152,7 @@ pub async fn run(
         grace_secs = config.shutdown_grace.as_secs_f64(),
         "Stopping: refusing new records and draining."
     );
+    crate::notify::stopping("Stopping: draining the delivery in flight.");
     state.begin_shutdown();
     cancel.cancel();
     tracker.close();
@@ -142,6 +163,9 @@ pub async fn run(
         warn!(
             "The grace period ran out; records still in flight stay pending and are sent after the next start."
         );
+    }
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
     }
     match server_failed {
         Some(Ok(Ok(()))) | None => {
@@ -197,7 +221,14 @@ async fn scan_foreign(
             let key_of = |entity: &str, payload: &serde_json::Value| {
                 ingest::handlers::key_of(payload, config.key_field(entity))
             };
-            store.adopt_foreign(&key_of, FOREIGN_QUIET)
+            let mut report = store.adopt_foreign(&key_of, FOREIGN_QUIET)?;
+            if let Some(inbox) = &config.inbox_path {
+                let inbox_report = store.adopt_inbox(inbox, &key_of, FOREIGN_QUIET)?;
+                report.adopted += inbox_report.adopted;
+                report.waiting += inbox_report.waiting;
+                report.moved_aside.extend(inbox_report.moved_aside);
+            }
+            Ok::<_, estafeta_staging::StoreError>(report)
         })
         .await;
         match scan {

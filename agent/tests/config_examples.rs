@@ -105,3 +105,142 @@ fn toml_example_loads_with_two_sinks_routes_and_entities() {
         "the example's sinks build"
     );
 }
+
+/// Every key of `KEYS` appears in `text`, set (`KEY=`) or commented (`#KEY=`); the first key
+/// is CRONTAB, as in the seed.
+fn assert_lists_every_key(name: &str, text: &str) {
+    for key in KEYS {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("#{key}=")) || l.starts_with(&format!("{key}="))),
+            "{key} is missing from {name}"
+        );
+    }
+    let first_key = text.lines().find_map(|l| {
+        let (key, _) = l.trim_start_matches('#').split_once('=')?;
+        (!key.is_empty() && key.chars().all(|c| c.is_ascii_uppercase() || c == '_')).then_some(key)
+    });
+    assert_eq!(first_key, Some("CRONTAB"), "CRONTAB comes first in {name}");
+}
+
+#[test]
+fn readme_configuration_table_has_a_row_for_every_key() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("read README.md");
+    for key in KEYS {
+        assert!(
+            readme.contains(&format!("| `{key}` |")),
+            "README.md's configuration table has no row for {key}"
+        );
+    }
+}
+
+#[test]
+fn deb_env_file_lists_every_key_and_loads_with_the_package_paths() {
+    let path = repo_root().join("installer/debian/estafeta.env");
+    let text = std::fs::read_to_string(&path).expect("read installer/debian/estafeta.env");
+    assert_lists_every_key("installer/debian/estafeta.env", &text);
+    let active: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        active,
+        vec![
+            "CRONTAB=\"* * * * *\"",
+            "STAGING_AREA_PATH=/var/lib/estafeta/staging",
+            "IS_ABSOLUTE_STAGING_AREA_PATH=true",
+            "LOG_DIR=/var/log/estafeta",
+        ],
+        "only the package's own paths are set; every other key stays commented"
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = Config::inspect(dir.path(), Some(&path), &BTreeMap::new())
+        .result
+        .unwrap_or_else(|err| panic!("installer/debian/estafeta.env refused:\n{err}"));
+    assert_eq!(config.staging_path, Path::new("/var/lib/estafeta/staging"));
+    assert_eq!(config.crontab, "* * * * *");
+    assert_eq!(config.sink_names(), vec!["database".to_string()]);
+    assert_eq!(
+        config.log_dir.as_deref(),
+        Some(Path::new("/var/log/estafeta"))
+    );
+}
+
+#[test]
+fn windows_env_template_lists_every_key_and_loads_once_its_data_dir_is_filled_in() {
+    let path = repo_root().join("installer/windows/estafeta.env.default");
+    let text = std::fs::read_to_string(&path).expect("read installer/windows/estafeta.env.default");
+    assert_lists_every_key("installer/windows/estafeta.env.default", &text);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let template = dir.path().join("estafeta.env.default");
+    // The template's paths use `\`: on this (Unix) test machine stand in `/` so the absolute
+    // path check applies; the Wine check in scripts/package-msi loads the real thing.
+    std::fs::write(&template, text.replace('\\', "/")).expect("write template");
+    let env_file = dir.path().join("data").join("estafeta.env");
+    let outcome = estafeta::winservice::prepare_env_file(&env_file, &template).expect("prepare");
+    assert_eq!(outcome, estafeta::winservice::EnvFile::Created);
+    let config = Config::inspect(dir.path(), Some(&env_file), &BTreeMap::new())
+        .result
+        .unwrap_or_else(|err| panic!("the filled-in Windows template was refused:\n{err}"));
+    let data = std::path::absolute(dir.path().join("data")).expect("absolute");
+    assert_eq!(config.staging_path, data.join("staging"));
+}
+
+#[test]
+fn backslashes_in_unquoted_env_values_are_kept() {
+    // Windows paths in the service's env file: `C:\ProgramData\Estafeta\staging`.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let env_file = dir.path().join("estafeta.env");
+    std::fs::write(&env_file, "STAGING_AREA_PATH=a\\b\\staging\n").expect("write");
+    let config = Config::inspect(dir.path(), Some(&env_file), &BTreeMap::new())
+        .result
+        .unwrap_or_else(|err| panic!("refused:\n{err}"));
+    assert_eq!(config.staging_path, dir.path().join("a\\b\\staging"));
+}
+
+#[test]
+fn aghu_user_sync_example_loads_its_statements_for_both_dialects() {
+    let root = repo_root();
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (url, dialect) in [
+        (
+            "postgres://invenzi@db.hospital.example:5432/invenzi",
+            "postgres",
+        ),
+        (
+            "mysql://invenzi@db.hospital.example:3306/invenzi",
+            "mariadb",
+        ),
+    ] {
+        let env: BTreeMap<String, String> = [
+            (
+                "CONFIG_FILE",
+                root.join("examples/aghu-user-sync/estafeta.toml")
+                    .display()
+                    .to_string(),
+            ),
+            ("INVENZI_DATABASE_URL", url.to_owned()),
+            ("INVENZI_DIALECT", dialect.to_owned()),
+            (
+                "AGHU_DATABASE_URL",
+                "postgres://leitor@aghu.hospital.example:5432/aghu".to_owned(),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let config = Config::inspect(dir.path(), None, &env)
+            .result
+            .unwrap_or_else(|err| panic!("examples/aghu-user-sync/estafeta.toml refused:\n{err}"));
+        let SinkKind::Database(db) = &config.sinks[0].kind else {
+            panic!("expected a database sink, got {:?}", config.sinks[0].kind);
+        };
+        let apply = db.apply.as_ref().expect("apply mode is on");
+        let names: Vec<String> = apply
+            .statements()
+            .map(|s| format!("{}.{}", s.entity, s.action))
+            .collect();
+        assert_eq!(names, ["usuario.deactivate", "usuario.upsert"], "{dialect}");
+        assert_eq!(config.key_field("usuario"), "matricula");
+    }
+}

@@ -511,3 +511,203 @@ fn a_seed_style_env_file_with_an_unquoted_crontab_is_read() {
     assert_eq!(config.crontab, "*/5 * * * *");
     assert_eq!(config.staging_path, absolute);
 }
+
+#[test]
+fn central_nats_url_adds_a_nats_sink_with_its_defaults_and_hides_its_token() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = load(
+        dir.path(),
+        &[
+            ("CENTRAL_NATS_URL", "nats://s3cr3t-tok@127.0.0.1:4222"),
+            ("AGENT_ID", "ws-01"),
+        ],
+    );
+    assert_eq!(config.sink_names(), vec!["nats".to_string()]);
+    match &config.sinks[0].kind {
+        SinkKind::Nats(nats) => {
+            assert_eq!(nats.subject, "estafeta.{entity}.{action}");
+            assert_eq!(nats.timeout, Duration::from_secs(10));
+            assert_eq!(nats.agent_id, "ws-01");
+            assert!(nats.stream.is_none(), "no stream creation by default");
+        }
+        other => panic!("expected a nats sink, got {other:?}"),
+    }
+    let shown = format!("{:?} {:?}", config.redacted(), config);
+    assert!(!shown.contains("s3cr3t-tok"), "{shown}");
+    let settings = inspect(
+        dir.path(),
+        &[
+            ("CENTRAL_NATS_URL", "nats://u:pa55@127.0.0.1:4222"),
+            ("CENTRAL_NATS_TOKEN", "t0k"),
+        ],
+    )
+    .settings;
+    let text = format!("{settings:?}");
+    assert!(!text.contains("pa55") && !text.contains("t0k"), "{text}");
+
+    let config = load(
+        dir.path(),
+        &[
+            ("CENTRAL_NATS_URL", "nats://127.0.0.1:4222"),
+            ("CENTRAL_NATS_SUBJECT", "h.{agent}.{entity}"),
+            ("CENTRAL_NATS_CREATE_STREAM", "yes"),
+            ("CENTRAL_NATS_STREAM", "FLEET"),
+            ("CENTRAL_NATS_TIMEOUT_SECS", "2.5"),
+        ],
+    );
+    match &config.sinks[0].kind {
+        SinkKind::Nats(nats) => {
+            let stream = nats.stream.as_ref().expect("create_stream");
+            assert_eq!(stream.name, "FLEET");
+            assert_eq!(stream.subjects, vec!["h.*.*".to_string()]);
+            assert_eq!(stream.replicas, 1);
+            assert_eq!(nats.timeout, Duration::from_millis(2500));
+        }
+        other => panic!("expected a nats sink, got {other:?}"),
+    }
+}
+
+#[test]
+fn nats_mistakes_are_reported_with_key_and_expectation() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let err = refuse(
+        dir.path(),
+        &[
+            ("CENTRAL_NATS_URL", "http://u:hunter2@127.0.0.1:4222"),
+            ("CENTRAL_NATS_SUBJECT", "estafeta.*.{key}"),
+            ("CENTRAL_NATS_STREAM", "A.B"),
+        ],
+    );
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "CENTRAL_NATS_URL",
+            "CENTRAL_NATS_SUBJECT",
+            "CENTRAL_NATS_STREAM"
+        ],
+        "{err}"
+    );
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+
+    let err = refuse(dir.path(), &[("CENTRAL_NATS_TOKEN", "t")]);
+    assert!(
+        err.to_string().contains("CENTRAL_NATS_URL is empty"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_toml_nats_sink_takes_stream_settings_and_refuses_fields_of_other_types() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(
+        dir.path(),
+        "estafeta.toml",
+        r#"
+[[sinks]]
+name = "nats"
+type = "nats"
+url = "nats://127.0.0.1:4222"
+subject = "estafeta.{agent}.{entity}.{action}"
+create_stream = true
+stream = "FLEET"
+stream_subjects = ["estafeta.>"]
+retention = "workqueue"
+replicas = 3
+duplicate_window_secs = 3600
+"#,
+    );
+    let config = load(
+        dir.path(),
+        &[
+            ("CONFIG_FILE", "estafeta.toml"),
+            ("CENTRAL_NATS_TIMEOUT_SECS", "4"),
+        ],
+    );
+    match &config.sinks[0].kind {
+        SinkKind::Nats(nats) => {
+            let stream = nats.stream.as_ref().expect("create_stream");
+            assert_eq!(stream.name, "FLEET");
+            assert_eq!(stream.subjects, vec!["estafeta.>".to_string()]);
+            assert_eq!(
+                stream.retention,
+                estafeta::sinks::nats::Retention::WorkQueue
+            );
+            assert_eq!(stream.replicas, 3);
+            assert_eq!(stream.duplicate_window, Some(Duration::from_secs(3600)));
+            assert_eq!(nats.timeout, Duration::from_secs(4), "environment wins");
+        }
+        other => panic!("expected a nats sink, got {other:?}"),
+    }
+    let config = load(
+        dir.path(),
+        &[
+            ("CONFIG_FILE", "estafeta.toml"),
+            ("CENTRAL_NATS_CREATE_STREAM", "false"),
+        ],
+    );
+    assert!(
+        matches!(&config.sinks[0].kind, SinkKind::Nats(n) if n.stream.is_none()),
+        "{config:?}"
+    );
+
+    write(
+        dir.path(),
+        "bad.toml",
+        r#"
+[[sinks]]
+name = "fleet"
+type = "nats"
+url = "nats://127.0.0.1:4222"
+concurrency = 4
+replicas = 9
+
+[[sinks]]
+name = "api"
+type = "http"
+url = "https://central.example"
+subject = "x"
+"#,
+    );
+    let err = refuse(dir.path(), &[("CONFIG_FILE", "bad.toml")]);
+    let text = err.to_string();
+    assert!(
+        text.contains(
+            "sinks[0].concurrency: applies to http sinks only; remove it from this nats sink"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("sinks[0].replicas: is used only to create the stream"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "sinks[1].subject: applies to nats sinks only; remove it from this http sink"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_postgresql_sink_takes_one_or_two_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |n: &str| {
+        format!(
+            "[[sinks]]\nname = \"central\"\ntype = \"database\"\nurl = \"postgres://u@db.example/central\"\nconnections = {n}\n"
+        )
+    };
+    write(dir.path(), "one.toml", &toml("1"));
+    let config = load(dir.path(), &[("CONFIG_FILE", "one.toml")]);
+    let SinkKind::Database(db) = &config.sinks[0].kind else {
+        panic!("expected a database sink");
+    };
+    assert_eq!(db.connections, 1);
+    write(dir.path(), "three.toml", &toml("3"));
+    let err = refuse(dir.path(), &[("CONFIG_FILE", "three.toml")]);
+    assert!(
+        err.to_string()
+            .contains("sinks[0].connections=3: expected 1 or 2"),
+        "{err}"
+    );
+}

@@ -24,12 +24,14 @@ fn test_config(root: &std::path::Path) -> Config {
         tz: None,
         staging_path: root.to_path_buf(),
         failed_dir: None,
+        inbox_path: None,
         staging_max_bytes: None,
         staging_min_free_bytes: 0,
         keep_delivered: Duration::ZERO,
         ingest_addr: "127.0.0.1:0".parse().expect("valid address"),
         ingest_token: None,
         max_body_bytes: 4096,
+        ingest_body_timeout: Duration::from_secs(30),
         flush_on_write: true,
         max_records: 1000,
         batch_size: 100,
@@ -38,11 +40,13 @@ fn test_config(root: &std::path::Path) -> Config {
         retry_max: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(5),
         agent_id: "test-agent".into(),
+        heartbeat: Duration::ZERO,
         log_dir: None,
         log_level: "info".into(),
         sinks: Vec::new(),
         routes: Vec::new(),
         entities: BTreeMap::new(),
+        sql_sources: Vec::new(),
     }
 }
 

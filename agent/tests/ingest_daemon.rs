@@ -20,12 +20,14 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
         tz: None,
         staging_path: root.to_path_buf(),
         failed_dir: None,
+        inbox_path: None,
         staging_max_bytes: None,
         staging_min_free_bytes: 0,
         keep_delivered: Duration::ZERO,
         ingest_addr: addr,
         ingest_token: None,
         max_body_bytes: 4096,
+        ingest_body_timeout: Duration::from_secs(30),
         flush_on_write: true,
         max_records: 1000,
         batch_size: 100,
@@ -34,6 +36,7 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
         retry_max: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(2),
         agent_id: "test-agent".into(),
+        heartbeat: Duration::ZERO,
         log_dir: None,
         log_level: "info".into(),
         sinks: vec![SinkConfig {
@@ -50,6 +53,7 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
         }],
         routes: Vec::new(),
         entities: BTreeMap::new(),
+        sql_sources: Vec::new(),
     }
 }
 

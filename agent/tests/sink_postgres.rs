@@ -30,6 +30,8 @@ fn sink_at(url: &str, agent: &str) -> Arc<dyn Sink> {
         DatabaseSinkConfig {
             url: url.to_owned(),
             agent_id: agent.to_owned(),
+            apply: None,
+            connections: estafeta::sinks::database::DEFAULT_CONNECTIONS,
         },
     )
     .expect("a valid PostgreSQL URL")

@@ -18,6 +18,8 @@ fn sink_at(path: &Path) -> Arc<dyn Sink> {
         DatabaseSinkConfig {
             url: format!("sqlite://{}", path.display()),
             agent_id: agent_id(),
+            apply: None,
+            connections: estafeta::sinks::database::DEFAULT_CONNECTIONS,
         },
     )
     .expect("a valid SQLite URL")

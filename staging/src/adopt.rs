@@ -16,12 +16,16 @@ use crate::layout;
 use crate::record::{ClientKey, NewRecord, validate_name};
 use crate::store::Staging;
 
+/// Adopts the files under `root`: the staging tree itself, or an inbox folder (`INBOX_PATH`)
+/// laid out the same way. `label` tells their idempotency keys apart.
 pub fn adopt(
     store: &Staging,
+    root: &Path,
+    label: &str,
     key_of: &dyn Fn(&str, &serde_json::Value) -> Option<String>,
     quiet: Duration,
 ) -> Result<AdoptReport, StoreError> {
-    let root = store.root().to_path_buf();
+    let root = root.to_path_buf();
     let mut candidates: Vec<_> = layout::walk_day_files(&root)
         .map_err(|e| StoreError::io("read", &root, e))?
         .into_iter()
@@ -63,6 +67,7 @@ pub fn adopt(
             Err(reason) => {
                 report.moved_aside.push(move_aside(
                     store,
+                    &root,
                     &path,
                     &format!("not valid JSON: {reason}"),
                 )?);
@@ -72,7 +77,7 @@ pub fn adopt(
         if let Err(e) = validate_name("action", &action).and(validate_name("entity", &entity)) {
             report
                 .moved_aside
-                .push(move_aside(store, &path, &e.to_string())?);
+                .push(move_aside(store, &root, &path, &e.to_string())?);
             continue;
         }
         let rel = layout::rel_string(&root, &path);
@@ -83,7 +88,7 @@ pub fn adopt(
                 reason: e.to_string(),
             })?;
         let client_key = ClientKey {
-            key: format!("adopt:{rel}"),
+            key: format!("{label}:{rel}"),
             fingerprint: format!("crc32:{:08x}:{}", crc32fast::hash(&bytes), bytes.len()),
         };
         match store.stage_batch(vec![record], Some(client_key)) {
@@ -97,6 +102,7 @@ pub fn adopt(
                 // Same path adopted before with other content: a new file reused the name.
                 report.moved_aside.push(move_aside(
                     store,
+                    &root,
                     &path,
                     "a file with this name was adopted before with different content",
                 )?);
@@ -120,8 +126,13 @@ pub fn adopt(
 
 /// Moves a foreign file to the same place under the dead-letter folder, with a
 /// `<name>.error.txt` beside it saying why.
-fn move_aside(store: &Staging, path: &Path, reason: &str) -> Result<MovedAside, StoreError> {
-    let rel = path.strip_prefix(store.root()).unwrap_or(path);
+fn move_aside(
+    store: &Staging,
+    root: &Path,
+    path: &Path,
+    reason: &str,
+) -> Result<MovedAside, StoreError> {
+    let rel = path.strip_prefix(root).unwrap_or(path);
     let to = store.failed_dir().join(rel);
     if let Some(dir) = to.parent() {
         layout::create_dir_durable(dir).map_err(|e| StoreError::io("create folder", dir, e))?;
@@ -133,7 +144,7 @@ fn move_aside(store: &Staging, path: &Path, reason: &str) -> Result<MovedAside, 
         .map_err(|e| StoreError::io("write", Path::new(&note), e))?;
     if let Some(dir) = path.parent() {
         let _ = layout::sync_dir(dir);
-        layout::prune_empty_dirs(store.root(), dir);
+        layout::prune_empty_dirs(root, dir);
     }
     tracing::warn!(file = %path.display(), moved_to = %to.display(), reason, "Moved a foreign file aside.");
     Ok(MovedAside {

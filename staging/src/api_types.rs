@@ -189,3 +189,16 @@ pub struct AdoptReport {
     pub waiting: u64,
     pub moved_aside: Vec<MovedAside>,
 }
+
+/// A source's checkpoint and last run, as `estafeta sources` shows them.
+#[derive(Debug, Clone, Serialize, Default, PartialEq, Eq)]
+pub struct SourceState {
+    pub name: String,
+    /// JSON text of the last row's checkpoint column(s); `None` before the first row.
+    pub checkpoint: Option<String>,
+    /// RFC 3339 UTC.
+    pub last_run_at: Option<String>,
+    /// Rows the last cycle read.
+    pub last_rows: Option<u64>,
+    pub last_error: Option<String>,
+}

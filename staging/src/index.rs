@@ -57,6 +57,17 @@ CREATE TABLE IF NOT EXISTS client_keys (
     receipts    TEXT NOT NULL,             -- JSON array of receipts, the first answer
     created_at  INTEGER NOT NULL
 );
+-- Sources' checkpoints and last runs. `checkpoint` (JSON text, NULL before the first row) is
+-- advanced with the records that carry it (`insert_record`); `checkpoint_seq` is the seq of
+-- the record that set it, so re-reading older records after a crash never moves it back.
+CREATE TABLE IF NOT EXISTS sources (
+    name            TEXT PRIMARY KEY,
+    checkpoint      TEXT,
+    checkpoint_seq  INTEGER NOT NULL DEFAULT 0,
+    last_run_at     TEXT,
+    last_rows       INTEGER,
+    last_error      TEXT
+);
 CREATE TABLE IF NOT EXISTS sinks (
     name            TEXT PRIMARY KEY,
     last_success_at TEXT,
@@ -78,6 +89,9 @@ pub fn open(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
     conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", if durable { "FULL" } else { "NORMAL" })?;
+    // The WAL grows with a burst and SQLite keeps its size afterwards; cut it back to 4 MiB
+    // at each checkpoint, so a drained agent does not hold the burst's disk space.
+    conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
     conn.execute_batch(SCHEMA)?;
     #[cfg(unix)]
     restrict_permissions(path);
@@ -167,6 +181,15 @@ pub fn insert_record(
     )?;
     for sink in &env.sinks {
         stmt.execute(params![sink, env.seq as i64, env.entity, okey])?;
+    }
+    if let Some(mark) = &env.source {
+        conn.prepare_cached(
+            "INSERT INTO sources (name, checkpoint, checkpoint_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET checkpoint = excluded.checkpoint,
+                                             checkpoint_seq = excluded.checkpoint_seq
+              WHERE excluded.checkpoint_seq > sources.checkpoint_seq",
+        )?
+        .execute(params![mark.name, mark.checkpoint, env.seq as i64])?;
     }
     Ok(true)
 }

@@ -82,6 +82,7 @@
 
 mod adopt;
 mod api_types;
+mod checkpoints;
 mod dead;
 mod error;
 mod index;

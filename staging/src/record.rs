@@ -109,7 +109,21 @@ pub struct Envelope {
     pub client_fingerprint: Option<String>,
     /// Sinks this record is routed to.
     pub sinks: Vec<String>,
+    /// On the last record a source stages in one commit: the source's checkpoint after it.
+    /// It lives in the segment, beside the records it produced, so that the index's copy can
+    /// be rebuilt with them after a crash: a row is then never read twice nor skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceMark>,
     pub payload: Box<RawValue>,
+}
+
+/// A source's checkpoint, carried by the last record it staged (see [`Envelope::source`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceMark {
+    /// The source's name.
+    pub name: String,
+    /// The checkpoint as JSON text: the last row's value of the checkpoint column(s).
+    pub checkpoint: String,
 }
 
 /// Delivery state of a record for one sink.

@@ -332,6 +332,10 @@ pub fn cleanup(store: &Staging, client_key_ttl: Duration) -> Result<CleanupRepor
         })?
         .collect::<Result<_, _>>()?
     };
+    if !done.is_empty() {
+        // The segments about to go may hold sources' latest checkpoints: keep them first.
+        crate::checkpoints::save(&store.db(), &shared.state_dir)?;
+    }
     for (id, rel, len, max_seq) in done {
         let path = shared.root.join(&rel);
         {

@@ -171,6 +171,7 @@ mod tests {
             client_key: None,
             client_fingerprint: None,
             sinks: vec!["db".into()],
+            source: None,
             payload: RawValue::from_string(r#"{"nome":"Ana","n":1.50}"#.into()).unwrap(),
         }
     }

@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     blocked: Mutex<Option<String>>,
     #[cfg(feature = "fault-injection")]
     pub fail_next_sync: AtomicBool,
+    #[cfg(feature = "fault-injection")]
+    pub fail_next_index: AtomicBool,
 }
 
 impl Shared {
@@ -138,6 +140,8 @@ impl Staging {
             blocked: Mutex::new(None),
             #[cfg(feature = "fault-injection")]
             fail_next_sync: AtomicBool::new(false),
+            #[cfg(feature = "fault-injection")]
+            fail_next_index: AtomicBool::new(false),
         });
         let mut seq_file = writer::open_seq_file(&state_dir)
             .map_err(|e| StoreError::io("open", state_dir.join("seq"), e))?;
@@ -192,6 +196,10 @@ impl Staging {
         for sink in &shared.opts.sinks {
             db.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?1)", [sink])?;
         }
+        crate::checkpoints::restore(&db, &state_dir)?;
+        // Opening read the whole index (quick_check, recovery) through SQLite's page cache, up
+        // to 2 MB that an idle agent would keep for nothing: give it back.
+        db.execute_batch("PRAGMA shrink_memory")?;
         let (owner, owner_lock) = crate::leases::register(&state_dir)?;
         report.leases_released = crate::leases::release_orphaned(&db, &state_dir, &owner)?;
 
@@ -239,6 +247,17 @@ impl Staging {
             .store(true, Ordering::SeqCst);
     }
 
+    /// Test hook: the next group's lines reach the disk but its index commit fails, as on a
+    /// disk that fills up between the two.
+    #[cfg(feature = "fault-injection")]
+    #[doc(hidden)]
+    pub fn inject_index_failure(&self) {
+        self.inner
+            .shared
+            .fail_next_index
+            .store(true, Ordering::SeqCst);
+    }
+
     pub(crate) fn shared(&self) -> &Shared {
         &self.inner.shared
     }
@@ -278,6 +297,36 @@ impl Staging {
         client_key: Option<ClientKey>,
         when_durable: impl FnOnce(Result<Staged, StageError>) + Send + 'static,
     ) -> Result<(), StageError> {
+        self.queue(records, client_key, None, Reply::new(when_durable))
+    }
+
+    /// Stages the records a source read from a database and advances the source's checkpoint
+    /// in the same commit: after a crash at any moment, either both are there or neither is,
+    /// so no row is skipped and none is staged twice. Blocking.
+    pub fn stage_from_source(
+        &self,
+        records: Vec<NewRecord>,
+        mark: SourceMark,
+    ) -> Result<Staged, StageError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.queue(
+            records,
+            None,
+            Some(mark),
+            Reply::new(move |staged| {
+                let _ = reply.send(staged);
+            }),
+        )?;
+        answer.recv().map_err(|_| StageError::Closed)?
+    }
+
+    fn queue(
+        &self,
+        records: Vec<NewRecord>,
+        client_key: Option<ClientKey>,
+        source: Option<SourceMark>,
+        reply: Reply,
+    ) -> Result<(), StageError> {
         if records.is_empty() {
             return Err(StageError::Invalid(
                 "nothing to stage: the batch is empty".into(),
@@ -292,11 +341,12 @@ impl Staging {
             .collect::<Result<Vec<_>, _>>()?;
         let sender = lock(&self.inner.tx).clone().ok_or(StageError::Closed)?;
         sender
-            .send(Message::Stage(StageRequest {
+            .send(Message::Stage(Box::new(StageRequest {
                 records: prepared,
                 client_key,
-                reply: Reply::new(when_durable),
-            }))
+                source,
+                reply,
+            })))
             .map_err(|_| StageError::Closed)
     }
 
@@ -385,10 +435,14 @@ impl Staging {
         let lease_until = now + self.inner.shared.opts.lease.as_millis() as i64;
         let leased: Vec<(u64, u32, i64, i64, String)> = {
             let mut db = self.db();
-            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let rows = {
-                let mut stmt = tx.prepare_cached(
-                    "SELECT d.seq, d.attempts, r.offset, r.len, s.path
+            // A lease promises nothing to anyone: if a power cut loses it, its records are
+            // simply pending again and are sent again (delivery is idempotent). So its commit
+            // does not wait for the disk; the next durable commit (an ack) syncs it along.
+            with_relaxed_sync(&mut db, |db| {
+                let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let rows = {
+                    let mut stmt = tx.prepare_cached(
+                        "SELECT d.seq, d.attempts, r.offset, r.len, s.path
                        FROM deliveries d
                        JOIN records r ON r.seq = d.seq
                        JOIN segments s ON s.id = r.segment_id
@@ -400,29 +454,30 @@ impl Staging {
                                            AND e.okey = d.okey AND e.seq < d.seq)
                       ORDER BY d.seq
                       LIMIT ?3",
-                )?;
-                stmt.query_map(params![sink, now, limit as i64, due_by], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? as u64,
-                        r.get::<_, i64>(1)? as u32,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, String>(4)?,
-                    ))
-                })?
-                .collect::<Result<Vec<_>, _>>()?
-            };
-            {
-                let mut upd = tx.prepare_cached(
+                    )?;
+                    stmt.query_map(params![sink, now, limit as i64, due_by], |r| {
+                        Ok((
+                            r.get::<_, i64>(0)? as u64,
+                            r.get::<_, i64>(1)? as u32,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
+                            r.get::<_, String>(4)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?
+                };
+                {
+                    let mut upd = tx.prepare_cached(
                     "UPDATE deliveries SET state = 'in_flight', lease_until = ?1, lease_owner = ?4
                       WHERE sink = ?2 AND seq = ?3",
                 )?;
-                for (seq, ..) in &rows {
-                    upd.execute(params![lease_until, sink, *seq as i64, self.inner.owner])?;
+                    for (seq, ..) in &rows {
+                        upd.execute(params![lease_until, sink, *seq as i64, self.inner.owner])?;
+                    }
                 }
-            }
-            tx.commit()?;
-            rows
+                tx.commit()?;
+                Ok(rows)
+            })?
         };
         let mut out = Vec::with_capacity(leased.len());
         // Records of one batch mostly share a few segments: open each once.
@@ -541,6 +596,77 @@ impl Staging {
             |r| r.get(0),
         )?;
         Ok(at.and_then(|ms| Utc.timestamp_millis_opt(ms).single()))
+    }
+
+    /// Every source the index knows, by name.
+    pub fn sources(&self) -> Result<Vec<SourceState>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT name, checkpoint, last_run_at, last_rows, last_error FROM sources ORDER BY name",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(SourceState {
+                    name: r.get(0)?,
+                    checkpoint: r.get(1)?,
+                    last_run_at: r.get(2)?,
+                    last_rows: r.get::<_, Option<i64>>(3)?.map(|n| n as u64),
+                    last_error: r.get(4)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// One source's checkpoint (JSON text), `None` before its first row.
+    pub fn source_checkpoint(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let checkpoint = self
+            .db()
+            .query_row(
+                "SELECT checkpoint FROM sources WHERE name = ?1",
+                [name],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?;
+        Ok(checkpoint.flatten())
+    }
+
+    /// Rewinds a source on purpose: to `to` (JSON text), or to the start (`None`), so that
+    /// its next cycle reads again from there. Records staged before are not touched.
+    pub fn reset_source(&self, name: &str, to: Option<&str>) -> Result<(), StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // The seq of the newest record, so that re-reading older records after a crash
+        // cannot undo the reset.
+        let newest: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
+            r.get(0)
+        })?;
+        tx.execute(
+            "INSERT INTO sources (name, checkpoint, checkpoint_seq) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET checkpoint = excluded.checkpoint,
+                 checkpoint_seq = MAX(sources.checkpoint_seq, excluded.checkpoint_seq)",
+            params![name, to, newest],
+        )?;
+        tx.commit()?;
+        // Kept outside the index too, so that rebuilding the index does not undo it.
+        crate::checkpoints::save(&db, &self.inner.shared.state_dir)?;
+        Ok(())
+    }
+
+    /// Notes a source's cycle for `estafeta sources`: rows read, and the error if it failed.
+    pub fn note_source_run(
+        &self,
+        name: &str,
+        rows: u64,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.db().execute(
+            "INSERT INTO sources (name, last_run_at, last_rows, last_error) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET last_run_at = excluded.last_run_at,
+                 last_rows = excluded.last_rows, last_error = excluded.last_error",
+            params![name, layout::rfc3339(Utc::now()), rows as i64, error],
+        )?;
+        Ok(())
     }
 
     /// Records the outcome of a delivery attempt for `status` (last success / failure).
@@ -674,7 +800,18 @@ impl Staging {
         key_of: &dyn Fn(&str, &serde_json::Value) -> Option<String>,
         quiet: Duration,
     ) -> Result<AdoptReport, StoreError> {
-        crate::adopt::adopt(self, key_of, quiet)
+        crate::adopt::adopt(self, self.root(), "adopt", key_of, quiet)
+    }
+
+    /// The same for an inbox folder outside the store (`INBOX_PATH`) where other programs drop
+    /// files in the same layout; each is removed once staged.
+    pub fn adopt_inbox(
+        &self,
+        inbox: &Path,
+        key_of: &dyn Fn(&str, &serde_json::Value) -> Option<String>,
+        quiet: Duration,
+    ) -> Result<AdoptReport, StoreError> {
+        crate::adopt::adopt(self, inbox, "inbox", key_of, quiet)
     }
 }
 
@@ -765,4 +902,17 @@ pub(crate) fn info_of(db: &Connection, root: &Path, seq: u64) -> Result<RecordIn
         last_error,
         sinks: open,
     })
+}
+
+/// Runs `f` with `synchronous` turned down to NORMAL on the store's durable connection, for
+/// commits whose loss in a power cut costs a resend, never a record. FULL is restored after,
+/// whatever `f` returned.
+fn with_relaxed_sync<T>(
+    db: &mut Connection,
+    f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    db.pragma_update(None, "synchronous", "NORMAL")?;
+    let result = f(db);
+    db.pragma_update(None, "synchronous", "FULL")?;
+    result
 }

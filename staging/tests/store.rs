@@ -298,12 +298,23 @@ fn staging_folders_are_private() {
 
 #[test]
 fn a_failed_fsync_poisons_the_store_and_acknowledges_nothing() {
+    a_failed_write_poisons_the_store_and_leaves_nothing_behind(Staging::inject_sync_failure);
+}
+
+#[test]
+fn a_failed_index_commit_cuts_the_lines_it_refused() {
+    // The lines were written and synced, then the index (on a disk that just filled up)
+    // refused them: the sender is told "not staged", so a restart must not deliver them.
+    a_failed_write_poisons_the_store_and_leaves_nothing_behind(Staging::inject_index_failure);
+}
+
+fn a_failed_write_poisons_the_store_and_leaves_nothing_behind(inject: fn(&Staging)) {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let kept = store
         .stage(rec("create", "patient", Some("1"), "{}"))
         .unwrap();
-    store.inject_sync_failure();
+    inject(&store);
     let err = store
         .stage(rec("create", "patient", Some("2"), r#"{"lost":true}"#))
         .unwrap_err();
@@ -361,4 +372,88 @@ fn a_probe_ignores_backoff_and_retry_now_wakes_the_backlog() {
     // The sink answered: the backlog is due at once, without waiting out its backoff.
     assert_eq!(store.retry_now("db").unwrap(), 1);
     assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![b]);
+}
+
+#[test]
+fn a_source_checkpoint_advances_with_its_records_and_survives_losing_the_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.source_checkpoint("monitor").unwrap(), None);
+    let page = |from: u32| -> Vec<NewRecord> {
+        (from..from + 3)
+            .map(|i| {
+                rec(
+                    "create",
+                    "exam",
+                    Some(&i.to_string()),
+                    &format!("{{\"id\":{i}}}"),
+                )
+            })
+            .collect()
+    };
+    let mark = |checkpoint: &str| SourceMark {
+        name: "monitor".into(),
+        checkpoint: checkpoint.into(),
+    };
+    store.stage_from_source(page(1), mark("3")).unwrap();
+    store.stage_from_source(page(4), mark("6")).unwrap();
+    assert_eq!(
+        store.source_checkpoint("monitor").unwrap().as_deref(),
+        Some("6")
+    );
+    // Only the last record of each commit carries the mark, in the file a person can read.
+    let text =
+        std::fs::read_to_string(store.list(&Default::default()).unwrap()[0].path.clone()).unwrap();
+    assert_eq!(
+        text.matches(r#""source":{"name":"monitor","checkpoint":"#)
+            .count(),
+        2,
+        "{text}"
+    );
+    store.note_source_run("monitor", 3, None).unwrap();
+    drop(store);
+
+    // The index is a cache of the folder: rebuilt from the segments, the checkpoint is back.
+    Staging::reindex(Options::new(dir.path()).with_sinks(["db"])).unwrap();
+    let store = open(dir.path());
+    assert_eq!(
+        store.source_checkpoint("monitor").unwrap().as_deref(),
+        Some("6")
+    );
+
+    // A reset on purpose is not undone by the older records.
+    store.reset_source("monitor", Some("2")).unwrap();
+    drop(store);
+    let store = open(dir.path());
+    let sources = store.sources().unwrap();
+    assert_eq!(sources.len(), 1);
+    assert_eq!(sources[0].checkpoint.as_deref(), Some("2"));
+    store.reset_source("monitor", None).unwrap();
+    assert_eq!(store.source_checkpoint("monitor").unwrap(), None);
+}
+
+#[test]
+fn a_source_checkpoint_survives_cleanup_of_its_segments_and_a_rebuilt_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let records = vec![rec("create", "exam", Some("1"), "{\"id\":1}")];
+    let mark = SourceMark {
+        name: "monitor".into(),
+        checkpoint: "[1]".into(),
+    };
+    store.stage_from_source(records, mark).unwrap();
+    let batch = store.next_batch("db", 10).unwrap();
+    store.ack("db", &seqs(&batch)).unwrap();
+    drop(store);
+    // Reopened, the segment is no longer active: cleanup deletes it, mark and all.
+    let store = open(dir.path());
+    assert_eq!(store.cleanup().unwrap().segments_deleted, 1);
+    drop(store);
+    Staging::reindex(Options::new(dir.path()).with_sinks(["db"])).unwrap();
+    let store = open(dir.path());
+    assert_eq!(
+        store.source_checkpoint("monitor").unwrap().as_deref(),
+        Some("[1]"),
+        "a rebuilt index without the segment must not send the source back to its start"
+    );
 }

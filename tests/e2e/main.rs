@@ -11,10 +11,38 @@ mod dead_letters;
 // Every refused request (400/401/413/415/422/507) answers JSON and stages nothing; no public
 // INGEST_ADDR without INGEST_TOKEN.
 mod bad_input;
+// Staging on an 8 MiB tmpfs: 507 when full, nothing acknowledged lost, space freed by delivery,
+// intake resumes by itself (issue 5, scenario 4; needs root or CAP_SYS_ADMIN to mount).
+mod full_disk;
+// Hostile input: NUL/non-ASCII/encoded names, 100 MB bodies, JSON 100,000 deep, invalid UTF-8,
+// 1,000 simultaneous connections, slow clients, and schemathesis against /v1/openapi.json.
+mod hostile;
+// Access: no token, URL password or payload in logs or check-config; staging 0600/0700; an
+// HTTPS API with an unknown CA is refused until CENTRAL_API_CA_FILE names it.
+mod access;
+// A staging folder of the current format (tests/fixtures/staging-v1) is delivered by this binary.
+mod upgrade;
+// Garbled bytes, a cut record and a deleted index made while the agent is stopped: reported at
+// start, set aside, every intact record delivered once (issue 5, scenario 5).
+mod damaged_files;
 // SIGKILL with deliveries in flight, restart: nothing lost, nothing applied twice in effect;
-// SIGTERM exits 0 within the grace period.
+// SIGTERM exits 0 within the grace period; a crash loop of 10 SIGKILLs under concurrent load with
+// a sink failing 20% of requests loses nothing acknowledged (issue 5, scenario 1, bounded).
 mod kill_restart;
 // The real PostgreSQL and MariaDB: one row per record, per-key landing order, C→D→C.
 mod databases;
+// Apply mode: the AGHU user-sync example upserted into PostgreSQL and MariaDB, replayed twice,
+// applied once; bad statement files named by check-config.
+mod apply_mode;
 // Files other programs write into the staging tree (the seed's layout) are adopted and delivered.
 mod foreign_files;
+// The real NATS JetStream: one message per record with Nats-Msg-Id, key order, a resend after
+// SIGKILL dropped as a duplicate, outage and recovery, no stream, messages too large.
+mod jetstream;
+// Heartbeats into PostgreSQL / MariaDB / SQLite (estafeta_agents) and `estafeta fleet` flags.
+mod fleet;
+// SQL sources: checkpoints across SIGKILLs (PostgreSQL), grouping and debounce (SQLite), types
+// (MariaDB), `estafeta sources` and `sources reset`.
+mod sources;
+// The examples under examples/ run as shipped against the local PostgreSQL.
+mod examples;

@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: the `estafeta` binary as a child process ([`Agent`],
 //! [`run_cli`]), the real PostgreSQL and MariaDB servers ([`pg`], [`mysql`]) and an in-process
-//! misbehaving HTTP API ([`FlakyHttpServer`]), waiting on the agent's status and reading its
+//! misbehaving HTTP API ([`FlakyHttpServer`]), the real NATS JetStream server with per-test
+//! streams and a TCP proxy that can cut it off ([`nats`], [`TestStream`], [`TcpProxy`]), waiting on the agent's status and reading its
 //! staging folder ([`wait_drained`], [`record_files`], [`raw_request`]) and a reproducible
 //! workload of records ([`mixed_plan`], [`post_plan`]). The servers come from
 //! `scripts/start-services`.
@@ -10,6 +11,7 @@ mod bin;
 mod cuttable;
 mod db;
 mod flaky;
+mod nats;
 mod support;
 mod workload;
 
@@ -17,6 +19,9 @@ pub use agent::{Agent, AgentSpec, CLI_TIMEOUT, body_value, run_cli};
 pub use bin::{BIN_NAME, estafeta_bin, free_port, profile_dir};
 pub use db::{MYSQL_URL, PG_CONFIG, PG_URL, mysql, pg, unique_name};
 pub use flaky::{FlakyHttpServer, RecordedRequest};
+pub use nats::{
+    NATS_ADDR, NATS_URL, StoredMessage, TcpProxy, TestStream, check_stream_deliveries, nats,
+};
 pub use support::{
     RawBody, drained, json_lines, log_tail, raw_request, record_files, sink_status, status,
     status_with, wait_drained, wait_status,

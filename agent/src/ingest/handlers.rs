@@ -86,7 +86,10 @@ async fn stage_request(
     let record_key = header_text(headers, RECORD_KEY)?;
     check_content_type(headers)?;
     let limit = state.config().max_body_bytes;
-    let bytes = read_body(headers, body, limit).await?;
+    let timeout = state.config().ingest_body_timeout;
+    let bytes = tokio::time::timeout(timeout, read_body(headers, body, limit))
+        .await
+        .map_err(|_| body_timeout(timeout))??;
 
     let raw: &RawValue = serde_json::from_slice(&bytes).map_err(|err| {
         ApiError::bad_request(
@@ -96,6 +99,14 @@ async fn stage_request(
             ),
         )
     })?;
+    if json_depth(&bytes) > MAX_JSON_DEPTH {
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            format!(
+                "the body is nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects; send flatter records"
+            ),
+        ));
+    }
     let (items, is_array) = split_body(raw)?;
 
     let validator = state.validator(&entity);
@@ -107,7 +118,10 @@ async fn stage_request(
         let needs_value = validator.is_some() || record_key.is_none();
         let value: Option<Value> = if needs_value {
             Some(serde_json::from_str(item.get()).map_err(|err| {
-                ApiError::internal(format!("could not read record {index} again: {err}"))
+                ApiError::bad_request(
+                    "invalid_json",
+                    format!("record {index} could not be read as JSON: {err}"),
+                )
             })?)
         } else {
             None
@@ -247,6 +261,52 @@ fn too_large(limit: usize) -> ApiError {
         "body_too_large",
         format!(
             "the body is larger than {limit} bytes (MAX_BODY_BYTES); split the records into smaller requests"
+        ),
+    )
+}
+
+/// How deep arrays and objects may nest in a body. serde_json reads a `Value` at most 128 levels
+/// deep (its stack guard) but checks a `RawValue` without limit, so deeper bodies would pass the
+/// syntax check and fail later; they are refused up front.
+const MAX_JSON_DEPTH: usize = 128;
+
+/// The deepest nesting of arrays and objects in `bytes` (syntactically valid JSON), counted
+/// without recursion; brackets inside strings do not count.
+fn json_depth(bytes: &[u8]) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// A slow or stalled client (for example one that announced a body and never sent it) gets 408
+/// after `INGEST_BODY_TIMEOUT_SECS`, so that it cannot hold a connection and its buffer forever.
+fn body_timeout(timeout: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "body_timeout",
+        format!(
+            "the request body was not received within {} seconds (INGEST_BODY_TIMEOUT_SECS); send the whole body at once and try again",
+            timeout.as_secs_f64()
         ),
     )
 }
@@ -505,6 +565,16 @@ pub async fn method_not_allowed() -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_depth_counts_brackets_outside_strings() {
+        assert_eq!(json_depth(br#"{"a": 1}"#), 1);
+        assert_eq!(json_depth(br#"[{"a": [1, {"b": {}}]}]"#), 5);
+        assert_eq!(json_depth(br#"{"a": "[[[{{{\"]]]"}"#), 1);
+        assert_eq!(json_depth(b"1"), 0);
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(json_depth(deep.as_bytes()), 100_000);
+    }
 
     #[test]
     fn fingerprint_depends_on_every_part() {

@@ -94,6 +94,7 @@ pub fn document(max_body_bytes: usize) -> Value {
                             "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
                         },
                         "405": error("method_not_allowed: records are sent with POST."),
+                        "408": error("body_timeout: the body was not received in full within INGEST_BODY_TIMEOUT_SECS; nothing was staged."),
                         "409": error("idempotency_conflict: the Idempotency-Key was already used with a different request."),
                         "413": error("body_too_large: the body is over MAX_BODY_BYTES."),
                         "415": error("unsupported_media_type: the Content-Type is missing or not application/json."),

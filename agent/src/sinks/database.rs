@@ -25,6 +25,11 @@
 //! - Drivers: tokio-postgres and mysql_async, not sqlx, whose SQLite driver would link a second
 //!   SQLite library next to rusqlite's (the staging index) and fail to build; rusqlite for the
 //!   SQLite sink, on `spawn_blocking`.
+//! - Apply mode ([`super::apply`]): with `apply_dir`, a record whose (entity, action) has a
+//!   statement file is also applied to the real tables, in the same transaction as its landing
+//!   row and only when that row is new (the unique idempotency key is the marker), so a replay
+//!   never applies twice. A record the statement cannot take (a missing payload field) or that
+//!   the database refuses (a constraint, a type) is dead alone, like a refused landing row.
 //! - URLs are shown redacted ([`super::redact_url`]) and driver messages scrubbed of the password.
 
 use std::fmt;
@@ -34,6 +39,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use estafeta_staging::Delivery;
 
+use super::apply::{ApplyStatements, Bound, Lookup, Statement};
 use super::{Outcome, Sink, redact_url};
 
 /// Name of the landing table.
@@ -52,7 +58,17 @@ pub struct DatabaseSinkConfig {
     pub url: String,
     /// This agent's id, written with every row (`AGENT_ID`, default the host name).
     pub agent_id: String,
+    /// Apply mode (`apply_dir`): the statement files, read and parsed at start; `None`: the
+    /// landing table only.
+    pub apply: Option<Arc<ApplyStatements>>,
+    /// PostgreSQL: connections a batch is spread over (1 or 2, `connections` in the TOML).
+    /// Two use a second core of the server; one halves what a fleet takes from the server's
+    /// `max_connections`.
+    pub connections: usize,
 }
+
+/// Connections a PostgreSQL sink uses unless the TOML says otherwise.
+pub const DEFAULT_CONNECTIONS: usize = 2;
 
 // By hand, so `{:?}` never prints the password in the URL.
 impl fmt::Debug for DatabaseSinkConfig {
@@ -60,6 +76,7 @@ impl fmt::Debug for DatabaseSinkConfig {
         f.debug_struct("DatabaseSinkConfig")
             .field("url", &redact_url(&self.url))
             .field("agent_id", &self.agent_id)
+            .field("apply_dir", &self.apply.as_ref().map(|a| a.dir.clone()))
             .finish()
     }
 }
@@ -120,11 +137,27 @@ pub(crate) struct LandingRow {
     /// The payload's JSON text, as staged.
     pub payload: String,
     pub staged_at: DateTime<Utc>,
+    /// Apply mode: the statement that applies this record and its parameter values.
+    pub apply: Option<ApplyRow>,
+}
+
+/// The statement that applies one record, with its bound values.
+#[derive(Debug, Clone)]
+pub(crate) struct ApplyRow {
+    pub statement: Arc<Statement>,
+    pub values: Vec<Bound>,
+}
+
+impl ApplyRow {
+    /// `message` (a database error of the statement) with the statement's file named.
+    pub fn context(&self, message: String) -> String {
+        format!("{message} (applying {})", self.statement.file.display())
+    }
 }
 
 impl LandingRow {
-    /// The row for one record, or why the record cannot be a row.
-    fn from_delivery(delivery: &Delivery) -> Result<Self, String> {
+    /// The row for one record, or why the record cannot be a row (or cannot be applied).
+    fn from_delivery(delivery: &Delivery, apply: Option<&ApplyStatements>) -> Result<Self, String> {
         let envelope = &delivery.envelope;
         let seq = i64::try_from(envelope.seq)
             .map_err(|_| format!("seq {} does not fit a signed 64-bit column", envelope.seq))?;
@@ -136,6 +169,14 @@ impl LandingRow {
                 )
             })?
             .with_timezone(&Utc);
+        let apply = match apply.map(|a| a.lookup(&envelope.entity, &envelope.action)) {
+            None | Some(Lookup::NotApplied) => None,
+            Some(Lookup::Missing(reason)) => return Err(reason),
+            Some(Lookup::Statement(statement)) => Some(ApplyRow {
+                values: statement.bind(&envelope.payload)?,
+                statement: Arc::clone(statement),
+            }),
+        };
         Ok(Self {
             idempotency_key: envelope.id.clone(),
             seq,
@@ -144,6 +185,7 @@ impl LandingRow {
             record_key: envelope.key.clone(),
             payload: envelope.payload.get().to_owned(),
             staged_at,
+            apply,
         })
     }
 }
@@ -156,11 +198,11 @@ pub(crate) struct Rows {
 }
 
 impl Rows {
-    pub fn new(batch: &[Delivery]) -> Self {
+    pub fn new(batch: &[Delivery], apply: Option<&ApplyStatements>) -> Self {
         let mut slots = Vec::with_capacity(batch.len());
         let mut rows = Vec::with_capacity(batch.len());
         for delivery in batch {
-            match LandingRow::from_delivery(delivery) {
+            match LandingRow::from_delivery(delivery, apply) {
                 Ok(row) => {
                     rows.push(row);
                     slots.push(None);
@@ -247,19 +289,39 @@ pub(crate) fn retry_all(sink: &str, rows: usize, error: String) -> Vec<Outcome> 
 }
 
 /// `DRY_RUN` lines: what would be inserted, without the payload.
-pub(crate) fn dry_run_lines(shown_url: &str, batch: &[Delivery]) -> Vec<String> {
+/// In apply mode, each line also says which statement file would apply the record, or why
+/// the record would be dead.
+pub(crate) fn dry_run_lines(
+    shown_url: &str,
+    apply: Option<&ApplyStatements>,
+    batch: &[Delivery],
+) -> Vec<String> {
     batch
         .iter()
         .map(|d| {
             let e = &d.envelope;
-            format!(
+            let mut line = format!(
                 "INSERT INTO {LANDING_TABLE} at {shown_url} idempotency_key={} seq={} entity={} action={} ({} bytes)",
                 e.id,
                 e.seq,
                 e.entity,
                 e.action,
                 e.payload.get().len()
-            )
+            );
+            match LandingRow::from_delivery(d, apply) {
+                Ok(LandingRow {
+                    apply: Some(apply), ..
+                }) => {
+                    line.push_str(&format!(
+                        " then apply {} ({} parameters)",
+                        apply.statement.file.display(),
+                        apply.values.len()
+                    ));
+                }
+                Ok(_) => {}
+                Err(reason) => line.push_str(&format!(" would be dead: {reason}")),
+            }
+            line
         })
         .collect()
 }
@@ -292,6 +354,8 @@ mod tests {
         let config = DatabaseSinkConfig {
             url: "postgres://u:hunter2@h/db".to_owned(),
             agent_id: "a".to_owned(),
+            apply: None,
+            connections: DEFAULT_CONNECTIONS,
         };
         assert!(!format!("{config:?}").contains("hunter2"));
     }

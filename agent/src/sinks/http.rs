@@ -637,6 +637,7 @@ mod tests {
             client_key: None,
             client_fingerprint: None,
             sinks: vec!["api".to_owned()],
+            source: None,
             payload: RawValue::from_string("{}".to_owned()).expect("valid JSON"),
         }
     }

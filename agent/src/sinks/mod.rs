@@ -4,7 +4,9 @@
 //!
 //! - [`http`]: one request per record, `Idempotency-Key` header, reqwest with rustls.
 //! - [`database`]: a landing table `estafeta_records` with a unique idempotency key, on
-//!   PostgreSQL ([`postgres`]), MariaDB / MySQL ([`mysql`]) or SQLite ([`sqlite`]).
+//!   PostgreSQL ([`postgres`]), MariaDB / MySQL ([`mysql`]) or SQLite ([`sqlite`]); with
+//!   [`apply`] mode, records are also applied to the real tables by statement files.
+//! - [`nats`]: NATS JetStream, one message per record with `Nats-Msg-Id`, async-nats.
 //!
 //! [`build`] turns the configured sinks into `Arc<dyn Sink>`s; it checks every URL but connects
 //! to nothing, so the agent starts (and stages) while the central side is down.
@@ -48,11 +50,22 @@ pub trait Sink: Send + Sync {
     fn dry_run(&self, batch: &[Delivery]) -> Vec<String>;
     /// Tries to reach the sink (for `check-config` and `/readyz`).
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// Sends a heartbeat ([`crate::heartbeat`]); `None` when this sink does not take them
+    /// (the default).
+    fn heartbeat<'a>(
+        &'a self,
+        beat: &'a crate::heartbeat::Heartbeat,
+    ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
+        let _ = beat;
+        Box::pin(async { None })
+    }
 }
 
+pub mod apply;
 pub mod database;
 pub mod http;
 pub mod mysql;
+pub mod nats;
 pub mod postgres;
 pub mod sqlite;
 
@@ -77,6 +90,10 @@ pub fn build(configs: &[SinkConfig]) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
             ),
             SinkKind::Database(db) => database::build(config.name.clone(), db.clone())
                 .with_context(|| format!("sink {:?}", config.name))?,
+            SinkKind::Nats(nats) => Arc::new(
+                nats::NatsSink::new(config.name.clone(), nats.clone())
+                    .with_context(|| format!("sink {:?}", config.name))?,
+            ),
         };
         sinks.push(sink);
     }
@@ -99,6 +116,7 @@ const SECRET_PARAMS: &[&str] = &[
 
 /// `url` with its password and secret query parameters replaced by `***`:
 /// `postgres://user:pw@host/db?password=x` → `postgres://user:***@host/db?password=***`.
+/// In a NATS URL a user without a password is a token: `nats://tok@host` → `nats://***@host`.
 /// It errs on the side of hiding: text that merely looks like a password is hidden too.
 pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = match url.find("://") {
@@ -114,6 +132,7 @@ pub fn redact_url(url: &str) -> String {
             let (userinfo, host) = head.split_at(at);
             match userinfo.find(':') {
                 Some(colon) => format!("{}:***{host}", &userinfo[..colon]),
+                None if is_nats_scheme(scheme) => format!("***{host}"),
                 None => head.to_owned(),
             }
         }
@@ -125,6 +144,12 @@ pub fn redact_url(url: &str) -> String {
         return redact_params(&head) + &tail;
     }
     format!("{scheme}{head}{tail}")
+}
+
+/// `nats://`, `tls://` (NATS over TLS), any case.
+fn is_nats_scheme(scheme: &str) -> bool {
+    let scheme = scheme.trim_end_matches("://").to_ascii_lowercase();
+    matches!(scheme.as_str(), "nats" | "tls")
 }
 
 /// Replaces the values of [`SECRET_PARAMS`] in `key=value` pairs separated by `&`, `;`, `?`,
@@ -202,7 +227,7 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-fn percent_decode(text: &str) -> String {
+pub(crate) fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -246,6 +271,9 @@ mod tests {
             redact_url("https://api.example/v1?token=abc#x"),
             "https://api.example/v1?token=***#x"
         );
+        assert_eq!(redact_url("nats://tok@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("tls://u:pw@h:4222"), "tls://u:***@h:4222");
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
     }
 
     #[test]

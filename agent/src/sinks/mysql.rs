@@ -12,16 +12,31 @@
 //! connection, a missing grant) retries the whole batch on a new connection. A statement per
 //! row costs one round trip each, a fair price on a LAN for SQL text that never depends on the
 //! batch. TLS to MySQL is not built in (mysql_async's `minimal-rust` features).
+//!
+//! Heartbeats ([`crate::heartbeat`]) are upserted into `estafeta_agents` on the same connection;
+//! that table and the `estafeta_fleet` view come from `sql/mysql/agents.sql`, applied by the
+//! first heartbeat under the migration lock (not by the migrations).
+//!
+//! Apply mode ([`super::apply`]): a record with a statement file runs under a savepoint: the
+//! landing insert, and only when it added the row (affected rows 1, not 0 for a replay, so the
+//! connection never asks for `CLIENT_FOUND_ROWS`) the record's statement; a refused statement
+//! rolls back to the savepoint, undoing the landing row too, and the record alone is dead.
+//! Numbers that are not integers are sent as their exact JSON text and converted by the server.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context as _;
 use estafeta_staging::Delivery;
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts, Params, TxOpts, Value};
+
+use mysql_async::{Conn, Opts, OptsBuilder, Params, Statement, Transaction, TxOpts, Value};
 use tokio::sync::Mutex;
 
+use super::apply::{ApplyStatements, Bound};
 use super::database::{
-    BATCH_TIMEOUT, CONNECT_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration, Rows,
-    dry_run_lines,
+    ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration,
+    Rows, dry_run_lines,
 };
 use super::{BoxFuture, Outcome, Sink, database, error_chain, redact_url, scrub, url_secrets};
 
@@ -35,12 +50,17 @@ const MIGRATIONS: &[Migration] = &[Migration {
 const SESSION_SQL: &str = include_str!("../../../sql/mysql/session.sql");
 const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../sql/mysql/schema_migrations.sql");
 const INSERT_SQL: &str = include_str!("../../../sql/mysql/insert_record.sql");
+const AGENTS_SQL: &str = include_str!("../../../sql/mysql/agents.sql");
+const UPSERT_AGENT_SQL: &str = include_str!("../../../sql/mysql/upsert_agent.sql");
 const APPLIED_SQL: &str = "SELECT version FROM estafeta_schema_migrations";
 const RECORD_MIGRATION_SQL: &str =
     "INSERT IGNORE INTO estafeta_schema_migrations (version, name) VALUES (?, ?)";
 /// Serializes migrations of agents starting together; waits up to 30 s.
 const LOCK_SQL: &str = "SELECT GET_LOCK('estafeta_migrations', 30)";
 const UNLOCK_SQL: &str = "DO RELEASE_LOCK('estafeta_migrations')";
+/// Apply mode: set before each applied record (a savepoint of the same name replaces the last).
+const SAVEPOINT_SQL: &str = "SAVEPOINT estafeta_row";
+const ROLLBACK_TO_SAVEPOINT_SQL: &str = "ROLLBACK TO SAVEPOINT estafeta_row";
 
 /// Server error codes that mean "this row's data", beyond SQLSTATE classes 22 and 23 (some of
 /// them report the generic HY000).
@@ -69,6 +89,10 @@ pub struct MysqlSink {
     shown: String,
     secrets: Vec<String>,
     conn: Mutex<Option<Conn>>,
+    /// Whether `sql/mysql/agents.sql` ran (on any connection of this process).
+    agents_ready: AtomicBool,
+    /// Apply mode: the statement files.
+    apply: Option<Arc<ApplyStatements>>,
 }
 
 impl MysqlSink {
@@ -89,6 +113,9 @@ impl MysqlSink {
                 scrub(err.to_string(), &secrets)
             )
         })?;
+        // Apply mode tells a new landing row (1 affected row) from a replay (0); with
+        // CLIENT_FOUND_ROWS a replay would count 1 too.
+        let opts = Opts::from(OptsBuilder::from_opts(opts).client_found_rows(false));
         Ok(Self {
             name: name.into(),
             agent_id: config.agent_id,
@@ -96,6 +123,8 @@ impl MysqlSink {
             shown,
             secrets,
             conn: Mutex::new(None),
+            agents_ready: AtomicBool::new(false),
+            apply: config.apply,
         })
     }
 
@@ -196,6 +225,14 @@ impl MysqlSink {
         let statement = tx.prep(INSERT_SQL).await.map_err(transient)?;
         let mut outcomes = Vec::with_capacity(rows.len());
         for row in rows {
+            if let Some(apply) = &row.apply {
+                match self.insert_and_apply(&mut tx, &statement, row, apply).await {
+                    Ok(()) => outcomes.push(Outcome::Delivered),
+                    Err(Failure::Row(reason)) => outcomes.push(Outcome::Dead { reason }),
+                    Err(Failure::Transient(error)) => return Err(error),
+                }
+                continue;
+            }
             match tx.exec_drop(&statement, self.params(row)).await {
                 Ok(()) => outcomes.push(Outcome::Delivered),
                 Err(err) => match self.failure(err) {
@@ -207,6 +244,107 @@ impl MysqlSink {
         }
         tx.commit().await.map_err(transient)?;
         Ok(outcomes)
+    }
+
+    /// Upserts `beat` into `estafeta_agents`, creating the table and view first if needed.
+    async fn send_heartbeat(&self, beat: &crate::heartbeat::Heartbeat) -> Result<(), String> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_mut()
+            && conn.ping().await.is_err()
+        {
+            *slot = None;
+        }
+        if slot.is_none() {
+            let mut conn = self.connect().await?;
+            self.migrate(&mut conn).await?;
+            *slot = Some(conn);
+        }
+        let conn = slot.as_mut().expect("connected just above");
+        let fail = |err| {
+            format!(
+                "heartbeat to {}: {}",
+                self.shown,
+                self.failure(err).message()
+            )
+        };
+        if !self.agents_ready.load(Ordering::Acquire) {
+            let locked: Option<Option<i64>> = conn.query_first(LOCK_SQL).await.map_err(fail)?;
+            if locked.flatten() != Some(1) {
+                return Err(format!(
+                    "another agent holds the migration lock at {} for over 30 s",
+                    self.shown
+                ));
+            }
+            let created = conn.query_drop(AGENTS_SQL).await;
+            let unlocked = conn.query_drop(UNLOCK_SQL).await;
+            created.and(unlocked).map_err(fail)?;
+            self.agents_ready.store(true, Ordering::Release);
+        }
+        let sinks = serde_json::to_string(&beat.sinks).map_err(|err| err.to_string())?;
+        let params = Params::Positional(vec![
+            Value::from(beat.agent_id.as_str()),
+            Value::from(beat.hostname.as_str()),
+            Value::from(beat.version.as_str()),
+            Value::from(beat.started_at.as_str()),
+            Value::from(beat.sent_at.as_str()),
+            Value::from(beat.records_pending),
+            Value::from(beat.oldest_pending_age_secs),
+            Value::from(beat.dead_letters),
+            Value::from(beat.disk_free_bytes),
+            Value::from(beat.staging_blocked.as_deref()),
+            Value::from(beat.last_error.as_deref()),
+            Value::from(sinks.as_str()),
+        ]);
+        conn.exec_drop(UPSERT_AGENT_SQL, params).await.map_err(fail)
+    }
+
+    /// Apply mode, one record: under a savepoint, the landing row and, when the row is new,
+    /// the record's statement.
+    async fn insert_and_apply(
+        &self,
+        tx: &mut Transaction<'_>,
+        insert: &Statement,
+        row: &LandingRow,
+        apply: &ApplyRow,
+    ) -> Result<(), Failure> {
+        let transient = |err| Failure::Transient(self.failure(err).message());
+        tx.query_drop(SAVEPOINT_SQL).await.map_err(transient)?;
+        tx.exec_drop(insert, self.params(row))
+            .await
+            .map_err(|err| self.failure(err))?;
+        if tx.affected_rows() == 0 {
+            // Delivered, and applied, before: a replay.
+            return Ok(());
+        }
+        let statement = tx
+            .prep(apply.statement.sql.as_str())
+            .await
+            .map_err(|err| Failure::Transient(apply.context(self.failure(err).message())))?;
+        let values: Vec<Value> = apply
+            .values
+            .iter()
+            .map(|value| match value {
+                Bound::Null => Value::NULL,
+                Bound::Bool(b) => Value::Int(i64::from(*b)),
+                Bound::Int(n) => Value::Int(*n),
+                Bound::Number(text) | Bound::Text(text) | Bound::Json(text) => {
+                    Value::Bytes(text.clone().into_bytes())
+                }
+            })
+            .collect();
+        match tx.exec_drop(&statement, Params::Positional(values)).await {
+            Ok(()) => Ok(()),
+            Err(err) => match self.failure(err) {
+                Failure::Row(reason) => {
+                    // Undo the landing row with the refused statement.
+                    tx.query_drop(ROLLBACK_TO_SAVEPOINT_SQL)
+                        .await
+                        .map_err(transient)?;
+                    Err(Failure::Row(apply.context(reason)))
+                }
+                Failure::Transient(error) => Err(Failure::Transient(apply.context(error))),
+            },
+        }
     }
 
     fn params(&self, row: &LandingRow) -> Params {
@@ -266,7 +404,7 @@ impl Sink for MysqlSink {
 
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
-            let rows = Rows::new(batch);
+            let rows = Rows::new(batch, self.apply.as_deref());
             if rows.rows.is_empty() {
                 return rows.finish(Vec::new());
             }
@@ -280,7 +418,14 @@ impl Sink for MysqlSink {
     }
 
     fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
-        dry_run_lines(&self.shown, batch)
+        dry_run_lines(&self.shown, self.apply.as_deref(), batch)
+    }
+
+    fn heartbeat<'a>(
+        &'a self,
+        beat: &'a crate::heartbeat::Heartbeat,
+    ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
+        Box::pin(async move { Some(self.send_heartbeat(beat).await.map_err(anyhow::Error::msg)) })
     }
 
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
@@ -290,6 +435,21 @@ impl Sink for MysqlSink {
                 .await
                 .map_err(|err| anyhow::anyhow!(self.failure(err).message()))
                 .with_context(|| format!("MySQL at {} answered with an error", self.shown))?;
+            // Apply mode: every statement must prepare (its tables and columns exist).
+            for statement in self.apply.iter().flat_map(|a| a.statements()) {
+                let prepared = conn
+                    .prep(statement.sql.as_str())
+                    .await
+                    .map_err(|err| anyhow::anyhow!(self.failure(err).message()))
+                    .with_context(|| {
+                        format!(
+                            "the apply statement {} does not prepare at {}; fix the file or the tables",
+                            statement.file.display(),
+                            self.shown
+                        )
+                    })?;
+                let _ = conn.close(prepared).await;
+            }
             let _ = conn.disconnect().await;
             Ok(())
         })

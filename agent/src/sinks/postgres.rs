@@ -10,18 +10,37 @@
 //! serialization and deadlock, 53 resources such as too many connections, 57 shutdown, a
 //! missing table or grant, a lost socket) retries the batch on a new connection.
 //!
+//! Heartbeats ([`crate::heartbeat`]) are upserted into `estafeta_agents` on the first of the
+//! two connections; that table and the `estafeta_fleet` view come from
+//! `sql/postgres/agents.sql`, applied by the first heartbeat (not by the migrations), so a user
+//! who may only insert records still delivers them.
+//!
+//! Apply mode ([`super::apply`]) runs each batch in one explicit transaction: the same insert
+//! with `RETURNING idempotency_key` tells which records are new, and each new record's statement
+//! runs next, prepared with every parameter typed `text`. A batch in apply mode is not split
+//! over two connections, so one transaction covers it. A refused row or statement sends the batch
+//! row by row under savepoints, as above.
+//!
 //! The connection is plain TCP (`NoTls`): TLS to PostgreSQL (tokio-postgres-rustls) is future
 //! work, so point this sink at a database on a trusted network or through a tunnel. A URL asking
 //! for `sslmode=require` fails to connect rather than going out in clear.
 
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::Context as _;
+use chrono::{DateTime, Utc};
 use estafeta_staging::Delivery;
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, GenericClient, NoTls};
 
+use super::apply::{ApplyStatements, Bound};
 use super::database::{
-    BATCH_TIMEOUT, CONNECT_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration, Rows,
-    dry_run_lines,
+    ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration,
+    Rows, dry_run_lines,
 };
 use super::{BoxFuture, Outcome, Sink, database, error_chain, redact_url, scrub, url_secrets};
 
@@ -34,6 +53,10 @@ const MIGRATIONS: &[Migration] = &[Migration {
 
 const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../sql/postgres/schema_migrations.sql");
 const INSERT_SQL: &str = include_str!("../../../sql/postgres/insert_records.sql");
+const AGENTS_SQL: &str = include_str!("../../../sql/postgres/agents.sql");
+const UPSERT_AGENT_SQL: &str = include_str!("../../../sql/postgres/upsert_agent.sql");
+const INSERT_RETURNING_SQL: &str =
+    include_str!("../../../sql/postgres/insert_records_returning.sql");
 const APPLIED_SQL: &str = "SELECT version FROM estafeta_schema_migrations";
 const RECORD_MIGRATION_SQL: &str =
     "INSERT INTO estafeta_schema_migrations (version, name) VALUES ($1, $2) ON CONFLICT DO NOTHING";
@@ -49,8 +72,24 @@ pub struct PostgresSink {
     /// The URL with its password hidden, for messages.
     shown: String,
     secrets: Vec<String>,
-    client: Mutex<Option<Client>>,
+    /// Two connections: a large batch is split in halves inserted side by side (see `deliver`).
+    clients: [Mutex<Option<Client>>; 2],
+    /// Whether `sql/postgres/agents.sql` ran (on any connection of this process).
+    agents_ready: AtomicBool,
+    /// Apply mode: the statement files.
+    apply: Option<Arc<ApplyStatements>>,
+    /// 1 or 2 (`connections`): with 1, batches are never split and the second slot stays empty.
+    connections: usize,
 }
+
+/// Apply statements prepared on the current connection, by file, for one batch.
+type Prepared = HashMap<PathBuf, tokio_postgres::Statement>;
+
+/// A batch of at least this many rows is split over both connections. A batch holds at most
+/// one record per key (the store leases only the oldest undelivered record of each key), so
+/// its halves can be inserted at the same time without reordering any key, and PostgreSQL
+/// parses and indexes them on two cores instead of one. Smaller batches gain nothing from it.
+const SPLIT_MIN_ROWS: usize = 64;
 
 impl PostgresSink {
     /// Checks the URL; connects to nothing.
@@ -73,7 +112,10 @@ impl PostgresSink {
             config: pg,
             shown,
             secrets,
-            client: Mutex::new(None),
+            clients: [Mutex::new(None), Mutex::new(None)],
+            agents_ready: AtomicBool::new(false),
+            apply: config.apply,
+            connections: config.connections,
         })
     }
 
@@ -162,6 +204,9 @@ impl PostgresSink {
                 slot.insert(client)
             }
         };
+        if self.apply.is_some() {
+            return self.deliver_applied(client, rows).await;
+        }
         match self.insert(client, rows.iter()).await {
             Ok(()) => Ok(vec![Outcome::Delivered; rows.len()]),
             Err(Failure::Transient(error)) => Err(error),
@@ -172,25 +217,117 @@ impl PostgresSink {
         }
     }
 
-    /// Inserts `rows` in one statement and one transaction.
+    /// Apply mode: the batch in one transaction, landing rows and apply statements; row by row
+    /// when the database refuses a row or a statement.
+    async fn deliver_applied(
+        &self,
+        client: &mut Client,
+        rows: &[LandingRow],
+    ) -> Result<Vec<Outcome>, String> {
+        let transient = |err| self.failure(err).message();
+        let tx = client.transaction().await.map_err(transient)?;
+        let mut prepared = Prepared::new();
+        match self.insert_and_apply(&tx, rows, &mut prepared).await {
+            Ok(()) => {
+                tx.commit().await.map_err(transient)?;
+                Ok(vec![Outcome::Delivered; rows.len()])
+            }
+            Err(Failure::Transient(error)) => Err(error),
+            Err(Failure::Row(error)) => {
+                tracing::debug!(sink = %self.name, error = %error, "A row or apply statement was refused; delivering the batch row by row.");
+                tx.rollback().await.map_err(transient)?;
+                self.insert_row_by_row(client, rows).await
+            }
+        }
+    }
+
+    /// Inserts the landing rows, then applies each record the insert added (a record it did
+    /// not add was delivered, and applied, before).
+    async fn insert_and_apply(
+        &self,
+        tx: &impl GenericClient,
+        rows: &[LandingRow],
+        prepared: &mut Prepared,
+    ) -> Result<(), Failure> {
+        let added = self
+            .execute_insert(tx, rows.iter(), true)
+            .await?
+            .unwrap_or_default();
+        for row in rows {
+            if let Some(apply) = &row.apply
+                && added.contains(&row.idempotency_key)
+            {
+                self.apply(tx, apply, prepared).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one record's apply statement, every parameter bound as text.
+    async fn apply(
+        &self,
+        tx: &impl GenericClient,
+        apply: &ApplyRow,
+        prepared: &mut Prepared,
+    ) -> Result<(), Failure> {
+        let in_file = |failure: Failure| match failure {
+            Failure::Row(m) => Failure::Row(apply.context(m)),
+            Failure::Transient(m) => Failure::Transient(apply.context(m)),
+        };
+        let file = &apply.statement.file;
+        let statement = match prepared.get(file) {
+            Some(statement) => statement.clone(),
+            None => {
+                let types = vec![Type::TEXT; apply.statement.params.len()];
+                let statement = tx
+                    .prepare_typed(&apply.statement.sql, &types)
+                    .await
+                    .map_err(|err| in_file(self.failure(err)))?;
+                prepared.insert(file.clone(), statement.clone());
+                statement
+            }
+        };
+        let values: Vec<Option<String>> = apply.values.iter().map(Bound::as_pg_text).collect();
+        let params: Vec<&(dyn ToSql + Sync)> =
+            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        tx.execute(&statement, &params)
+            .await
+            .map(|_| ())
+            .map_err(|err| in_file(self.failure(err)))
+    }
+
+    /// Delivers one part of a batch on one of the sink's connections.
+    async fn deliver_part(
+        &self,
+        slot: &Mutex<Option<Client>>,
+        rows: &[LandingRow],
+    ) -> Vec<Outcome> {
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let mut slot = slot.lock().await;
+        let result = tokio::time::timeout(BATCH_TIMEOUT, self.deliver_rows(&mut slot, rows)).await;
+        database::outcomes_or_retry(&self.name, rows.len(), result, || *slot = None)
+    }
+
+    /// Inserts `rows` in one statement, which PostgreSQL runs as one transaction of its own
+    /// (no BEGIN and COMMIT round trips around it).
     async fn insert<'r>(
         &self,
         client: &mut Client,
         rows: impl Iterator<Item = &'r LandingRow> + Clone,
     ) -> Result<(), Failure> {
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|err| self.failure(err))?;
-        self.execute_insert(&tx, rows).await?;
-        tx.commit().await.map_err(|err| self.failure(err))
+        self.execute_insert(&*client, rows, false).await.map(|_| ())
     }
 
+    /// Inserts `rows`; with `returning`, also returns the idempotency keys it added (a key
+    /// already in the table is skipped).
     async fn execute_insert<'r>(
         &self,
-        tx: &tokio_postgres::Transaction<'_>,
+        tx: &impl GenericClient,
         rows: impl Iterator<Item = &'r LandingRow> + Clone,
-    ) -> Result<(), Failure> {
+        returning: bool,
+    ) -> Result<Option<HashSet<String>>, Failure> {
         let keys: Vec<&str> = rows.clone().map(|r| r.idempotency_key.as_str()).collect();
         let seqs: Vec<i64> = rows.clone().map(|r| r.seq).collect();
         let actions: Vec<&str> = rows.clone().map(|r| r.action.as_str()).collect();
@@ -199,22 +336,27 @@ impl PostgresSink {
             rows.clone().map(|r| r.record_key.as_deref()).collect();
         let payloads: Vec<&str> = rows.clone().map(|r| r.payload.as_str()).collect();
         let staged: Vec<chrono::DateTime<chrono::Utc>> = rows.map(|r| r.staged_at).collect();
-        tx.execute(
-            INSERT_SQL,
-            &[
-                &self.agent_id,
-                &keys,
-                &seqs,
-                &actions,
-                &entities,
-                &record_keys,
-                &payloads,
-                &staged,
-            ],
-        )
-        .await
-        .map(|_| ())
-        .map_err(|err| self.failure(err))
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &self.agent_id,
+            &keys,
+            &seqs,
+            &actions,
+            &entities,
+            &record_keys,
+            &payloads,
+            &staged,
+        ];
+        if returning {
+            tx.query(INSERT_RETURNING_SQL, &params)
+                .await
+                .map(|added| Some(added.iter().map(|row| row.get(0)).collect()))
+                .map_err(|err| self.failure(err))
+        } else {
+            tx.execute(INSERT_SQL, &params)
+                .await
+                .map(|_| None)
+                .map_err(|err| self.failure(err))
+        }
     }
 
     /// One transaction, one savepoint per row: refused rows are dead, the rest delivered.
@@ -226,9 +368,18 @@ impl PostgresSink {
         let transient = |err| self.failure(err).message();
         let mut tx = client.transaction().await.map_err(transient)?;
         let mut outcomes = Vec::with_capacity(rows.len());
+        let mut prepared = Prepared::new();
         for row in rows {
             let savepoint = tx.savepoint("estafeta_row").await.map_err(transient)?;
-            match self.execute_insert(&savepoint, std::iter::once(row)).await {
+            let result = if self.apply.is_some() {
+                self.insert_and_apply(&savepoint, std::slice::from_ref(row), &mut prepared)
+                    .await
+            } else {
+                self.execute_insert(&savepoint, std::iter::once(row), false)
+                    .await
+                    .map(|_| ())
+            };
+            match result {
                 Ok(()) => {
                     savepoint.commit().await.map_err(transient)?;
                     outcomes.push(Outcome::Delivered);
@@ -242,6 +393,61 @@ impl PostgresSink {
         }
         tx.commit().await.map_err(transient)?;
         Ok(outcomes)
+    }
+
+    /// Upserts `beat` into `estafeta_agents`, creating the table and view first if needed.
+    async fn send_heartbeat(&self, beat: &crate::heartbeat::Heartbeat) -> Result<(), String> {
+        // The first connection, which every batch uses (a large one uses the second too).
+        let mut slot = self.clients[0].lock().await;
+        if slot.as_ref().is_none_or(Client::is_closed) {
+            *slot = None;
+            let mut client = self.connect().await?;
+            self.migrate(&mut client).await?;
+            *slot = Some(client);
+        }
+        let client = slot.as_mut().expect("connected just above");
+        let fail = |err| {
+            format!(
+                "heartbeat to {}: {}",
+                self.shown,
+                self.failure(err).message()
+            )
+        };
+        if !self.agents_ready.load(Ordering::Acquire) {
+            let tx = client.transaction().await.map_err(fail)?;
+            tx.batch_execute(MIGRATION_LOCK_SQL).await.map_err(fail)?;
+            tx.batch_execute(AGENTS_SQL).await.map_err(fail)?;
+            tx.commit().await.map_err(fail)?;
+            self.agents_ready.store(true, Ordering::Release);
+        }
+        let time = |text: &str| {
+            DateTime::parse_from_rfc3339(text)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|err| format!("heartbeat time {text:?}: {err}"))
+        };
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let sinks = serde_json::to_string(&beat.sinks).map_err(|err| err.to_string())?;
+        client
+            .execute(
+                UPSERT_AGENT_SQL,
+                &[
+                    &beat.agent_id,
+                    &beat.hostname,
+                    &beat.version,
+                    &time(&beat.started_at)?,
+                    &time(&beat.sent_at)?,
+                    &count(beat.records_pending),
+                    &beat.oldest_pending_age_secs,
+                    &count(beat.dead_letters),
+                    &beat.disk_free_bytes.map(count),
+                    &beat.staging_blocked,
+                    &beat.last_error,
+                    &sinks,
+                ],
+            )
+            .await
+            .map_err(fail)?;
+        Ok(())
     }
 
     /// Sorts an error (module documentation) and words it without the password.
@@ -279,21 +485,37 @@ impl Sink for PostgresSink {
 
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
-            let rows = Rows::new(batch);
+            let rows = Rows::new(batch, self.apply.as_deref());
             if rows.rows.is_empty() {
                 return rows.finish(Vec::new());
             }
-            let mut slot = self.client.lock().await;
-            let result =
-                tokio::time::timeout(BATCH_TIMEOUT, self.deliver_rows(&mut slot, &rows.rows)).await;
-            let outcomes =
-                database::outcomes_or_retry(&self.name, rows.rows.len(), result, || *slot = None);
+            // Apply mode keeps a batch in one transaction.
+            let (first, second) = if self.connections > 1
+                && self.apply.is_none()
+                && rows.rows.len() >= SPLIT_MIN_ROWS
+            {
+                rows.rows.split_at(rows.rows.len() / 2)
+            } else {
+                (&rows.rows[..], &[][..])
+            };
+            let (mut outcomes, rest) = tokio::join!(
+                self.deliver_part(&self.clients[0], first),
+                self.deliver_part(&self.clients[1], second)
+            );
+            outcomes.extend(rest);
             rows.finish(outcomes)
         })
     }
 
     fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
-        dry_run_lines(&self.shown, batch)
+        dry_run_lines(&self.shown, self.apply.as_deref(), batch)
+    }
+
+    fn heartbeat<'a>(
+        &'a self,
+        beat: &'a crate::heartbeat::Heartbeat,
+    ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
+        Box::pin(async move { Some(self.send_heartbeat(beat).await.map_err(anyhow::Error::msg)) })
     }
 
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
@@ -304,6 +526,22 @@ impl Sink for PostgresSink {
                 .await
                 .map_err(|err| anyhow::anyhow!(self.failure(err).message()))
                 .with_context(|| format!("PostgreSQL at {} answered with an error", self.shown))?;
+            // Apply mode: every statement must prepare (its tables and columns exist, its
+            // casts make sense), so a mistake shows here rather than as retries.
+            for statement in self.apply.iter().flat_map(|a| a.statements()) {
+                let types = vec![Type::TEXT; statement.params.len()];
+                client
+                    .prepare_typed(&statement.sql, &types)
+                    .await
+                    .map_err(|err| anyhow::anyhow!(self.failure(err).message()))
+                    .with_context(|| {
+                        format!(
+                            "the apply statement {} does not prepare at {}; fix the file or the tables",
+                            statement.file.display(),
+                            self.shown
+                        )
+                    })?;
+            }
             Ok(())
         })
     }

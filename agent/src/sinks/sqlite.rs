@@ -9,12 +9,19 @@
 //! survive a power cut; WAL's usual `NORMAL` may lose the last commits) and a busy timeout for
 //! other readers and writers of the file.
 //!
+//! Heartbeats ([`crate::heartbeat`]) are upserted into `estafeta_agents` (table and
+//! `estafeta_fleet` view from `sql/sqlite/agents.sql`) on a connection of their own.
+//!
 //! A batch is one `BEGIN IMMEDIATE` transaction running one prepared `INSERT … ON CONFLICT
 //! (idempotency_key) DO NOTHING` per row: in-process statements cost no round trip. A row that
 //! breaks a CHECK (SQLite enforces no VARCHAR length, so the schema checks the same limits as
 //! the other dialects, and `json_valid`) fails alone, since SQLite's default ABORT undoes only
 //! the failing statement, and becomes dead. Anything else (busy or locked past the timeout, a
 //! full disk, an I/O error, a read-only file) retries the whole batch with the file reopened.
+//!
+//! Apply mode ([`super::apply`]): a record with a statement file runs under a savepoint: the
+//! landing insert and, when it added the row (a replay adds none), the record's statement; a
+//! refused statement rolls back to the savepoint, so the record alone is dead.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,9 +32,10 @@ use estafeta_staging::Delivery;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
 use tokio::sync::Mutex;
 
+use super::apply::{ApplyStatements, Bound};
 use super::database::{
-    BATCH_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration, Rows, dry_run_lines,
-    retry_all,
+    ApplyRow, BATCH_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration, Rows,
+    dry_run_lines, retry_all,
 };
 use super::{BoxFuture, Outcome, Sink};
 
@@ -43,6 +51,8 @@ const MIGRATIONS: &[Migration] = &[Migration {
 
 const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../sql/sqlite/schema_migrations.sql");
 const INSERT_SQL: &str = include_str!("../../../sql/sqlite/insert_record.sql");
+const AGENTS_SQL: &str = include_str!("../../../sql/sqlite/agents.sql");
+const UPSERT_AGENT_SQL: &str = include_str!("../../../sql/sqlite/upsert_agent.sql");
 const APPLIED_SQL: &str = "SELECT version FROM estafeta_schema_migrations";
 const RECORD_MIGRATION_SQL: &str =
     "INSERT OR IGNORE INTO estafeta_schema_migrations (version, name) VALUES (?1, ?2)";
@@ -56,6 +66,8 @@ pub struct SqliteSink {
     shown: String,
     /// Taken out while a batch runs on the blocking pool, put back after.
     conn: Mutex<Option<Connection>>,
+    /// Apply mode: the statement files.
+    apply: Option<Arc<ApplyStatements>>,
 }
 
 impl SqliteSink {
@@ -74,12 +86,13 @@ impl SqliteSink {
             shown: format!("sqlite://{}", path.display()),
             path: path.into(),
             conn: Mutex::new(None),
+            apply: config.apply,
         })
     }
 }
 
 /// The path in `sqlite://PATH` (or `sqlite:PATH`), without a `?query`.
-fn sqlite_path(url: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn sqlite_path(url: &str) -> anyhow::Result<PathBuf> {
     let rest = url
         .split_once(':')
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("sqlite"))
@@ -159,28 +172,75 @@ fn insert(
             let staged_at = row
                 .staged_at
                 .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-            let result = statement.execute(params![
-                row.idempotency_key,
-                agent_id,
-                row.seq,
-                row.action,
-                row.entity,
-                row.record_key,
-                row.payload,
-                staged_at,
-            ]);
+            if row.apply.is_some() {
+                tx.execute_batch(SAVEPOINT_SQL).map_err(transient)?;
+            }
+            let result = statement
+                .execute(params![
+                    row.idempotency_key,
+                    agent_id,
+                    row.seq,
+                    row.action,
+                    row.entity,
+                    row.record_key,
+                    row.payload,
+                    staged_at,
+                ])
+                .map_err(failure)
+                .and_then(|added| match &row.apply {
+                    // Not added: delivered, and applied, before (a replay).
+                    Some(apply) if added > 0 => apply_row(&tx, apply),
+                    _ => Ok(()),
+                });
+            if row.apply.is_some() {
+                match &result {
+                    Ok(()) => tx.execute_batch(RELEASE_SQL).map_err(transient)?,
+                    Err(Failure::Row(_)) => tx.execute_batch(ROLLBACK_SQL).map_err(transient)?,
+                    Err(Failure::Transient(_)) => {}
+                }
+            }
             match result {
-                Ok(_) => outcomes.push(Outcome::Delivered),
-                Err(err) => match failure(err) {
-                    // ABORT undid this statement only; the transaction goes on.
-                    Failure::Row(reason) => outcomes.push(Outcome::Dead { reason }),
-                    Failure::Transient(error) => return Err(error),
-                },
+                Ok(()) => outcomes.push(Outcome::Delivered),
+                // ABORT undid this statement only (and a savepoint the rest of the record);
+                // the transaction goes on.
+                Err(Failure::Row(reason)) => outcomes.push(Outcome::Dead { reason }),
+                Err(Failure::Transient(error)) => return Err(error),
             }
         }
     }
     tx.commit().map_err(transient)?;
     Ok(outcomes)
+}
+
+const SAVEPOINT_SQL: &str = "SAVEPOINT estafeta_row";
+const RELEASE_SQL: &str = "RELEASE estafeta_row";
+const ROLLBACK_SQL: &str = "ROLLBACK TO estafeta_row; RELEASE estafeta_row";
+
+/// Runs one record's apply statement.
+fn apply_row(conn: &Connection, apply: &ApplyRow) -> Result<(), Failure> {
+    let in_file = |failure: Failure| match failure {
+        Failure::Row(m) => Failure::Row(apply.context(m)),
+        Failure::Transient(m) => Failure::Transient(apply.context(m)),
+    };
+    let mut statement = conn
+        .prepare_cached(&apply.statement.sql)
+        .map_err(|err| in_file(failure(err)))?;
+    let values = apply.values.iter().map(|value| {
+        use rusqlite::types::Value;
+        match value {
+            Bound::Null => Value::Null,
+            Bound::Bool(b) => Value::Integer(i64::from(*b)),
+            Bound::Int(n) => Value::Integer(*n),
+            Bound::Number(text) => text
+                .parse::<f64>()
+                .map_or_else(|_| Value::Text(text.clone()), Value::Real),
+            Bound::Text(text) | Bound::Json(text) => Value::Text(text.clone()),
+        }
+    });
+    statement
+        .execute(rusqlite::params_from_iter(values))
+        .map(|_| ())
+        .map_err(|err| in_file(failure(err)))
 }
 
 /// A refused row's data (constraint, type, size) or anything else.
@@ -201,7 +261,7 @@ impl Sink for SqliteSink {
 
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
-            let mut rows = Rows::new(batch);
+            let mut rows = Rows::new(batch, self.apply.as_deref());
             if rows.rows.is_empty() {
                 return rows.finish(Vec::new());
             }
@@ -246,18 +306,69 @@ impl Sink for SqliteSink {
     }
 
     fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
-        dry_run_lines(&self.shown, batch)
+        dry_run_lines(&self.shown, self.apply.as_deref(), batch)
+    }
+
+    fn heartbeat<'a>(
+        &'a self,
+        beat: &'a crate::heartbeat::Heartbeat,
+    ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
+        Box::pin(async move {
+            let path = Arc::clone(&self.path);
+            let shown = self.shown.clone();
+            let beat = beat.clone();
+            let sent = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                let conn = open(&path).map_err(anyhow::Error::msg)?;
+                let fail = || format!("heartbeat to {shown}");
+                conn.execute_batch(AGENTS_SQL).with_context(fail)?;
+                let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                conn.execute(
+                    UPSERT_AGENT_SQL,
+                    params![
+                        beat.agent_id,
+                        beat.hostname,
+                        beat.version,
+                        beat.started_at,
+                        beat.sent_at,
+                        count(beat.records_pending),
+                        beat.oldest_pending_age_secs,
+                        count(beat.dead_letters),
+                        beat.disk_free_bytes.map(count),
+                        beat.staging_blocked,
+                        beat.last_error,
+                        serde_json::to_string(&beat.sinks)?,
+                    ],
+                )
+                .with_context(fail)?;
+                Ok(())
+            })
+            .await;
+            Some(
+                sent.context("the SQLite heartbeat task failed")
+                    .and_then(|r| r),
+            )
+        })
     }
 
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let path = Arc::clone(&self.path);
             let shown = self.shown.clone();
+            let apply = self.apply.clone();
             // Opening is connecting: it creates the file and folder, as a delivery would.
             tokio::task::spawn_blocking(move || {
                 let conn = open(&path).map_err(anyhow::Error::msg)?;
                 conn.query_row("SELECT 1", [], |row| row.get::<_, i64>(0))
                     .with_context(|| format!("SQLite at {shown} answered with an error"))?;
+                // Apply mode: every statement must prepare (its tables and columns exist).
+                for statement in apply.iter().flat_map(|a| a.statements()) {
+                    conn.prepare(&statement.sql).with_context(|| {
+                        format!(
+                            "the apply statement {} does not prepare in {shown}; fix the file or the tables",
+                            statement.file.display()
+                        )
+                    })?;
+                }
                 Ok(())
             })
             .await
@@ -290,5 +401,112 @@ mod tests {
             Some(PathBuf::from("data/c.db"))
         );
         assert_eq!(path("sqlite://"), None);
+    }
+
+    fn delivery(seq: u64, action: &str, payload: &str) -> Delivery {
+        Delivery {
+            envelope: estafeta_staging::Envelope {
+                v: 1,
+                id: format!("id-{seq}"),
+                seq,
+                action: action.to_owned(),
+                entity: "usuario".to_owned(),
+                key: Some(format!("k{seq}")),
+                staged_at: "2026-11-23T08:41:06.123456Z".to_owned(),
+                client_key: None,
+                client_fingerprint: None,
+                source: None,
+                sinks: vec!["database".to_owned()],
+                payload: serde_json::value::RawValue::from_string(payload.to_owned())
+                    .expect("valid JSON"),
+            },
+            sink: "database".to_owned(),
+            attempts: 0,
+            path: PathBuf::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn apply_mode_applies_each_record_once_and_refuses_alone() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let apply = dir.path().join("apply");
+        std::fs::create_dir(&apply).expect("mkdir");
+        std::fs::write(
+            apply.join("usuario.upsert.sql"),
+            "INSERT INTO usuario (matricula, nome, ativo, n) VALUES (:matricula, :nome, :ativo, 1)
+             ON CONFLICT (matricula) DO UPDATE SET nome = excluded.nome, n = n + 1;",
+        )
+        .expect("write");
+        let db = dir.path().join("central.db");
+        let conn = Connection::open(&db).expect("open");
+        conn.execute_batch(
+            "CREATE TABLE usuario (matricula TEXT PRIMARY KEY, nome TEXT NOT NULL CHECK (length(nome) <= 10),
+                                   ativo INTEGER NOT NULL, n INTEGER NOT NULL)",
+        )
+        .expect("create");
+        let statements =
+            ApplyStatements::load(&apply, super::super::database::Dialect::Sqlite).expect("loads");
+        let sink = SqliteSink::new(
+            "database",
+            DatabaseSinkConfig {
+                url: format!("sqlite://{}", db.display()),
+                agent_id: "a".to_owned(),
+                apply: Some(Arc::new(statements)),
+                connections: crate::sinks::database::DEFAULT_CONNECTIONS,
+            },
+        )
+        .expect("sink");
+        let batch = [
+            delivery(
+                1,
+                "upsert",
+                r#"{"matricula":"A","nome":"Ana","ativo":true}"#,
+            ),
+            delivery(
+                2,
+                "upsert",
+                r#"{"matricula":"B","nome":"Nome longo demais","ativo":true}"#,
+            ),
+            delivery(3, "upsert", r#"{"matricula":"C","ativo":false}"#),
+            delivery(
+                4,
+                "upsert",
+                r#"{"matricula":"A","nome":"Ana Maria","ativo":true}"#,
+            ),
+            delivery(5, "delete", r#"{"matricula":"A"}"#),
+        ];
+        let outcomes = sink.deliver(&batch).await;
+        assert_eq!(outcomes[0], Outcome::Delivered);
+        assert!(
+            matches!(&outcomes[1], Outcome::Dead { reason } if reason.contains("CHECK") && reason.contains("usuario.upsert.sql")),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(&outcomes[2], Outcome::Dead { reason } if reason.contains("\"nome\" is missing")),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[3], Outcome::Delivered);
+        assert!(
+            matches!(&outcomes[4], Outcome::Dead { reason } if reason.contains("usuario.delete.sql")),
+            "{outcomes:?}"
+        );
+        // A replay of the same records applies nothing again.
+        let again = sink.deliver(&batch[..1]).await;
+        assert_eq!(again, [Outcome::Delivered]);
+        let rows: Vec<(String, String, i64, i64)> = conn
+            .prepare("SELECT matricula, nome, ativo, n FROM usuario")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(rows, [("A".to_owned(), "Ana Maria".to_owned(), 1, 2)]);
+        let landed: i64 = conn
+            .query_row("SELECT count(*) FROM estafeta_records", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(
+            landed, 2,
+            "the refused record's landing row was rolled back"
+        );
     }
 }

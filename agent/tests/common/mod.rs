@@ -36,6 +36,7 @@ pub fn delivery(action: &str, entity: &str, key: Option<&str>, payload: &str) ->
             client_key: None,
             client_fingerprint: None,
             sinks: vec!["test".to_owned()],
+            source: None,
             payload: RawValue::from_string(payload.to_owned()).expect("test payloads are JSON"),
         },
         sink: "test".to_owned(),

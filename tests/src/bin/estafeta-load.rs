@@ -56,6 +56,10 @@ struct Args {
     /// Prefix of the records' `id` fields (default: derived from the clock, so that runs differ).
     #[arg(long)]
     id_prefix: Option<String>,
+    /// Steady load: at most this many requests per second in all, spread evenly over the
+    /// connections (default: as fast as the server answers).
+    #[arg(long, value_name = "PER_SEC")]
+    rate: Option<f64>,
 }
 
 /// Where to connect and what to send in the request line.
@@ -357,7 +361,18 @@ async fn run_task(
     let mut request = Vec::new();
     let mut buf = Vec::with_capacity(16 * 1024);
     let mut conn: Option<TcpStream> = None;
+    // With --rate, this task sends one request per `pace`, on a fixed schedule (a late answer
+    // is caught up, not skipped, so the total stays what was asked).
+    let pace = args
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(args.connections as f64 / r));
+    let mut next_at = tokio::time::Instant::now();
     while limits.take() {
+        if let Some(pace) = pace {
+            tokio::time::sleep_until(next_at).await;
+            next_at += pace;
+        }
         maker.body(&mut body);
         request.clear();
         request.extend_from_slice(

@@ -1,0 +1,842 @@
+//! JetStream sink: every record is published to a NATS JetStream stream, with the record's id
+//! in the `Nats-Msg-Id` header so that the stream drops a resend (contract 4), and the record
+//! is acknowledged only after the stream's publish acknowledgement came back.
+//!
+//! ```text
+//! subject   from a template, default estafeta.{entity}.{action}   ({agent} is the AGENT_ID
+//!           with every character outside [A-Za-z0-9_-] made '_')
+//! headers   Nats-Msg-Id: <record id>   Estafeta-Seq: <seq>   Estafeta-Agent: <AGENT_ID>
+//! body      {"id":…,"seq":…,"agent_id":…,"action":…,"entity":…,"key":…,"staged_at":…,"payload":<as staged>}
+//! ```
+//!
+//! - A batch is published at once (every message handed to the connection), then every ack
+//!   is awaited concurrently. Per-key order holds because the store leases at most one record
+//!   per (entity, key) and keeps the later records of a key back until that one is settled: a
+//!   record is published only after the stream acknowledged the record before it.
+//! - JetStream drops a message whose `Nats-Msg-Id` it saw within the stream's
+//!   `duplicate_window` (2 minutes by default). A resend after a longer outage is stored twice;
+//!   consumers dedupe on the record id (see the README).
+//! - Errors are sorted as contract 5 says. Connection refused, a lost connection, a missing
+//!   stream ("no responders"), an ack timeout, storage limits: retry with backoff. A message
+//!   the server refuses for its size (over the server's `max_payload`, or the stream's
+//!   `max_msg_size`): dead letter with the sizes. Anything else the stream answers: retry
+//!   (when in doubt, retry: a retry loses nothing, a dead letter needs a person).
+//! - The connection is opened on the first delivery or probe, never at build time, so the agent
+//!   starts (and stages) while NATS is down; afterwards the client reconnects by itself. A
+//!   batch is not published while the client is disconnected: it is retried at once.
+//! - With `create_stream = true` the stream is created (or left as it is, if it exists) on
+//!   connection, and again after a publish finds no stream. Off by default: in most sites the
+//!   stream belongs to the team that runs NATS.
+//! - Credentials in the URL (`nats://user:password@host`, `nats://token@host`) and the token are
+//!   taken out of the URL before it reaches the client, never logged, and scrubbed from errors.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use async_nats::connection::State;
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{ConnectErrorKind, ConnectOptions, HeaderMap};
+use estafeta_staging::{Delivery, Envelope};
+use reqwest::Url;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::OnceCell;
+use tokio::task::JoinSet;
+
+use super::{BoxFuture, Outcome, Sink, error_chain, percent_decode, redact_url, scrub};
+
+/// Default subject template.
+pub const DEFAULT_SUBJECT: &str = "estafeta.{entity}.{action}";
+/// Default stream name when `create_stream = true`.
+pub const DEFAULT_STREAM: &str = "ESTAFETA";
+/// Default timeout of the connection and of each publish acknowledgement, in seconds.
+pub const DEFAULT_NATS_TIMEOUT_SECS: u64 = 10;
+/// Largest accepted stream replica count (JetStream's own limit).
+pub const MAX_REPLICAS: usize = 5;
+/// Placeholders a subject template may use.
+const PLACEHOLDERS: &[&str] = &["entity", "action", "agent"];
+/// Header carrying the record's sequence number.
+const SEQ_HEADER: &str = "Estafeta-Seq";
+/// Header carrying the agent id.
+const AGENT_HEADER: &str = "Estafeta-Agent";
+/// Heartbeats go to `<this>.<agent>` (core NATS; see [`crate::heartbeat`]).
+pub const HEARTBEAT_SUBJECT_PREFIX: &str = "estafeta_heartbeat";
+
+/// `CENTRAL_NATS_*` or a `[[sinks]]` entry with `type = "nats"`.
+#[derive(Clone)]
+pub struct NatsSinkConfig {
+    /// `nats://host:4222`, optionally with `user:password@` or `token@`; `tls://` for TLS.
+    pub url: String,
+    /// Token authentication (overrides a token in the URL).
+    pub token: Option<String>,
+    /// Subject template: `{entity}`, `{action}`, `{agent}`.
+    pub subject: String,
+    /// Connection timeout and the wait for each publish acknowledgement.
+    pub timeout: Duration,
+    /// This agent's id (`AGENT_ID`): the `Estafeta-Agent` header, `agent_id` and `{agent}`.
+    pub agent_id: String,
+    /// `Some` when `create_stream = true`.
+    pub stream: Option<StreamSettings>,
+}
+
+// By hand, so `{:?}` never prints the token or a password in the URL.
+impl fmt::Debug for NatsSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsSinkConfig")
+            .field("url", &redact_url(&self.url))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("subject", &self.subject)
+            .field("timeout", &self.timeout)
+            .field("agent_id", &self.agent_id)
+            .field("stream", &self.stream)
+            .finish()
+    }
+}
+
+/// The stream the sink creates when `create_stream = true`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSettings {
+    /// Stream name (`stream`, default `ESTAFETA`).
+    pub name: String,
+    /// Subjects it captures (`stream_subjects`, default: the template with each placeholder
+    /// token as `*`).
+    pub subjects: Vec<String>,
+    pub retention: Retention,
+    /// `replicas`, 1 to 5 (default 1).
+    pub replicas: usize,
+    /// `duplicate_window_secs`; `None`: the server's default (2 minutes).
+    pub duplicate_window: Option<Duration>,
+}
+
+/// A stream's retention policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Keep messages up to the stream's limits (the default).
+    Limits,
+    /// Keep a message while a consumer has not acknowledged it.
+    Interest,
+    /// Keep a message until one consumer acknowledged it.
+    WorkQueue,
+}
+
+impl Retention {
+    /// `limits`, `interest` or `workqueue`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "limits" => Ok(Retention::Limits),
+            "interest" => Ok(Retention::Interest),
+            "workqueue" | "work_queue" => Ok(Retention::WorkQueue),
+            _ => Err("expected limits, interest or workqueue".into()),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Retention::Limits => "limits",
+            Retention::Interest => "interest",
+            Retention::WorkQueue => "workqueue",
+        }
+    }
+
+    fn policy(self) -> jetstream::stream::RetentionPolicy {
+        match self {
+            Retention::Limits => jetstream::stream::RetentionPolicy::Limits,
+            Retention::Interest => jetstream::stream::RetentionPolicy::Interest,
+            Retention::WorkQueue => jetstream::stream::RetentionPolicy::WorkQueue,
+        }
+    }
+}
+
+/// Checks a subject template: dot-separated tokens, none empty, no whitespace, no wildcard,
+/// only known placeholders.
+pub fn check_subject_template(template: &str) -> Result<(), String> {
+    if template.trim().is_empty() {
+        return Err("expected a subject such as estafeta.{entity}.{action}".into());
+    }
+    for token in template.split('.') {
+        if token.is_empty() {
+            return Err(
+                "a subject cannot have an empty token (two dots, or a dot at either end)".into(),
+            );
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("a subject cannot hold spaces or control characters".into());
+        }
+        if token == "*" || token == ">" {
+            return Err(
+                "a published subject cannot hold the wildcards * or >; use {entity}, {action} or {agent}"
+                    .into(),
+            );
+        }
+        let mut rest = token;
+        while let Some(open) = rest.find('{') {
+            let after = &rest[open + 1..];
+            let Some(close) = after.find('}') else {
+                return Err("a '{' is not closed".into());
+            };
+            let name = &after[..close];
+            if !PLACEHOLDERS.contains(&name) {
+                return Err(format!(
+                    "{{{name}}} is not a placeholder; use {{entity}}, {{action}} or {{agent}}"
+                ));
+            }
+            rest = &after[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err("a '}' has no '{'".into());
+        }
+    }
+    Ok(())
+}
+
+/// The subjects a stream needs for `template`: each token holding a placeholder becomes `*`.
+pub fn default_stream_subject(template: &str) -> String {
+    template
+        .split('.')
+        .map(|token| if token.contains('{') { "*" } else { token })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// Checks a stream name: 1 to 255 characters, none of `. * > / \`, spaces or control
+/// characters (JetStream's rule).
+pub fn check_stream_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("expected a stream name of 1 to 255 characters".into());
+    }
+    if name
+        .chars()
+        .any(|c| matches!(c, '.' | '*' | '>' | '/' | '\\') || c.is_whitespace() || c.is_control())
+    {
+        return Err(
+            "a stream name cannot hold '.', '*', '>', '/', '\\', spaces or control characters"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Checks a NATS URL: `nats://` or `tls://`, a host, at most a port.
+pub fn check_nats_url(url: &str) -> Result<(), String> {
+    let parsed = Url::parse(url)
+        .map_err(|err| format!("expected a URL such as nats://127.0.0.1:4222 ({err})"))?;
+    if !matches!(parsed.scheme(), "nats" | "tls") {
+        return Err(format!(
+            "expected a nats:// or tls:// URL, found scheme {:?}",
+            parsed.scheme()
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("expected a host, as in nats://127.0.0.1:4222".into());
+    }
+    if !matches!(parsed.path(), "" | "/") || parsed.query().is_some() {
+        return Err("expected only scheme, credentials, host and port, as in nats://host:4222 (no path or query)".into());
+    }
+    Ok(())
+}
+
+/// How the sink authenticates, taken out of the URL.
+#[derive(Clone)]
+enum Auth {
+    None,
+    Token(String),
+    UserPassword(String, String),
+}
+
+/// The open connection.
+struct Connection {
+    client: async_nats::Client,
+    js: jetstream::Context,
+}
+
+/// Publishes records to JetStream; see the module documentation.
+pub struct NatsSink {
+    name: String,
+    /// The URL without credentials, as the client gets it.
+    server: String,
+    /// The URL as shown (credentials hidden).
+    shown: String,
+    auth: Auth,
+    subject: String,
+    timeout: Duration,
+    agent_id: String,
+    /// The agent id as one subject token.
+    agent_token: String,
+    stream: Option<StreamSettings>,
+    /// Whether the configured stream was created (or found) on this connection.
+    stream_ready: AtomicBool,
+    connection: OnceCell<Connection>,
+    /// Token and passwords, scrubbed from every error message.
+    secrets: Vec<String>,
+}
+
+impl NatsSink {
+    /// Checks the URL, subject and stream settings. Connects to nothing.
+    pub fn new(name: impl Into<String>, config: NatsSinkConfig) -> anyhow::Result<Self> {
+        let name = name.into();
+        let shown = redact_url(&config.url);
+        check_nats_url(&config.url).map_err(|e| anyhow::anyhow!("the NATS URL {shown:?}: {e}"))?;
+        let mut url = Url::parse(&config.url).context("the NATS URL")?;
+        let user = percent_decode(url.username());
+        let password = url.password().map(percent_decode);
+        let mut auth = match (user.is_empty(), password) {
+            (true, _) => Auth::None,
+            (false, None) => Auth::Token(user.clone()),
+            (false, Some(password)) => Auth::UserPassword(user.clone(), password),
+        };
+        if let Some(token) = config.token.as_ref().filter(|t| !t.is_empty()) {
+            if matches!(auth, Auth::UserPassword(..)) {
+                bail!(
+                    "the NATS URL {shown:?} has a user and password and a token is set too; use one of them"
+                );
+            }
+            auth = Auth::Token(token.clone());
+        }
+        let mut secrets: Vec<String> = match &auth {
+            Auth::None => Vec::new(),
+            Auth::Token(token) => vec![token.clone()],
+            Auth::UserPassword(_, password) => vec![password.clone()],
+        };
+        // As written in the URL too (percent-encoded).
+        if let Some(raw) = url.password() {
+            secrets.push(raw.to_owned());
+        } else if !url.username().is_empty() {
+            secrets.push(url.username().to_owned());
+        }
+        secrets.retain(|s| !s.is_empty());
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        url.set_username("")
+            .map_err(|()| anyhow::anyhow!("the NATS URL {shown:?} cannot hold credentials"))?;
+        url.set_password(None)
+            .map_err(|()| anyhow::anyhow!("the NATS URL {shown:?} cannot hold credentials"))?;
+        let server = url.as_str().trim_end_matches('/').to_owned();
+
+        check_subject_template(&config.subject)
+            .map_err(|e| anyhow::anyhow!("the subject {:?}: {e}", config.subject))?;
+        if let Some(stream) = &config.stream {
+            check_stream_name(&stream.name)
+                .map_err(|e| anyhow::anyhow!("the stream name {:?}: {e}", stream.name))?;
+            if stream.subjects.is_empty() {
+                bail!("the stream {:?} needs at least one subject", stream.name);
+            }
+            if !(1..=MAX_REPLICAS).contains(&stream.replicas) {
+                bail!("replicas must be 1 to {MAX_REPLICAS}");
+            }
+        }
+        let agent_token = config
+            .agent_id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        Ok(Self {
+            name,
+            server,
+            shown,
+            auth,
+            subject: config.subject,
+            timeout: config.timeout,
+            agent_id: config.agent_id,
+            agent_token,
+            stream: config.stream,
+            stream_ready: AtomicBool::new(false),
+            connection: OnceCell::new(),
+            secrets,
+        })
+    }
+
+    /// The subject of one record.
+    fn subject_for(&self, envelope: &Envelope) -> String {
+        let mut out = String::with_capacity(self.subject.len() + 32);
+        let mut rest = self.subject.as_str();
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let after = &rest[open + 1..];
+            let close = after.find('}').unwrap_or(after.len());
+            out.push_str(match &after[..close] {
+                "entity" => envelope.entity.as_str(),
+                "action" => envelope.action.as_str(),
+                // check_subject_template allows nothing else.
+                _ => self.agent_token.as_str(),
+            });
+            rest = after.get(close + 1..).unwrap_or("");
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// The message body of one record.
+    fn body(&self, envelope: &Envelope) -> Result<Vec<u8>, String> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            id: &'a str,
+            seq: u64,
+            agent_id: &'a str,
+            action: &'a str,
+            entity: &'a str,
+            key: Option<&'a str>,
+            staged_at: &'a str,
+            payload: &'a RawValue,
+        }
+        serde_json::to_vec(&Body {
+            id: &envelope.id,
+            seq: envelope.seq,
+            agent_id: &self.agent_id,
+            action: &envelope.action,
+            entity: &envelope.entity,
+            key: envelope.key.as_deref(),
+            staged_at: &envelope.staged_at,
+            payload: &envelope.payload,
+        })
+        .map_err(|err| format!("the record cannot be written as a message: {err}"))
+    }
+
+    fn message(&self, envelope: &Envelope) -> Result<PublishMessage, String> {
+        let body = self.body(envelope)?;
+        let mut headers = HeaderMap::new();
+        headers.insert(SEQ_HEADER, envelope.seq.to_string().as_str());
+        headers.insert(AGENT_HEADER, self.agent_id.as_str());
+        Ok(PublishMessage::build()
+            .payload(body.into())
+            .headers(headers)
+            .message_id(&envelope.id))
+    }
+
+    /// The open connection, opening it (and creating the stream) when there is none yet.
+    async fn connection(&self) -> Result<&Connection, String> {
+        let connection = self
+            .connection
+            .get_or_try_init(|| async {
+                let mut options = ConnectOptions::new()
+                    .name(format!("estafeta {}", self.agent_id))
+                    .connection_timeout(self.timeout)
+                    .request_timeout(Some(self.timeout))
+                    .ping_interval(Duration::from_secs(20));
+                options = match &self.auth {
+                    Auth::None => options,
+                    Auth::Token(token) => options.token(token.clone()),
+                    Auth::UserPassword(user, password) => {
+                        options.user_and_password(user.clone(), password.clone())
+                    }
+                };
+                let client = options
+                    .connect(self.server.as_str())
+                    .await
+                    .map_err(|err| self.connect_error(&err))?;
+                let js = jetstream::ContextBuilder::new()
+                    .timeout(self.timeout)
+                    .backpressure_on_inflight(true)
+                    .build(client.clone());
+                tracing::info!(sink = %self.name, url = %self.shown, max_payload = client.server_info().max_payload, "Connected to NATS.");
+                Ok::<_, String>(Connection { client, js })
+            })
+            .await?;
+        if !self.stream_ready.load(Ordering::Acquire) {
+            self.ensure_stream(&connection.js).await?;
+        }
+        Ok(connection)
+    }
+
+    /// Creates the configured stream unless it exists; without `create_stream`, nothing.
+    async fn ensure_stream(&self, js: &jetstream::Context) -> Result<(), String> {
+        let Some(stream) = &self.stream else {
+            self.stream_ready.store(true, Ordering::Release);
+            return Ok(());
+        };
+        let mut config = jetstream::stream::Config {
+            name: stream.name.clone(),
+            subjects: stream.subjects.clone(),
+            retention: stream.retention.policy(),
+            num_replicas: stream.replicas,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        if let Some(window) = stream.duplicate_window {
+            config.duplicate_window = window;
+        }
+        match js.get_or_create_stream(config).await {
+            Ok(_) => {
+                tracing::info!(sink = %self.name, stream = %stream.name, subjects = ?stream.subjects, "JetStream stream ready.");
+                self.stream_ready.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(err) => Err(self.scrub(format!(
+                "cannot create the JetStream stream {:?} (subjects {:?}) at {}: {}; check that JetStream is enabled and the stream's subjects do not overlap another stream's",
+                stream.name,
+                stream.subjects,
+                self.shown,
+                error_chain(&err)
+            ))),
+        }
+    }
+
+    /// Publishes `beat` as JSON on `estafeta_heartbeat.<agent>` and flushes it.
+    async fn send_heartbeat(&self, beat: &crate::heartbeat::Heartbeat) -> anyhow::Result<()> {
+        let connection = self.connection().await.map_err(anyhow::Error::msg)?;
+        let state = connection.client.connection_state();
+        if state != State::Connected {
+            bail!("not connected to {} ({state})", self.shown);
+        }
+        let subject = format!("{HEARTBEAT_SUBJECT_PREFIX}.{}", self.agent_token);
+        let body = serde_json::to_vec(beat).context("writing the heartbeat as JSON")?;
+        connection
+            .client
+            .publish(subject.clone(), body.into())
+            .await
+            .map_err(|err| {
+                anyhow::anyhow!(self.scrub(format!("publish to {subject}: {}", error_chain(&err))))
+            })?;
+        connection.client.flush().await.map_err(|err| {
+            anyhow::anyhow!(self.scrub(format!("flush to {}: {}", self.shown, error_chain(&err))))
+        })?;
+        Ok(())
+    }
+
+    fn connect_error(&self, err: &async_nats::ConnectError) -> String {
+        let hint = match err.kind() {
+            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                "check the token or user and password"
+            }
+            ConnectErrorKind::TimedOut => "check that the server is up and reachable",
+            ConnectErrorKind::Tls => "check the server's TLS setup and certificate",
+            _ => "check that nats-server runs there (with JetStream) and the port is right",
+        };
+        self.scrub(format!(
+            "cannot connect to {}: {}; {hint}",
+            self.shown,
+            error_chain(err)
+        ))
+    }
+
+    fn scrub(&self, message: String) -> String {
+        scrub(message, &self.secrets)
+    }
+
+    /// Publishes one batch (see the module documentation).
+    async fn publish_batch(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let retry_all = |error: String| {
+            tracing::warn!(sink = %self.name, records = batch.len(), error = %error, "JetStream delivery failed; the batch will be retried.");
+            vec![
+                Outcome::Retry {
+                    error,
+                    retry_after: None,
+                };
+                batch.len()
+            ]
+        };
+        let connection = match self.connection().await {
+            Ok(connection) => connection,
+            Err(error) => return retry_all(error),
+        };
+        let state = connection.client.connection_state();
+        if state != State::Connected {
+            return retry_all(format!(
+                "not connected to {} ({state}); the client reconnects by itself",
+                self.shown
+            ));
+        }
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        // Dropping the JoinSet (the batch cancelled at shutdown) stops waiting for the acks; the
+        // records stay pending and a resend is dropped by the stream as a duplicate.
+        let mut acks = JoinSet::new();
+        for (i, delivery) in batch.iter().enumerate() {
+            let envelope = &delivery.envelope;
+            let message = match self.message(envelope) {
+                Ok(message) => message,
+                Err(reason) => {
+                    outcomes[i] = Some(Outcome::Dead { reason });
+                    continue;
+                }
+            };
+            let subject = self.subject_for(envelope);
+            match connection.js.send_publish(subject.clone(), message).await {
+                Ok(ack) => {
+                    acks.spawn(async move { (i, subject, ack.await) });
+                }
+                Err(err) => outcomes[i] = Some(self.publish_outcome(connection, &subject, &err)),
+            }
+        }
+        let mut duplicates = 0usize;
+        while let Some(joined) = acks.join_next().await {
+            match joined {
+                Ok((i, _, Ok(ack))) => {
+                    duplicates += usize::from(ack.duplicate);
+                    outcomes[i] = Some(Outcome::Delivered);
+                }
+                Ok((i, subject, Err(err))) => {
+                    outcomes[i] = Some(self.publish_outcome(connection, &subject, &err));
+                }
+                Err(err) => {
+                    tracing::error!(sink = %self.name, error = %err, "A JetStream ack task failed; its record will be retried.");
+                }
+            }
+        }
+        let outcomes: Vec<Outcome> = outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| Outcome::Retry {
+                    error: "the publish task failed unexpectedly".to_owned(),
+                    retry_after: None,
+                })
+            })
+            .collect();
+        tracing::debug!(
+            sink = %self.name,
+            records = batch.len(),
+            delivered = outcomes.iter().filter(|o| matches!(o, Outcome::Delivered)).count(),
+            duplicates,
+            "JetStream batch published."
+        );
+        outcomes
+    }
+
+    /// Sorts a failed publish into retry or dead (contract 5).
+    fn publish_outcome(
+        &self,
+        connection: &Connection,
+        subject: &str,
+        err: &jetstream::context::PublishError,
+    ) -> Outcome {
+        let retry = |error: String| Outcome::Retry {
+            error: self.scrub(error),
+            retry_after: None,
+        };
+        match err.kind() {
+            PublishErrorKind::MaxPayloadExceeded => Outcome::Dead {
+                reason: self.scrub(format!(
+                    "publish to {subject}: the message is larger than the server's max_payload ({} bytes): {}; raise max_payload in nats-server.conf, then requeue it with `estafeta retry --send`",
+                    connection.client.server_info().max_payload,
+                    error_chain(err)
+                )),
+            },
+            PublishErrorKind::StreamNotFound => {
+                // With create_stream, create it again before the next batch.
+                self.stream_ready.store(false, Ordering::Release);
+                retry(format!(
+                    "publish to {subject}: no JetStream stream captures this subject (no responders); create one (nats stream add --subjects '{}') or set create_stream = true",
+                    default_stream_subject(&self.subject)
+                ))
+            }
+            PublishErrorKind::TimedOut => retry(format!(
+                "publish to {subject}: no acknowledgement from JetStream within {:?} ({})",
+                self.timeout,
+                connection.client.connection_state()
+            )),
+            PublishErrorKind::BrokenPipe => retry(format!(
+                "publish to {subject}: the connection to {} was lost before the acknowledgement",
+                self.shown
+            )),
+            _ => {
+                let server = std::error::Error::source(err)
+                    .and_then(|source| source.downcast_ref::<jetstream::Error>());
+                match server.map(jetstream::Error::error_code) {
+                    Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => Outcome::Dead {
+                        reason: self.scrub(format!(
+                            "publish to {subject}: the stream refuses a message this large: {}; raise the stream's max_msg_size, then requeue it with `estafeta retry --send`",
+                            error_chain(err)
+                        )),
+                    },
+                    _ => retry(format!("publish to {subject}: {}", error_chain(err))),
+                }
+            }
+        }
+    }
+}
+
+impl Sink for NatsSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(self.publish_batch(batch))
+    }
+
+    fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
+        batch
+            .iter()
+            .map(|delivery| {
+                let envelope = &delivery.envelope;
+                format!(
+                    "PUBLISH {} at {} Nats-Msg-Id={} ({} bytes of payload)",
+                    self.subject_for(envelope),
+                    self.shown,
+                    envelope.id,
+                    envelope.payload.get().len()
+                )
+            })
+            .collect()
+    }
+
+    fn heartbeat<'a>(
+        &'a self,
+        beat: &'a crate::heartbeat::Heartbeat,
+    ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
+        Box::pin(async move { Some(self.send_heartbeat(beat).await) })
+    }
+
+    fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async move {
+            let connection = self.connection().await.map_err(anyhow::Error::msg)?;
+            let subjects = default_stream_subject(&self.subject);
+            match connection.js.stream_by_subject(subjects.clone()).await {
+                Ok(stream) => {
+                    tracing::debug!(sink = %self.name, stream = %stream, "JetStream stream found.");
+                    Ok(())
+                }
+                Err(err) => Err(anyhow::anyhow!(self.scrub(format!(
+                    "connected to {}, but no JetStream stream captures {subjects}: {}; records would wait: create a stream for these subjects or set create_stream = true",
+                    self.shown,
+                    error_chain(&err)
+                )))),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(url: &str, subject: &str) -> NatsSinkConfig {
+        NatsSinkConfig {
+            url: url.to_owned(),
+            token: None,
+            subject: subject.to_owned(),
+            timeout: Duration::from_secs(1),
+            agent_id: "ws-07.ward b".to_owned(),
+            stream: None,
+        }
+    }
+
+    fn envelope() -> Envelope {
+        Envelope {
+            v: 1,
+            id: "0190a0a0-0000-7000-8000-000000000001".to_owned(),
+            seq: 7,
+            action: "create".to_owned(),
+            entity: "patient".to_owned(),
+            key: Some("42".to_owned()),
+            staged_at: "2024-06-01T12:00:00.000000Z".to_owned(),
+            client_key: None,
+            client_fingerprint: None,
+            sinks: vec!["nats".to_owned()],
+            source: None,
+            payload: RawValue::from_string(r#"{"id":"42","n":1.50}"#.to_owned())
+                .expect("valid JSON"),
+        }
+    }
+
+    #[test]
+    fn subject_template_fills_entity_action_and_a_safe_agent_token() {
+        let sink =
+            NatsSink::new("nats", config("nats://127.0.0.1:4222", DEFAULT_SUBJECT)).expect("valid");
+        assert_eq!(sink.subject_for(&envelope()), "estafeta.patient.create");
+        let sink = NatsSink::new(
+            "nats",
+            config("nats://127.0.0.1:4222", "h.{agent}.x{entity}"),
+        )
+        .expect("valid");
+        assert_eq!(sink.subject_for(&envelope()), "h.ws-07_ward_b.xpatient");
+        assert_eq!(default_stream_subject("h.{agent}.x{entity}"), "h.*.*");
+        assert_eq!(default_stream_subject(DEFAULT_SUBJECT), "estafeta.*.*");
+    }
+
+    #[test]
+    fn bad_subjects_urls_and_stream_names_are_refused() {
+        for bad in [
+            "",
+            "a..b",
+            ".a",
+            "a.*",
+            "a.>",
+            "a b",
+            "a.{key}",
+            "a.{entity",
+        ] {
+            assert!(check_subject_template(bad).is_err(), "{bad:?}");
+        }
+        for bad in ["http://h:4222", "nats://", "nats://h:4222/x", "h:4222"] {
+            assert!(check_nats_url(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_nats_url("tls://u:p@h:4222").is_ok());
+        for bad in ["", "A.B", "a b", "a*"] {
+            assert!(check_stream_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_stream_name("ESTAFETA_1").is_ok());
+    }
+
+    #[test]
+    fn body_carries_the_envelope_and_the_payload_as_staged() {
+        let sink =
+            NatsSink::new("nats", config("nats://127.0.0.1:4222", DEFAULT_SUBJECT)).expect("valid");
+        let body = String::from_utf8(sink.body(&envelope()).expect("a body")).expect("UTF-8");
+        assert_eq!(
+            body,
+            r#"{"id":"0190a0a0-0000-7000-8000-000000000001","seq":7,"agent_id":"ws-07.ward b","action":"create","entity":"patient","key":"42","staged_at":"2024-06-01T12:00:00.000000Z","payload":{"id":"42","n":1.50}}"#
+        );
+    }
+
+    #[test]
+    fn credentials_leave_the_url_and_never_show() {
+        let sink = NatsSink::new(
+            "nats",
+            config("nats://estafeta:p%40ss@127.0.0.1:4222", DEFAULT_SUBJECT),
+        )
+        .expect("valid");
+        assert_eq!(sink.server, "nats://127.0.0.1:4222");
+        assert!(matches!(&sink.auth, Auth::UserPassword(u, p) if u == "estafeta" && p == "p@ss"));
+        assert_eq!(sink.shown, "nats://estafeta:***@127.0.0.1:4222");
+        assert_eq!(
+            sink.scrub("refused p@ss and p%40ss".to_owned()),
+            "refused *** and ***"
+        );
+
+        let sink = NatsSink::new(
+            "nats",
+            config("nats://s3cr3t@127.0.0.1:4222", DEFAULT_SUBJECT),
+        )
+        .expect("valid");
+        assert!(matches!(&sink.auth, Auth::Token(t) if t == "s3cr3t"));
+        assert!(!sink.shown.contains("s3cr3t"), "{}", sink.shown);
+        let text = format!("{:?}", config("nats://s3cr3t@127.0.0.1:4222", "x"));
+        assert!(!text.contains("s3cr3t"), "{text}");
+
+        let mut with_token = config("nats://127.0.0.1:4222", DEFAULT_SUBJECT);
+        with_token.token = Some("tok".to_owned());
+        let sink = NatsSink::new("nats", with_token).expect("valid");
+        assert!(matches!(&sink.auth, Auth::Token(t) if t == "tok"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_retries_every_record_with_a_clear_reason() {
+        // Port 1 on loopback refuses connections.
+        let sink =
+            NatsSink::new("nats", config("nats://127.0.0.1:1", DEFAULT_SUBJECT)).expect("valid");
+        let delivery = Delivery {
+            envelope: envelope(),
+            sink: "nats".to_owned(),
+            attempts: 0,
+            path: std::path::PathBuf::from("x.jsonl"),
+        };
+        let outcomes = sink.deliver(std::slice::from_ref(&delivery)).await;
+        assert_eq!(outcomes.len(), 1);
+        let Outcome::Retry { error, .. } = &outcomes[0] else {
+            panic!("expected a retry, got {outcomes:?}");
+        };
+        assert!(
+            error.contains("cannot connect to nats://127.0.0.1:1"),
+            "{error}"
+        );
+    }
+}

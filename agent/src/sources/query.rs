@@ -1,0 +1,684 @@
+//! Runs a source's query on its database and hands back rows as (column, JSON value) pairs.
+//!
+//! One connection per page: a source reads on a schedule, and a connection that is opened,
+//! used and closed can never be left broken or holding locks between cycles. Types are kept:
+//! integers and floats become JSON numbers, booleans and NULL stay what they are, decimals
+//! become strings with every digit (a JSON number would round them), timestamps with a zone
+//! become RFC 3339 in UTC, and timestamps without one keep their wall-clock value without an
+//! offset (`2026-11-23T10:30:00`). A column of another type is an error that names it, and
+//! the fix is to cast it in the query (`CAST(col AS text)`).
+
+use anyhow::Context as _;
+use serde_json::{Number, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::sinks::apply;
+use crate::sinks::database::Dialect;
+use crate::sinks::{redact_url, scrub, url_secrets};
+
+/// How long connecting, or one query, may take before the cycle fails (and is retried).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One row: the columns as the query names them, in order.
+pub type Row = Vec<(String, Value)>;
+
+/// A value bound to a named parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Param {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl Param {
+    /// A checkpoint value (as read from a row) turned back into a parameter.
+    pub fn from_json(value: &Value) -> Param {
+        match value {
+            Value::Null => Param::Null,
+            Value::Bool(b) => Param::Bool(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Param::Int(i),
+                None => Param::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => Param::Text(s.clone()),
+            other => Param::Text(other.to_string()),
+        }
+    }
+}
+
+/// Which database a source reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    Postgres,
+    MySql,
+    Sqlite,
+    /// `odbc:` followed by an ODBC connection string, through unixODBC (Windows: the system's
+    /// driver manager): SQL Server, Oracle, InterSystems, … whatever driver is installed.
+    Odbc,
+}
+
+impl Driver {
+    /// The driver for a URL, or what to write instead.
+    pub fn of(url: &str) -> Result<Driver, String> {
+        let scheme = url
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match scheme.as_str() {
+            "postgres" | "postgresql" => Ok(Driver::Postgres),
+            "mysql" | "mariadb" => Ok(Driver::MySql),
+            "sqlite" => Ok(Driver::Sqlite),
+            "odbc" => Ok(Driver::Odbc),
+            _ => Err(format!(
+                "expected a postgres://, mysql:// (MariaDB too) or sqlite:// URL, or odbc:<connection string>, got scheme {scheme:?}"
+            )),
+        }
+    }
+
+    /// How `:name` parameters are rewritten: `$n` for PostgreSQL, `?` for the others. ODBC
+    /// takes SQLite's rules (no backslash escapes, `[quoted]` identifiers), which are also SQL
+    /// Server's.
+    fn dialect(self) -> Dialect {
+        match self {
+            Driver::Postgres => Dialect::Postgres,
+            Driver::MySql => Dialect::Mysql,
+            Driver::Sqlite | Driver::Odbc => Dialect::Sqlite,
+        }
+    }
+
+    /// The query with the driver's placeholders, and the parameter name of each; an error
+    /// says where the text is wrong.
+    pub fn rewrite(self, sql: &str) -> Result<(String, Vec<String>), String> {
+        let (sql, fields) = apply::parse(sql, self.dialect()).map_err(|e| format!("line {e}"))?;
+        Ok((sql, fields.into_iter().map(|f| f.name).collect()))
+    }
+}
+
+/// Runs `sql` (with `:name` parameters) on `url` and returns its rows. Parameters the query
+/// does not use are ignored; one it uses but is not given is an error.
+pub async fn fetch(
+    url: &str,
+    sql: &str,
+    given: &BTreeMap<String, Param>,
+) -> anyhow::Result<Vec<Row>> {
+    let driver = Driver::of(url).map_err(anyhow::Error::msg)?;
+    let (sql, names) = driver
+        .rewrite(sql)
+        .map_err(|e| anyhow::anyhow!("the query cannot be read, {e}"))?;
+    let mut bound = Vec::with_capacity(names.len());
+    for name in &names {
+        let value = given.get(name).with_context(|| {
+            format!(
+                "the query uses :{name}, which estafeta does not provide; available: {}",
+                given
+                    .keys()
+                    .map(|k| format!(":{k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        bound.push(value.clone());
+    }
+    let (shown, secrets) = shown_and_secrets(url);
+    let work = async {
+        match driver {
+            Driver::Postgres => postgres::fetch(url, &sql, &bound).await,
+            Driver::MySql => mysql::fetch(url, &sql, &bound).await,
+            Driver::Sqlite | Driver::Odbc => {
+                let url = url.to_owned();
+                let sql = sql.clone();
+                tokio::task::spawn_blocking(move || {
+                    if driver == Driver::Sqlite {
+                        sqlite::fetch(&url, &sql, &bound)
+                    } else {
+                        odbc::fetch(&url, &sql, &bound)
+                    }
+                })
+                .await
+                .context("the reader panicked")?
+            }
+        }
+    };
+    match tokio::time::timeout(QUERY_TIMEOUT, work).await {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(err)) => Err(anyhow::anyhow!(
+            "{}: {}",
+            shown,
+            scrub(format!("{err:#}"), &secrets)
+        )),
+        Err(_) => anyhow::bail!("{shown}: the query took longer than {QUERY_TIMEOUT:?}"),
+    }
+}
+
+/// A source URL as shown in logs (password hidden), and the secrets to scrub from messages.
+/// An ODBC connection string hides its `PWD=` / `Password=` value.
+pub fn shown_and_secrets(url: &str) -> (String, Vec<String>) {
+    if Driver::of(url) != Ok(Driver::Odbc) {
+        return (redact_url(url), url_secrets(url));
+    }
+    let mut secrets = Vec::new();
+    let shown = url
+        .split(';')
+        .map(|part| match part.split_once('=') {
+            Some((k, v))
+                if ["pwd", "password"].contains(&k.trim().to_ascii_lowercase().as_str())
+                    && !v.is_empty() =>
+            {
+                secrets.push(v.to_owned());
+                format!("{k}=***")
+            }
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(";");
+    (shown, secrets)
+}
+
+/// A float as a JSON number, or as a string when JSON cannot hold it (NaN, infinities).
+fn float(f: f64) -> Value {
+    Number::from_f64(f).map_or_else(|| Value::String(f.to_string()), Value::Number)
+}
+
+fn unsupported(column: &str, ty: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "column {column:?} has type {ty}, which estafeta does not read; cast it in the query, for example CAST({column} AS text)"
+    )
+}
+
+mod postgres {
+    use super::*;
+    use bytes::BytesMut;
+    use tokio_postgres::NoTls;
+    use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
+
+    pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .context("cannot connect")?;
+        let connection = tokio::spawn(connection);
+        let result = async {
+            let statement = client.prepare(sql).await.context("the query was refused")?;
+            let params: Vec<&(dyn ToSql + Sync)> =
+                bound.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+            let rows = client
+                .query(&statement, &params)
+                .await
+                .context("the query failed")?;
+            rows.iter().map(row).collect()
+        }
+        .await;
+        drop(client);
+        let _ = connection.await;
+        result
+    }
+
+    fn row(row: &tokio_postgres::Row) -> anyhow::Result<Row> {
+        let mut out = Vec::with_capacity(row.len());
+        for (i, column) in row.columns().iter().enumerate() {
+            let name = column.name();
+            let ty = column.type_();
+            let value = match *ty {
+                Type::BOOL => row.get::<_, Option<bool>>(i).map(Value::Bool),
+                Type::INT2 => row.get::<_, Option<i16>>(i).map(Value::from),
+                Type::INT4 => row.get::<_, Option<i32>>(i).map(Value::from),
+                Type::INT8 => row.get::<_, Option<i64>>(i).map(Value::from),
+                Type::OID => row.get::<_, Option<u32>>(i).map(Value::from),
+                Type::FLOAT4 => row.get::<_, Option<f32>>(i).map(|f| float(f as f64)),
+                Type::FLOAT8 => row.get::<_, Option<f64>>(i).map(float),
+                Type::NUMERIC => row.get::<_, Option<Numeric>>(i).map(|n| Value::String(n.0)),
+                Type::TEXT | Type::VARCHAR | Type::BPCHAR | Type::NAME | Type::UNKNOWN => {
+                    row.get::<_, Option<String>>(i).map(Value::String)
+                }
+                Type::JSON | Type::JSONB => row.get::<_, Option<Value>>(i),
+                Type::TIMESTAMPTZ => row
+                    .get::<_, Option<chrono::DateTime<chrono::Utc>>>(i)
+                    .map(|t| Value::String(crate::sources::rfc3339(t))),
+                Type::TIMESTAMP => row
+                    .get::<_, Option<chrono::NaiveDateTime>>(i)
+                    .map(|t| Value::String(crate::sources::naive(t))),
+                Type::DATE => row
+                    .get::<_, Option<chrono::NaiveDate>>(i)
+                    .map(|d| Value::String(d.to_string())),
+                Type::TIME => row
+                    .get::<_, Option<chrono::NaiveTime>>(i)
+                    .map(|t| Value::String(t.to_string())),
+                Type::UUID => row.get::<_, Option<Uuid>>(i).map(|u| Value::String(u.0)),
+                _ => return Err(unsupported(name, ty.name())),
+            };
+            out.push((name.to_owned(), value.unwrap_or(Value::Null)));
+        }
+        Ok(out)
+    }
+
+    /// NUMERIC read from PostgreSQL's binary form into its exact decimal text.
+    struct Numeric(String);
+
+    impl<'a> FromSql<'a> for Numeric {
+        fn from_sql(
+            _: &Type,
+            raw: &'a [u8],
+        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+            let word = |i: usize| -> Result<u16, Box<dyn std::error::Error + Sync + Send>> {
+                raw.get(i * 2..i * 2 + 2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                    .ok_or_else(|| "numeric value too short".into())
+            };
+            let ndigits = word(0)? as usize;
+            let weight = word(1)? as i16 as i32;
+            let sign = word(2)?;
+            let dscale = word(3)? as usize;
+            match sign {
+                0xC000 => return Ok(Numeric("NaN".into())),
+                0xD000 => return Ok(Numeric("Infinity".into())),
+                0xF000 => return Ok(Numeric("-Infinity".into())),
+                _ => {}
+            }
+            let digits = (0..ndigits)
+                .map(|i| word(4 + i))
+                .collect::<Result<Vec<_>, _>>()?;
+            // Base-10000 digits; digit k stands for 10000^(weight - k).
+            let mut int_part = String::new();
+            for k in 0..=weight.max(-1) {
+                let d = digits.get(k as usize).copied().unwrap_or(0);
+                if int_part.is_empty() {
+                    int_part = d.to_string();
+                } else {
+                    int_part.push_str(&format!("{d:04}"));
+                }
+            }
+            if int_part.is_empty() {
+                int_part.push('0');
+            }
+            let mut frac = String::new();
+            let mut k = weight + 1;
+            while frac.len() < dscale {
+                let d = if k >= 0 {
+                    digits.get(k as usize).copied().unwrap_or(0)
+                } else {
+                    0
+                };
+                frac.push_str(&format!("{d:04}"));
+                k += 1;
+            }
+            frac.truncate(dscale);
+            let mut text = String::new();
+            if sign == 0x4000 {
+                text.push('-');
+            }
+            text.push_str(&int_part);
+            if dscale > 0 {
+                text.push('.');
+                text.push_str(&frac);
+            }
+            Ok(Numeric(text))
+        }
+
+        fn accepts(ty: &Type) -> bool {
+            *ty == Type::NUMERIC
+        }
+    }
+
+    /// UUID read as its text form.
+    struct Uuid(String);
+
+    impl<'a> FromSql<'a> for Uuid {
+        fn from_sql(
+            _: &Type,
+            raw: &'a [u8],
+        ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+            Ok(Uuid(uuid::Uuid::from_slice(raw)?.hyphenated().to_string()))
+        }
+
+        fn accepts(ty: &Type) -> bool {
+            *ty == Type::UUID
+        }
+    }
+
+    /// A parameter converted to whatever type PostgreSQL inferred for its placeholder.
+    impl ToSql for Param {
+        fn to_sql(
+            &self,
+            ty: &Type,
+            out: &mut BytesMut,
+        ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+            let text = |p: &Param| match p {
+                Param::Text(s) => s.clone(),
+                Param::Int(i) => i.to_string(),
+                Param::Float(f) => f.to_string(),
+                Param::Bool(b) => b.to_string(),
+                Param::Null => String::new(),
+            };
+            let int = |p: &Param| -> Result<i64, Box<dyn std::error::Error + Sync + Send>> {
+                match p {
+                    Param::Int(i) => Ok(*i),
+                    Param::Text(s) => Ok(s.trim().parse()?),
+                    other => Err(format!("{other:?} is not an integer").into()),
+                }
+            };
+            if *self == Param::Null {
+                return Ok(IsNull::Yes);
+            }
+            match *ty {
+                Type::INT2 => i16::try_from(int(self)?)?.to_sql(ty, out),
+                Type::INT4 => i32::try_from(int(self)?)?.to_sql(ty, out),
+                Type::INT8 => int(self)?.to_sql(ty, out),
+                Type::FLOAT4 | Type::FLOAT8 => {
+                    let f: f64 = match self {
+                        Param::Float(f) => *f,
+                        Param::Int(i) => *i as f64,
+                        other => text(other).parse()?,
+                    };
+                    if *ty == Type::FLOAT4 {
+                        (f as f32).to_sql(ty, out)
+                    } else {
+                        f.to_sql(ty, out)
+                    }
+                }
+                Type::BOOL => match self {
+                    Param::Bool(b) => b.to_sql(ty, out),
+                    other => text(other).parse::<bool>()?.to_sql(ty, out),
+                },
+                Type::TIMESTAMPTZ => chrono::DateTime::parse_from_rfc3339(&text(self))?
+                    .with_timezone(&chrono::Utc)
+                    .to_sql(ty, out),
+                Type::TIMESTAMP => crate::sources::parse_naive(&text(self))?.to_sql(ty, out),
+                Type::DATE => text(self).parse::<chrono::NaiveDate>()?.to_sql(ty, out),
+                Type::JSON | Type::JSONB => {
+                    serde_json::from_str::<Value>(&text(self))?.to_sql(ty, out)
+                }
+                _ => text(self).as_str().to_sql(ty, out),
+            }
+        }
+
+        fn accepts(ty: &Type) -> bool {
+            matches!(
+                *ty,
+                Type::INT2
+                    | Type::INT4
+                    | Type::INT8
+                    | Type::FLOAT4
+                    | Type::FLOAT8
+                    | Type::BOOL
+                    | Type::TIMESTAMPTZ
+                    | Type::TIMESTAMP
+                    | Type::DATE
+                    | Type::JSON
+                    | Type::JSONB
+                    | Type::TEXT
+                    | Type::VARCHAR
+                    | Type::BPCHAR
+                    | Type::NAME
+                    | Type::UNKNOWN
+            )
+        }
+
+        to_sql_checked!();
+    }
+}
+
+mod mysql {
+    use super::*;
+    use mysql_async::consts::ColumnType;
+    use mysql_async::prelude::Queryable;
+    use mysql_async::{Opts, Params, Value as My};
+
+    pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
+        let url = url.replacen("mariadb://", "mysql://", 1);
+        let opts = Opts::from_url(&url).context("the URL is not valid")?;
+        let mut conn = mysql_async::Conn::new(opts)
+            .await
+            .context("cannot connect")?;
+        let params = Params::Positional(
+            bound
+                .iter()
+                .map(|p| match p {
+                    Param::Null => My::NULL,
+                    Param::Bool(b) => My::Int(*b as i64),
+                    Param::Int(i) => My::Int(*i),
+                    Param::Float(f) => My::Double(*f),
+                    Param::Text(s) => My::Bytes(s.clone().into_bytes()),
+                })
+                .collect(),
+        );
+        let result: anyhow::Result<Vec<Row>> = async {
+            let rows: Vec<mysql_async::Row> =
+                conn.exec(sql, params).await.context("the query failed")?;
+            rows.into_iter().map(row).collect()
+        }
+        .await;
+        let _ = conn.disconnect().await;
+        result
+    }
+
+    fn row(mut row: mysql_async::Row) -> anyhow::Result<Row> {
+        let columns = row.columns();
+        let mut out = Vec::with_capacity(columns.len());
+        for (i, column) in columns.iter().enumerate() {
+            let name = column.name_str().into_owned();
+            let ty = column.column_type();
+            let binary = column.character_set() == 63; // the `binary` character set
+            let value = match row.take::<My, _>(i).unwrap_or(My::NULL) {
+                My::NULL => Value::Null,
+                My::Int(i) => Value::from(i),
+                My::UInt(u) => Value::from(u),
+                My::Float(f) => float(f as f64),
+                My::Double(f) => float(f),
+                My::Bytes(bytes) => {
+                    match ty {
+                        ColumnType::MYSQL_TYPE_JSON => serde_json::from_slice(&bytes)
+                            .with_context(|| format!("column {name:?} holds invalid JSON"))?,
+                        ColumnType::MYSQL_TYPE_DECIMAL | ColumnType::MYSQL_TYPE_NEWDECIMAL => {
+                            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                        }
+                        _ if binary => return Err(unsupported(&name, "binary")),
+                        _ => Value::String(String::from_utf8(bytes).map_err(|_| {
+                            anyhow::anyhow!("column {name:?} is not valid UTF-8 text")
+                        })?),
+                    }
+                }
+                My::Date(y, mo, d, h, mi, s, us) => {
+                    if ty == ColumnType::MYSQL_TYPE_DATE {
+                        Value::String(format!("{y:04}-{mo:02}-{d:02}"))
+                    } else {
+                        let t = chrono::NaiveDate::from_ymd_opt(y as i32, mo as u32, d as u32)
+                            .and_then(|date| {
+                                date.and_hms_micro_opt(h as u32, mi as u32, s as u32, us)
+                            })
+                            .with_context(|| format!("column {name:?} holds an invalid date"))?;
+                        Value::String(crate::sources::naive(t))
+                    }
+                }
+                My::Time(neg, days, h, mi, s, _us) => {
+                    let hours = days * 24 + h as u32;
+                    Value::String(format!(
+                        "{}{hours:02}:{mi:02}:{s:02}",
+                        if neg { "-" } else { "" }
+                    ))
+                }
+            };
+            out.push((name, value));
+        }
+        Ok(out)
+    }
+}
+
+mod sqlite {
+    use super::*;
+    use rusqlite::types::{ToSqlOutput, ValueRef};
+    use rusqlite::{OpenFlags, ToSql};
+
+    impl ToSql for Param {
+        fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+            Ok(match self {
+                Param::Null => ToSqlOutput::from(rusqlite::types::Null),
+                Param::Bool(b) => ToSqlOutput::from(*b),
+                Param::Int(i) => ToSqlOutput::from(*i),
+                Param::Float(f) => ToSqlOutput::from(*f),
+                Param::Text(s) => ToSqlOutput::from(s.as_str()),
+            })
+        }
+    }
+
+    pub fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
+        let path = crate::sinks::sqlite::sqlite_path(url)?;
+        // Read-only: a source never writes to the database it reads.
+        let conn = rusqlite::Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("cannot open {}", path.display()))?;
+        conn.busy_timeout(QUERY_TIMEOUT)?;
+        let mut stmt = conn.prepare(sql).context("the query was refused")?;
+        let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
+        let mut rows = stmt
+            .query(rusqlite::params_from_iter(bound.iter()))
+            .context("the query failed")?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next().context("the query failed")? {
+            let mut row = Vec::with_capacity(names.len());
+            for (i, name) in names.iter().enumerate() {
+                let value = match r.get_ref(i)? {
+                    ValueRef::Null => Value::Null,
+                    ValueRef::Integer(n) => Value::from(n),
+                    ValueRef::Real(f) => float(f),
+                    ValueRef::Text(t) => Value::String(
+                        std::str::from_utf8(t)
+                            .with_context(|| format!("column {name:?} is not valid UTF-8"))?
+                            .to_owned(),
+                    ),
+                    ValueRef::Blob(_) => return Err(unsupported(name, "BLOB")),
+                };
+                row.push((name.clone(), value));
+            }
+            out.push(row);
+        }
+        Ok(out)
+    }
+}
+
+mod odbc {
+    use super::*;
+    use odbc_api::{
+        ConnectionOptions, Cursor, DataType, Environment, IntoParameter, Nullable,
+        ResultSetMetadata, parameter::InputParameter,
+    };
+    use std::sync::OnceLock;
+
+    /// One ODBC environment for the process, as ODBC wants.
+    fn environment() -> anyhow::Result<&'static Environment> {
+        static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
+        ENV.get_or_init(|| Environment::new().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("cannot load the ODBC driver manager (install unixODBC: apt install unixodbc): {e}"))
+    }
+
+    pub fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
+        let connection_string = &url["odbc:".len()..];
+        let conn = environment()?
+            .connect_with_connection_string(connection_string, ConnectionOptions::default())
+            .context(
+                "cannot connect (is the driver named in Driver={…} installed? see odbcinst -q -d)",
+            )?;
+        let params: Vec<Box<dyn InputParameter>> = bound
+            .iter()
+            .map(|p| -> Box<dyn InputParameter> {
+                match p {
+                    Param::Null => Box::new(Nullable::<i64>::null()),
+                    Param::Bool(b) => Box::new(odbc_api::Bit::from_bool(*b)),
+                    Param::Int(i) => Box::new(*i),
+                    Param::Float(f) => Box::new(*f),
+                    Param::Text(s) => Box::new(s.clone().into_parameter()),
+                }
+            })
+            .collect();
+        let timeout = Some(QUERY_TIMEOUT.as_secs() as usize);
+        let Some(mut cursor) = conn
+            .execute(sql, &params[..], timeout)
+            .context("the query failed")?
+        else {
+            return Ok(Vec::new());
+        };
+        let columns = cursor.num_result_cols().context("reading the columns")? as u16;
+        let mut names = Vec::with_capacity(columns as usize);
+        let mut types = Vec::with_capacity(columns as usize);
+        for c in 1..=columns {
+            names.push(cursor.col_name(c).context("reading a column name")?);
+            types.push(cursor.col_data_type(c).context("reading a column type")?);
+        }
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(mut row) = cursor.next_row().context("the query failed")? {
+            let mut values = Vec::with_capacity(columns as usize);
+            for (i, (name, ty)) in names.iter().zip(&types).enumerate() {
+                let present = row
+                    .get_text(i as u16 + 1, &mut buf)
+                    .with_context(|| format!("reading column {name:?}"))?;
+                let value = if !present {
+                    Value::Null
+                } else {
+                    let text = String::from_utf8(buf.clone()).map_err(|_| {
+                        anyhow::anyhow!(
+                            "column {name:?} is not UTF-8 text; use the driver's Unicode variant"
+                        )
+                    })?;
+                    typed(text, ty)
+                };
+                values.push((name.clone(), value));
+            }
+            out.push(values);
+        }
+        Ok(out)
+    }
+
+    /// A value the driver gave as text, with its SQL type back.
+    fn typed(text: String, ty: &DataType) -> Value {
+        match ty {
+            DataType::TinyInt | DataType::SmallInt | DataType::Integer | DataType::BigInt => text
+                .trim()
+                .parse::<i64>()
+                .map_or(Value::String(text), Value::from),
+            DataType::Bit => Value::Bool(matches!(text.trim(), "1" | "t" | "true")),
+            DataType::Real | DataType::Float { .. } | DataType::Double => text
+                .trim()
+                .parse::<f64>()
+                .map_or(Value::String(text), float),
+            DataType::Timestamp { .. } => match crate::sources::parse_naive(text.trim()) {
+                Ok(t) => Value::String(crate::sources::naive(t)),
+                Err(_) => Value::String(text),
+            },
+            _ => Value::String(text),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drivers_come_from_the_scheme() {
+        assert_eq!(Driver::of("postgres://u@h/db"), Ok(Driver::Postgres));
+        assert_eq!(Driver::of("mysql://root@127.0.0.1/test"), Ok(Driver::MySql));
+        assert_eq!(Driver::of("sqlite://./hospital.db"), Ok(Driver::Sqlite));
+        assert_eq!(
+            Driver::of("odbc:Driver={ODBC Driver 18 for SQL Server};Server=x"),
+            Ok(Driver::Odbc)
+        );
+        assert!(Driver::of("mssql://x").unwrap_err().contains("mssql"));
+    }
+
+    #[test]
+    fn odbc_passwords_are_hidden() {
+        let (shown, secrets) =
+            shown_and_secrets("odbc:Driver={PostgreSQL Unicode};Server=h;Uid=leitor;PWD=s3cr3t;");
+        assert_eq!(
+            shown,
+            "odbc:Driver={PostgreSQL Unicode};Server=h;Uid=leitor;PWD=***;"
+        );
+        assert_eq!(secrets, ["s3cr3t"]);
+    }
+}

@@ -1,0 +1,418 @@
+//! The agent as a Windows service (`estafeta service`, which the MSI registers as the service
+//! `Estafeta`). The service control manager's stop and the machine's shutdown drain the agent
+//! exactly like SIGTERM on Linux: they resolve the daemon's shutdown future, the ingest API
+//! answers 503 and the delivery in flight gets `SHUTDOWN_GRACE_SECS`. At each start the service
+//! sets its own recovery actions (restart after 5 s, 30 s, 60 s; also when it stops with an
+//! error), because wixl cannot build the MSI's `ServiceConfig` table.
+//!
+//! Its data live in one folder, `%ProgramData%\Estafeta` unless `--env-file` points elsewhere:
+//! `estafeta.env`, `staging\`, `logs\`. The MSI never installs `estafeta.env` itself (wixl drops
+//! `NeverOverwrite`, so an upgrade would replace the user's file): it installs
+//! `estafeta.env.default` beside the executable, and the service copies it to `estafeta.env`
+//! only when that file is missing, writing the data folder's real path where the template says
+//! `{DATA_DIR}`. An upgrade therefore never touches the user's settings. The folder's access
+//! list is then narrowed to SYSTEM and Administrators (staged records are patient data).
+//! The portable part (the data folder and the env file) is here and tested on every platform;
+//! the service control manager part is in the `#[cfg(windows)] mod imp`.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+/// The service's name in the service control manager (the MSI's `ServiceInstall/@Name`).
+pub const SERVICE_NAME: &str = "Estafeta";
+/// The env file's name in the data folder.
+pub const ENV_FILE_NAME: &str = "estafeta.env";
+/// The template the MSI installs beside the executable.
+pub const DEFAULT_ENV_FILE_NAME: &str = "estafeta.env.default";
+/// What the template says where the data folder's path goes.
+pub const DATA_DIR_PLACEHOLDER: &str = "{DATA_DIR}";
+
+/// The data folder when no `--env-file` is given: `%ProgramData%\Estafeta`.
+pub fn default_data_dir() -> PathBuf {
+    let program_data = std::env::var_os("ProgramData")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(r"C:\ProgramData"));
+    program_data.join("Estafeta")
+}
+
+/// Where the service's env file is: `--env-file` when given, else in [`default_data_dir`].
+pub fn env_file_path(env_file: Option<&Path>) -> PathBuf {
+    env_file
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| default_data_dir().join(ENV_FILE_NAME))
+}
+
+/// What [`prepare_env_file`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvFile {
+    /// The env file was there and was left exactly as it was.
+    Kept,
+    /// The env file was missing and was written from the template.
+    Created,
+}
+
+/// Makes sure `env_file` exists: when it is missing, writes it from the template `default`
+/// with [`DATA_DIR_PLACEHOLDER`] replaced by the env file's folder. An existing file is never
+/// read or written. The new file is written beside under a temporary name, flushed, then
+/// moved into place, so a crash never leaves a half-written env file.
+pub fn prepare_env_file(env_file: &Path, default: &Path) -> anyhow::Result<EnvFile> {
+    use anyhow::Context as _;
+    if env_file.exists() {
+        return Ok(EnvFile::Kept);
+    }
+    let dir = env_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("could not create the data folder {}", dir.display()))?;
+    let template = std::fs::read_to_string(default).with_context(|| {
+        format!(
+            "{} is missing and so is its template {}; repair the installation (the MSI installs the template beside estafeta.exe) or write {} yourself",
+            env_file.display(),
+            default.display(),
+            env_file.display()
+        )
+    })?;
+    let dir_text = std::path::absolute(dir)
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .display()
+        .to_string();
+    let text = template.replace(DATA_DIR_PLACEHOLDER, &dir_text);
+    let tmp = dir.join(format!("{ENV_FILE_NAME}.new"));
+    let mut file = std::fs::File::create(&tmp)
+        .with_context(|| format!("could not write {}", tmp.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("could not write {}", tmp.display()))?;
+    drop(file);
+    // Another process may have written the file meanwhile: theirs wins, ours is dropped.
+    if env_file.exists() {
+        let _ = std::fs::remove_file(&tmp);
+        return Ok(EnvFile::Kept);
+    }
+    std::fs::rename(&tmp, env_file)
+        .with_context(|| format!("could not move {} into place", tmp.display()))?;
+    Ok(EnvFile::Created)
+}
+
+/// The template beside the running executable.
+pub fn default_env_template() -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
+    let exe = std::env::current_exe().context("could not find the running executable's path")?;
+    Ok(exe
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(DEFAULT_ENV_FILE_NAME))
+}
+
+/// `estafeta service --prepare-only`: creates the data folder and the env file when missing,
+/// narrows the folder's access list (Windows), and prints what it did. Runs on every platform
+/// so it can be tested anywhere; the service runs the same steps at each start.
+pub fn prepare(env_file: Option<&Path>) -> anyhow::Result<(PathBuf, EnvFile)> {
+    let env_file = env_file_path(env_file);
+    let outcome = prepare_env_file(&env_file, &default_env_template()?)?;
+    imp_restrict(&env_file);
+    Ok((env_file, outcome))
+}
+
+#[cfg(windows)]
+fn imp_restrict(env_file: &Path) {
+    if let Some(dir) = env_file.parent()
+        && let Err(err) = imp::restrict_access(dir)
+    {
+        eprintln!("estafeta: warning: {err}");
+    }
+}
+
+#[cfg(not(windows))]
+fn imp_restrict(_env_file: &Path) {}
+
+/// Runs the agent as the Windows service (blocks until the service stops).
+#[cfg(windows)]
+pub fn run(env_file: Option<&Path>) -> anyhow::Result<()> {
+    imp::run(env_file_path(env_file))
+}
+
+#[cfg(windows)]
+#[allow(unsafe_code)] // `define_windows_service!` expands to the FFI entry point the SCM calls.
+mod imp {
+    use std::ffi::OsString;
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    use anyhow::Context as _;
+    use tokio_util::sync::CancellationToken;
+    use windows_service::service::{
+        ServiceAccess, ServiceAction, ServiceActionType, ServiceControl, ServiceControlAccept,
+        ServiceExitCode, ServiceFailureActions, ServiceFailureResetPeriod, ServiceState,
+        ServiceStatus, ServiceType,
+    };
+    use windows_service::service_control_handler::{self, ServiceControlHandlerResult};
+    use windows_service::service_manager::{ServiceManager, ServiceManagerAccess};
+    use windows_service::{define_windows_service, service_dispatcher};
+
+    use super::SERVICE_NAME;
+
+    /// Restart delays after the first, second and later failures.
+    const RESTART_DELAYS: [Duration; 3] = [
+        Duration::from_secs(5),
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+    ];
+    /// The failure count resets after a day without failures.
+    const FAILURE_RESET: Duration = Duration::from_secs(24 * 60 * 60);
+    /// What the SCM is told a start may take (opening a large backlog).
+    const START_WAIT_HINT: Duration = Duration::from_secs(60);
+
+    /// The env file, handed from `run` to the service thread the SCM starts.
+    static ENV_FILE: OnceLock<PathBuf> = OnceLock::new();
+
+    define_windows_service!(ffi_service_main, service_main);
+
+    pub fn run(env_file: PathBuf) -> anyhow::Result<()> {
+        let _ = ENV_FILE.set(env_file);
+        service_dispatcher::start(SERVICE_NAME, ffi_service_main).context(
+            "could not connect to the service control manager; `estafeta service` is started by Windows (sc start Estafeta), use `estafeta run` in a console",
+        )
+    }
+
+    fn service_main(_arguments: Vec<OsString>) {
+        // Errors before logging is set up have nowhere else to go: the SCM records the exit code.
+        if let Err(err) = run_service() {
+            eprintln!("estafeta service: {err:#}");
+        }
+    }
+
+    fn status(
+        state: ServiceState,
+        accept: ServiceControlAccept,
+        exit: u32,
+        wait: Duration,
+    ) -> ServiceStatus {
+        ServiceStatus {
+            service_type: ServiceType::OWN_PROCESS,
+            current_state: state,
+            controls_accepted: accept,
+            exit_code: if exit == 0 {
+                ServiceExitCode::Win32(0)
+            } else {
+                ServiceExitCode::ServiceSpecific(exit)
+            },
+            checkpoint: 0,
+            wait_hint: wait,
+            process_id: None,
+        }
+    }
+
+    fn run_service() -> anyhow::Result<()> {
+        let stop = CancellationToken::new();
+        let stop_requested = stop.clone();
+        let handle =
+            service_control_handler::register(SERVICE_NAME, move |control| match control {
+                ServiceControl::Stop | ServiceControl::Shutdown | ServiceControl::Preshutdown => {
+                    stop_requested.cancel();
+                    ServiceControlHandlerResult::NoError
+                }
+                ServiceControl::Interrogate => ServiceControlHandlerResult::NoError,
+                _ => ServiceControlHandlerResult::NotImplemented,
+            })
+            .context("could not register the service control handler")?;
+        let report = |s: ServiceStatus| {
+            let _ = handle.set_service_status(s);
+        };
+        report(status(
+            ServiceState::StartPending,
+            ServiceControlAccept::empty(),
+            0,
+            START_WAIT_HINT,
+        ));
+
+        let env_file = ENV_FILE
+            .get()
+            .cloned()
+            .unwrap_or_else(|| super::env_file_path(None));
+        let exit = match start_agent(&env_file, &stop, handle) {
+            Ok(()) => 0,
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "The Windows service stopped with an error.");
+                eprintln!("estafeta service: {err:#}");
+                1
+            }
+        };
+        report(status(
+            ServiceState::Stopped,
+            ServiceControlAccept::empty(),
+            exit,
+            Duration::ZERO,
+        ));
+        Ok(())
+    }
+
+    fn start_agent(
+        env_file: &Path,
+        stop: &CancellationToken,
+        handle: service_control_handler::ServiceStatusHandle,
+    ) -> anyhow::Result<()> {
+        let dir = env_file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(super::default_data_dir);
+        super::prepare_env_file(env_file, &super::default_env_template()?)?;
+        let restricted = restrict_access(&dir);
+        // Relative paths in the env file (and the embedded sqlite://central.db) land here, not
+        // in C:\Windows\System32, the SCM's working directory.
+        std::env::set_current_dir(&dir)
+            .with_context(|| format!("could not enter the data folder {}", dir.display()))?;
+        let config = crate::config::Config::load(Some(env_file))?;
+        let _guard = crate::logging::init(&config);
+        if let Err(err) = restricted {
+            tracing::error!(dir = %dir.display(), "{err}");
+        }
+        if let Err(err) = set_recovery_actions() {
+            tracing::warn!(error = %err, "Could not set the service's recovery actions; set them in services.msc (Recovery: restart the service).");
+        }
+        let grace = config.shutdown_grace;
+        handle
+            .set_service_status(status(
+                ServiceState::Running,
+                ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN,
+                0,
+                Duration::ZERO,
+            ))
+            .context("could not report the service as running")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("could not start the async runtime")?;
+        let stop = stop.clone();
+        runtime.block_on(crate::daemon::run(config, async move {
+            stop.cancelled().await;
+            tracing::info!(signal = "service stop", "Stop requested.");
+            let _ = handle.set_service_status(status(
+                ServiceState::StopPending,
+                ServiceControlAccept::empty(),
+                0,
+                grace + Duration::from_secs(5),
+            ));
+        }))
+    }
+
+    /// Restart on failure, set by the agent itself (wixl cannot build `ServiceConfig`).
+    fn set_recovery_actions() -> anyhow::Result<()> {
+        let manager = ServiceManager::local_computer(None::<&str>, ServiceManagerAccess::CONNECT)
+            .context("could not open the service control manager")?;
+        let service = manager
+            .open_service(
+                SERVICE_NAME,
+                ServiceAccess::CHANGE_CONFIG | ServiceAccess::QUERY_CONFIG,
+            )
+            .context("could not open the Estafeta service's configuration")?;
+        let actions = RESTART_DELAYS
+            .iter()
+            .map(|delay| ServiceAction {
+                action_type: ServiceActionType::Restart,
+                delay: *delay,
+            })
+            .collect();
+        service
+            .update_failure_actions(ServiceFailureActions {
+                reset_period: ServiceFailureResetPeriod::After(FAILURE_RESET),
+                reboot_msg: None,
+                command: None,
+                actions: Some(actions),
+            })
+            .context("could not set the restart actions")?;
+        service
+            .set_failure_actions_on_non_crash_failures(true)
+            .context("could not apply the restart actions to stops with an error")?;
+        Ok(())
+    }
+
+    /// Narrows the data folder's access list to SYSTEM and Administrators (by SID, so it works
+    /// on a Windows in any language), inherited by everything inside. The error says what to
+    /// run by hand; the callers log it and go on (the agent still runs).
+    pub fn restrict_access(dir: &Path) -> Result<(), String> {
+        const GRANTS: [&str; 5] = [
+            "/inheritance:r",
+            "/grant:r",
+            "*S-1-5-18:(OI)(CI)F",
+            "*S-1-5-32-544:(OI)(CI)F",
+            "/Q",
+        ];
+        let hint = format!(
+            "staged records may be readable by other users; as an administrator run: icacls \"{}\" {}",
+            dir.display(),
+            GRANTS.join(" ")
+        );
+        match std::process::Command::new("icacls")
+            .arg(dir)
+            .args(GRANTS)
+            .output()
+        {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(format!(
+                "icacls could not restrict {} to SYSTEM and Administrators ({}); {hint}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(err) => Err(format!("could not run icacls ({err}); {hint}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_env_file_is_written_from_the_template_with_the_data_dir() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let template = dir.path().join(DEFAULT_ENV_FILE_NAME);
+        std::fs::write(&template, "STAGING_AREA_PATH={DATA_DIR}/staging\n").expect("template");
+        let env_file = dir.path().join("data").join(ENV_FILE_NAME);
+        assert_eq!(
+            prepare_env_file(&env_file, &template).expect("prepare"),
+            EnvFile::Created
+        );
+        let text = std::fs::read_to_string(&env_file).expect("env file");
+        let data = std::path::absolute(dir.path().join("data")).expect("absolute");
+        assert_eq!(
+            text,
+            format!("STAGING_AREA_PATH={}/staging\n", data.display())
+        );
+        assert!(!dir.path().join("data").join("estafeta.env.new").exists());
+    }
+
+    #[test]
+    fn existing_env_file_survives_a_new_template_untouched() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let template = dir.path().join(DEFAULT_ENV_FILE_NAME);
+        std::fs::write(&template, "CRONTAB=\"* * * * *\"\n").expect("template");
+        let env_file = dir.path().join(ENV_FILE_NAME);
+        std::fs::write(&env_file, "CRONTAB=\"*/5 * * * *\" # edited by the user\n").expect("env");
+        // An upgrade ships a different template: the user's file stays byte for byte.
+        std::fs::write(&template, "CRONTAB=\"0 * * * *\"\nNEW_KEY=1\n").expect("template");
+        assert_eq!(
+            prepare_env_file(&env_file, &template).expect("prepare"),
+            EnvFile::Kept
+        );
+        assert_eq!(
+            std::fs::read_to_string(&env_file).expect("env"),
+            "CRONTAB=\"*/5 * * * *\" # edited by the user\n"
+        );
+    }
+
+    #[test]
+    fn missing_template_and_env_file_say_how_to_repair() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let err = prepare_env_file(
+            &dir.path().join(ENV_FILE_NAME),
+            &dir.path().join("nowhere.default"),
+        )
+        .expect_err("nothing to copy");
+        assert!(format!("{err:#}").contains("repair the installation"));
+    }
+}
