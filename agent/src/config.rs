@@ -103,6 +103,7 @@ pub const KEYS: &[&str] = &[
     "CENTRAL_API_VERIFY_TLS",
     "CENTRAL_API_CA_FILE",
     "CENTRAL_API_CONCURRENCY",
+    "CENTRAL_API_HEARTBEAT_PATH",
     "CENTRAL_NATS_URL",
     "CENTRAL_NATS_TOKEN",
     "CENTRAL_NATS_SUBJECT",
@@ -119,6 +120,7 @@ const API_KEYS: &[&str] = &[
     "CENTRAL_API_VERIFY_TLS",
     "CENTRAL_API_CA_FILE",
     "CENTRAL_API_CONCURRENCY",
+    "CENTRAL_API_HEARTBEAT_PATH",
 ];
 
 /// The `CENTRAL_NATS_*` keys other than the URL.
@@ -714,6 +716,8 @@ struct FileSink {
     concurrency: Option<usize>,
     #[serde(default)]
     routes: Vec<FileHttpRoute>,
+    /// http: where heartbeats go, `PUT {url}/{heartbeat_path}` (`{agent_id}` allowed).
+    heartbeat_path: Option<String>,
     /// nats: subject template (default `estafeta.{entity}.{action}`).
     subject: Option<String>,
     /// nats: create the stream when it does not exist (default false).
@@ -745,6 +749,7 @@ impl FileSink {
             ("ca_file", self.ca_file.is_some(), &[Http]),
             ("concurrency", self.concurrency.is_some(), &[Http]),
             ("routes", !self.routes.is_empty(), &[Http]),
+            ("heartbeat_path", self.heartbeat_path.is_some(), &[Http]),
             ("subject", self.subject.is_some(), &[Nats]),
             ("create_stream", self.create_stream.is_some(), &[Nats]),
             ("stream", self.stream.is_some(), &[Nats]),
@@ -1375,6 +1380,11 @@ impl Loader {
                     for (j, route) in sink.routes.iter().enumerate() {
                         routes.push(self.http_route(&format!("{at}.routes[{j}]"), route));
                     }
+                    if let Some(path) = &sink.heartbeat_path
+                        && let Err(expected) = crate::sinks::http::check_heartbeat_path(path)
+                    {
+                        self.problem(format!("{at}.heartbeat_path"), Some(path.clone()), expected);
+                    }
                     SinkKind::Http(HttpSinkConfig {
                         url: sink.url.clone(),
                         token: sink.token.clone().filter(|t| !t.is_empty()),
@@ -1383,6 +1393,7 @@ impl Loader {
                         ca_file,
                         routes,
                         concurrency,
+                        heartbeat_path: sink.heartbeat_path.clone(),
                     })
                 }
             };
@@ -1542,6 +1553,16 @@ impl Loader {
                 })
                 .and_then(|n| check_concurrency(n).map(|()| n))
         });
+        let heartbeat_path = self.text("CENTRAL_API_HEARTBEAT_PATH");
+        if let Some(path) = &heartbeat_path
+            && let Err(expected) = crate::sinks::http::check_heartbeat_path(path)
+        {
+            self.problem(
+                self.label("CENTRAL_API_HEARTBEAT_PATH"),
+                Some(path.clone()),
+                expected,
+            );
+        }
         let existing = sinks.iter_mut().find(|s| s.name == API_SINK);
         match existing {
             Some(SinkConfig {
@@ -1565,6 +1586,9 @@ impl Loader {
                 }
                 if let Some(concurrency) = concurrency {
                     http.concurrency = concurrency;
+                }
+                if heartbeat_path.is_some() {
+                    http.heartbeat_path = heartbeat_path;
                 }
             }
             Some(_) => {
@@ -1590,6 +1614,7 @@ impl Loader {
                         ca_file,
                         routes: Vec::new(),
                         concurrency: concurrency.unwrap_or(DEFAULT_API_CONCURRENCY),
+                        heartbeat_path,
                     }),
                 }),
                 None => {

@@ -8,7 +8,8 @@
 //! into `estafeta_agents` (read by the `estafeta_fleet` view and `estafeta fleet`); the
 //! JetStream sink publishes it as JSON on `estafeta_heartbeat.<agent>` (core NATS, not a
 //! stream: a stream with `max_msgs_per_subject = 1` on `estafeta_heartbeat.>` keeps the last
-//! one per agent). The HTTP sink does not take heartbeats yet.
+//! one per agent). The HTTP sink takes them only when `heartbeat_path`
+//! (`CENTRAL_API_HEARTBEAT_PATH`) says where: it `PUT`s the JSON to `{url}/{heartbeat_path}`.
 //! A heartbeat that cannot be sent is dropped: the next one says the same, newer. Failures are
 //! logged once per change of error, never per beat.
 
@@ -192,7 +193,7 @@ pub async fn run(
         if first {
             if keep.is_empty() {
                 info!(
-                    "No configured sink takes heartbeats (the database and NATS sinks do); heartbeats are off."
+                    "No configured sink takes heartbeats (the database and NATS sinks do; the HTTP sink with CENTRAL_API_HEARTBEAT_PATH); heartbeats are off."
                 );
                 return;
             }

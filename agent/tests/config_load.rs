@@ -711,3 +711,51 @@ fn a_postgresql_sink_takes_one_or_two_connections() {
         "{err}"
     );
 }
+
+#[test]
+fn a_heartbeat_path_is_checked_and_the_environment_overrides_the_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let err = refuse(
+        dir.path(),
+        &[
+            ("CENTRAL_API_URL", "https://api.example/v1"),
+            ("CENTRAL_API_HEARTBEAT_PATH", "/agents/{host}"),
+        ],
+    );
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert_eq!(err.problems[0].key, "CENTRAL_API_HEARTBEAT_PATH");
+    assert!(err.to_string().contains("{agent_id}"), "{err}");
+
+    write(
+        dir.path(),
+        "estafeta.toml",
+        "[[sinks]]\nname = \"api\"\ntype = \"http\"\nurl = \"https://api.example\"\nheartbeat_path = \"/beats\"\n\n\
+         [[sinks]]\nname = \"db\"\ntype = \"database\"\nurl = \"sqlite://c.db\"\nheartbeat_path = \"/x\"\n",
+    );
+    let err = refuse(dir.path(), &[("CONFIG_FILE", "estafeta.toml")]);
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert!(err.problems[0].key.contains("heartbeat_path"), "{err}");
+
+    write(
+        dir.path(),
+        "estafeta.toml",
+        "[[sinks]]\nname = \"api\"\ntype = \"http\"\nurl = \"https://api.example\"\nheartbeat_path = \"/beats\"\n",
+    );
+    let http_path = |config: &Config| match &config.sinks[0].kind {
+        SinkKind::Http(http) => http.heartbeat_path.clone(),
+        other => panic!("expected the HTTP sink, got {other:?}"),
+    };
+    let file_only = load(dir.path(), &[("CONFIG_FILE", "estafeta.toml")]);
+    assert_eq!(http_path(&file_only).as_deref(), Some("/beats"));
+    let overridden = load(
+        dir.path(),
+        &[
+            ("CONFIG_FILE", "estafeta.toml"),
+            ("CENTRAL_API_HEARTBEAT_PATH", "/agents/{agent_id}"),
+        ],
+    );
+    assert_eq!(
+        http_path(&overridden).as_deref(),
+        Some("/agents/{agent_id}")
+    );
+}

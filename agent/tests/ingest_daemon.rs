@@ -49,6 +49,7 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
                 ca_file: None,
                 routes: Vec::new(),
                 concurrency: 4,
+                heartbeat_path: None,
             }),
         }],
         routes: Vec::new(),

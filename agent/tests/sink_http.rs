@@ -167,6 +167,7 @@ fn config(url: &str) -> HttpSinkConfig {
         ca_file: None,
         routes: Vec::new(),
         concurrency: 4,
+        heartbeat_path: None,
     }
 }
 

@@ -241,3 +241,73 @@ async fn mariadb_heartbeats_fill_estafeta_agents_and_fleet_reads_them() {
     .await
     .expect("cleaning up the agent's row");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_heartbeats_go_to_the_configured_path_with_the_backlog() {
+    let api = estafeta_e2e::FlakyHttpServer::start().await;
+    // Records wait (the records endpoint answers 503); heartbeats still go through.
+    api.status_for("/patient", 503);
+    let dir = tempfile::tempdir().unwrap();
+    let url = api.url();
+    let env = [
+        ("CENTRAL_API_URL", url.as_str()),
+        ("CENTRAL_API_TOKEN", "s3cret-token"),
+        ("CENTRAL_API_HEARTBEAT_PATH", "/agents/{agent_id}/heartbeat"),
+        ("AGENT_ID", "ws-07 ala b"),
+        ("HEARTBEAT_SECS", "0.5"),
+    ];
+    let mut agent = Agent::start(dir.path(), &env);
+    agent.wait_ready(Duration::from_secs(20)).await;
+    for n in 0..2 {
+        let (code, answer) = agent
+            .post("create", "patient", &json!({"id": n.to_string()}))
+            .await;
+        assert_eq!(code, 202, "{answer}");
+    }
+    // The agent id is one encoded path segment, so a space or a slash cannot move the beat.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let beat = loop {
+        let beats: Vec<_> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.path == "/agents/ws-07%20ala%20b/heartbeat")
+            .collect();
+        if let Some(last) = beats.last()
+            && last.json()["records_pending"] == 2
+        {
+            break last.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat with 2 pending records reached the API; requests: {:?}\nagent log tail:\n{}",
+            api.requests()
+                .iter()
+                .map(|r| format!("{} {} {}", r.method, r.path, r.status))
+                .collect::<Vec<_>>(),
+            log_tail(&agent, 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(beat.method, "PUT");
+    assert_eq!(beat.header("authorization"), Some("Bearer s3cret-token"));
+    assert_eq!(beat.header("content-type"), Some("application/json"));
+    let body = beat.json();
+    assert_eq!(body["agent_id"], "ws-07 ala b", "{body}");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"), "{body}");
+    assert!(
+        body["hostname"].as_str().is_some_and(|h| !h.is_empty()),
+        "{body}"
+    );
+    assert!(
+        body["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("503")),
+        "the beat names the sink's last error: {body}"
+    );
+    assert_eq!(body["sinks"][0]["sink"], "api", "{body}");
+    assert_eq!(body["sinks"][0]["pending"], 2, "{body}");
+    // Heartbeats are not records: none of them is staged or counted as a delivery.
+    let status = estafeta_e2e::run_cli(dir.path(), &env, &["status", "--json"]).await;
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["records_pending"], 2, "{status}");
+}

@@ -52,6 +52,8 @@ pub const MAX_ERROR_BODY_BYTES: usize = 512;
 
 /// Placeholders a route's path template may use.
 const PLACEHOLDERS: &[&str] = &["entity", "action", "key", "id"];
+/// Placeholders the heartbeat path may use.
+const HEARTBEAT_PLACEHOLDERS: &[&str] = &["agent_id"];
 
 /// `CENTRAL_API_*` or a `[[sinks]]` entry with `type = "http"`.
 #[derive(Clone)]
@@ -70,6 +72,9 @@ pub struct HttpSinkConfig {
     pub routes: Vec<HttpRoute>,
     /// Records of different keys sent at once.
     pub concurrency: usize,
+    /// Heartbeats go as `PUT {url}/{heartbeat_path}` (a template with `{agent_id}`); none
+    /// when unset, since an API that does not expect them would answer 404 every minute.
+    pub heartbeat_path: Option<String>,
 }
 
 // By hand, so `{:?}` of a config never prints the token or a password in the URL.
@@ -83,6 +88,7 @@ impl fmt::Debug for HttpSinkConfig {
             .field("ca_file", &self.ca_file)
             .field("routes", &self.routes)
             .field("concurrency", &self.concurrency)
+            .field("heartbeat_path", &self.heartbeat_path)
             .finish()
     }
 }
@@ -142,6 +148,7 @@ pub struct HttpSink {
     token: Option<HeaderValue>,
     routes: Vec<CompiledRoute>,
     concurrency: usize,
+    heartbeat_path: Option<String>,
     shared: Arc<Shared>,
 }
 
@@ -217,6 +224,11 @@ impl HttpSink {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
 
+        if let Some(template) = &config.heartbeat_path {
+            check_heartbeat_path(template)
+                .map_err(|e| anyhow::anyhow!("the heartbeat path: {e}"))?;
+        }
+
         let mut secrets = url_secrets(&config.url);
         if let Some(token) = config.token.as_ref().filter(|t| !t.is_empty()) {
             secrets.insert(0, token.clone());
@@ -227,6 +239,7 @@ impl HttpSink {
             token,
             routes,
             concurrency: config.concurrency.max(1),
+            heartbeat_path: config.heartbeat_path,
             shared: Arc::new(Shared {
                 client,
                 timeout: config.timeout,
@@ -293,6 +306,32 @@ impl HttpSink {
     }
 }
 
+impl HttpSink {
+    /// `PUT`s one heartbeat as JSON: the latest state of one agent, so repeating it is harmless.
+    async fn send_heartbeat(
+        &self,
+        url: Url,
+        beat: &crate::heartbeat::Heartbeat,
+    ) -> anyhow::Result<()> {
+        let shown = redact_url(url.as_str());
+        let mut request = self.shared.client.put(url).json(beat);
+        if let Some(token) = &self.token {
+            request = request.header(header::AUTHORIZATION, token.clone());
+        }
+        let response = request.send().await.map_err(|err| {
+            anyhow::anyhow!("heartbeat to {shown}: {}", describe(&self.shared, err))
+        })?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = scrub(body_start(response).await, &self.shared.secrets);
+        bail!(
+            "heartbeat to {shown}: HTTP {status} {body}; check heartbeat_path (CENTRAL_API_HEARTBEAT_PATH) against the API"
+        );
+    }
+}
+
 impl Sink for HttpSink {
     fn name(&self) -> &str {
         &self.name
@@ -347,6 +386,23 @@ impl Sink for HttpSink {
         })
     }
 
+    fn heartbeat<'a>(
+        &'a self,
+        beat: &'a crate::heartbeat::Heartbeat,
+    ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
+        Box::pin(async move {
+            let template = self.heartbeat_path.as_deref()?;
+            let path = fill(template, |name| match name {
+                "agent_id" => Ok(beat.agent_id.as_str()),
+                other => Err(format!("{{{other}}} is not a heartbeat placeholder")),
+            });
+            Some(match path {
+                Ok(path) => self.send_heartbeat(join(&self.base, &path), beat).await,
+                Err(reason) => Err(anyhow::anyhow!(reason)),
+            })
+        })
+    }
+
     fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
         batch
             .iter()
@@ -396,7 +452,7 @@ fn compile_route(route: &HttpRoute) -> anyhow::Result<CompiledRoute> {
         None => None,
     };
     if let Some(template) = &route.path {
-        check_template(template)?;
+        check_template(template, PLACEHOLDERS)?;
     }
     let mut headers = HeaderMap::new();
     for (name, value) in &route.headers {
@@ -419,7 +475,7 @@ fn compile_route(route: &HttpRoute) -> anyhow::Result<CompiledRoute> {
 }
 
 /// Rejects unknown or unclosed placeholders, so a typo fails at start rather than per record.
-fn check_template(template: &str) -> anyhow::Result<()> {
+fn check_template(template: &str, allowed: &[&str]) -> anyhow::Result<()> {
     let mut rest = template;
     while let Some(open) = rest.find('{') {
         let after = &rest[open + 1..];
@@ -427,14 +483,23 @@ fn check_template(template: &str) -> anyhow::Result<()> {
             .find('}')
             .with_context(|| format!("path {template:?} has an unclosed '{{'"))?;
         let name = &after[..close];
-        if !PLACEHOLDERS.contains(&name) {
+        if !allowed.contains(&name) {
+            let names: Vec<String> = allowed.iter().map(|n| format!("{{{n}}}")).collect();
             bail!(
-                "path {template:?} uses {{{name}}}; the placeholders are {{entity}}, {{action}}, {{key}} and {{id}}"
+                "path {template:?} uses {{{name}}}; the placeholders are {}",
+                names.join(", ")
             );
         }
         rest = &after[close + 1..];
     }
     Ok(())
+}
+
+/// Checks a heartbeat path template (`CENTRAL_API_HEARTBEAT_PATH`, `heartbeat_path`); the
+/// error says what was expected.
+pub fn check_heartbeat_path(template: &str) -> Result<(), String> {
+    check_template(template, HEARTBEAT_PLACEHOLDERS)
+        .map_err(|e| format!("expected a URL path; {e}"))
 }
 
 /// The default method for a record (see the module documentation).
@@ -468,32 +533,35 @@ fn default_segments(envelope: &Envelope) -> Result<Vec<&str>, String> {
 
 /// Fills a checked template; each value is encoded as one path segment.
 fn render(template: &str, envelope: &Envelope) -> Result<String, String> {
+    fill(template, |name| match name {
+        "entity" => Ok(envelope.entity.as_str()),
+        "action" => Ok(envelope.action.as_str()),
+        "id" => Ok(envelope.id.as_str()),
+        // check_template allows nothing else.
+        _ => match envelope.key.as_deref() {
+            Some(key) if !matches!(key, "" | "." | "..") => Ok(key),
+            Some(key) => Err(format!(
+                "key {key:?} cannot be sent as a URL path segment (route path {template:?})"
+            )),
+            None => Err(format!(
+                "the route path {template:?} needs {{key}} but the record has no key"
+            )),
+        },
+    })
+}
+
+/// Fills a checked template with `value(name)` for each `{name}`, each encoded as one segment.
+fn fill<'v>(
+    template: &str,
+    value: impl Fn(&str) -> Result<&'v str, String>,
+) -> Result<String, String> {
     let mut out = String::with_capacity(template.len() + 64);
     let mut rest = template;
     while let Some(open) = rest.find('{') {
         out.push_str(&rest[..open]);
         let after = &rest[open + 1..];
         let close = after.find('}').unwrap_or(after.len());
-        let value = match &after[..close] {
-            "entity" => envelope.entity.as_str(),
-            "action" => envelope.action.as_str(),
-            "id" => envelope.id.as_str(),
-            // check_template allows nothing else.
-            _ => match envelope.key.as_deref() {
-                Some(key) if !matches!(key, "" | "." | "..") => key,
-                Some(key) => {
-                    return Err(format!(
-                        "key {key:?} cannot be sent as a URL path segment (route path {template:?})"
-                    ));
-                }
-                None => {
-                    return Err(format!(
-                        "the route path {template:?} needs {{key}} but the record has no key"
-                    ));
-                }
-            },
-        };
-        out.push_str(&encode_segment(value));
+        out.push_str(&encode_segment(value(&after[..close])?));
         rest = after.get(close + 1..).unwrap_or("");
     }
     out.push_str(rest);
@@ -653,6 +721,7 @@ mod tests {
                 ca_file: None,
                 routes,
                 concurrency: 4,
+                heartbeat_path: None,
             },
         )
         .expect("valid config")
@@ -755,6 +824,7 @@ mod tests {
                 ca_file: None,
                 routes: vec![bad],
                 concurrency: 1,
+                heartbeat_path: None,
             },
         )
         .err()
@@ -771,6 +841,7 @@ mod tests {
                 ca_file: None,
                 routes: vec![],
                 concurrency: 1,
+                heartbeat_path: None,
             },
         )
         .err()
@@ -803,6 +874,7 @@ mod tests {
             ca_file: None,
             routes: vec![],
             concurrency: 1,
+            heartbeat_path: None,
         };
         let text = format!("{config:?}");
         assert!(!text.contains("s3cret") && !text.contains(":pw@"), "{text}");
