@@ -80,6 +80,7 @@ pub const KEYS: &[&str] = &[
     "INBOX_PATH",
     "STAGING_MAX_BYTES",
     "STAGING_MIN_FREE_BYTES",
+    "MIN_FREE_DISK_MB",
     "KEEP_DELIVERED_DAYS",
     "INGEST_ADDR",
     "INGEST_TOKEN",
@@ -149,7 +150,7 @@ pub struct Config {
     pub inbox_path: Option<PathBuf>,
     /// `STAGING_MAX_BYTES`: largest total staging size; `None`: no limit.
     pub staging_max_bytes: Option<u64>,
-    /// `STAGING_MIN_FREE_BYTES`: refuse writes below this free disk space.
+    /// `MIN_FREE_DISK_MB` or `STAGING_MIN_FREE_BYTES`: refuse writes below this free disk space.
     pub staging_min_free_bytes: u64,
     /// `KEEP_DELIVERED_DAYS`: keep delivered records this long (default 0).
     pub keep_delivered: Duration,
@@ -452,8 +453,12 @@ impl Config {
                 .unwrap_or_else(|| "(no limit)".into()),
         );
         push(
-            "STAGING_MIN_FREE_BYTES",
-            self.staging_min_free_bytes.to_string(),
+            "MIN_FREE_DISK_MB",
+            format!(
+                "{} ({} bytes; STAGING_MIN_FREE_BYTES is the same setting)",
+                self.staging_min_free_bytes >> 20,
+                self.staging_min_free_bytes
+            ),
         );
         push(
             "KEEP_DELIVERED_DAYS",
@@ -1142,11 +1147,27 @@ impl Loader {
                 }
             })
         });
-        let staging_min_free_bytes = self.parse(
-            "STAGING_MIN_FREE_BYTES",
-            estafeta_staging::DEFAULT_MIN_FREE_BYTES,
-            parse_size,
-        );
+        // Two spellings of one setting: MIN_FREE_DISK_MB (whole megabytes, the host guard's
+        // name) and STAGING_MIN_FREE_BYTES (any size, for tests on small disks).
+        let min_free_bytes = self.parse_opt("STAGING_MIN_FREE_BYTES", parse_size);
+        let min_free_mb = self.parse_opt("MIN_FREE_DISK_MB", |v| {
+            parse_u64(v, "a whole number of megabytes (MiB), such as 256").and_then(|mb| {
+                mb.checked_mul(1024 * 1024)
+                    .ok_or_else(|| "expected a number of megabytes below 2^44".to_owned())
+            })
+        });
+        if let (Some(bytes), Some(mb)) = (min_free_bytes, min_free_mb)
+            && bytes != mb
+        {
+            self.problem(
+                self.label("MIN_FREE_DISK_MB"),
+                self.text("MIN_FREE_DISK_MB"),
+                format!("the same limit as STAGING_MIN_FREE_BYTES ({bytes} bytes), which says otherwise; set only one of the two"),
+            );
+        }
+        let staging_min_free_bytes = min_free_mb
+            .or(min_free_bytes)
+            .unwrap_or(estafeta_staging::DEFAULT_MIN_FREE_BYTES);
         let keep_days = self.parse("KEEP_DELIVERED_DAYS", 0u64, |v| {
             parse_u64(
                 v,
@@ -1955,6 +1976,7 @@ fn default_shown(key: &str) -> String {
         "INBOX_PATH" => "(none)".into(),
         "STAGING_MAX_BYTES" => "(no limit)".into(),
         "STAGING_MIN_FREE_BYTES" => estafeta_staging::DEFAULT_MIN_FREE_BYTES.to_string(),
+        "MIN_FREE_DISK_MB" => (estafeta_staging::DEFAULT_MIN_FREE_BYTES >> 20).to_string(),
         "KEEP_DELIVERED_DAYS" => "0".into(),
         "INGEST_ADDR" => DEFAULT_INGEST_ADDR.into(),
         "MAX_BODY_BYTES" => DEFAULT_MAX_BODY_BYTES.to_string(),

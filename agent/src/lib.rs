@@ -7,6 +7,7 @@ pub mod config;
 pub mod daemon;
 pub mod fleet;
 pub mod heartbeat;
+pub mod host;
 pub mod ingest;
 pub mod logging;
 pub mod notify;

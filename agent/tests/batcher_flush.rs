@@ -527,14 +527,14 @@ async fn batcher_delivers_on_the_cron_tick_when_flush_on_write_is_off() {
     // The cycle's counters are published when the cycle ends (after its cleanup).
     let counted = tokio::time::timeout(Duration::from_secs(5), async {
         while !metrics
-            .render(None)
+            .render(None, None)
             .contains("estafeta_deliveries_total{sink=\"test\",outcome=\"delivered\"} 2")
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
     .await;
-    assert!(counted.is_ok(), "{}", metrics.render(None));
+    assert!(counted.is_ok(), "{}", metrics.render(None, None));
     cancel.cancel();
     tracker.close();
     let stopped = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;

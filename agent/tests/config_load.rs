@@ -759,3 +759,29 @@ fn a_heartbeat_path_is_checked_and_the_environment_overrides_the_file() {
         Some("/agents/{agent_id}")
     );
 }
+
+#[test]
+fn min_free_disk_mb_sets_the_host_guard_and_must_agree_with_its_byte_spelling() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = load(dir.path(), &[("MIN_FREE_DISK_MB", "512")]);
+    assert_eq!(config.staging_min_free_bytes, 512 << 20);
+    let config = load(
+        dir.path(),
+        &[
+            ("MIN_FREE_DISK_MB", "256"),
+            ("STAGING_MIN_FREE_BYTES", "256MiB"),
+        ],
+    );
+    assert_eq!(config.staging_min_free_bytes, 256 << 20);
+    let err = refuse(
+        dir.path(),
+        &[
+            ("MIN_FREE_DISK_MB", "100"),
+            ("STAGING_MIN_FREE_BYTES", "1GiB"),
+        ],
+    );
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert_eq!(err.problems[0].key, "MIN_FREE_DISK_MB");
+    let err = refuse(dir.path(), &[("MIN_FREE_DISK_MB", "lots")]);
+    assert!(err.to_string().contains("megabytes"), "{err}");
+}

@@ -640,7 +640,9 @@ async fn openapi_document_lists_what_the_api_does() {
             // Every documented path and method exists (a real path for the template).
             let uri = path
                 .replace("{action}", "create")
-                .replace("{entity}", "patient");
+                .replace("{entity}", "patient")
+                .replace("{sink}", "test")
+                .replace("{seq}", "1");
             let request = Request::builder()
                 .method(method.to_uppercase().as_str())
                 .uri(&uri)
@@ -672,4 +674,136 @@ async fn openapi_document_lists_what_the_api_does() {
         doc["components"]["parameters"]["Entity"]["schema"]["pattern"],
         "^[a-z0-9-][a-z0-9_-]{0,63}$"
     );
+}
+
+/// A harness whose one record (seq 1) is a dead letter of sink `test`.
+fn harness_with_a_dead_letter(token: Option<&str>) -> Harness {
+    let h = harness_with(|config, _| config.ingest_token = token.map(str::to_owned));
+    let seq = h
+        .store
+        .stage(estafeta_staging::NewRecord {
+            action: "create".into(),
+            entity: "patient".into(),
+            key: Some("p-1".into()),
+            payload: serde_json::value::RawValue::from_string(r#"{"id":"p-1"}"#.into()).unwrap(),
+            sinks: None,
+        })
+        .expect("stages")
+        .seq;
+    assert_eq!(h.store.next_batch("test", 10).unwrap().len(), 1);
+    h.store.dead("test", seq, "HTTP 422: cpf inválido").unwrap();
+    h
+}
+
+fn requeue_request(host: &str, extra: &[(&str, &str)]) -> Request<Body> {
+    let mut request = Request::post("/v1/dead-letters/test/1/requeue").header(header::HOST, host);
+    for (name, value) in extra {
+        request = request.header(*name, *value);
+    }
+    request.body(Body::empty()).expect("request")
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_requeued_only_by_a_same_origin_request() {
+    let h = harness_with_a_dead_letter(None);
+    let list = h
+        .send(
+            Request::get("/v1/dead-letters")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+    let letters = list.json()["dead_letters"].clone();
+    assert_eq!(letters[0]["seq"], 1, "{letters}");
+    assert_eq!(letters[0]["reason"], "HTTP 422: cpf inválido", "{letters}");
+
+    // What a hostile page could make a browser send is refused, and changes nothing.
+    let marker = ("x-requested-by", "estafeta");
+    for (why, request) in [
+        (
+            "no X-Requested-By (a plain HTML form)",
+            requeue_request("127.0.0.1:8787", &[]),
+        ),
+        (
+            "another origin",
+            requeue_request(
+                "127.0.0.1:8787",
+                &[marker, ("origin", "http://evil.example")],
+            ),
+        ),
+        (
+            "a cross-site fetch",
+            requeue_request(
+                "127.0.0.1:8787",
+                &[marker, ("sec-fetch-site", "cross-site")],
+            ),
+        ),
+        (
+            "DNS rebinding (a foreign Host without a token)",
+            requeue_request(
+                "evil.example:8787",
+                &[marker, ("origin", "http://evil.example:8787")],
+            ),
+        ),
+    ] {
+        let answer = h.send(request).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::FORBIDDEN,
+            "{why}: {}",
+            answer.text
+        );
+        assert_eq!(answer.json()["error"], "cross_site_refused", "{why}");
+    }
+    assert_eq!(h.store.dead_letters(None).unwrap().len(), 1);
+
+    // The page's own request goes through; a second one finds nothing to requeue.
+    let own = [
+        marker,
+        ("origin", "http://127.0.0.1:8787"),
+        ("sec-fetch-site", "same-origin"),
+    ];
+    let answer = h.send(requeue_request("127.0.0.1:8787", &own)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    assert!(h.store.dead_letters(None).unwrap().is_empty());
+    assert_eq!(h.store.next_batch("test", 10).unwrap().len(), 1);
+    let again = h.send(requeue_request("127.0.0.1:8787", &own)).await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND, "{}", again.text);
+}
+
+#[tokio::test]
+async fn with_a_token_dead_letters_and_requeue_need_it() {
+    let h = harness_with_a_dead_letter(Some(TOKEN));
+    let list = h
+        .send(
+            Request::get("/v1/dead-letters")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(list.status, StatusCode::UNAUTHORIZED);
+    let marker = ("x-requested-by", "estafeta");
+    let answer = h
+        .send(requeue_request("agent.hospital.local:8787", &[marker]))
+        .await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{}", answer.text);
+    // With the token, any Host may requeue: the token, not the address, is the guard.
+    let bearer = format!("Bearer {TOKEN}");
+    let answer = h
+        .send(requeue_request(
+            "agent.hospital.local:8787",
+            &[marker, ("authorization", bearer.as_str())],
+        ))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text);
+    // The page itself holds no data and needs no token; it names no other site.
+    let page = h.send(Request::get("/").body(Body::empty()).unwrap()).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.text.contains("/assets/status.js"));
+    assert!(!page.text.contains("http://") && !page.text.contains("https://"));
+    let csp = page.headers[header::CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
 }

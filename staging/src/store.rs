@@ -56,8 +56,19 @@ impl Shared {
         self.is_poisoned.store(true, Ordering::Release);
     }
 
+    /// Sets why staging refuses writes (`None`: it accepts them), logging each change once:
+    /// a WARN with the reason when writes start being refused, an INFO when they resume.
     pub fn set_blocked(&self, reason: Option<String>) {
-        *lock(&self.blocked) = reason;
+        let mut blocked = lock(&self.blocked);
+        match (&*blocked, &reason) {
+            (None, Some(why)) => tracing::warn!(
+                reason = %why,
+                "Staging refuses new writes (HTTP 507); delivery goes on and writes resume by themselves when there is room."
+            ),
+            (Some(_), None) => tracing::info!("Staging accepts writes again."),
+            _ => {}
+        }
+        *blocked = reason;
     }
 }
 

@@ -46,3 +46,5 @@ mod fleet;
 mod sources;
 // The examples under examples/ run as shipped against the local PostgreSQL.
 mod examples;
+// The status page in headless Chromium (WebDriver).
+mod status_page;

@@ -477,6 +477,18 @@ pub async fn status(
     if let Value::Object(map) = &mut body {
         map.insert("version".into(), env!("CARGO_PKG_VERSION").into());
         map.insert("uptime_secs".into(), state.uptime_secs().into());
+        map.insert(
+            "memory_rss_bytes".into(),
+            tokio::task::spawn_blocking(crate::host::own_memory_bytes)
+                .await
+                .ok()
+                .flatten()
+                .into(),
+        );
+        map.insert(
+            "min_free_disk_bytes".into(),
+            state.config().staging_min_free_bytes.into(),
+        );
         map.insert("dry_run".into(), state.config().dry_run.into());
         map.insert("shutting_down".into(), state.is_shutting_down().into());
         map.insert(
@@ -528,7 +540,11 @@ pub async fn metrics(State(state): State<IngestState>) -> Response {
         }
         Err(_) => None,
     };
-    let text = state.metrics().render(status.as_ref());
+    let memory = tokio::task::spawn_blocking(crate::host::own_memory_bytes)
+        .await
+        .ok()
+        .flatten();
+    let text = state.metrics().render(status.as_ref(), memory);
     (
         [(
             header::CONTENT_TYPE,

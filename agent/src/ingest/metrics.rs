@@ -68,9 +68,19 @@ impl Metrics {
         }
     }
 
-    /// Renders every metric; `status` is `None` when the store could not answer.
-    pub fn render(&self, status: Option<&Status>) -> String {
+    /// Renders every metric; `status` is `None` when the store could not answer, `memory` when
+    /// the platform does not tell this process's resident memory.
+    pub fn render(&self, status: Option<&Status>, memory: Option<u64>) -> String {
         let mut out = String::new();
+        if let Some(bytes) = memory {
+            header(
+                &mut out,
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory of the agent process.",
+            );
+            let _ = writeln!(out, "process_resident_memory_bytes {bytes}");
+        }
         header(
             &mut out,
             "estafeta_records_staged_total",
@@ -146,6 +156,14 @@ impl Metrics {
                 );
                 let _ = writeln!(out, "estafeta_disk_free_bytes {free}");
             }
+            header(
+                &mut out,
+                "estafeta_staging_blocked",
+                "gauge",
+                "1 while staging refuses writes (disk below MIN_FREE_DISK_MB, size limit, failed disk write), else 0.",
+            );
+            let blocked = u8::from(status.staging_blocked.is_some());
+            let _ = writeln!(out, "estafeta_staging_blocked {blocked}");
         }
         out
     }
@@ -200,7 +218,9 @@ mod tests {
             }],
             ..Default::default()
         };
-        let text = metrics.render(Some(&status));
+        let text = metrics.render(Some(&status), Some(12_345_678));
+        assert!(text.contains("process_resident_memory_bytes 12345678\n"));
+        assert!(text.contains("estafeta_staging_blocked 0\n"));
         assert!(text.contains("estafeta_records_staged_total 3\n"));
         assert!(text.contains("estafeta_ingest_requests_total{code=\"202\"} 2\n"));
         assert!(text.contains("estafeta_deliveries_total{sink=\"api\",outcome=\"retry\"} 1\n"));

@@ -1,12 +1,14 @@
 //! The ingest HTTP API (axum): local applications `POST` records, which are staged durably
 //! before the 202 answer; plus status, health, readiness, Prometheus metrics and the OpenAPI
-//! document. [`router`] builds the routes over an [`IngestState`]; the daemon serves it.
+//! document, and the status page for people (`GET /`) with its dead-letter requeue. [`router`] builds the routes over an [`IngestState`]; the daemon serves it.
 
+pub mod dead_letters;
 mod error;
 pub mod handlers;
 pub mod metrics;
 pub mod openapi;
 mod state;
+pub mod status_page;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -25,6 +27,14 @@ pub fn router(state: IngestState) -> Router {
             post(handlers::post_records),
         )
         .route("/v1/status", get(handlers::status))
+        .route("/v1/dead-letters", get(dead_letters::list))
+        .route(
+            "/v1/dead-letters/{sink}/{seq}/requeue",
+            post(dead_letters::requeue),
+        )
+        .route("/", get(status_page::page))
+        .route("/assets/status.js", get(status_page::script))
+        .route("/assets/status.css", get(status_page::style))
         .route("/v1/openapi.json", get(handlers::openapi))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))

@@ -101,7 +101,7 @@ pub fn document(max_body_bytes: usize) -> Value {
                         "422": error("schema_violation: a record does not match its entity's JSON Schema; the message names the record, the JSON pointer of the value and the rule."),
                         "500": error("internal_error: writing to staging failed; nothing was staged."),
                         "503": unavailable("shutting_down (estafeta is stopping) or staging_stopped (a disk flush failed; estafeta must be restarted)."),
-                        "507": unavailable("staging_full: the disk is below STAGING_MIN_FREE_BYTES or staging is at STAGING_MAX_BYTES; records already staged are safe.")
+                        "507": unavailable("staging_full: the disk is below MIN_FREE_DISK_MB (STAGING_MIN_FREE_BYTES) or staging is at STAGING_MAX_BYTES; records already staged are safe.")
                     }
                 }
             },
@@ -117,6 +117,85 @@ pub fn document(max_body_bytes: usize) -> Value {
                         },
                         "401": error("unauthorized: INGEST_TOKEN is set and the request does not carry it."),
                         "500": error("internal_error: the staging store could not be read.")
+                    }
+                }
+            },
+            "/v1/dead-letters": {
+                "get": {
+                    "operationId": "deadLetters",
+                    "summary": "Dead letters, oldest first, with the reason each one failed.",
+                    "security": [ {}, { "bearer": [] } ],
+                    "parameters": [{
+                        "name": "limit", "in": "query", "required": false,
+                        "description": "How many (default 100).",
+                        "schema": { "type": "integer", "minimum": 1, "maximum": super::dead_letters::MAX_LISTED }
+                    }],
+                    "responses": {
+                        "200": {
+                            "description": "The dead letters.",
+                            "content": { "application/json": { "schema": {
+                                "type": "object",
+                                "required": ["dead_letters"],
+                                "properties": { "dead_letters": { "type": "array", "items": { "$ref": "#/components/schemas/DeadLetter" } } }
+                            } } }
+                        },
+                        "400": error("invalid_query: limit is not a whole number from 1 to 1000."),
+                        "401": error("unauthorized: INGEST_TOKEN is set and the request does not carry it."),
+                        "500": error("internal_error: the dead letters could not be read.")
+                    }
+                }
+            },
+            "/v1/dead-letters/{sink}/{seq}/requeue": {
+                "post": {
+                    "operationId": "requeueDeadLetter",
+                    "summary": "Puts one dead letter back in line for its sink (like `estafeta retry --send`) and wakes the batcher. Requires the header X-Requested-By: estafeta and, from a browser, a same-origin request; without INGEST_TOKEN, a loopback Host.",
+                    "security": [ {}, { "bearer": [] } ],
+                    "parameters": [
+                        { "name": "sink", "in": "path", "required": true, "schema": { "type": "string" } },
+                        { "name": "seq", "in": "path", "required": true, "schema": { "type": "integer", "format": "int64", "minimum": 0 } },
+                        {
+                            "name": "X-Requested-By", "in": "header", "required": true,
+                            "description": "Must be 'estafeta': a cross-site form cannot send it.",
+                            "schema": { "type": "string", "enum": ["estafeta"] }
+                        }
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Requeued.",
+                            "content": { "application/json": { "schema": { "type": "object", "required": ["requeued"] } } }
+                        },
+                        "400": error("invalid_path: seq is not a whole number."),
+                        "401": error("unauthorized: INGEST_TOKEN is set and the request does not carry it."),
+                        "403": error("cross_site_refused: X-Requested-By is missing, the request comes from another site, or (without INGEST_TOKEN) the Host is not a loopback address."),
+                        "404": error("not_found: no dead letter with this sink and seq."),
+                        "500": error("internal_error: the store could not requeue it.")
+                    }
+                }
+            },
+            "/": {
+                "get": {
+                    "operationId": "statusPage",
+                    "summary": "The status page for people (HTML; its script reads /v1/status and /v1/dead-letters, asking for the token when one is set). No external assets.",
+                    "responses": {
+                        "200": { "description": "The page.", "content": { "text/html": { "schema": { "type": "string" } } } }
+                    }
+                }
+            },
+            "/assets/status.js": {
+                "get": {
+                    "operationId": "statusPageScript",
+                    "summary": "The status page's script.",
+                    "responses": {
+                        "200": { "description": "The script.", "content": { "text/javascript": { "schema": { "type": "string" } } } }
+                    }
+                }
+            },
+            "/assets/status.css": {
+                "get": {
+                    "operationId": "statusPageStyle",
+                    "summary": "The status page's style sheet.",
+                    "responses": {
+                        "200": { "description": "The style sheet.", "content": { "text/css": { "schema": { "type": "string" } } } }
                     }
                 }
             },
@@ -142,7 +221,7 @@ pub fn document(max_body_bytes: usize) -> Value {
             "/metrics": {
                 "get": {
                     "operationId": "metrics",
-                    "summary": "Prometheus text format: estafeta_records_staged_total, estafeta_ingest_requests_total{code}, estafeta_records_pending{sink}, estafeta_records_dead{sink}, estafeta_deliveries_total{sink,outcome}, estafeta_staging_bytes, estafeta_disk_free_bytes.",
+                    "summary": "Prometheus text format: estafeta_records_staged_total, estafeta_ingest_requests_total{code}, estafeta_records_pending{sink}, estafeta_records_dead{sink}, estafeta_deliveries_total{sink,outcome}, estafeta_staging_bytes, estafeta_disk_free_bytes, estafeta_staging_blocked, process_resident_memory_bytes.",
                     "responses": {
                         "200": { "description": "The metrics.", "content": { "text/plain": { "schema": { "type": "string" } } } }
                     }
@@ -190,7 +269,8 @@ pub fn document(max_body_bytes: usize) -> Value {
                                 "invalid_record", "unknown_sink", "unauthorized", "not_found",
                                 "method_not_allowed", "idempotency_conflict", "body_too_large",
                                 "unsupported_media_type", "schema_violation", "internal_error",
-                                "shutting_down", "staging_stopped", "staging_full", "not_ready"
+                                "shutting_down", "staging_stopped", "staging_full", "not_ready",
+                                "invalid_query", "invalid_path", "cross_site_refused"
                             ]
                         },
                         "message": { "type": "string", "description": "What went wrong and what to do about it." }
@@ -213,6 +293,22 @@ pub fn document(max_body_bytes: usize) -> Value {
                         "seqs": { "type": "array", "items": { "type": "integer", "format": "int64" } }
                     }
                 },
+                "DeadLetter": {
+                    "type": "object",
+                    "required": ["sink", "seq", "id", "action", "entity", "reason", "attempts", "failed_at"],
+                    "properties": {
+                        "sink": { "type": "string" },
+                        "seq": { "type": "integer", "format": "int64" },
+                        "id": { "type": "string" },
+                        "action": { "type": "string" },
+                        "entity": { "type": "string" },
+                        "key": { "type": "string", "nullable": true },
+                        "reason": { "type": "string", "description": "Why the sink refused it." },
+                        "attempts": { "type": "integer" },
+                        "failed_at": { "type": "string" },
+                        "path": { "type": "string", "description": "The dead-letter file under FAILED_DIR." }
+                    }
+                },
                 "Status": {
                     "type": "object",
                     "required": ["version", "uptime_secs", "records_pending", "sinks", "ingest"],
@@ -225,6 +321,8 @@ pub fn document(max_body_bytes: usize) -> Value {
                         "records_pending": { "type": "integer" },
                         "bytes_staged": { "type": "integer" },
                         "disk_free_bytes": { "type": "integer", "nullable": true },
+                        "min_free_disk_bytes": { "type": "integer", "description": "MIN_FREE_DISK_MB in bytes: intake answers 507 below it." },
+                        "memory_rss_bytes": { "type": "integer", "nullable": true, "description": "The agent's resident memory." },
                         "staging_blocked": { "type": "string", "nullable": true },
                         "sinks": { "type": "array", "items": { "type": "object" } },
                         "groups": { "type": "array", "items": { "type": "object" } },

@@ -1,0 +1,212 @@
+//! Dead letters over HTTP, for the status page and for scripts: `GET /v1/dead-letters` lists
+//! them with their reasons, `POST /v1/dead-letters/{sink}/{seq}/requeue` puts one back in line
+//! (the same as `estafeta retry --send` for one record) and wakes the batcher.
+//!
+//! The requeue changes state, so besides the token (when `INGEST_TOKEN` is set) it is guarded
+//! against cross-site requests, because a browser on the same workstation can be made to send
+//! requests to `127.0.0.1:8787` by any web page it opens:
+//! - the request must carry `X-Requested-By: estafeta`: an HTML form cannot set a header, and a
+//!   cross-origin `fetch` with one needs a CORS preflight this server never approves;
+//! - an `Origin` header, when present, must be this server's own origin, and a browser's
+//!   `Sec-Fetch-Site` must be `same-origin` or `none`;
+//! - without a token (loopback only), the `Host` must be a loopback name or address, so a DNS
+//!   rebinding page (evil.example resolving to 127.0.0.1) is refused too.
+
+use axum::Json;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use estafeta_staging::StoreError;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::IngestState;
+use super::error::ApiError;
+use super::handlers::check_token;
+
+/// The header a requeue must carry (see the module documentation).
+pub const REQUESTED_BY: &str = "x-requested-by";
+/// Most dead letters one `GET /v1/dead-letters` returns.
+pub const MAX_LISTED: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /v1/dead-letters?limit=N`: the oldest dead letters first (at most 1000, default 100),
+/// and the total count per sink from the index.
+pub async fn list(
+    State(state): State<IngestState>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    check_token(&state, &headers)?;
+    let Query(query) = query.map_err(|err| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "{}; expected ?limit=N with N from 1 to {MAX_LISTED}",
+                err.body_text()
+            ),
+        )
+    })?;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_LISTED).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("limit={limit} is out of range; expected 1 to {MAX_LISTED}"),
+        ));
+    }
+    let store = state.store().clone();
+    let letters = tokio::task::spawn_blocking(move || store.dead_letters(Some(limit)))
+        .await
+        .map_err(|err| ApiError::internal(format!("dead-letter task failed: {err}")))?
+        .map_err(|err| ApiError::internal(format!("could not read the dead letters: {err}")))?;
+    let letters: Vec<_> = letters
+        .into_iter()
+        .map(|l| {
+            json!({
+                "sink": l.sink,
+                "seq": l.seq,
+                "id": l.id,
+                "action": l.action,
+                "entity": l.entity,
+                "key": l.key,
+                "reason": l.reason,
+                "attempts": l.attempts,
+                "failed_at": l.failed_at,
+                "path": l.path,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "dead_letters": letters })).into_response())
+}
+
+/// `POST /v1/dead-letters/{sink}/{seq}/requeue`.
+pub async fn requeue(
+    State(state): State<IngestState>,
+    path: Result<Path<(String, u64)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_token(&state, &headers)?;
+    check_same_origin(&state, &headers)?;
+    let Path((sink, seq)) = path.map_err(|err| {
+        ApiError::bad_request(
+            "invalid_path",
+            format!(
+                "{}; expected /v1/dead-letters/<sink>/<seq>/requeue",
+                err.body_text()
+            ),
+        )
+    })?;
+    let store = state.store().clone();
+    let (sink_for_task, answer_sink) = (sink.clone(), sink);
+    let result = tokio::task::spawn_blocking(move || store.requeue(&sink_for_task, seq))
+        .await
+        .map_err(|err| ApiError::internal(format!("requeue task failed: {err}")))?;
+    match result {
+        Ok(()) => {
+            tracing::info!(sink = %answer_sink, seq, "Dead letter requeued from the HTTP API.");
+            state.notify_write();
+            Ok((
+                StatusCode::OK,
+                Json(json!({ "requeued": { "sink": answer_sink, "seq": seq } })),
+            )
+                .into_response())
+        }
+        Err(StoreError::NotFound(what)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no dead letter {what}; list them with GET /v1/dead-letters"),
+        )),
+        Err(err) => Err(ApiError::internal(format!(
+            "could not requeue: {err}; check estafeta's log"
+        ))),
+    }
+}
+
+/// Refuses a state-changing request a browser may have been tricked into sending.
+fn check_same_origin(state: &IngestState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let forbidden = |why: &str| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site_refused",
+            format!(
+                "{why}; use the status page served by this agent, or send the request from a script with the header 'X-Requested-By: estafeta'"
+            ),
+        )
+    };
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    if text(REQUESTED_BY) != Some("estafeta") {
+        return Err(forbidden("the header X-Requested-By: estafeta is missing"));
+    }
+    if let Some(site) = text("sec-fetch-site")
+        && !matches!(site, "same-origin" | "none")
+    {
+        return Err(forbidden(&format!(
+            "the browser says this request comes from another site (Sec-Fetch-Site: {site})"
+        )));
+    }
+    let host = text(header::HOST.as_str()).unwrap_or("");
+    if let Some(origin) = text(header::ORIGIN.as_str()) {
+        let origin_host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .unwrap_or(origin);
+        if !origin_host.eq_ignore_ascii_case(host) {
+            return Err(forbidden(&format!(
+                "the request comes from {origin}, not from this agent's page"
+            )));
+        }
+    }
+    if state.config().ingest_token.is_none() && !is_loopback_host(host) {
+        return Err(forbidden(&format!(
+            "Host {host:?} is not a loopback address; without INGEST_TOKEN only http://127.0.0.1, [::1] or localhost may requeue"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a `Host` header names this machine by a loopback address or `localhost`.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_hosts_pass() {
+        for host in [
+            "127.0.0.1:8787",
+            "127.0.0.1",
+            "127.8.9.10:1",
+            "localhost:8787",
+            "LOCALHOST",
+            "[::1]:8787",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example:8787",
+            "10.0.0.5:8787",
+            "localhost.evil.example",
+            "[::2]:80",
+            "",
+            "127.0.0.1.nip.io:8787",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
+}
