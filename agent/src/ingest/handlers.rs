@@ -475,10 +475,15 @@ pub async fn status(
     let mut body = serde_json::to_value(&status)
         .map_err(|err| ApiError::internal(format!("could not write the status: {err}")))?;
     if let Value::Object(map) = &mut body {
-        map.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+        map.insert("version".into(), crate::version::current().into());
         map.insert("uptime_secs".into(), state.uptime_secs().into());
         map.insert("dry_run".into(), state.config().dry_run.into());
         map.insert("shutting_down".into(), state.is_shutting_down().into());
+        map.insert(
+            "update".into(),
+            serde_json::to_value(crate::update::state::load(&state.config().staging_path))
+                .unwrap_or_default(),
+        );
         map.insert(
             "ingest".into(),
             serde_json::to_value(state.metrics().ingest_counters()).unwrap_or_default(),

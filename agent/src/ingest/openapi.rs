@@ -26,7 +26,7 @@ pub fn document(max_body_bytes: usize) -> Value {
         "openapi": "3.0.3",
         "info": {
             "title": "Estafeta ingest API",
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": crate::version::current(),
             "description": "Stage records on the local disk; estafeta delivers them to the central database and APIs, in order per (entity, key), when they are reachable. A 202 answer means the records are durable on disk. Every error answer is JSON {\"error\": code, \"message\": text} and stages nothing. When INGEST_TOKEN is set, POST /v1/records and GET /v1/status require 'Authorization: Bearer <INGEST_TOKEN>'."
         },
         "paths": {
