@@ -45,7 +45,6 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest error text shown in a table cell, in characters.
 const MAX_CELL_CHARS: usize = 60;
 
-
 /// Offline-first store-and-forward agent: stages every write on local disk, then delivers it
 /// to the central database and APIs when they are reachable.
 #[derive(Debug, Parser)]
@@ -435,7 +434,7 @@ fn run_daemon(config: Config) -> anyhow::Result<u8> {
     let runtime = runtime()?;
     // The arguments this process was started with: a trial child and the handover use them.
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let result = runtime.block_on(async {
+    let result: anyhow::Result<Option<PathBuf>> = runtime.block_on(async {
         // Registered before anything else so an early SIGTERM is a clean stop, not a kill.
         let signal = imp::shutdown_signal()?;
         let stop = tokio_util::sync::CancellationToken::new();

@@ -159,10 +159,18 @@ pub async fn run_until(
     // A trial child of an update never updates itself.
     if config.update.url.is_some() && std::env::var_os(crate::update::trial::TRIAL_ENV).is_none() {
         if apply_updates {
-            tracker.spawn(crate::update::run_checks(config.clone(), cancel.clone(), takeover_tx));
+            tracker.spawn(crate::update::run_checks(
+                config.clone(),
+                cancel.clone(),
+                takeover_tx,
+            ));
         } else {
             let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-            tracker.spawn(crate::update::run_checks(config.clone(), cancel.clone(), tx));
+            tracker.spawn(crate::update::run_checks(
+                config.clone(),
+                cancel.clone(),
+                tx,
+            ));
             tokio::spawn(async move { while rx.recv().await.is_some() {} });
         }
     }

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use estafeta_e2e::{
-    Agent, FlakyHttpServer, ReleaseServer, estafeta_bin, log_tail, next_patch,
-    public_key_base64, restamp, run_cli, signed_archive, signing_key, wait_drained,
+    Agent, FlakyHttpServer, ReleaseServer, estafeta_bin, log_tail, next_patch, public_key_base64,
+    restamp, run_cli, signed_archive, signing_key, wait_drained,
 };
 use serde_json::{Value, json};
 
@@ -132,21 +132,35 @@ async fn a_signed_newer_version_is_installed_and_drains_the_old_backlog() {
     let archive = signed_archive(&name, &[("estafeta", &new_binary, 0o755)], &key);
     releases.publish_binary(&new_version, &name, archive);
 
-    let status = wait_for(&agent, Duration::from_secs(90), |s| s["version"] == new_version.as_str()).await;
+    let status = wait_for(&agent, Duration::from_secs(90), |s| {
+        s["version"] == new_version.as_str()
+    })
+    .await;
     assert_eq!(status["update"]["state"], "updated", "{}", status["update"]);
     assert_eq!(status["update"]["current"], new_version.as_str());
     assert!(agent.try_wait().is_none(), "the agent runs");
     assert_eq!(agent.pid(), pid, "the same process (exec)");
-    assert!(same_bytes(&install.exe, &new_binary), "the new executable is in place");
+    assert!(
+        same_bytes(&install.exe, &new_binary),
+        "the new executable is in place"
+    );
     let previous = install.exe.with_file_name("estafeta.previous");
-    assert!(same_bytes(&previous, &install.original), "the previous one is kept");
+    assert!(
+        same_bytes(&previous, &install.original),
+        "the previous one is kept"
+    );
     backlog_delivered(&agent, &sink).await;
-    eprintln!("self_update: {CURRENT} -> {new_version} in place, same pid, {BACKLOG} records delivered");
+    eprintln!(
+        "self_update: {CURRENT} -> {new_version} in place, same pid, {BACKLOG} records delivered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_signature_or_no_key_is_refused_and_nothing_changes() {
-    for (case, configured, signer) in [("bad signature", Some(signing_key(1)), signing_key(2)), ("no key", None, signing_key(1))] {
+    for (case, configured, signer) in [
+        ("bad signature", Some(signing_key(1)), signing_key(2)),
+        ("no key", None, signing_key(1)),
+    ] {
         let install = install();
         let releases = ReleaseServer::start().await;
         let public = configured.as_ref().map(public_key_base64);
@@ -159,12 +173,21 @@ async fn a_bad_signature_or_no_key_is_refused_and_nothing_changes() {
             &name,
             signed_archive(&name, &[("estafeta", &new_binary, 0o755)], &signer),
         );
-        let status = wait_for(&agent, Duration::from_secs(60), |s| s["update"]["state"] == "refused").await;
-        let message = status["update"]["message"].as_str().unwrap_or_default().to_owned();
+        let status = wait_for(&agent, Duration::from_secs(60), |s| {
+            s["update"]["state"] == "refused"
+        })
+        .await;
+        let message = status["update"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         assert!(message.contains("UPDATE_PUBLIC_KEY"), "{case}: {message}");
         assert_eq!(status["version"], CURRENT, "{case}");
         assert!(agent.try_wait().is_none(), "{case}: still running");
-        assert!(same_bytes(&install.exe, &install.original), "{case}: executable unchanged");
+        assert!(
+            same_bytes(&install.exe, &install.original),
+            "{case}: executable unchanged"
+        );
         assert!(agent.stderr().contains("Update refused"), "{case}: logged");
         backlog_delivered(&agent, &sink).await;
         if case == "no key" {
@@ -173,7 +196,12 @@ async fn a_bad_signature_or_no_key_is_refused_and_nothing_changes() {
             let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
             let out = run_cli(install.dir.path(), &env, &["update", "--check"]).await;
             let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success() && stdout.contains(&format!("version {new_version} is available")), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success()
+                    && stdout.contains(&format!("version {new_version} is available")),
+                "{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         eprintln!("self_update: {case}: refused ({message})");
     }
@@ -188,22 +216,33 @@ async fn a_version_that_crashes_at_start_is_rolled_back() {
         start_with_backlog(&install, &releases, Some(&public_key_base64(&key))).await;
     let pid = agent.pid();
     let new_version = next_patch(CURRENT);
-    let crashing: &[u8] = b"#!/bin/sh\necho 'estafeta (broken release): crashing at start' >&2\nexit 70\n";
+    let crashing: &[u8] =
+        b"#!/bin/sh\necho 'estafeta (broken release): crashing at start' >&2\nexit 70\n";
     let name = archive_name(&new_version);
     releases.publish_binary(
         &new_version,
         &name,
         signed_archive(&name, &[("estafeta", crashing, 0o755)], &key),
     );
-    let status = wait_for(&agent, Duration::from_secs(90), |s| s["update"]["state"] == "rolled_back").await;
+    let status = wait_for(&agent, Duration::from_secs(90), |s| {
+        s["update"]["state"] == "rolled_back"
+    })
+    .await;
     assert_eq!(status["version"], CURRENT);
     let message = status["update"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("exited at start"), "{message}");
     assert!(agent.try_wait().is_none(), "the old version runs");
     assert_eq!(agent.pid(), pid);
-    assert!(same_bytes(&install.exe, &install.original), "the previous executable is restored");
+    assert!(
+        same_bytes(&install.exe, &install.original),
+        "the previous executable is restored"
+    );
     let log = agent.stderr();
-    assert!(log.contains("ERROR") && log.contains("was rolled back"), "{}", log_tail(&agent, 30));
+    assert!(
+        log.contains("ERROR") && log.contains("was rolled back"),
+        "{}",
+        log_tail(&agent, 30)
+    );
     backlog_delivered(&agent, &sink).await;
     // Later checks skip the version that failed: still the old one, still running.
     tokio::time::sleep(Duration::from_secs(3)).await;

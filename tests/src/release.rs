@@ -49,7 +49,12 @@ pub fn restamp(binary: &[u8], old: &str, new: &str) -> Vec<u8> {
         .filter(|(_, w)| *w == needle.as_slice())
         .map(|(i, _)| i)
         .collect();
-    assert_eq!(hits.len(), 1, "the version stamp {old} appears {} times", hits.len());
+    assert_eq!(
+        hits.len(),
+        1,
+        "the version stamp {old} appears {} times",
+        hits.len()
+    );
     assert!(new.len() + STAMP_PREFIX.len() < 64);
     let mut out = binary.to_vec();
     let at = hits[0] + STAMP_PREFIX.len();
@@ -79,7 +84,8 @@ pub fn signed_archive(name: &str, files: &[(&str, &[u8], u32)], key: &SigningKey
             header.set_size(bytes.len() as u64);
             header.set_mode(*mode);
             header.set_cksum();
-            tar.append_data(&mut header, file, *bytes).expect("adding to the tar");
+            tar.append_data(&mut header, file, *bytes)
+                .expect("adding to the tar");
         }
         tar.finish().expect("finishing the tar");
     }

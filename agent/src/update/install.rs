@@ -54,7 +54,9 @@ pub fn package_command(kind: AssetKind, package: &Path) -> anyhow::Result<std::p
                 .args(["/qn", "/norestart", "/l*v"])
                 .arg(log);
         }
-        AssetKind::Binary => bail!("a plain install replaces its executable; no package to hand over"),
+        AssetKind::Binary => {
+            bail!("a plain install replaces its executable; no package to hand over")
+        }
     }
     Ok(cmd)
 }
@@ -82,10 +84,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let list = dir.path().join("estafeta.list");
         std::fs::write(&list, "/.\n/usr\n/usr/bin\n/usr/bin/estafeta\n").unwrap();
-        assert_eq!(detect_with(Path::new("/usr/bin/estafeta"), &list), AssetKind::Deb);
-        assert_eq!(detect_with(Path::new("/opt/estafeta/estafeta"), &list), AssetKind::Binary);
-        assert_eq!(detect_with(Path::new("/usr/bin/estafeta"), &dir.path().join("none")), AssetKind::Binary);
-        let cmd = package_command(AssetKind::Deb, Path::new("/tmp/x/estafeta_0.2.0-1_amd64.deb")).unwrap();
-        assert_eq!(format!("{cmd:?}"), r#""dpkg" "-i" "/tmp/x/estafeta_0.2.0-1_amd64.deb""#);
+        assert_eq!(
+            detect_with(Path::new("/usr/bin/estafeta"), &list),
+            AssetKind::Deb
+        );
+        assert_eq!(
+            detect_with(Path::new("/opt/estafeta/estafeta"), &list),
+            AssetKind::Binary
+        );
+        assert_eq!(
+            detect_with(Path::new("/usr/bin/estafeta"), &dir.path().join("none")),
+            AssetKind::Binary
+        );
+        let cmd = package_command(
+            AssetKind::Deb,
+            Path::new("/tmp/x/estafeta_0.2.0-1_amd64.deb"),
+        )
+        .unwrap();
+        assert_eq!(
+            format!("{cmd:?}"),
+            r#""dpkg" "-i" "/tmp/x/estafeta_0.2.0-1_amd64.deb""#
+        );
     }
 }

@@ -43,12 +43,19 @@ pub fn parse(text: &str, cwd: &Path) -> Result<Vec<Key>, String> {
 
 fn parse_base64(text: &str) -> Result<Vec<Key>, String> {
     let mut keys = Vec::new();
-    for part in text.split([',', '\n']).map(str::trim).filter(|p| !p.is_empty()) {
+    for part in text
+        .split([',', '\n'])
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(part)
             .map_err(|_| format!("{part:?} is not base64; expected an ed25519 public key (32 bytes, 44 base64 characters) or a key file's path"))?;
         let key: Key = bytes.try_into().map_err(|b: Vec<u8>| {
-            format!("{part:?} decodes to {} bytes; an ed25519 public key has 32", b.len())
+            format!(
+                "{part:?} decodes to {} bytes; an ed25519 public key has 32",
+                b.len()
+            )
         })?;
         keys.push(key);
     }
@@ -86,7 +93,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
         assert_eq!(parse(&key, dir.path()).unwrap(), vec![[7u8; 32]]);
-        assert_eq!(parse(&format!("{key}, {key}"), dir.path()).unwrap().len(), 2);
+        assert_eq!(
+            parse(&format!("{key}, {key}"), dir.path()).unwrap().len(),
+            2
+        );
         std::fs::write(dir.path().join("release.pub"), [9u8; 32]).unwrap();
         assert_eq!(parse("release.pub", dir.path()).unwrap(), vec![[9u8; 32]]);
         assert!(parse("not base64!", dir.path()).is_err());

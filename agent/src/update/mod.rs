@@ -39,7 +39,9 @@ pub use state::{State, UpdateStatus};
 
 /// Default `UPDATE_HEALTH_SECS`.
 pub const DEFAULT_HEALTH_SECS: u64 = 60;
-/// How long one download (manifest or archive) may take.
+/// How long reading the manifest may take.
+pub const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long downloading an archive may take.
 pub const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 /// Largest archive accepted.
 pub const MAX_ARCHIVE_BYTES: u64 = 512 * 1024 * 1024;
@@ -99,20 +101,27 @@ fn url(config: &Config) -> anyhow::Result<&str> {
 pub fn check(config: &Config) -> anyhow::Result<Checked> {
     let staging = &config.staging_path;
     let current = crate::version::current();
-    let result = url(config).and_then(|u| manifest::fetch(u, DOWNLOAD_TIMEOUT));
+    let result = url(config).and_then(|u| manifest::fetch(u, MANIFEST_TIMEOUT));
     match result {
         Ok(manifest) => {
             let newer = manifest::is_newer(current, &manifest.version);
             state::update(staging, |s| {
                 s.last_check = Some(state::now());
                 s.available = newer.then(|| manifest.version.clone());
-                if !matches!(s.state, State::RolledBack | State::Refused) || !newer {
-                    s.state = if newer { State::Available } else { State::UpToDate };
-                    s.message = Some(if newer {
-                        format!("version {} is available (running {current})", manifest.version)
-                    } else {
-                        format!("up to date (running {current}, the manifest offers {})", manifest.version)
-                    });
+                // A refusal or a rollback of that version, and "updated", stay readable until
+                // something new happens.
+                if newer && !matches!(s.state, State::RolledBack | State::Refused) {
+                    s.state = State::Available;
+                    s.message = Some(format!(
+                        "version {} is available (running {current})",
+                        manifest.version
+                    ));
+                } else if !newer && s.state != State::Updated {
+                    s.state = State::UpToDate;
+                    s.message = Some(format!(
+                        "up to date (running {current}, the manifest offers {})",
+                        manifest.version
+                    ));
                 }
             });
             Ok(Checked { manifest, newer })
@@ -142,7 +151,11 @@ pub fn prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow:
             tracing::error!(version = %manifest.version, error = %message, "Update failed; trying again at the next check.");
         }
         state::update(&config.staging_path, |s| {
-            s.state = if refused { State::Refused } else { State::Failed };
+            s.state = if refused {
+                State::Refused
+            } else {
+                State::Failed
+            };
             s.message = Some(message);
         });
     }
@@ -166,7 +179,8 @@ fn try_prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow:
         .filter(|n| n.ends_with(".tar.gz") && !n.contains(".."))
         .ok_or_else(|| anyhow::anyhow!("asset URL {} does not name a .tar.gz file; assets are zipsign-signed .tar.gz archives", asset.url))?;
     let parent = config.staging_path.join("_update");
-    std::fs::create_dir_all(&parent).with_context(|| format!("could not create {}", parent.display()))?;
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("could not create {}", parent.display()))?;
     let dir = tempfile::Builder::new()
         .prefix("download-")
         .tempdir_in(&parent)
@@ -194,14 +208,19 @@ fn try_prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow:
         .map_err(|err| anyhow::Error::new(Refused(format!("{err:#}"))))?;
     let out = dir.path().join("unpacked");
     self_update::Extract::from_source(&archive)
-        .archive(self_update::ArchiveKind::Tar(Some(self_update::Compression::Gz)))
+        .archive(self_update::ArchiveKind::Tar(Some(
+            self_update::Compression::Gz,
+        )))
         .extract_into(&out)
         .with_context(|| format!("could not unpack {}", archive.display()))?;
     let file = match kind {
         AssetKind::Binary => {
             let exe = out.join(format!("estafeta{}", std::env::consts::EXE_SUFFIX));
             if !exe.is_file() {
-                bail!("the archive {name} holds no estafeta{} at its top level", std::env::consts::EXE_SUFFIX);
+                bail!(
+                    "the archive {name} holds no estafeta{} at its top level",
+                    std::env::consts::EXE_SUFFIX
+                );
             }
             exe
         }
@@ -228,7 +247,8 @@ fn try_prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow:
 fn sha256_file(path: &Path) -> anyhow::Result<String> {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
-    let mut file = std::fs::File::open(path).with_context(|| format!("could not read {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("could not read {}", path.display()))?;
     std::io::copy(&mut file, &mut hasher)?;
     Ok(hasher
         .finalize()
@@ -329,7 +349,12 @@ pub enum Handover {
 }
 
 /// Installs and tries a prepared plain-install release (see the module doc).
-pub async fn takeover(config: &Config, prepared: Prepared, args: Vec<std::ffi::OsString>, stop: &CancellationToken) -> Handover {
+pub async fn takeover(
+    config: &Config,
+    prepared: Prepared,
+    args: Vec<std::ffi::OsString>,
+    stop: &CancellationToken,
+) -> Handover {
     let staging = &config.staging_path;
     let from = crate::version::current().to_owned();
     let version = prepared.version.clone();
@@ -364,7 +389,8 @@ pub async fn takeover(config: &Config, prepared: Prepared, args: Vec<std::ffi::O
     }
     match outcome {
         Ok(trial::Outcome::Healthy) => {
-            let message = format!("updated from {from} to {version}; the new version reported ready");
+            let message =
+                format!("updated from {from} to {version}; the new version reported ready");
             tracing::info!(previous = %trial::previous_path(&exe).display(), "{message}");
             state::update(staging, |s| {
                 s.state = State::Updated;

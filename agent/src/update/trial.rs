@@ -58,8 +58,13 @@ pub fn atomic_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
         .prefix(".estafeta-update-")
         .tempfile_in(dir)
         .with_context(|| format!("could not create a file in {}", dir.display()))?;
-    std::fs::copy(from, tmp.path())
-        .with_context(|| format!("could not copy {} to {}", from.display(), tmp.path().display()))?;
+    std::fs::copy(from, tmp.path()).with_context(|| {
+        format!(
+            "could not copy {} to {}",
+            from.display(),
+            tmp.path().display()
+        )
+    })?;
     std::fs::File::open(tmp.path())
         .and_then(|f| f.sync_all())
         .with_context(|| format!("could not flush {}", tmp.path().display()))?;
@@ -87,7 +92,8 @@ pub async fn install_and_try(
     stop: &CancellationToken,
 ) -> anyhow::Result<Outcome> {
     let previous = previous_path(&spec.exe);
-    atomic_copy(&spec.exe, &previous).context("could not keep the running executable for a rollback")?;
+    atomic_copy(&spec.exe, &previous)
+        .context("could not keep the running executable for a rollback")?;
     self_replace::self_replace(new).with_context(|| {
         format!(
             "could not replace {} (is its folder writable by the agent?)",
@@ -116,7 +122,11 @@ pub async fn install_and_try(
 }
 
 /// Starts the trial child and waits for it to be ready at `version`; stops it either way.
-async fn run_trial(version: &str, spec: &TrialSpec, stop: &CancellationToken) -> anyhow::Result<()> {
+async fn run_trial(
+    version: &str,
+    spec: &TrialSpec,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
     let mut child = tokio::process::Command::new(&spec.exe)
         .args(&spec.args)
         .env(TRIAL_ENV, version)
@@ -135,7 +145,9 @@ async fn run_trial(version: &str, spec: &TrialSpec, stop: &CancellationToken) ->
     let deadline = Instant::now() + spec.health;
     let result = loop {
         if let Some(status) = child.try_wait().context("waiting for the trial")? {
-            break Err(anyhow::anyhow!("the new version exited at start ({status})"));
+            break Err(anyhow::anyhow!(
+                "the new version exited at start ({status})"
+            ));
         }
         if stop.is_cancelled() {
             break Err(anyhow::anyhow!("a stop was requested during the trial"));
@@ -151,7 +163,15 @@ async fn run_trial(version: &str, spec: &TrialSpec, stop: &CancellationToken) ->
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     };
-    stop_child(&mut child, if result.is_ok() { spec.grace } else { Duration::from_secs(2) }).await;
+    stop_child(
+        &mut child,
+        if result.is_ok() {
+            spec.grace
+        } else {
+            Duration::from_secs(2)
+        },
+    )
+    .await;
     result
 }
 
