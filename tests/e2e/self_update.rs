@@ -132,11 +132,17 @@ async fn a_signed_newer_version_is_installed_and_drains_the_old_backlog() {
     let archive = signed_archive(&name, &[("estafeta", &new_binary, 0o755)], &key);
     releases.publish_binary(&new_version, &name, archive);
 
+    // The trial answers on the same port with the new version and state "installing"; the
+    // handed-over process says "updated".
     let status = wait_for(&agent, Duration::from_secs(90), |s| {
-        s["version"] == new_version.as_str()
+        s["version"] == new_version.as_str() && s["update"]["state"] == "updated"
     })
     .await;
-    assert_eq!(status["update"]["state"], "updated", "{}", status["update"]);
+    let message = status["update"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("updated from {CURRENT} to {new_version}")),
+        "{message}"
+    );
     assert_eq!(status["update"]["current"], new_version.as_str());
     assert!(agent.try_wait().is_none(), "the agent runs");
     assert_eq!(agent.pid(), pid, "the same process (exec)");
