@@ -95,7 +95,7 @@ pub fn signed_archive(name: &str, files: &[(&str, &[u8], u32)], key: &SigningKey
     zipsign_api::sign::copy_and_sign_tar(
         &mut Cursor::new(unsigned),
         &mut signed,
-        &[key.clone()],
+        std::slice::from_ref(key),
         Some(name.as_bytes()),
     )
     .expect("signing the archive");
