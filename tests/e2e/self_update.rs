@@ -7,14 +7,16 @@
 //! - an archive signed with another key, and a good one with no public key configured: refused,
 //!   the executable unchanged, the old version still running and delivering;
 //! - a version that crashes at start (an executable that exits 70 at once, signed like a good
-//!   one): rolled back, the previous executable restored byte for byte, backlog delivered.
+//!   one), and one that never gets ready (it sleeps; `UPDATE_HEALTH_SECS=3`): rolled back, the
+//!   previous executable restored byte for byte, same PID, backlog delivered, version skipped;
+//! - `estafeta update --check` and `estafeta update` run by hand over a stopped plain install.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use estafeta_e2e::{
-    Agent, FlakyHttpServer, ReleaseServer, estafeta_bin, log_tail, next_patch, public_key_base64,
-    restamp, run_cli, signed_archive, signing_key, wait_drained,
+    Agent, FlakyHttpServer, ReleaseServer, estafeta_bin, free_port, log_tail, next_patch,
+    public_key_base64, restamp, run_cli, signed_archive, signing_key, wait_drained,
 };
 use serde_json::{Value, json};
 
@@ -50,6 +52,7 @@ async fn start_with_backlog(
     install: &Install,
     releases: &ReleaseServer,
     public_key: Option<&str>,
+    health_secs: &str,
 ) -> (Agent, FlakyHttpServer) {
     let sink = FlakyHttpServer::start().await;
     sink.down().await;
@@ -59,7 +62,7 @@ async fn start_with_backlog(
         ("RETRY_MAX_SECS".to_owned(), "1".to_owned()),
         ("UPDATE_URL".to_owned(), releases.url("manifest.json")),
         ("UPDATE_CRONTAB".to_owned(), "* * * * * *".to_owned()),
-        ("UPDATE_HEALTH_SECS".to_owned(), "30".to_owned()),
+        ("UPDATE_HEALTH_SECS".to_owned(), health_secs.to_owned()),
         ("SHUTDOWN_GRACE_SECS".to_owned(), "3".to_owned()),
     ];
     if let Some(key) = public_key {
@@ -124,7 +127,7 @@ async fn a_signed_newer_version_is_installed_and_drains_the_old_backlog() {
     let releases = ReleaseServer::start().await;
     let key = signing_key(1);
     let (mut agent, sink) =
-        start_with_backlog(&install, &releases, Some(&public_key_base64(&key))).await;
+        start_with_backlog(&install, &releases, Some(&public_key_base64(&key)), "30").await;
     let pid = agent.pid();
     let new_version = next_patch(CURRENT);
     let new_binary = restamp(&install.original, CURRENT, &new_version);
@@ -170,7 +173,8 @@ async fn a_bad_signature_or_no_key_is_refused_and_nothing_changes() {
         let install = install();
         let releases = ReleaseServer::start().await;
         let public = configured.as_ref().map(public_key_base64);
-        let (mut agent, sink) = start_with_backlog(&install, &releases, public.as_deref()).await;
+        let (mut agent, sink) =
+            start_with_backlog(&install, &releases, public.as_deref(), "30").await;
         let new_version = next_patch(CURRENT);
         let new_binary = restamp(&install.original, CURRENT, &new_version);
         let name = archive_name(&new_version);
@@ -214,46 +218,161 @@ async fn a_bad_signature_or_no_key_is_refused_and_nothing_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_version_that_crashes_at_start_is_rolled_back() {
+async fn a_version_that_crashes_or_never_gets_ready_is_rolled_back() {
+    let cases: [(&str, &[u8], &str, &str); 2] = [
+        (
+            "crashes at start",
+            b"#!/bin/sh\necho 'estafeta (broken release): crashing at start' >&2\nexit 70\n",
+            "30",
+            "exited at start",
+        ),
+        (
+            "never ready",
+            b"#!/bin/sh\nexec sleep 600\n",
+            "3",
+            "did not report ready within UPDATE_HEALTH_SECS=3",
+        ),
+    ];
+    for (case, broken, health, why) in cases {
+        let install = install();
+        let releases = ReleaseServer::start().await;
+        let key = signing_key(1);
+        let (mut agent, sink) =
+            start_with_backlog(&install, &releases, Some(&public_key_base64(&key)), health).await;
+        let pid = agent.pid();
+        let new_version = next_patch(CURRENT);
+        let name = archive_name(&new_version);
+        releases.publish_binary(
+            &new_version,
+            &name,
+            signed_archive(&name, &[("estafeta", broken, 0o755)], &key),
+        );
+        let status = wait_for(&agent, Duration::from_secs(90), |s| {
+            s["update"]["state"] == "rolled_back"
+        })
+        .await;
+        assert_eq!(status["version"], CURRENT, "{case}");
+        let message = status["update"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{case}: {message}");
+        assert!(agent.try_wait().is_none(), "{case}: the old version runs");
+        assert_eq!(agent.pid(), pid, "{case}");
+        assert!(
+            same_bytes(&install.exe, &install.original),
+            "{case}: the previous executable is restored"
+        );
+        let log = agent.stderr();
+        assert!(
+            log.contains("ERROR") && log.contains("was rolled back"),
+            "{case}: {}",
+            log_tail(&agent, 30)
+        );
+        backlog_delivered(&agent, &sink).await;
+        // Later checks skip the version that failed: still the old one, still running.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let status = wait_for(&agent, Duration::from_secs(10), |_| true).await;
+        assert_eq!(status["version"], CURRENT, "{case}");
+        assert_eq!(status["update"]["state"], "rolled_back", "{case}");
+        eprintln!("self_update: {case}: {new_version} rolled back, {BACKLOG} records delivered");
+    }
+}
+
+/// Runs the installed copy's CLI in its folder with exactly `env`.
+/// Success, stdout, and stdout followed by stderr.
+async fn installed_cli(
+    install: &Install,
+    env: &[(String, String)],
+    args: &[&str],
+) -> (bool, String, String) {
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(&install.exe)
+            .args(args)
+            .current_dir(install.dir.path())
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the CLI finished within 120 s")
+    .expect("the CLI started");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let all = format!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), stdout, all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estafeta_update_installs_over_a_stopped_agent() {
     let install = install();
     let releases = ReleaseServer::start().await;
     let key = signing_key(1);
-    let (mut agent, sink) =
-        start_with_backlog(&install, &releases, Some(&public_key_base64(&key))).await;
-    let pid = agent.pid();
     let new_version = next_patch(CURRENT);
-    let crashing: &[u8] =
-        b"#!/bin/sh\necho 'estafeta (broken release): crashing at start' >&2\nexit 70\n";
+    let new_binary = restamp(&install.original, CURRENT, &new_version);
     let name = archive_name(&new_version);
     releases.publish_binary(
         &new_version,
         &name,
-        signed_archive(&name, &[("estafeta", crashing, 0o755)], &key),
+        signed_archive(&name, &[("estafeta", &new_binary, 0o755)], &key),
     );
-    let status = wait_for(&agent, Duration::from_secs(90), |s| {
-        s["update"]["state"] == "rolled_back"
-    })
-    .await;
-    assert_eq!(status["version"], CURRENT);
-    let message = status["update"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("exited at start"), "{message}");
-    assert!(agent.try_wait().is_none(), "the old version runs");
-    assert_eq!(agent.pid(), pid);
+    let mut env: Vec<(String, String)> = ["PATH", "HOME"]
+        .into_iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_owned(), v)))
+        .collect();
+    let staging = install.dir.path().join("staging");
+    env.extend([
+        (
+            "STAGING_AREA_PATH".to_owned(),
+            staging.display().to_string(),
+        ),
+        (
+            "IS_ABSOLUTE_STAGING_AREA_PATH".to_owned(),
+            "true".to_owned(),
+        ),
+        (
+            "INGEST_ADDR".to_owned(),
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        ("UPDATE_URL".to_owned(), releases.url("manifest.json")),
+        ("UPDATE_PUBLIC_KEY".to_owned(), public_key_base64(&key)),
+        ("UPDATE_HEALTH_SECS".to_owned(), "30".to_owned()),
+    ]);
+
+    let (ok, _, out) = installed_cli(&install, &env, &["update", "--check"]).await;
+    assert!(
+        ok && out.contains(&format!("version {new_version} is available")),
+        "{out}"
+    );
     assert!(
         same_bytes(&install.exe, &install.original),
-        "the previous executable is restored"
+        "--check changes nothing"
     );
-    let log = agent.stderr();
+
+    let (ok, _, out) = installed_cli(&install, &env, &["update"]).await;
     assert!(
-        log.contains("ERROR") && log.contains("was rolled back"),
-        "{}",
-        log_tail(&agent, 30)
+        ok && out.contains(&format!("updated from {CURRENT} to {new_version}")),
+        "{out}"
     );
-    backlog_delivered(&agent, &sink).await;
-    // Later checks skip the version that failed: still the old one, still running.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let status = wait_for(&agent, Duration::from_secs(10), |_| true).await;
-    assert_eq!(status["version"], CURRENT);
-    assert_eq!(status["update"]["state"], "rolled_back");
-    eprintln!("self_update: crashing {new_version} rolled back, {BACKLOG} records delivered");
+    assert!(
+        same_bytes(&install.exe, &new_binary),
+        "the new executable is in place"
+    );
+    let previous = install.exe.with_file_name("estafeta.previous");
+    assert!(
+        same_bytes(&previous, &install.original),
+        "the previous one is kept"
+    );
+
+    let (ok, version, out) = installed_cli(&install, &env, &["version"]).await;
+    assert!(
+        ok && version.trim() == format!("estafeta {new_version}"),
+        "{out}"
+    );
+    let (ok, _, out) = installed_cli(&install, &env, &["update"]).await;
+    assert!(ok && out.contains("is up to date"), "{out}");
+    let (ok, out, _) = installed_cli(&install, &env, &["status", "--json"]).await;
+    let status: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(ok, "{out}");
+    assert_eq!(status["update"]["state"], "updated", "{}", status["update"]);
+    assert_eq!(status["version"], new_version.as_str());
+    eprintln!("self_update: `estafeta update` installed {new_version} over a stopped agent");
 }
