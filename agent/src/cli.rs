@@ -503,6 +503,34 @@ fn hand_over(exe: &Path, args: &[std::ffi::OsString]) -> u8 {
     }
 }
 
+/// `POST /v1/update` to the running agent.
+async fn ask_daemon_to_update(config: &Config) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("could not build the HTTP client")?;
+    let mut request = client.post(format!("http://{}/v1/update", config.ingest_addr));
+    if let Some(token) = &config.ingest_token {
+        request = request.bearer_auth(token);
+    }
+    let answer = request.send().await.with_context(|| {
+        format!(
+            "could not reach the agent on {} (INGEST_ADDR)",
+            config.ingest_addr
+        )
+    })?;
+    let code = answer.status();
+    if code != reqwest::StatusCode::ACCEPTED {
+        let body = answer.text().await.unwrap_or_default();
+        anyhow::bail!(
+            "the agent on {} answered {code} to POST /v1/update: {body}; is it the same agent (same INGEST_ADDR, INGEST_TOKEN and UPDATE_URL)?",
+            config.ingest_addr
+        );
+    }
+    Ok(())
+}
+
 /// `estafeta update [--check]`.
 fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::Result<u8> {
     use crate::update::{AssetKind, Handover, install};
@@ -527,10 +555,13 @@ fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::
     if kind == AssetKind::Binary
         && std::net::TcpStream::connect_timeout(&config.ingest_addr, Duration::from_secs(1)).is_ok()
     {
-        return Err(usage(format!(
-            "an agent is listening on {} (INGEST_ADDR): with UPDATE_CRONTAB set it installs updates itself; otherwise stop it and run `estafeta update` again",
+        // The running agent holds the port the trial needs: it does the update itself.
+        runtime()?.block_on(ask_daemon_to_update(&config))?;
+        write_stdout(&format!(
+            "version {offered} is available; the agent running on {} is installing it now (drain, trial, hand-over or rollback); follow it with `estafeta status` (line \"update:\")\n",
             config.ingest_addr
-        )));
+        ));
+        return Ok(EXIT_OK);
     }
     let prepared = crate::update::prepare(&config, &checked.manifest, kind)?;
     match kind {

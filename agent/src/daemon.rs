@@ -158,11 +158,13 @@ pub async fn run_until(
     let (takeover_tx, mut takeover_rx) = tokio::sync::mpsc::channel(1);
     // A trial child of an update never updates itself.
     if config.update.url.is_some() && std::env::var_os(crate::update::trial::TRIAL_ENV).is_none() {
+        let trigger = state.update_trigger();
         if apply_updates {
             tracker.spawn(crate::update::run_checks(
                 config.clone(),
                 cancel.clone(),
                 takeover_tx,
+                trigger,
             ));
         } else {
             let (tx, mut rx) = tokio::sync::mpsc::channel(1);
@@ -170,6 +172,7 @@ pub async fn run_until(
                 config.clone(),
                 cancel.clone(),
                 tx,
+                trigger,
             ));
             tokio::spawn(async move { while rx.recv().await.is_some() {} });
         }

@@ -376,3 +376,57 @@ async fn estafeta_update_installs_over_a_stopped_agent() {
     assert_eq!(status["version"], new_version.as_str());
     eprintln!("self_update: `estafeta update` installed {new_version} over a stopped agent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estafeta_update_asks_a_running_agent_without_update_crontab() {
+    let install = install();
+    let releases = ReleaseServer::start().await;
+    let key = signing_key(1);
+    let mut agent = Agent::spec(install.dir.path())
+        .program(&install.exe, &["run"])
+        .envs([
+            ("UPDATE_URL", releases.url("manifest.json")),
+            ("UPDATE_PUBLIC_KEY", public_key_base64(&key)),
+            ("UPDATE_HEALTH_SECS", "30".to_owned()),
+        ])
+        .spawn();
+    agent.wait_ready(Duration::from_secs(30)).await;
+    let pid = agent.pid();
+    let new_version = next_patch(CURRENT);
+    let new_binary = restamp(&install.original, CURRENT, &new_version);
+    let name = archive_name(&new_version);
+    releases.publish_binary(
+        &new_version,
+        &name,
+        signed_archive(&name, &[("estafeta", &new_binary, 0o755)], &key),
+    );
+    let mut env: Vec<(String, String)> = ["PATH", "HOME"]
+        .into_iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_owned(), v)))
+        .collect();
+    env.extend([
+        (
+            "STAGING_AREA_PATH".to_owned(),
+            install.dir.path().join("staging").display().to_string(),
+        ),
+        (
+            "IS_ABSOLUTE_STAGING_AREA_PATH".to_owned(),
+            "true".to_owned(),
+        ),
+        ("INGEST_ADDR".to_owned(), agent.addr().to_string()),
+        ("UPDATE_URL".to_owned(), releases.url("manifest.json")),
+        ("UPDATE_PUBLIC_KEY".to_owned(), public_key_base64(&key)),
+    ]);
+    let (ok, _, out) = installed_cli(&install, &env, &["update"]).await;
+    assert!(ok && out.contains("is installing it now"), "{out}");
+    let status = wait_for(&agent, Duration::from_secs(90), |s| {
+        s["version"] == new_version.as_str() && s["update"]["state"] == "updated"
+    })
+    .await;
+    assert_eq!(status["update"]["current"], new_version.as_str());
+    assert_eq!(agent.pid(), pid, "the same process (exec)");
+    assert!(same_bytes(&install.exe, &new_binary));
+    eprintln!(
+        "self_update: `estafeta update` asked the running agent, which installed {new_version}"
+    );
+}

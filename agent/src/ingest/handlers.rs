@@ -492,6 +492,27 @@ pub async fn status(
     Ok(Json(body).into_response())
 }
 
+/// `POST /v1/update`: wakes the update task for a check now (see `crate::update`).
+pub async fn update(
+    State(state): State<IngestState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_token(&state, &headers)?;
+    if state.config().update.url.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "updates_off",
+            "UPDATE_URL is not set; set it to the release manifest's URL and restart the agent",
+        ));
+    }
+    state.update_trigger().notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"status": "checking", "follow": "GET /v1/status, update"})),
+    )
+        .into_response())
+}
+
 /// `GET /healthz`: the process runs.
 pub async fn healthz() -> &'static str {
     "ok"

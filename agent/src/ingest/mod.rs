@@ -25,6 +25,7 @@ pub fn router(state: IngestState) -> Router {
             post(handlers::post_records),
         )
         .route("/v1/status", get(handlers::status))
+        .route("/v1/update", post(handlers::update))
         .route("/v1/openapi.json", get(handlers::openapi))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))

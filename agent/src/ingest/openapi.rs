@@ -129,6 +129,18 @@ pub fn document(max_body_bytes: usize) -> Value {
                     }
                 }
             },
+            "/v1/update": {
+                "post": {
+                    "operationId": "checkUpdate",
+                    "summary": "Check UPDATE_URL's release manifest now (as UPDATE_CRONTAB would, without skipping a version that was rolled back); a newer signed version is then installed, tried and rolled back if it does not get ready. The outcome shows in GET /v1/status, `update`.",
+                    "security": [ {}, { "bearer": [] } ],
+                    "responses": {
+                        "202": { "description": "The check started.", "content": { "application/json": { "schema": { "type": "object" } } } },
+                        "401": error("unauthorized: INGEST_TOKEN is set and the request does not carry it."),
+                        "409": error("updates_off: UPDATE_URL is not set.")
+                    }
+                }
+            },
             "/readyz": {
                 "get": {
                     "operationId": "ready",

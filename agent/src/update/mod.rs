@@ -269,36 +269,46 @@ pub fn current_exe() -> anyhow::Result<PathBuf> {
     Ok(exe)
 }
 
-/// The daemon's scheduled checks (`UPDATE_CRONTAB`). A verified plain-install release is sent
-/// to `takeover` (the daemon then drains and [`takeover`] tries it); for a package install the
-/// state only says a version is available.
+/// The daemon's checks: on `UPDATE_CRONTAB`, and whenever `trigger` is notified
+/// (`POST /v1/update`, which does not skip a version that was rolled back). A verified
+/// plain-install release is sent to `takeover` (the daemon then drains and [`takeover`] tries
+/// it); for a package install the state only says a version is available.
 pub async fn run_checks(
     config: Arc<Config>,
     cancel: CancellationToken,
     takeover: mpsc::Sender<Prepared>,
+    trigger: Arc<tokio::sync::Notify>,
 ) {
-    let Some(crontab) = config.update.crontab.clone() else {
-        return;
+    let schedule = match config.update.crontab.as_deref() {
+        None => None,
+        Some(crontab) => match crate::batcher::Schedule::new(crontab, config.tz) {
+            Ok(s) => Some(s),
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "UPDATE_CRONTAB is not valid; no automatic update checks.");
+                None
+            }
+        },
     };
-    let schedule = match crate::batcher::Schedule::new(&crontab, config.tz) {
-        Ok(s) => s,
-        Err(err) => {
-            tracing::error!(error = %format!("{err:#}"), "UPDATE_CRONTAB is not valid; no automatic update checks.");
-            return;
-        }
-    };
-    tracing::info!(crontab = %crontab, url = ?config.update.url, "Automatic update checks on.");
+    if schedule.is_some() {
+        tracing::info!(crontab = ?config.update.crontab, url = ?config.update.url, "Automatic update checks on.");
+    }
     loop {
-        let Some(next) = schedule.next_after(chrono::Utc::now()) else {
-            return;
-        };
-        let wait = (next - chrono::Utc::now()).to_std().unwrap_or_default();
-        tokio::select! {
+        let wait = schedule
+            .as_ref()
+            .and_then(|s| s.next_after(chrono::Utc::now()))
+            .map(|next| (next - chrono::Utc::now()).to_std().unwrap_or_default());
+        let automatic = tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
-        }
+            () = trigger.notified() => false,
+            () = async {
+                match wait {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
         let cfg = config.clone();
-        let found = tokio::task::spawn_blocking(move || scheduled_check(&cfg)).await;
+        let found = tokio::task::spawn_blocking(move || scheduled_check(&cfg, automatic)).await;
         if let Ok(Some(prepared)) = found {
             if takeover.send(prepared).await.is_ok() {
                 // The daemon drains now; this task ends with it.
@@ -309,7 +319,7 @@ pub async fn run_checks(
     }
 }
 
-fn scheduled_check(config: &Config) -> Option<Prepared> {
+fn scheduled_check(config: &Config, automatic: bool) -> Option<Prepared> {
     let checked = match check(config) {
         Ok(c) => c,
         Err(err) => {
@@ -322,7 +332,7 @@ fn scheduled_check(config: &Config) -> Option<Prepared> {
     }
     let version = &checked.manifest.version;
     let saved = state::load(&config.staging_path);
-    if saved.rejected.as_deref() == Some(version.as_str()) {
+    if automatic && saved.rejected.as_deref() == Some(version.as_str()) {
         tracing::debug!(%version, "Skipping a version that was rolled back; `estafeta update` tries it again.");
         return None;
     }
