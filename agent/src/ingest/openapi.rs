@@ -202,7 +202,8 @@ pub fn document(max_body_bytes: usize) -> Value {
                                 "invalid_record", "unknown_sink", "unauthorized", "not_found",
                                 "method_not_allowed", "idempotency_conflict", "body_too_large",
                                 "unsupported_media_type", "schema_violation", "internal_error",
-                                "shutting_down", "staging_stopped", "staging_full", "not_ready"
+                                "shutting_down", "staging_stopped", "staging_full", "not_ready",
+                                "updates_off"
                             ]
                         },
                         "message": { "type": "string", "description": "What went wrong and what to do about it." }
