@@ -199,7 +199,15 @@ pub async fn run_until(
         grace_secs = config.shutdown_grace.as_secs_f64(),
         "Stopping: refusing new records and draining."
     );
-    crate::notify::stopping("Stopping: draining the delivery in flight.");
+    match &update {
+        // Not STOPPING=1: systemd would take the service as going down and kill it after
+        // TimeoutStopSec, while this process goes on to try the new version and exec it.
+        Some(prepared) => crate::notify::status(&format!(
+            "Updating: draining to try version {}.",
+            prepared.version
+        )),
+        None => crate::notify::stopping("Stopping: draining the delivery in flight."),
+    }
     state.begin_shutdown();
     cancel.cancel();
     tracker.close();

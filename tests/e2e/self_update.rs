@@ -53,6 +53,7 @@ async fn start_with_backlog(
     releases: &ReleaseServer,
     public_key: Option<&str>,
     health_secs: &str,
+    extra_env: &[(String, String)],
 ) -> (Agent, FlakyHttpServer) {
     let sink = FlakyHttpServer::start().await;
     sink.down().await;
@@ -65,6 +66,7 @@ async fn start_with_backlog(
         ("UPDATE_HEALTH_SECS".to_owned(), health_secs.to_owned()),
         ("SHUTDOWN_GRACE_SECS".to_owned(), "3".to_owned()),
     ];
+    env.extend(extra_env.iter().cloned());
     if let Some(key) = public_key {
         env.push(("UPDATE_PUBLIC_KEY".to_owned(), key.to_owned()));
     }
@@ -126,8 +128,24 @@ async fn a_signed_newer_version_is_installed_and_drains_the_old_backlog() {
     let install = install();
     let releases = ReleaseServer::start().await;
     let key = signing_key(1);
-    let (mut agent, sink) =
-        start_with_backlog(&install, &releases, Some(&public_key_base64(&key)), "30").await;
+    // A stand-in for systemd's notify socket: what the service manager would be told.
+    let notify_path = install.dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let extra = [(
+        "NOTIFY_SOCKET".to_owned(),
+        notify_path.display().to_string(),
+    )];
+    let (mut agent, sink) = start_with_backlog(
+        &install,
+        &releases,
+        Some(&public_key_base64(&key)),
+        "30",
+        &extra,
+    )
+    .await;
     let pid = agent.pid();
     let new_version = next_patch(CURRENT);
     let new_binary = restamp(&install.original, CURRENT, &new_version);
@@ -159,6 +177,21 @@ async fn a_signed_newer_version_is_installed_and_drains_the_old_backlog() {
         "the previous one is kept"
     );
     backlog_delivered(&agent, &sink).await;
+    // systemd hears READY=1 from the old process and again after the exec (same PID), never
+    // STOPPING=1 (it would kill the service), and nothing from the trial child.
+    let mut told = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = notify.recv(&mut buf) {
+        told.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let readies = told.iter().filter(|m| m.contains("READY=1")).count();
+    assert_eq!(readies, 2, "{told:?}");
+    assert!(!told.iter().any(|m| m.contains("STOPPING=1")), "{told:?}");
+    assert!(
+        told.iter()
+            .any(|m| m.contains("STATUS=Updating: trying version")),
+        "{told:?}"
+    );
     eprintln!(
         "self_update: {CURRENT} -> {new_version} in place, same pid, {BACKLOG} records delivered"
     );
@@ -174,7 +207,7 @@ async fn a_bad_signature_or_no_key_is_refused_and_nothing_changes() {
         let releases = ReleaseServer::start().await;
         let public = configured.as_ref().map(public_key_base64);
         let (mut agent, sink) =
-            start_with_backlog(&install, &releases, public.as_deref(), "30").await;
+            start_with_backlog(&install, &releases, public.as_deref(), "30", &[]).await;
         let new_version = next_patch(CURRENT);
         let new_binary = restamp(&install.original, CURRENT, &new_version);
         let name = archive_name(&new_version);
@@ -237,8 +270,14 @@ async fn a_version_that_crashes_or_never_gets_ready_is_rolled_back() {
         let install = install();
         let releases = ReleaseServer::start().await;
         let key = signing_key(1);
-        let (mut agent, sink) =
-            start_with_backlog(&install, &releases, Some(&public_key_base64(&key)), health).await;
+        let (mut agent, sink) = start_with_backlog(
+            &install,
+            &releases,
+            Some(&public_key_base64(&key)),
+            health,
+            &[],
+        )
+        .await;
         let pid = agent.pid();
         let new_version = next_patch(CURRENT);
         let name = archive_name(&new_version);
