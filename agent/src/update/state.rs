@@ -80,8 +80,28 @@ fn try_save(staging: &Path, status: &UpdateStatus) -> anyhow::Result<()> {
     tmp.write_all(&serde_json::to_vec_pretty(status)?)?;
     tmp.as_file().sync_all()?;
     tmp.persist(&file)?;
+    same_owner_as_staging(staging, &[dir, &file]);
     Ok(())
 }
+
+/// `sudo estafeta update` (a .deb install) runs as root: the folder and the file it creates are
+/// given to the staging folder's owner, so the agent (user `estafeta`) can still write them.
+#[cfg(unix)]
+fn same_owner_as_staging(staging: &Path, paths: &[&Path]) {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(owner) = std::fs::metadata(staging) else {
+        return;
+    };
+    for path in paths {
+        if std::fs::metadata(path).is_ok_and(|m| m.uid() != owner.uid() || m.gid() != owner.gid()) {
+            // Only root may give a file away; anyone else keeps it as it is.
+            let _ = std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()));
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn same_owner_as_staging(_staging: &Path, _paths: &[&Path]) {}
 
 /// Changes the saved status with `change` and saves it.
 pub fn update(staging: &Path, change: impl FnOnce(&mut UpdateStatus)) -> UpdateStatus {
@@ -94,4 +114,38 @@ pub fn update(staging: &Path, change: impl FnOnce(&mut UpdateStatus)) -> UpdateS
 /// Now, as RFC 3339 (UTC).
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_round_trips_and_root_gives_it_to_the_staging_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        std::fs::create_dir_all(&staging).unwrap();
+        update(&staging, |s| {
+            s.state = State::Refused;
+            s.message = Some("why".into());
+        });
+        let loaded = load(&staging);
+        assert_eq!(loaded.state, State::Refused);
+        assert_eq!(loaded.current, crate::version::current());
+        let json = serde_json::to_value(&loaded).unwrap();
+        assert_eq!(json["state"], "refused");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            // Only meaningful as root (CI and the .deb's `sudo estafeta update`).
+            if std::fs::metadata(&staging).unwrap().uid() == 0 {
+                std::os::unix::fs::chown(&staging, Some(65534), Some(65534)).unwrap();
+                save(&staging, &loaded);
+                let meta = std::fs::metadata(path(&staging)).unwrap();
+                assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+                let folder = std::fs::metadata(staging.join("_update")).unwrap();
+                assert_eq!(folder.uid(), 65534);
+            }
+        }
+    }
 }
