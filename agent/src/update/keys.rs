@@ -53,7 +53,7 @@ fn parse_base64(text: &str) -> Result<Vec<Key>, String> {
             .map_err(|_| format!("{part:?} is not base64; expected an ed25519 public key (32 bytes, 44 base64 characters) or a key file's path"))?;
         let key: Key = bytes.try_into().map_err(|b: Vec<u8>| {
             format!(
-                "{part:?} decodes to {} bytes; an ed25519 public key has 32",
+                "{part:?} decodes to {} bytes; expected an ed25519 public key: 32 bytes, 44 base64 characters",
                 b.len()
             )
         })?;
