@@ -1,5 +1,6 @@
 //! The command line: one binary, `estafeta run` for the daemon and the offline tools beside it
-//! (`stage`, `ls`, `show`, `status`, `flush`, `retry`, `reindex`, `check-config`, `version`),
+//! (`stage`, `ls`, `show`, `status`, `flush`, `retry`, `reindex`, `check-config`, `update`,
+//! `version`),
 //! and `service`, the Windows service entry point.
 //! The tools open the staging store directly; the daemon may be running at the same time.
 //!
@@ -44,12 +45,10 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest error text shown in a table cell, in characters.
 const MAX_CELL_CHARS: usize = 60;
 
-const VERSION: &str = env!("CARGO_PKG_VERSION");
-
 /// Offline-first store-and-forward agent: stages every write on local disk, then delivers it
 /// to the central database and APIs when they are reachable.
 #[derive(Debug, Parser)]
-#[command(name = "estafeta", version, about, propagate_version = true)]
+#[command(name = "estafeta", version = crate::version::current(), about, propagate_version = true)]
 pub struct Cli {
     /// Read this .env file instead of ./.env (it must exist). The installed service uses
     /// /etc/estafeta/estafeta.env (Linux) or %ProgramData%\Estafeta\estafeta.env (Windows).
@@ -164,6 +163,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check UPDATE_URL's release manifest and install a newer version: signature checked,
+    /// tried, rolled back if it does not report ready within UPDATE_HEALTH_SECS. A plain install
+    /// replaces its executable (stop the agent first, or let UPDATE_CRONTAB do it); a .deb or MSI
+    /// install is handed to dpkg / msiexec (run it as an administrator).
+    Update {
+        /// Only say whether a newer version is available; change nothing.
+        #[arg(long)]
+        check: bool,
+    },
     /// Print the version.
     Version,
     /// Run as the Windows service `Estafeta` (started by Windows, not from a console). Its env
@@ -227,7 +235,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     let env_file = cli.env_file.as_deref();
     match cli.command {
         Command::Version => {
-            write_stdout(&format!("estafeta {VERSION}\n"));
+            write_stdout(&format!("estafeta {}\n", crate::version::current()));
             Ok(EXIT_OK)
         }
         Command::CheckConfig { offline } => check_config(env_file, offline),
@@ -242,6 +250,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             let config = Config::load(env_file)?;
             match command {
                 Command::Run => run_daemon(config),
+                Command::Update { check } => update(config, env_file, check),
                 Command::Stage {
                     action,
                     entity,
@@ -421,18 +430,176 @@ fn open_store(config: &Config) -> anyhow::Result<Staging> {
 // run
 
 fn run_daemon(config: Config) -> anyhow::Result<u8> {
-    let _guard = crate::logging::init(&config);
+    let guard = crate::logging::init(&config);
     let runtime = runtime()?;
-    let result = runtime.block_on(async {
+    // The arguments this process was started with: a trial child and the handover use them.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let result: anyhow::Result<Option<PathBuf>> = runtime.block_on(async {
         // Registered before anything else so an early SIGTERM is a clean stop, not a kill.
-        let shutdown = imp::shutdown_signal()?;
-        crate::daemon::run(config, shutdown).await
+        let signal = imp::shutdown_signal()?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            signal.await;
+            on_signal.cancel();
+        });
+        loop {
+            let until = stop.clone();
+            let exit =
+                crate::daemon::run_until(config.clone(), until.cancelled_owned(), true).await?;
+            let crate::daemon::Exit::Update(prepared) = exit else {
+                return Ok(None);
+            };
+            match crate::update::takeover(&config, prepared, args.clone(), &stop).await {
+                crate::update::Handover::Exec(exe) => return Ok(Some(exe)),
+                crate::update::Handover::Resume if stop.is_cancelled() => return Ok(None),
+                crate::update::Handover::Resume => {
+                    tracing::info!("Starting the running version again.");
+                }
+            }
+        }
     });
+    drop(runtime);
     match result {
-        Ok(()) => Ok(EXIT_OK),
+        Ok(None) => Ok(EXIT_OK),
+        Ok(Some(exe)) => {
+            tracing::info!(exe = %exe.display(), "Handing over to the new version.");
+            drop(guard);
+            Ok(hand_over(&exe, &args))
+        }
         Err(err) => {
             tracing::error!(error = %format!("{err:#}"), "Estafeta stopped with an error.");
             Ok(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Replaces this process with the new executable (Unix `exec`: same PID, so systemd's
+/// `Type=notify` sees the same main process). Returns only when that failed.
+#[cfg(unix)]
+fn hand_over(exe: &Path, args: &[std::ffi::OsString]) -> u8 {
+    use std::os::unix::process::CommandExt as _;
+    let err = std::process::Command::new(exe).args(args).exec();
+    eprintln!(
+        "estafeta: could not start the new version {}: {err}; start the agent again",
+        exe.display()
+    );
+    EXIT_FAILURE
+}
+
+/// Elsewhere: starts the new executable and exits (not checked on Windows; see
+/// installer/README.md).
+#[cfg(not(unix))]
+fn hand_over(exe: &Path, args: &[std::ffi::OsString]) -> u8 {
+    match std::process::Command::new(exe).args(args).spawn() {
+        Ok(_) => EXIT_OK,
+        Err(err) => {
+            eprintln!(
+                "estafeta: could not start the new version {}: {err}; start the agent again",
+                exe.display()
+            );
+            EXIT_FAILURE
+        }
+    }
+}
+
+/// `POST /v1/update` to the running agent.
+async fn ask_daemon_to_update(config: &Config) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("could not build the HTTP client")?;
+    let mut request = client
+        .post(format!("http://{}/v1/update", config.ingest_addr))
+        .header(crate::ingest::dead_letters::REQUESTED_BY, "estafeta");
+    if let Some(token) = &config.ingest_token {
+        request = request.bearer_auth(token);
+    }
+    let answer = request.send().await.with_context(|| {
+        format!(
+            "could not reach the agent on {} (INGEST_ADDR)",
+            config.ingest_addr
+        )
+    })?;
+    let code = answer.status();
+    if code != reqwest::StatusCode::ACCEPTED {
+        let body = answer.text().await.unwrap_or_default();
+        anyhow::bail!(
+            "the agent on {} answered {code} to POST /v1/update: {body}; is it the same agent (same INGEST_ADDR, INGEST_TOKEN and UPDATE_URL)?",
+            config.ingest_addr
+        );
+    }
+    Ok(())
+}
+
+/// `estafeta update [--check]`.
+fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::Result<u8> {
+    use crate::update::{AssetKind, Handover, install};
+    let _guard = crate::logging::init(&config);
+    let current = crate::version::current();
+    let checked = crate::update::check(&config)?;
+    let offered = checked.manifest.version.clone();
+    if !checked.newer {
+        write_stdout(&format!(
+            "estafeta {current} is up to date (the manifest offers {offered})\n"
+        ));
+        return Ok(EXIT_OK);
+    }
+    if check_only {
+        write_stdout(&format!(
+            "version {offered} is available (running {current}); `estafeta update` installs it\n"
+        ));
+        return Ok(EXIT_OK);
+    }
+    let exe = crate::update::current_exe()?;
+    let kind = install::detect(&exe);
+    if kind == AssetKind::Binary
+        && std::net::TcpStream::connect_timeout(&config.ingest_addr, Duration::from_secs(1)).is_ok()
+    {
+        // The running agent holds the port the trial needs: it does the update itself.
+        runtime()?.block_on(ask_daemon_to_update(&config))?;
+        write_stdout(&format!(
+            "version {offered} is available; the agent running on {} is installing it now (drain, trial, hand-over or rollback); follow it with `estafeta status` (line \"update:\")\n",
+            config.ingest_addr
+        ));
+        return Ok(EXIT_OK);
+    }
+    let prepared = crate::update::prepare(&config, &checked.manifest, kind)?;
+    match kind {
+        AssetKind::Binary => {
+            let mut args: Vec<std::ffi::OsString> = Vec::new();
+            if let Some(file) = env_file {
+                args.push("--env-file".into());
+                args.push(file.as_os_str().to_owned());
+            }
+            args.push("run".into());
+            let stop = tokio_util::sync::CancellationToken::new();
+            let handover =
+                runtime()?.block_on(crate::update::takeover(&config, prepared, args, &stop));
+            let status = crate::update::state::load(&config.staging_path);
+            let message = status.message.unwrap_or_default();
+            match handover {
+                Handover::Exec(_) => {
+                    write_stdout(&format!("{message}\nstart the agent again to run it\n"));
+                    Ok(EXIT_OK)
+                }
+                Handover::Resume => Err(anyhow::anyhow!(message)),
+            }
+        }
+        AssetKind::Deb | AssetKind::Msi => {
+            install::install_package(kind, &prepared.file)?;
+            let message = format!(
+                "version {offered} was handed to the package manager ({}); check `estafeta status` once the service is back",
+                kind.as_str()
+            );
+            crate::update::state::update(&config.staging_path, |s| {
+                s.state = crate::update::State::Updated;
+                s.available = None;
+                s.message = Some(message.clone());
+            });
+            write_stdout(&format!("{message}\n"));
+            Ok(EXIT_OK)
         }
     }
 }
@@ -1008,8 +1175,10 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
     let status = store.status()?;
     if as_json {
         let mut value = serde_json::to_value(&status).context("could not format the status")?;
-        value["version"] = json!(VERSION);
+        value["version"] = json!(crate::version::current());
         value["agent_id"] = json!(config.agent_id);
+        value["update"] = serde_json::to_value(crate::update::state::load(&config.staging_path))
+            .context("could not format the update status")?;
         let mut text =
             serde_json::to_string_pretty(&value).context("could not format the status")?;
         text.push('\n');
@@ -1017,7 +1186,8 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
         return Ok(EXIT_OK);
     }
     let mut out = format!(
-        "estafeta {VERSION} (agent {})\nstaging: {}\nrecords pending: {}, bytes staged: {}, disk free: {}\n",
+        "estafeta {} (agent {})\nstaging: {}\nrecords pending: {}, bytes staged: {}, disk free: {}\n",
+        crate::version::current(),
         config.agent_id,
         status.root.display(),
         status.records_pending,
@@ -1029,6 +1199,27 @@ fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
     );
     if let Some(reason) = &status.staging_blocked {
         out.push_str(&format!("STAGING REFUSES WRITES: {reason}\n"));
+    }
+    let update = crate::update::state::load(&config.staging_path);
+    if update.last_check.is_some() || update.state != crate::update::State::Idle {
+        out.push_str(&format!(
+            "update: {} (last check {}{}){}\n",
+            serde_json::to_value(update.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            update.last_check.as_deref().unwrap_or("never"),
+            update
+                .available
+                .as_deref()
+                .map(|v| format!(", {v} available"))
+                .unwrap_or_default(),
+            update
+                .message
+                .as_deref()
+                .map(|m| format!(": {}", shorten(m, 200)))
+                .unwrap_or_default(),
+        ));
     }
     out.push('\n');
     let sink_rows: Vec<Vec<String>> = status

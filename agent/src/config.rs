@@ -111,6 +111,10 @@ pub const KEYS: &[&str] = &[
     "CENTRAL_NATS_TIMEOUT_SECS",
     "CENTRAL_NATS_CREATE_STREAM",
     "CENTRAL_NATS_STREAM",
+    "UPDATE_URL",
+    "UPDATE_CRONTAB",
+    "UPDATE_PUBLIC_KEY",
+    "UPDATE_HEALTH_SECS",
     "CONFIG_FILE",
 ];
 
@@ -192,6 +196,8 @@ pub struct Config {
     pub entities: BTreeMap<String, EntityConfig>,
     /// SQL sources (`[[sources]]`): queries polled on a schedule.
     pub sql_sources: Vec<crate::sources::SourceConfig>,
+    /// Self-update: `UPDATE_URL`, `UPDATE_CRONTAB`, `UPDATE_PUBLIC_KEY`, `UPDATE_HEALTH_SECS`.
+    pub update: crate::update::UpdateConfig,
 }
 
 /// One sink.
@@ -485,6 +491,29 @@ impl Config {
                 .unwrap_or_else(|| "(stderr only)".into()),
         );
         push("LOG_LEVEL", self.log_level.clone());
+        push(
+            "UPDATE_URL",
+            self.update
+                .url
+                .as_deref()
+                .map_or_else(|| "(updates off)".to_owned(), redact_url),
+        );
+        push(
+            "UPDATE_CRONTAB",
+            self.update
+                .crontab
+                .clone()
+                .unwrap_or_else(|| "(no automatic checks)".into()),
+        );
+        push(
+            "UPDATE_PUBLIC_KEY",
+            format!(
+                "{} key(s) configured, {} built in",
+                self.update.keys.len(),
+                crate::update::keys::all(&[]).len()
+            ),
+        );
+        push("UPDATE_HEALTH_SECS", secs(self.update.health));
         for sink in &self.sinks {
             let key = |field: &str| format!("sinks.{}.{field}", sink.name);
             match &sink.kind {
@@ -1241,6 +1270,7 @@ impl Loader {
             ));
         }
 
+        let update = self.update_config();
         let sinks = self.sinks(&file.sinks, file_dir, &agent_id);
         let names: BTreeSet<&str> = sinks.iter().map(|s| s.name.as_str()).collect();
         let routes = self.routes(&file.routes, &names);
@@ -1280,6 +1310,36 @@ impl Loader {
             routes,
             entities,
             sql_sources,
+            update,
+        }
+    }
+
+    fn update_config(&mut self) -> crate::update::UpdateConfig {
+        let url = self.parse_opt("UPDATE_URL", |v| check_http_url(v).map(|()| v.to_owned()));
+        let crontab = self.parse_opt("UPDATE_CRONTAB", |v| {
+            validate_crontab(v).map(|()| v.to_owned())
+        });
+        if crontab.is_some() && url.is_none() && !self.raw.contains_key("UPDATE_URL") {
+            self.problem(
+                self.label("UPDATE_CRONTAB"),
+                self.text("UPDATE_CRONTAB"),
+                "checks need UPDATE_URL (the release manifest's URL); set it, or leave UPDATE_CRONTAB empty",
+            );
+        }
+        let cwd = self.cwd.clone();
+        let keys = self
+            .parse_opt("UPDATE_PUBLIC_KEY", |v| crate::update::keys::parse(v, &cwd))
+            .unwrap_or_default();
+        let health = self.parse(
+            "UPDATE_HEALTH_SECS",
+            Duration::from_secs(crate::update::DEFAULT_HEALTH_SECS),
+            |v| parse_secs(v, false),
+        );
+        crate::update::UpdateConfig {
+            url,
+            crontab,
+            keys,
+            health,
         }
     }
 
@@ -1999,6 +2059,10 @@ fn default_shown(key: &str) -> String {
         "CENTRAL_NATS_TIMEOUT_SECS" => crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS.to_string(),
         "CENTRAL_NATS_CREATE_STREAM" => "false".into(),
         "CENTRAL_NATS_STREAM" => crate::sinks::nats::DEFAULT_STREAM.into(),
+        "UPDATE_URL" => "(updates off)".into(),
+        "UPDATE_CRONTAB" => "(no automatic checks)".into(),
+        "UPDATE_PUBLIC_KEY" => "(none: updates are refused)".into(),
+        "UPDATE_HEALTH_SECS" => crate::update::DEFAULT_HEALTH_SECS.to_string(),
         _ => "(not set)".into(),
     }
 }

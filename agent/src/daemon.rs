@@ -29,15 +29,34 @@ pub const FOREIGN_SCAN_INTERVAL: Duration = Duration::from_secs(2);
 /// being written).
 pub const FOREIGN_QUIET: Duration = Duration::from_secs(2);
 
+/// Why [`run_until`] returned.
+pub enum Exit {
+    /// `shutdown` resolved (or the ingest API stopped).
+    Stopped,
+    /// A verified release is ready: the daemon drained so it can be tried (see `crate::update`).
+    Update(crate::update::Prepared),
+}
+
 /// Runs the agent until `shutdown` resolves: opens the store, binds the ingest API, starts the
-/// batcher and the foreign-file scanner, then drains within the grace period.
+/// batcher and the foreign-file scanner, then drains within the grace period. Update checks
+/// (`UPDATE_CRONTAB`) only record what is available (the Windows service).
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    run_until(config, shutdown, false).await.map(|_| ())
+}
+
+/// [`run`], and with `apply_updates` a verified plain-install release found by the scheduled
+/// checks drains the daemon and is returned, for the caller to try and hand over to.
+pub async fn run_until(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    apply_updates: bool,
+) -> anyhow::Result<Exit> {
     let config = Arc::new(config);
     info!(
-        version = env!("CARGO_PKG_VERSION"),
+        version = crate::version::current(),
         sources = ?config.sources,
         staging = %config.staging_path.display(),
         dry_run = config.dry_run,
@@ -136,6 +155,28 @@ pub async fn run(
         state.clone(),
         cancel.clone(),
     ));
+    let (takeover_tx, mut takeover_rx) = tokio::sync::mpsc::channel(1);
+    // A trial child of an update never updates itself.
+    if config.update.url.is_some() && std::env::var_os(crate::update::trial::TRIAL_ENV).is_none() {
+        let trigger = state.update_trigger();
+        if apply_updates {
+            tracker.spawn(crate::update::run_checks(
+                config.clone(),
+                cancel.clone(),
+                takeover_tx,
+                trigger,
+            ));
+        } else {
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            tracker.spawn(crate::update::run_checks(
+                config.clone(),
+                cancel.clone(),
+                tx,
+                trigger,
+            ));
+            tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        }
+    }
     info!(sinks = sinks.len(), crontab = %config.crontab, flush_on_write = config.flush_on_write, "Estafeta is running.");
     // systemd (Type=notify): up now; the watchdog pings run until the drain below is over.
     crate::notify::ready(&format!("Running; ingest API on {bound}."));
@@ -143,16 +184,30 @@ pub async fn run(
 
     tokio::pin!(shutdown);
     tokio::pin!(server);
+    let mut update = None;
     let server_failed = tokio::select! {
         () = &mut shutdown => None,
         result = &mut server => Some(result),
+        Some(prepared) = takeover_rx.recv() => {
+            info!(version = %prepared.version, "Stopping to try the new version.");
+            update = Some(prepared);
+            None
+        }
     };
 
     info!(
         grace_secs = config.shutdown_grace.as_secs_f64(),
         "Stopping: refusing new records and draining."
     );
-    crate::notify::stopping("Stopping: draining the delivery in flight.");
+    match &update {
+        // Not STOPPING=1: systemd would take the service as going down and kill it after
+        // TimeoutStopSec, while this process goes on to try the new version and exec it.
+        Some(prepared) => crate::notify::status(&format!(
+            "Updating: draining to try version {}.",
+            prepared.version
+        )),
+        None => crate::notify::stopping("Stopping: draining the delivery in flight."),
+    }
     state.begin_shutdown();
     cancel.cancel();
     tracker.close();
@@ -170,7 +225,7 @@ pub async fn run(
     match server_failed {
         Some(Ok(Ok(()))) | None => {
             info!("Estafeta stopped.");
-            Ok(())
+            Ok(update.map_or(Exit::Stopped, Exit::Update))
         }
         Some(Ok(Err(err))) => Err(anyhow::Error::new(err).context("the ingest API stopped")),
         Some(Err(err)) => Err(anyhow::Error::new(err).context("the ingest API task failed")),

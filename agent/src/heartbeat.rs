@@ -96,7 +96,7 @@ impl Heartbeat {
         Heartbeat {
             agent_id: config.agent_id.clone(),
             hostname: hostname(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: crate::version::current().to_owned(),
             sent_at: Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
             started_at: started_at.to_rfc3339_opts(SecondsFormat::Micros, true),
             records_pending: status.records_pending,

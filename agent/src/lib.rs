@@ -13,4 +13,6 @@ pub mod logging;
 pub mod notify;
 pub mod sinks;
 pub mod sources;
+pub mod update;
+pub mod version;
 pub mod winservice;

@@ -21,6 +21,11 @@ pub fn stopping(status: &str) {
     imp::send(&[imp::State::Stopping, imp::State::Status(status)]);
 }
 
+/// Updates the one-line status `systemctl status` shows.
+pub fn status(status: &str) {
+    imp::send(&[imp::State::Status(status)]);
+}
+
 /// When the service manager asked for watchdog pings, starts a task on the current runtime
 /// that sends one every half interval, until the returned handle is aborted.
 pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {

@@ -47,6 +47,7 @@ fn test_config(root: &std::path::Path) -> Config {
         routes: Vec::new(),
         entities: BTreeMap::new(),
         sql_sources: Vec::new(),
+        update: Default::default(),
     }
 }
 

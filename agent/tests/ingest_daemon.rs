@@ -55,6 +55,7 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
         routes: Vec::new(),
         entities: BTreeMap::new(),
         sql_sources: Vec::new(),
+        update: Default::default(),
     }
 }
 

@@ -22,6 +22,9 @@ mod hostile;
 mod access;
 // A staging folder of the current format (tests/fixtures/staging-v1) is delivered by this binary.
 mod upgrade;
+// Self-update from a release server on 127.0.0.1: a signed newer version is installed and drains
+// the backlog; a bad signature or no key is refused; a version crashing at start is rolled back.
+mod self_update;
 // Garbled bytes, a cut record and a deleted index made while the agent is stopped: reported at
 // start, set aside, every intact record delivered once (issue 5, scenario 5).
 mod damaged_files;

@@ -12,6 +12,7 @@ mod cuttable;
 mod db;
 mod flaky;
 mod nats;
+mod release;
 mod support;
 mod workload;
 
@@ -21,6 +22,10 @@ pub use db::{MYSQL_URL, PG_CONFIG, PG_URL, mysql, pg, unique_name};
 pub use flaky::{FlakyHttpServer, RecordedRequest};
 pub use nats::{
     NATS_ADDR, NATS_URL, StoredMessage, TcpProxy, TestStream, check_stream_deliveries, nats,
+};
+pub use release::{
+    ReleaseServer, host_target, next_patch, public_key_base64, restamp, sha256_hex, signed_archive,
+    signing_key,
 };
 pub use support::{
     RawBody, drained, json_lines, log_tail, raw_request, record_files, sink_status, status,

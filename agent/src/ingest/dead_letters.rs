@@ -2,7 +2,7 @@
 //! them with their reasons, `POST /v1/dead-letters/{sink}/{seq}/requeue` puts one back in line
 //! (the same as `estafeta retry --send` for one record) and wakes the batcher.
 //!
-//! The requeue changes state, so besides the token (when `INGEST_TOKEN` is set) it is guarded
+//! The requeue (and `POST /v1/update`, which uses the same guard) changes state, so besides the token (when `INGEST_TOKEN` is set) it is guarded
 //! against cross-site requests, because a browser on the same workstation can be made to send
 //! requests to `127.0.0.1:8787` by any web page it opens:
 //! - the request must carry `X-Requested-By: estafeta`: an HTML form cannot set a header, and a
@@ -128,7 +128,7 @@ pub async fn requeue(
 }
 
 /// Refuses a state-changing request a browser may have been tricked into sending.
-fn check_same_origin(state: &IngestState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_same_origin(state: &IngestState, headers: &HeaderMap) -> Result<(), ApiError> {
     let forbidden = |why: &str| {
         ApiError::new(
             StatusCode::FORBIDDEN,

@@ -475,7 +475,7 @@ pub async fn status(
     let mut body = serde_json::to_value(&status)
         .map_err(|err| ApiError::internal(format!("could not write the status: {err}")))?;
     if let Value::Object(map) = &mut body {
-        map.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+        map.insert("version".into(), crate::version::current().into());
         map.insert("uptime_secs".into(), state.uptime_secs().into());
         map.insert(
             "memory_rss_bytes".into(),
@@ -492,11 +492,38 @@ pub async fn status(
         map.insert("dry_run".into(), state.config().dry_run.into());
         map.insert("shutting_down".into(), state.is_shutting_down().into());
         map.insert(
+            "update".into(),
+            serde_json::to_value(crate::update::state::load(&state.config().staging_path))
+                .unwrap_or_default(),
+        );
+        map.insert(
             "ingest".into(),
             serde_json::to_value(state.metrics().ingest_counters()).unwrap_or_default(),
         );
     }
     Ok(Json(body).into_response())
+}
+
+/// `POST /v1/update`: wakes the update task for a check now (see `crate::update`).
+pub async fn update(
+    State(state): State<IngestState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_token(&state, &headers)?;
+    super::dead_letters::check_same_origin(&state, &headers)?;
+    if state.config().update.url.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "updates_off",
+            "UPDATE_URL is not set; set it to the release manifest's URL and restart the agent",
+        ));
+    }
+    state.update_trigger().notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"status": "checking", "follow": "GET /v1/status, update"})),
+    )
+        .into_response())
 }
 
 /// `GET /healthz`: the process runs.

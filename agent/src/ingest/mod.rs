@@ -35,6 +35,7 @@ pub fn router(state: IngestState) -> Router {
         .route("/", get(status_page::page))
         .route("/assets/status.js", get(status_page::script))
         .route("/assets/status.css", get(status_page::style))
+        .route("/v1/update", post(handlers::update))
         .route("/v1/openapi.json", get(handlers::openapi))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))

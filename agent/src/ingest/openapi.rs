@@ -26,7 +26,7 @@ pub fn document(max_body_bytes: usize) -> Value {
         "openapi": "3.0.3",
         "info": {
             "title": "Estafeta ingest API",
-            "version": env!("CARGO_PKG_VERSION"),
+            "version": crate::version::current(),
             "description": "Stage records on the local disk; estafeta delivers them to the central database and APIs, in order per (entity, key), when they are reachable. A 202 answer means the records are durable on disk. Every error answer is JSON {\"error\": code, \"message\": text} and stages nothing. When INGEST_TOKEN is set, POST /v1/records and GET /v1/status require 'Authorization: Bearer <INGEST_TOKEN>'."
         },
         "paths": {
@@ -208,6 +208,24 @@ pub fn document(max_body_bytes: usize) -> Value {
                     }
                 }
             },
+            "/v1/update": {
+                "post": {
+                    "operationId": "checkUpdate",
+                    "summary": "Check UPDATE_URL's release manifest now (as UPDATE_CRONTAB would, without skipping a version that was rolled back); a newer signed version is then installed, tried and rolled back if it does not get ready. The outcome shows in GET /v1/status, `update`.",
+                    "security": [ {}, { "bearer": [] } ],
+                    "parameters": [{
+                        "name": "X-Requested-By", "in": "header", "required": true,
+                        "description": "Must be 'estafeta': a cross-site form cannot send it.",
+                        "schema": { "type": "string", "enum": ["estafeta"] }
+                    }],
+                    "responses": {
+                        "202": { "description": "The check started.", "content": { "application/json": { "schema": { "type": "object" } } } },
+                        "401": error("unauthorized: INGEST_TOKEN is set and the request does not carry it."),
+                        "403": error("cross_site_refused: X-Requested-By is missing, the request comes from another site, or (without INGEST_TOKEN) the Host is not a loopback address."),
+                        "409": error("updates_off: UPDATE_URL is not set.")
+                    }
+                }
+            },
             "/readyz": {
                 "get": {
                     "operationId": "ready",
@@ -270,7 +288,8 @@ pub fn document(max_body_bytes: usize) -> Value {
                                 "method_not_allowed", "idempotency_conflict", "body_too_large",
                                 "unsupported_media_type", "schema_violation", "internal_error",
                                 "shutting_down", "staging_stopped", "staging_full", "not_ready",
-                                "invalid_query", "invalid_path", "cross_site_refused"
+                                "invalid_query", "invalid_path", "cross_site_refused",
+                                "updates_off"
                             ]
                         },
                         "message": { "type": "string", "description": "What went wrong and what to do about it." }

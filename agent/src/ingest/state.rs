@@ -31,6 +31,8 @@ struct Inner {
     shutting_down: AtomicBool,
     metrics: Arc<Metrics>,
     started: Instant,
+    /// `POST /v1/update` wakes the update task through it.
+    update_trigger: Arc<tokio::sync::Notify>,
 }
 
 impl IngestState {
@@ -57,6 +59,7 @@ impl IngestState {
                 shutting_down: AtomicBool::new(false),
                 metrics: Arc::new(Metrics::default()),
                 started: Instant::now(),
+                update_trigger: Arc::new(tokio::sync::Notify::new()),
             }),
         })
     }
@@ -96,6 +99,11 @@ impl IngestState {
 
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// What `POST /v1/update` notifies; the update task waits on it.
+    pub fn update_trigger(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.update_trigger.clone()
     }
 
     pub fn uptime_secs(&self) -> u64 {

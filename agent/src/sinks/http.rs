@@ -170,7 +170,7 @@ impl HttpSink {
 
         let mut builder = Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("estafeta/", env!("CARGO_PKG_VERSION")));
+            .user_agent(format!("estafeta/{}", crate::version::current()));
         if !config.timeout.is_zero() {
             builder = builder
                 .timeout(config.timeout)

@@ -1,0 +1,434 @@
+//! Self-update with rollback. A release manifest on any plain HTTP(S) server (`UPDATE_URL`,
+//! see [`manifest`]) is checked by `estafeta update [--check]` and, on `UPDATE_CRONTAB`, by the
+//! running daemon. Only a strictly newer semver is taken. Its archive is downloaded and unpacked
+//! with self_update (`Download`, `Extract`) and must carry a zipsign ed25519 signature made with
+//! one of the public keys ([`keys`]): with no key, or a bad signature, the update is refused and
+//! logged, and nothing changes.
+//!
+//! **Who rolls back.** A new version that crashes in `main` cannot roll itself back, so the old
+//! process does it ([`trial`]): the daemon drains as on SIGTERM (releasing the port; the staging
+//! folder is untouched and the records stay pending), keeps its executable as `<exe>.previous`,
+//! puts the new one in place (`self_replace`), starts it as a trial child and waits up to
+//! `UPDATE_HEALTH_SECS` for its `/readyz` and its `/v1/status` to report the new version. Then it
+//! stops the trial and hands over: on Unix it `exec`s the new executable, so the PID stays the
+//! same for systemd (`Type=notify`); elsewhere it starts it and exits. If the trial dies or is not
+//! ready in time, the previous executable is put back, an ERROR says why, that version is skipped
+//! by later automatic checks, and the daemon runs the old version again.
+//!
+//! A .deb or MSI install ([`install`]) is updated by its package manager instead, from
+//! `estafeta update` run by an administrator; the daemon only reports that a version is available.
+//! The state of all this is [`state::UpdateStatus`], shown by `/v1/status` and `estafeta status`.
+
+pub mod install;
+pub mod keys;
+pub mod manifest;
+pub mod state;
+pub mod trial;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+pub use manifest::{AssetKind, Manifest};
+pub use state::{State, UpdateStatus};
+
+/// Default `UPDATE_HEALTH_SECS`.
+pub const DEFAULT_HEALTH_SECS: u64 = 60;
+/// How long reading the manifest may take.
+pub const MANIFEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long downloading an archive may take.
+pub const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// Largest archive accepted.
+pub const MAX_ARCHIVE_BYTES: u64 = 512 * 1024 * 1024;
+
+/// The self-update settings.
+#[derive(Debug, Clone)]
+pub struct UpdateConfig {
+    /// `UPDATE_URL`: the manifest; `None`: updates are off.
+    pub url: Option<String>,
+    /// `UPDATE_CRONTAB`: when the daemon checks; `None`: only `estafeta update`.
+    pub crontab: Option<String>,
+    /// `UPDATE_PUBLIC_KEY`, parsed (the built-in keys are added when checking).
+    pub keys: Vec<keys::Key>,
+    /// `UPDATE_HEALTH_SECS`.
+    pub health: Duration,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            crontab: None,
+            keys: Vec::new(),
+            health: Duration::from_secs(DEFAULT_HEALTH_SECS),
+        }
+    }
+}
+
+/// The signature did not verify or there was no key: refused, nothing installed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// A verified, unpacked release waiting to be installed. Its folder is removed when dropped.
+pub struct Prepared {
+    pub version: String,
+    pub kind: AssetKind,
+    /// The executable, `.deb` or `.msi`.
+    pub file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// What a check found.
+pub struct Checked {
+    pub manifest: Manifest,
+    /// The manifest's version is strictly newer than the running one.
+    pub newer: bool,
+}
+
+fn url(config: &Config) -> anyhow::Result<&str> {
+    config.update.url.as_deref().ok_or_else(|| {
+        anyhow::anyhow!("UPDATE_URL is not set; set it to the release manifest's URL (http(s)://…/manifest.json)")
+    })
+}
+
+/// Reads the manifest and records the check (blocking).
+pub fn check(config: &Config) -> anyhow::Result<Checked> {
+    let staging = &config.staging_path;
+    let current = crate::version::current();
+    let result = url(config).and_then(|u| manifest::fetch(u, MANIFEST_TIMEOUT));
+    match result {
+        Ok(manifest) => {
+            let newer = manifest::is_newer(current, &manifest.version);
+            state::update(staging, |s| {
+                s.last_check = Some(state::now());
+                s.available = newer.then(|| manifest.version.clone());
+                // A refusal or a rollback of that version, and "updated", stay readable until
+                // something new happens.
+                if newer && !matches!(s.state, State::RolledBack | State::Refused) {
+                    s.state = State::Available;
+                    s.message = Some(format!(
+                        "version {} is available (running {current})",
+                        manifest.version
+                    ));
+                } else if !newer && s.state != State::Updated {
+                    s.state = State::UpToDate;
+                    s.message = Some(format!(
+                        "up to date (running {current}, the manifest offers {})",
+                        manifest.version
+                    ));
+                }
+            });
+            Ok(Checked { manifest, newer })
+        }
+        Err(err) => {
+            let message = format!("{err:#}");
+            state::update(staging, |s| {
+                s.last_check = Some(state::now());
+                s.state = State::Failed;
+                s.message = Some(message);
+            });
+            Err(err)
+        }
+    }
+}
+
+/// Downloads, checks the digest and the signature, and unpacks the asset of `kind` (blocking).
+/// A refusal is a [`Refused`] error; every failure is recorded in the state and logged.
+pub fn prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow::Result<Prepared> {
+    let result = try_prepare(config, manifest, kind);
+    if let Err(err) = &result {
+        let message = format!("{err:#}");
+        let refused = err.downcast_ref::<Refused>().is_some();
+        if refused {
+            tracing::error!(version = %manifest.version, error = %message, "Update refused.");
+        } else {
+            tracing::error!(version = %manifest.version, error = %message, "Update failed; trying again at the next check.");
+        }
+        state::update(&config.staging_path, |s| {
+            s.state = if refused {
+                State::Refused
+            } else {
+                State::Failed
+            };
+            s.message = Some(message);
+        });
+    }
+    result
+}
+
+fn try_prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow::Result<Prepared> {
+    let target = self_update::get_target();
+    let asset = manifest.asset(target, kind).ok_or_else(|| {
+        anyhow::anyhow!(
+            "the manifest of version {} has no {} asset for {target}; publish one or install it by hand",
+            manifest.version,
+            kind.as_str()
+        )
+    })?;
+    let name = asset
+        .url
+        .split(['?', '#'])
+        .next()
+        .and_then(|u| u.rsplit('/').next())
+        .filter(|n| n.ends_with(".tar.gz") && !n.contains(".."))
+        .ok_or_else(|| anyhow::anyhow!("asset URL {} does not name a .tar.gz file; assets are zipsign-signed .tar.gz archives", asset.url))?;
+    let parent = config.staging_path.join("_update");
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("could not create {}", parent.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("download-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("could not create a folder in {}", parent.display()))?;
+    // zipsign binds the signature to the file name: keep the asset's own name.
+    let archive = dir.path().join(name);
+    let mut file = std::fs::File::create(&archive)
+        .with_context(|| format!("could not create {}", archive.display()))?;
+    self_update::Download::from_url(&asset.url)
+        .show_download_progress(false)
+        .timeout(DOWNLOAD_TIMEOUT)
+        .max_download_size(MAX_ARCHIVE_BYTES)
+        .download_to(&mut file)
+        .with_context(|| format!("could not download {}", asset.url))?;
+    drop(file);
+    let digest = sha256_file(&archive)?;
+    if !digest.eq_ignore_ascii_case(&asset.sha256) {
+        bail!(
+            "{} has sha256 {digest} but the manifest says {}; the download was damaged or the manifest is stale, so nothing was installed",
+            asset.url,
+            asset.sha256
+        );
+    }
+    keys::verify(&archive, &keys::all(&config.update.keys))
+        .map_err(|err| anyhow::Error::new(Refused(format!("{err:#}"))))?;
+    let out = dir.path().join("unpacked");
+    self_update::Extract::from_source(&archive)
+        .archive(self_update::ArchiveKind::Tar(Some(
+            self_update::Compression::Gz,
+        )))
+        .extract_into(&out)
+        .with_context(|| format!("could not unpack {}", archive.display()))?;
+    let file = match kind {
+        AssetKind::Binary => {
+            let exe = out.join(format!("estafeta{}", std::env::consts::EXE_SUFFIX));
+            if !exe.is_file() {
+                bail!(
+                    "the archive {name} holds no estafeta{} at its top level",
+                    std::env::consts::EXE_SUFFIX
+                );
+            }
+            exe
+        }
+        AssetKind::Deb | AssetKind::Msi => {
+            let ext = kind.as_str();
+            let mut found = std::fs::read_dir(&out)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == ext));
+            match (found.next(), found.next()) {
+                (Some(p), None) => p,
+                _ => bail!("the archive {name} must hold exactly one .{ext} at its top level"),
+            }
+        }
+    };
+    tracing::info!(version = %manifest.version, kind = kind.as_str(), "Release downloaded; its signature verifies.");
+    Ok(Prepared {
+        version: manifest.version.clone(),
+        kind,
+        file,
+        _dir: dir,
+    })
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("could not read {}", path.display()))?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// The running executable's path (refuses the `… (deleted)` path left by an earlier rollback).
+pub fn current_exe() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("could not find the running executable")?;
+    if !exe.is_file() {
+        bail!(
+            "the running executable {} was replaced on disk since it started; restart the agent, then update",
+            exe.display()
+        );
+    }
+    Ok(exe)
+}
+
+/// The daemon's checks: on `UPDATE_CRONTAB`, and whenever `trigger` is notified
+/// (`POST /v1/update`, which does not skip a version that was rolled back). A verified
+/// plain-install release is sent to `takeover` (the daemon then drains and [`takeover`] tries
+/// it); for a package install the state only says a version is available.
+pub async fn run_checks(
+    config: Arc<Config>,
+    cancel: CancellationToken,
+    takeover: mpsc::Sender<Prepared>,
+    trigger: Arc<tokio::sync::Notify>,
+) {
+    let schedule = match config.update.crontab.as_deref() {
+        None => None,
+        Some(crontab) => match crate::batcher::Schedule::new(crontab, config.tz) {
+            Ok(s) => Some(s),
+            Err(err) => {
+                tracing::error!(error = %format!("{err:#}"), "UPDATE_CRONTAB is not valid; no automatic update checks.");
+                None
+            }
+        },
+    };
+    if schedule.is_some() {
+        tracing::info!(crontab = ?config.update.crontab, url = ?config.update.url, "Automatic update checks on.");
+    }
+    loop {
+        let wait = schedule
+            .as_ref()
+            .and_then(|s| s.next_after(chrono::Utc::now()))
+            .map(|next| (next - chrono::Utc::now()).to_std().unwrap_or_default());
+        let automatic = tokio::select! {
+            () = cancel.cancelled() => return,
+            () = trigger.notified() => false,
+            () = async {
+                match wait {
+                    Some(wait) => tokio::time::sleep(wait).await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
+        let cfg = config.clone();
+        let found = tokio::task::spawn_blocking(move || scheduled_check(&cfg, automatic)).await;
+        if let Ok(Some(prepared)) = found {
+            if takeover.send(prepared).await.is_ok() {
+                // The daemon drains now; this task ends with it.
+                cancel.cancelled().await;
+            }
+            return;
+        }
+    }
+}
+
+fn scheduled_check(config: &Config, automatic: bool) -> Option<Prepared> {
+    let checked = match check(config) {
+        Ok(c) => c,
+        Err(err) => {
+            tracing::warn!(error = %format!("{err:#}"), "Update check failed; trying again at the next check.");
+            return None;
+        }
+    };
+    if !checked.newer {
+        return None;
+    }
+    let version = &checked.manifest.version;
+    let saved = state::load(&config.staging_path);
+    if automatic && saved.rejected.as_deref() == Some(version.as_str()) {
+        tracing::debug!(%version, "Skipping a version that was rolled back; `estafeta update` tries it again.");
+        return None;
+    }
+    let exe = current_exe().ok()?;
+    let kind = install::detect(&exe);
+    if kind != AssetKind::Binary {
+        let message = format!(
+            "version {version} is available; this is a {} install: run `estafeta update` as an administrator to install it with the package manager",
+            kind.as_str()
+        );
+        tracing::info!("{message}");
+        state::update(&config.staging_path, |s| s.message = Some(message));
+        return None;
+    }
+    prepare(config, &checked.manifest, kind).ok()
+}
+
+/// After the daemon drained for `prepared`: installs it, tries it, and says what to do next.
+pub enum Handover {
+    /// Healthy: run this executable in place of the current process.
+    Exec(PathBuf),
+    /// Rolled back or failed: run the old version again.
+    Resume,
+}
+
+/// Installs and tries a prepared plain-install release (see the module doc).
+pub async fn takeover(
+    config: &Config,
+    prepared: Prepared,
+    args: Vec<std::ffi::OsString>,
+    stop: &CancellationToken,
+) -> Handover {
+    let staging = &config.staging_path;
+    let from = crate::version::current().to_owned();
+    let version = prepared.version.clone();
+    let exe = match current_exe() {
+        Ok(exe) => exe,
+        Err(err) => {
+            tracing::error!(error = %format!("{err:#}"), "Update not installed.");
+            state::update(staging, |s| {
+                s.state = State::Failed;
+                s.message = Some(format!("{err:#}"));
+            });
+            return Handover::Resume;
+        }
+    };
+    state::update(staging, |s| {
+        s.state = State::Installing;
+        s.message = Some(format!("trying version {version} (running {from})"));
+    });
+    crate::notify::status(&format!("Updating: trying version {version}."));
+    let watchdog = crate::notify::spawn_watchdog();
+    let spec = trial::TrialSpec {
+        exe: exe.clone(),
+        args,
+        addr: config.ingest_addr,
+        token: config.ingest_token.clone(),
+        health: config.update.health,
+        grace: config.shutdown_grace,
+    };
+    let outcome = trial::install_and_try(&prepared.file, &version, &spec, stop).await;
+    if let Some(w) = watchdog {
+        w.abort();
+    }
+    match outcome {
+        Ok(trial::Outcome::Healthy) => {
+            let message =
+                format!("updated from {from} to {version}; the new version reported ready");
+            tracing::info!(previous = %trial::previous_path(&exe).display(), "{message}");
+            state::update(staging, |s| {
+                s.state = State::Updated;
+                s.available = None;
+                s.message = Some(message);
+            });
+            Handover::Exec(exe)
+        }
+        Ok(trial::Outcome::RolledBack(why)) => {
+            let message = format!(
+                "version {version} was rolled back: {why}; {from} runs again and automatic checks skip {version} (`estafeta update` tries it again)"
+            );
+            tracing::error!("{message}");
+            state::update(staging, |s| {
+                s.state = State::RolledBack;
+                s.rejected = Some(version.clone());
+                s.message = Some(message);
+            });
+            Handover::Resume
+        }
+        Err(err) => {
+            let message = format!("version {version} was not installed: {err:#}");
+            tracing::error!("{message}");
+            state::update(staging, |s| {
+                s.state = State::Failed;
+                s.message = Some(message);
+            });
+            Handover::Resume
+        }
+    }
+}

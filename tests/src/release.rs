@@ -1,0 +1,173 @@
+//! A release server for the self-update tests: an in-process HTTP server on 127.0.0.1 serving
+//! a manifest and zipsign-signed `.tar.gz` archives ([`ReleaseServer`]), plus what a release
+//! pipeline does: stamp a built binary with a newer version ([`restamp`]), pack and sign an
+//! archive ([`signed_archive`]).
+
+use std::collections::HashMap;
+use std::io::{Cursor, Write as _};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use sha2::Digest as _;
+use zipsign_api::SigningKey;
+
+/// What starts the version stamp inside the `estafeta` binary (agent/src/version.rs).
+pub const STAMP_PREFIX: &[u8] = b"ESTAFETA-VERSION-STAMP:";
+
+/// The running machine's Rust target, as the agent's self_update names it.
+pub fn host_target() -> String {
+    format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
+}
+
+/// The version after `version` (patch + 1).
+pub fn next_patch(version: &str) -> String {
+    let mut parts: Vec<u64> = version
+        .split('.')
+        .map(|p| p.parse().expect("a numeric version"))
+        .collect();
+    parts[2] += 1;
+    format!("{}.{}.{}", parts[0], parts[1], parts[2])
+}
+
+/// A copy of `binary` whose version stamp says `new` instead of `old`: the same, tested build,
+/// reporting the release's version, as a release pipeline stamps it.
+///
+/// # Panics
+/// When the stamp with `old` is not found exactly once.
+pub fn restamp(binary: &[u8], old: &str, new: &str) -> Vec<u8> {
+    let mut needle = STAMP_PREFIX.to_vec();
+    needle.extend_from_slice(old.as_bytes());
+    needle.push(0);
+    let hits: Vec<usize> = binary
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle.as_slice())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(
+        hits.len(),
+        1,
+        "the version stamp {old} appears {} times",
+        hits.len()
+    );
+    assert!(new.len() + STAMP_PREFIX.len() < 64);
+    let mut out = binary.to_vec();
+    let at = hits[0] + STAMP_PREFIX.len();
+    out[at..at + 64 - STAMP_PREFIX.len()].fill(0);
+    out[at..at + new.len()].copy_from_slice(new.as_bytes());
+    out
+}
+
+/// A signing key from a seed byte (reproducible test keys).
+pub fn signing_key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+/// The public key of `key`, base64 (the `UPDATE_PUBLIC_KEY` format).
+pub fn public_key_base64(key: &SigningKey) -> String {
+    base64::engine::general_purpose::STANDARD.encode(key.verifying_key().to_bytes())
+}
+
+/// A `.tar.gz` holding `files` (name, bytes, mode), signed by `key` for the file name `name`
+/// (zipsign binds the signature to it).
+pub fn signed_archive(name: &str, files: &[(&str, &[u8], u32)], key: &SigningKey) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    {
+        let mut tar = tar::Builder::new(&mut gz);
+        for (file, bytes, mode) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(*mode);
+            header.set_cksum();
+            tar.append_data(&mut header, file, *bytes)
+                .expect("adding to the tar");
+        }
+        tar.finish().expect("finishing the tar");
+    }
+    gz.flush().expect("flushing the gzip stream");
+    let unsigned = gz.finish().expect("finishing the gzip stream");
+    let mut signed = Cursor::new(Vec::new());
+    zipsign_api::sign::copy_and_sign_tar(
+        &mut Cursor::new(unsigned),
+        &mut signed,
+        std::slice::from_ref(key),
+        Some(name.as_bytes()),
+    )
+    .expect("signing the archive");
+    signed.into_inner()
+}
+
+/// The lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+type Files = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+
+/// Serves files by path (404 for the rest) on 127.0.0.1. Dropping it stops it.
+pub struct ReleaseServer {
+    addr: SocketAddr,
+    files: Files,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReleaseServer {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the release server");
+        let addr = listener.local_addr().expect("its address");
+        let files: Files = Arc::default();
+        let app = Router::new().fallback(serve).with_state(files.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        ReleaseServer { addr, files, task }
+    }
+
+    /// `http://127.0.0.1:<port>/<path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}/{path}", self.addr)
+    }
+
+    /// Serves `bytes` at `/<path>` from now on.
+    pub fn put(&self, path: &str, bytes: Vec<u8>) {
+        self.files.lock().unwrap().insert(format!("/{path}"), bytes);
+    }
+
+    /// Publishes `version` with one binary asset (archive bytes, served beside the manifest).
+    pub fn publish_binary(&self, version: &str, archive_name: &str, archive: Vec<u8>) {
+        let manifest = serde_json::json!({
+            "version": version,
+            "assets": [{
+                "target": host_target(),
+                "kind": "binary",
+                "url": archive_name,
+                "sha256": sha256_hex(&archive),
+            }],
+        });
+        self.put(archive_name, archive);
+        self.put("manifest.json", manifest.to_string().into_bytes());
+    }
+}
+
+impl Drop for ReleaseServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(State(files): State<Files>, uri: Uri) -> Response {
+    match files.lock().unwrap().get(uri.path()) {
+        Some(bytes) => bytes.clone().into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
