@@ -395,15 +395,18 @@ pub async fn long_outage(p: &OutageParams) -> OutageReport {
             // load (a timed-out request is sent again, and the test counts exact deliveries).
             ("CENTRAL_API_TIMEOUT_SECS", "30"),
             ("CRONTAB", "* * * * * *"),
+            // Retries back off to a minute, as a long outage does with the default (5 min):
+            // the tick's probe, not the retry time, notices that a sink is back.
             ("RETRY_BASE_SECS", "1"),
-            ("RETRY_MAX_SECS", "2"),
+            ("RETRY_MAX_SECS", "60"),
             // No heartbeat rows in the schema: only records are counted there.
             ("HEARTBEAT_SECS", "0"),
         ])
         .spawn();
     agent.wait_ready(Duration::from_secs(30)).await;
 
-    // Post in arrays over `keys` keys, two requests at a time; sample VmRSS after each.
+    // Post in arrays over `keys` keys, four requests at a time (so the agent's group commit
+    // has company); sample VmRSS after each round.
     let started = Instant::now();
     let url = agent.url("/v1/records/create/patient");
     let client = agent.client().clone();
@@ -412,7 +415,7 @@ pub async fn long_outage(p: &OutageParams) -> OutageReport {
     let mut posted = 0usize;
     let mut chunks = (0..p.records).collect::<Vec<_>>();
     let chunks: Vec<Vec<usize>> = chunks.chunks_mut(p.batch.max(1)).map(|c| c.to_vec()).collect();
-    for pair in chunks.chunks(2) {
+    for pair in chunks.chunks(4) {
         let sends = pair.iter().map(|chunk| {
             let bodies: Vec<Value> = chunk
                 .iter()
