@@ -18,7 +18,6 @@ async fn a_long_outage_of_postgres_and_the_api_keeps_memory_flat_and_drains_in_o
         keys: 2_000,
         api_concurrency: 64,
         drain_timeout: Duration::from_secs(240),
-        // Measured: see RSS_SLACK_KIB.
         rss_slack_kib: RSS_SLACK_KIB,
     })
     .await;
@@ -28,7 +27,11 @@ async fn a_long_outage_of_postgres_and_the_api_keeps_memory_flat_and_drains_in_o
         report.ingest_secs,
         report.rss_first_tenth_kib,
         report.rss_max_kib,
-        report.drain_secs.get("database").copied().unwrap_or(f64::NAN),
+        report
+            .drain_secs
+            .get("database")
+            .copied()
+            .unwrap_or(f64::NAN),
         report.throughput("database"),
         report.drain_secs.get("api").copied().unwrap_or(f64::NAN),
         report.throughput("api"),
@@ -45,8 +48,13 @@ async fn a_long_outage_of_postgres_and_the_api_keeps_memory_flat_and_drains_in_o
 }
 
 /// How much the agent's VmRSS may grow between 20,000 and 200,000 records staged during the
-/// outage. PLACEHOLDER: set from measurements.
-const RSS_SLACK_KIB: u64 = 16 * 1024;
+/// outage: 12 MiB. Measured on the 2-core CI VM (debug build): 34,796 → 41,192 KiB and
+/// 37,060 → 43,772 KiB, so about 6.5 MiB of growth that does not depend on what is kept: the
+/// SQLite index's page cache filling up to its limit, the WAL-index (`-shm`) mapping and the
+/// allocator's arenas. Keeping the records themselves in memory would cost at least their
+/// id, key and payload, about 150 bytes each: 27 MiB for the 180,000 records in between, more
+/// than twice the bound. So the bound tells "flat" from "holds the backlog in memory".
+const RSS_SLACK_KIB: u64 = 12 * 1024;
 
 /// Scenario 3: about 70 s of the API flapping between up, refusing, stalling and 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -414,7 +414,10 @@ pub async fn long_outage(p: &OutageParams) -> OutageReport {
     let mut acked: Vec<Staged> = Vec::with_capacity(p.records);
     let mut posted = 0usize;
     let mut chunks = (0..p.records).collect::<Vec<_>>();
-    let chunks: Vec<Vec<usize>> = chunks.chunks_mut(p.batch.max(1)).map(|c| c.to_vec()).collect();
+    let chunks: Vec<Vec<usize>> = chunks
+        .chunks_mut(p.batch.max(1))
+        .map(|c| c.to_vec())
+        .collect();
     for pair in chunks.chunks(4) {
         let sends = pair.iter().map(|chunk| {
             let bodies: Vec<Value> = chunk
@@ -679,7 +682,9 @@ pub async fn flapping(p: &FlapParams) -> FlapReport {
             let phase = cycle[i % cycle.len()];
             i += 1;
             phases += 1;
-            let length = p.phase.mul_f64(0.75 + 0.5 * (rng.below(1000) as f64 / 1000.0));
+            let length = p
+                .phase
+                .mul_f64(0.75 + 0.5 * (rng.below(1000) as f64 / 1000.0));
             let refused_before = gate.refused();
             let requests_before = server.requests().len();
             let from = Instant::now();

@@ -374,7 +374,10 @@ fn ack_lines(answer: &[u8], body: &[u8], maker: &BodyMaker) -> anyhow::Result<Ve
         serde_json::from_slice(answer).context("a 202 answer that is not JSON")?;
     let pairs: Vec<(String, u64)> = if maker.batch <= 1 {
         vec![(
-            answer["id"].as_str().context("no id in the 202")?.to_owned(),
+            answer["id"]
+                .as_str()
+                .context("no id in the 202")?
+                .to_owned(),
             answer["seq"].as_u64().context("no seq in the 202")?,
         )]
     } else {
@@ -396,7 +399,8 @@ fn ack_lines(answer: &[u8], body: &[u8], maker: &BodyMaker) -> anyhow::Result<Ve
     let mut out = Vec::new();
     for ((id, seq), (key, n, range)) in pairs.iter().zip(&maker.records) {
         out.extend_from_slice(
-            format!("{{\"id\":\"{id}\",\"seq\":{seq},\"key\":\"{key}\",\"n\":{n},\"payload\":").as_bytes(),
+            format!("{{\"id\":\"{id}\",\"seq\":{seq},\"key\":\"{key}\",\"n\":{n},\"payload\":")
+                .as_bytes(),
         );
         out.extend_from_slice(&body[range.clone()]);
         out.extend_from_slice(b"}\n");
