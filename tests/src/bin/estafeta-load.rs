@@ -423,11 +423,11 @@ fn unanswered_lines(maker: &BodyMaker) -> Vec<u8> {
 /// concurrent tasks never interleave within a request's lines).
 fn append(log: Option<&std::sync::Mutex<std::fs::File>>, lines: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
-    if let Some(log) = log {
-        if !lines.is_empty() {
-            let mut file = log.lock().unwrap_or_else(|e| e.into_inner());
-            file.write_all(lines).context("writing the ack log")?;
-        }
+    if let Some(log) = log
+        && !lines.is_empty()
+    {
+        let mut file = log.lock().unwrap_or_else(|e| e.into_inner());
+        file.write_all(lines).context("writing the ack log")?;
     }
     Ok(())
 }
