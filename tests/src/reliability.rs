@@ -207,14 +207,18 @@ async fn check_pg(
 
 /// Checks the API's requests against `acked` ([`check_http_deliveries`], at least once on the
 /// wire), then counts a second 2xx for a record as *resent* only when a crash or a cut
-/// (`breaks`) came between the first 2xx and it — the answer was lost on the way, as at-least-
-/// once delivery allows — and as *doubled* otherwise. Requests for ids nobody acknowledged must
-/// carry a payload whose request went unanswered.
+/// explains it — the answer was lost on the way, as at-least-once delivery allows — and as
+/// *doubled* otherwise. `breaks` are the windows `(from, until)` in which an answer could be
+/// lost: from a SIGKILL until the next agent process was started (a request the dying process
+/// sent may still be read by the server after the kill, but none of the next process can come
+/// before its start), or from a cut of the connections until shortly after it. A pair of
+/// successes `t1 < t2` is explained when some window has `t1 ≤ until` and `from ≤ t2`.
+/// Requests for ids nobody acknowledged must carry a payload whose request went unanswered.
 fn check_api(
     requests: &[RecordedRequest],
     acked: &[Staged],
     unanswered: &BTreeSet<(String, u64)>,
-    breaks: &[Instant],
+    breaks: &[(Instant, Instant)],
     problems: &mut Vec<String>,
 ) -> Applied {
     let ids: BTreeSet<&str> = acked.iter().map(|s| s.id.as_str()).collect();
@@ -262,7 +266,10 @@ fn check_api(
     for (id, times) in &successes {
         let mut doubled = false;
         for pair in times.windows(2) {
-            if breaks.iter().any(|b| pair[0] <= *b && *b <= pair[1]) {
+            if breaks
+                .iter()
+                .any(|(from, until)| pair[0] <= *until && *from <= pair[1])
+            {
                 applied.resent += 1;
             } else {
                 doubled = true;
@@ -271,9 +278,40 @@ fn check_api(
         if doubled {
             applied.doubled += 1;
             if applied.doubled <= 5 {
+                // Where each success fell relative to the nearest crash or cut, for diagnosis.
+                let near: Vec<String> = times
+                    .iter()
+                    .map(|t| {
+                        let nearest = breaks
+                            .iter()
+                            .map(|(from, _)| from)
+                            .min_by_key(|b| if **b > *t { **b - *t } else { *t - **b });
+                        match nearest {
+                            Some(b) if *b > *t => {
+                                format!("{} ms before a break", (*b - *t).as_millis())
+                            }
+                            Some(b) => format!("{} ms after a break", (*t - *b).as_millis()),
+                            None => "no break".into(),
+                        }
+                    })
+                    .collect();
+                let statuses: Vec<String> = ours
+                    .iter()
+                    .filter(|r| r.idempotency_key() == Some(id))
+                    .map(|r| {
+                        format!(
+                            "#{} {}{}",
+                            r.index,
+                            r.status,
+                            if r.stalled { " stalled" } else { "" }
+                        )
+                    })
+                    .collect();
                 problems.push(format!(
-                    "API: record {id} took effect {} times with no crash or cut in between",
-                    times.len()
+                    "API: record {id} took effect {} times with no crash or cut in between ({}); its requests: {}",
+                    times.len(),
+                    near.join(", "),
+                    statuses.join(", ")
                 ));
             }
         }
@@ -747,13 +785,13 @@ pub async fn flapping(p: &FlapParams) -> FlapReport {
     let requests = server.requests();
     report.requests = requests.len();
     let none = BTreeSet::new();
-    report.api = check_api(
-        &requests,
-        &staged,
-        &none,
-        &gate.cuts(),
-        &mut report.problems,
-    );
+    // A request the gate had already passed on may be read by the server just after the cut.
+    let cuts: Vec<(Instant, Instant)> = gate
+        .cuts()
+        .into_iter()
+        .map(|c| (c, c + Duration::from_millis(500)))
+        .collect();
+    report.api = check_api(&requests, &staged, &none, &cuts, &mut report.problems);
     if report.api.lost > 0 {
         report.problems.push(format!(
             "{} acknowledged records never took effect",
@@ -902,17 +940,19 @@ pub async fn crash_loop(p: &CrashParams) -> CrashReport {
         .spawn()
         .expect("starting estafeta-load");
 
+    // (SIGKILL, start of the next process) of each cycle.
     let mut kills = Vec::with_capacity(p.cycles);
     for cycle in 1..=p.cycles {
         tokio::time::sleep(lo + Duration::from_millis(rng.below(spread) as u64)).await;
         report.peak_rss_kib = report.peak_rss_kib.max(rss(&agent));
-        kills.push(Instant::now());
+        let killed = Instant::now();
         let exit = agent.kill9();
         assert!(
             !exit.success(),
             "cycle {cycle}: the agent should have died of SIGKILL: {exit}"
         );
         tokio::time::sleep(Duration::from_millis(rng.below(300) as u64)).await;
+        kills.push((killed, Instant::now()));
         agent.restart();
         agent.wait_ready(Duration::from_secs(30)).await;
         report.cycles = cycle;
