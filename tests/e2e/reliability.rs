@@ -49,7 +49,8 @@ async fn a_long_outage_of_postgres_and_the_api_keeps_memory_flat_and_drains_in_o
 
 /// How much the agent's VmRSS may grow between 20,000 and 200,000 records staged during the
 /// outage: 12 MiB. Measured on the 2-core CI VM (debug build): 34,796 → 41,192 KiB and
-/// 37,060 → 43,772 KiB, so about 6.5 MiB of growth that does not depend on what is kept: the
+/// 37,060 → 43,772 KiB; the release build in `scripts/soak`: 26,372 → 35,264 KiB. So 6.5 to
+/// 8.7 MiB of growth that does not depend on what is kept: the
 /// SQLite index's page cache filling up to its limit, the WAL-index (`-shm`) mapping and the
 /// allocator's arenas. Keeping the records themselves in memory would cost at least their
 /// id, key and payload, about 150 bytes each: 27 MiB for the 180,000 records in between, more
