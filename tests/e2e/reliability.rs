@@ -22,10 +22,11 @@ async fn a_long_outage_of_postgres_and_the_api_keeps_memory_flat_and_drains_in_o
     })
     .await;
     eprintln!(
-        "long outage: {} records posted in {:.1} s; VmRSS {} KiB after the first 20,000, at most {} KiB after; drained PostgreSQL in {:.1} s ({:.0} records/s), the API in {:.1} s ({:.0} records/s); total {:?}",
+        "long outage: {} records posted in {:.1} s; VmRSS {} KiB after the first 20,000, {} KiB after 100,000, at most {} KiB after; drained PostgreSQL in {:.1} s ({:.0} records/s), the API in {:.1} s ({:.0} records/s); total {:?}",
         report.records,
         report.ingest_secs,
         report.rss_first_tenth_kib,
+        report.rss_half_kib,
         report.rss_max_kib,
         report
             .drain_secs
@@ -48,14 +49,16 @@ async fn a_long_outage_of_postgres_and_the_api_keeps_memory_flat_and_drains_in_o
 }
 
 /// How much the agent's VmRSS may grow between 20,000 and 200,000 records staged during the
-/// outage: 12 MiB. Measured on the 2-core CI VM (debug build): 34,796 → 41,192 KiB and
-/// 37,060 → 43,772 KiB; the release build in `scripts/soak`: 26,372 → 35,264 KiB. So 6.5 to
-/// 8.7 MiB of growth that does not depend on what is kept: the
-/// SQLite index's page cache filling up to its limit, the WAL-index (`-shm`) mapping and the
-/// allocator's arenas. Keeping the records themselves in memory would cost at least their
-/// id, key and payload, about 150 bytes each: 27 MiB for the 180,000 records in between, more
-/// than twice the bound. So the bound tells "flat" from "holds the backlog in memory".
-const RSS_SLACK_KIB: u64 = 12 * 1024;
+/// outage: 16 MiB. Measured on the 2-core CI VM, debug build: 34,796 → 41,192 KiB,
+/// 37,060 → 43,772 KiB and 30,596 → 40,548 KiB; release build (`scripts/soak`): 26,372 →
+/// 35,264 KiB. So 6.5 to 9.7 MiB of growth, varying from run to run, which is not yet pinned
+/// down: the SQLite index's page cache (2 MiB per connection), the WAL-index mapping, the
+/// allocator's per-thread arenas and the stacks of blocking-pool threads all grow at first and
+/// level off (the test also prints VmRSS at 100,000 records, to tell that from a leak).
+/// Keeping the records themselves in memory would cost at least their id, key and payload,
+/// about 150 bytes each: 27 MiB for the 180,000 records in between. So the bound tells "flat"
+/// from "holds the backlog in memory", though not from a leak of a few dozen bytes a record.
+const RSS_SLACK_KIB: u64 = 16 * 1024;
 
 /// Scenario 3: about 70 s of the API flapping between up, refusing, stalling and 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -382,8 +382,11 @@ pub struct OutageParams {
 pub struct OutageReport {
     pub records: usize,
     pub ingest_secs: f64,
-    /// VmRSS after the first tenth of the records, and the largest sample after it, in KiB.
+    /// VmRSS after the first tenth of the records, after half of them, and the largest sample
+    /// after the first tenth, in KiB. A leak grows as much in the second half as in the first;
+    /// caches and allocator arenas level off.
     pub rss_first_tenth_kib: u64,
+    pub rss_half_kib: u64,
     pub rss_max_kib: u64,
     /// Seconds from the sinks' return until each had nothing left.
     pub drain_secs: BTreeMap<String, f64>,
@@ -451,13 +454,10 @@ pub async fn long_outage(p: &OutageParams) -> OutageReport {
     let tenth = p.records / 10;
     let mut acked: Vec<Staged> = Vec::with_capacity(p.records);
     let mut posted = 0usize;
-    let mut chunks = (0..p.records).collect::<Vec<_>>();
-    let chunks: Vec<Vec<usize>> = chunks
-        .chunks_mut(p.batch.max(1))
-        .map(|c| c.to_vec())
-        .collect();
-    for pair in chunks.chunks(4) {
-        let sends = pair.iter().map(|chunk| {
+    let numbers: Vec<usize> = (0..p.records).collect();
+    let arrays: Vec<&[usize]> = numbers.chunks(p.batch.max(1)).collect();
+    for round in arrays.chunks(4) {
+        let sends = round.iter().map(|chunk| {
             let bodies: Vec<Value> = chunk
                 .iter()
                 .map(|&n| json!({"id": format!("k{:05}", n % p.keys), "n": n}))
@@ -495,6 +495,9 @@ pub async fn long_outage(p: &OutageParams) -> OutageReport {
         let before = posted;
         posted = acked.len();
         let kib = rss(&agent);
+        if before < p.records / 2 && posted >= p.records / 2 {
+            report.rss_half_kib = kib;
+        }
         if before < tenth && posted >= tenth {
             report.rss_first_tenth_kib = kib;
         } else if posted > tenth {
