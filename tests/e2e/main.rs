@@ -51,3 +51,7 @@ mod sources;
 mod examples;
 // The status page in headless Chromium (WebDriver).
 mod status_page;
+// Issue 5, scenarios 1–3 through the code scripts/soak runs long: a crash loop fed by the
+// separate estafeta-load process, a 200,000-record outage of PostgreSQL and the API with flat
+// memory, and a flapping API whose down phases get no more attempts than the backoff allows.
+mod reliability;

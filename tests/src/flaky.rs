@@ -82,6 +82,8 @@ impl RecordedRequest {
 #[derive(Debug, Clone, Default)]
 struct Behaviour {
     fail_fraction: f64,
+    /// What the failing fraction answers (`None`: 503).
+    fail_status: Option<u16>,
     stall_fraction: f64,
     stall_for: Duration,
     /// What a stalled request answers after its stall (`None`: 200).
@@ -189,6 +191,12 @@ impl FlakyHttpServer {
     /// Answers 503 to this fraction (0.0 to 1.0) of requests.
     pub fn fail_fraction(&self, fraction: f64) {
         lock(&self.shared.behaviour).fail_fraction = fraction;
+    }
+
+    /// Makes the failing fraction ([`FlakyHttpServer::fail_fraction`]) answer `status` instead
+    /// of 503 (a 500, say).
+    pub fn fail_status(&self, status: u16) {
+        lock(&self.shared.behaviour).fail_status = Some(status);
     }
 
     /// Sleeps `duration` before answering this fraction of requests.
@@ -352,7 +360,7 @@ async fn handle(
     let (status, stalled) = if let Some(fixed) = fixed {
         (fixed.status, false)
     } else if fail < behaviour.fail_fraction {
-        (503, false)
+        (behaviour.fail_status.unwrap_or(503), false)
     } else if stall < behaviour.stall_fraction {
         (behaviour.stall_status.unwrap_or(200), true)
     } else {
@@ -390,6 +398,7 @@ async fn handle(
         (Some(body), _) => body,
         (None, 200..=299) => json!({"ok": true}),
         (None, 503) => json!({"error": "flaky server: service unavailable"}),
+        (None, 500) => json!({"error": "flaky server: internal error"}),
         (None, _) => json!({"error": format!("flaky server: fixed status {status}")}),
     };
     (code, axum::Json(body)).into_response()

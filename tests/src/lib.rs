@@ -3,7 +3,9 @@
 //! misbehaving HTTP API ([`FlakyHttpServer`]), the real NATS JetStream server with per-test
 //! streams and a TCP proxy that can cut it off ([`nats`], [`TestStream`], [`TcpProxy`]), waiting on the agent's status and reading its
 //! staging folder ([`wait_drained`], [`record_files`], [`raw_request`]) and a reproducible
-//! workload of records ([`mixed_plan`], [`post_plan`]). The servers come from
+//! workload of records ([`mixed_plan`], [`post_plan`]), a TCP gate that refuses and counts
+//! connections ([`TcpGate`]), and issue 5's scenarios 1–3 parameterized by counts
+//! ([`reliability`]: shared by the CI tests and `scripts/soak`). The servers come from
 //! `scripts/start-services`.
 
 mod agent;
@@ -11,8 +13,10 @@ mod bin;
 mod cuttable;
 mod db;
 mod flaky;
+mod gate;
 mod nats;
 mod release;
+pub mod reliability;
 mod support;
 mod workload;
 
@@ -20,6 +24,7 @@ pub use agent::{Agent, AgentSpec, CLI_TIMEOUT, body_value, run_cli};
 pub use bin::{BIN_NAME, estafeta_bin, free_port, profile_dir};
 pub use db::{MYSQL_URL, PG_CONFIG, PG_URL, mysql, pg, unique_name};
 pub use flaky::{FlakyHttpServer, RecordedRequest};
+pub use gate::TcpGate;
 pub use nats::{
     NATS_ADDR, NATS_URL, StoredMessage, TcpProxy, TestStream, check_stream_deliveries, nats,
 };

@@ -240,6 +240,11 @@ impl TcpProxy {
         proxy
     }
 
+    /// The address it listens on (for a proxy in front of another server than NATS).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://{}", self.addr)

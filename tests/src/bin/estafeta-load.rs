@@ -10,6 +10,18 @@
 //! It speaks HTTP/1.1 over a plain `TcpStream` itself rather than through reqwest: on a
 //! 2-core machine the client shares the CPU with the server it measures, so it should cost as
 //! little as possible per request. Only `http://` URLs.
+//!
+//! For the reliability tests and `scripts/soak` it is also the *separate load process* of
+//! issue 5, scenario 1: `--ack-log FILE` appends one JSON line per acknowledged record
+//! (`{"id","seq","key","n","payload"}`, the id and seq from the agent's 202 answer) and one
+//! `{"unanswered":true,"key","n"}` line per record whose request got no answer (the agent died
+//! under it: it may or may not have been staged, and nobody was told it was). Each request's
+//! lines go out in one `write` on a file opened for appending, so a line is in the file the
+//! moment its answer was read, whatever happens to the agent afterwards. `--keys K` gives each
+//! connection K keys (the `id` field `<prefix>-<conn>-k<i>`, records cycling over them), so
+//! per-key order is the order one client posted them. A connection that is refused (the
+//! agent is restarting) is retried with the same records every 20 ms until the run ends, so a
+//! crash loop does not burn through the request budget.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -60,6 +72,13 @@ struct Args {
     /// connections (default: as fast as the server answers).
     #[arg(long, value_name = "PER_SEC")]
     rate: Option<f64>,
+    /// Append one JSON line per acknowledged record (and per unanswered one) to this file.
+    #[arg(long, value_name = "FILE")]
+    ack_log: Option<std::path::PathBuf>,
+    /// Keys per connection: record `id`s cycle over `<prefix>-<conn>-k0..k(K-1)` (default:
+    /// every record its own key).
+    #[arg(long, value_name = "K")]
+    keys: Option<u64>,
 }
 
 /// Where to connect and what to send in the request line.
@@ -108,6 +127,8 @@ struct TaskResult {
     /// Error kind (an HTTP status or "io"/"timeout") → count.
     errors: BTreeMap<String, u64>,
     first_error: Option<String>,
+    /// Connection attempts refused (the agent was down); the records were sent again.
+    refused: u64,
 }
 
 impl TaskResult {
@@ -146,16 +167,22 @@ struct BodyMaker {
     payload_bytes: usize,
     pad: Arc<str>,
     next: u64,
+    /// `Some(K)`: keys cycle over K per connection (`--keys`).
+    keys: Option<u64>,
+    /// The records of the last body: key, n and the byte range of the object in the body.
+    records: Vec<(String, u64, std::ops::Range<usize>)>,
 }
 
 impl BodyMaker {
     fn write_record(&mut self, out: &mut Vec<u8>) {
         let n = self.next;
         self.next += 1;
-        let head = format!(
-            "{{\"id\":\"{}-{n}\",\"n\":{n},\"kind\":\"bench\",\"pad\":\"",
-            self.prefix
-        );
+        let key = match self.keys {
+            Some(k) => format!("{}-k{}", self.prefix, n % k.max(1)),
+            None => format!("{}-{n}", self.prefix),
+        };
+        let start = out.len();
+        let head = format!("{{\"id\":\"{key}\",\"n\":{n},\"kind\":\"bench\",\"pad\":\"");
         let tail = "\"}";
         let pad_len = self
             .payload_bytes
@@ -164,10 +191,12 @@ impl BodyMaker {
         out.extend_from_slice(head.as_bytes());
         out.extend_from_slice(&self.pad.as_bytes()[..pad_len]);
         out.extend_from_slice(tail.as_bytes());
+        self.records.push((key, n, start..out.len()));
     }
 
     fn body(&mut self, out: &mut Vec<u8>) {
         out.clear();
+        self.records.clear();
         if self.batch <= 1 {
             self.write_record(out);
         } else {
@@ -264,12 +293,12 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
     }
 }
 
-/// Reads one whole response; returns its status, the start of its body (for error messages)
-/// and whether the server closes the connection after it. Consumes it from `buf`.
+/// Reads one whole response; returns its status, its body and whether the server closes the
+/// connection after it. Consumes it from `buf`.
 async fn read_response(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
-) -> anyhow::Result<(u16, String, bool)> {
+) -> anyhow::Result<(u16, Vec<u8>, bool)> {
     let head = loop {
         if let Some(head) = parse_head(buf)? {
             break head;
@@ -330,8 +359,77 @@ async fn read_response(
         (buf[body_start..].to_vec(), buf.len())
     };
     buf.drain(..consumed);
-    let snippet: String = String::from_utf8_lossy(&body).chars().take(200).collect();
-    Ok((head.status, snippet, head.close))
+    Ok((head.status, body, head.close))
+}
+
+/// The start of a body, for error messages.
+fn snippet(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).chars().take(200).collect()
+}
+
+/// The `--ack-log` lines of one answered request: one per record the 202 acknowledged, with
+/// the id and seq the agent gave it (`id`/`seq` for one object, `ids`/`seqs` for an array).
+fn ack_lines(answer: &[u8], body: &[u8], maker: &BodyMaker) -> anyhow::Result<Vec<u8>> {
+    let answer: serde_json::Value =
+        serde_json::from_slice(answer).context("a 202 answer that is not JSON")?;
+    let pairs: Vec<(String, u64)> = if maker.batch <= 1 {
+        vec![(
+            answer["id"]
+                .as_str()
+                .context("no id in the 202")?
+                .to_owned(),
+            answer["seq"].as_u64().context("no seq in the 202")?,
+        )]
+    } else {
+        let ids = answer["ids"].as_array().context("no ids in the 202")?;
+        let seqs = answer["seqs"].as_array().context("no seqs in the 202")?;
+        ids.iter()
+            .zip(seqs)
+            .map(|(id, seq)| Some((id.as_str()?.to_owned(), seq.as_u64()?)))
+            .collect::<Option<_>>()
+            .context("ids and seqs of the 202")?
+    };
+    if pairs.len() != maker.records.len() {
+        bail!(
+            "the 202 acknowledged {} records, {} were sent",
+            pairs.len(),
+            maker.records.len()
+        );
+    }
+    let mut out = Vec::new();
+    for ((id, seq), (key, n, range)) in pairs.iter().zip(&maker.records) {
+        out.extend_from_slice(
+            format!("{{\"id\":\"{id}\",\"seq\":{seq},\"key\":\"{key}\",\"n\":{n},\"payload\":")
+                .as_bytes(),
+        );
+        out.extend_from_slice(&body[range.clone()]);
+        out.extend_from_slice(b"}\n");
+    }
+    Ok(out)
+}
+
+/// The `--ack-log` lines of a request that got no answer.
+fn unanswered_lines(maker: &BodyMaker) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, n, _) in &maker.records {
+        out.extend_from_slice(
+            format!("{{\"unanswered\":true,\"key\":\"{key}\",\"n\":{n}}}\n").as_bytes(),
+        );
+    }
+    out
+}
+
+/// Appends lines to the `--ack-log` file in one `write` (the file is opened for appending, so
+/// concurrent tasks never interleave within a request's lines).
+fn append(log: Option<&std::sync::Mutex<std::fs::File>>, lines: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    if let Some(log) = log
+        && !lines.is_empty()
+    {
+        let mut file = log.lock().unwrap_or_else(|e| e.into_inner());
+        file.write_all(lines).context("writing the ack log")?;
+    }
+    Ok(())
 }
 
 /// One connection's loop.
@@ -342,7 +440,8 @@ async fn run_task(
     limits: Arc<Limits>,
     pad: Arc<str>,
     prefix: String,
-) -> TaskResult {
+    log: Option<Arc<std::sync::Mutex<std::fs::File>>>,
+) -> anyhow::Result<TaskResult> {
     let mut result = TaskResult::default();
     let timeout = Duration::from_secs_f64(args.timeout);
     let mut maker = BodyMaker {
@@ -351,6 +450,8 @@ async fn run_task(
         payload_bytes: args.payload_bytes,
         pad,
         next: 0,
+        keys: args.keys,
+        records: Vec::new(),
     };
     let auth = args
         .token
@@ -386,22 +487,39 @@ async fn run_task(
         );
         request.extend_from_slice(&body);
         result.requests += 1;
+        // A refused connection never carried the request: wait for the agent to come back and
+        // send the same records (until the run's deadline).
+        if conn.is_none() {
+            loop {
+                match TcpStream::connect(&target.addr).await {
+                    Ok(stream) => {
+                        stream.set_nodelay(true)?;
+                        buf.clear();
+                        conn = Some(stream);
+                        break;
+                    }
+                    Err(err) => {
+                        result.refused += 1;
+                        if limits.deadline.is_some_and(|d| Instant::now() >= d) {
+                            result.error(
+                                "connect".into(),
+                                format!("connecting to {}: {err}", target.addr),
+                            );
+                            return Ok(result);
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }
         let started = Instant::now();
         let attempt = tokio::time::timeout(timeout, async {
-            if conn.is_none() {
-                let stream = TcpStream::connect(&target.addr)
-                    .await
-                    .with_context(|| format!("connecting to {}", target.addr))?;
-                stream.set_nodelay(true)?;
-                buf.clear();
-                conn = Some(stream);
-            }
             let stream = conn.as_mut().expect("connected above");
             if let Err(err) = stream.write_all(&request).await {
                 // The server may have answered (413, say) and closed before reading it all:
                 // report its answer rather than the broken pipe when there is one.
                 return match read_response(stream, &mut buf).await {
-                    Ok((status, snippet, _)) => Ok((status, snippet, true)),
+                    Ok((status, answer, _)) => Ok((status, answer, true)),
                     Err(_) => Err(anyhow::Error::from(err).context("sending the request")),
                 };
             }
@@ -409,7 +527,7 @@ async fn run_task(
         })
         .await;
         match attempt {
-            Ok(Ok((status, snippet, close))) => {
+            Ok(Ok((status, answer, close))) => {
                 if close {
                     conn = None;
                 }
@@ -417,13 +535,21 @@ async fn run_task(
                     result.ok += 1;
                     let us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
                     result.latencies_us.push(us);
+                    if log.is_some() {
+                        let lines = ack_lines(&answer, &body, &maker)?;
+                        append(log.as_deref(), &lines)?;
+                    }
                 } else {
-                    result.error(status.to_string(), format!("HTTP {status}: {snippet}"));
+                    result.error(
+                        status.to_string(),
+                        format!("HTTP {status}: {}", snippet(&answer)),
+                    );
                 }
             }
             Ok(Err(err)) => {
                 conn = None;
                 result.error("io".into(), format!("{err:#}"));
+                append(log.as_deref(), &unanswered_lines(&maker))?;
                 // Don't spin against a server that is down.
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -433,10 +559,11 @@ async fn run_task(
                     "timeout".into(),
                     format!("no answer within {}s", args.timeout),
                 );
+                append(log.as_deref(), &unanswered_lines(&maker))?;
             }
         }
     }
-    result
+    Ok(result)
 }
 
 fn percentile_ms(sorted_us: &[u32], p: f64) -> Option<f64> {
@@ -513,6 +640,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         budget: args.requests,
         issued: AtomicU64::new(0),
     });
+    let log = match &args.ack_log {
+        Some(path) => Some(Arc::new(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening the ack log {}", path.display()))?,
+        ))),
+        None => None,
+    };
     let args = Arc::new(args);
     let mut handles = Vec::with_capacity(args.connections);
     for i in 0..args.connections {
@@ -523,6 +660,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             limits.clone(),
             pad.clone(),
             prefix.clone(),
+            log.clone(),
         )));
     }
     let mut requests = 0u64;
@@ -530,9 +668,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut latencies: Vec<u32> = Vec::new();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut first_error: Option<String> = None;
+    let mut refused = 0u64;
     for handle in handles {
-        let r = handle.await.context("a load task panicked")?;
+        let r = handle.await.context("a load task panicked")??;
         requests += r.requests;
+        refused += r.refused;
         ok += r.ok;
         latencies.extend_from_slice(&r.latencies_us);
         for (k, v) in r.errors {
@@ -561,6 +701,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "p99_ms": percentile_ms(&latencies, 99.0),
         "max_ms": latencies.last().map(|&us| round3(us as f64 / 1000.0)),
         "error_kinds": errors,
+        "refused_connects": refused,
     });
     println!("{line}");
     Ok(())
@@ -589,6 +730,8 @@ mod tests {
             payload_bytes: 1024,
             pad: "a".repeat(1024).into(),
             next: 0,
+            keys: None,
+            records: Vec::new(),
         };
         let mut out = Vec::new();
         m.body(&mut out);
@@ -599,6 +742,43 @@ mod tests {
         for r in arr {
             assert_eq!(serde_json::to_string(r).unwrap().len(), 1024);
         }
+    }
+
+    #[test]
+    fn ack_lines_name_each_acknowledged_record_with_its_payload() {
+        let mut m = BodyMaker {
+            prefix: "L-3".into(),
+            batch: 2,
+            payload_bytes: 60,
+            pad: "x".repeat(100).into(),
+            next: 4,
+            keys: Some(3),
+            records: Vec::new(),
+        };
+        let mut body = Vec::new();
+        m.body(&mut body);
+        let answer = br#"{"ids":["a","b"],"seqs":[7,9]}"#;
+        let lines = ack_lines(answer, &body, &m).unwrap();
+        let lines: Vec<serde_json::Value> = String::from_utf8(lines)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["id"], "a");
+        assert_eq!(lines[0]["seq"], 7);
+        assert_eq!(lines[0]["key"], "L-3-k1");
+        assert_eq!(lines[0]["n"], 4);
+        assert_eq!(lines[0]["payload"], sent[0]);
+        assert_eq!(lines[1]["key"], "L-3-k2");
+        assert_eq!(lines[1]["payload"], sent[1]);
+        assert!(ack_lines(br#"{"ids":["a"],"seqs":[7]}"#, &body, &m).is_err());
+        let unanswered = String::from_utf8(unanswered_lines(&m)).unwrap();
+        assert_eq!(
+            unanswered,
+            "{\"unanswered\":true,\"key\":\"L-3-k1\",\"n\":4}\n{\"unanswered\":true,\"key\":\"L-3-k2\",\"n\":5}\n"
+        );
     }
 
     #[test]
