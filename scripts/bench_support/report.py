@@ -252,7 +252,7 @@ def main():
                 L.append(f"| {label} | {fmt(f['rows'])} | {f['seconds']:.2f} | {fmt(f['rows_per_sec'])} | {rel} |")
         L.append("")
     if bench.get("bench_psql_copy"):
-        L.append("`scripts/bench` (same run, its own 100,000-record backlog, earlier): "
+        L.append("`scripts/bench` (same run, earlier, its own backlog of its own size): "
                  f"`estafeta flush` to PostgreSQL {fmt(bench.get('bench_flush_pg'))} rows/s vs psql `\\copy` of its rows "
                  f"{fmt(bench['bench_psql_copy'])} rows/s ({ratio(bench.get('bench_flush_pg'), bench['bench_psql_copy']):.2f}×)"
                  + (f"; to MariaDB {fmt(bench['bench_flush_my'])} rows/s." if bench.get("bench_flush_my") else "."))
