@@ -65,10 +65,7 @@ async fn accept(State(counts): State<Arc<Counts>>, headers: HeaderMap, body: Byt
     counts
         .body_bytes
         .fetch_add(body.len() as u64, Ordering::Relaxed);
-    match headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-    {
+    match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
         Some(key) => {
             let mut keys = counts.keys.lock().expect("poisoned");
             if !keys.contains(key) {
