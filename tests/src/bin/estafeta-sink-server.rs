@@ -1,0 +1,121 @@
+//! `estafeta-sink-server`: a minimal, fast HTTP server for benchmarking Estafeta's HTTP sink.
+//!
+//! It answers `200 OK` with an empty body to every request (any method, any path), after reading
+//! the body, and counts the requests, the distinct `Idempotency-Key` headers and the requests
+//! without one. `GET /__count` answers those counts as JSON without being counted itself, so a
+//! script can wait for the server to be up and check the counts. On SIGTERM or SIGINT it prints
+//! the counts as one JSON line on stdout and exits:
+//!
+//! ```text
+//! {"requests":100000,"distinct_idempotency_keys":100000,"without_idempotency_key":0,"body_bytes":...}
+//! ```
+//!
+//! It does no work per request beyond that, so a flush to it measures the agent's HTTP sink,
+//! not the server. `scripts/bench-compare` runs it on loopback.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use clap::Parser;
+use serde_json::json;
+
+/// HTTP sink server for benchmarks: 200 to everything, counts requests and Idempotency-Keys.
+#[derive(Debug, Parser)]
+#[command(name = "estafeta-sink-server")]
+struct Args {
+    /// Address to listen on (port 0: any free port, printed on stderr).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    addr: SocketAddr,
+    /// Runtime worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+#[derive(Default)]
+struct Counts {
+    requests: AtomicU64,
+    without_key: AtomicU64,
+    body_bytes: AtomicU64,
+    /// Distinct Idempotency-Keys (the agent sends the record's id: a UUID).
+    keys: Mutex<HashSet<Box<str>>>,
+}
+
+impl Counts {
+    fn json(&self) -> serde_json::Value {
+        json!({
+            "requests": self.requests.load(Ordering::Relaxed),
+            "distinct_idempotency_keys": self.keys.lock().expect("poisoned").len(),
+            "without_idempotency_key": self.without_key.load(Ordering::Relaxed),
+            "body_bytes": self.body_bytes.load(Ordering::Relaxed),
+        })
+    }
+}
+
+async fn accept(State(counts): State<Arc<Counts>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    counts.requests.fetch_add(1, Ordering::Relaxed);
+    counts
+        .body_bytes
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
+    match headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
+        Some(key) => {
+            let mut keys = counts.keys.lock().expect("poisoned");
+            if !keys.contains(key) {
+                keys.insert(key.into());
+            }
+        }
+        None => {
+            counts.without_key.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    StatusCode::OK
+}
+
+async fn count(State(counts): State<Arc<Counts>>) -> impl IntoResponse {
+    axum::Json(counts.json())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let counts = Arc::new(Counts::default());
+        let app = Router::new()
+            .route("/__count", get(count))
+            .fallback(accept)
+            .with_state(counts.clone());
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.addr))?;
+        eprintln!(
+            "estafeta-sink-server: listening on {}",
+            listener.local_addr()?
+        );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop_signal())
+            .await?;
+        println!("{}", counts.json());
+        Ok(())
+    })
+}
