@@ -143,7 +143,9 @@ def main():
              f"peak 1-minute load average during the run {meta.get('load_peak', '?')}; "
              f"other processes compiling (cargo/rustc/cc1/ld) seen: {meta['builds_before']} before, "
              f"{meta['builds_after']} after, up to {meta.get('builds_peak', '?')} at once during the run.")
-    if meta["builds_before"] or meta["builds_after"] or meta.get("builds_peak") or meta.get("load_peak", 0) > 1.0:
+    # The benchmark itself keeps both cores busy (load average about 2), so only compilers seen
+    # running say that someone else shared the machine.
+    if meta["builds_before"] or meta["builds_after"] or meta.get("builds_peak"):
         L.append("  **Other engineers' builds were running on this 2-core machine during the run**, so absolute")
         L.append("  figures are lower and noisier than on an idle machine. The sections run one after another (Estafeta's")
         L.append("  ingest first, then the baseline's), so the load they shared the machine with differs between them too.")
