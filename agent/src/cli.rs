@@ -536,7 +536,14 @@ async fn ask_daemon_to_update(config: &Config) -> anyhow::Result<()> {
 /// `estafeta update [--check]`.
 fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::Result<u8> {
     use crate::update::{AssetKind, Handover, install};
-    let _guard = crate::logging::init(&config);
+    // Run as root for a package install, a daily log file created now would belong to root and
+    // the service (user `estafeta`) could no longer append to it: log to the terminal instead.
+    let _guard = if crate::logging::dir_owned_by_other(&config) {
+        crate::logging::init_stderr(&config.log_level);
+        None
+    } else {
+        Some(crate::logging::init(&config))
+    };
     let current = crate::version::current();
     let checked = crate::update::check(&config)?;
     let offered = checked.manifest.version.clone();
@@ -566,14 +573,14 @@ fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::
         return Ok(EXIT_OK);
     }
     let prepared = crate::update::prepare(&config, &checked.manifest, kind)?;
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(file) = env_file {
+        args.push("--env-file".into());
+        args.push(file.as_os_str().to_owned());
+    }
+    args.push("run".into());
     match kind {
         AssetKind::Binary => {
-            let mut args: Vec<std::ffi::OsString> = Vec::new();
-            if let Some(file) = env_file {
-                args.push("--env-file".into());
-                args.push(file.as_os_str().to_owned());
-            }
-            args.push("run".into());
             let stop = tokio_util::sync::CancellationToken::new();
             let handover =
                 runtime()?.block_on(crate::update::takeover(&config, prepared, args, &stop));
@@ -587,7 +594,22 @@ fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::
                 Handover::Resume => Err(anyhow::anyhow!(message)),
             }
         }
-        AssetKind::Deb | AssetKind::Msi => {
+        AssetKind::Deb => {
+            use crate::update::package::{PackageOutcome, update_deb};
+            match runtime()?.block_on(update_deb(&config, &prepared, args))? {
+                PackageOutcome::Installed(message) => {
+                    crate::update::state::update(&config.staging_path, |s| {
+                        s.state = crate::update::State::Updated;
+                        s.available = None;
+                        s.message = Some(message.clone());
+                    });
+                    write_stdout(&format!("{message}\n"));
+                    Ok(EXIT_OK)
+                }
+                PackageOutcome::RolledBack(message) => Err(anyhow::anyhow!(message)),
+            }
+        }
+        AssetKind::Msi => {
             install::install_package(kind, &prepared.file)?;
             let message = format!(
                 "version {offered} was handed to the package manager ({}); check `estafeta status` once the service is back",

@@ -65,6 +65,27 @@ pub fn init(config: &Config) -> Guard {
 }
 
 /// Stderr-only logging at `level`, for the short CLI commands.
+/// Whether `LOG_DIR` exists and belongs to another user than this process's (root running
+/// `estafeta update` for the service user's folders).
+pub fn dir_owned_by_other(config: &Config) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some(dir) = &config.log_dir else {
+            return false;
+        };
+        match (std::fs::metadata(dir), std::fs::metadata("/proc/self")) {
+            (Ok(dir), Ok(me)) => dir.uid() != me.uid(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = config;
+        false
+    }
+}
+
 pub fn init_stderr(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter(level))

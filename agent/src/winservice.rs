@@ -275,14 +275,20 @@ mod imp {
             tracing::warn!(error = %err, "Could not set the service's recovery actions; set them in services.msc (Recovery: restart the service).");
         }
         let grace = config.shutdown_grace;
-        handle
-            .set_service_status(status(
+        // "Running" only once the store is open and the port bound (the daemon's `ready`): an
+        // MSI upgrade starts the service and waits for this (`ServiceControl Wait="yes"`), so a
+        // new version that cannot start fails the upgrade and Windows Installer puts the
+        // previous version back.
+        crate::notify::on_ready(move || {
+            if let Err(err) = handle.set_service_status(status(
                 ServiceState::Running,
                 ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN,
                 0,
                 Duration::ZERO,
-            ))
-            .context("could not report the service as running")?;
+            )) {
+                tracing::error!(error = %err, "Could not report the service as running.");
+            }
+        });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

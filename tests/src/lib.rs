@@ -15,7 +15,7 @@ mod db;
 mod flaky;
 mod gate;
 mod nats;
-mod release;
+pub mod release;
 pub mod reliability;
 mod support;
 mod workload;

@@ -17,11 +17,13 @@
 //!
 //! A .deb or MSI install ([`install`]) is updated by its package manager instead, from
 //! `estafeta update` run by an administrator; the daemon only reports that a version is available.
+//! A .deb's executable is tried before dpkg installs the package ([`package`]).
 //! The state of all this is [`state::UpdateStatus`], shown by `/v1/status` and `estafeta status`.
 
 pub mod install;
 pub mod keys;
 pub mod manifest;
+pub mod package;
 pub mod state;
 pub mod trial;
 
@@ -392,6 +394,7 @@ pub async fn takeover(
         token: config.ingest_token.clone(),
         health: config.update.health,
         grace: config.shutdown_grace,
+        run_as: None,
     };
     let outcome = trial::install_and_try(&prepared.file, &version, &spec, stop).await;
     if let Some(w) = watchdog {

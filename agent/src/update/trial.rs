@@ -34,6 +34,9 @@ pub struct TrialSpec {
     pub health: Duration,
     /// How long the healthy trial may take to stop.
     pub grace: Duration,
+    /// Unix user and group the trial runs as: the staging folder's owner when `estafeta update`
+    /// runs as root for a package install, so the files the trial writes stay the service's.
+    pub run_as: Option<(u32, u32)>,
 }
 
 /// How the trial ended.
@@ -105,7 +108,7 @@ pub async fn install_and_try(
     }
     sync_dir(spec.exe.parent().unwrap_or(Path::new(".")));
     tracing::info!(version, exe = %spec.exe.display(), previous = %previous.display(), health_secs = spec.health.as_secs_f64(), "New version in place; starting it as a trial.");
-    match run_trial(version, spec, stop).await {
+    match run_trial(&spec.exe, version, spec, stop).await {
         Ok(()) => Ok(Outcome::Healthy),
         Err(why) => {
             let why = format!("{why:#}");
@@ -121,13 +124,22 @@ pub async fn install_and_try(
     }
 }
 
-/// Starts the trial child and waits for it to be ready at `version`; stops it either way.
-async fn run_trial(
+/// Starts `exe` as a trial child and waits for it to be ready at `version`; stops it either way.
+/// `spec.exe` is not touched: a package update tries the executable unpacked from the package
+/// before the package manager installs anything.
+pub async fn run_trial(
+    exe: &Path,
     version: &str,
     spec: &TrialSpec,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut child = tokio::process::Command::new(&spec.exe)
+    let mut command = tokio::process::Command::new(exe);
+    #[cfg(unix)]
+    if let Some((uid, gid)) = spec.run_as {
+        // std drops root's supplementary groups too when it changes the user.
+        command.uid(uid).gid(gid);
+    }
+    let mut child = command
         .args(&spec.args)
         .env(TRIAL_ENV, version)
         .env_remove("NOTIFY_SOCKET")
@@ -136,12 +148,8 @@ async fn run_trial(
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("could not start {}", spec.exe.display()))?;
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .context("could not build the HTTP client for the health check")?;
+        .with_context(|| format!("could not start {}", exe.display()))?;
+    let client = health_client()?;
     let deadline = Instant::now() + spec.health;
     let result = loop {
         if let Some(status) = child.try_wait().context("waiting for the trial")? {
@@ -175,8 +183,21 @@ async fn run_trial(
     result
 }
 
+/// The client of the health checks: no proxy (the agent is on this machine), short timeouts.
+pub fn health_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .context("could not build the HTTP client for the health check")
+}
+
 /// Ready (`/readyz` 200) and running `version` (`/v1/status`).
-async fn probe(client: &reqwest::Client, spec: &TrialSpec, version: &str) -> anyhow::Result<()> {
+pub async fn probe(
+    client: &reqwest::Client,
+    spec: &TrialSpec,
+    version: &str,
+) -> anyhow::Result<()> {
     let ready = client
         .get(format!("http://{}/readyz", spec.addr))
         .send()
