@@ -2,7 +2,7 @@
 //! with the right permissions (0700 folders, 0600 files on Unix) and make them durable.
 
 use chrono::{DateTime, Datelike, Utc};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -94,7 +94,7 @@ pub fn private_file() -> OpenOptions {
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     {
-        File::open(dir)?.sync_all()
+        fs::File::open(dir)?.sync_all()
     }
     #[cfg(not(unix))]
     {
