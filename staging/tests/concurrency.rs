@@ -1,8 +1,7 @@
-//! The writer's pipeline under concurrent stagers: while one group is fdatasync'd the group
-//! before it is indexed, so a failure can strike with two groups written and not yet answered,
-//! and an `Idempotency-Key` can come back while its first request is still in flight. Whatever
-//! happens, the store after a restart holds exactly the records whose senders were told they
-//! were staged, and one key stages one record.
+//! The writer under concurrent stagers: a disk or index failure strikes while many requests
+//! wait in one group commit, and an `Idempotency-Key` comes back while its first request is
+//! still being written. Whatever happens, the store after a restart holds exactly the records
+//! whose senders were told they were staged, each readable, and one key stages one record.
 
 use estafeta_staging::*;
 use std::collections::{BTreeSet, HashMap};
