@@ -420,12 +420,12 @@ impl XorShift {
 #[derive(Clone)]
 pub struct Schedule {
     cron: croner::Cron,
-    tz: Option<chrono_tz::Tz>,
+    tz: Option<crate::timezone::Zone>,
 }
 
 impl Schedule {
     /// Parses 5-field cron, or 6 fields with seconds first.
-    pub fn new(crontab: &str, tz: Option<chrono_tz::Tz>) -> anyhow::Result<Self> {
+    pub fn new(crontab: &str, tz: Option<crate::timezone::Zone>) -> anyhow::Result<Self> {
         let cron = croner::Cron::new(crontab)
             .with_seconds_optional()
             .parse()
@@ -437,10 +437,10 @@ impl Schedule {
 
     /// The first tick strictly after `now`; `None` if the expression never matches again.
     pub fn next_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let next = match self.tz {
+        let next = match &self.tz {
             Some(tz) => self
                 .cron
-                .find_next_occurrence(&now.with_timezone(&tz), false)
+                .find_next_occurrence(&now.with_timezone(tz), false)
                 .map(|t| t.with_timezone(&Utc)),
             None => self
                 .cron
@@ -469,7 +469,7 @@ impl Batcher {
         metrics: Arc<Metrics>,
         writes: Option<watch::Receiver<u64>>,
     ) -> anyhow::Result<Self> {
-        let schedule = Schedule::new(&config.crontab, config.tz)?;
+        let schedule = Schedule::new(&config.crontab, config.tz.clone())?;
         let writes = writes.filter(|_| config.flush_on_write);
         Ok(Self {
             store,
@@ -734,21 +734,21 @@ mod tests {
 
     #[test]
     fn schedule_accepts_five_and_six_fields() {
+        use crate::timezone::Zone;
         let now = DateTime::parse_from_rfc3339("2025-03-01T10:00:30Z")
             .expect("valid time")
             .with_timezone(&Utc);
-        let minutely = Schedule::new("* * * * *", Some(chrono_tz::UTC)).expect("5 fields");
+        let minutely = Schedule::new("* * * * *", Zone::named("UTC")).expect("5 fields");
         assert_eq!(
             minutely.next_after(now).map(|t| t.to_rfc3339()),
             Some("2025-03-01T10:01:00+00:00".to_owned())
         );
-        let every_10s = Schedule::new("*/10 * * * * *", Some(chrono_tz::UTC)).expect("6 fields");
+        let every_10s = Schedule::new("*/10 * * * * *", Zone::named("UTC")).expect("6 fields");
         assert_eq!(
             every_10s.next_after(now).map(|t| t.to_rfc3339()),
             Some("2025-03-01T10:00:40+00:00".to_owned())
         );
-        let sao_paulo =
-            Schedule::new("0 8 * * *", Some(chrono_tz::America::Sao_Paulo)).expect("tz");
+        let sao_paulo = Schedule::new("0 8 * * *", Zone::named("America/Sao_Paulo")).expect("tz");
         assert_eq!(
             sao_paulo.next_after(now).map(|t| t.to_rfc3339()),
             Some("2025-03-01T11:00:00+00:00".to_owned())

@@ -598,11 +598,7 @@ fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::
             use crate::update::package::{PackageOutcome, update_deb};
             match runtime()?.block_on(update_deb(&config, &prepared, args))? {
                 PackageOutcome::Installed(message) => {
-                    crate::update::state::update(&config.staging_path, |s| {
-                        s.state = crate::update::State::Updated;
-                        s.available = None;
-                        s.message = Some(message.clone());
-                    });
+                    crate::update::state::record_updated(&config.staging_path, &message);
                     write_stdout(&format!("{message}\n"));
                     Ok(EXIT_OK)
                 }
@@ -615,11 +611,7 @@ fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::
                 "version {offered} was handed to the package manager ({}); check `estafeta status` once the service is back",
                 kind.as_str()
             );
-            crate::update::state::update(&config.staging_path, |s| {
-                s.state = crate::update::State::Updated;
-                s.available = None;
-                s.message = Some(message.clone());
-            });
+            crate::update::state::record_updated(&config.staging_path, &message);
             write_stdout(&format!("{message}\n"));
             Ok(EXIT_OK)
         }

@@ -15,7 +15,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -145,7 +144,7 @@ pub struct Config {
     /// `CRONTAB`: the batcher's schedule, 5 fields or 6 with seconds.
     pub crontab: String,
     /// `TZ`: the time zone `CRONTAB` is read in; `None`: the machine's local time.
-    pub tz: Option<chrono_tz::Tz>,
+    pub tz: Option<crate::timezone::Zone>,
     /// `STAGING_AREA_PATH` resolved with `IS_ABSOLUTE_STAGING_AREA_PATH`.
     pub staging_path: PathBuf,
     /// `FAILED_DIR`: dead letters; `None`: `<staging>/_failed`.
@@ -441,6 +440,7 @@ impl Config {
         push(
             "TZ",
             self.tz
+                .as_ref()
                 .map(|tz| tz.name().to_owned())
                 .unwrap_or_else(|| "(local time)".into()),
         );
@@ -2201,17 +2201,18 @@ pub fn validate_crontab(expr: &str) -> Result<(), String> {
 }
 
 /// `TZ`: an IANA name; a file path such as `:/etc/localtime` means the machine's local time.
-fn parse_tz(text: &str) -> Result<Option<chrono_tz::Tz>, String> {
+fn parse_tz(text: &str) -> Result<Option<crate::timezone::Zone>, String> {
+    use crate::timezone::Zone;
     let name = text.trim().trim_start_matches(':');
     if name.starts_with('/') {
         // glibc's `TZ=:/usr/share/zoneinfo/Area/City` form: use the name after `zoneinfo/`.
         return Ok(name
             .split_once("zoneinfo/")
-            .and_then(|(_, zone)| chrono_tz::Tz::from_str(zone).ok()));
+            .and_then(|(_, zone)| Zone::named(zone)));
     }
-    chrono_tz::Tz::from_str(name)
-        .map(Some)
-        .map_err(|_| "expected an IANA time zone name such as America/Sao_Paulo or UTC".to_string())
+    Zone::named(name).map(Some).ok_or_else(|| {
+        "expected an IANA time zone name such as America/Sao_Paulo or UTC (from the system's time zone database, /usr/share/zoneinfo; install the tzdata package if it is missing)".to_string()
+    })
 }
 
 /// `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`, any case.
@@ -2501,11 +2502,13 @@ mod tests {
 
     #[test]
     fn tz_accepts_names_and_local_paths() {
-        assert_eq!(parse_tz("UTC"), Ok(Some(chrono_tz::UTC)));
+        use crate::timezone::Zone;
+        assert_eq!(parse_tz("UTC"), Ok(Zone::named("UTC")));
         assert_eq!(
             parse_tz(":/usr/share/zoneinfo/America/Sao_Paulo"),
-            Ok(Some(chrono_tz::America::Sao_Paulo))
+            Ok(Zone::named("America/Sao_Paulo"))
         );
+        assert!(Zone::named("America/Sao_Paulo").is_some());
         assert_eq!(parse_tz(":/etc/localtime"), Ok(None));
         assert!(parse_tz("Mars/Olympus").is_err());
     }

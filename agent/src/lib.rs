@@ -13,6 +13,7 @@ pub mod logging;
 pub mod notify;
 pub mod sinks;
 pub mod sources;
+pub mod timezone;
 pub mod update;
 pub mod version;
 pub mod winservice;

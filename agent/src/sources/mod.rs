@@ -527,7 +527,7 @@ async fn run_source(
     staged: impl Fn(),
 ) {
     let cron = match &source.when {
-        When::Cron(expr) => match crate::batcher::Schedule::new(expr, config.tz) {
+        When::Cron(expr) => match crate::batcher::Schedule::new(expr, config.tz.clone()) {
             Ok(schedule) => Some(schedule),
             Err(err) => {
                 warn!(source = %source.name, error = format!("{err:#}"), "The source's schedule is not valid; it will not run.");

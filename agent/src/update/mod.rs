@@ -283,7 +283,7 @@ pub async fn run_checks(
 ) {
     let schedule = match config.update.crontab.as_deref() {
         None => None,
-        Some(crontab) => match crate::batcher::Schedule::new(crontab, config.tz) {
+        Some(crontab) => match crate::batcher::Schedule::new(crontab, config.tz.clone()) {
             Ok(s) => Some(s),
             Err(err) => {
                 tracing::error!(error = %format!("{err:#}"), "UPDATE_CRONTAB is not valid; no automatic update checks.");
@@ -405,23 +405,14 @@ pub async fn takeover(
             let message =
                 format!("updated from {from} to {version}; the new version reported ready");
             tracing::info!(previous = %trial::previous_path(&exe).display(), "{message}");
-            state::update(staging, |s| {
-                s.state = State::Updated;
-                s.available = None;
-                s.message = Some(message);
-            });
+            state::record_updated(staging, &message);
             Handover::Exec(exe)
         }
         Ok(trial::Outcome::RolledBack(why)) => {
             let message = format!(
                 "version {version} was rolled back: {why}; {from} runs again and automatic checks skip {version} (`estafeta update` tries it again)"
             );
-            tracing::error!("{message}");
-            state::update(staging, |s| {
-                s.state = State::RolledBack;
-                s.rejected = Some(version.clone());
-                s.message = Some(message);
-            });
+            state::record_rolled_back(staging, &version, &message);
             Handover::Resume
         }
         Err(err) => {

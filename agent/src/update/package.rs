@@ -81,12 +81,7 @@ pub async fn update_deb(
         let message = format!(
             "version {version} was not installed: its trial failed ({why:#}); {from} stays installed and automatic checks skip {version} (`estafeta update` tries it again)"
         );
-        tracing::error!("{message}");
-        state::update(staging, |s| {
-            s.state = State::RolledBack;
-            s.rejected = Some(version.clone());
-            s.message = Some(message.clone());
-        });
+        state::record_rolled_back(staging, &version, &message);
         if service_was_running {
             start_service();
         }
@@ -124,12 +119,7 @@ pub async fn update_deb(
             let message = format!(
                 "version {version} was installed but the service did not report it ready ({why:#}); the previous executable ({from}) was put back and the service restarted. dpkg still lists {version}: reinstall the previous .deb to make it agree"
             );
-            tracing::error!("{message}");
-            state::update(staging, |s| {
-                s.state = State::RolledBack;
-                s.rejected = Some(version.clone());
-                s.message = Some(message.clone());
-            });
+            state::record_rolled_back(staging, &version, &message);
             Ok(PackageOutcome::RolledBack(message))
         }
     }

@@ -111,6 +111,27 @@ pub fn update(staging: &Path, change: impl FnOnce(&mut UpdateStatus)) -> UpdateS
     status
 }
 
+/// Records a finished update: the new version runs (or will, once started) and nothing is
+/// offered any more.
+pub fn record_updated(staging: &Path, message: &str) {
+    update(staging, |s| {
+        s.state = State::Updated;
+        s.available = None;
+        s.message = Some(message.to_owned());
+    });
+}
+
+/// Records an update given up after its trial or health check: the previous version runs and
+/// automatic checks skip `version` (`estafeta update` tries it again). Logs `message` as an error.
+pub fn record_rolled_back(staging: &Path, version: &str, message: &str) {
+    tracing::error!("{message}");
+    update(staging, |s| {
+        s.state = State::RolledBack;
+        s.rejected = Some(version.to_owned());
+        s.message = Some(message.to_owned());
+    });
+}
+
 /// Now, as RFC 3339 (UTC).
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
