@@ -244,6 +244,54 @@ async fn a_killed_connection_is_replaced() {
     assert_eq!(count(ids(&second)).await, 1);
 }
 
+/// The batch insert is prepared once per connection; a DBA changing the landing table under a
+/// running agent (here: adding a column) must not make the next batches fail. Runs in a schema
+/// of its own so the shared table is untouched.
+#[tokio::test]
+async fn a_column_added_under_a_running_agent_changes_nothing() {
+    let client = connect().await;
+    let schema = format!("estafeta_test_{}", uuid::Uuid::now_v7().simple());
+    client
+        .batch_execute(&format!("CREATE SCHEMA {schema}"))
+        .await
+        .expect("create a private schema");
+    let url = format!("{URL}?options=-csearch_path%3D{schema}");
+    let sink = sink_at(&url, &agent_id());
+
+    let first = vec![delivery("create", "patient", Some("1"), "{}")];
+    assert_eq!(sink.deliver(&first).await, vec![Outcome::Delivered]);
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.estafeta_records ADD COLUMN checked_by text DEFAULT 'nobody'"
+        ))
+        .await
+        .expect("add a column");
+
+    let second = vec![
+        delivery("create", "patient", Some("2"), "{}"),
+        delivery("update", "patient", Some("3"), "{}"),
+    ];
+    assert_eq!(
+        sink.deliver(&second).await,
+        vec![Outcome::Delivered, Outcome::Delivered]
+    );
+    let landed: Vec<String> = client
+        .query(
+            &format!("SELECT checked_by FROM {schema}.estafeta_records ORDER BY seq"),
+            &[],
+        )
+        .await
+        .expect("read the private table")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(landed, ["nobody", "nobody", "nobody"]);
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .expect("drop the private schema");
+}
+
 #[tokio::test]
 async fn dry_run_names_the_row_but_not_the_payload() {
     let sink = sink_at("postgres://u:hunter22@db.example/central", "a");

@@ -35,7 +35,7 @@ use chrono::{DateTime, Utc};
 use estafeta_staging::Delivery;
 use tokio::sync::Mutex;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, GenericClient, NoTls};
+use tokio_postgres::{Client, GenericClient, NoTls, Statement};
 
 use super::apply::{ApplyStatements, Bound};
 use super::database::{
@@ -73,13 +73,32 @@ pub struct PostgresSink {
     shown: String,
     secrets: Vec<String>,
     /// Two connections: a large batch is split in halves inserted side by side (see `deliver`).
-    clients: [Mutex<Option<Client>>; 2],
+    clients: [Mutex<Option<Connection>>; 2],
     /// Whether `sql/postgres/agents.sql` ran (on any connection of this process).
     agents_ready: AtomicBool,
     /// Apply mode: the statement files.
     apply: Option<Arc<ApplyStatements>>,
     /// 1 or 2 (`connections`): with 1, batches are never split and the second slot stays empty.
     connections: usize,
+}
+
+/// An open connection, migrated, with the batch insert prepared on it.
+struct Connection {
+    client: Client,
+    /// `INSERT_SQL`, prepared once when the connection opens: each batch is then one round trip
+    /// (Bind, Execute) that PostgreSQL neither parses nor plans again, instead of two (Parse and
+    /// Describe, then Bind and Execute). If the table changes under it (a DBA adds a column),
+    /// PostgreSQL plans it again; an error from it is transient, so the batch is retried on a
+    /// new connection (`a_column_added_under_a_running_agent_changes_nothing`).
+    insert: Statement,
+}
+
+/// Which insert [`PostgresSink::execute_insert`] runs.
+enum Insert<'a> {
+    /// `INSERT_SQL`, prepared on the connection.
+    Prepared(&'a Statement),
+    /// `INSERT_RETURNING_SQL` (apply mode), which says which records are new.
+    Returning,
 }
 
 /// Apply statements prepared on the current connection, by file, for one batch.
@@ -188,31 +207,46 @@ impl PostgresSink {
         tx.commit().await.map_err(fail)
     }
 
+    /// The slot's connection, opening (connect, migrate, prepare) a new one when it has none
+    /// or its connection is closed.
+    async fn open<'s>(
+        &self,
+        slot: &'s mut Option<Connection>,
+    ) -> Result<&'s mut Connection, String> {
+        if slot.as_ref().is_some_and(|c| !c.client.is_closed()) {
+            return Ok(slot.as_mut().expect("checked just above"));
+        }
+        *slot = None;
+        let mut client = self.connect().await?;
+        self.migrate(&mut client).await?;
+        let insert = client.prepare(INSERT_SQL).await.map_err(|err| {
+            format!(
+                "cannot prepare the insert into the landing table at {}: {}",
+                self.shown,
+                self.failure(err).message()
+            )
+        })?;
+        Ok(slot.insert(Connection { client, insert }))
+    }
+
     /// Delivers the rows on the sink's connection, (re)connecting first when needed. `Err`
     /// means: retry the whole batch.
     async fn deliver_rows(
         &self,
-        slot: &mut Option<Client>,
+        slot: &mut Option<Connection>,
         rows: &[LandingRow],
     ) -> Result<Vec<Outcome>, String> {
-        let client = match slot {
-            Some(client) if !client.is_closed() => client,
-            _ => {
-                *slot = None;
-                let mut client = self.connect().await?;
-                self.migrate(&mut client).await?;
-                slot.insert(client)
-            }
-        };
+        let conn = self.open(slot).await?;
         if self.apply.is_some() {
-            return self.deliver_applied(client, rows).await;
+            return self.deliver_applied(conn, rows).await;
         }
-        match self.insert(client, rows.iter()).await {
-            Ok(()) => Ok(vec![Outcome::Delivered; rows.len()]),
+        let insert = Insert::Prepared(&conn.insert);
+        match self.execute_insert(&conn.client, insert, rows.iter()).await {
+            Ok(_) => Ok(vec![Outcome::Delivered; rows.len()]),
             Err(Failure::Transient(error)) => Err(error),
             Err(Failure::Row(error)) => {
                 tracing::debug!(sink = %self.name, error = %error, "A row was refused; inserting the batch row by row.");
-                self.insert_row_by_row(client, rows).await
+                self.insert_row_by_row(conn, rows).await
             }
         }
     }
@@ -221,11 +255,11 @@ impl PostgresSink {
     /// when the database refuses a row or a statement.
     async fn deliver_applied(
         &self,
-        client: &mut Client,
+        conn: &mut Connection,
         rows: &[LandingRow],
     ) -> Result<Vec<Outcome>, String> {
         let transient = |err| self.failure(err).message();
-        let tx = client.transaction().await.map_err(transient)?;
+        let tx = conn.client.transaction().await.map_err(transient)?;
         let mut prepared = Prepared::new();
         match self.insert_and_apply(&tx, rows, &mut prepared).await {
             Ok(()) => {
@@ -236,7 +270,7 @@ impl PostgresSink {
             Err(Failure::Row(error)) => {
                 tracing::debug!(sink = %self.name, error = %error, "A row or apply statement was refused; delivering the batch row by row.");
                 tx.rollback().await.map_err(transient)?;
-                self.insert_row_by_row(client, rows).await
+                self.insert_row_by_row(conn, rows).await
             }
         }
     }
@@ -250,7 +284,7 @@ impl PostgresSink {
         prepared: &mut Prepared,
     ) -> Result<(), Failure> {
         let added = self
-            .execute_insert(tx, rows.iter(), true)
+            .execute_insert(tx, Insert::Returning, rows.iter())
             .await?
             .unwrap_or_default();
         for row in rows {
@@ -299,7 +333,7 @@ impl PostgresSink {
     /// Delivers one part of a batch on one of the sink's connections.
     async fn deliver_part(
         &self,
-        slot: &Mutex<Option<Client>>,
+        slot: &Mutex<Option<Connection>>,
         rows: &[LandingRow],
     ) -> Vec<Outcome> {
         if rows.is_empty() {
@@ -310,23 +344,15 @@ impl PostgresSink {
         database::outcomes_or_retry(&self.name, rows.len(), result, || *slot = None)
     }
 
-    /// Inserts `rows` in one statement, which PostgreSQL runs as one transaction of its own
-    /// (no BEGIN and COMMIT round trips around it).
-    async fn insert<'r>(
-        &self,
-        client: &mut Client,
-        rows: impl Iterator<Item = &'r LandingRow> + Clone,
-    ) -> Result<(), Failure> {
-        self.execute_insert(&*client, rows, false).await.map(|_| ())
-    }
-
-    /// Inserts `rows`; with `returning`, also returns the idempotency keys it added (a key
-    /// already in the table is skipped).
+    /// Inserts `rows` in one statement (outside a transaction, PostgreSQL runs it as one
+    /// transaction of its own: no BEGIN and COMMIT round trips around it). With
+    /// [`Insert::Returning`], also returns the idempotency keys it added (a key already in the
+    /// table is skipped).
     async fn execute_insert<'r>(
         &self,
         tx: &impl GenericClient,
+        insert: Insert<'_>,
         rows: impl Iterator<Item = &'r LandingRow> + Clone,
-        returning: bool,
     ) -> Result<Option<HashSet<String>>, Failure> {
         let keys: Vec<&str> = rows.clone().map(|r| r.idempotency_key.as_str()).collect();
         let seqs: Vec<i64> = rows.clone().map(|r| r.seq).collect();
@@ -346,27 +372,28 @@ impl PostgresSink {
             &payloads,
             &staged,
         ];
-        if returning {
-            tx.query(INSERT_RETURNING_SQL, &params)
+        match insert {
+            Insert::Returning => tx
+                .query(INSERT_RETURNING_SQL, &params)
                 .await
                 .map(|added| Some(added.iter().map(|row| row.get(0)).collect()))
-                .map_err(|err| self.failure(err))
-        } else {
-            tx.execute(INSERT_SQL, &params)
+                .map_err(|err| self.failure(err)),
+            Insert::Prepared(statement) => tx
+                .execute(statement, &params)
                 .await
                 .map(|_| None)
-                .map_err(|err| self.failure(err))
+                .map_err(|err| self.failure(err)),
         }
     }
 
     /// One transaction, one savepoint per row: refused rows are dead, the rest delivered.
     async fn insert_row_by_row(
         &self,
-        client: &mut Client,
+        conn: &mut Connection,
         rows: &[LandingRow],
     ) -> Result<Vec<Outcome>, String> {
         let transient = |err| self.failure(err).message();
-        let mut tx = client.transaction().await.map_err(transient)?;
+        let mut tx = conn.client.transaction().await.map_err(transient)?;
         let mut outcomes = Vec::with_capacity(rows.len());
         let mut prepared = Prepared::new();
         for row in rows {
@@ -375,7 +402,8 @@ impl PostgresSink {
                 self.insert_and_apply(&savepoint, std::slice::from_ref(row), &mut prepared)
                     .await
             } else {
-                self.execute_insert(&savepoint, std::iter::once(row), false)
+                let insert = Insert::Prepared(&conn.insert);
+                self.execute_insert(&savepoint, insert, std::iter::once(row))
                     .await
                     .map(|_| ())
             };
@@ -399,13 +427,7 @@ impl PostgresSink {
     async fn send_heartbeat(&self, beat: &crate::heartbeat::Heartbeat) -> Result<(), String> {
         // The first connection, which every batch uses (a large one uses the second too).
         let mut slot = self.clients[0].lock().await;
-        if slot.as_ref().is_none_or(Client::is_closed) {
-            *slot = None;
-            let mut client = self.connect().await?;
-            self.migrate(&mut client).await?;
-            *slot = Some(client);
-        }
-        let client = slot.as_mut().expect("connected just above");
+        let client = &mut self.open(&mut slot).await?.client;
         let fail = |err| {
             format!(
                 "heartbeat to {}: {}",
