@@ -144,6 +144,46 @@ async fn a_key_too_long_is_dead_alone() {
     assert!(reason.contains("record_key"), "{reason}");
 }
 
+/// A batch goes as multi-row inserts of at most 256 rows: a refused row in the middle of the
+/// second one is dead alone, the rows around it land, and rows already there from an earlier
+/// (partial) delivery are neither duplicated nor refused.
+#[tokio::test]
+async fn a_batch_of_several_multi_row_inserts_lands_once_with_only_the_refused_row_dead() {
+    let (sink, conn) = sink(&agent_id()).await;
+    let count = counter(&conn);
+    let run = uuid::Uuid::now_v7();
+    let mut batch: Vec<_> = (0..600)
+        .map(|i| {
+            let key = format!("{run}-{i}");
+            delivery("create", "patient", Some(&key), r#"{"nome":"Ana"}"#)
+        })
+        .collect();
+    batch[300] = delivery("create", "patient", Some(&"k".repeat(513)), "{}");
+    assert_eq!(
+        sink.deliver(&batch[..100]).await,
+        vec![Outcome::Delivered; 100],
+        "the first 100 land on their own first"
+    );
+
+    let outcomes = sink.deliver(&batch).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match (i, outcome) {
+            (300, Outcome::Dead { reason }) => assert!(reason.contains("record_key"), "{reason}"),
+            (300, other) => panic!("the key too long should be dead, got {other:?}"),
+            (_, outcome) => assert_eq!(*outcome, Outcome::Delivered, "record {i}"),
+        }
+    }
+    assert_eq!(outcomes.len(), 600);
+    let mut good = common::ids(&batch);
+    let refused = good.remove(300);
+    assert_eq!(count(good).await, 599, "every good record landed once");
+    assert_eq!(
+        count(vec![refused]).await,
+        0,
+        "the refused record did not land"
+    );
+}
+
 #[tokio::test]
 async fn conformance_connection_refused_retries_everything_without_the_password() {
     for scheme in ["mysql", "mariadb"] {

@@ -7,11 +7,17 @@
 //! (not `INSERT IGNORE`, which would downgrade bad values to warnings). InnoDB undoes only the
 //! failing statement on a data error, so a refused row (SQLSTATE class 22 or 23, or codes such as
 //! 1406 too long, 1366 bad value, 1452 foreign key, 4025 / 3819 CHECK) becomes dead with the
-//! server's message while the other rows of the transaction commit: the row-by-row pass comes
-//! for free. Any other error (1213 deadlock, 1205 lock wait, 1040 too many connections, a lost
-//! connection, a missing grant) retries the whole batch on a new connection. A statement per
-//! row costs one round trip each, a fair price on a LAN for SQL text that never depends on the
-//! batch. TLS to MySQL is not built in (mysql_async's `minimal-rust` features).
+//! server's message while the other rows of the transaction commit. Any other error (1213
+//! deadlock, 1205 lock wait, 1040 too many connections, a lost connection, a missing grant)
+//! retries the whole batch on a new connection. TLS to MySQL is not built in (mysql_async's
+//! `minimal-rust` features).
+//!
+//! One round trip per row would cap a flush at a few thousand rows a second on a LAN, so the
+//! rows of a batch go as multi-row statements of the same insert ([`CHUNK_MAX_ROWS`] rows or
+//! [`CHUNK_MAX_BYTES`] of payload at most, far under the servers' smallest default
+//! `max_allowed_packet`). InnoDB undoes a failing statement as a whole, so when a chunk is
+//! refused for its data, its rows are sent again one by one in the same transaction and only
+//! the offending ones become dead.
 //!
 //! Heartbeats ([`crate::heartbeat`]) are upserted into `estafeta_agents` on the same connection;
 //! that table and the `estafeta_fleet` view come from `sql/mysql/agents.sql`, applied by the
@@ -61,6 +67,15 @@ const UNLOCK_SQL: &str = "DO RELEASE_LOCK('estafeta_migrations')";
 /// Apply mode: set before each applied record (a savepoint of the same name replaces the last).
 const SAVEPOINT_SQL: &str = "SAVEPOINT estafeta_row";
 const ROLLBACK_TO_SAVEPOINT_SQL: &str = "ROLLBACK TO SAVEPOINT estafeta_row";
+
+/// Most rows one multi-row insert carries (8 parameters each).
+const CHUNK_MAX_ROWS: usize = 256;
+/// Most payload bytes one multi-row insert carries; a larger row goes alone. MySQL 5.7's and
+/// MariaDB's smallest default `max_allowed_packet` is 4 MiB; a single row is bounded by the
+/// agent's `MAX_BODY_BYTES` as before.
+const CHUNK_MAX_BYTES: usize = 1024 * 1024;
+/// The row placeholder of `INSERT_SQL`, repeated for a multi-row insert.
+const ROW_PLACEHOLDERS: &str = "(?, ?, ?, ?, ?, ?, ?, ?)";
 
 /// Server error codes that mean "this row's data", beyond SQLSTATE classes 22 and 23 (some of
 /// them report the generic HY000).
@@ -224,6 +239,31 @@ impl MysqlSink {
             .map_err(transient)?;
         let statement = tx.prep(INSERT_SQL).await.map_err(transient)?;
         let mut outcomes = Vec::with_capacity(rows.len());
+        if rows.iter().all(|row| row.apply.is_none()) {
+            for chunk in chunks(rows) {
+                if chunk.len() > 1 {
+                    match tx
+                        .exec_drop(multi_row_insert(chunk.len()), self.chunk_params(chunk))
+                        .await
+                    {
+                        Ok(()) => {
+                            outcomes.extend(chunk.iter().map(|_| Outcome::Delivered));
+                            continue;
+                        }
+                        Err(err) => match self.failure(err) {
+                            // InnoDB undid the whole statement: find the offending rows below.
+                            Failure::Row(_) => {}
+                            Failure::Transient(error) => return Err(error),
+                        },
+                    }
+                }
+                for row in chunk {
+                    outcomes.push(self.insert_row(&mut tx, &statement, row).await?);
+                }
+            }
+            tx.commit().await.map_err(transient)?;
+            return Ok(outcomes);
+        }
         for row in rows {
             if let Some(apply) = &row.apply {
                 match self.insert_and_apply(&mut tx, &statement, row, apply).await {
@@ -233,17 +273,27 @@ impl MysqlSink {
                 }
                 continue;
             }
-            match tx.exec_drop(&statement, self.params(row)).await {
-                Ok(()) => outcomes.push(Outcome::Delivered),
-                Err(err) => match self.failure(err) {
-                    // InnoDB undid this statement only; the transaction goes on.
-                    Failure::Row(reason) => outcomes.push(Outcome::Dead { reason }),
-                    Failure::Transient(error) => return Err(error),
-                },
-            }
+            outcomes.push(self.insert_row(&mut tx, &statement, row).await?);
         }
         tx.commit().await.map_err(transient)?;
         Ok(outcomes)
+    }
+
+    /// Inserts one row; a refusal of its data makes it dead. `Err` means: retry the batch.
+    async fn insert_row(
+        &self,
+        tx: &mut Transaction<'_>,
+        statement: &Statement,
+        row: &LandingRow,
+    ) -> Result<Outcome, String> {
+        match tx.exec_drop(statement, self.params(row)).await {
+            Ok(()) => Ok(Outcome::Delivered),
+            Err(err) => match self.failure(err) {
+                // InnoDB undid this statement only; the transaction goes on.
+                Failure::Row(reason) => Ok(Outcome::Dead { reason }),
+                Failure::Transient(error) => Err(error),
+            },
+        }
     }
 
     /// Upserts `beat` into `estafeta_agents`, creating the table and view first if needed.
@@ -348,6 +398,15 @@ impl MysqlSink {
     }
 
     fn params(&self, row: &LandingRow) -> Params {
+        Params::Positional(self.values(row))
+    }
+
+    /// The parameters of a multi-row insert: each row's, in order.
+    fn chunk_params(&self, rows: &[LandingRow]) -> Params {
+        Params::Positional(rows.iter().flat_map(|row| self.values(row)).collect())
+    }
+
+    fn values(&self, row: &LandingRow) -> Vec<Value> {
         let t = row.staged_at.naive_utc();
         use chrono::{Datelike as _, Timelike as _};
         let staged_at = Value::Date(
@@ -360,7 +419,7 @@ impl MysqlSink {
             t.second() as u8,
             t.nanosecond() / 1_000 % 1_000_000,
         );
-        Params::Positional(vec![
+        vec![
             Value::from(row.idempotency_key.as_str()),
             Value::from(self.agent_id.as_str()),
             Value::from(row.seq),
@@ -369,7 +428,7 @@ impl MysqlSink {
             Value::from(row.record_key.as_deref()),
             Value::from(row.payload.as_str()),
             staged_at,
-        ])
+        ]
     }
 
     /// Sorts an error (module documentation) and words it without the password.
@@ -395,6 +454,43 @@ impl MysqlSink {
             other => Failure::Transient(scrub(error_chain(&other), &self.secrets)),
         }
     }
+}
+
+/// Splits a batch into the rows of each multi-row insert, in order.
+fn chunks(rows: &[LandingRow]) -> Vec<&[LandingRow]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        let full = i - start == CHUNK_MAX_ROWS || bytes + row.payload.len() > CHUNK_MAX_BYTES;
+        if i > start && full {
+            out.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += row.payload.len();
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
+}
+
+/// `INSERT_SQL` with `rows` row placeholders. mysql_async keeps the statements it prepared
+/// (an LRU cache per connection), so a batch size seen before costs no extra round trip.
+fn multi_row_insert(rows: usize) -> String {
+    let (head, tail) = INSERT_SQL
+        .split_once(ROW_PLACEHOLDERS)
+        .expect("sql/mysql/insert_record.sql has one row of placeholders");
+    let mut sql =
+        String::with_capacity(head.len() + tail.len() + rows * (ROW_PLACEHOLDERS.len() + 2));
+    sql.push_str(head);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(ROW_PLACEHOLDERS);
+    }
+    sql.push_str(tail);
+    sql
 }
 
 impl Sink for MysqlSink {
@@ -453,5 +549,58 @@ impl Sink for MysqlSink {
             let _ = conn.disconnect().await;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn row(seq: i64, payload_bytes: usize) -> LandingRow {
+        LandingRow {
+            idempotency_key: format!("id-{seq}"),
+            seq,
+            action: "create".into(),
+            entity: "patient".into(),
+            record_key: None,
+            payload: "x".repeat(payload_bytes),
+            staged_at: Utc::now(),
+            apply: None,
+        }
+    }
+
+    fn sizes(rows: &[LandingRow]) -> Vec<usize> {
+        chunks(rows).iter().map(|c| c.len()).collect()
+    }
+
+    #[test]
+    fn chunks_keep_every_row_in_order_within_the_limits() {
+        let rows: Vec<_> = (0..600).map(|i| row(i, 1000)).collect();
+        assert_eq!(sizes(&rows), [256, 256, 88]);
+        let seqs: Vec<i64> = chunks(&rows).concat().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (0..600).collect::<Vec<_>>());
+
+        // 300 KB payloads: three fit under the byte limit; a row over it goes alone.
+        let rows: Vec<_> = (0..7).map(|i| row(i, 300_000)).collect();
+        assert_eq!(sizes(&rows), [3, 3, 1]);
+        let rows = vec![row(0, 10), row(1, 2 * CHUNK_MAX_BYTES), row(2, 10)];
+        assert_eq!(sizes(&rows), [1, 1, 1]);
+        assert!(chunks(&[]).is_empty());
+    }
+
+    #[test]
+    fn the_multi_row_insert_is_the_landing_insert_with_more_rows() {
+        let sql = multi_row_insert(3);
+        assert_eq!(sql.matches(ROW_PLACEHOLDERS).count(), 3);
+        assert_eq!(sql.matches('?').count(), 24);
+        assert!(sql.contains(&format!(
+            "{ROW_PLACEHOLDERS}, {ROW_PLACEHOLDERS}, {ROW_PLACEHOLDERS}"
+        )));
+        assert!(
+            sql.trim_end()
+                .ends_with("ON DUPLICATE KEY UPDATE idempotency_key = idempotency_key")
+        );
+        assert_eq!(multi_row_insert(1), INSERT_SQL);
     }
 }
