@@ -5,7 +5,8 @@
 //!   installed, tried, handed over in the same process (exec, same PID), `/v1/status` reports it,
 //!   and the backlog staged before the update is delivered once the API is back;
 //! - an archive signed with another key, and a good one with no public key configured: refused,
-//!   the executable unchanged, the old version still running and delivering;
+//!   the executable unchanged, the old version still running and delivering, the archive not
+//!   downloaded again by the checks that follow;
 //! - a version that crashes at start (an executable that exits 70 at once, signed like a good
 //!   one), and one that never gets ready (it sleeps; `UPDATE_HEALTH_SECS=3`): rolled back, the
 //!   previous executable restored byte for byte, same PID, backlog delivered, version skipped;
@@ -82,6 +83,11 @@ async fn start_with_backlog(
         assert_eq!(code.as_u16(), 202, "{body}");
     }
     (agent, sink)
+}
+
+/// `/v1/status` now.
+async fn status_of(agent: &Agent) -> Value {
+    wait_for(agent, Duration::from_secs(10), |_| true).await
 }
 
 /// Polls `/v1/status` (tolerating the restart's refused connections) until `done` holds.
@@ -232,6 +238,19 @@ async fn a_bad_signature_or_no_key_is_refused_and_nothing_changes() {
             "{case}: executable unchanged"
         );
         assert!(agent.stderr().contains("Update refused"), "{case}: logged");
+        // Checks go on every second, but the refused archive is not downloaded again.
+        let checks = releases.served("manifest.json");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            releases.served("manifest.json") >= checks + 2,
+            "{case}: the manifest is still checked"
+        );
+        assert_eq!(releases.served(&name), 1, "{case}: downloaded once");
+        assert_eq!(
+            status_of(&agent).await["update"]["state"],
+            "refused",
+            "{case}"
+        );
         backlog_delivered(&agent, &sink).await;
         if case == "no key" {
             // `estafeta update --check` reads the same manifest and changes nothing.

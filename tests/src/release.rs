@@ -111,11 +111,14 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 type Files = Arc<Mutex<HashMap<String, Vec<u8>>>>;
+/// Requests answered with a file, by path.
+type Served = Arc<Mutex<HashMap<String, usize>>>;
 
 /// Serves files by path (404 for the rest) on 127.0.0.1. Dropping it stops it.
 pub struct ReleaseServer {
     addr: SocketAddr,
     files: Files,
+    served: Served,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -126,11 +129,25 @@ impl ReleaseServer {
             .expect("binding the release server");
         let addr = listener.local_addr().expect("its address");
         let files: Files = Arc::default();
-        let app = Router::new().fallback(serve).with_state(files.clone());
+        let served: Served = Arc::default();
+        let app = Router::new()
+            .fallback(serve)
+            .with_state((files.clone(), served.clone()));
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        ReleaseServer { addr, files, task }
+        ReleaseServer {
+            addr,
+            files,
+            served,
+            task,
+        }
+    }
+
+    /// How many times `/<path>` was served (downloads of an archive, checks of the manifest).
+    pub fn served(&self, path: &str) -> usize {
+        let served = self.served.lock().unwrap();
+        served.get(&format!("/{path}")).copied().unwrap_or(0)
     }
 
     /// `http://127.0.0.1:<port>/<path>`.
@@ -165,9 +182,16 @@ impl Drop for ReleaseServer {
     }
 }
 
-async fn serve(State(files): State<Files>, uri: Uri) -> Response {
+async fn serve(State((files, served)): State<(Files, Served)>, uri: Uri) -> Response {
     match files.lock().unwrap().get(uri.path()) {
-        Some(bytes) => bytes.clone().into_response(),
+        Some(bytes) => {
+            *served
+                .lock()
+                .unwrap()
+                .entry(uri.path().to_owned())
+                .or_default() += 1;
+            bytes.clone().into_response()
+        }
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }

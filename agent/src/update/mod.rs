@@ -152,12 +152,16 @@ pub fn prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow:
         } else {
             tracing::error!(version = %manifest.version, error = %message, "Update failed; trying again at the next check.");
         }
+        let asset = manifest.asset(self_update::get_target(), kind);
         state::update(&config.staging_path, |s| {
             s.state = if refused {
                 State::Refused
             } else {
                 State::Failed
             };
+            if refused {
+                s.refused_sha256 = asset.map(|a| a.sha256.to_ascii_lowercase());
+            }
             s.message = Some(message);
         });
     }
@@ -347,6 +351,18 @@ fn scheduled_check(config: &Config, automatic: bool) -> Option<Prepared> {
         );
         tracing::info!("{message}");
         state::update(&config.staging_path, |s| s.message = Some(message));
+        return None;
+    }
+    // A refused signature does not change by downloading the same archive again: skip it until
+    // the manifest offers another archive (or someone runs `estafeta update`), so that a hospital
+    // link does not carry the same refused download at every check.
+    if let (Some(asset), Some(refused)) = (
+        checked.manifest.asset(self_update::get_target(), kind),
+        saved.refused_sha256.as_deref(),
+    ) && automatic
+        && asset.sha256.eq_ignore_ascii_case(refused)
+    {
+        tracing::debug!(%version, "Skipping an archive whose signature was refused; `estafeta update` tries it again.");
         return None;
     }
     prepare(config, &checked.manifest, kind).ok()

@@ -45,6 +45,10 @@ pub struct UpdateStatus {
     /// A version that was rolled back: automatic checks skip it (`estafeta update` tries again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rejected: Option<String>,
+    /// The sha256 of an archive whose signature was refused: automatic checks do not download
+    /// the same archive again (a re-signed one has another digest; `estafeta update` tries it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_sha256: Option<String>,
 }
 
 /// The state file under a staging folder.
