@@ -99,9 +99,42 @@ fn url(config: &Config) -> anyhow::Result<&str> {
     })
 }
 
+/// A download folder older than this is a leftover: the process that made it was killed, or
+/// `exec`'d the version it held (which skips destructors). Far longer than a download and trial.
+const STALE_DOWNLOAD: Duration = Duration::from_secs(3600);
+
+/// Removes the leftover download folders under `<staging>/_update` (each holds an archive and
+/// its unpacked executable, tens of MB). Best effort: a folder that cannot be removed now is
+/// tried again at the next check.
+fn remove_stale_downloads(staging: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(staging.join("_update")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry.file_name().to_string_lossy().starts_with("download-")
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_DOWNLOAD);
+        if stale {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    tracing::debug!(path = %entry.path().display(), "Removed a leftover update download.")
+                }
+                Err(err) => {
+                    tracing::warn!(path = %entry.path().display(), error = %err, "Could not remove a leftover update download; will try again at the next check.")
+                }
+            }
+        }
+    }
+}
+
 /// Reads the manifest and records the check (blocking).
 pub fn check(config: &Config) -> anyhow::Result<Checked> {
     let staging = &config.staging_path;
+    remove_stale_downloads(staging);
     let current = crate::version::current();
     let result = url(config).and_then(|u| manifest::fetch(u, MANIFEST_TIMEOUT));
     match result {
@@ -440,5 +473,38 @@ pub async fn takeover(
             });
             Handover::Resume
         }
+    }
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn age(path: &std::path::Path, by: Duration) {
+        let dir = std::fs::File::open(path).unwrap();
+        dir.set_modified(SystemTime::now() - by).unwrap();
+    }
+
+    #[test]
+    fn only_old_download_folders_are_removed() {
+        let staging = tempfile::tempdir().unwrap();
+        let update = staging.path().join("_update");
+        let (old, fresh) = (update.join("download-old"), update.join("download-new"));
+        std::fs::create_dir_all(old.join("unpacked")).unwrap();
+        std::fs::write(old.join("estafeta.tar.gz"), b"archive").unwrap();
+        std::fs::create_dir_all(&fresh).unwrap();
+        std::fs::write(update.join("state.json"), b"{}").unwrap();
+        age(&old, Duration::from_secs(2 * 3600));
+        age(&update.join("state.json"), Duration::from_secs(2 * 3600));
+
+        remove_stale_downloads(staging.path());
+        assert!(!old.exists(), "a two-hour-old download is a leftover");
+        assert!(fresh.exists(), "a download in progress stays");
+        assert!(
+            update.join("state.json").exists(),
+            "only download folders go"
+        );
+        remove_stale_downloads(&staging.path().join("nothing-here"));
     }
 }
