@@ -121,11 +121,8 @@ pub async fn run_until(
 
     let app = ingest::router(state.clone());
     let server_stop = cancel.clone();
-    let server = tracker.spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_stop.cancelled().await })
-            .await
-    });
+    let header_timeout = config.ingest_body_timeout;
+    let server = tracker.spawn(ingest::serve(listener, app, header_timeout, server_stop));
 
     // The batchers settle their flush in flight a little before the daemon stops waiting, so
     // their release reaches the store.
@@ -223,11 +220,10 @@ pub async fn run_until(
         watchdog.abort();
     }
     match server_failed {
-        Some(Ok(Ok(()))) | None => {
+        Some(Ok(())) | None => {
             info!("Estafeta stopped.");
             Ok(update.map_or(Exit::Stopped, Exit::Update))
         }
-        Some(Ok(Err(err))) => Err(anyhow::Error::new(err).context("the ingest API stopped")),
         Some(Err(err)) => Err(anyhow::Error::new(err).context("the ingest API task failed")),
     }
 }

@@ -3,7 +3,8 @@
 //! and chunked) refused with 413 while the agent's memory (VmRSS) stays bounded; JSON nested
 //! 100,000 deep (400, no stack overflow); invalid UTF-8 in headers and path; more wrong content
 //! types; 1,000 simultaneous connections (every one answered, no 5xx); slow clients that never
-//! finish their body (timed out with 408 while others are served). Every case checks the
+//! finish their body (timed out with 408 while others are served) or their headers (slowloris:
+//! disconnected). Every case checks the
 //! agent is still alive and staged nothing. Then schemathesis (from PyPI, installed by
 //! `scripts/install-schemathesis`) runs against `/v1/openapi.json`: no 5xx, every answer
 //! conforms to the document.
@@ -470,6 +471,58 @@ async fn slow_clients_are_timed_out_and_others_are_served() {
     assert_eq!(st["ingest"]["records_staged"], 20, "{st}");
     assert_eq!(st["ingest"]["requests"]["408"], 50, "{st}");
     eprintln!("hostile: 50 slow clients answered {answers:?}; 20 others served meanwhile");
+}
+
+/// Slowloris: clients that never finish their request's headers, sending one more header line
+/// every 500 ms to look alive, are disconnected once INGEST_BODY_TIMEOUT_SECS (3 s here) has
+/// passed since their request began, instead of holding a connection and a task for as long as
+/// they like. Others are served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_finish_their_headers_are_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = start(dir.path());
+    agent.wait_ready(Duration::from_secs(20)).await;
+    let addr = agent.addr();
+    let started = Instant::now();
+    let mut trickles = Vec::new();
+    for _ in 0..50 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        trickles.push(tokio::spawn(async move {
+            let head = "POST /v1/records/create/patient HTTP/1.1\r\nHost: x\r\n";
+            let _ = stream.write_all(head.as_bytes()).await;
+            let mut buf = [0u8; 1024];
+            // Until the server closes the connection, or 30 s: then it never did.
+            while started.elapsed() < Duration::from_secs(30) {
+                if stream.write_all(b"X-Still-Here: yes\r\n").await.is_err() {
+                    return Some(started.elapsed());
+                }
+                let read = tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf));
+                if let Ok(Ok(0) | Err(_)) = read.await {
+                    return Some(started.elapsed());
+                }
+            }
+            None
+        }));
+    }
+    for n in 0..20 {
+        let (code, body) = agent.post("create", "patient", &json!({"id": n})).await;
+        assert_eq!(code.as_u16(), 202, "{body}");
+    }
+    let mut closed_after = Vec::new();
+    for trickle in trickles {
+        let closed = trickle.await.unwrap();
+        closed_after
+            .push(closed.expect("the server never closed a connection whose headers never ended"));
+    }
+    let slowest = closed_after.iter().max().unwrap();
+    assert!(
+        *slowest < Duration::from_secs(15),
+        "every trickling client is disconnected soon after 3 s; the slowest after {slowest:?}"
+    );
+    alive(&mut agent, "clients that never finish their headers").await;
+    let st = status(&agent).await;
+    assert_eq!(st["ingest"]["records_staged"], 20, "{st}");
+    eprintln!("hostile: 50 trickling clients disconnected within {slowest:?}; 20 others served");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

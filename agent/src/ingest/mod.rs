@@ -7,6 +7,7 @@ mod error;
 pub mod handlers;
 pub mod metrics;
 pub mod openapi;
+mod serve;
 mod state;
 pub mod status_page;
 
@@ -16,6 +17,7 @@ use axum::routing::{get, post};
 
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use serve::serve;
 pub use state::IngestState;
 
 /// Every route of the ingest API; unknown paths answer 404 and wrong methods 405, both JSON.
