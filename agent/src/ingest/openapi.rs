@@ -211,7 +211,7 @@ pub fn document(max_body_bytes: usize) -> Value {
             "/v1/update": {
                 "post": {
                     "operationId": "checkUpdate",
-                    "summary": "Check UPDATE_URL's release manifest now (as UPDATE_CRONTAB would, without skipping a version that was rolled back); a newer signed version is then installed, tried and rolled back if it does not get ready. The outcome shows in GET /v1/status, `update`.",
+                    "summary": "Check UPDATE_URL's release manifest now (as UPDATE_CRONTAB would, without skipping a version that was rolled back or an archive whose signature was refused); a newer signed version is then installed, tried and rolled back if it does not get ready. The outcome shows in GET /v1/status, `update`.",
                     "security": [ {}, { "bearer": [] } ],
                     "parameters": [{
                         "name": "X-Requested-By", "in": "header", "required": true,
