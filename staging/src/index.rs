@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS client_keys (
     key         TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
     receipts    TEXT NOT NULL,             -- JSON array of receipts, the first answer
-    created_at  INTEGER NOT NULL
+    created_at  INTEGER NOT NULL,          -- unix seconds of the records' staged_at
+    records     INTEGER                    -- records the request staged (see client_keys.rs)
 );
 -- Sources' checkpoints and last runs. `checkpoint` (JSON text, NULL before the first row) is
 -- advanced with the records that carry it (`insert_record`); `checkpoint_seq` is the seq of
@@ -93,9 +94,23 @@ pub fn open(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
     // at each checkpoint, so a drained agent does not hold the burst's disk space.
     conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
     conn.execute_batch(SCHEMA)?;
+    migrate(&conn)?;
     #[cfg(unix)]
     restrict_permissions(path);
     Ok(conn)
+}
+
+/// Brings an index written by an older version up to the current schema.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has_records: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('client_keys') WHERE name = 'records'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_records {
+        conn.execute_batch("ALTER TABLE client_keys ADD COLUMN records INTEGER")?;
+    }
+    Ok(())
 }
 
 #[cfg(unix)]

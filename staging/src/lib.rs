@@ -83,6 +83,7 @@
 mod adopt;
 mod api_types;
 mod checkpoints;
+mod client_keys;
 mod dead;
 mod error;
 mod index;

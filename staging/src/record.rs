@@ -107,6 +107,10 @@ pub struct Envelope {
     /// Digest of the client's request body, with `client_key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_fingerprint: Option<String>,
+    /// With `client_key`: how many records the request staged in all. A rebuild of the index
+    /// that finds fewer knows the request was cut by a crash before it was answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_records: Option<u32>,
     /// Sinks this record is routed to.
     pub sinks: Vec<String>,
     /// On the last record a source stages in one commit: the source's checkpoint after it.

@@ -163,6 +163,9 @@ pub fn recover(
         forget_segment(conn, row.id)?;
     }
 
+    // Requests a crash cut before they were answered: set aside, so a retry stages them whole.
+    crate::client_keys::set_aside_cut_requests(shared, conn, report)?;
+
     // The counter never goes back, even if its file lost an update in a power cut.
     let from_file = crate::writer::read_seq(seq_file).unwrap_or(0);
     let from_index: i64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
@@ -197,6 +200,7 @@ fn index_tail(
     };
     for rec in &scan.records {
         if crate::index::insert_record(tx, &rec.envelope, segment_id, rec.offset, rec.len)? {
+            crate::client_keys::recovered(tx, &rec.envelope, path)?;
             report.records_recovered += 1;
         }
     }

@@ -170,6 +170,7 @@ mod tests {
             staged_at: "2026-11-23T08:00:00.000000Z".into(),
             client_key: None,
             client_fingerprint: None,
+            client_records: None,
             sinks: vec!["db".into()],
             source: None,
             payload: RawValue::from_string(r#"{"nome":"Ana","n":1.50}"#.into()).unwrap(),

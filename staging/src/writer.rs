@@ -258,7 +258,7 @@ impl Writer {
         let mut replays: Vec<(Reply, usize)> = Vec::new();
         for req in group {
             if let Some(ck) = &req.client_key {
-                match lookup_client_key(&tx, &ck.key) {
+                match crate::client_keys::lookup(&tx, &ck.key) {
                     Ok(Some((fp, receipts))) => {
                         let answer = if fp == ck.fingerprint {
                             Ok(Staged::Replayed(receipts))
@@ -327,6 +327,7 @@ impl Writer {
                     staged_at: staged_at.clone(),
                     client_key: req.client_key.as_ref().map(|c| c.key.clone()),
                     client_fingerprint: req.client_key.as_ref().map(|c| c.fingerprint.clone()),
+                    client_records: req.client_key.as_ref().map(|_| count as u32),
                     sinks: rec.sinks,
                     source: if i + 1 == count { source.take() } else { None },
                     payload: rec.payload,
@@ -435,14 +436,12 @@ impl Writer {
                 }
                 if let Some(ck) = &acc.client_key {
                     let receipts = receipts_of(&acc.envelopes, places);
-                    tx.execute(
-                        "INSERT OR REPLACE INTO client_keys (key, fingerprint, receipts, created_at) VALUES (?1, ?2, ?3, ?4)",
-                        params![
-                            ck.key,
-                            ck.fingerprint,
-                            serde_json::to_string(&receipts).expect("receipts serialize"),
-                            now.timestamp()
-                        ],
+                    crate::client_keys::remember(
+                        &tx,
+                        &ck.key,
+                        &ck.fingerprint,
+                        &receipts,
+                        now.timestamp(),
                     )?;
                 }
             }
@@ -623,21 +622,6 @@ fn receipts_of(envelopes: &[Envelope], places: &[(i64, PathBuf, u64, u64)]) -> V
             path: path.clone(),
         })
         .collect()
-}
-
-fn lookup_client_key(
-    conn: &Connection,
-    key: &str,
-) -> rusqlite::Result<Option<(String, Vec<Receipt>)>> {
-    use rusqlite::OptionalExtension;
-    let row: Option<(String, String)> = conn
-        .query_row(
-            "SELECT fingerprint, receipts FROM client_keys WHERE key = ?1",
-            [key],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    Ok(row.map(|(fp, receipts)| (fp, serde_json::from_str(&receipts).unwrap_or_default())))
 }
 
 fn reply_all(group: Vec<StageRequest>, err: &StageError) {

@@ -704,6 +704,7 @@ mod tests {
             staged_at: "2024-06-01T12:00:00.000000Z".to_owned(),
             client_key: None,
             client_fingerprint: None,
+            client_records: None,
             sinks: vec!["api".to_owned()],
             source: None,
             payload: RawValue::from_string("{}".to_owned()).expect("valid JSON"),

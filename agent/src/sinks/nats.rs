@@ -730,6 +730,7 @@ mod tests {
             staged_at: "2024-06-01T12:00:00.000000Z".to_owned(),
             client_key: None,
             client_fingerprint: None,
+            client_records: None,
             sinks: vec!["nats".to_owned()],
             source: None,
             payload: RawValue::from_string(r#"{"id":"42","n":1.50}"#.to_owned())

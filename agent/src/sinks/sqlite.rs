@@ -415,6 +415,7 @@ mod tests {
                 staged_at: "2026-11-23T08:41:06.123456Z".to_owned(),
                 client_key: None,
                 client_fingerprint: None,
+                client_records: None,
                 source: None,
                 sinks: vec!["database".to_owned()],
                 payload: serde_json::value::RawValue::from_string(payload.to_owned())

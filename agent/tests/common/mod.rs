@@ -35,6 +35,7 @@ pub fn delivery(action: &str, entity: &str, key: Option<&str>, payload: &str) ->
             staged_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             client_key: None,
             client_fingerprint: None,
+            client_records: None,
             sinks: vec!["test".to_owned()],
             source: None,
             payload: RawValue::from_string(payload.to_owned()).expect("test payloads are JSON"),
