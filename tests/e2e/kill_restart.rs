@@ -304,3 +304,83 @@ async fn a_crash_loop_under_concurrent_load_loses_nothing_acknowledged() {
         strays.len()
     );
 }
+
+/// Issue 17's deterministic case: a client repeats a request with the same `Idempotency-Key`
+/// after the agent lost its index (deleted, as a damaged disk or a careless clean-up would) and
+/// after `estafeta reindex`: it gets the first answer (same id and seq, `Idempotent-Replayed`),
+/// and the record is staged and delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_request_gets_its_first_answer_after_the_index_is_lost_or_rebuilt() {
+    let server = FlakyHttpServer::start_with_seed(17).await;
+    // Down at first, so the record stays staged (and pending) through the restarts.
+    server.down().await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.url();
+    let env = [
+        ("CENTRAL_API_URL", url.as_str()),
+        ("CRONTAB", "* * * * * *"),
+        ("RETRY_BASE_SECS", "0.2"),
+        ("RETRY_MAX_SECS", "0.5"),
+    ];
+    let mut agent = Agent::start(dir.path(), &env);
+    agent.wait_ready(Duration::from_secs(20)).await;
+    let body = json!({"id": "p-1", "nome": "Ana"});
+    let post = |agent: &Agent| {
+        agent
+            .client()
+            .post(agent.url("/v1/records/create/patient"))
+            .header("Idempotency-Key", "k1")
+            .json(&body)
+            .send()
+    };
+    let first = post(&agent).await.unwrap();
+    assert_eq!(first.status(), 202);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["seq"], 1, "{first}");
+
+    let index = dir.path().join("staging/_state/index.sqlite3");
+    for round in ["index deleted", "estafeta reindex"] {
+        agent.terminate();
+        agent.wait(Duration::from_secs(10)).await;
+        if round == "index deleted" {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut p = index.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        } else {
+            let out = estafeta_e2e::run_cli(dir.path(), &env, &["reindex"]).await;
+            assert!(out.status.success(), "reindex: {out:?}");
+        }
+        agent.restart();
+        agent.wait_ready(Duration::from_secs(20)).await;
+        let again = post(&agent).await.unwrap();
+        assert_eq!(again.status(), 202, "{round}");
+        assert_eq!(
+            again
+                .headers()
+                .get("idempotent-replayed")
+                .and_then(|v| v.to_str().ok()),
+            Some("true"),
+            "{round}: the retry must be answered as a replay"
+        );
+        let again: Value = again.json().await.unwrap();
+        assert_eq!(
+            (&again["id"], &again["seq"]),
+            (&first["id"], &first["seq"]),
+            "{round}"
+        );
+        assert_eq!(status(&agent).await["records_pending"], 1, "{round}");
+    }
+
+    server.up().await;
+    wait_drained(&agent, Duration::from_secs(30)).await;
+    let applied: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|r| r.succeeded())
+        .filter_map(|r| r.idempotency_key().map(str::to_owned))
+        .collect();
+    assert_eq!(applied, vec![first["id"].as_str().unwrap().to_owned()]);
+}

@@ -2,10 +2,13 @@
 //! tests (`tests/e2e/reliability.rs`) run them small, `scripts/soak` (the `estafeta-soak`
 //! binary) runs them long with the release build.
 //!
-//! - [`crash_loop`]: a *separate* load process (`estafeta-load --ack-log`) posts from many
-//!   clients while the agent is SIGKILLed at random moments and restarted, and the API fails
-//!   at random. Every record the load process wrote down as acknowledged must be applied once
-//!   at PostgreSQL and at the API, per key in seq order.
+//! - [`crash_loop`]: a *separate* load process (`estafeta-load --ack-log --retry`) posts from
+//!   many clients that retry with the same `Idempotency-Key` until answered, while the agent is
+//!   SIGKILLed at random moments and restarted, and the API fails at random. Every record the
+//!   load process wrote down as acknowledged must be applied once at PostgreSQL and at the API,
+//!   per key in seq order — counted both by the agent's record id and by the client's own
+//!   identity of the record (its payload's `id` and `n`), so that a retried request staged a
+//!   second time under a new record id counts as applied twice.
 //! - [`long_outage`]: PostgreSQL (behind a [`TcpProxy`]) and the API refuse connections while
 //!   many records arrive; the agent's memory is sampled; then both come back and the backlog
 //!   drains, each record once, per key in order, and the drain throughput is measured.
@@ -121,11 +124,14 @@ pub struct Applied {
 
 /// Checks the rows of `schema` against `acked`: one row per acknowledged id, with its seq,
 /// key and payload, per key in seq order; any other row must be a record whose request went
-/// unanswered (`unanswered` holds their payloads' `(id field, n)`).
+/// unanswered (`unanswered` holds their payloads' `(id field, n)`), or one whose `(id field,
+/// n)` is in `by_identity`: another copy of an acknowledged record, which
+/// [`check_identities`] counts (as applied twice).
 async fn check_pg(
     schema: &PgSchema,
     acked: &[Staged],
     unanswered: &BTreeSet<(String, u64)>,
+    by_identity: &BTreeSet<(String, u64)>,
     problems: &mut Vec<String>,
 ) -> Applied {
     let rows = schema.rows().await;
@@ -152,8 +158,11 @@ async fn check_pg(
             None => {
                 let n = payload["n"].as_u64().unwrap_or(u64::MAX);
                 let field = payload["id"].as_str().unwrap_or_default().to_owned();
-                if unanswered.contains(&(field.clone(), n)) {
+                let pair = (field, n);
+                if unanswered.contains(&pair) {
                     applied.unacknowledged += 1;
+                } else if by_identity.contains(&pair) {
+                    // Another copy of an acknowledged record: check_identities counts it.
                 } else {
                     problems.push(format!(
                         "PostgreSQL has row {id} (key {key}, n {n}) that was neither acknowledged nor sent without an answer"
@@ -213,11 +222,14 @@ async fn check_pg(
 /// sent may still be read by the server after the kill, but none of the next process can come
 /// before its start), or from a cut of the connections until shortly after it. A pair of
 /// successes `t1 < t2` is explained when some window has `t1 ≤ until` and `from ≤ t2`.
-/// Requests for ids nobody acknowledged must carry a payload whose request went unanswered.
+/// Requests for ids nobody acknowledged must carry a payload whose request went unanswered,
+/// or one whose `(id field, n)` is in `by_identity` (another copy of an acknowledged record,
+/// which [`check_identities`] counts).
 fn check_api(
     requests: &[RecordedRequest],
     acked: &[Staged],
     unanswered: &BTreeSet<(String, u64)>,
+    by_identity: &BTreeSet<(String, u64)>,
     breaks: &[(Instant, Instant)],
     problems: &mut Vec<String>,
 ) -> Applied {
@@ -238,6 +250,8 @@ fn check_api(
                     if r.succeeded() {
                         strays.insert(id.to_owned());
                     }
+                } else if by_identity.contains(&pair) {
+                    // Another copy of an acknowledged record: check_identities counts it.
                 } else {
                     problems.push(format!(
                         "API request #{} carries {id} ({pair:?}), neither acknowledged nor sent without an answer",
@@ -323,6 +337,196 @@ fn check_api(
         ));
     }
     applied
+}
+
+/// The client's own identity of a record: its payload's `id` field (the client key, e.g.
+/// `L-3-k1`) and its counter `n`. The agent's record id cannot tell a record staged twice
+/// (two ids for one client record) from two records.
+pub fn identity(payload: &Value) -> Option<(String, u64)> {
+    Some((payload["id"].as_str()?.to_owned(), payload["n"].as_u64()?))
+}
+
+/// One record that took effect at a sink: a PostgreSQL row or a successful API request.
+pub struct Landed {
+    /// [`identity`] of its payload (`None`: the payload has no `id` and `n`).
+    pub identity: Option<(String, u64)>,
+    /// The agent's record id (the row's `idempotency_key`, the request's `Idempotency-Key`).
+    pub id: String,
+    pub seq: Option<u64>,
+    /// Where it was seen, for messages: `row 17`, `request #40`.
+    pub at: String,
+}
+
+/// The landed rows of a PostgreSQL schema ([`PgSchema::rows`]), in landing order.
+pub fn landed_rows(rows: &[(String, u64, String, Value)]) -> Vec<Landed> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, (id, seq, _, payload))| Landed {
+            identity: identity(payload),
+            id: id.clone(),
+            seq: Some(*seq),
+            at: format!("row {}", i + 1),
+        })
+        .collect()
+}
+
+/// The API requests that took effect ([`RecordedRequest::succeeded`]), in arrival order.
+pub fn landed_requests(requests: &[RecordedRequest]) -> Vec<Landed> {
+    requests
+        .iter()
+        .filter(|r| r.succeeded())
+        .map(|r| Landed {
+            identity: serde_json::from_slice::<Value>(&r.body)
+                .ok()
+                .as_ref()
+                .and_then(identity),
+            id: r.idempotency_key().unwrap_or_default().to_owned(),
+            seq: r.seq(),
+            at: format!("request #{}", r.index),
+        })
+        .collect()
+}
+
+/// What [`check_identities`] counted at one sink.
+#[derive(Debug, Clone, Default)]
+pub struct ByIdentity {
+    /// Client records (by [`identity`]) that took effect more than once: as more than one row
+    /// (PostgreSQL), or under more than one record id (the API, where a resend of the same
+    /// record id after a crash is deduplicated by its `Idempotency-Key`).
+    pub applied_twice: usize,
+    /// Acknowledged client records that never took effect.
+    pub lost: usize,
+    /// Client keys whose records took effect with `n` going back.
+    pub disorder: usize,
+}
+
+/// The check by the client's identity of each record ([`identity`]), at one sink (`sink`
+/// names it in messages): `landed` is everything that took effect there, in order. A client
+/// record took effect twice when it landed more than once (`per_row`: PostgreSQL, where every
+/// row is an application) or under more than one record id (the API); it is lost when it was
+/// acknowledged and never landed. Per client key, `n` never goes back (the load process posts
+/// one key from one connection, one request at a time, so `n` grows in posting order). Each
+/// kind of problem gets one line with up to 5 examples: the client key and `n`, and the
+/// record ids and seqs involved.
+pub fn check_identities(
+    sink: &str,
+    landed: &[Landed],
+    acked: &[Staged],
+    per_row: bool,
+    problems: &mut Vec<String>,
+) -> ByIdentity {
+    let mut found = ByIdentity::default();
+    let acked_by: BTreeMap<(String, u64), &Staged> = acked
+        .iter()
+        .filter_map(|s| Some((identity(&s.payload)?, s)))
+        .collect();
+    if acked_by.len() < acked.len() {
+        problems.push(format!(
+            "{sink}: {} acknowledged record(s) have no payload id and n, or share them",
+            acked.len() - acked_by.len()
+        ));
+    }
+    let mut by: BTreeMap<&(String, u64), Vec<&Landed>> = BTreeMap::new();
+    let mut order: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    let mut anonymous = 0usize;
+    for l in landed {
+        match &l.identity {
+            Some(ident) => {
+                by.entry(ident).or_default().push(l);
+                order.entry(ident.0.as_str()).or_default().push(ident.1);
+            }
+            None => anonymous += 1,
+        }
+    }
+    if anonymous > 0 {
+        problems.push(format!(
+            "{sink}: {anonymous} record(s) took effect with no payload id and n"
+        ));
+    }
+    let describe = |ident: &(String, u64)| -> String {
+        match acked_by.get(ident) {
+            Some(s) => format!("acknowledged as {} (seq {})", s.id, s.seq),
+            None => "never acknowledged (the client gave up)".into(),
+        }
+    };
+    let mut twice = Vec::new();
+    for (ident, copies) in &by {
+        let mut ids: Vec<(&str, Option<u64>, Vec<&str>)> = Vec::new();
+        for l in copies {
+            match ids.iter_mut().find(|(id, _, _)| *id == l.id) {
+                Some((_, _, at)) => at.push(&l.at),
+                None => ids.push((&l.id, l.seq, vec![&l.at])),
+            }
+        }
+        let times = if per_row { copies.len() } else { ids.len() };
+        if times > 1 {
+            found.applied_twice += 1;
+            if twice.len() < 5 {
+                let ids: Vec<String> = ids
+                    .iter()
+                    .map(|(id, seq, at)| {
+                        let seq = seq.map_or("?".into(), |s| s.to_string());
+                        format!("{id} (seq {seq}; {})", at.join(", "))
+                    })
+                    .collect();
+                twice.push(format!(
+                    "{} n {} took effect {times} times as {}, {}",
+                    ident.0,
+                    ident.1,
+                    ids.join(", "),
+                    describe(ident)
+                ));
+            }
+        }
+    }
+    if found.applied_twice > 0 {
+        problems.push(format!(
+            "{sink}: {} client record(s) (payload id, n) applied twice{}, e.g. {}",
+            found.applied_twice,
+            if per_row {
+                ""
+            } else {
+                " under different record ids"
+            },
+            twice.join("; ")
+        ));
+    }
+    let mut lost = Vec::new();
+    for (ident, s) in &acked_by {
+        if !by.contains_key(ident) {
+            found.lost += 1;
+            if lost.len() < 5 {
+                lost.push(format!(
+                    "{} n {} (record {} seq {})",
+                    ident.0, ident.1, s.id, s.seq
+                ));
+            }
+        }
+    }
+    if found.lost > 0 {
+        problems.push(format!(
+            "{sink}: {} acknowledged client record(s) (payload id, n) never took effect, e.g. {}",
+            found.lost,
+            lost.join("; ")
+        ));
+    }
+    let mut disorder = Vec::new();
+    for (key, ns) in &order {
+        if let Some(w) = ns.windows(2).find(|w| w[1] < w[0]) {
+            found.disorder += 1;
+            if disorder.len() < 5 {
+                disorder.push(format!("{key}: n {} after n {}", w[1], w[0]));
+            }
+        }
+    }
+    if found.disorder > 0 {
+        problems.push(format!(
+            "{sink}: {} client key(s) took effect out of order, e.g. {}",
+            found.disorder,
+            disorder.join("; ")
+        ));
+    }
+    found
 }
 
 /// Polls the status until every sink drained (or `timeout`); returns, per sink, how long after
@@ -550,8 +754,15 @@ pub async fn long_outage(p: &OutageParams) -> OutageReport {
         Err(e) => report.problems.push(e),
     }
     let none = BTreeSet::new();
-    report.pg = check_pg(&schema, &acked, &none, &mut report.problems).await;
-    report.api = check_api(&server.requests(), &acked, &none, &[], &mut report.problems);
+    report.pg = check_pg(&schema, &acked, &none, &none, &mut report.problems).await;
+    report.api = check_api(
+        &server.requests(),
+        &acked,
+        &none,
+        &none,
+        &[],
+        &mut report.problems,
+    );
     if report.api.resent > 0 || report.api.doubled > 0 {
         report.problems.push(format!(
             "the API got {} second request(s) for delivered records with nothing cut",
@@ -794,7 +1005,14 @@ pub async fn flapping(p: &FlapParams) -> FlapReport {
         .into_iter()
         .map(|c| (c, c + Duration::from_millis(500)))
         .collect();
-    report.api = check_api(&requests, &staged, &none, &cuts, &mut report.problems);
+    report.api = check_api(
+        &requests,
+        &staged,
+        &none,
+        &none,
+        &cuts,
+        &mut report.problems,
+    );
     if report.api.lost > 0 {
         report.problems.push(format!(
             "{} acknowledged records never took effect",
@@ -831,16 +1049,35 @@ pub struct CrashParams {
 pub struct CrashReport {
     pub cycles: usize,
     pub acknowledged: usize,
-    /// Records whose request the load process sent and never got an answer to.
+    /// Records whose request the load process gave up on without an answer (it retries until
+    /// `--retry-for` seconds after its end, so in practice none).
     pub unanswered: usize,
+    /// From the load process: sends beyond the first of a request (after no answer or a 5xx),
+    /// 202s that were replays of the first answer (`Idempotent-Replayed: true`), requests given
+    /// up on.
+    pub retries: u64,
+    pub replayed: u64,
+    pub gave_up: u64,
+    /// By the agent's record id.
     pub pg: Applied,
     pub api: Applied,
+    /// By the client's identity of each record (payload `id`, `n`: [`check_identities`]):
+    /// applied more than once (PostgreSQL: more than one row; API: under more than one record
+    /// id), and acknowledged but never applied.
+    pub applied_twice_pg: usize,
+    pub applied_twice_api: usize,
+    pub business_lost_pg: usize,
+    pub business_lost_api: usize,
     pub drain_secs: f64,
     pub peak_rss_kib: u64,
     /// The load process's own summary line.
     pub load_summary: Value,
     pub problems: Vec<String>,
 }
+
+/// How long the crash loop's load process keeps retrying a request after its run ends
+/// (`--retry-for`) before giving up on it.
+const LOAD_RETRY_FOR_SECS: f64 = 60.0;
 
 /// The `estafeta-load` binary beside the test (or soak) executable.
 pub fn load_bin() -> PathBuf {
@@ -854,7 +1091,7 @@ pub fn load_bin() -> PathBuf {
 }
 
 /// Reads an `estafeta-load --ack-log` file: the acknowledged records (in file order) and the
-/// `(id field, n)` of every record sent without an answer.
+/// `(id field, n)` of every record sent without an answer (with `--retry`: given up on).
 pub fn read_ack_log(path: &Path) -> (Vec<Staged>, BTreeSet<(String, u64)>) {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("reading the ack log {}: {e}", path.display()));
@@ -884,11 +1121,16 @@ pub fn read_ack_log(path: &Path) -> (Vec<Staged>, BTreeSet<(String, u64)>) {
 
 /// Issue 5, scenario 1: `estafeta-load` (a separate process) posts at a paced rate from
 /// `connections` clients and writes down every acknowledged record, while the agent is
-/// SIGKILLed `cycles` times at random moments and restarted on the same folder. It delivers to
+/// SIGKILLed `cycles` times at random moments and restarted on the same folder. Its clients
+/// retry like real ones (`--retry`): a request that got no answer (the agent died under it)
+/// or a 5xx is sent again with the same body and `Idempotency-Key` until answered, and the
+/// agent must answer a repeat with the first answer and stage nothing twice. It delivers to
 /// PostgreSQL (its own schema) and to an API that answers 503 to `fail_fraction` of requests.
-/// In the end every acknowledged record is applied once at each sink, per key in seq order;
-/// the only other records applied are ones whose request the load process never got an
-/// answer to.
+/// In the end every acknowledged record is applied once at each sink, per key in seq order,
+/// both by the agent's record id ([`check_pg`], [`check_api`]) and by the client's identity of
+/// the record ([`check_identities`]: a request staged before a SIGKILL and again when retried
+/// lands under two record ids, which only the second check sees); the only other records
+/// applied are ones whose request the load process gave up on.
 pub async fn crash_loop(p: &CrashParams) -> CrashReport {
     let mut report = CrashReport::default();
     let schema = PgSchema::create("crash").await;
@@ -935,6 +1177,8 @@ pub async fn crash_loop(p: &CrashParams) -> CrashReport {
         .args(["--duration", &load_secs.to_string()])
         .args(["--timeout", "10"])
         .args(["--id-prefix", "L"])
+        .arg("--retry")
+        .args(["--retry-for", &LOAD_RETRY_FOR_SECS.to_string()])
         .arg("--ack-log")
         .arg(&ack_log)
         .stdout(Stdio::piped())
@@ -961,7 +1205,7 @@ pub async fn crash_loop(p: &CrashParams) -> CrashReport {
         report.cycles = cycle;
     }
     let out = tokio::time::timeout(
-        Duration::from_secs_f64(load_secs + 60.0),
+        Duration::from_secs_f64(load_secs + LOAD_RETRY_FOR_SECS + 60.0),
         load.wait_with_output(),
     )
     .await
@@ -980,9 +1224,30 @@ pub async fn crash_loop(p: &CrashParams) -> CrashReport {
             String::from_utf8_lossy(&out.stderr)
         ));
     }
+    let figure = |name: &str| report.load_summary[name].as_u64().unwrap_or(0);
+    report.retries = figure("retries");
+    report.replayed = figure("replayed");
+    report.gave_up = figure("gave_up");
+    // A retrying client ends each request with a 202, or gives up at the very end; a refused
+    // connection after the load's end never carried its request. Anything else (a 409 for a
+    // key sent again, a 400, a replay of a key never sent) is the agent breaking its promise.
+    if let Some(kinds) = report.load_summary["error_kinds"].as_object() {
+        let other: BTreeMap<&String, &Value> = kinds
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "gave_up" | "connect"))
+            .collect();
+        if !other.is_empty() {
+            report.problems.push(format!(
+                "estafeta-load: requests ended with answers other than 202 although they were retried: {other:?}; {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+    }
     let (acked, unanswered) = read_ack_log(&ack_log);
     report.acknowledged = acked.len();
     report.unanswered = unanswered.len();
+    let acked_identities: BTreeSet<(String, u64)> =
+        acked.iter().filter_map(|s| identity(&s.payload)).collect();
     if acked.len() < 10 {
         report.problems.push(format!(
             "only {} records acknowledged: the load did not run",
@@ -995,11 +1260,20 @@ pub async fn crash_loop(p: &CrashParams) -> CrashReport {
         Err(e) => report.problems.push(e),
     }
     report.peak_rss_kib = report.peak_rss_kib.max(rss(&agent));
-    report.pg = check_pg(&schema, &acked, &unanswered, &mut report.problems).await;
-    report.api = check_api(
-        &server.requests(),
+    report.pg = check_pg(
+        &schema,
         &acked,
         &unanswered,
+        &acked_identities,
+        &mut report.problems,
+    )
+    .await;
+    let requests = server.requests();
+    report.api = check_api(
+        &requests,
+        &acked,
+        &unanswered,
+        &acked_identities,
         &kills,
         &mut report.problems,
     );
@@ -1009,9 +1283,112 @@ pub async fn crash_loop(p: &CrashParams) -> CrashReport {
             report.api.lost
         ));
     }
+    let pg = check_identities(
+        "PostgreSQL",
+        &landed_rows(&schema.rows().await),
+        &acked,
+        true,
+        &mut report.problems,
+    );
+    let api = check_identities(
+        "API",
+        &landed_requests(&requests),
+        &acked,
+        false,
+        &mut report.problems,
+    );
+    report.applied_twice_pg = pg.applied_twice;
+    report.applied_twice_api = api.applied_twice;
+    report.business_lost_pg = pg.lost;
+    report.business_lost_api = api.lost;
     drop(agent);
     if report.problems.is_empty() {
         schema.drop_schema().await;
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acked(id: &str, seq: u64, key: &str, n: u64) -> Staged {
+        Staged {
+            id: id.into(),
+            seq,
+            action: "create".into(),
+            entity: "patient".into(),
+            key: key.into(),
+            payload: json!({"id": key, "n": n, "kind": "bench"}),
+            path: None,
+        }
+    }
+
+    fn landed(id: &str, seq: u64, key: &str, n: u64, at: &str) -> Landed {
+        Landed {
+            identity: Some((key.into(), n)),
+            id: id.into(),
+            seq: Some(seq),
+            at: at.into(),
+        }
+    }
+
+    #[test]
+    fn a_client_record_staged_twice_counts_as_applied_twice() {
+        // L-0-k1 n 1 was staged as A before a SIGKILL, and again as B when retried (B was
+        // acknowledged); n 3 was acknowledged as C and never landed.
+        let acks = [
+            acked("B", 2, "L-0-k1", 1),
+            acked("C", 3, "L-0-k1", 3),
+            acked("D", 4, "L-0-k0", 2),
+        ];
+        let rows = [
+            landed("A", 1, "L-0-k1", 1, "row 1"),
+            landed("B", 2, "L-0-k1", 1, "row 2"),
+            landed("D", 4, "L-0-k0", 2, "row 3"),
+        ];
+        let mut problems = Vec::new();
+        let found = check_identities("PostgreSQL", &rows, &acks, true, &mut problems);
+        assert_eq!((found.applied_twice, found.lost, found.disorder), (1, 1, 0));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].contains("L-0-k1 n 1 took effect 2 times as A (seq 1; row 1), B (seq 2; row 2), acknowledged as B (seq 2)"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("L-0-k1 n 3 (record C seq 3)"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn at_the_api_a_resend_of_the_same_record_id_is_not_applied_twice() {
+        let acks = [acked("B", 2, "L-0-k1", 1), acked("C", 5, "L-0-k1", 3)];
+        let requests = [
+            landed("B", 2, "L-0-k1", 1, "request #1"),
+            landed("B", 2, "L-0-k1", 1, "request #4"),
+            landed("C", 5, "L-0-k1", 3, "request #5"),
+        ];
+        let mut problems = Vec::new();
+        let found = check_identities("API", &requests, &acks, false, &mut problems);
+        assert_eq!((found.applied_twice, found.lost, found.disorder), (0, 0, 0));
+        assert!(problems.is_empty(), "{problems:?}");
+        // A second record id for the same client record is applied twice, and n going back
+        // is out of order.
+        let requests = [
+            landed("A", 1, "L-0-k1", 1, "request #1"),
+            landed("C", 5, "L-0-k1", 3, "request #2"),
+            landed("B", 2, "L-0-k1", 1, "request #3"),
+        ];
+        let found = check_identities("API", &requests, &acks, false, &mut problems);
+        assert_eq!((found.applied_twice, found.lost, found.disorder), (1, 0, 1));
+        assert!(
+            problems[0].contains("under different record ids"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].contains("L-0-k1: n 1 after n 3"),
+            "{problems:?}"
+        );
+    }
 }

@@ -22,6 +22,24 @@
 //! per-key order is the order one client posted them. A connection that is refused (the
 //! agent is restarting) is retried with the same records every 20 ms until the run ends, so a
 //! crash loop does not burn through the request budget.
+//!
+//! `--retry` makes the clients behave like real ones, which retry until answered: every request
+//! carries `Idempotency-Key: <prefix>-<conn>-r<request number>` (unique per request of the
+//! run), and a request that got no answer (an I/O error, the connection reset, `--timeout`) or
+//! a 5xx status (the agent answers 503/507 when it cannot stage) is sent again, the same bytes
+//! with the same key, on a fresh connection after a pause of 20–50 ms, until some other answer
+//! comes. The agent promises that a repeated key gets the first answer (`202` with
+//! `Idempotent-Replayed: true` and the same ids and seqs) and stages nothing twice, even after a
+//! crash. A 202, new or replayed, logs its records with the ids and seqs of that answer (a
+//! replayed one adds `"replayed":true` to its lines; it must name as many records as were
+//! sent, and a replay of a key never sent before counts as error `replay_of_unsent`). Once
+//! `--duration` is over, a request still being retried keeps going for at most `--retry-for`
+//! seconds (without `--duration`: `--retry-for` seconds after its first send) and only then is
+//! given up: logged as unanswered and counted as `gave_up`. The summary line then also counts
+//! `retries` (sends beyond the first), `retry_kinds` (why), `replayed` (202s with
+//! `Idempotent-Replayed: true`) and `gave_up` (requests); `errors` counts only the final answer
+//! of each request, so with `--retry` an `unanswered` line means given up, nothing else.
+//! Without `--retry`, nothing carries a key and nothing that reached the agent is sent twice.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -79,6 +97,17 @@ struct Args {
     /// every record its own key).
     #[arg(long, value_name = "K")]
     keys: Option<u64>,
+    /// Retry like a real client: each request carries `Idempotency-Key:
+    /// <prefix>-<conn>-r<request number>`, and one that gets no answer (I/O error, reset,
+    /// timeout) or a 5xx is sent again, same bytes and key, on a fresh connection after 20–50 ms,
+    /// until it gets another answer.
+    #[arg(long)]
+    retry: bool,
+    /// With --retry: how long after --duration ends a request still being retried keeps going
+    /// before it is given up (logged as unanswered); without --duration, how long after its
+    /// first send.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    retry_for: f64,
 }
 
 /// Where to connect and what to send in the request line.
@@ -129,6 +158,14 @@ struct TaskResult {
     first_error: Option<String>,
     /// Connection attempts refused (the agent was down); the records were sent again.
     refused: u64,
+    /// With --retry: sends beyond the first of a request, and why (an HTTP status, "io",
+    /// "timeout").
+    retries: u64,
+    retry_kinds: BTreeMap<String, u64>,
+    /// 202s that carried `Idempotent-Replayed: true`.
+    replayed: u64,
+    /// Requests given up on after --retry-for (logged as unanswered).
+    gave_up: u64,
 }
 
 impl TaskResult {
@@ -219,6 +256,9 @@ struct Head {
     content_length: Option<usize>,
     chunked: bool,
     close: bool,
+    /// `Idempotent-Replayed: true`: the agent answered a repeated `Idempotency-Key` with the
+    /// first answer.
+    replayed: bool,
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -250,6 +290,7 @@ fn parse_head(buf: &[u8]) -> anyhow::Result<Option<Head>> {
         content_length: None,
         chunked: false,
         close: version == "HTTP/1.0",
+        replayed: false,
     };
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
@@ -260,6 +301,8 @@ fn parse_head(buf: &[u8]) -> anyhow::Result<Option<Head>> {
             head.content_length = Some(value.parse().context("bad Content-Length")?);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             head.chunked = value.to_ascii_lowercase().contains("chunked");
+        } else if name.eq_ignore_ascii_case("idempotent-replayed") {
+            head.replayed = value.eq_ignore_ascii_case("true");
         } else if name.eq_ignore_ascii_case("connection") {
             let v = value.to_ascii_lowercase();
             if v.contains("close") {
@@ -293,12 +336,18 @@ async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<()> {
     }
 }
 
-/// Reads one whole response; returns its status, its body and whether the server closes the
-/// connection after it. Consumes it from `buf`.
-async fn read_response(
-    stream: &mut TcpStream,
-    buf: &mut Vec<u8>,
-) -> anyhow::Result<(u16, Vec<u8>, bool)> {
+/// One whole response.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+    /// The server closes the connection after it.
+    close: bool,
+    /// It carried `Idempotent-Replayed: true`.
+    replayed: bool,
+}
+
+/// Reads one whole response. Consumes it from `buf`.
+async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Answer> {
     let head = loop {
         if let Some(head) = parse_head(buf)? {
             break head;
@@ -359,7 +408,12 @@ async fn read_response(
         (buf[body_start..].to_vec(), buf.len())
     };
     buf.drain(..consumed);
-    Ok((head.status, body, head.close))
+    Ok(Answer {
+        status: head.status,
+        body,
+        close: head.close,
+        replayed: head.replayed,
+    })
 }
 
 /// The start of a body, for error messages.
@@ -368,8 +422,15 @@ fn snippet(body: &[u8]) -> String {
 }
 
 /// The `--ack-log` lines of one answered request: one per record the 202 acknowledged, with
-/// the id and seq the agent gave it (`id`/`seq` for one object, `ids`/`seqs` for an array).
-fn ack_lines(answer: &[u8], body: &[u8], maker: &BodyMaker) -> anyhow::Result<Vec<u8>> {
+/// the id and seq the agent gave it (`id`/`seq` for one object, `ids`/`seqs` for an array),
+/// and `"replayed":true` when the 202 was a replay of the first answer to its
+/// `Idempotency-Key`. The answer must name as many records as the request sent.
+fn ack_lines(
+    answer: &[u8],
+    body: &[u8],
+    maker: &BodyMaker,
+    replayed: bool,
+) -> anyhow::Result<Vec<u8>> {
     let answer: serde_json::Value =
         serde_json::from_slice(answer).context("a 202 answer that is not JSON")?;
     let pairs: Vec<(String, u64)> = if maker.batch <= 1 {
@@ -391,16 +452,20 @@ fn ack_lines(answer: &[u8], body: &[u8], maker: &BodyMaker) -> anyhow::Result<Ve
     };
     if pairs.len() != maker.records.len() {
         bail!(
-            "the 202 acknowledged {} records, {} were sent",
+            "the {}202 acknowledged {} records, {} were sent",
+            if replayed { "replayed " } else { "" },
             pairs.len(),
             maker.records.len()
         );
     }
+    let replayed = if replayed { "\"replayed\":true," } else { "" };
     let mut out = Vec::new();
     for ((id, seq), (key, n, range)) in pairs.iter().zip(&maker.records) {
         out.extend_from_slice(
-            format!("{{\"id\":\"{id}\",\"seq\":{seq},\"key\":\"{key}\",\"n\":{n},\"payload\":")
-                .as_bytes(),
+            format!(
+                "{{\"id\":\"{id}\",\"seq\":{seq},\"key\":\"{key}\",\"n\":{n},{replayed}\"payload\":"
+            )
+            .as_bytes(),
         );
         out.extend_from_slice(&body[range.clone()]);
         out.extend_from_slice(b"}\n");
@@ -432,6 +497,14 @@ fn append(log: Option<&std::sync::Mutex<std::fs::File>>, lines: &[u8]) -> anyhow
     Ok(())
 }
 
+/// Why a send of a request is to be repeated (with --retry).
+enum Retry {
+    /// No answer: an I/O error (the connection reset, closed) or none within --timeout.
+    NoAnswer(&'static str, String),
+    /// A 5xx answer: the agent could not stage the records.
+    Status(u16, Vec<u8>),
+}
+
 /// One connection's loop.
 async fn run_task(
     index: usize,
@@ -444,6 +517,7 @@ async fn run_task(
 ) -> anyhow::Result<TaskResult> {
     let mut result = TaskResult::default();
     let timeout = Duration::from_secs_f64(args.timeout);
+    let retry_for = Duration::from_secs_f64(args.retry_for.max(0.0));
     let mut maker = BodyMaker {
         prefix: format!("{prefix}-{index}"),
         batch: args.batch,
@@ -458,6 +532,8 @@ async fn run_task(
         .as_deref()
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    // The pauses between retries, 20–50 ms, drawn per task (xorshift) so that clients spread.
+    let mut jitter: u64 = 0x2545_F491_4F6C_DD1D ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9);
     let mut body = Vec::new();
     let mut request = Vec::new();
     let mut buf = Vec::with_capacity(16 * 1024);
@@ -475,10 +551,15 @@ async fn run_task(
             next_at += pace;
         }
         maker.body(&mut body);
+        let idempotency = if args.retry {
+            format!("Idempotency-Key: {}-r{}\r\n", maker.prefix, result.requests)
+        } else {
+            String::new()
+        };
         request.clear();
         request.extend_from_slice(
             format!(
-                "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}\r\n",
+                "POST {} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}{idempotency}\r\n",
                 target.path,
                 target.host_header,
                 body.len()
@@ -487,80 +568,160 @@ async fn run_task(
         );
         request.extend_from_slice(&body);
         result.requests += 1;
-        // A refused connection never carried the request: wait for the agent to come back and
-        // send the same records (until the run's deadline).
-        if conn.is_none() {
-            loop {
-                match TcpStream::connect(&target.addr).await {
-                    Ok(stream) => {
-                        stream.set_nodelay(true)?;
-                        buf.clear();
-                        conn = Some(stream);
+        // Sends of this request that reached a connection, and when a retried one is given up.
+        let mut sends = 0u32;
+        let mut give_up_at: Option<Instant> = None;
+        loop {
+            // A refused connection never carried the request: wait for the agent to come back
+            // and send the same records (until the run's deadline, or while the request is
+            // being retried, until it is given up).
+            if conn.is_none() {
+                loop {
+                    match TcpStream::connect(&target.addr).await {
+                        Ok(stream) => {
+                            stream.set_nodelay(true)?;
+                            buf.clear();
+                            conn = Some(stream);
+                            break;
+                        }
+                        Err(err) => {
+                            result.refused += 1;
+                            match give_up_at {
+                                Some(at) if Instant::now() >= at => {
+                                    result.gave_up += 1;
+                                    result.error(
+                                        "gave_up".into(),
+                                        format!(
+                                            "gave up after {sends} sends; connecting to {}: {err}",
+                                            target.addr
+                                        ),
+                                    );
+                                    append(log.as_deref(), &unanswered_lines(&maker))?;
+                                    return Ok(result);
+                                }
+                                Some(_) => {}
+                                None if limits.deadline.is_some_and(|d| Instant::now() >= d) => {
+                                    result.error(
+                                        "connect".into(),
+                                        format!("connecting to {}: {err}", target.addr),
+                                    );
+                                    return Ok(result);
+                                }
+                                None => {}
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }
+            sends += 1;
+            let started = Instant::now();
+            if args.retry && give_up_at.is_none() {
+                give_up_at = Some(limits.deadline.unwrap_or(started) + retry_for);
+            }
+            let attempt = tokio::time::timeout(timeout, async {
+                let stream = conn.as_mut().expect("connected above");
+                if let Err(err) = stream.write_all(&request).await {
+                    // The server may have answered (413, say) and closed before reading it
+                    // all: report its answer rather than the broken pipe when there is one.
+                    return match read_response(stream, &mut buf).await {
+                        Ok(answer) => Ok(Answer {
+                            close: true,
+                            ..answer
+                        }),
+                        Err(_) => Err(anyhow::Error::from(err).context("sending the request")),
+                    };
+                }
+                read_response(stream, &mut buf).await
+            })
+            .await;
+            let retry = match attempt {
+                Ok(Ok(answer)) => {
+                    if answer.close {
+                        conn = None;
+                    }
+                    if answer.status == 202 {
+                        result.ok += 1;
+                        let us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                        result.latencies_us.push(us);
+                        if answer.replayed {
+                            result.replayed += 1;
+                            if sends == 1 {
+                                // The key is unique to this request: nothing was sent before.
+                                result.error(
+                                    "replay_of_unsent".into(),
+                                    format!(
+                                        "the first send of {} was answered as a replay: {}",
+                                        idempotency.trim(),
+                                        snippet(&answer.body)
+                                    ),
+                                );
+                            }
+                        }
+                        if log.is_some() {
+                            let lines = ack_lines(&answer.body, &body, &maker, answer.replayed)?;
+                            append(log.as_deref(), &lines)?;
+                        }
                         break;
                     }
-                    Err(err) => {
-                        result.refused += 1;
-                        if limits.deadline.is_some_and(|d| Instant::now() >= d) {
-                            result.error(
-                                "connect".into(),
-                                format!("connecting to {}: {err}", target.addr),
-                            );
-                            return Ok(result);
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    if args.retry && answer.status >= 500 {
+                        Retry::Status(answer.status, answer.body)
+                    } else {
+                        result.error(
+                            answer.status.to_string(),
+                            format!("HTTP {}: {}", answer.status, snippet(&answer.body)),
+                        );
+                        break;
                     }
                 }
-            }
-        }
-        let started = Instant::now();
-        let attempt = tokio::time::timeout(timeout, async {
-            let stream = conn.as_mut().expect("connected above");
-            if let Err(err) = stream.write_all(&request).await {
-                // The server may have answered (413, say) and closed before reading it all:
-                // report its answer rather than the broken pipe when there is one.
-                return match read_response(stream, &mut buf).await {
-                    Ok((status, answer, _)) => Ok((status, answer, true)),
-                    Err(_) => Err(anyhow::Error::from(err).context("sending the request")),
-                };
-            }
-            read_response(stream, &mut buf).await
-        })
-        .await;
-        match attempt {
-            Ok(Ok((status, answer, close))) => {
-                if close {
+                Ok(Err(err)) => {
                     conn = None;
-                }
-                if status == 202 {
-                    result.ok += 1;
-                    let us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
-                    result.latencies_us.push(us);
-                    if log.is_some() {
-                        let lines = ack_lines(&answer, &body, &maker)?;
-                        append(log.as_deref(), &lines)?;
+                    if args.retry {
+                        Retry::NoAnswer("io", format!("{err:#}"))
+                    } else {
+                        result.error("io".into(), format!("{err:#}"));
+                        append(log.as_deref(), &unanswered_lines(&maker))?;
+                        // Don't spin against a server that is down.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        break;
                     }
-                } else {
-                    result.error(
-                        status.to_string(),
-                        format!("HTTP {status}: {}", snippet(&answer)),
-                    );
                 }
-            }
-            Ok(Err(err)) => {
-                conn = None;
-                result.error("io".into(), format!("{err:#}"));
-                append(log.as_deref(), &unanswered_lines(&maker))?;
-                // Don't spin against a server that is down.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(_) => {
-                conn = None;
+                Err(_) => {
+                    conn = None;
+                    let detail = format!("no answer within {}s", args.timeout);
+                    if args.retry {
+                        Retry::NoAnswer("timeout", detail)
+                    } else {
+                        result.error("timeout".into(), detail);
+                        append(log.as_deref(), &unanswered_lines(&maker))?;
+                        break;
+                    }
+                }
+            };
+            let (kind, detail) = match retry {
+                Retry::NoAnswer(kind, detail) => (kind.to_string(), detail),
+                Retry::Status(status, answer) => (
+                    status.to_string(),
+                    format!("HTTP {status}: {}", snippet(&answer)),
+                ),
+            };
+            if give_up_at.is_some_and(|at| Instant::now() >= at) {
+                result.gave_up += 1;
                 result.error(
-                    "timeout".into(),
-                    format!("no answer within {}s", args.timeout),
+                    "gave_up".into(),
+                    format!("gave up after {sends} sends; the last: {detail}"),
                 );
                 append(log.as_deref(), &unanswered_lines(&maker))?;
+                break;
             }
+            result.retries += 1;
+            *result.retry_kinds.entry(kind).or_default() += 1;
+            // The same bytes again on a fresh connection, after a short pause.
+            conn = None;
+            jitter ^= jitter << 13;
+            jitter ^= jitter >> 7;
+            jitter ^= jitter << 17;
+            tokio::time::sleep(Duration::from_millis(20 + jitter % 31)).await;
         }
     }
     Ok(result)
@@ -669,10 +830,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     let mut first_error: Option<String> = None;
     let mut refused = 0u64;
+    let mut retries = 0u64;
+    let mut retry_kinds: BTreeMap<String, u64> = BTreeMap::new();
+    let mut replayed = 0u64;
+    let mut gave_up = 0u64;
     for handle in handles {
         let r = handle.await.context("a load task panicked")??;
         requests += r.requests;
         refused += r.refused;
+        retries += r.retries;
+        replayed += r.replayed;
+        gave_up += r.gave_up;
+        for (k, v) in r.retry_kinds {
+            *retry_kinds.entry(k).or_default() += v;
+        }
         ok += r.ok;
         latencies.extend_from_slice(&r.latencies_us);
         for (k, v) in r.errors {
@@ -689,7 +860,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(e) = &first_error {
         eprintln!("estafeta-load: {error_count} errors; the first: {e}");
     }
-    let line = json!({
+    let mut line = json!({
         "connections": args.connections,
         "batch": args.batch,
         "requests": requests,
@@ -703,6 +874,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "error_kinds": errors,
         "refused_connects": refused,
     });
+    if args.retry {
+        line["retries"] = json!(retries);
+        line["retry_kinds"] = json!(retry_kinds);
+        line["replayed"] = json!(replayed);
+        line["gave_up"] = json!(gave_up);
+    }
     println!("{line}");
     Ok(())
 }
@@ -758,7 +935,7 @@ mod tests {
         let mut body = Vec::new();
         m.body(&mut body);
         let answer = br#"{"ids":["a","b"],"seqs":[7,9]}"#;
-        let lines = ack_lines(answer, &body, &m).unwrap();
+        let lines = ack_lines(answer, &body, &m, false).unwrap();
         let lines: Vec<serde_json::Value> = String::from_utf8(lines)
             .unwrap()
             .lines()
@@ -773,12 +950,38 @@ mod tests {
         assert_eq!(lines[0]["payload"], sent[0]);
         assert_eq!(lines[1]["key"], "L-3-k2");
         assert_eq!(lines[1]["payload"], sent[1]);
-        assert!(ack_lines(br#"{"ids":["a"],"seqs":[7]}"#, &body, &m).is_err());
+        assert!(lines.iter().all(|l| l.get("replayed").is_none()));
+        assert!(ack_lines(br#"{"ids":["a"],"seqs":[7]}"#, &body, &m, false).is_err());
+        // A replayed answer must name as many records, and its lines say it was a replay.
+        assert!(ack_lines(br#"{"ids":["a"],"seqs":[7]}"#, &body, &m, true).is_err());
+        let replayed = String::from_utf8(ack_lines(answer, &body, &m, true).unwrap()).unwrap();
+        let replayed: Vec<serde_json::Value> = replayed
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(replayed[1]["id"], "b");
+        assert_eq!(replayed[1]["seq"], 9);
+        assert_eq!(replayed[1]["replayed"], true);
+        assert_eq!(replayed[1]["payload"], sent[1]);
         let unanswered = String::from_utf8(unanswered_lines(&m)).unwrap();
         assert_eq!(
             unanswered,
             "{\"unanswered\":true,\"key\":\"L-3-k1\",\"n\":4}\n{\"unanswered\":true,\"key\":\"L-3-k2\",\"n\":5}\n"
         );
+    }
+
+    #[test]
+    fn heads_say_whether_the_answer_is_a_replay() {
+        let head = parse_head(
+            b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\nIdempotent-Replayed: true\r\n\r\n{}",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((head.status, head.replayed, head.close), (202, true, false));
+        let head = parse_head(b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\n{}")
+            .unwrap()
+            .unwrap();
+        assert!(!head.replayed);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! the same code the CI tests run small (`estafeta_e2e::reliability`); here the counts and
 //! durations are flags. It prints one summary table (Markdown) and exits 1 if any scenario
 //! found a problem: a record lost, applied twice, out of order, memory that grew, a sink
-//! hammered.
+//! hammered. The crash loop's clients retry with the same `Idempotency-Key` until answered
+//! (`estafeta-load --retry`), and "lost" and "applied twice" are counted both by the agent's
+//! record id and by the client's own identity of each record (payload `id` and `n`).
 
 use std::time::{Duration, Instant};
 
@@ -133,22 +135,38 @@ fn print_table(
         rows.push((
             "Crash loop: records acknowledged (load process)".into(),
             format!(
-                "{} ({} more sent without an answer; {} of those applied)",
+                "{} ({} more given up on without an answer; {} of those applied)",
                 c.acknowledged,
                 c.unanswered,
                 c.pg.unacknowledged.max(c.api.unacknowledged)
             ),
         ));
         rows.push((
-            "Crash loop: lost (PostgreSQL / API)".into(),
+            "Crash loop: client resends / replayed answers / requests given up".into(),
+            format!(
+                "{} / {} / {} (same body and Idempotency-Key until answered)",
+                c.retries, c.replayed, c.gave_up
+            ),
+        ));
+        rows.push((
+            "Crash loop: lost by record id (PostgreSQL / API)".into(),
             format!("{} / {}", c.pg.lost, c.api.lost),
         ));
         rows.push((
-            "Crash loop: applied twice (PostgreSQL / API)".into(),
+            "Crash loop: applied twice by record id (PostgreSQL / API)".into(),
             format!(
                 "{} / {} ({} API resends after a SIGKILL, deduplicated by Idempotency-Key)",
                 c.pg.doubled, c.api.doubled, c.api.resent
             ),
+        ));
+        rows.push((
+            "Crash loop: lost by client record, payload id and n (PostgreSQL / API)".into(),
+            format!("{} / {}", c.business_lost_pg, c.business_lost_api),
+        ));
+        rows.push((
+            "Crash loop: applied twice by client record, payload id and n (PostgreSQL / API)"
+                .into(),
+            format!("{} / {}", c.applied_twice_pg, c.applied_twice_api),
         ));
         rows.push((
             "Crash loop: drain after the last restart".into(),
