@@ -55,3 +55,11 @@ mod status_page;
 // separate estafeta-load process, a 200,000-record outage of PostgreSQL and the API with flat
 // memory, and a flapping API whose down phases get no more attempts than the backoff allows.
 mod reliability;
+// The power-cut file system: what was not fsync'd (file content, directory entries, whole trees)
+// is gone after a cut, a seed tears the last write, SQLite WAL survives it, flock works.
+mod powercut_fs;
+// Issue 17: power cuts, not only kills. The staging folder on the power-cut file system; cycles
+// of load from retrying clients → SIGKILL → forget what was not fsync'd (sometimes tearing the
+// last write) → remount → restart: records, dead letters, requeues, a source's checkpoint, the
+// sequence counter and the self-update state all come through, nothing applied twice.
+mod power_cut;

@@ -5,7 +5,9 @@
 //! staging folder ([`wait_drained`], [`record_files`], [`raw_request`]) and a reproducible
 //! workload of records ([`mixed_plan`], [`post_plan`]), a TCP gate that refuses and counts
 //! connections ([`TcpGate`]), and issue 5's scenarios 1–3 parameterized by counts
-//! ([`reliability`]: shared by the CI tests and `scripts/soak`). The servers come from
+//! ([`reliability`]: shared by the CI tests and `scripts/soak`), and an in-memory FUSE file system
+//! that forgets on a simulated power cut whatever was not fsync'd ([`powercut_fs`]) with issue
+//! 17's power-cut cycles on top of it ([`powercut`]). The servers come from
 //! `scripts/start-services`.
 
 mod agent;
@@ -15,6 +17,8 @@ mod db;
 mod flaky;
 mod gate;
 mod nats;
+pub mod powercut;
+pub mod powercut_fs;
 pub mod release;
 pub mod reliability;
 mod support;

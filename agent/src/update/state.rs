@@ -1,7 +1,7 @@
 //! What the self-update did last, kept in `<staging>/_update/state.json` so `GET /v1/status`,
 //! `estafeta status` (which runs without the daemon) and the next start all see it. Written
-//! atomically (temporary file, fsync, rename). The `update` object of the status is
-//! [`UpdateStatus`] plus the running version.
+//! atomically and durably (temporary file, fsync, rename, fsync of the folder). The `update`
+//! object of the status is [`UpdateStatus`] plus the running version.
 
 use std::path::{Path, PathBuf};
 
@@ -79,11 +79,17 @@ fn try_save(staging: &Path, status: &UpdateStatus) -> anyhow::Result<()> {
     use std::io::Write as _;
     let file = path(staging);
     let dir = file.parent().expect("the state file has a folder");
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        super::trial::sync_dir(staging);
+    }
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
     tmp.write_all(&serde_json::to_vec_pretty(status)?)?;
     tmp.as_file().sync_all()?;
     tmp.persist(&file)?;
+    // The rename is durable only once the folder is: without this a power cut brings back the
+    // previous state (or none), e.g. forgets that an archive's signature was refused.
+    super::trial::sync_dir(dir);
     same_owner_as_staging(staging, &[dir, &file]);
     Ok(())
 }

@@ -77,7 +77,9 @@ pub fn atomic_copy(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sync_dir(dir: &Path) {
+/// fsyncs a folder, so a file created or renamed in it survives a power cut (best effort:
+/// the data itself was already synced by the caller).
+pub(super) fn sync_dir(dir: &Path) {
     #[cfg(unix)]
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();

@@ -10,6 +10,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use estafeta_e2e::powercut::{PowerCutParams, PowerCutReport, power_cut_cycles};
 use estafeta_e2e::reliability::{
     CrashParams, CrashReport, FlapParams, FlapReport, OutageParams, OutageReport, crash_loop,
     flapping, long_outage,
@@ -22,6 +23,11 @@ struct Args {
     /// SIGKILL + restart cycles of the crash loop (0 skips it).
     #[arg(long, default_value_t = 50)]
     cycles: usize,
+    /// Power cuts (issue 17): load → SIGKILL → forget what was not fsync'd → remount →
+    /// restart, with the staging folder on the power-cut file system (0 skips it; needs root
+    /// and FUSE).
+    #[arg(long, default_value_t = 100)]
+    power_cuts: usize,
     /// Records posted during the outage of PostgreSQL and the API (0 skips it).
     #[arg(long, default_value_t = 200_000)]
     records: usize,
@@ -54,6 +60,7 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> std::process::ExitCode {
     let started = Instant::now();
     let mut crash: Option<CrashReport> = None;
+    let mut cuts: Option<PowerCutReport> = None;
     let mut outage: Option<OutageReport> = None;
     let mut flap: Option<FlapReport> = None;
     if args.cycles > 0 {
@@ -72,6 +79,25 @@ async fn run(args: Args) -> std::process::ExitCode {
         .await;
         eprintln!("soak: crash loop done: {report:?}");
         crash = Some(report);
+    }
+    if args.power_cuts > 0 {
+        eprintln!("soak: {} power cuts…", args.power_cuts);
+        let report = power_cut_cycles(&PowerCutParams {
+            cycles: args.power_cuts,
+            cut_after: (Duration::from_millis(300), Duration::from_millis(2_000)),
+            connections: 6,
+            rate: args.rate,
+            batch: args.batch,
+            keys: 8,
+            fail_fraction: 0.2,
+            tear_every: 3,
+            sync_delay: Duration::from_millis(5),
+            drain_timeout: Duration::from_secs(600),
+            seed: args.seed,
+        })
+        .await;
+        eprintln!("soak: power cuts done: {report:?}");
+        cuts = Some(report);
     }
     if args.records > 0 {
         eprintln!("soak: outage, {} records…", args.records);
@@ -105,6 +131,7 @@ async fn run(args: Args) -> std::process::ExitCode {
     let problems = print_table(
         &args,
         crash.as_ref(),
+        cuts.as_ref(),
         outage.as_ref(),
         flap.as_ref(),
         started,
@@ -120,6 +147,7 @@ async fn run(args: Args) -> std::process::ExitCode {
 fn print_table(
     args: &Args,
     crash: Option<&CrashReport>,
+    cuts: Option<&PowerCutReport>,
     outage: Option<&OutageReport>,
     flap: Option<&FlapReport>,
     started: Instant,
@@ -174,6 +202,41 @@ fn print_table(
         ));
         peak_rss = peak_rss.max(c.peak_rss_kib);
         problems.extend(c.problems.iter().map(|p| format!("crash loop: {p}")));
+    }
+    if let Some(c) = cuts {
+        rows.push((
+            "Power cuts: cycles survived (torn writes)".into(),
+            format!("{} of {} ({} torn)", c.cycles, args.power_cuts, c.tears),
+        ));
+        rows.push((
+            "Power cuts: forgotten (unsynced bytes / directory entries)".into(),
+            format!("{} / {}", c.bytes_forgotten, c.entries_forgotten),
+        ));
+        rows.push((
+            "Power cuts: records acknowledged (retrying clients)".into(),
+            format!(
+                "{} ({} given up; load: {})",
+                c.acknowledged, c.unanswered, c.load_summary
+            ),
+        ));
+        rows.push((
+            "Power cuts: lost / applied twice / out of order, by client record (PostgreSQL; API)"
+                .into(),
+            format!(
+                "{} / {} / {}; {} / {} / {}",
+                c.pg.lost,
+                c.pg.applied_twice,
+                c.pg.disorder,
+                c.api.lost,
+                c.api.applied_twice,
+                c.api.disorder
+            ),
+        ));
+        rows.push((
+            "Power cuts: source rows / dead letters kept / requeued".into(),
+            format!("{} / {} / {}", c.source_rows, c.rejected, c.requeued),
+        ));
+        problems.extend(c.problems.iter().map(|p| format!("power cuts: {p}")));
     }
     if let Some(o) = outage {
         rows.push((
