@@ -93,6 +93,9 @@ pub fn open(path: &Path, durable: bool) -> rusqlite::Result<Connection> {
     // The WAL grows with a burst and SQLite keeps its size afterwards; cut it back to 4 MiB
     // at each checkpoint, so a drained agent does not hold the burst's disk space.
     conn.pragma_update(None, "journal_size_limit", 4 * 1024 * 1024)?;
+    // Rows of delivered records (their keys) are zeroed when deleted, not left in free pages
+    // for anyone who copies the file; cleanup also truncates the WAL (recover::cleanup).
+    conn.pragma_update(None, "secure_delete", "ON")?;
     conn.execute_batch(SCHEMA)?;
     migrate(&conn)?;
     #[cfg(unix)]

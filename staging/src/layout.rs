@@ -66,6 +66,23 @@ pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes an existing folder private (0700 on Unix): a staging folder created beforehand by an
+/// installer or a person keeps no group or world access. Fails when that cannot be done (the
+/// folder belongs to someone else), so the store never runs in a folder others can read.
+pub fn make_private(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir)?.permissions().mode() & 0o7777;
+        if mode != 0o700 {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
 fn private_dir_builder() -> fs::DirBuilder {
     #[allow(unused_mut)]
     let mut b = fs::DirBuilder::new();

@@ -140,6 +140,9 @@ impl Staging {
             .unwrap_or_else(|| root.join(layout::FAILED_DIR));
         for d in [&root, &state_dir, &failed_dir] {
             layout::create_dir_durable(d).map_err(|e| StoreError::io("create folder", d, e))?;
+            layout::make_private(d).map_err(|e| {
+                StoreError::io("make private (mode 0700, it holds patient data)", d, e)
+            })?;
         }
         let shared = Arc::new(Shared {
             root: root.clone(),
