@@ -35,8 +35,6 @@ pub const MIN_WAKEUP_GAP: Duration = Duration::from_secs(1);
 /// seals the segment being written when it is drained, so doing it after every write-triggered
 /// cycle would leave many small files.
 pub const CLEANUP_INTERVAL: Duration = Duration::from_secs(30);
-/// Longest dead-letter reason written to the log, in characters.
-const MAX_LOGGED_REASON_CHARS: usize = 200;
 
 /// What one flush cycle of one sink did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -320,8 +318,9 @@ async fn settle(
         }
         let mut paths = Vec::with_capacity(deads.len());
         for (seq, id, reason) in deads {
-            let path = store.dead(&sink_name, seq, &reason)?;
-            paths.push((seq, id, reason, path));
+            // The file keeps the whole answer; the log says what happened, by class.
+            let path = store.dead(&sink_name, seq, &reason.detail)?;
+            paths.push((seq, id, reason.summary, path));
         }
         if !unanswered.is_empty() {
             store.release(&sink_name, &unanswered)?;
@@ -329,11 +328,10 @@ async fn settle(
         Ok(paths)
     })
     .await?;
-    for (seq, id, reason, path) in dead_paths {
-        let reason: String = reason.chars().take(MAX_LOGGED_REASON_CHARS).collect();
+    for (seq, id, error, path) in dead_paths {
         warn!(
-            sink, seq, %id, path = %path.display(), %reason,
-            "Record refused by the sink; moved to the dead letters. Fix it and replay it with `estafeta retry --send`."
+            sink, seq, %id, path = %path.display(), %error,
+            "Record refused by the sink; moved to the dead letters (the file holds the sink's whole answer). Fix it and replay it with `estafeta retry --send`."
         );
     }
     Ok(settled_counts)

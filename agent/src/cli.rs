@@ -1,6 +1,6 @@
 //! The command line: one binary, `estafeta run` for the daemon and the offline tools beside it
 //! (`stage`, `ls`, `show`, `status`, `flush`, `retry`, `reindex`, `check-config`, `update`,
-//! `version`),
+//! `version`, `token`),
 //! and `service`, the Windows service entry point.
 //! The tools open the staging store directly; the daemon may be running at the same time.
 //!
@@ -163,17 +163,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check UPDATE_URL's release manifest and install a newer version: signature checked,
-    /// tried, rolled back if it does not report ready within UPDATE_HEALTH_SECS. A plain install
-    /// replaces its executable (stop the agent first, or let UPDATE_CRONTAB do it); a .deb or MSI
-    /// install is handed to dpkg / msiexec (run it as an administrator).
+    /// Check UPDATE_URL's release manifest and install a newer version: signature and signed
+    /// version checked, tried, rolled back if it does not report ready within
+    /// UPDATE_HEALTH_SECS. A plain install replaces its executable (stop the agent first, or let
+    /// UPDATE_CRONTAB do it); a .deb or MSI install is handed to dpkg / msiexec (run it as an
+    /// administrator).
     Update {
         /// Only say whether a newer version is available; change nothing.
         #[arg(long)]
         check: bool,
+        /// Also install an older signed version than the running one (going back on purpose).
+        /// The archive's signed version must still be the one the manifest offers.
+        #[arg(long, conflicts_with = "check")]
+        allow_downgrade: bool,
     },
     /// Print the version.
     Version,
+    /// Print a new random token for INGEST_TOKEN (64 hex characters from the operating
+    /// system's random source).
+    Token,
     /// Run as the Windows service `Estafeta` (started by Windows, not from a console). Its env
     /// file is --env-file or %ProgramData%\Estafeta\estafeta.env, created from
     /// estafeta.env.default beside the executable when missing.
@@ -238,6 +246,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             write_stdout(&format!("estafeta {}\n", crate::version::current()));
             Ok(EXIT_OK)
         }
+        Command::Token => {
+            write_stdout(&format!("{}\n", crate::ingest::token::generate()?));
+            Ok(EXIT_OK)
+        }
         Command::CheckConfig { offline } => check_config(env_file, offline),
         Command::Fleet {
             database,
@@ -250,7 +262,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             let config = Config::load(env_file)?;
             match command {
                 Command::Run => run_daemon(config),
-                Command::Update { check } => update(config, env_file, check),
+                Command::Update {
+                    check,
+                    allow_downgrade,
+                } => update(config, env_file, check, allow_downgrade),
                 Command::Stage {
                     action,
                     entity,
@@ -283,6 +298,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     }
                 },
                 Command::Version
+                | Command::Token
                 | Command::CheckConfig { .. }
                 | Command::Fleet { .. }
                 | Command::Service { .. } => {
@@ -503,15 +519,17 @@ fn hand_over(exe: &Path, args: &[std::ffi::OsString]) -> u8 {
     }
 }
 
-/// `POST /v1/update` to the running agent.
+/// `POST /v1/update` to the running agent, on loopback when it listens on a wildcard address
+/// (its `Host` check admits that), with `INGEST_TOKEN` (or `INGEST_TOKEN_FILE`'s) when set.
 async fn ask_daemon_to_update(config: &Config) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(10))
         .build()
         .context("could not build the HTTP client")?;
+    let addr = crate::ingest::local_addr(config.ingest_addr);
     let mut request = client
-        .post(format!("http://{}/v1/update", config.ingest_addr))
+        .post(format!("http://{addr}/v1/update"))
         .header(crate::ingest::dead_letters::REQUESTED_BY, "estafeta");
     if let Some(token) = &config.ingest_token {
         request = request.bearer_auth(token);
@@ -533,8 +551,13 @@ async fn ask_daemon_to_update(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `estafeta update [--check]`.
-fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::Result<u8> {
+/// `estafeta update [--check | --allow-downgrade]`.
+fn update(
+    config: Config,
+    env_file: Option<&Path>,
+    check_only: bool,
+    allow_downgrade: bool,
+) -> anyhow::Result<u8> {
     use crate::update::{AssetKind, Handover, install};
     // Run as root for a package install, a daily log file created now would belong to root and
     // the service (user `estafeta`) could no longer append to it: log to the terminal instead.
@@ -547,7 +570,10 @@ fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::
     let current = crate::version::current();
     let checked = crate::update::check(&config)?;
     let offered = checked.manifest.version.clone();
-    if !checked.newer {
+    // Only a strictly newer version, unless asked for an older one on purpose. Either way the
+    // archive's signed VERSION decides (`update::prepare`); the manifest's is only a hint.
+    let downgrade = allow_downgrade && !checked.newer && offered != current;
+    if !checked.newer && !downgrade {
         write_stdout(&format!(
             "estafeta {current} is up to date (the manifest offers {offered})\n"
         ));
@@ -561,9 +587,18 @@ fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::
     }
     let exe = crate::update::current_exe()?;
     let kind = install::detect(&exe);
-    if kind == AssetKind::Binary
-        && std::net::TcpStream::connect_timeout(&config.ingest_addr, Duration::from_secs(1)).is_ok()
-    {
+    let agent_runs = std::net::TcpStream::connect_timeout(
+        &crate::ingest::local_addr(config.ingest_addr),
+        Duration::from_secs(1),
+    )
+    .is_ok();
+    if kind == AssetKind::Binary && agent_runs && downgrade {
+        anyhow::bail!(
+            "an agent runs on {}, and it never installs an older version; stop it, then run `estafeta update --allow-downgrade` again",
+            config.ingest_addr
+        );
+    }
+    if kind == AssetKind::Binary && agent_runs {
         // The running agent holds the port the trial needs: it does the update itself.
         runtime()?.block_on(ask_daemon_to_update(&config))?;
         write_stdout(&format!(
@@ -572,7 +607,7 @@ fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::
         ));
         return Ok(EXIT_OK);
     }
-    let prepared = crate::update::prepare(&config, &checked.manifest, kind)?;
+    let prepared = crate::update::prepare(&config, &checked.manifest, kind, downgrade)?;
     let mut args: Vec<std::ffi::OsString> = Vec::new();
     if let Some(file) = env_file {
         args.push("--env-file".into());
@@ -582,10 +617,9 @@ fn update(config: Config, env_file: Option<&Path>, check_only: bool) -> anyhow::
     match kind {
         AssetKind::Binary => {
             let stop = tokio_util::sync::CancellationToken::new();
-            let handover =
-                runtime()?.block_on(crate::update::takeover(&config, prepared, args, &stop));
-            let status = crate::update::state::load(&config.staging_path);
-            let message = status.message.unwrap_or_default();
+            let (handover, message) = runtime()?.block_on(crate::update::takeover_with_message(
+                &config, prepared, args, &stop,
+            ));
             match handover {
                 Handover::Exec(_) => {
                     write_stdout(&format!("{message}\nstart the agent again to run it\n"));

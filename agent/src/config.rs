@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::redact::url as redact_url;
 use crate::sinks::apply::ApplyStatements;
 use crate::sinks::database::{DatabaseSinkConfig, Dialect};
 use crate::sinks::http::{HttpRoute, HttpSinkConfig};
 use crate::sinks::nats::{NatsSinkConfig, Retention, StreamSettings};
-use crate::sinks::redact_url;
 
 /// Default ingest address: loopback only.
 pub const DEFAULT_INGEST_ADDR: &str = "127.0.0.1:8787";
@@ -34,6 +34,9 @@ pub const DEFAULT_CRONTAB: &str = "* * * * *";
 pub const DEFAULT_MAX_BODY_BYTES: usize = 10 * 1024 * 1024;
 /// `INGEST_BODY_TIMEOUT_SECS` default: how long a client may take to send its request body.
 pub const DEFAULT_INGEST_BODY_TIMEOUT_SECS: u64 = 30;
+/// Shortest `INGEST_TOKEN` accepted, in characters, when `INGEST_ADDR` is not a loopback address
+/// (the token is then all that stands between the network and the records).
+pub const MIN_INGEST_TOKEN_CHARS: usize = 32;
 /// Default records per flush cycle and sink.
 pub const DEFAULT_MAX_RECORDS: usize = 100_000;
 /// Default records per batch handed to a sink.
@@ -83,6 +86,8 @@ pub const KEYS: &[&str] = &[
     "KEEP_DELIVERED_DAYS",
     "INGEST_ADDR",
     "INGEST_TOKEN",
+    "INGEST_TOKEN_FILE",
+    "INGEST_ALLOWED_HOSTS",
     "MAX_BODY_BYTES",
     "INGEST_BODY_TIMEOUT_SECS",
     "FLUSH_ON_WRITE",
@@ -114,6 +119,8 @@ pub const KEYS: &[&str] = &[
     "UPDATE_CRONTAB",
     "UPDATE_PUBLIC_KEY",
     "UPDATE_HEALTH_SECS",
+    "UPDATE_ALLOW_HTTP",
+    "UPDATE_CA_FILE",
     "CONFIG_FILE",
 ];
 
@@ -159,8 +166,14 @@ pub struct Config {
     pub keep_delivered: Duration,
     /// `INGEST_ADDR`.
     pub ingest_addr: SocketAddr,
-    /// `INGEST_TOKEN`: bearer token the ingest API requires, when set.
+    /// `INGEST_TOKEN`, or the content of the file `INGEST_TOKEN_FILE` names: the bearer token
+    /// the ingest API requires, when set. At least [`MIN_INGEST_TOKEN_CHARS`] characters when
+    /// `INGEST_ADDR` is not loopback.
     pub ingest_token: Option<String>,
+    /// `INGEST_ALLOWED_HOSTS`: host names (or addresses) the ingest API answers to besides
+    /// `localhost`, `127.0.0.0/8`, `[::1]` and the `INGEST_ADDR` address; lowercase, without
+    /// port or brackets. Default: none.
+    pub ingest_allowed_hosts: Vec<String>,
     /// `MAX_BODY_BYTES`.
     pub max_body_bytes: usize,
     /// `INGEST_BODY_TIMEOUT_SECS`: a request body not received in full by then gets 408.
@@ -195,7 +208,8 @@ pub struct Config {
     pub entities: BTreeMap<String, EntityConfig>,
     /// SQL sources (`[[sources]]`): queries polled on a schedule.
     pub sql_sources: Vec<crate::sources::SourceConfig>,
-    /// Self-update: `UPDATE_URL`, `UPDATE_CRONTAB`, `UPDATE_PUBLIC_KEY`, `UPDATE_HEALTH_SECS`.
+    /// Self-update: `UPDATE_URL`, `UPDATE_CRONTAB`, `UPDATE_PUBLIC_KEY`, `UPDATE_HEALTH_SECS`,
+    /// `UPDATE_ALLOW_HTTP`, `UPDATE_CA_FILE`.
     pub update: crate::update::UpdateConfig,
 }
 
@@ -248,6 +262,7 @@ impl fmt::Debug for Config {
             .field("keep_delivered", &self.keep_delivered)
             .field("ingest_addr", &self.ingest_addr)
             .field("ingest_token", &self.ingest_token.as_ref().map(|_| "***"))
+            .field("ingest_allowed_hosts", &self.ingest_allowed_hosts)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("ingest_body_timeout", &self.ingest_body_timeout)
             .field("flush_on_write", &self.flush_on_write)
@@ -472,6 +487,14 @@ impl Config {
         );
         push("INGEST_ADDR", self.ingest_addr.to_string());
         push("INGEST_TOKEN", shown_secret(self.ingest_token.as_deref()));
+        push(
+            "INGEST_ALLOWED_HOSTS",
+            if self.ingest_allowed_hosts.is_empty() {
+                "(none: localhost, 127.0.0.1, [::1] and INGEST_ADDR only)".into()
+            } else {
+                self.ingest_allowed_hosts.join(",")
+            },
+        );
         push("MAX_BODY_BYTES", self.max_body_bytes.to_string());
         push("INGEST_BODY_TIMEOUT_SECS", secs(self.ingest_body_timeout));
         push("FLUSH_ON_WRITE", self.flush_on_write.to_string());
@@ -514,6 +537,14 @@ impl Config {
             ),
         );
         push("UPDATE_HEALTH_SECS", secs(self.update.health));
+        push("UPDATE_ALLOW_HTTP", self.update.allow_http.to_string());
+        push(
+            "UPDATE_CA_FILE",
+            self.update
+                .ca_file
+                .as_ref()
+                .map_or_else(|| "(not set)".to_owned(), |p| p.display().to_string()),
+        );
         for sink in &self.sinks {
             let key = |field: &str| format!("sinks.{}.{field}", sink.name);
             match &sink.kind {
@@ -1087,6 +1118,9 @@ impl Loader {
                     key: (*key).to_owned(),
                     value: match *key {
                         "AGENT_ID" => default_agent_id(process_env),
+                        "INGEST_TOKEN" if self.raw.contains_key("INGEST_TOKEN_FILE") => {
+                            "(read from INGEST_TOKEN_FILE)".into()
+                        }
                         _ => default_shown(key),
                     },
                     origin: Origin::Default.as_str().to_owned(),
@@ -1208,7 +1242,10 @@ impl Loader {
             SocketAddr::from((Ipv4Addr::LOCALHOST, 8787)),
             parse_addr,
         );
-        let ingest_token = self.text("INGEST_TOKEN");
+        let ingest_token = self.ingest_token();
+        let ingest_allowed_hosts = self
+            .parse_opt("INGEST_ALLOWED_HOSTS", parse_allowed_hosts)
+            .unwrap_or_default();
         let max_body_bytes = self.parse("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, |v| {
             parse_size(v).and_then(|b| positive_usize(b, "a size above 0 such as 10MiB"))
         });
@@ -1262,11 +1299,11 @@ impl Loader {
             validate_log_level(v).map(|()| v.to_owned())
         });
 
-        if !ingest_addr.ip().is_loopback() && ingest_token.is_none() {
+        if let Some(problem) = ingest_exposure_problem(ingest_addr, ingest_token.as_deref()) {
             self.problems.push(Problem::sentence(
                 self.label("INGEST_ADDR"),
                 ingest_addr.to_string(),
-                "listens beyond this machine but INGEST_TOKEN is empty: set INGEST_TOKEN to a long random secret, or listen on 127.0.0.1",
+                problem,
             ));
         }
 
@@ -1293,6 +1330,7 @@ impl Loader {
             keep_delivered: Duration::from_secs(keep_days.saturating_mul(86_400)),
             ingest_addr,
             ingest_token,
+            ingest_allowed_hosts,
             max_body_bytes,
             ingest_body_timeout,
             flush_on_write,
@@ -1312,6 +1350,55 @@ impl Loader {
             sql_sources,
             update,
         }
+    }
+
+    /// `INGEST_TOKEN`, or the content of the file `INGEST_TOKEN_FILE` names (one line, spaces
+    /// around it dropped): packaged installs keep a generated token there, readable by the
+    /// service and administrators only. Both set: they must agree.
+    fn ingest_token(&mut self) -> Option<String> {
+        let given = self.text("INGEST_TOKEN");
+        let Some(file) = self.raw.get("INGEST_TOKEN_FILE").cloned() else {
+            return given;
+        };
+        let label = file.origin.label("INGEST_TOKEN_FILE");
+        let path = self.cwd.join(&file.value);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(err) => {
+                self.problem(
+                    label,
+                    Some(file.value),
+                    format!(
+                        "could not read the token file ({err}); run this as a user allowed to read it (root, or the service's user: sudo -u estafeta …), or write a token into it with {GENERATE_TOKEN}"
+                    ),
+                );
+                return given;
+            }
+        };
+        let token = text.trim();
+        if token.is_empty() || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.problem(
+                label,
+                Some(file.value),
+                format!(
+                    "expected the file to hold one token on one line (it is empty or holds spaces); write one with {GENERATE_TOKEN}"
+                ),
+            );
+            return given;
+        }
+        if let Some(given) = &given
+            && given != token
+        {
+            self.problem(
+                self.label("INGEST_TOKEN"),
+                Some("***".into()),
+                format!(
+                    "differs from the token in INGEST_TOKEN_FILE={}; set only one of the two",
+                    file.value
+                ),
+            );
+        }
+        Some(token.to_owned())
     }
 
     fn update_config(&mut self) -> crate::update::UpdateConfig {
@@ -1335,11 +1422,26 @@ impl Loader {
             Duration::from_secs(crate::update::DEFAULT_HEALTH_SECS),
             |v| parse_secs(v, false),
         );
+        // Refused at check time, not here: a clear-text UPDATE_URL must not stop the agent (nor
+        // fail the trial of the version that brings this rule); its checks fail and say why.
+        let allow_http = self.parse("UPDATE_ALLOW_HTTP", false, parse_bool);
+        let ca_file = self.text("UPDATE_CA_FILE").map(|p| self.cwd.join(p));
+        if let Some(ca) = &ca_file
+            && let Err(expected) = check_readable(ca)
+        {
+            self.problem(
+                self.label("UPDATE_CA_FILE"),
+                Some(ca.display().to_string()),
+                expected,
+            );
+        }
         crate::update::UpdateConfig {
             url,
             crontab,
             keys,
             health,
+            allow_http,
+            ca_file,
         }
     }
 
@@ -2039,6 +2141,7 @@ fn default_shown(key: &str) -> String {
         "MIN_FREE_DISK_MB" => (estafeta_staging::DEFAULT_MIN_FREE_BYTES >> 20).to_string(),
         "KEEP_DELIVERED_DAYS" => "0".into(),
         "INGEST_ADDR" => DEFAULT_INGEST_ADDR.into(),
+        "INGEST_ALLOWED_HOSTS" => "(none)".into(),
         "MAX_BODY_BYTES" => DEFAULT_MAX_BODY_BYTES.to_string(),
         "INGEST_BODY_TIMEOUT_SECS" => DEFAULT_INGEST_BODY_TIMEOUT_SECS.to_string(),
         "FLUSH_ON_WRITE" => "true".into(),
@@ -2063,6 +2166,7 @@ fn default_shown(key: &str) -> String {
         "UPDATE_CRONTAB" => "(no automatic checks)".into(),
         "UPDATE_PUBLIC_KEY" => "(none: updates are refused)".into(),
         "UPDATE_HEALTH_SECS" => crate::update::DEFAULT_HEALTH_SECS.to_string(),
+        "UPDATE_ALLOW_HTTP" => "false".into(),
         _ => "(not set)".into(),
     }
 }
@@ -2294,6 +2398,44 @@ fn expected_secs(zero_ok: bool) -> String {
     } else {
         "expected a number of seconds above 0, such as 10 or 0.5".into()
     }
+}
+
+/// How to make a token, for messages.
+const GENERATE_TOKEN: &str = "`estafeta token` (or `openssl rand -hex 32`)";
+
+/// Why the ingest API may not listen on `addr` with `token`, when it may not: beyond loopback
+/// it needs a token of at least [`MIN_INGEST_TOKEN_CHARS`] characters. The loader reports it
+/// (so `check-config` does), and the daemon checks again before it binds, for a `Config` built
+/// in code.
+pub fn ingest_exposure_problem(addr: SocketAddr, token: Option<&str>) -> Option<String> {
+    if addr.ip().is_loopback() {
+        return None;
+    }
+    match token.map(|t| t.chars().count()) {
+        None => Some(format!(
+            "listens beyond this machine but INGEST_TOKEN is empty: set INGEST_TOKEN to a random secret of at least {MIN_INGEST_TOKEN_CHARS} characters, made with {GENERATE_TOKEN}, or listen on 127.0.0.1"
+        )),
+        Some(n) if n < MIN_INGEST_TOKEN_CHARS => Some(format!(
+            "listens beyond this machine but INGEST_TOKEN has only {n} characters: beyond loopback it must have at least {MIN_INGEST_TOKEN_CHARS}; make one with {GENERATE_TOKEN}, or listen on 127.0.0.1"
+        )),
+        Some(_) => None,
+    }
+}
+
+/// `INGEST_ALLOWED_HOSTS`: host names or IP addresses separated by commas, kept as the `Host`
+/// check compares them (lowercase, IPv6 without brackets).
+fn parse_allowed_hosts(text: &str) -> Result<Vec<String>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            crate::ingest::host::canonical_host(entry).ok_or_else(|| {
+                format!(
+                    "{entry:?} is not a host name or an IP address; expected names or addresses separated by commas, without scheme, port or wildcard (any port is accepted), such as estafeta.hospital.local,10.0.0.5"
+                )
+            })
+        })
+        .collect()
 }
 
 /// `INGEST_ADDR`: `IP:PORT`, or `localhost:PORT`.

@@ -62,11 +62,10 @@ pub async fn run_until(
         dry_run = config.dry_run,
         "Starting estafeta."
     );
-    if !config.ingest_addr.ip().is_loopback() && config.ingest_token.is_none() {
-        bail!(
-            "INGEST_ADDR {} is not a loopback address and INGEST_TOKEN is not set; set INGEST_TOKEN or listen on 127.0.0.1",
-            config.ingest_addr
-        );
+    if let Some(problem) =
+        crate::config::ingest_exposure_problem(config.ingest_addr, config.ingest_token.as_deref())
+    {
+        bail!("INGEST_ADDR={} {problem}", config.ingest_addr);
     }
     for sink in &config.sinks {
         let (kind, url) = match &sink.kind {
@@ -74,7 +73,7 @@ pub async fn run_until(
             SinkKind::Database(database) => ("database", &database.url),
             SinkKind::Nats(nats) => ("nats", &nats.url),
         };
-        info!(sink = %sink.name, kind, url = %crate::sinks::redact_url(url), "Sink configured.");
+        info!(sink = %sink.name, kind, url = %crate::redact::url(url), "Sink configured.");
         if let SinkKind::Database(database) = &sink.kind
             && let Some(apply) = &database.apply
         {
@@ -114,7 +113,7 @@ pub async fn run_until(
             )),
         })?;
     let bound = listener.local_addr().context("reading the bound address")?;
-    info!(addr = %bound, token = config.ingest_token.is_some(), "Ingest API listening.");
+    info!(addr = %bound, token = config.ingest_token.is_some(), allowed_hosts = ?config.ingest_allowed_hosts, "Ingest API listening.");
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();

@@ -6,8 +6,8 @@
 use anyhow::Context as _;
 use serde::Serialize;
 
+use crate::redact::{self, Secrets};
 use crate::sinks::database::Dialect;
-use crate::sinks::{redact_url, scrub, url_secrets};
 
 const FLEET_SQL: &str = include_str!("../../sql/fleet.sql");
 
@@ -48,29 +48,30 @@ impl FleetRow {
 
 /// Every agent of the `estafeta_fleet` view at `url`, by agent id.
 pub async fn load(url: &str) -> anyhow::Result<Vec<FleetRow>> {
-    let shown = redact_url(url);
-    let secrets = url_secrets(url);
+    let shown = redact::url(url);
+    let secrets = Secrets::of(url);
     let hint = "; the view appears with the first heartbeat an agent sends there (HEARTBEAT_SECS)";
     match Dialect::of(url)? {
         Dialect::Postgres => {
-            let config: tokio_postgres::Config = url.parse().map_err(|err| {
-                anyhow::anyhow!(
-                    "the PostgreSQL URL {shown:?} is not valid: {}",
-                    scrub(format!("{err}"), &secrets)
-                )
-            })?;
+            let config: tokio_postgres::Config =
+                url.parse().map_err(|err: tokio_postgres::Error| {
+                    anyhow::anyhow!(
+                        "the PostgreSQL URL {shown:?} is not valid: {}",
+                        secrets.scrub(&err.to_string())
+                    )
+                })?;
             let (client, connection) =
                 config.connect(tokio_postgres::NoTls).await.map_err(|err| {
                     anyhow::anyhow!(
                         "cannot connect to {shown}: {}",
-                        scrub(crate::sinks::error_chain(&err), &secrets)
+                        secrets.scrub(&crate::sinks::error_chain(&err))
                     )
                 })?;
             tokio::spawn(connection);
             let rows = client.query(FLEET_SQL, &[]).await.map_err(|err| {
                 anyhow::anyhow!(
                     "reading estafeta_fleet at {shown}: {}{hint}",
-                    scrub(crate::sinks::error_chain(&err), &secrets)
+                    secrets.scrub(&crate::sinks::error_chain(&err))
                 )
             })?;
             Ok(rows
@@ -133,13 +134,13 @@ pub async fn load(url: &str) -> anyhow::Result<Vec<FleetRow>> {
             let opts = mysql_async::Opts::from_url(&url).map_err(|err| {
                 anyhow::anyhow!(
                     "the MySQL URL {shown:?} is not valid: {}",
-                    scrub(err.to_string(), &secrets)
+                    secrets.scrub(&err.to_string())
                 )
             })?;
             let mut conn = mysql_async::Conn::new(opts).await.map_err(|err| {
                 anyhow::anyhow!(
                     "cannot connect to {shown}: {}",
-                    scrub(crate::sinks::error_chain(&err), &secrets)
+                    secrets.scrub(&crate::sinks::error_chain(&err))
                 )
             })?;
             type Row = (
@@ -156,7 +157,7 @@ pub async fn load(url: &str) -> anyhow::Result<Vec<FleetRow>> {
             let rows: Vec<Row> = conn.query(FLEET_SQL).await.map_err(|err| {
                 anyhow::anyhow!(
                     "reading estafeta_fleet at {shown}: {}{hint}",
-                    scrub(crate::sinks::error_chain(&err), &secrets)
+                    secrets.scrub(&crate::sinks::error_chain(&err))
                 )
             })?;
             let _ = conn.disconnect().await;

@@ -51,7 +51,8 @@ pub struct Heartbeat {
     pub disk_free_bytes: Option<u64>,
     /// Why staging refuses writes, if it does.
     pub staging_blocked: Option<String>,
-    /// The most recent error of any sink.
+    /// The most recent error of any sink: a status code or an error class, never payload
+    /// text, a record key or a server's answer (see [`crate::sinks`]).
     pub last_error: Option<String>,
     pub sinks: Vec<SinkBeat>,
 }

@@ -11,6 +11,7 @@ pub mod host;
 pub mod ingest;
 pub mod logging;
 pub mod notify;
+pub mod redact;
 pub mod sinks;
 pub mod sources;
 pub mod timezone;

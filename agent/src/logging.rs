@@ -2,6 +2,13 @@
 //! (`<LOG_DIR>/estafeta.YYYY-MM-DD.log`) written by a background thread that blocks instead of
 //! dropping lines when it falls behind. The filter comes from `LOG_LEVEL`. Keep the returned
 //! [`Guard`] alive until the process ends: dropping it flushes the file.
+//!
+//! `LOG_LEVEL=debug` or `trace` raises Estafeta's own lines only: the libraries below it log,
+//! at those levels, request URLs with their user info (hyper, reqwest), SQL parameters — payloads
+//! and record keys — (tokio-postgres, mysql_async) and connection details, so every other target
+//! stays at INFO unless a directive names it (`LOG_LEVEL=debug,hyper=debug`, on purpose and
+//! knowing that it logs data). Estafeta's own lines, at any level, carry no secret, payload
+//! or record key (records are named by seq and id).
 
 use std::io::IsTerminal as _;
 
@@ -96,8 +103,42 @@ pub fn init_stderr(level: &str) {
 
 fn filter(level: &str) -> EnvFilter {
     EnvFilter::builder()
-        .parse(level)
+        .parse(directives(level))
         .unwrap_or_else(|_| EnvFilter::new(crate::config::DEFAULT_LOG_LEVEL))
+}
+
+/// Estafeta's own targets, which a bare `debug` / `trace` level applies to.
+const OWN_TARGETS: &[&str] = &["estafeta", "estafeta_staging"];
+
+/// `LOG_LEVEL` as tracing directives: a bare `debug` or `trace` becomes `info` for every
+/// target but Estafeta's own (see the module documentation); directives naming a target are
+/// kept as written.
+fn directives(level: &str) -> String {
+    let parts: Vec<&str> = level
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let (bare, targeted): (Vec<&str>, Vec<&str>) =
+        parts.iter().partition(|d| !d.contains(['=', '[', ':']));
+    let Some(default) = bare.last() else {
+        return level.to_owned();
+    };
+    if !(default.eq_ignore_ascii_case("debug") || default.eq_ignore_ascii_case("trace")) {
+        return level.to_owned();
+    }
+    let mut out = vec!["info".to_owned()];
+    for own in OWN_TARGETS {
+        let named = targeted.iter().any(|d| {
+            d.strip_prefix(own)
+                .is_some_and(|rest| rest.starts_with(['=', '[']))
+        });
+        if !named {
+            out.push(format!("{own}={default}"));
+        }
+    }
+    out.extend(targeted.iter().map(|d| (*d).to_owned()));
+    out.join(",")
 }
 
 fn open_appender(dir: &std::path::Path) -> std::io::Result<RollingFileAppender> {
@@ -108,4 +149,28 @@ fn open_appender(dir: &std::path::Path) -> std::io::Result<RollingFileAppender> 
         .filename_suffix("log")
         .build(dir)
         .map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bare_debug_or_trace_level_raises_estafeta_only() {
+        assert_eq!(
+            directives("trace"),
+            "info,estafeta=trace,estafeta_staging=trace"
+        );
+        assert_eq!(
+            directives("debug,hyper=debug"),
+            "info,estafeta=debug,estafeta_staging=debug,hyper=debug"
+        );
+        assert_eq!(
+            directives("trace,estafeta=debug"),
+            "info,estafeta_staging=trace,estafeta=debug"
+        );
+        for kept in ["info", "warn,estafeta=trace", "off", "info,estafeta=debug"] {
+            assert_eq!(directives(kept), kept);
+        }
+    }
 }

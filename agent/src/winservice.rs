@@ -10,8 +10,12 @@
 //! `NeverOverwrite`, so an upgrade would replace the user's file): it installs
 //! `estafeta.env.default` beside the executable, and the service copies it to `estafeta.env`
 //! only when that file is missing, writing the data folder's real path where the template says
-//! `{DATA_DIR}`. An upgrade therefore never touches the user's settings. The folder's access
-//! list is then narrowed to SYSTEM and Administrators (staged records are patient data).
+//! `{DATA_DIR}`. An upgrade therefore never touches the user's settings. Beside it the service
+//! writes `ingest-token`, a random `INGEST_TOKEN` the template's `INGEST_TOKEN_FILE` names, when
+//! that file is missing (so a packaged install has a token without anyone choosing one, and any
+//! local user is not everyone; an existing token is never replaced), right after the folder's
+//! access list is narrowed to SYSTEM and Administrators (staged records are patient data, the
+//! token a secret), so that it inherits the narrowed list.
 //! The portable part (the data folder and the env file) is here and tested on every platform;
 //! the service control manager part is in the `#[cfg(windows)] mod imp`.
 
@@ -107,14 +111,27 @@ pub fn default_env_template() -> anyhow::Result<PathBuf> {
         .join(DEFAULT_ENV_FILE_NAME))
 }
 
-/// `estafeta service --prepare-only`: creates the data folder and the env file when missing,
-/// narrows the folder's access list (Windows), and prints what it did. Runs on every platform
-/// so it can be tested anywhere; the service runs the same steps at each start.
+/// `estafeta service --prepare-only`: creates the data folder, the env file and the ingest
+/// token when missing, narrows the folder's access list (Windows), and prints what it did. Runs
+/// on every platform so it can be tested anywhere; the service runs the same steps at each start.
 pub fn prepare(env_file: Option<&Path>) -> anyhow::Result<(PathBuf, EnvFile)> {
     let env_file = env_file_path(env_file);
     let outcome = prepare_env_file(&env_file, &default_env_template()?)?;
     imp_restrict(&env_file);
+    // After the narrowing, so that the new file inherits the narrowed access list.
+    prepare_token_file(&env_file)?;
     Ok((env_file, outcome))
+}
+
+/// Writes a random token to `ingest-token` beside `env_file` when that file is missing (see the
+/// module documentation); returns its path.
+pub fn prepare_token_file(env_file: &Path) -> anyhow::Result<PathBuf> {
+    let path = env_file
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(crate::ingest::token::TOKEN_FILE_NAME);
+    crate::ingest::token::write_if_missing(&path)?;
+    Ok(path)
 }
 
 #[cfg(windows)]
@@ -262,6 +279,8 @@ mod imp {
             .unwrap_or_else(super::default_data_dir);
         super::prepare_env_file(env_file, &super::default_env_template()?)?;
         let restricted = restrict_access(&dir);
+        // After the narrowing, so that a new token file inherits the narrowed access list.
+        let token_file = super::prepare_token_file(env_file)?;
         // Relative paths in the env file (and the embedded sqlite://central.db) land here, not
         // in C:\Windows\System32, the SCM's working directory.
         std::env::set_current_dir(&dir)
@@ -270,6 +289,10 @@ mod imp {
         let _guard = crate::logging::init(&config);
         if let Err(err) = restricted {
             tracing::error!(dir = %dir.display(), "{err}");
+        }
+        if config.ingest_token.is_none() {
+            // An env file written by a version before the token: it is the user's, never edited.
+            tracing::warn!(env_file = %env_file.display(), "The ingest API has no token, so any local user can stage records and read the status: add the line INGEST_TOKEN_FILE={} to the env file (the service keeps a random token there) and restart the service; then give that token to the applications that send records.", token_file.display());
         }
         if let Err(err) = set_recovery_actions() {
             tracing::warn!(error = %err, "Could not set the service's recovery actions; set them in services.msc (Recovery: restart the service).");

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use estafeta::batcher::{Batcher, flush_once};
 use estafeta::config::Config;
 use estafeta::ingest::IngestState;
-use estafeta::sinks::{BoxFuture, Outcome, Sink};
+use estafeta::sinks::{BoxFuture, Outcome, Refusal, Sink};
 use estafeta_staging::{Delivery, ListFilter, NewRecord, Options, RecordInfo, Staging, State};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,6 +32,7 @@ fn test_config(root: &std::path::Path) -> Config {
         keep_delivered: Duration::ZERO,
         ingest_addr: "127.0.0.1:0".parse().expect("valid address"),
         ingest_token: None,
+        ingest_allowed_hosts: Vec::new(),
         max_body_bytes: 4096,
         ingest_body_timeout: Duration::from_secs(30),
         flush_on_write: true,
@@ -104,7 +105,7 @@ fn fate(delivery: &Delivery) -> Outcome {
             retry_after: Some(Duration::from_secs(3600)),
         },
         Some("dead") => Outcome::Dead {
-            reason: "HTTP 400: bad record".into(),
+            reason: Refusal::new("HTTP 400 Bad Request", "bad record: the answer echoes it"),
         },
         _ => Outcome::Delivered,
     }
@@ -236,8 +237,13 @@ async fn outcomes_become_acks_retries_and_dead_letters() {
     let dead = store.dead_letters(None).expect("dead letters");
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].seq, seqs[2]);
-    assert!(dead[0].reason.contains("HTTP 400"), "{}", dead[0].reason);
+    // The dead letter keeps the whole answer; the status never shows it.
+    assert_eq!(
+        dead[0].reason,
+        "HTTP 400 Bad Request: bad record: the answer echoes it"
+    );
     assert!(dead[0].path.exists());
+    assert_eq!(sink_status.last_error.as_deref(), Some("HTTP 503"));
 
     // Nothing is due now: a second cycle sends nothing.
     let report = flush_once(&store, &dyn_sink, &config, 1000)

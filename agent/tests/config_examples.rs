@@ -149,14 +149,28 @@ fn deb_env_file_lists_every_key_and_loads_with_the_package_paths() {
             "CRONTAB=\"* * * * *\"",
             "STAGING_AREA_PATH=/var/lib/estafeta/staging",
             "IS_ABSOLUTE_STAGING_AREA_PATH=true",
+            "INGEST_TOKEN_FILE=/etc/estafeta/ingest-token",
             "LOG_DIR=/var/log/estafeta",
         ],
         "only the package's own paths are set; every other key stays commented"
     );
+    // The token file is made by the postinst: stand one in for /etc/estafeta/ingest-token.
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = Config::inspect(dir.path(), Some(&path), &BTreeMap::new())
+    let token_file = dir.path().join("ingest-token");
+    std::fs::write(&token_file, format!("{}\n", "a1".repeat(32))).expect("write token");
+    let env_file = dir.path().join("estafeta.env");
+    std::fs::write(
+        &env_file,
+        text.replace(
+            "=/etc/estafeta/ingest-token",
+            &format!("={}", token_file.display()),
+        ),
+    )
+    .expect("write env file");
+    let config = Config::inspect(dir.path(), Some(&env_file), &BTreeMap::new())
         .result
         .unwrap_or_else(|err| panic!("installer/debian/estafeta.env refused:\n{err}"));
+    assert_eq!(config.ingest_token, Some("a1".repeat(32)));
     assert_eq!(config.staging_path, Path::new("/var/lib/estafeta/staging"));
     assert_eq!(config.crontab, "* * * * *");
     assert_eq!(config.sink_names(), vec!["database".to_string()]);
@@ -179,11 +193,24 @@ fn windows_env_template_lists_every_key_and_loads_once_its_data_dir_is_filled_in
     let env_file = dir.path().join("data").join("estafeta.env");
     let outcome = estafeta::winservice::prepare_env_file(&env_file, &template).expect("prepare");
     assert_eq!(outcome, estafeta::winservice::EnvFile::Created);
+    let token_file = estafeta::winservice::prepare_token_file(&env_file).expect("token");
     let config = Config::inspect(dir.path(), Some(&env_file), &BTreeMap::new())
         .result
         .unwrap_or_else(|err| panic!("the filled-in Windows template was refused:\n{err}"));
     let data = std::path::absolute(dir.path().join("data")).expect("absolute");
     assert_eq!(config.staging_path, data.join("staging"));
+    // The service's first start made a token, and the template names it.
+    assert_eq!(token_file, dir.path().join("data").join("ingest-token"));
+    let token = config
+        .ingest_token
+        .expect("the packaged install has a token");
+    assert_eq!(token.len(), 64);
+    assert_eq!(
+        std::fs::read_to_string(&token_file)
+            .expect("token file")
+            .trim(),
+        token
+    );
 }
 
 #[test]

@@ -135,16 +135,115 @@ fn a_non_loopback_address_without_a_token_is_refused() {
     let err = refuse(dir.path(), &[("INGEST_ADDR", "0.0.0.0:8787")]);
     assert_eq!(
         err.to_string(),
-        "INGEST_ADDR=0.0.0.0:8787 listens beyond this machine but INGEST_TOKEN is empty: set INGEST_TOKEN to a long random secret, or listen on 127.0.0.1"
+        "INGEST_ADDR=0.0.0.0:8787 listens beyond this machine but INGEST_TOKEN is empty: set INGEST_TOKEN to a random secret of at least 32 characters, made with `estafeta token` (or `openssl rand -hex 32`), or listen on 127.0.0.1"
     );
     let config = load(
         dir.path(),
         &[
             ("INGEST_ADDR", "0.0.0.0:8787"),
-            ("INGEST_TOKEN", "a-long-random-secret"),
+            ("INGEST_TOKEN", "a-long-random-secret-of-32-chars"),
         ],
     );
     assert_eq!(config.ingest_addr.to_string(), "0.0.0.0:8787");
+}
+
+/// Issue 19: beyond loopback the token is all that guards the records, so it must be long.
+#[test]
+fn a_non_loopback_address_with_a_short_token_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let short = "0123456789abcdefghijklmnopqrstu"; // 31 characters
+    let err = refuse(
+        dir.path(),
+        &[("INGEST_ADDR", "10.0.0.5:8787"), ("INGEST_TOKEN", short)],
+    );
+    assert_eq!(
+        err.to_string(),
+        "INGEST_ADDR=10.0.0.5:8787 listens beyond this machine but INGEST_TOKEN has only 31 characters: beyond loopback it must have at least 32; make one with `estafeta token` (or `openssl rand -hex 32`), or listen on 127.0.0.1"
+    );
+    assert!(!err.to_string().contains(short));
+    // On loopback a short token is the user's choice; 32 characters do beyond it.
+    load(dir.path(), &[("INGEST_TOKEN", "short")]);
+    let long = format!("{short}v");
+    load(
+        dir.path(),
+        &[("INGEST_ADDR", "10.0.0.5:8787"), ("INGEST_TOKEN", &long)],
+    );
+}
+
+#[test]
+fn the_token_can_come_from_a_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = "f".repeat(64);
+    write(dir.path(), "ingest-token", &format!("{token}\n"));
+    let config = load(
+        dir.path(),
+        &[
+            ("INGEST_ADDR", "0.0.0.0:8787"),
+            ("INGEST_TOKEN_FILE", "ingest-token"),
+        ],
+    );
+    assert_eq!(config.ingest_token.as_deref(), Some(token.as_str()));
+    // The same token in both places is fine; two different ones are a mistake.
+    load(
+        dir.path(),
+        &[
+            ("INGEST_TOKEN_FILE", "ingest-token"),
+            ("INGEST_TOKEN", &token),
+        ],
+    );
+    let err = refuse(
+        dir.path(),
+        &[
+            ("INGEST_TOKEN_FILE", "ingest-token"),
+            ("INGEST_TOKEN", "another-token"),
+        ],
+    );
+    assert_eq!(
+        err.to_string(),
+        "INGEST_TOKEN=***: differs from the token in INGEST_TOKEN_FILE=ingest-token; set only one of the two"
+    );
+    // A missing or empty file is named, with what to do; the token never shows.
+    let err = refuse(dir.path(), &[("INGEST_TOKEN_FILE", "nowhere")]);
+    assert!(
+        err.to_string()
+            .starts_with("INGEST_TOKEN_FILE=nowhere: could not read the token file")
+            && err.to_string().contains("estafeta token"),
+        "{err}"
+    );
+    write(dir.path(), "empty", "\n");
+    let err = refuse(dir.path(), &[("INGEST_TOKEN_FILE", "empty")]);
+    assert!(err.to_string().contains("one token on one line"), "{err}");
+    let inspection = inspect(dir.path(), &[("INGEST_TOKEN_FILE", "ingest-token")]);
+    assert!(!format!("{:?}", inspection.settings).contains(&token));
+}
+
+#[test]
+fn allowed_hosts_are_names_or_addresses_without_port() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = load(dir.path(), &[]);
+    assert!(config.ingest_allowed_hosts.is_empty());
+    let config = load(
+        dir.path(),
+        &[(
+            "INGEST_ALLOWED_HOSTS",
+            " Estafeta.Hospital.Local , 10.0.0.5,[FE80::1],,",
+        )],
+    );
+    assert_eq!(
+        config.ingest_allowed_hosts,
+        vec!["estafeta.hospital.local", "10.0.0.5", "fe80::1"]
+    );
+    for bad in [
+        "estafeta.local:8787",
+        "*.hospital.local",
+        "http://estafeta.local",
+    ] {
+        let err = refuse(dir.path(), &[("INGEST_ALLOWED_HOSTS", bad)]);
+        assert!(
+            err.to_string().contains("without scheme, port or wildcard"),
+            "{bad}: {err}"
+        );
+    }
 }
 
 #[test]

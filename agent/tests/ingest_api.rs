@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderMap, Request, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use estafeta::config::{Config, EntityConfig};
 use estafeta::ingest::{self, IngestState};
 use estafeta_staging::{ListFilter, Options, Staging};
@@ -30,6 +30,7 @@ fn test_config(root: &std::path::Path) -> Config {
         keep_delivered: Duration::ZERO,
         ingest_addr: "127.0.0.1:0".parse().expect("valid address"),
         ingest_token: None,
+        ingest_allowed_hosts: Vec::new(),
         max_body_bytes: 4096,
         ingest_body_timeout: Duration::from_secs(30),
         flush_on_write: true,
@@ -113,7 +114,19 @@ impl Answer {
 }
 
 impl Harness {
-    async fn send(&self, request: Request<Body>) -> Answer {
+    /// Sends `request` with `Host: 127.0.0.1:8787` when it names no host (as every HTTP/1.1
+    /// client does; the API refuses a request without one).
+    async fn send(&self, mut request: Request<Body>) -> Answer {
+        if !request.headers().contains_key(header::HOST) {
+            request
+                .headers_mut()
+                .insert(header::HOST, HeaderValue::from_static("127.0.0.1:8787"));
+        }
+        self.send_as_is(request).await
+    }
+
+    /// Sends `request` exactly as built.
+    async fn send_as_is(&self, request: Request<Body>) -> Answer {
         let response = self
             .app
             .clone()
@@ -679,7 +692,10 @@ async fn openapi_document_lists_what_the_api_does() {
 
 /// A harness whose one record (seq 1) is a dead letter of sink `test`.
 fn harness_with_a_dead_letter(token: Option<&str>) -> Harness {
-    let h = harness_with(|config, _| config.ingest_token = token.map(str::to_owned));
+    let h = harness_with(|config, _| {
+        config.ingest_token = token.map(str::to_owned);
+        config.ingest_allowed_hosts = vec!["agent.hospital.local".into()];
+    });
     let seq = h
         .store
         .stage(estafeta_staging::NewRecord {
@@ -740,13 +756,6 @@ async fn dead_letters_are_listed_and_requeued_only_by_a_same_origin_request() {
                 &[marker, ("sec-fetch-site", "cross-site")],
             ),
         ),
-        (
-            "DNS rebinding (a foreign Host without a token)",
-            requeue_request(
-                "evil.example:8787",
-                &[marker, ("origin", "http://evil.example:8787")],
-            ),
-        ),
     ] {
         let answer = h.send(request).await;
         assert_eq!(
@@ -757,6 +766,14 @@ async fn dead_letters_are_listed_and_requeued_only_by_a_same_origin_request() {
         );
         assert_eq!(answer.json()["error"], "cross_site_refused", "{why}");
     }
+    // DNS rebinding: the page is same-origin with itself; its Host gives it away.
+    let answer = h
+        .send(requeue_request(
+            "evil.example:8787",
+            &[marker, ("origin", "http://evil.example:8787")],
+        ))
+        .await;
+    answer.assert_error(StatusCode::MISDIRECTED_REQUEST, "host_not_allowed");
     assert_eq!(h.store.dead_letters(None).unwrap().len(), 1);
 
     // The page's own request goes through; a second one finds nothing to requeue.
@@ -789,7 +806,7 @@ async fn with_a_token_dead_letters_and_requeue_need_it() {
         .send(requeue_request("agent.hospital.local:8787", &[marker]))
         .await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{}", answer.text);
-    // With the token, any Host may requeue: the token, not the address, is the guard.
+    // With the token, a name of this agent in INGEST_ALLOWED_HOSTS may requeue.
     let bearer = format!("Bearer {TOKEN}");
     let answer = h
         .send(requeue_request(
@@ -807,4 +824,172 @@ async fn with_a_token_dead_letters_and_requeue_need_it() {
         .to_str()
         .unwrap();
     assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+}
+
+/// Every documented operation and an unknown path, each as `(method, concrete uri)`.
+fn every_route(doc: &Value) -> Vec<(String, String)> {
+    let mut routes = vec![("get".to_owned(), "/nowhere".to_owned())];
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        let uri = path
+            .replace("{action}", "create")
+            .replace("{entity}", "patient")
+            .replace("{sink}", "test")
+            .replace("{seq}", "1");
+        for method in item.as_object().expect("methods").keys() {
+            routes.push((method.clone(), uri.clone()));
+        }
+    }
+    routes
+}
+
+/// Issue 19: DNS rebinding. Every route, documented or not, answers 421 to a `Host` that is not
+/// one of the agent's names, before its handler runs (even with the right token): nothing is
+/// staged, requeued or shown, and the OpenAPI document says so for each operation.
+#[tokio::test]
+async fn every_route_refuses_a_foreign_host_and_changes_nothing() {
+    let h = harness_with_a_dead_letter(Some(TOKEN));
+    let doc = h
+        .send(
+            Request::get("/v1/openapi.json")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .json();
+    let before = (h.records().len(), h.pending());
+    let bearer = format!("Bearer {TOKEN}");
+    let routes = every_route(&doc);
+    assert!(routes.len() > 10, "{routes:?}");
+    for (method, uri) in &routes {
+        for host in [
+            "rebind.attacker.example",
+            "rebind.attacker.example:8787",
+            "10.1.2.3:8787",
+            "localhost.attacker.example",
+        ] {
+            let request = Request::builder()
+                .method(method.to_uppercase().as_str())
+                .uri(uri)
+                .header(header::HOST, host)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::AUTHORIZATION, bearer.as_str())
+                .header("x-requested-by", "estafeta")
+                .body(Body::from(r#"{"id": "forged"}"#))
+                .expect("request");
+            let answer = h.send(request).await;
+            answer.assert_error(StatusCode::MISDIRECTED_REQUEST, "host_not_allowed");
+            let message = answer.json()["message"].as_str().unwrap_or("").to_owned();
+            assert!(
+                message.contains(host) && message.contains("INGEST_ALLOWED_HOSTS"),
+                "{method} {uri} with Host {host}: {message}"
+            );
+        }
+    }
+    assert_eq!((h.records().len(), h.pending()), before);
+    assert_eq!(h.store.dead_letters(None).unwrap().len(), 1);
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, operation) in item.as_object().expect("methods") {
+            for code in ["400", "421"] {
+                assert!(
+                    operation["responses"].get(code).is_some(),
+                    "{method} {path} does not document {code}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn loopback_names_the_bind_address_and_allowed_hosts_are_answered() {
+    let h = harness_with(|config, _| {
+        config.ingest_addr = "192.168.7.7:8787".parse().expect("address");
+        config.ingest_token = Some(TOKEN.into());
+        config.ingest_allowed_hosts = vec!["estafeta.hospital.local".into(), "10.0.0.5".into()];
+    });
+    let bearer = format!("Bearer {TOKEN}");
+    let send = |host: &str| {
+        post("/v1/records/create/patient")
+            .header(header::HOST, host)
+            .header(header::AUTHORIZATION, bearer.as_str())
+            .body(Body::from(r#"{"id": 1}"#))
+            .expect("request")
+    };
+    let accepted = [
+        "localhost:8787",
+        "localhost",
+        "127.0.0.1:8787",
+        "127.0.0.2",
+        "[::1]:8787",
+        "192.168.7.7:8787",
+        "ESTAFETA.hospital.local:8787",
+        "10.0.0.5",
+    ];
+    for host in accepted {
+        let answer = h.send(send(host)).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::ACCEPTED,
+            "{host}: {}",
+            answer.text
+        );
+    }
+    for host in [
+        "estafeta.hospital.local.attacker.example",
+        "hospital.local",
+        "10.0.0.6:8787",
+        "0.0.0.0:8787",
+    ] {
+        let answer = h.send(send(host)).await;
+        answer.assert_error(StatusCode::MISDIRECTED_REQUEST, "host_not_allowed");
+    }
+    assert_eq!(h.pending(), accepted.len() as u64);
+}
+
+#[tokio::test]
+async fn a_request_without_exactly_one_good_host_is_refused() {
+    let h = harness();
+    let body = r#"{"id": 1}"#;
+    // No Host at all (HTTP/1.1 requires one; a browser always sends it).
+    let answer = h
+        .send_as_is(
+            post("/v1/records/create/patient")
+                .body(Body::from(body))
+                .expect("request"),
+        )
+        .await;
+    answer.assert_error(StatusCode::BAD_REQUEST, "invalid_host");
+    // Two, the first a good one.
+    let mut request = post("/v1/records/create/patient")
+        .body(Body::from(body))
+        .expect("request");
+    for host in ["127.0.0.1:8787", "rebind.attacker.example"] {
+        request
+            .headers_mut()
+            .append(header::HOST, HeaderValue::from_static(host));
+    }
+    let answer = h.send_as_is(request).await;
+    answer.assert_error(StatusCode::BAD_REQUEST, "invalid_host");
+    // Not a host name.
+    for host in ["localhost:http", "[::1", "127.0.0.1:8787/x", "::1"] {
+        let answer = h
+            .send(
+                post("/v1/records/create/patient")
+                    .header(header::HOST, host)
+                    .body(Body::from(body))
+                    .expect("request"),
+            )
+            .await;
+        answer.assert_error(StatusCode::BAD_REQUEST, "invalid_host");
+    }
+    // An absolute-form target naming another host, whatever the Host header says.
+    let answer = h
+        .send(
+            post("http://rebind.attacker.example/v1/records/create/patient")
+                .header(header::HOST, "127.0.0.1:8787")
+                .body(Body::from(body))
+                .expect("request"),
+        )
+        .await;
+    answer.assert_error(StatusCode::MISDIRECTED_REQUEST, "host_not_allowed");
+    h.assert_nothing_staged();
 }

@@ -26,6 +26,7 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
         keep_delivered: Duration::ZERO,
         ingest_addr: addr,
         ingest_token: None,
+        ingest_allowed_hosts: Vec::new(),
         max_body_bytes: 4096,
         ingest_body_timeout: Duration::from_secs(30),
         flush_on_write: true,

@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use common::{Count, closed_port, delivery};
 use estafeta::sinks::http::{HttpRoute, HttpSink, HttpSinkConfig};
-use estafeta::sinks::{Outcome, Sink};
+use estafeta::sinks::{Outcome, Refusal, Sink};
 
 const TOKEN: &str = "tok-Sup3rSecret";
 
@@ -262,7 +262,7 @@ async fn answers_are_sorted_into_delivered_retry_and_dead() {
 
     assert!(
         matches!(&outcomes[1], Outcome::Retry { error, retry_after: Some(d) }
-            if *d == Duration::from_secs(7) && error.starts_with("HTTP 503") && error.contains("try later")),
+            if *d == Duration::from_secs(7) && error == "HTTP 503 Service Unavailable"),
         "{:?}",
         outcomes[1]
     );
@@ -285,15 +285,23 @@ async fn answers_are_sorted_into_delivered_retry_and_dead() {
 
     match &outcomes[5] {
         Outcome::Dead { reason } => {
+            // Shown: the status alone. Kept for the dead letter: the start of the answer.
+            assert_eq!(reason.summary, "HTTP 400 Bad Request", "{reason:?}");
             assert!(
-                reason.starts_with("HTTP 400 Bad Request: missing field nome"),
-                "{reason}"
+                reason
+                    .detail
+                    .starts_with("HTTP 400 Bad Request: missing field nome"),
+                "{reason:?}"
             );
-            let body = reason.split_once(": ").map(|(_, b)| b).unwrap_or_default();
+            let body = reason
+                .detail
+                .split_once(": ")
+                .map(|(_, b)| b)
+                .unwrap_or_default();
             assert_eq!(
                 body.len(),
                 512,
-                "the reason quotes the first 512 bytes of the body"
+                "the dead letter keeps the first 512 bytes of the body"
             );
         }
         other => panic!("400 should be dead, got {other:?}"),
@@ -301,11 +309,11 @@ async fn answers_are_sorted_into_delivered_retry_and_dead() {
     assert_eq!(
         outcomes[6],
         Outcome::Dead {
-            reason: "HTTP 409 Conflict".to_owned()
+            reason: Refusal::ours("HTTP 409 Conflict")
         }
     );
     assert!(
-        matches!(&outcomes[7], Outcome::Dead { reason } if reason.starts_with("HTTP 301")),
+        matches!(&outcomes[7], Outcome::Dead { reason } if reason.summary.starts_with("HTTP 301")),
         "{:?}",
         outcomes[7]
     );
@@ -430,11 +438,12 @@ async fn dry_run_describes_each_request_without_sending() {
     let sink = sink(config(&url));
     let record = delivery("update", "patient", Some("p 1"), r#"{"a":1}"#);
     let lines = sink.dry_run(std::slice::from_ref(&record));
+    // The record is named by id and seq; the key in the path is not logged.
     assert_eq!(
         lines,
         vec![format!(
-            "PUT {url}/patient/p%201 Idempotency-Key={} (7 bytes)",
-            record.envelope.id
+            "PUT {url}/patient/{{key}} Idempotency-Key={} seq={} (7 bytes)",
+            record.envelope.id, record.envelope.seq
         )]
     );
     assert!(server.seen().is_empty(), "a dry run sends nothing");
@@ -528,7 +537,7 @@ async fn conformance_only_the_refused_record_is_dead() {
     let bad = delivery("create", "bad", Some("1"), "{}");
     let reason =
         common::assert_only_the_refused_record_is_dead(&sink, &count, "patient", bad).await;
-    assert!(reason.starts_with("HTTP 400"), "{reason}");
+    assert!(reason.summary.starts_with("HTTP 400"), "{reason:?}");
 }
 
 #[tokio::test]

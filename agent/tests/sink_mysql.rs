@@ -131,7 +131,7 @@ async fn conformance_a_value_too_long_is_dead_alone() {
     let bad = delivery("create", &"e".repeat(65), Some("1"), "{}");
     let reason =
         common::assert_only_the_refused_record_is_dead(sink.as_ref(), &count, "patient", bad).await;
-    assert!(reason.starts_with("MySQL 1406"), "{reason}");
+    assert!(reason.summary.starts_with("MySQL 1406"), "{reason:?}");
 }
 
 #[tokio::test]
@@ -141,7 +141,7 @@ async fn a_key_too_long_is_dead_alone() {
     let bad = delivery("update", "patient", Some(&"k".repeat(513)), "{}");
     let reason =
         common::assert_only_the_refused_record_is_dead(sink.as_ref(), &count, "visit", bad).await;
-    assert!(reason.contains("record_key"), "{reason}");
+    assert!(reason.detail.contains("record_key"), "{reason:?}");
 }
 
 /// A batch goes as multi-row inserts of at most 256 rows: a refused row in the middle of the
@@ -168,7 +168,9 @@ async fn a_batch_of_several_multi_row_inserts_lands_once_with_only_the_refused_r
     let outcomes = sink.deliver(&batch).await;
     for (i, outcome) in outcomes.iter().enumerate() {
         match (i, outcome) {
-            (300, Outcome::Dead { reason }) => assert!(reason.contains("record_key"), "{reason}"),
+            (300, Outcome::Dead { reason }) => {
+                assert!(reason.detail.contains("record_key"), "{reason:?}")
+            }
             (300, other) => panic!("the key too long should be dead, got {other:?}"),
             (_, outcome) => assert_eq!(*outcome, Outcome::Delivered, "record {i}"),
         }
@@ -319,4 +321,70 @@ async fn dry_run_names_the_row_but_not_the_payload() {
         !line.contains("Segredo") && !line.contains("hunter22"),
         "{line}"
     );
+}
+
+/// `Duplicate entry '…' for key …` quotes the value: the refusal is shown by code and
+/// SQLSTATE, and the dead letter's detail keeps the server's message.
+#[tokio::test]
+async fn a_duplicate_entry_is_shown_without_the_value_it_quotes() {
+    let agent = agent_id();
+    let mut conn = connect_to(URL).await;
+    let table = format!("people_{}", agent.replace('-', "_"));
+    conn.query_drop(format!(
+        "CREATE TABLE {table} (cpf VARCHAR(32) UNIQUE, nome TEXT)"
+    ))
+    .await
+    .expect("create the table");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(
+        dir.path().join("person.upsert.sql"),
+        format!("INSERT INTO {table} (cpf, nome) VALUES (:cpf, :nome)"),
+    )
+    .expect("write the statement");
+    let statements = estafeta::sinks::apply::ApplyStatements::load(
+        dir.path(),
+        estafeta::sinks::database::Dialect::Mysql,
+    )
+    .expect("the statement loads");
+    let sink = database::build(
+        "central",
+        DatabaseSinkConfig {
+            url: URL.to_owned(),
+            agent_id: agent.clone(),
+            apply: Some(Arc::new(statements)),
+            connections: 1,
+        },
+    )
+    .expect("a valid URL");
+    let batch = [
+        delivery(
+            "upsert",
+            "person",
+            Some("k1"),
+            r#"{"cpf":"CPF-11122233344","nome":"Ana"}"#,
+        ),
+        delivery(
+            "upsert",
+            "person",
+            Some("k2"),
+            r#"{"cpf":"CPF-11122233344","nome":"Bia"}"#,
+        ),
+    ];
+    let outcomes = sink.deliver(&batch).await;
+    assert_eq!(outcomes[0], Outcome::Delivered);
+    let Outcome::Dead { reason } = &outcomes[1] else {
+        panic!("the duplicate should be dead: {:?}", outcomes[1]);
+    };
+    assert!(
+        reason
+            .summary
+            .starts_with("MySQL 1062 (23000) duplicate entry")
+            && reason.summary.contains("person.upsert.sql")
+            && !reason.summary.contains("CPF-111"),
+        "{reason:?}"
+    );
+    assert!(reason.detail.contains("CPF-11122233344"), "{reason:?}");
+    conn.query_drop(format!("DROP TABLE {table}"))
+        .await
+        .expect("drop the table");
 }

@@ -120,7 +120,7 @@ async fn conformance_a_value_too_long_is_dead_alone() {
     let bad = delivery("create", &"e".repeat(65), Some("1"), "{}");
     let reason =
         common::assert_only_the_refused_record_is_dead(sink.as_ref(), &count, "patient", bad).await;
-    assert!(reason.starts_with("PostgreSQL 22001"), "{reason}");
+    assert!(reason.summary.starts_with("PostgreSQL 22001"), "{reason:?}");
 }
 
 #[tokio::test]
@@ -132,7 +132,7 @@ async fn a_payload_jsonb_cannot_hold_is_dead_alone() {
     let bad = delivery("create", "patient", Some("nul"), r#"{"nota":"a\u0000b"}"#);
     let reason =
         common::assert_only_the_refused_record_is_dead(sink.as_ref(), &count, "patient", bad).await;
-    assert!(reason.starts_with("PostgreSQL 22P05"), "{reason}");
+    assert!(reason.summary.starts_with("PostgreSQL 22P05"), "{reason:?}");
 }
 
 #[tokio::test]
@@ -309,4 +309,83 @@ async fn dry_run_names_the_row_but_not_the_payload() {
         !line.contains("Segredo") && !line.contains("hunter22"),
         "{line}"
     );
+}
+
+/// A refusal whose message and detail quote the row's values (`Key (cpf)=(…) already exists`,
+/// `Failing row contains (…)`) is shown by SQLSTATE and constraint only; the dead letter's
+/// detail keeps PostgreSQL's words.
+#[tokio::test]
+async fn a_refused_apply_statement_is_shown_without_the_values_it_quotes() {
+    let agent = agent_id();
+    let client = connect().await;
+    let table = format!("people_{}", agent.replace('-', "_"));
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (cpf text UNIQUE, nome text CHECK (length(nome) < 12))"
+        ))
+        .await
+        .expect("create the table");
+    let dir = tempfile::tempdir().expect("a temp dir");
+    std::fs::write(
+        dir.path().join("person.upsert.sql"),
+        format!("INSERT INTO {table} (cpf, nome) VALUES (:cpf, :nome)"),
+    )
+    .expect("write the statement");
+    let statements = estafeta::sinks::apply::ApplyStatements::load(
+        dir.path(),
+        estafeta::sinks::database::Dialect::Postgres,
+    )
+    .expect("the statement loads");
+    let sink = database::build(
+        "central",
+        DatabaseSinkConfig {
+            url: URL.to_owned(),
+            agent_id: agent.clone(),
+            apply: Some(Arc::new(statements)),
+            connections: 1,
+        },
+    )
+    .expect("a valid URL");
+    let batch = [
+        delivery(
+            "upsert",
+            "person",
+            Some("k1"),
+            r#"{"cpf":"CPF-11122233344","nome":"Ana"}"#,
+        ),
+        delivery(
+            "upsert",
+            "person",
+            Some("k2"),
+            r#"{"cpf":"CPF-11122233344","nome":"Bia"}"#,
+        ),
+        delivery(
+            "upsert",
+            "person",
+            Some("k3"),
+            r#"{"cpf":"CPF-55566677788","nome":"Maria das Dores Silva"}"#,
+        ),
+    ];
+    let outcomes = sink.deliver(&batch).await;
+    assert_eq!(outcomes[0], Outcome::Delivered);
+    for (i, value, constraint) in [
+        (1, "CPF-11122233344", "23505 unique violation"),
+        (2, "Maria das Dores", "23514 check violation"),
+    ] {
+        let Outcome::Dead { reason } = &outcomes[i] else {
+            panic!("record {i} should be dead: {:?}", outcomes[i]);
+        };
+        assert!(
+            reason.summary.contains(constraint)
+                && reason.summary.contains(&table)
+                && reason.summary.contains("person.upsert.sql"),
+            "{reason:?}"
+        );
+        assert!(!reason.summary.contains(value), "{reason:?}");
+        assert!(reason.detail.contains(value), "{reason:?}");
+    }
+    client
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .expect("drop the table");
 }

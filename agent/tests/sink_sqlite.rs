@@ -104,7 +104,10 @@ async fn conformance_a_value_too_long_is_dead_alone() {
     let bad = delivery("create", &"e".repeat(65), Some("1"), "{}");
     let reason =
         common::assert_only_the_refused_record_is_dead(sink.as_ref(), &count, "patient", bad).await;
-    assert!(reason.contains("CHECK constraint failed"), "{reason}");
+    assert!(
+        reason.summary.contains("CHECK constraint failed"),
+        "{reason:?}"
+    );
 }
 
 #[tokio::test]

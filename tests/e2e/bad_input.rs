@@ -16,7 +16,7 @@ use estafeta_e2e::{
 };
 use serde_json::{Value, json};
 
-const TOKEN: &str = "s3cret-ingest-token";
+const TOKEN: &str = "s3cret-ingest-token-of-32-characters";
 const MAX_BODY: usize = 4096;
 
 /// One refused request and the answer it must get.

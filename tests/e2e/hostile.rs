@@ -51,7 +51,7 @@ fn post_bytes(path: &[u8], headers: &str, body: &[u8]) -> Vec<u8> {
     request.extend_from_slice(path);
     request.extend_from_slice(
         format!(
-            " HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
+            " HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
             body.len()
         )
         .as_bytes(),
@@ -156,10 +156,10 @@ async fn hostile_paths_bodies_and_headers_are_refused_and_the_agent_stays_up() {
     ];
     for (header, expected) in &headers {
         tried += 1;
-        let mut request = b"POST /v1/records/create/patient HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n".to_vec();
+        let mut request = b"POST /v1/records/create/patient HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\n".to_vec();
         if header.starts_with(b"Content-Type") {
             request =
-                b"POST /v1/records/create/patient HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"POST /v1/records/create/patient HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                     .to_vec();
         }
         request.extend_from_slice(header);
@@ -353,7 +353,7 @@ async fn a_100_mb_body_gets_413_and_memory_stays_bounded() {
     let before = rss_kib(&agent);
     const TOTAL: usize = 100 << 20;
     let announced = format!(
-        "POST /v1/records/create/patient HTTP/1.1\r\nHost: x\r\n{JSON}Content-Length: {TOTAL}\r\n\r\n"
+        "POST /v1/records/create/patient HTTP/1.1\r\nHost: localhost\r\n{JSON}Content-Length: {TOTAL}\r\n\r\n"
     );
     let (code, sent, took) = huge_body(addr, announced, TOTAL, false).await;
     assert_eq!(
@@ -362,7 +362,7 @@ async fn a_100_mb_body_gets_413_and_memory_stays_bounded() {
         "announced 100 MB body (sent {sent} bytes, {took:?})"
     );
     let chunked = format!(
-        "POST /v1/records/create/patient HTTP/1.1\r\nHost: x\r\n{JSON}Transfer-Encoding: chunked\r\n\r\n"
+        "POST /v1/records/create/patient HTTP/1.1\r\nHost: localhost\r\n{JSON}Transfer-Encoding: chunked\r\n\r\n"
     );
     let (code, sent_chunked, took_chunked) = huge_body(addr, chunked, TOTAL, true).await;
     assert_eq!(
@@ -440,7 +440,7 @@ async fn slow_clients_are_timed_out_and_others_are_served() {
     for _ in 0..50 {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let request = format!(
-            "POST /v1/records/create/patient HTTP/1.1\r\nHost: x\r\n{JSON}Content-Length: 1000\r\n\r\n{{\"id\": 1, "
+            "POST /v1/records/create/patient HTTP/1.1\r\nHost: localhost\r\n{JSON}Content-Length: 1000\r\n\r\n{{\"id\": 1, "
         );
         stream.write_all(request.as_bytes()).await.unwrap();
         slow.push(stream);
@@ -488,7 +488,7 @@ async fn clients_that_never_finish_their_headers_are_disconnected() {
     for _ in 0..50 {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         trickles.push(tokio::spawn(async move {
-            let head = "POST /v1/records/create/patient HTTP/1.1\r\nHost: x\r\n";
+            let head = "POST /v1/records/create/patient HTTP/1.1\r\nHost: localhost\r\n";
             let _ = stream.write_all(head.as_bytes()).await;
             let mut buf = [0u8; 1024];
             // Until the server closes the connection, or 30 s: then it never did.

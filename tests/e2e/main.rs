@@ -20,6 +20,9 @@ mod hostile;
 // Access: no token, URL password or payload in logs or check-config; staging 0600/0700; an
 // HTTPS API with an unknown CA is refused until CENTRAL_API_CA_FILE names it.
 mod access;
+// Issue 19.3: a DNS rebinding page (Host: rebind.attacker.example) can neither stage nor read on
+// any route; INGEST_ALLOWED_HOSTS; no public INGEST_ADDR with a short token; INGEST_TOKEN_FILE.
+mod rebinding;
 // A staging folder of the current format (tests/fixtures/staging-v1) is delivered by this binary.
 mod upgrade;
 // Self-update from a release server on 127.0.0.1: a signed newer version is installed and drains
@@ -44,6 +47,8 @@ mod foreign_files;
 mod jetstream;
 // Heartbeats into PostgreSQL / MariaDB / SQLite (estafeta_agents) and `estafeta fleet` flags.
 mod fleet;
+// Issue 19: canary secrets, payloads and keys at trace level appear in no log, status or heartbeat.
+mod canary;
 // SQL sources: checkpoints across SIGKILLs (PostgreSQL), grouping and debounce (SQLite), types
 // (MariaDB), `estafeta sources` and `sources reset`.
 mod sources;

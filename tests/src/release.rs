@@ -1,7 +1,9 @@
 //! A release server for the self-update tests: an in-process HTTP server on 127.0.0.1 serving
 //! a manifest and zipsign-signed `.tar.gz` archives ([`ReleaseServer`]), plus what a release
 //! pipeline does: stamp a built binary with a newer version ([`restamp`]), pack and sign an
-//! archive ([`signed_archive`]).
+//! archive with its signed `VERSION` file ([`release_archive`]; [`signed_archive`] packs any
+//! files, such as an archive published before versions were signed), and a test CA with a
+//! certificate for 127.0.0.1 ([`test_certificates`]) for an HTTPS release server.
 
 use std::collections::HashMap;
 use std::io::{Cursor, Write as _};
@@ -22,6 +24,20 @@ pub const STAMP_PREFIX: &[u8] = b"ESTAFETA-VERSION-STAMP:";
 /// The running machine's Rust target, as the agent's self_update names it.
 pub fn host_target() -> String {
     format!("{}-unknown-linux-gnu", std::env::consts::ARCH)
+}
+
+/// A version before `version`: patch − 1, or the previous minor's `.999`, or the previous major's
+/// `.999.999`.
+pub fn previous_version(version: &str) -> String {
+    let parts: Vec<u64> = version
+        .split('.')
+        .map(|p| p.parse().expect("a numeric version"))
+        .collect();
+    match (parts[0], parts[1], parts[2]) {
+        (major, minor, patch) if patch > 0 => format!("{major}.{minor}.{}", patch - 1),
+        (major, minor, _) if minor > 0 => format!("{major}.{}.999", minor - 1),
+        (major, _, _) => format!("{}.999.999", major - 1),
+    }
 }
 
 /// The version after `version` (patch + 1).
@@ -100,6 +116,90 @@ pub fn signed_archive(name: &str, files: &[(&str, &[u8], u32)], key: &SigningKey
     )
     .expect("signing the archive");
     signed.into_inner()
+}
+
+/// What a release pipeline publishes: `files` and a `VERSION` file saying `version`, at the top
+/// of a `.tar.gz` signed by `key` for the file name `name`. The agent takes the version from
+/// that signed file, never from the (unsigned) manifest.
+pub fn release_archive(
+    name: &str,
+    version: &str,
+    files: &[(&str, &[u8], u32)],
+    key: &SigningKey,
+) -> Vec<u8> {
+    let version_file = format!("{version}\n");
+    let mut all: Vec<(&str, &[u8], u32)> = vec![("VERSION", version_file.as_bytes(), 0o644)];
+    all.extend_from_slice(files);
+    signed_archive(name, &all, key)
+}
+
+/// A CA and a certificate for 127.0.0.1 signed by it, from the `openssl` command line, in `dir`:
+/// `ca.pem`, `server.pem`, `server.key`.
+///
+/// # Panics
+/// When openssl is missing or fails.
+pub fn test_certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("this test needs the openssl command line (Debian package openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Estafeta test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )
+    .expect("writing ext.cnf");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
 }
 
 /// The lowercase hex sha256 of `bytes`.

@@ -1,7 +1,8 @@
-//! The ingest API's handlers. `POST /v1/records/{action}/{entity}` checks, in this order: the
-//! token (401), shutdown (503), the names (400), the optional headers (400), the content type
-//! (415), the body size (413, never buffering more than `MAX_BODY_BYTES`), the JSON syntax
-//! (400), the body's shape (400) and each entity's JSON Schema (422); only then does it stage,
+//! The ingest API's handlers. `POST /v1/records/{action}/{entity}` checks, in this order (after
+//! the `Host` check in front of every route, `super::host`): the token (401), shutdown (503),
+//! the names (400), the optional headers (400), the content type (415), the body size (413,
+//! never buffering more than `MAX_BODY_BYTES`), the JSON syntax (400), the body's shape (400)
+//! and each entity's JSON Schema (422); only then does it stage,
 //! all records of a request in one all-or-nothing call that returns once they are durable.
 //! A refused request stages nothing.
 
@@ -510,7 +511,7 @@ pub async fn update(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_token(&state, &headers)?;
-    super::dead_letters::check_same_origin(&state, &headers)?;
+    super::dead_letters::check_same_origin(&headers)?;
     if state.config().update.url.is_none() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -1,24 +1,41 @@
 //! The ingest HTTP API (axum): local applications `POST` records, which are staged durably
 //! before the 202 answer; plus status, health, readiness, Prometheus metrics and the OpenAPI
 //! document, and the status page for people (`GET /`) with its dead-letter requeue. [`router`] builds the routes over an [`IngestState`]; the daemon serves it.
+//! Every route, the unknown ones included, is behind the `Host` check of [`host`] (DNS
+//! rebinding).
 
 pub mod dead_letters;
 mod error;
 pub mod handlers;
+pub mod host;
 pub mod metrics;
 pub mod openapi;
 mod serve;
 mod state;
 pub mod status_page;
+pub mod token;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post};
 
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use serve::serve;
 pub use state::IngestState;
+
+/// The address a client on this machine uses for the API listening on `bind`: `bind` itself, or
+/// loopback when it is a wildcard (`0.0.0.0` cannot be connected to on Windows, and it is no
+/// name a client should send as `Host`).
+pub fn local_addr(bind: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match bind.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, bind.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, bind.port()).into(),
+        _ => bind,
+    }
+}
 
 /// Every route of the ingest API; unknown paths answer 404 and wrong methods 405, both JSON.
 pub fn router(state: IngestState) -> Router {
@@ -47,5 +64,10 @@ pub fn router(state: IngestState) -> Router {
         // The records handler reads the body itself with this same limit; the layer guards
         // any extractor added later.
         .layer(DefaultBodyLimit::max(limit))
+        // Last added, so it runs first, before any handler or fallback reads the request.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            host::check_host,
+        ))
         .with_state(state)
 }

@@ -1,6 +1,7 @@
 //! The ingest API's OpenAPI 3.0 document, served at `GET /v1/openapi.json`. Written by hand as
 //! one JSON literal so it reads like the API; the tests in `agent/tests/ingest_api.rs` check
-//! that every path and status it lists is what the handlers really do.
+//! that every path and status it lists is what the handlers really do. The `Host` check's two
+//! answers, which every operation has, are added to each by [`with_host_answers`].
 
 use serde_json::{Value, json};
 
@@ -9,6 +10,46 @@ pub const NAME_PATTERN: &str = "^[a-z0-9-][a-z0-9_-]{0,63}$";
 
 /// The document; `max_body_bytes` is the configured `MAX_BODY_BYTES`.
 pub fn document(max_body_bytes: usize) -> Value {
+    with_host_answers(operations(max_body_bytes))
+}
+
+/// What the `Host` check (`super::host`) answers, on every route before its handler.
+const INVALID_HOST: &str =
+    "invalid_host: the request has no Host header, several, or one that is not a host name.";
+const HOST_NOT_ALLOWED: &str = "host_not_allowed: the Host names neither localhost, a 127.0.0.0/8 address, [::1], the INGEST_ADDR address nor a name in INGEST_ALLOWED_HOSTS (a web page trying DNS rebinding). Nothing was done.";
+
+/// Adds the `Host` check's 400 and 421 to every operation (a 400 the operation already lists
+/// gets `invalid_host` added to its description).
+fn with_host_answers(mut doc: Value) -> Value {
+    let error = |description: String| {
+        json!({
+            "description": description,
+            "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } }
+        })
+    };
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return doc;
+    };
+    for operation in paths
+        .values_mut()
+        .filter_map(Value::as_object_mut)
+        .flat_map(|item| item.values_mut())
+    {
+        let Some(responses) = operation["responses"].as_object_mut() else {
+            continue;
+        };
+        let bad_request = match responses.get("400").and_then(|r| r["description"].as_str()) {
+            Some(listed) => format!("{listed} Or {INVALID_HOST}"),
+            None => INVALID_HOST.to_owned(),
+        };
+        responses.insert("400".into(), error(bad_request));
+        responses.insert("421".into(), error(HOST_NOT_ALLOWED.to_owned()));
+    }
+    doc
+}
+
+/// The document without the `Host` check's answers.
+fn operations(max_body_bytes: usize) -> Value {
     let error = |description: &str| {
         json!({
             "description": description,
@@ -27,7 +68,7 @@ pub fn document(max_body_bytes: usize) -> Value {
         "info": {
             "title": "Estafeta ingest API",
             "version": crate::version::current(),
-            "description": "Stage records on the local disk; estafeta delivers them to the central database and APIs, in order per (entity, key), when they are reachable. A 202 answer means the records are durable on disk. Every error answer is JSON {\"error\": code, \"message\": text} and stages nothing. When INGEST_TOKEN is set, POST /v1/records and GET /v1/status require 'Authorization: Bearer <INGEST_TOKEN>'."
+            "description": "Stage records on the local disk; estafeta delivers them to the central database and APIs, in order per (entity, key), when they are reachable. A 202 answer means the records are durable on disk. Every error answer is JSON {\"error\": code, \"message\": text} and stages nothing. When INGEST_TOKEN is set, POST /v1/records, GET /v1/status, the dead-letter routes and POST /v1/update require 'Authorization: Bearer <INGEST_TOKEN>'. Every route answers only requests whose Host is localhost, a 127.0.0.0/8 address, [::1], the INGEST_ADDR address or a name in INGEST_ALLOWED_HOSTS (421 otherwise), so that web pages cannot reach the API through DNS rebinding."
         },
         "paths": {
             "/v1/records/{action}/{entity}": {
@@ -148,7 +189,7 @@ pub fn document(max_body_bytes: usize) -> Value {
             "/v1/dead-letters/{sink}/{seq}/requeue": {
                 "post": {
                     "operationId": "requeueDeadLetter",
-                    "summary": "Puts one dead letter back in line for its sink (like `estafeta retry --send`) and wakes the batcher. Requires the header X-Requested-By: estafeta and, from a browser, a same-origin request; without INGEST_TOKEN, a loopback Host.",
+                    "summary": "Puts one dead letter back in line for its sink (like `estafeta retry --send`) and wakes the batcher. Requires the header X-Requested-By: estafeta and, from a browser, a same-origin request.",
                     "security": [ {}, { "bearer": [] } ],
                     "parameters": [
                         { "name": "sink", "in": "path", "required": true, "schema": { "type": "string" } },
@@ -166,7 +207,7 @@ pub fn document(max_body_bytes: usize) -> Value {
                         },
                         "400": error("invalid_path: seq is not a whole number."),
                         "401": error("unauthorized: INGEST_TOKEN is set and the request does not carry it."),
-                        "403": error("cross_site_refused: X-Requested-By is missing, the request comes from another site, or (without INGEST_TOKEN) the Host is not a loopback address."),
+                        "403": error("cross_site_refused: X-Requested-By is missing, or the request comes from another site."),
                         "404": error("not_found: no dead letter with this sink and seq."),
                         "500": error("internal_error: the store could not requeue it.")
                     }
@@ -221,7 +262,7 @@ pub fn document(max_body_bytes: usize) -> Value {
                     "responses": {
                         "202": { "description": "The check started.", "content": { "application/json": { "schema": { "type": "object" } } } },
                         "401": error("unauthorized: INGEST_TOKEN is set and the request does not carry it."),
-                        "403": error("cross_site_refused: X-Requested-By is missing, the request comes from another site, or (without INGEST_TOKEN) the Host is not a loopback address."),
+                        "403": error("cross_site_refused: X-Requested-By is missing, or the request comes from another site."),
                         "409": error("updates_off: UPDATE_URL is not set.")
                     }
                 }
@@ -289,7 +330,7 @@ pub fn document(max_body_bytes: usize) -> Value {
                                 "unsupported_media_type", "schema_violation", "internal_error",
                                 "shutting_down", "staging_stopped", "staging_full", "not_ready",
                                 "invalid_query", "invalid_path", "cross_site_refused",
-                                "updates_off"
+                                "updates_off", "invalid_host", "host_not_allowed"
                             ]
                         },
                         "message": { "type": "string", "description": "What went wrong and what to do about it." }

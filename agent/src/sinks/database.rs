@@ -30,7 +30,13 @@
 //!   row and only when that row is new (the unique idempotency key is the marker), so a replay
 //!   never applies twice. A record the statement cannot take (a missing payload field) or that
 //!   the database refuses (a constraint, a type) is dead alone, like a refused landing row.
-//! - URLs are shown redacted ([`super::redact_url`]) and driver messages scrubbed of the password.
+//! - URLs are shown redacted ([`crate::redact::url`]) and driver messages scrubbed of the
+//!   password. A refused row is dead with the database's error class and the names of the
+//!   objects involved (table, column, constraint) as its summary; the database's own message
+//!   and detail, which quote values (`Key (record_key)=(…) already exists`, `Failing row
+//!   contains (…)`), go only into the dead-letter file. A transient error keeps the message
+//!   only for classes whose messages name objects, never values (connection, authorization,
+//!   a missing table or grant, resources, shutdown, deadlocks).
 
 use std::fmt;
 use std::sync::Arc;
@@ -40,7 +46,8 @@ use chrono::{DateTime, Utc};
 use estafeta_staging::Delivery;
 
 use super::apply::{ApplyStatements, Bound, Lookup, Statement};
-use super::{Outcome, Sink, redact_url};
+use super::{Outcome, Refusal, Sink};
+use crate::redact;
 
 /// Name of the landing table.
 pub const LANDING_TABLE: &str = "estafeta_records";
@@ -74,7 +81,7 @@ pub const DEFAULT_CONNECTIONS: usize = 2;
 impl fmt::Debug for DatabaseSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DatabaseSinkConfig")
-            .field("url", &redact_url(&self.url))
+            .field("url", &redact::url(&self.url))
             .field("agent_id", &self.agent_id)
             .field("apply_dir", &self.apply.as_ref().map(|a| a.dir.clone()))
             .finish()
@@ -103,7 +110,7 @@ impl Dialect {
             _ => anyhow::bail!(
                 "the database URL {:?} is not one Estafeta can use; expected postgres://user@host/db, \
                  mysql://user@host/db (MariaDB too) or sqlite://PATH",
-                redact_url(url)
+                redact::url(url)
             ),
         }
     }
@@ -207,7 +214,9 @@ impl Rows {
                     rows.push(row);
                     slots.push(None);
                 }
-                Err(reason) => slots.push(Some(Outcome::Dead { reason })),
+                Err(reason) => slots.push(Some(Outcome::Dead {
+                    reason: Refusal::ours(reason),
+                })),
             }
         }
         Self { slots, rows }
@@ -237,16 +246,27 @@ impl Rows {
 /// How a database error is sorted.
 #[derive(Debug)]
 pub(crate) enum Failure {
-    /// Not about one row's data: retry the whole batch, on a new connection.
+    /// Not about one row's data: retry the whole batch, on a new connection. The text is
+    /// safe to log (see the module documentation).
     Transient(String),
     /// The database refused this row's data: the record is dead, the others go on.
-    Row(String),
+    Row(Refusal),
 }
 
 impl Failure {
+    /// The text to log and show: a row's refusal by its summary only.
     pub fn message(self) -> String {
         match self {
-            Failure::Transient(m) | Failure::Row(m) => m,
+            Failure::Transient(m) => m,
+            Failure::Row(refusal) => refusal.summary,
+        }
+    }
+
+    /// With `f` applied to every text (adding context such as the statement file).
+    pub fn map(self, f: impl Fn(String) -> String) -> Failure {
+        match self {
+            Failure::Transient(m) => Failure::Transient(f(m)),
+            Failure::Row(refusal) => Failure::Row(refusal.map(f)),
         }
     }
 }

@@ -27,10 +27,16 @@
 //!
 //! Answers are sorted as contract 5 says: 2xx → delivered; connection errors, timeouts, 408,
 //! 425, 429 and 5xx → retry, with the server's `Retry-After` (seconds or an IMF-fixdate) as the
-//! hint; anything else → dead, with `HTTP <status>: <first 512 bytes of the body>`. Redirects
-//! are not followed and count as dead: following a 301/303 turns a `POST` into a `GET` whose 200
-//! would be taken for a delivery that never happened. Error messages never carry the token or a
-//! password from the URL.
+//! hint; anything else → dead. Redirects are not followed and count as dead: following a
+//! 301/303 turns a `POST` into a `GET` whose 200 would be taken for a delivery that never
+//! happened.
+//!
+//! What is said about a failure names the method, the entity and the status or error class
+//! (`HTTP 503 Service Unavailable`, `PUT patient: cannot connect: …`), never the request's path
+//! (it holds the record key) nor the answer's body (APIs echo the payload): that text is logged
+//! and becomes the sink's `last_error` in the status and the heartbeats. A dead letter's file
+//! alone keeps `HTTP <status>: <first 512 bytes of the body>`. Error messages never carry the
+//! token or a password from the URL.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -45,13 +51,20 @@ use reqwest::{Client, Method, Response, StatusCode, Url};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{BoxFuture, Outcome, Sink, error_chain, redact_url, scrub, url_secrets};
+use super::{BoxFuture, Outcome, Refusal, Sink, error_chain};
+use crate::redact::{self, Secrets};
 
-/// Most bytes of a response body quoted in a dead letter's reason or a retry's error.
+/// Most bytes of a response body kept in a dead letter's file (never logged or shown).
 pub const MAX_ERROR_BODY_BYTES: usize = 512;
 
 /// Placeholders a route's path template may use.
 const PLACEHOLDERS: &[&str] = &["entity", "action", "key", "id"];
+/// Why a key cannot be a path segment (it is empty, `.` or `..`); the key is not quoted.
+const KEY_NOT_A_SEGMENT: &str =
+    "the record's key (empty, . or ..) cannot be sent as a URL path segment";
+/// The placeholder a `DRY_RUN` line shows in place of the record's key, as it comes out of
+/// [`encode_segment`].
+const KEY_SHOWN: &str = "%7Bkey%7D";
 /// Placeholders the heartbeat path may use.
 const HEARTBEAT_PLACEHOLDERS: &[&str] = &["agent_id"];
 
@@ -81,7 +94,7 @@ pub struct HttpSinkConfig {
 impl fmt::Debug for HttpSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpSinkConfig")
-            .field("url", &redact_url(&self.url))
+            .field("url", &redact::url(&self.url))
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("timeout", &self.timeout)
             .field("verify_tls", &self.verify_tls)
@@ -138,7 +151,7 @@ struct Shared {
     client: Client,
     timeout: Duration,
     /// Token and URL password, scrubbed from every error message.
-    secrets: Vec<String>,
+    secrets: Secrets,
 }
 
 /// Delivers records as HTTP requests; see the module documentation for the mapping.
@@ -157,7 +170,7 @@ impl HttpSink {
     /// nothing.
     pub fn new(name: impl Into<String>, config: HttpSinkConfig) -> anyhow::Result<Self> {
         let name = name.into();
-        let shown = redact_url(&config.url);
+        let shown = redact::url(&config.url);
         let base = Url::parse(&config.url).with_context(|| {
             format!("the HTTP sink URL {shown:?} is not a valid URL; expected https://host/path")
         })?;
@@ -229,10 +242,7 @@ impl HttpSink {
                 .map_err(|e| anyhow::anyhow!("the heartbeat path: {e}"))?;
         }
 
-        let mut secrets = url_secrets(&config.url);
-        if let Some(token) = config.token.as_ref().filter(|t| !t.is_empty()) {
-            secrets.insert(0, token.clone());
-        }
+        let secrets = Secrets::of(&config.url).with(config.token.as_deref());
         Ok(Self {
             name,
             base,
@@ -250,13 +260,22 @@ impl HttpSink {
 
     /// The method, URL and route headers for one record, or the reason it cannot be sent.
     fn target(&self, envelope: &Envelope) -> Result<(Method, Url, Option<&HeaderMap>), String> {
+        self.target_with(envelope, envelope.key.as_deref())
+    }
+
+    /// [`HttpSink::target`] with `key` standing for the record's key in the path.
+    fn target_with(
+        &self,
+        envelope: &Envelope,
+        key: Option<&str>,
+    ) -> Result<(Method, Url, Option<&HeaderMap>), String> {
         let route = self.routes.iter().find(|r| r.matches(envelope));
         let method = route
             .and_then(|r| r.method.clone())
             .unwrap_or_else(|| default_method(envelope));
         let path = match route.and_then(|r| r.path.as_deref()) {
-            Some(template) => render(template, envelope)?,
-            None => default_segments(envelope)?
+            Some(template) => render(template, envelope, key)?,
+            None => default_segments(envelope, key)?
                 .iter()
                 .map(|s| encode_segment(s))
                 .collect::<Vec<_>>()
@@ -268,9 +287,10 @@ impl HttpSink {
     /// The request for one record, or its outcome when it cannot be built.
     fn request(&self, delivery: &Delivery) -> Result<reqwest::Request, Outcome> {
         let envelope = &delivery.envelope;
-        let (method, url, route_headers) = self
-            .target(envelope)
-            .map_err(|reason| Outcome::Dead { reason })?;
+        let (method, url, route_headers) =
+            self.target(envelope).map_err(|reason| Outcome::Dead {
+                reason: Refusal::ours(reason),
+            })?;
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
@@ -285,7 +305,9 @@ impl HttpSink {
             }
         }
         let dead = |what: &str| Outcome::Dead {
-            reason: format!("the record's {what} cannot be sent as an HTTP header"),
+            reason: Refusal::ours(format!(
+                "the record's {what} cannot be sent as an HTTP header"
+            )),
         };
         headers.insert(
             HeaderName::from_static("idempotency-key"),
@@ -313,7 +335,7 @@ impl HttpSink {
         url: Url,
         beat: &crate::heartbeat::Heartbeat,
     ) -> anyhow::Result<()> {
-        let shown = redact_url(url.as_str());
+        let shown = redact::url(url.as_str());
         let mut request = self.shared.client.put(url).json(beat);
         if let Some(token) = &self.token {
             request = request.header(header::AUTHORIZATION, token.clone());
@@ -325,7 +347,7 @@ impl HttpSink {
         if status.is_success() {
             return Ok(());
         }
-        let body = scrub(body_start(response).await, &self.shared.secrets);
+        let body = self.shared.secrets.scrub(&body_start(response).await);
         bail!(
             "heartbeat to {shown}: HTTP {status} {body}; check heartbeat_path (CENTRAL_API_HEARTBEAT_PATH) against the API"
         );
@@ -349,12 +371,13 @@ impl Sink for HttpSink {
                     Ok(request) => {
                         let permits = Arc::clone(&permits);
                         let shared = Arc::clone(&self.shared);
+                        let entity = delivery.envelope.entity.clone();
                         tasks.spawn(async move {
                             let _permit = permits
                                 .acquire_owned()
                                 .await
                                 .expect("the semaphore is never closed");
-                            (i, send(&shared, request).await)
+                            (i, send(&shared, request, &entity).await)
                         });
                     }
                 }
@@ -408,14 +431,22 @@ impl Sink for HttpSink {
             .iter()
             .map(|delivery| {
                 let envelope = &delivery.envelope;
-                match self.target(envelope) {
+                // The URL as it would be sent, with `{key}` in place of the record's key.
+                let shown = self.target(envelope).and_then(|_| {
+                    self.target_with(envelope, envelope.key.as_ref().map(|_| "{key}"))
+                });
+                match shown {
                     Ok((method, url, _)) => format!(
-                        "{method} {} Idempotency-Key={} ({} bytes)",
-                        redact_url(url.as_str()),
+                        "{method} {} Idempotency-Key={} seq={} ({} bytes)",
+                        redact::url(url.as_str()).replace(KEY_SHOWN, "{key}"),
                         envelope.id,
+                        envelope.seq,
                         envelope.payload.get().len()
                     ),
-                    Err(reason) => format!("NOT SENT Idempotency-Key={}: {reason}", envelope.id),
+                    Err(reason) => format!(
+                        "NOT SENT Idempotency-Key={} seq={}: {reason}",
+                        envelope.id, envelope.seq
+                    ),
                 }
             })
             .collect()
@@ -435,7 +466,7 @@ impl Sink for HttpSink {
                 }
                 Err(err) => Err(anyhow::anyhow!(
                     "cannot reach {}: {}",
-                    redact_url(self.base.as_str()),
+                    redact::url(self.base.as_str()),
                     describe(&self.shared, err)
                 )),
             }
@@ -511,18 +542,19 @@ fn default_method(envelope: &Envelope) -> Method {
     }
 }
 
-/// The default path segments for a record (see the module documentation).
-fn default_segments(envelope: &Envelope) -> Result<Vec<&str>, String> {
+/// The default path segments for a record whose key is `key` (see the module documentation).
+fn default_segments<'e>(
+    envelope: &'e Envelope,
+    key: Option<&'e str>,
+) -> Result<Vec<&'e str>, String> {
     let entity = envelope.entity.as_str();
     let action = envelope.action.as_str();
-    match (action, envelope.key.as_deref()) {
+    match (action, key) {
         ("update" | "upsert" | "delete", Some(key)) => {
             // `.` and `..` (even encoded) are dot segments a URL parser folds away:
             // `PUT {url}/patient/..` would reach `{url}/`.
             if matches!(key, "" | "." | "..") {
-                return Err(format!(
-                    "key {key:?} cannot be sent as a URL path segment; add a route that places it elsewhere"
-                ));
+                return Err(KEY_NOT_A_SEGMENT.to_owned() + "; add a route that places it elsewhere");
             }
             Ok(vec![entity, key])
         }
@@ -531,18 +563,17 @@ fn default_segments(envelope: &Envelope) -> Result<Vec<&str>, String> {
     }
 }
 
-/// Fills a checked template; each value is encoded as one path segment.
-fn render(template: &str, envelope: &Envelope) -> Result<String, String> {
+/// Fills a checked template for a record whose key is `key`; each value is encoded as one
+/// path segment.
+fn render(template: &str, envelope: &Envelope, key: Option<&str>) -> Result<String, String> {
     fill(template, |name| match name {
         "entity" => Ok(envelope.entity.as_str()),
         "action" => Ok(envelope.action.as_str()),
         "id" => Ok(envelope.id.as_str()),
         // check_template allows nothing else.
-        _ => match envelope.key.as_deref() {
+        _ => match key {
             Some(key) if !matches!(key, "" | "." | "..") => Ok(key),
-            Some(key) => Err(format!(
-                "key {key:?} cannot be sent as a URL path segment (route path {template:?})"
-            )),
+            Some(_) => Err(format!("{KEY_NOT_A_SEGMENT} (route path {template:?})")),
             None => Err(format!(
                 "the route path {template:?} needs {{key}} but the record has no key"
             )),
@@ -602,20 +633,22 @@ fn join(base: &Url, path: &str) -> Url {
     url
 }
 
-async fn send(shared: &Shared, request: reqwest::Request) -> Outcome {
+/// Sends one record's request; a failure names the method and the entity, not the path,
+/// which holds the record key.
+async fn send(shared: &Shared, request: reqwest::Request, entity: &str) -> Outcome {
     let method = request.method().clone();
-    let path = request.url().path().to_owned();
     match shared.client.execute(request).await {
-        Ok(response) => classify(response).await,
+        Ok(response) => classify(response, &shared.secrets).await,
         Err(err) => Outcome::Retry {
-            error: format!("{method} {path}: {}", describe(shared, err)),
+            error: format!("{method} {entity}: {}", describe(shared, err)),
             retry_after: None,
         },
     }
 }
 
-/// Sorts an answer into delivered / retry / dead (contract 5).
-async fn classify(response: Response) -> Outcome {
+/// Sorts an answer into delivered / retry / dead (contract 5). The status is what is shown;
+/// the body (APIs echo the payload) goes only into a dead letter's detail.
+async fn classify(response: Response, secrets: &Secrets) -> Outcome {
     let status = response.status();
     if status.is_success() {
         // Read the (usually small) answer so the connection can be reused.
@@ -631,19 +664,20 @@ async fn classify(response: Response) -> Outcome {
         status,
         StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_EARLY | StatusCode::TOO_MANY_REQUESTS
     ) || status.is_server_error();
-    let body = body_start(response).await;
-    let message = if body.is_empty() {
-        format!("HTTP {status}")
-    } else {
-        format!("HTTP {status}: {body}")
-    };
+    let summary = format!("HTTP {status}");
     if transient {
+        // Read (the start of) the answer so the connection can be reused; its text is not
+        // kept: a 503's body may echo the request as well as a 422's.
+        let _ = body_start(response).await;
         Outcome::Retry {
-            error: message,
+            error: summary,
             retry_after,
         }
     } else {
-        Outcome::Dead { reason: message }
+        let body = secrets.scrub(&body_start(response).await);
+        Outcome::Dead {
+            reason: Refusal::new(summary, &body),
+        }
     }
 }
 
@@ -685,7 +719,7 @@ fn describe(shared: &Shared, err: reqwest::Error) -> String {
     } else {
         error_chain(&err)
     };
-    scrub(text, &shared.secrets)
+    shared.secrets.scrub(&text)
 }
 
 #[cfg(test)]

@@ -9,8 +9,15 @@
 //! - [`nats`]: NATS JetStream, one message per record with `Nats-Msg-Id`, async-nats.
 //!
 //! [`build`] turns the configured sinks into `Arc<dyn Sink>`s; it checks every URL but connects
-//! to nothing, so the agent starts (and stages) while the central side is down.
-//! [`redact_url`] hides passwords in URLs before they reach a log line or an error.
+//! to nothing, so the agent starts (and stages) while the central side is down. URLs and
+//! driver messages go through [`crate::redact`] before they reach a log line or an error.
+//!
+//! What a sink says about a failure reaches logs, `GET /v1/status`, `estafeta status` and the
+//! heartbeats (`estafeta_agents.last_error`), so it names the record by seq / id only and says
+//! what happened by class — `HTTP 503 Service Unavailable`, `cannot connect`, `PostgreSQL 23505
+//! unique violation (constraint …)` — never with payload text, a record key, or a server's or
+//! database's answer, which often echo the payload. Only a [`Refusal`]'s `detail` carries the
+//! whole answer, and only into the dead-letter file (0600 in the 0700 staging folder).
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -33,11 +40,59 @@ pub enum Outcome {
     /// A transient failure: connection refused or lost, timeout, HTTP 408/425/429/5xx,
     /// deadlock. `retry_after` is the server's own hint (HTTP `Retry-After`), if any.
     Retry {
+        /// What happened, by class (status code, error kind), with no payload text, record key
+        /// or answer body: it is logged and shown as the sink's `last_error`.
         error: String,
         retry_after: Option<Duration>,
     },
-    /// A permanent failure: the record goes to the dead letters with this reason.
-    Dead { reason: String },
+    /// A permanent failure: the record goes to the dead letters.
+    Dead { reason: Refusal },
+}
+
+/// Why a sink refused a record for good, said twice: once to be shown, once to be kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// What happened, by class: `HTTP 422 Unprocessable Entity`, `PostgreSQL 23514 check
+    /// violation (table t, constraint c)`, a missing payload field's name. Names schema
+    /// objects at most, never values: it is logged with the record's seq and id.
+    pub summary: String,
+    /// Everything known: the summary and the server's answer or the database's message and
+    /// detail, which may quote the payload. Written only to the dead-letter file (and the
+    /// index beside the records), for a person who may read the record anyway.
+    pub detail: String,
+}
+
+impl Refusal {
+    /// `summary`, and as detail `summary: answer` (or the summary alone when `answer` is
+    /// empty).
+    pub fn new(summary: impl Into<String>, answer: &str) -> Refusal {
+        let summary = summary.into();
+        let detail = if answer.is_empty() {
+            summary.clone()
+        } else {
+            format!("{summary}: {answer}")
+        };
+        Refusal { summary, detail }
+    }
+
+    /// A refusal whose text Estafeta wrote from the record's envelope and the configuration
+    /// alone (a missing field's name, a statement file), with no value of the record: the same
+    /// text is shown and kept.
+    pub fn ours(text: impl Into<String>) -> Refusal {
+        let text = text.into();
+        Refusal {
+            summary: text.clone(),
+            detail: text,
+        }
+    }
+
+    /// Both texts with `f` applied (adding context such as the statement file).
+    pub fn map(self, f: impl Fn(String) -> String) -> Refusal {
+        Refusal {
+            summary: f(self.summary),
+            detail: f(self.detail),
+        }
+    }
 }
 
 /// A destination for records.
@@ -100,118 +155,6 @@ pub fn build(configs: &[SinkConfig]) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
     Ok(sinks)
 }
 
-/// Query parameters whose values are secrets (compared without case).
-const SECRET_PARAMS: &[&str] = &[
-    "password",
-    "pass",
-    "passwd",
-    "pwd",
-    "sslpassword",
-    "token",
-    "access_token",
-    "api_key",
-    "apikey",
-    "secret",
-];
-
-/// `url` with its password and secret query parameters replaced by `***`:
-/// `postgres://user:pw@host/db?password=x` → `postgres://user:***@host/db?password=***`.
-/// In a NATS URL a user without a password is a token: `nats://tok@host` → `nats://***@host`.
-/// It errs on the side of hiding: text that merely looks like a password is hidden too.
-pub fn redact_url(url: &str) -> String {
-    let (scheme, rest) = match url.find("://") {
-        Some(i) => url.split_at(i + 3),
-        None => ("", url),
-    };
-    // The user info ends at the last '@' before the query: an unencoded '@' or '/' in a
-    // password must not leave part of it visible.
-    let before_query = rest.find(['?', '#']).unwrap_or(rest.len());
-    let (head, tail) = rest.split_at(before_query);
-    let head = match head.rfind('@') {
-        Some(at) => {
-            let (userinfo, host) = head.split_at(at);
-            match userinfo.find(':') {
-                Some(colon) => format!("{}:***{host}", &userinfo[..colon]),
-                None if is_nats_scheme(scheme) => format!("***{host}"),
-                None => head.to_owned(),
-            }
-        }
-        None => head.to_owned(),
-    };
-    let tail = redact_params(tail);
-    if scheme.is_empty() {
-        // A `key=value key=value` connection string.
-        return redact_params(&head) + &tail;
-    }
-    format!("{scheme}{head}{tail}")
-}
-
-/// `nats://`, `tls://` (NATS over TLS), any case.
-fn is_nats_scheme(scheme: &str) -> bool {
-    let scheme = scheme.trim_end_matches("://").to_ascii_lowercase();
-    matches!(scheme.as_str(), "nats" | "tls")
-}
-
-/// Replaces the values of [`SECRET_PARAMS`] in `key=value` pairs separated by `&`, `;`, `?`,
-/// `#` or spaces.
-fn redact_params(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while !rest.is_empty() {
-        let end = rest.find(['&', ';', '?', '#', ' ']).unwrap_or(rest.len());
-        let (pair, after) = rest.split_at(end);
-        match pair.split_once('=') {
-            Some((key, _)) if SECRET_PARAMS.iter().any(|s| key.eq_ignore_ascii_case(s)) => {
-                out.push_str(key);
-                out.push_str("=***");
-            }
-            _ => out.push_str(pair),
-        }
-        let mut chars = after.chars();
-        if let Some(sep) = chars.next() {
-            out.push(sep);
-        }
-        rest = chars.as_str();
-    }
-    out
-}
-
-/// The secrets found in `url` (password, secret query parameters), as written and
-/// percent-decoded, for [`scrub`].
-pub(crate) fn url_secrets(url: &str) -> Vec<String> {
-    let mut secrets = Vec::new();
-    if let Ok(parsed) = reqwest::Url::parse(url) {
-        if let Some(password) = parsed.password() {
-            secrets.push(password.to_owned());
-        }
-        for (key, value) in parsed.query_pairs() {
-            if SECRET_PARAMS.iter().any(|s| key.eq_ignore_ascii_case(s)) {
-                secrets.push(value.into_owned());
-            }
-        }
-    }
-    let decoded: Vec<String> = secrets.iter().map(|s| percent_decode(s)).collect();
-    secrets.extend(decoded);
-    secrets.retain(|s| !s.is_empty());
-    secrets.sort();
-    secrets.dedup();
-    // Longest first, so a secret containing another is hidden whole.
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    secrets
-}
-
-/// `message` with every secret replaced by `***`: a last guard for driver messages, which
-/// should not echo a password but are not ours to trust.
-pub(crate) fn scrub(message: String, secrets: &[String]) -> String {
-    secrets.iter().fold(message, |message, secret| {
-        if message.contains(secret.as_str()) {
-            message.replace(secret.as_str(), "***")
-        } else {
-            message
-        }
-    })
-}
-
 /// `err` and its causes on one line, skipping a cause its parent already spells out.
 pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
@@ -227,62 +170,20 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-pub(crate) fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn redact_url_hides_the_password_and_secret_parameters() {
+    fn a_refusal_keeps_the_answer_out_of_its_summary() {
+        let refusal = Refusal::new("HTTP 422 Unprocessable Entity", "{\"echo\":\"Maria\"}");
+        assert_eq!(refusal.summary, "HTTP 422 Unprocessable Entity");
         assert_eq!(
-            redact_url("postgres://user:pw@host:5432/db"),
-            "postgres://user:***@host:5432/db"
+            refusal.detail,
+            "HTTP 422 Unprocessable Entity: {\"echo\":\"Maria\"}"
         );
-        assert_eq!(
-            redact_url("mysql://root:p/a@ss@host/db?password=x&ssl=true"),
-            "mysql://root:***@host/db?password=***&ssl=true"
-        );
-        assert_eq!(redact_url("mysql://root@host/db"), "mysql://root@host/db");
-        assert_eq!(redact_url("sqlite://./central.db"), "sqlite://./central.db");
-        assert_eq!(
-            redact_url("host=db user=u password=secret"),
-            "host=db user=u password=***"
-        );
-        assert_eq!(
-            redact_url("https://api.example/v1?token=abc#x"),
-            "https://api.example/v1?token=***#x"
-        );
-        assert_eq!(redact_url("nats://tok@h:4222"), "nats://***@h:4222");
-        assert_eq!(redact_url("tls://u:pw@h:4222"), "tls://u:***@h:4222");
-        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
-    }
-
-    #[test]
-    fn scrub_hides_raw_and_decoded_passwords() {
-        let secrets = url_secrets("postgres://u:p%40ss%2Fword@h/db?sslpassword=zz9");
-        let msg = scrub(
-            "failed for p@ss/word and p%40ss%2Fword and zz9".to_owned(),
-            &secrets,
-        );
-        assert_eq!(msg, "failed for *** and *** and ***");
+        assert_eq!(Refusal::new("HTTP 400", "").detail, "HTTP 400");
+        let ours = Refusal::ours("the record has no key");
+        assert_eq!(ours.summary, ours.detail);
     }
 }

@@ -6,8 +6,9 @@
 //! prepared `INSERT … ON DUPLICATE KEY UPDATE idempotency_key = idempotency_key` runs per row
 //! (not `INSERT IGNORE`, which would downgrade bad values to warnings). InnoDB undoes only the
 //! failing statement on a data error, so a refused row (SQLSTATE class 22 or 23, or codes such as
-//! 1406 too long, 1366 bad value, 1452 foreign key, 4025 / 3819 CHECK) becomes dead with the
-//! server's message while the other rows of the transaction commit. Any other error (1213
+//! 1406 too long, 1366 bad value, 1452 foreign key, 4025 / 3819 CHECK) becomes dead (logged by
+//! its code, the server's message, which quotes values, kept in the dead letter) while the other
+//! rows of the transaction commit. Any other error (1213
 //! deadlock, 1205 lock wait, 1040 too many connections, a lost connection, a missing grant)
 //! retries the whole batch on a new connection. TLS to MySQL is not built in (mysql_async's
 //! `minimal-rust` features).
@@ -44,7 +45,8 @@ use super::database::{
     ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration,
     Rows, dry_run_lines,
 };
-use super::{BoxFuture, Outcome, Sink, database, error_chain, redact_url, scrub, url_secrets};
+use super::{BoxFuture, Outcome, Refusal, Sink, database, error_chain};
+use crate::redact::{self, Secrets};
 
 /// Schema changes, in order.
 const MIGRATIONS: &[Migration] = &[Migration {
@@ -102,7 +104,7 @@ pub struct MysqlSink {
     opts: Opts,
     /// The URL with its password hidden, for messages.
     shown: String,
-    secrets: Vec<String>,
+    secrets: Secrets,
     conn: Mutex<Option<Conn>>,
     /// Whether `sql/mysql/agents.sql` ran (on any connection of this process).
     agents_ready: AtomicBool,
@@ -113,8 +115,8 @@ pub struct MysqlSink {
 impl MysqlSink {
     /// Checks the URL; connects to nothing.
     pub fn new(name: impl Into<String>, config: DatabaseSinkConfig) -> anyhow::Result<Self> {
-        let shown = redact_url(&config.url);
-        let secrets = url_secrets(&config.url);
+        let shown = redact::url(&config.url);
+        let secrets = Secrets::of(&config.url);
         // mysql_async knows only `mysql://`; `mariadb://` is the same protocol.
         let url = match config.url.split_once("://") {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case("mariadb") => {
@@ -125,7 +127,7 @@ impl MysqlSink {
         let opts = Opts::from_url(&url).map_err(|err| {
             anyhow::anyhow!(
                 "the MySQL URL {shown:?} is not valid: {}; expected mysql://user:password@host:3306/database",
-                scrub(err.to_string(), &secrets)
+                secrets.scrub(&err.to_string())
             )
         })?;
         // Apply mode tells a new landing row (1 affected row) from a replay (0); with
@@ -390,7 +392,7 @@ impl MysqlSink {
                     tx.query_drop(ROLLBACK_TO_SAVEPOINT_SQL)
                         .await
                         .map_err(transient)?;
-                    Err(Failure::Row(apply.context(reason)))
+                    Err(Failure::Row(reason.map(|m| apply.context(m))))
                 }
                 Failure::Transient(error) => Err(Failure::Transient(apply.context(error))),
             },
@@ -431,29 +433,76 @@ impl MysqlSink {
         ]
     }
 
-    /// Sorts an error (module documentation) and words it without the password.
+    /// Sorts an error (module documentation) and words it without the password: a refused
+    /// row by its error code and SQLSTATE, with the server's message (which quotes values:
+    /// `Duplicate entry '…' for key …`) kept for the dead letter only.
     fn failure(&self, err: mysql_async::Error) -> Failure {
         match err {
             mysql_async::Error::Server(server) => {
-                let message = scrub(
-                    format!(
-                        "MySQL {} ({}): {}",
-                        server.code, server.state, server.message
-                    ),
-                    &self.secrets,
-                );
+                let mut summary = format!("MySQL {} ({})", server.code, server.state);
+                if let Some(name) = error_name(server.code) {
+                    summary.push(' ');
+                    summary.push_str(name);
+                }
                 let row = server.state.starts_with("22")
                     || server.state.starts_with("23")
                     || ROW_ERROR_CODES.contains(&server.code);
                 if row {
-                    Failure::Row(message)
+                    Failure::Row(Refusal::new(
+                        self.secrets.scrub(&summary),
+                        &self.secrets.scrub(&server.message),
+                    ))
+                } else if NAMING_ERROR_CODES.contains(&server.code) {
+                    Failure::Transient(
+                        self.secrets
+                            .scrub(&format!("{summary}: {}", server.message)),
+                    )
                 } else {
-                    Failure::Transient(message)
+                    Failure::Transient(self.secrets.scrub(&summary))
                 }
             }
-            other => Failure::Transient(scrub(error_chain(&other), &self.secrets)),
+            other => Failure::Transient(self.secrets.scrub(&error_chain(&other))),
         }
     }
+}
+
+/// Server errors whose messages name objects (users, databases, tables, columns), never a
+/// row's values, so they are shown; any other error is shown by its code and SQLSTATE only.
+const NAMING_ERROR_CODES: &[u16] = &[
+    1040, // too many connections
+    1044, 1045, // access denied
+    1049, // unknown database
+    1053, // server shutdown
+    1054, // unknown column
+    1129, // host blocked
+    1142, 1143, // command denied
+    1146, // table does not exist
+    1203, // max_user_connections
+    1205, // lock wait timeout
+    1213, // deadlock
+    1226, // resource limit
+    1290, 1792, 1836, // read-only
+    1461, // too many prepared statements
+    1927, // connection killed
+];
+
+/// A short name for the server errors a delivery meets.
+fn error_name(code: u16) -> Option<&'static str> {
+    Some(match code {
+        1048 => "column cannot be null",
+        1062 => "duplicate entry",
+        1264 | 1690 => "value out of range",
+        1265 => "data truncated",
+        1292 | 1366 | 1367 => "incorrect value",
+        1406 => "data too long",
+        1451 | 1452 => "foreign key constraint fails",
+        3140 => "invalid JSON text",
+        3819 | 4025 => "check constraint violated",
+        1205 => "lock wait timeout",
+        1213 => "deadlock",
+        1040 => "too many connections",
+        _ => return None,
+    })
 }
 
 /// Splits a batch into the rows of each multi-row insert, in order.

@@ -47,7 +47,8 @@ use serde_json::value::RawValue;
 use tokio::sync::OnceCell;
 use tokio::task::JoinSet;
 
-use super::{BoxFuture, Outcome, Sink, error_chain, percent_decode, redact_url, scrub};
+use super::{BoxFuture, Outcome, Refusal, Sink, error_chain};
+use crate::redact::{self, Secrets, percent_decode};
 
 /// Default subject template.
 pub const DEFAULT_SUBJECT: &str = "estafeta.{entity}.{action}";
@@ -87,7 +88,7 @@ pub struct NatsSinkConfig {
 impl fmt::Debug for NatsSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsSinkConfig")
-            .field("url", &redact_url(&self.url))
+            .field("url", &redact::url(&self.url))
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("subject", &self.subject)
             .field("timeout", &self.timeout)
@@ -271,14 +272,14 @@ pub struct NatsSink {
     stream_ready: AtomicBool,
     connection: OnceCell<Connection>,
     /// Token and passwords, scrubbed from every error message.
-    secrets: Vec<String>,
+    secrets: Secrets,
 }
 
 impl NatsSink {
     /// Checks the URL, subject and stream settings. Connects to nothing.
     pub fn new(name: impl Into<String>, config: NatsSinkConfig) -> anyhow::Result<Self> {
         let name = name.into();
-        let shown = redact_url(&config.url);
+        let shown = redact::url(&config.url);
         check_nats_url(&config.url).map_err(|e| anyhow::anyhow!("the NATS URL {shown:?}: {e}"))?;
         let mut url = Url::parse(&config.url).context("the NATS URL")?;
         let user = percent_decode(url.username());
@@ -296,20 +297,12 @@ impl NatsSink {
             }
             auth = Auth::Token(token.clone());
         }
-        let mut secrets: Vec<String> = match &auth {
-            Auth::None => Vec::new(),
-            Auth::Token(token) => vec![token.clone()],
-            Auth::UserPassword(_, password) => vec![password.clone()],
-        };
-        // As written in the URL too (percent-encoded).
-        if let Some(raw) = url.password() {
-            secrets.push(raw.to_owned());
-        } else if !url.username().is_empty() {
-            secrets.push(url.username().to_owned());
-        }
-        secrets.retain(|s| !s.is_empty());
-        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        secrets.dedup();
+        // As written in the URL (percent-encoded) and decoded, and the token.
+        let secrets = Secrets::of(&config.url).with(match &auth {
+            Auth::None => None,
+            Auth::Token(token) => Some(token.as_str()),
+            Auth::UserPassword(_, password) => Some(password.as_str()),
+        });
         url.set_username("")
             .map_err(|()| anyhow::anyhow!("the NATS URL {shown:?} cannot hold credentials"))?;
         url.set_password(None)
@@ -519,7 +512,7 @@ impl NatsSink {
     }
 
     fn scrub(&self, message: String) -> String {
-        scrub(message, &self.secrets)
+        self.secrets.scrub(&message)
     }
 
     /// Publishes one batch (see the module documentation).
@@ -554,7 +547,9 @@ impl NatsSink {
             let message = match self.message(envelope) {
                 Ok(message) => message,
                 Err(reason) => {
-                    outcomes[i] = Some(Outcome::Dead { reason });
+                    outcomes[i] = Some(Outcome::Dead {
+                        reason: Refusal::ours(reason),
+                    });
                     continue;
                 }
             };
@@ -613,11 +608,11 @@ impl NatsSink {
         };
         match err.kind() {
             PublishErrorKind::MaxPayloadExceeded => Outcome::Dead {
-                reason: self.scrub(format!(
+                reason: Refusal::ours(self.scrub(format!(
                     "publish to {subject}: the message is larger than the server's max_payload ({} bytes): {}; raise max_payload in nats-server.conf, then requeue it with `estafeta retry --send`",
                     connection.client.server_info().max_payload,
                     error_chain(err)
-                )),
+                ))),
             },
             PublishErrorKind::StreamNotFound => {
                 // With create_stream, create it again before the next batch.
@@ -641,10 +636,10 @@ impl NatsSink {
                     .and_then(|source| source.downcast_ref::<jetstream::Error>());
                 match server.map(jetstream::Error::error_code) {
                     Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => Outcome::Dead {
-                        reason: self.scrub(format!(
+                        reason: Refusal::ours(self.scrub(format!(
                             "publish to {subject}: the stream refuses a message this large: {}; raise the stream's max_msg_size, then requeue it with `estafeta retry --send`",
                             error_chain(err)
-                        )),
+                        ))),
                     },
                     _ => retry(format!("publish to {subject}: {}", error_chain(err))),
                 }

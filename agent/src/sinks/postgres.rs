@@ -42,7 +42,8 @@ use super::database::{
     ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration,
     Rows, dry_run_lines,
 };
-use super::{BoxFuture, Outcome, Sink, database, error_chain, redact_url, scrub, url_secrets};
+use super::{BoxFuture, Outcome, Refusal, Sink, database, error_chain};
+use crate::redact::{self, Secrets};
 
 /// Schema changes, in order.
 const MIGRATIONS: &[Migration] = &[Migration {
@@ -71,7 +72,7 @@ pub struct PostgresSink {
     config: tokio_postgres::Config,
     /// The URL with its password hidden, for messages.
     shown: String,
-    secrets: Vec<String>,
+    secrets: Secrets,
     /// Two connections: a large batch is split in halves inserted side by side (see `deliver`).
     clients: [Mutex<Option<Connection>>; 2],
     /// Whether `sql/postgres/agents.sql` ran (on any connection of this process).
@@ -113,12 +114,12 @@ const SPLIT_MIN_ROWS: usize = 64;
 impl PostgresSink {
     /// Checks the URL; connects to nothing.
     pub fn new(name: impl Into<String>, config: DatabaseSinkConfig) -> anyhow::Result<Self> {
-        let shown = redact_url(&config.url);
-        let secrets = url_secrets(&config.url);
-        let mut pg: tokio_postgres::Config = config.url.parse().map_err(|err| {
+        let shown = redact::url(&config.url);
+        let secrets = Secrets::of(&config.url);
+        let mut pg: tokio_postgres::Config = config.url.parse().map_err(|err: tokio_postgres::Error| {
             anyhow::anyhow!(
                 "the PostgreSQL URL {shown:?} is not valid: {}; expected postgres://user:password@host:5432/database",
-                scrub(format!("{err}"), &secrets)
+                secrets.scrub(&err.to_string())
             )
         })?;
         pg.connect_timeout(CONNECT_TIMEOUT);
@@ -244,8 +245,8 @@ impl PostgresSink {
         match self.execute_insert(&conn.client, insert, rows.iter()).await {
             Ok(_) => Ok(vec![Outcome::Delivered; rows.len()]),
             Err(Failure::Transient(error)) => Err(error),
-            Err(Failure::Row(error)) => {
-                tracing::debug!(sink = %self.name, error = %error, "A row was refused; inserting the batch row by row.");
+            Err(Failure::Row(refusal)) => {
+                tracing::debug!(sink = %self.name, error = %refusal.summary, "A row was refused; inserting the batch row by row.");
                 self.insert_row_by_row(conn, rows).await
             }
         }
@@ -267,8 +268,8 @@ impl PostgresSink {
                 Ok(vec![Outcome::Delivered; rows.len()])
             }
             Err(Failure::Transient(error)) => Err(error),
-            Err(Failure::Row(error)) => {
-                tracing::debug!(sink = %self.name, error = %error, "A row or apply statement was refused; delivering the batch row by row.");
+            Err(Failure::Row(refusal)) => {
+                tracing::debug!(sink = %self.name, error = %refusal.summary, "A row or apply statement was refused; delivering the batch row by row.");
                 tx.rollback().await.map_err(transient)?;
                 self.insert_row_by_row(conn, rows).await
             }
@@ -304,10 +305,7 @@ impl PostgresSink {
         apply: &ApplyRow,
         prepared: &mut Prepared,
     ) -> Result<(), Failure> {
-        let in_file = |failure: Failure| match failure {
-            Failure::Row(m) => Failure::Row(apply.context(m)),
-            Failure::Transient(m) => Failure::Transient(apply.context(m)),
-        };
+        let in_file = |failure: Failure| failure.map(|m| apply.context(m));
         let file = &apply.statement.file;
         let statement = match prepared.get(file) {
             Some(statement) => statement.clone(),
@@ -472,32 +470,100 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// Sorts an error (module documentation) and words it without the password.
+    /// Sorts an error (module documentation) and words it without the password: a refused
+    /// row by its SQLSTATE and the objects involved, with PostgreSQL's message and detail
+    /// (which quote the row's values) kept for the dead letter only.
     fn failure(&self, err: tokio_postgres::Error) -> Failure {
-        let message = match err.as_db_error() {
-            Some(db) => {
-                let mut text = format!("PostgreSQL {}: {}", db.code().code(), db.message());
-                if let Some(detail) = db.detail() {
-                    text.push_str(" (");
-                    text.push_str(detail);
-                    text.push(')');
-                }
-                text
-            }
-            None => error_chain(&err),
+        let Some(db) = err.as_db_error() else {
+            return Failure::Transient(self.secrets.scrub(&error_chain(&err)));
         };
-        let message = scrub(message, &self.secrets);
-        match err.code().map(|c| c.code()) {
-            Some(code)
-                if ["22", "23", "54"]
-                    .iter()
-                    .any(|class| code.starts_with(class)) =>
-            {
-                Failure::Row(message)
-            }
-            _ => Failure::Transient(message),
+        let code = db.code().code();
+        let mut summary = format!("PostgreSQL {code}");
+        if let Some(name) = sqlstate_name(code) {
+            summary.push(' ');
+            summary.push_str(name);
         }
+        let objects: Vec<String> = [
+            ("table", db.table()),
+            ("column", db.column()),
+            ("constraint", db.constraint()),
+        ]
+        .into_iter()
+        .filter_map(|(what, name)| name.map(|name| format!("{what} {name}")))
+        .collect();
+        if !objects.is_empty() {
+            summary.push_str(&format!(" ({})", objects.join(", ")));
+        }
+        if ROW_CLASSES.iter().any(|class| code.starts_with(class)) {
+            let mut answer = db.message().to_owned();
+            if let Some(detail) = db.detail() {
+                answer.push_str(" (");
+                answer.push_str(detail);
+                answer.push(')');
+            }
+            return Failure::Row(Refusal::new(
+                self.secrets.scrub(&summary),
+                &self.secrets.scrub(&answer),
+            ));
+        }
+        let text = if NAMING_CLASSES.iter().any(|class| code.starts_with(class)) {
+            format!("{summary}: {}", db.message())
+        } else {
+            summary
+        };
+        Failure::Transient(self.secrets.scrub(&text))
     }
+}
+
+/// SQLSTATE classes that mean "this row's data": 22 data exception, 23 integrity constraint,
+/// 54 program limit (a value too long, a `\u0000` jsonb cannot hold).
+const ROW_CLASSES: &[&str] = &["22", "23", "54"];
+
+/// SQLSTATE classes whose messages name objects (tables, columns, roles, databases), never a
+/// row's values, so they are shown: 08 connection, 0A not supported, 25 transaction state, 28
+/// authorization, 3D catalog, 40 rollback (deadlock, serialization), 42 syntax or access rule
+/// (a missing table or grant), 53 resources, 55 object state (locks), 57 operator intervention.
+/// Other classes (such as P0, a trigger's `RAISE`) are shown by code only.
+const NAMING_CLASSES: &[&str] = &["08", "0A", "25", "28", "3D", "40", "42", "53", "55", "57"];
+
+/// A short name for the SQLSTATEs a delivery meets, or for their class.
+fn sqlstate_name(code: &str) -> Option<&'static str> {
+    let name = match code {
+        "23505" => "unique violation",
+        "23503" => "foreign key violation",
+        "23502" => "not null violation",
+        "23514" => "check violation",
+        "23P01" => "exclusion violation",
+        "22001" => "value too long",
+        "22003" => "numeric value out of range",
+        "22007" => "invalid datetime format",
+        "22008" => "datetime field overflow",
+        "22021" => "invalid byte sequence",
+        "22P02" => "invalid text representation",
+        "22P05" => "untranslatable character",
+        "40001" => "serialization failure",
+        "40P01" => "deadlock detected",
+        "42501" => "insufficient privilege",
+        "42703" => "undefined column",
+        "42P01" => "undefined table",
+        "53300" => "too many connections",
+        "57014" => "query canceled",
+        "57P01" => "admin shutdown",
+        "P0001" => "raise exception",
+        _ => match code.get(..2)? {
+            "08" => "connection exception",
+            "22" => "data exception",
+            "23" => "integrity constraint violation",
+            "28" => "invalid authorization",
+            "40" => "transaction rollback",
+            "42" => "syntax error or access rule violation",
+            "53" => "insufficient resources",
+            "54" => "program limit exceeded",
+            "57" => "operator intervention",
+            _ => return None,
+        },
+    };
+    Some(name)
 }
 
 impl Sink for PostgresSink {

@@ -37,7 +37,7 @@ use super::database::{
     ApplyRow, BATCH_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration, Rows,
     dry_run_lines, retry_all,
 };
-use super::{BoxFuture, Outcome, Sink};
+use super::{BoxFuture, Outcome, Refusal, Sink};
 
 /// How long a statement waits for another writer of the file before giving up (busy).
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -218,10 +218,7 @@ const ROLLBACK_SQL: &str = "ROLLBACK TO estafeta_row; RELEASE estafeta_row";
 
 /// Runs one record's apply statement.
 fn apply_row(conn: &Connection, apply: &ApplyRow) -> Result<(), Failure> {
-    let in_file = |failure: Failure| match failure {
-        Failure::Row(m) => Failure::Row(apply.context(m)),
-        Failure::Transient(m) => Failure::Transient(apply.context(m)),
-    };
+    let in_file = |failure: Failure| failure.map(|m| apply.context(m));
     let mut statement = conn
         .prepare_cached(&apply.statement.sql)
         .map_err(|err| in_file(failure(err)))?;
@@ -243,12 +240,34 @@ fn apply_row(conn: &Connection, apply: &ApplyRow) -> Result<(), Failure> {
         .map_err(|err| in_file(failure(err)))
 }
 
-/// A refused row's data (constraint, type, size) or anything else.
+/// A refused row's data (constraint, type, size) or anything else. A refusal is shown by its
+/// kind; SQLite's message (a trigger's `RAISE` may quote values) is kept for the dead letter.
 fn failure(err: rusqlite::Error) -> Failure {
     let message = format!("SQLite: {err}");
+    let kind = match &err {
+        rusqlite::Error::SqliteFailure(failure, _) => match failure.extended_code {
+            275 => "CHECK constraint failed",
+            787 => "FOREIGN KEY constraint failed",
+            1299 => "NOT NULL constraint failed",
+            1555 | 2067 => "UNIQUE constraint failed",
+            1811 => "refused by a trigger",
+            _ => "",
+        },
+        _ => "",
+    };
     match err.sqlite_error_code() {
-        Some(ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig) => {
-            Failure::Row(message)
+        Some(
+            code @ (ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig),
+        ) => {
+            let summary = if kind.is_empty() {
+                format!("SQLite {code:?}")
+            } else {
+                format!("SQLite {code:?}: {kind}")
+            };
+            Failure::Row(Refusal {
+                summary,
+                detail: message,
+            })
         }
         _ => Failure::Transient(message),
     }
@@ -479,16 +498,16 @@ mod tests {
         let outcomes = sink.deliver(&batch).await;
         assert_eq!(outcomes[0], Outcome::Delivered);
         assert!(
-            matches!(&outcomes[1], Outcome::Dead { reason } if reason.contains("CHECK") && reason.contains("usuario.upsert.sql")),
+            matches!(&outcomes[1], Outcome::Dead { reason } if reason.summary.contains("CHECK") && reason.summary.contains("usuario.upsert.sql") && !reason.summary.contains("Nome longo")),
             "{outcomes:?}"
         );
         assert!(
-            matches!(&outcomes[2], Outcome::Dead { reason } if reason.contains("\"nome\" is missing")),
+            matches!(&outcomes[2], Outcome::Dead { reason } if reason.summary.contains("\"nome\" is missing")),
             "{outcomes:?}"
         );
         assert_eq!(outcomes[3], Outcome::Delivered);
         assert!(
-            matches!(&outcomes[4], Outcome::Dead { reason } if reason.contains("usuario.delete.sql")),
+            matches!(&outcomes[4], Outcome::Dead { reason } if reason.summary.contains("usuario.delete.sql")),
             "{outcomes:?}"
         );
         // A replay of the same records applies nothing again.

@@ -413,7 +413,10 @@ fn cut<'r>(
                     .map(|t| t.with_timezone(&Utc))
                     .or_else(|_| parse_naive(text).map(|t| t.and_utc())),
                 other => {
-                    anyhow::bail!("debounce_column {column:?} holds {other:?}, not a timestamp")
+                    anyhow::bail!(
+                        "debounce_column {column:?} holds {}, not a timestamp",
+                        kind_of(other)
+                    )
                 }
             };
             let written = written
@@ -451,6 +454,20 @@ fn cut<'r>(
     Ok(kept)
 }
 
+/// What a column holds, by JSON type: an error names the type, never the value (a row's values
+/// are patient data, and errors are logged and shown by `estafeta sources`).
+fn kind_of(value: Option<&Value>) -> &'static str {
+    match value {
+        None => "nothing (the query returns no such column)",
+        Some(Value::Null) => "NULL",
+        Some(Value::Bool(_)) => "a boolean",
+        Some(Value::Number(_)) => "a number",
+        Some(Value::String(_)) => "text",
+        Some(Value::Array(_)) => "an array",
+        Some(Value::Object(_)) => "an object",
+    }
+}
+
 /// Turns kept rows into records: one per row, or one per group.
 fn records(config: &Config, source: &SourceConfig, rows: &[Row]) -> anyhow::Result<Vec<NewRecord>> {
     let groups: Vec<&[Row]> = match &source.group_by {
@@ -475,7 +492,8 @@ fn records(config: &Config, source: &SourceConfig, rows: &[Row]) -> anyhow::Resu
             ActionFrom::Column(column) => match mapping::column(first, column) {
                 Some(Value::String(action)) => action.to_ascii_lowercase(),
                 other => anyhow::bail!(
-                    "action_column {column:?} holds {other:?}; expected create, update, upsert or delete"
+                    "action_column {column:?} holds {}; expected create, update, upsert or delete",
+                    kind_of(other)
                 ),
             },
         };

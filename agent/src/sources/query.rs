@@ -13,9 +13,9 @@ use serde_json::{Number, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::redact::{self, Secrets};
 use crate::sinks::apply;
 use crate::sinks::database::Dialect;
-use crate::sinks::{redact_url, scrub, url_secrets};
 
 /// How long connecting, or one query, may take before the cycle fails (and is retried).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -148,34 +148,16 @@ pub async fn fetch(
         Ok(Err(err)) => Err(anyhow::anyhow!(
             "{}: {}",
             shown,
-            scrub(format!("{err:#}"), &secrets)
+            secrets.scrub(&format!("{err:#}"))
         )),
         Err(_) => anyhow::bail!("{shown}: the query took longer than {QUERY_TIMEOUT:?}"),
     }
 }
 
 /// A source URL as shown in logs (password hidden), and the secrets to scrub from messages.
-/// An ODBC connection string hides its `PWD=` / `Password=` value.
-pub fn shown_and_secrets(url: &str) -> (String, Vec<String>) {
-    if Driver::of(url) != Ok(Driver::Odbc) {
-        return (redact_url(url), url_secrets(url));
-    }
-    let mut secrets = Vec::new();
-    let shown = url
-        .split(';')
-        .map(|part| match part.split_once('=') {
-            Some((k, v))
-                if ["pwd", "password"].contains(&k.trim().to_ascii_lowercase().as_str())
-                    && !v.is_empty() =>
-            {
-                secrets.push(v.to_owned());
-                format!("{k}=***")
-            }
-            _ => part.to_owned(),
-        })
-        .collect::<Vec<_>>()
-        .join(";");
-    (shown, secrets)
+/// An ODBC connection string hides its `PWD=` / `Password=` value, braces and all.
+pub fn shown_and_secrets(url: &str) -> (String, Secrets) {
+    (redact::url(url), Secrets::of(url))
 }
 
 /// A float as a JSON number, or as a string when JSON cannot hold it (NaN, infinities).
@@ -679,6 +661,10 @@ mod tests {
             shown,
             "odbc:Driver={PostgreSQL Unicode};Server=h;Uid=leitor;PWD=***;"
         );
-        assert_eq!(secrets, ["s3cr3t"]);
+        assert_eq!(secrets.scrub("login s3cr3t failed"), "login *** failed");
+        // Braces may hold a `;`, and `}}` is an escaped `}`.
+        let (shown, secrets) = shown_and_secrets("odbc:DSN=x;PWD={a;b}}c};UID=u");
+        assert_eq!(shown, "odbc:DSN=x;PWD=***;UID=u");
+        assert_eq!(secrets.scrub("login a;b}c failed"), "login *** failed");
     }
 }

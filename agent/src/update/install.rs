@@ -44,7 +44,11 @@ pub fn package_command(kind: AssetKind, package: &Path) -> anyhow::Result<std::p
     match kind {
         AssetKind::Deb => {
             cmd = std::process::Command::new("dpkg");
-            cmd.arg("-i").arg(package);
+            // Unattended: an env file the administrator edited is kept (confold) and a new
+            // default of one never edited is taken (confdef), instead of dpkg stopping to ask
+            // on a terminal nobody watches.
+            cmd.args(["--force-confdef", "--force-confold", "-i"])
+                .arg(package);
         }
         AssetKind::Msi => {
             cmd = std::process::Command::new("msiexec");
@@ -103,7 +107,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             format!("{cmd:?}"),
-            r#""dpkg" "-i" "/tmp/x/estafeta_0.2.0-1_amd64.deb""#
+            r#""dpkg" "--force-confdef" "--force-confold" "-i" "/tmp/x/estafeta_0.2.0-1_amd64.deb""#
         );
     }
 }

@@ -4,8 +4,8 @@
 //! holding them (base64 text, or the 32 raw bytes `zipsign gen-key` writes). Several keys allow a
 //! rotation: an archive signed by any of them is accepted.
 //!
-//! With no key at all, updates are REFUSED: self_update's `verify_signature` returns success when
-//! given no key, so [`verify`] checks that itself before calling it.
+//! With no key at all, updates are REFUSED ([`verify`] checks that first: self_update's
+//! `verify_signature`, used before, returned success when given no key).
 
 use std::path::Path;
 
@@ -69,19 +69,33 @@ pub fn all(configured: &[Key]) -> Vec<Key> {
     keys
 }
 
-/// Checks the archive's zipsign signature against `keys`; refuses when there is no key.
-pub fn verify(archive: &Path, keys: &[Key]) -> anyhow::Result<()> {
+/// Checks the zipsign signature of the archive `bytes`, published as `name` (zipsign binds the
+/// signature to the file name), against `keys`; refuses when there is no key. Returns the signed
+/// part, the `.tar.gz` without its signature block: exactly the bytes the signature covers, so
+/// what is unpacked is what was verified (never a file read again after the check).
+pub fn verify(name: &str, bytes: &[u8], keys: &[Key]) -> anyhow::Result<Vec<u8>> {
+    use std::io::Cursor;
     if keys.is_empty() {
         bail!(
             "no public key to check the release signature with, so the update is refused; set UPDATE_PUBLIC_KEY to the release signing key (base64, or the path of the .pub file `zipsign gen-key` wrote)"
         );
     }
-    self_update::verify_signature(archive, keys).with_context(|| {
+    let refused = || {
         format!(
-            "the signature of {} does not match UPDATE_PUBLIC_KEY, so the update is refused; ask whoever publishes the releases which key signs them, and do not install this file",
-            archive.file_name().unwrap_or_default().to_string_lossy()
+            "the signature of {name} does not match UPDATE_PUBLIC_KEY, so the update is refused; ask whoever publishes the releases which key signs them, and do not install this file"
         )
-    })
+    };
+    let keys = zipsign_api::verify::collect_keys(keys.iter().copied().map(Ok))
+        .map_err(anyhow::Error::new)
+        .with_context(refused)?;
+    zipsign_api::verify::verify_tar(&mut Cursor::new(bytes), &keys, Some(name.as_bytes()))
+        .map_err(anyhow::Error::new)
+        .with_context(refused)?;
+    let mut signed = Cursor::new(Vec::with_capacity(bytes.len()));
+    zipsign_api::unsign::copy_and_unsign_tar(&mut Cursor::new(bytes), &mut signed)
+        .map_err(anyhow::Error::new)
+        .with_context(refused)?;
+    Ok(signed.into_inner())
 }
 
 #[cfg(test)]
@@ -101,10 +115,14 @@ mod tests {
         assert_eq!(parse("release.pub", dir.path()).unwrap(), vec![[9u8; 32]]);
         assert!(parse("not base64!", dir.path()).is_err());
         assert!(parse("AAAA", dir.path()).unwrap_err().contains("32"));
-        let archive = dir.path().join("a.tar.gz");
-        std::fs::write(&archive, b"anything").unwrap();
-        let refused = verify(&archive, &[]).unwrap_err().to_string();
+        let refused = verify("a.tar.gz", b"anything", &[])
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("UPDATE_PUBLIC_KEY"), "{refused}");
-        assert!(verify(&archive, &[[7u8; 32]]).is_err());
+        let refused = format!(
+            "{:#}",
+            verify("a.tar.gz", b"anything", &[[7u8; 32]]).unwrap_err()
+        );
+        assert!(refused.contains("does not match"), "{refused}");
     }
 }

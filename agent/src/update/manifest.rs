@@ -1,5 +1,6 @@
-//! The release manifest: one small JSON document on any plain HTTP(S) server (a hospital
-//! intranet has no GitHub), fetched with self_update's `Download`:
+//! The release manifest: one small JSON document on any web server (a hospital intranet has no
+//! GitHub), read with the self-update's client ([`super::http`]: `https://` unless it is this
+//! machine or `UPDATE_ALLOW_HTTP=true`):
 //!
 //! ```json
 //! {"version": "0.2.0",
@@ -11,7 +12,8 @@
 //! `estafeta` executable, for a plain install), `deb` (one `.deb`) or `msi` (one `.msi`). A
 //! relative `url` is resolved against the manifest's folder. `sha256` is the archive's digest
 //! (transport check, with a clearer error than a failed signature); the signature is the check
-//! that matters.
+//! that matters. The manifest is not signed: its `version` is only a hint, which the archive's
+//! signed `VERSION` must confirm ([`super::archive`]).
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
@@ -98,16 +100,14 @@ fn resolve(manifest_url: &str, url: &str) -> String {
 }
 
 /// Fetches and parses the manifest (blocking: call from a blocking task).
-pub fn fetch(url: &str, timeout: std::time::Duration) -> anyhow::Result<Manifest> {
-    let mut body = Vec::new();
-    self_update::Download::from_url(url)
-        .show_download_progress(false)
-        .timeout(timeout)
-        .max_download_size(MAX_MANIFEST_BYTES)
-        .download_to(&mut body)
-        .with_context(|| {
-            format!("could not read the release manifest at {url}; check UPDATE_URL and that the server answers")
-        })?;
+pub fn fetch(
+    client: &super::http::Client,
+    url: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<Manifest> {
+    let body = client
+        .get(url, MAX_MANIFEST_BYTES, timeout)
+        .context("could not read the release manifest; check UPDATE_URL (and UPDATE_CA_FILE for an internal CA) and that the server answers")?;
     Manifest::parse(&body, url)
 }
 

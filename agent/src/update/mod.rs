@@ -1,9 +1,15 @@
-//! Self-update with rollback. A release manifest on any plain HTTP(S) server (`UPDATE_URL`,
-//! see [`manifest`]) is checked by `estafeta update [--check]` and, on `UPDATE_CRONTAB`, by the
-//! running daemon. Only a strictly newer semver is taken. Its archive is downloaded and unpacked
-//! with self_update (`Download`, `Extract`) and must carry a zipsign ed25519 signature made with
-//! one of the public keys ([`keys`]): with no key, or a bad signature, the update is refused and
-//! logged, and nothing changes.
+//! Self-update with rollback. A release manifest on any web server (`UPDATE_URL`, `https://`
+//! unless it is this machine or `UPDATE_ALLOW_HTTP=true`; see [`manifest`] and [`http`]) is
+//! checked by `estafeta update [--check]` and, on `UPDATE_CRONTAB`, by the running daemon. Its
+//! archive is downloaded into memory and must carry a zipsign ed25519 signature made with one of
+//! the public keys ([`keys`]): with no key, or a bad signature, the update is refused and logged,
+//! and nothing changes. **What is verified is what is used**: the signature is checked on the
+//! bytes in memory, and the one file installed is unpacked from those same bytes ([`archive`]),
+//! in a folder nobody else may write ([`workdir`]: root never works under the service user's
+//! staging folder). **Versions are signed**: the archive's own `VERSION` file must match the
+//! manifest's version and be strictly newer than the running one (older only with
+//! `estafeta update --allow-downgrade`), so an old signed archive offered as a new version is
+//! refused.
 //!
 //! **Who rolls back.** A new version that crashes in `main` cannot roll itself back, so the old
 //! process does it ([`trial`]): the daemon drains as on SIGTERM (releasing the port; the staging
@@ -20,14 +26,17 @@
 //! A .deb's executable is tried before dpkg installs the package ([`package`]).
 //! The state of all this is [`state::UpdateStatus`], shown by `/v1/status` and `estafeta status`.
 
+pub mod archive;
+pub mod http;
 pub mod install;
 pub mod keys;
 pub mod manifest;
 pub mod package;
 pub mod state;
 pub mod trial;
+pub mod workdir;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +68,10 @@ pub struct UpdateConfig {
     pub keys: Vec<keys::Key>,
     /// `UPDATE_HEALTH_SECS`.
     pub health: Duration,
+    /// `UPDATE_ALLOW_HTTP`: clear-text `http://` to another machine is accepted.
+    pub allow_http: bool,
+    /// `UPDATE_CA_FILE`: extra CA certificate(s), PEM, for the manifest and the archives.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for UpdateConfig {
@@ -68,17 +81,21 @@ impl Default for UpdateConfig {
             crontab: None,
             keys: Vec::new(),
             health: Duration::from_secs(DEFAULT_HEALTH_SECS),
+            allow_http: false,
+            ca_file: None,
         }
     }
 }
 
-/// The signature did not verify or there was no key: refused, nothing installed.
+/// The signature did not verify, there was no key, or the signed version is not the one offered
+/// or not newer: refused, nothing installed.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(pub String);
 
 /// A verified, unpacked release waiting to be installed. Its folder is removed when dropped.
 pub struct Prepared {
+    /// The archive's signed version (the manifest's, which must be the same).
     pub version: String,
     pub kind: AssetKind,
     /// The executable, `.deb` or `.msi`.
@@ -95,7 +112,9 @@ pub struct Checked {
 
 fn url(config: &Config) -> anyhow::Result<&str> {
     config.update.url.as_deref().ok_or_else(|| {
-        anyhow::anyhow!("UPDATE_URL is not set; set it to the release manifest's URL (http(s)://…/manifest.json)")
+        anyhow::anyhow!(
+            "UPDATE_URL is not set; set it to the release manifest's URL (https://…/manifest.json)"
+        )
     })
 }
 
@@ -103,10 +122,17 @@ fn url(config: &Config) -> anyhow::Result<&str> {
 /// `exec`'d the version it held (which skips destructors). Far longer than a download and trial.
 const STALE_DOWNLOAD: Duration = Duration::from_secs(3600);
 
-/// Removes the leftover download folders under `<staging>/_update` (each holds an archive and
-/// its unpacked executable, tens of MB). Best effort: a folder that cannot be removed now is
-/// tried again at the next check.
+/// Removes the leftover download folders under `<staging>/_update` (each holds an unpacked
+/// executable, tens of MB). Best effort: a folder that cannot be removed now is tried again at
+/// the next check. Not as root: root's downloads are never there (see [`workdir`]), and root
+/// removes nothing by path in the service user's folder.
 fn remove_stale_downloads(staging: &std::path::Path) {
+    if !workdir::is_root() {
+        remove_stale_downloads_in(staging);
+    }
+}
+
+fn remove_stale_downloads_in(staging: &std::path::Path) {
     let Ok(entries) = std::fs::read_dir(staging.join("_update")) else {
         return;
     };
@@ -136,7 +162,10 @@ pub fn check(config: &Config) -> anyhow::Result<Checked> {
     let staging = &config.staging_path;
     remove_stale_downloads(staging);
     let current = crate::version::current();
-    let result = url(config).and_then(|u| manifest::fetch(u, MANIFEST_TIMEOUT));
+    let result = url(config).and_then(|u| {
+        let client = http::Client::new(&config.update)?;
+        manifest::fetch(&client, u, MANIFEST_TIMEOUT)
+    });
     match result {
         Ok(manifest) => {
             let newer = manifest::is_newer(current, &manifest.version);
@@ -162,23 +191,30 @@ pub fn check(config: &Config) -> anyhow::Result<Checked> {
             Ok(Checked { manifest, newer })
         }
         Err(err) => {
-            let message = format!("{err:#}");
+            let message = shown_error(config, &err);
             state::update(staging, |s| {
                 s.last_check = Some(state::now());
                 s.state = State::Failed;
-                s.message = Some(message);
+                s.message = Some(message.clone());
             });
-            Err(err)
+            Err(anyhow::anyhow!(message))
         }
     }
 }
 
-/// Downloads, checks the digest and the signature, and unpacks the asset of `kind` (blocking).
-/// A refusal is a [`Refused`] error; every failure is recorded in the state and logged.
-pub fn prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow::Result<Prepared> {
-    let result = try_prepare(config, manifest, kind);
+/// Downloads, checks the digest, the signature and the signed version, and unpacks the asset of
+/// `kind` (blocking). A refusal is a [`Refused`] error; every failure is recorded in the state
+/// and logged. `allow_downgrade`: an older signed version is accepted (`estafeta update
+/// --allow-downgrade`; never the daemon's checks).
+pub fn prepare(
+    config: &Config,
+    manifest: &Manifest,
+    kind: AssetKind,
+    allow_downgrade: bool,
+) -> anyhow::Result<Prepared> {
+    let result = try_prepare(config, manifest, kind, allow_downgrade);
     if let Err(err) = &result {
-        let message = format!("{err:#}");
+        let message = shown_error(config, err);
         let refused = err.downcast_ref::<Refused>().is_some();
         if refused {
             tracing::error!(version = %manifest.version, error = %message, "Update refused.");
@@ -198,10 +234,29 @@ pub fn prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow:
             s.message = Some(message);
         });
     }
-    result
+    result.map_err(|err| {
+        let message = shown_error(config, &err);
+        match err.downcast_ref::<Refused>() {
+            Some(_) => anyhow::Error::new(Refused(message)),
+            None => anyhow::anyhow!(message),
+        }
+    })
 }
 
-fn try_prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow::Result<Prepared> {
+/// `err` with its causes on one line, as it leaves the process (state file, log, CLI), with
+/// `UPDATE_URL`'s user, password and secret parameters hidden: the manifest's and the relative
+/// assets' URLs carry them, and an error may quote those URLs.
+fn shown_error(config: &Config, err: &anyhow::Error) -> String {
+    crate::redact::Secrets::of(config.update.url.as_deref().unwrap_or_default())
+        .scrub(&format!("{err:#}"))
+}
+
+fn try_prepare(
+    config: &Config,
+    manifest: &Manifest,
+    kind: AssetKind,
+    allow_downgrade: bool,
+) -> anyhow::Result<Prepared> {
     let target = self_update::get_target();
     let asset = manifest.asset(target, kind).ok_or_else(|| {
         anyhow::anyhow!(
@@ -216,84 +271,49 @@ fn try_prepare(config: &Config, manifest: &Manifest, kind: AssetKind) -> anyhow:
         .next()
         .and_then(|u| u.rsplit('/').next())
         .filter(|n| n.ends_with(".tar.gz") && !n.contains(".."))
-        .ok_or_else(|| anyhow::anyhow!("asset URL {} does not name a .tar.gz file; assets are zipsign-signed .tar.gz archives", asset.url))?;
-    let parent = config.staging_path.join("_update");
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("could not create {}", parent.display()))?;
-    let dir = tempfile::Builder::new()
-        .prefix("download-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("could not create a folder in {}", parent.display()))?;
-    // zipsign binds the signature to the file name: keep the asset's own name.
-    let archive = dir.path().join(name);
-    let mut file = std::fs::File::create(&archive)
-        .with_context(|| format!("could not create {}", archive.display()))?;
-    self_update::Download::from_url(&asset.url)
-        .show_download_progress(false)
-        .timeout(DOWNLOAD_TIMEOUT)
-        .max_download_size(MAX_ARCHIVE_BYTES)
-        .download_to(&mut file)
-        .with_context(|| format!("could not download {}", asset.url))?;
-    drop(file);
-    let digest = sha256_file(&archive)?;
+        .ok_or_else(|| anyhow::anyhow!("asset URL {} does not name a .tar.gz file; assets are zipsign-signed .tar.gz archives", crate::redact::url(&asset.url)))?;
+    let bytes = http::Client::new(&config.update)?
+        .get(&asset.url, MAX_ARCHIVE_BYTES, DOWNLOAD_TIMEOUT)
+        .context("could not download the release archive")?;
+    let digest = sha256_hex(&bytes);
     if !digest.eq_ignore_ascii_case(&asset.sha256) {
         bail!(
             "{} has sha256 {digest} but the manifest says {}; the download was damaged or the manifest is stale, so nothing was installed",
-            asset.url,
+            crate::redact::url(&asset.url),
             asset.sha256
         );
     }
-    keys::verify(&archive, &keys::all(&config.update.keys))
+    // From here on only these bytes are read: no file that anyone could change between the
+    // check and the install (zipsign binds the signature to the archive's file name too).
+    let signed = keys::verify(name, &bytes, &keys::all(&config.update.keys))
         .map_err(|err| anyhow::Error::new(Refused(format!("{err:#}"))))?;
-    let out = dir.path().join("unpacked");
-    self_update::Extract::from_source(&archive)
-        .archive(self_update::ArchiveKind::Tar(Some(
-            self_update::Compression::Gz,
-        )))
-        .extract_into(&out)
-        .with_context(|| format!("could not unpack {}", archive.display()))?;
-    let file = match kind {
-        AssetKind::Binary => {
-            let exe = out.join(format!("estafeta{}", std::env::consts::EXE_SUFFIX));
-            if !exe.is_file() {
-                bail!(
-                    "the archive {name} holds no estafeta{} at its top level",
-                    std::env::consts::EXE_SUFFIX
-                );
-            }
-            exe
-        }
-        AssetKind::Deb | AssetKind::Msi => {
-            let ext = kind.as_str();
-            let mut found = std::fs::read_dir(&out)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == ext));
-            match (found.next(), found.next()) {
-                (Some(p), None) => p,
-                _ => bail!("the archive {name} must hold exactly one .{ext} at its top level"),
-            }
-        }
-    };
-    tracing::info!(version = %manifest.version, kind = kind.as_str(), "Release downloaded; its signature verifies.");
+    drop(bytes);
+    let dir = workdir::download_dir(&config.staging_path)?;
+    let unpacked = archive::unpack(&signed, name, kind, dir.path())?;
+    archive::judge(
+        &manifest.version,
+        &unpacked.version,
+        crate::version::current(),
+        allow_downgrade,
+    )?;
+    if kind == AssetKind::Deb {
+        package::check_control_version(&unpacked.file, &unpacked.version)?;
+    }
+    tracing::info!(version = %unpacked.version, kind = kind.as_str(), "Release downloaded; its signature and its signed version check out.");
     Ok(Prepared {
-        version: manifest.version.clone(),
+        version: unpacked.version.to_string(),
         kind,
-        file,
+        file: unpacked.file,
         _dir: dir,
     })
 }
 
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
+fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest as _;
-    let mut hasher = sha2::Sha256::new();
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("could not read {}", path.display()))?;
-    std::io::copy(&mut file, &mut hasher)?;
-    Ok(hasher
-        .finalize()
+    sha2::Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect())
+        .collect()
 }
 
 /// The running executable's path (refuses the `… (deleted)` path left by an earlier rollback).
@@ -329,7 +349,18 @@ pub async fn run_checks(
         },
     };
     if schedule.is_some() {
-        tracing::info!(crontab = ?config.update.crontab, url = ?config.update.url, "Automatic update checks on.");
+        tracing::info!(crontab = ?config.update.crontab, url = ?config.update.url.as_deref().map(crate::redact::url), "Automatic update checks on.");
+        if let Some(Err(why)) = config
+            .update
+            .url
+            .as_deref()
+            .map(|u| http::check_url(u, config.update.allow_http))
+        {
+            tracing::error!(
+                "UPDATE_URL is refused, so every update check fails: {}",
+                crate::redact::text(&why)
+            );
+        }
     }
     loop {
         let wait = schedule
@@ -398,7 +429,7 @@ fn scheduled_check(config: &Config, automatic: bool) -> Option<Prepared> {
         tracing::debug!(%version, "Skipping an archive whose signature was refused; `estafeta update` tries it again.");
         return None;
     }
-    prepare(config, &checked.manifest, kind).ok()
+    prepare(config, &checked.manifest, kind, false).ok()
 }
 
 /// After the daemon drained for `prepared`: installs it, tries it, and says what to do next.
@@ -416,18 +447,34 @@ pub async fn takeover(
     args: Vec<std::ffi::OsString>,
     stop: &CancellationToken,
 ) -> Handover {
+    takeover_with_message(config, prepared, args, stop).await.0
+}
+
+/// [`takeover`], with what happened in a sentence (also recorded in the state, when it can be
+/// written).
+pub async fn takeover_with_message(
+    config: &Config,
+    prepared: Prepared,
+    args: Vec<std::ffi::OsString>,
+    stop: &CancellationToken,
+) -> (Handover, String) {
     let staging = &config.staging_path;
     let from = crate::version::current().to_owned();
     let version = prepared.version.clone();
-    let exe = match current_exe() {
-        Ok(exe) => exe,
+    // root (`sudo estafeta update` over a plain install whose staging folder is the service
+    // user's) tries the new version as that user, as a .deb update does: root runs nothing in
+    // that user's folder.
+    let exe_and_user = current_exe().and_then(|exe| Ok((exe, workdir::run_as(staging)?)));
+    let (exe, run_as) = match exe_and_user {
+        Ok(found) => found,
         Err(err) => {
-            tracing::error!(error = %format!("{err:#}"), "Update not installed.");
+            let message = format!("version {version} was not installed: {err:#}");
+            tracing::error!("{message}");
             state::update(staging, |s| {
                 s.state = State::Failed;
-                s.message = Some(format!("{err:#}"));
+                s.message = Some(message.clone());
             });
-            return Handover::Resume;
+            return (Handover::Resume, message);
         }
     };
     state::update(staging, |s| {
@@ -443,7 +490,7 @@ pub async fn takeover(
         token: config.ingest_token.clone(),
         health: config.update.health,
         grace: config.shutdown_grace,
-        run_as: None,
+        run_as,
     };
     let outcome = trial::install_and_try(&prepared.file, &version, &spec, stop).await;
     if let Some(w) = watchdog {
@@ -455,23 +502,23 @@ pub async fn takeover(
                 format!("updated from {from} to {version}; the new version reported ready");
             tracing::info!(previous = %trial::previous_path(&exe).display(), "{message}");
             state::record_updated(staging, &message);
-            Handover::Exec(exe)
+            (Handover::Exec(exe), message)
         }
         Ok(trial::Outcome::RolledBack(why)) => {
             let message = format!(
                 "version {version} was rolled back: {why}; {from} runs again and automatic checks skip {version} (`estafeta update` tries it again)"
             );
             state::record_rolled_back(staging, &version, &message);
-            Handover::Resume
+            (Handover::Resume, message)
         }
         Err(err) => {
             let message = format!("version {version} was not installed: {err:#}");
             tracing::error!("{message}");
             state::update(staging, |s| {
                 s.state = State::Failed;
-                s.message = Some(message);
+                s.message = Some(message.clone());
             });
-            Handover::Resume
+            (Handover::Resume, message)
         }
     }
 }
@@ -498,13 +545,13 @@ mod tests {
         age(&old, Duration::from_secs(2 * 3600));
         age(&update.join("state.json"), Duration::from_secs(2 * 3600));
 
-        remove_stale_downloads(staging.path());
+        remove_stale_downloads_in(staging.path());
         assert!(!old.exists(), "a two-hour-old download is a leftover");
         assert!(fresh.exists(), "a download in progress stays");
         assert!(
             update.join("state.json").exists(),
             "only download folders go"
         );
-        remove_stale_downloads(&staging.path().join("nothing-here"));
+        remove_stale_downloads_in(&staging.path().join("nothing-here"));
     }
 }

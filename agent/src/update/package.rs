@@ -16,6 +16,15 @@
 //! the new version: reinstall the previous .deb to make them agree; the message says so).
 //! Staged records are never touched: the store's format is read by every newer version.
 //!
+//! **Where root works.** The package was downloaded, verified and unpacked from the same bytes
+//! in root's own 0700 folder ([`super::workdir`]); `dpkg-deb -x`, the executable kept for a
+//! rollback and `dpkg -i` all use that folder, which no other user may write, so the package
+//! installed is the one verified. The trial's copy of the executable sits in a second root-owned
+//! folder (0755) the service user may read and run but not change; nothing is created in, or
+//! handed over from, the service user's staging folder. Before any of it, the package's own
+//! `Version` (its control file) must be the archive's signed `VERSION`: dpkg installs what the
+//! control file says.
+//!
 //! An MSI install is handed to `msiexec` ([`super::install`]); Windows Installer rolls the whole
 //! upgrade back itself when the service does not reach "running" (see `installer/README.md`).
 
@@ -27,7 +36,7 @@ use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
 
 use super::trial::{self, TrialSpec};
-use super::{Prepared, State, state};
+use super::{Prepared, Refused, State, state};
 use crate::config::Config;
 
 /// The systemd unit the .deb installs.
@@ -56,10 +65,11 @@ pub async fn update_deb(
         .parent()
         .context("the downloaded package has no folder")?;
     let unpacked = unpack_deb(&prepared.file, &work.join("root"))?;
-    let run_as = staging_owner_if_other(staging);
-    // The download stays root's (a service user able to swap the package between its check and
-    // `dpkg -i` could gain root); the trial runs a copy of the executable that user may read.
-    let (candidate, _trial_dir) = copy_for_trial(&unpacked, staging, run_as)?;
+    let run_as = super::workdir::run_as(staging)?;
+    // The download stays in root's private folder (a service user able to swap the package
+    // between its check and `dpkg -i` could gain root); the trial runs a copy of the executable
+    // that user may read but not change.
+    let (candidate, _trial_dir) = copy_for_trial(&unpacked, run_as)?;
     let spec = TrialSpec {
         exe: exe.clone(),
         args,
@@ -151,45 +161,77 @@ fn unpack_deb(deb: &Path, into: &Path) -> anyhow::Result<PathBuf> {
     Ok(exe)
 }
 
-/// A copy of `exe` in a folder of its own under `<staging>/_update`, given to `run_as`.
+/// The executable the trial runs: `exe` itself when it runs as this process; otherwise a copy,
+/// mode 0755, in a fresh root-owned folder (mode 0755) that `run_as` may read but not write,
+/// since `exe` sits in root's 0700 folder.
 fn copy_for_trial(
     exe: &Path,
-    staging: &Path,
     run_as: Option<(u32, u32)>,
-) -> anyhow::Result<(PathBuf, tempfile::TempDir)> {
-    let dir = tempfile::Builder::new()
-        .prefix("trial-")
-        .tempdir_in(staging.join("_update"))
-        .context("could not create the trial's folder under the staging folder's _update")?;
-    let copy = dir.path().join("estafeta");
-    std::fs::copy(exe, &copy).with_context(|| format!("could not copy {}", exe.display()))?;
-    #[cfg(unix)]
-    if let Some((uid, gid)) = run_as {
-        for path in [dir.path(), copy.as_path()] {
-            std::os::unix::fs::chown(path, Some(uid), Some(gid)).with_context(|| {
-                format!("could not give {} to the service user", path.display())
-            })?;
-        }
+) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    if run_as.is_none() {
+        return Ok((exe.to_owned(), None));
     }
-    #[cfg(not(unix))]
-    let _ = run_as;
-    Ok((copy, dir))
+    let dir = super::workdir::trial_dir()?;
+    let copy = copy_into(exe, dir.path())?;
+    Ok((copy, Some(dir)))
 }
 
-/// The staging folder's owner, when it is not the user running this command (root updating a
-/// .deb install whose service runs as `estafeta`).
-#[cfg(unix)]
-fn staging_owner_if_other(staging: &Path) -> Option<(u32, u32)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let owner = std::fs::metadata(staging).ok()?;
-    // /proc/self belongs to the process's effective user.
-    let me = std::fs::metadata("/proc/self").ok()?;
-    (owner.uid() != me.uid()).then(|| (owner.uid(), owner.gid()))
+/// Copies `exe` to `<dir>/estafeta`, a new file, mode 0755.
+fn copy_into(exe: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
+    let copy = dir.join("estafeta");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o755);
+    let mut out = options
+        .open(&copy)
+        .with_context(|| format!("could not create {}", copy.display()))?;
+    let mut from =
+        std::fs::File::open(exe).with_context(|| format!("could not read {}", exe.display()))?;
+    std::io::copy(&mut from, &mut out)
+        .and_then(|_| out.sync_all())
+        .with_context(|| format!("could not copy {} for the trial", exe.display()))?;
+    #[cfg(unix)]
+    {
+        // Whatever the umask: the service user must be able to run it.
+        use std::os::unix::fs::PermissionsExt as _;
+        out.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(copy)
 }
 
-#[cfg(not(unix))]
-fn staging_owner_if_other(_staging: &Path) -> Option<(u32, u32)> {
-    None
+/// Refuses a package whose control file's `Version` (what dpkg installs) is not the archive's
+/// signed `VERSION`: `1:0.2.0-1` and `0.2.0~rc.1-1` are `0.2.0` and `0.2.0-rc.1`.
+pub fn check_control_version(deb: &Path, signed: &semver::Version) -> anyhow::Result<()> {
+    let output = Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(deb)
+        .arg("Version")
+        .output()
+        .context("could not run dpkg-deb (is this a Debian system?)")?;
+    if !output.status.success() {
+        bail!(
+            "dpkg-deb -f {} Version failed ({}): {}; the package is damaged or not a .deb",
+            deb.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let control = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    match upstream_version(&control) {
+        Some(v) if v == *signed => Ok(()),
+        _ => Err(Refused(format!(
+            "the package's control file says version {control:?} but the archive's signed VERSION says {signed}; refused (dpkg would install the former)"
+        ))
+        .into()),
+    }
+}
+
+/// The upstream part of a Debian version, as semver.
+fn upstream_version(debian: &str) -> Option<semver::Version> {
+    let no_epoch = debian.split_once(':').map_or(debian, |(_, v)| v);
+    let upstream = no_epoch.rsplit_once('-').map_or(no_epoch, |(v, _)| v);
+    semver::Version::parse(&upstream.replace('~', "-")).ok()
 }
 
 fn systemd_runs() -> bool {
@@ -253,6 +295,64 @@ async fn wait_healthy(spec: &TrialSpec, version: &str) -> anyhow::Result<()> {
                 )));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debian_versions_compare_by_their_upstream_part() {
+        let v = |s: &str| semver::Version::parse(s).unwrap();
+        assert_eq!(upstream_version("0.2.0-1"), Some(v("0.2.0")));
+        assert_eq!(upstream_version("1:0.2.0-3"), Some(v("0.2.0")));
+        assert_eq!(upstream_version("0.2.0~rc.1-1"), Some(v("0.2.0-rc.1")));
+        assert_eq!(upstream_version("0.2.0"), Some(v("0.2.0")));
+        assert_eq!(upstream_version("latest"), None);
+    }
+
+    #[test]
+    fn the_control_files_version_must_be_the_signed_one() {
+        if Command::new("dpkg-deb").arg("--version").output().is_err() {
+            eprintln!("skipped: no dpkg-deb");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("DEBIAN")).unwrap();
+        std::fs::write(
+            tree.join("DEBIAN/control"),
+            "Package: estafeta-test\nVersion: 0.2.0-1\nArchitecture: all\nMaintainer: t <t@example.invalid>\nDescription: test\n",
+        )
+        .unwrap();
+        let deb = dir.path().join("estafeta-test_0.2.0-1_all.deb");
+        let built = Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-b"])
+            .arg(&tree)
+            .arg(&deb)
+            .output()
+            .unwrap();
+        assert!(built.status.success(), "{built:?}");
+        let v = |s: &str| semver::Version::parse(s).unwrap();
+        check_control_version(&deb, &v("0.2.0")).unwrap();
+        let err = check_control_version(&deb, &v("99.0.0")).unwrap_err();
+        assert!(err.downcast_ref::<Refused>().is_some(), "{err:#}");
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let folder = dir.path().join("trial");
+            std::fs::create_dir(&folder).unwrap();
+            let copy = copy_into(&deb, &folder).unwrap();
+            let meta = std::fs::symlink_metadata(&copy).unwrap();
+            assert_eq!(meta.mode() & 0o7777, 0o755);
+            assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&deb).unwrap());
+            assert!(
+                copy_into(&deb, &folder).is_err(),
+                "never over a file already there"
+            );
         }
     }
 }

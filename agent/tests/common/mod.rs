@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use estafeta::sinks::{Outcome, Sink};
+use estafeta::sinks::{Outcome, Refusal, Sink};
 use estafeta_staging::{Delivery, Envelope, FORMAT_VERSION};
 use serde_json::value::RawValue;
 
@@ -126,13 +126,14 @@ pub async fn assert_batch_lands_once_and_resend_changes_nothing(
 }
 
 /// In a batch of good records around `bad`, only `bad` is dead, the others land; resending
-/// gives the same answers.
+/// gives the same answers. The refusal's summary (what is logged and shown) quotes neither the
+/// record's key nor its payload.
 pub async fn assert_only_the_refused_record_is_dead(
     sink: &dyn Sink,
     count: Count<'_>,
     entity: &str,
     bad: Delivery,
-) -> String {
+) -> Refusal {
     let mut batch = good_batch(entity);
     batch.insert(2, bad);
     let outcomes = sink.deliver(&batch).await;
@@ -141,6 +142,18 @@ pub async fn assert_only_the_refused_record_is_dead(
         Outcome::Dead { reason } => reason.clone(),
         other => panic!("the refused record should be dead, got {other:?}"),
     };
+    let bad = &batch[2].envelope;
+    if let Some(key) = bad.key.as_deref().filter(|k| k.len() >= 4) {
+        assert!(
+            !reason.summary.contains(key),
+            "the summary shows the key: {reason:?}"
+        );
+    }
+    let payload = bad.payload.get();
+    assert!(
+        payload.len() < 8 || !reason.summary.contains(payload),
+        "the summary shows the payload: {reason:?}"
+    );
     for (i, outcome) in outcomes.iter().enumerate().filter(|(i, _)| *i != 2) {
         assert_eq!(
             *outcome,

@@ -5,9 +5,10 @@
 //! estafeta-release restamp IN OUT VERSION
 //!     copy the estafeta binary IN to OUT with its version stamp set to VERSION
 //! estafeta-release publish --out DIR --version V --kind deb|binary --key-seed N [--sign-seed M] FILE
-//!     pack FILE into a zipsign-signed .tar.gz in DIR, write DIR/manifest.json offering V for
-//!     this machine's target, and print the public key of seed N (the UPDATE_PUBLIC_KEY); with
-//!     --sign-seed M the archive is signed by another key (a bad signature)
+//!     pack FILE and a VERSION file saying V into a zipsign-signed .tar.gz in DIR (the signed
+//!     version the agent checks), write DIR/manifest.json offering V for this machine's target,
+//!     and print the public key of seed N (the UPDATE_PUBLIC_KEY); with --sign-seed M the archive
+//!     is signed by another key (a bad signature)
 //! ```
 //! Test keys come from a seed byte: they are for tests on loopback only, never for releases.
 
@@ -80,7 +81,12 @@ fn publish(args: &[String]) -> anyhow::Result<()> {
     let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
     let archive_name = format!("estafeta-{version}-{kind}.tar.gz");
     let signer = release::signing_key(sign_seed.unwrap_or(key_seed));
-    let archive = release::signed_archive(&archive_name, &[(&inner_name, &bytes, 0o755)], &signer);
+    let archive = release::release_archive(
+        &archive_name,
+        &version,
+        &[(&inner_name, &bytes, 0o755)],
+        &signer,
+    );
     std::fs::create_dir_all(&out)?;
     let manifest = serde_json::json!({
         "version": version,
