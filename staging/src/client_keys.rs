@@ -43,6 +43,20 @@ pub fn remember(
     receipts: &[Receipt],
     staged_at_unix: i64,
 ) -> rusqlite::Result<()> {
+    let records = Some(receipts.len() as i64);
+    store(conn, key, fingerprint, receipts, staged_at_unix, records)
+}
+
+/// Writes a key's row; `records` is how many records its request staged (`None` for lines
+/// written before the count was kept).
+fn store(
+    conn: &Connection,
+    key: &str,
+    fingerprint: &str,
+    receipts: &[Receipt],
+    staged_at_unix: i64,
+    records: Option<i64>,
+) -> rusqlite::Result<()> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO client_keys (key, fingerprint, receipts, created_at, records)
          VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -52,7 +66,7 @@ pub fn remember(
         fingerprint,
         serde_json::to_string(receipts).expect("receipts serialize"),
         staged_at_unix,
-        receipts.len() as i64
+        records
     ])?;
     Ok(())
 }
@@ -84,18 +98,8 @@ pub fn recovered(conn: &Connection, env: &Envelope, segment: &Path) -> rusqlite:
     let staged_at = DateTime::parse_from_rfc3339(&env.staged_at)
         .map(|t| t.timestamp())
         .unwrap_or_else(|_| chrono::Utc::now().timestamp());
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO client_keys (key, fingerprint, receipts, created_at, records)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        key,
-        fingerprint,
-        serde_json::to_string(&receipts).expect("receipts serialize"),
-        staged_at,
-        env.client_records.map(i64::from)
-    ])?;
-    Ok(())
+    let records = env.client_records.map(i64::from);
+    store(conn, key, fingerprint, &receipts, staged_at, records)
 }
 
 /// After recovery: a request found with fewer records than it staged was cut by a crash before

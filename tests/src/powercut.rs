@@ -27,7 +27,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -39,8 +38,8 @@ use crate::db::{PG_URL, pg};
 use crate::flaky::FlakyHttpServer;
 use crate::powercut_fs::ForgetfulFs;
 use crate::reliability::{
-    ByIdentity, Landed, PgSchema, check_identities, identity, landed_requests, load_bin,
-    read_ack_log,
+    ByIdentity, Landed, LoadShape, PgSchema, RetryingLoad, check_identities, identity,
+    landed_requests, read_ack_log,
 };
 use crate::support::{log_tail, status};
 use crate::workload::Rng;
@@ -243,25 +242,18 @@ pub async fn power_cut_cycles(p: &PowerCutParams) -> PowerCutReport {
     // A cut and restart take about two seconds more than the wait before it.
     let load_secs = p.cycles as f64 * (hi.as_secs_f64() + 2.0) + 2.0;
     let ack_log = dir.path().join("acks.jsonl");
-    let load = tokio::process::Command::new(load_bin())
-        .arg("--url")
-        .arg(agent.url("/v1/records/create/patient"))
-        .args(["--connections", &p.connections.to_string()])
-        .args(["--rate", &p.rate.to_string()])
-        .args(["--batch", &p.batch.to_string()])
-        .args(["--keys", &p.keys.to_string()])
-        .args(["--payload-bytes", "120"])
-        .args(["--duration", &load_secs.to_string()])
-        .args(["--timeout", "10"])
-        .args(["--id-prefix", "P"])
-        .args(["--retry", "--retry-for", "90"])
-        .arg("--ack-log")
-        .arg(&ack_log)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starting estafeta-load");
+    let load = RetryingLoad::spawn(
+        &agent.url("/v1/records/create/patient"),
+        &LoadShape {
+            connections: p.connections,
+            rate: p.rate,
+            batch: p.batch,
+            keys: p.keys,
+        },
+        load_secs,
+        "P",
+        &ack_log,
+    );
 
     // The source table grows, and rejected / fixable records arrive, until `stop`.
     let stop = Arc::new(AtomicBool::new(false));
@@ -380,25 +372,7 @@ pub async fn power_cut_cycles(p: &PowerCutParams) -> PowerCutReport {
     report.problems.extend(side_failures);
     report.requeued = requeued.len();
 
-    let out = tokio::time::timeout(
-        Duration::from_secs_f64(load_secs + 150.0),
-        load.wait_with_output(),
-    )
-    .await
-    .expect("estafeta-load stops by itself")
-    .expect("estafeta-load ran");
-    report.load_summary = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(Value::Null);
-    if !out.status.success() {
-        report.problems.push(format!(
-            "estafeta-load failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    report.load_summary = load.finish(&mut report.problems).await;
     let (acked, unanswered) = read_ack_log(&ack_log);
     report.acknowledged = acked.len();
     report.unanswered = unanswered.len();

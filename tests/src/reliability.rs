@@ -1090,6 +1090,96 @@ pub fn load_bin() -> PathBuf {
     bin
 }
 
+/// What the load process sends: connections, requests per second in all, records per
+/// request, keys per connection.
+#[derive(Debug, Clone)]
+pub struct LoadShape {
+    pub connections: usize,
+    pub rate: f64,
+    pub batch: usize,
+    pub keys: u64,
+}
+
+/// The crash tests' separate load process: `estafeta-load --retry --ack-log`, whose clients
+/// send a request that got no answer or a 5xx again, same body and `Idempotency-Key`, until
+/// it is answered, and write down every acknowledged record as soon as its answer is read.
+pub struct RetryingLoad {
+    child: tokio::process::Child,
+    secs: f64,
+}
+
+impl RetryingLoad {
+    /// Starts it against `url` for `secs` seconds (then `LOAD_RETRY_FOR_SECS` more for the
+    /// requests still unanswered); record ids start with `prefix`.
+    ///
+    /// # Panics
+    /// When `estafeta-load` cannot be started.
+    pub fn spawn(url: &str, shape: &LoadShape, secs: f64, prefix: &str, ack_log: &Path) -> Self {
+        let child = tokio::process::Command::new(load_bin())
+            .arg("--url")
+            .arg(url)
+            .args(["--connections", &shape.connections.to_string()])
+            .args(["--rate", &shape.rate.to_string()])
+            .args(["--batch", &shape.batch.to_string()])
+            .args(["--keys", &shape.keys.to_string()])
+            .args(["--payload-bytes", "120"])
+            .args(["--duration", &secs.to_string()])
+            .args(["--timeout", "10"])
+            .args(["--id-prefix", prefix])
+            .arg("--retry")
+            .args(["--retry-for", &LOAD_RETRY_FOR_SECS.to_string()])
+            .arg("--ack-log")
+            .arg(ack_log)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting estafeta-load");
+        RetryingLoad { child, secs }
+    }
+
+    /// Waits for it to stop by itself and returns its summary line. A failed exit, or a
+    /// request that ended with an answer other than 202 although it was retried, is a problem.
+    ///
+    /// # Panics
+    /// When it does not stop within its duration plus a minute and a half.
+    pub async fn finish(self, problems: &mut Vec<String>) -> Value {
+        let out = tokio::time::timeout(
+            Duration::from_secs_f64(self.secs + LOAD_RETRY_FOR_SECS + 90.0),
+            self.child.wait_with_output(),
+        )
+        .await
+        .expect("estafeta-load stops by itself")
+        .expect("estafeta-load ran");
+        let summary = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or(Value::Null);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            problems.push(format!("estafeta-load failed ({}): {stderr}", out.status));
+        }
+        // A retrying client ends each request with a 202, or gives up at the very end; a
+        // refused connection after the load's end never carried its request. Anything else
+        // (a 409 for a key sent again, a 400, a replay of a key never sent) is the agent
+        // breaking its promise.
+        if let Some(kinds) = summary["error_kinds"].as_object() {
+            let other: BTreeMap<&String, &Value> = kinds
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "gave_up" | "connect"))
+                .collect();
+            if !other.is_empty() {
+                problems.push(format!(
+                    "estafeta-load: requests ended with answers other than 202 although they were retried: {other:?}; {}",
+                    stderr.trim()
+                ));
+            }
+        }
+        summary
+    }
+}
+
 /// Reads an `estafeta-load --ack-log` file: the acknowledged records (in file order) and the
 /// `(id field, n)` of every record sent without an answer (with `--retry`: given up on).
 pub fn read_ack_log(path: &Path) -> (Vec<Staged>, BTreeSet<(String, u64)>) {
@@ -1166,26 +1256,18 @@ pub async fn crash_loop(p: &CrashParams) -> CrashReport {
     // more) and stops by itself shortly after.
     let load_secs = p.cycles as f64 * (hi.as_secs_f64() + 0.5) + 2.0;
     let ack_log = dir.path().join("acks.jsonl");
-    let load = tokio::process::Command::new(load_bin())
-        .arg("--url")
-        .arg(agent.url("/v1/records/create/patient"))
-        .args(["--connections", &p.connections.to_string()])
-        .args(["--rate", &p.rate.to_string()])
-        .args(["--batch", &p.batch.to_string()])
-        .args(["--keys", &p.keys.to_string()])
-        .args(["--payload-bytes", "120"])
-        .args(["--duration", &load_secs.to_string()])
-        .args(["--timeout", "10"])
-        .args(["--id-prefix", "L"])
-        .arg("--retry")
-        .args(["--retry-for", &LOAD_RETRY_FOR_SECS.to_string()])
-        .arg("--ack-log")
-        .arg(&ack_log)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starting estafeta-load");
+    let load = RetryingLoad::spawn(
+        &agent.url("/v1/records/create/patient"),
+        &LoadShape {
+            connections: p.connections,
+            rate: p.rate,
+            batch: p.batch,
+            keys: p.keys,
+        },
+        load_secs,
+        "L",
+        &ack_log,
+    );
 
     // (SIGKILL, start of the next process) of each cycle.
     let mut kills = Vec::with_capacity(p.cycles);
@@ -1204,45 +1286,11 @@ pub async fn crash_loop(p: &CrashParams) -> CrashReport {
         agent.wait_ready(Duration::from_secs(30)).await;
         report.cycles = cycle;
     }
-    let out = tokio::time::timeout(
-        Duration::from_secs_f64(load_secs + LOAD_RETRY_FOR_SECS + 60.0),
-        load.wait_with_output(),
-    )
-    .await
-    .expect("estafeta-load stops by itself")
-    .expect("estafeta-load ran");
-    let summary = String::from_utf8_lossy(&out.stdout);
-    report.load_summary = summary
-        .lines()
-        .last()
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or(Value::Null);
-    if !out.status.success() {
-        report.problems.push(format!(
-            "estafeta-load failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    report.load_summary = load.finish(&mut report.problems).await;
     let figure = |name: &str| report.load_summary[name].as_u64().unwrap_or(0);
     report.retries = figure("retries");
     report.replayed = figure("replayed");
     report.gave_up = figure("gave_up");
-    // A retrying client ends each request with a 202, or gives up at the very end; a refused
-    // connection after the load's end never carried its request. Anything else (a 409 for a
-    // key sent again, a 400, a replay of a key never sent) is the agent breaking its promise.
-    if let Some(kinds) = report.load_summary["error_kinds"].as_object() {
-        let other: BTreeMap<&String, &Value> = kinds
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "gave_up" | "connect"))
-            .collect();
-        if !other.is_empty() {
-            report.problems.push(format!(
-                "estafeta-load: requests ended with answers other than 202 although they were retried: {other:?}; {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-    }
     let (acked, unanswered) = read_ack_log(&ack_log);
     report.acknowledged = acked.len();
     report.unanswered = unanswered.len();
