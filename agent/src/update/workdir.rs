@@ -18,7 +18,9 @@
 //! machines mount it `noexec` (the CIS benchmarks ask for it), and the trial could not start;
 //! `/var/lib` holds dpkg's own maintainer scripts, which it runs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(unix)]
+use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
