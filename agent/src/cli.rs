@@ -446,6 +446,7 @@ fn open_store(config: &Config) -> anyhow::Result<Staging> {
 // run
 
 fn run_daemon(config: Config) -> anyhow::Result<u8> {
+    crate::logging::restrict_new_files();
     let guard = crate::logging::init(&config);
     let runtime = runtime()?;
     // The arguments this process was started with: a trial child and the handover use them.
@@ -1373,6 +1374,7 @@ fn bytes(n: u64) -> String {
 // flush
 
 fn flush(config: Config, only: Option<String>, limit: Option<usize>) -> anyhow::Result<u8> {
+    crate::logging::restrict_new_files();
     let _guard = crate::logging::init(&config);
     let sinks = crate::sinks::build(&config.sinks)
         .map_err(|err| usage(format!("the sinks are misconfigured: {err:#}")))?;

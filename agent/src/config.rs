@@ -45,6 +45,8 @@ pub const DEFAULT_BATCH_SIZE: usize = 500;
 pub const DEFAULT_STAGING_AREA_PATH: &str = "staging";
 /// The central database used when no sink is configured anywhere.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://central.db";
+/// Default `LOG_RETENTION_DAYS`: a month of daily log files.
+pub const DEFAULT_LOG_RETENTION_DAYS: u64 = 30;
 /// Default `LOG_LEVEL`.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Default first retry delay, in seconds.
@@ -100,6 +102,7 @@ pub const KEYS: &[&str] = &[
     "AGENT_ID",
     "HEARTBEAT_SECS",
     "LOG_DIR",
+    "LOG_RETENTION_DAYS",
     "LOG_LEVEL",
     "CENTRAL_DATABASE_URL",
     "CENTRAL_API_URL",
@@ -198,6 +201,8 @@ pub struct Config {
     pub heartbeat: Duration,
     /// `LOG_DIR`: daily log files; `None`: stderr only.
     pub log_dir: Option<PathBuf>,
+    /// `LOG_RETENTION_DAYS`: how many daily log files `LOG_DIR` keeps (default 30; 0: all).
+    pub log_retention_days: u64,
     /// `LOG_LEVEL`: a tracing filter such as `info` or `estafeta=debug`.
     pub log_level: String,
     /// Sinks, from `CENTRAL_DATABASE_URL`, `CENTRAL_API_*` and `[[sinks]]` in the TOML file.
@@ -275,6 +280,7 @@ impl fmt::Debug for Config {
             .field("agent_id", &self.agent_id)
             .field("heartbeat", &self.heartbeat)
             .field("log_dir", &self.log_dir)
+            .field("log_retention_days", &self.log_retention_days)
             .field("log_level", &self.log_level)
             .field("sinks", &self.sinks)
             .field("routes", &self.routes)
@@ -513,6 +519,7 @@ impl Config {
                 .map(|d| d.display().to_string())
                 .unwrap_or_else(|| "(stderr only)".into()),
         );
+        push("LOG_RETENTION_DAYS", self.log_retention_days.to_string());
         push("LOG_LEVEL", self.log_level.clone());
         push(
             "UPDATE_URL",
@@ -1295,6 +1302,10 @@ impl Loader {
             |v| parse_secs(v, true),
         );
         let log_dir = self.text("LOG_DIR").map(|d| self.cwd.join(d));
+        let log_retention_days =
+            self.parse("LOG_RETENTION_DAYS", DEFAULT_LOG_RETENTION_DAYS, |v| {
+                parse_u64(v, "a whole number of days (0 keeps every log file)")
+            });
         let log_level = self.parse("LOG_LEVEL", DEFAULT_LOG_LEVEL.to_owned(), |v| {
             validate_log_level(v).map(|()| v.to_owned())
         });
@@ -1343,6 +1354,7 @@ impl Loader {
             agent_id,
             heartbeat,
             log_dir,
+            log_retention_days,
             log_level,
             sinks,
             routes,
@@ -2153,6 +2165,7 @@ fn default_shown(key: &str) -> String {
         "SHUTDOWN_GRACE_SECS" => DEFAULT_SHUTDOWN_GRACE_SECS.to_string(),
         "HEARTBEAT_SECS" => crate::heartbeat::DEFAULT_HEARTBEAT_SECS.to_string(),
         "LOG_DIR" => "(stderr only)".into(),
+        "LOG_RETENTION_DAYS" => DEFAULT_LOG_RETENTION_DAYS.to_string(),
         "LOG_LEVEL" => DEFAULT_LOG_LEVEL.into(),
         "CENTRAL_DATABASE_URL" => format!("({DEFAULT_DATABASE_URL} when no sink is configured)"),
         "CENTRAL_API_TIMEOUT_SECS" => DEFAULT_API_TIMEOUT_SECS.to_string(),

@@ -34,7 +34,7 @@ pub struct Guard {
 pub fn init(config: &Config) -> Guard {
     let mut file_error = None;
     let (file_writer, guard) = match &config.log_dir {
-        Some(dir) => match open_appender(dir) {
+        Some(dir) => match open_appender(dir, config.log_retention_days) {
             Ok(appender) => {
                 let (writer, guard) = NonBlockingBuilder::default()
                     .lossy(false)
@@ -141,14 +141,60 @@ fn directives(level: &str) -> String {
     out.join(",")
 }
 
-fn open_appender(dir: &std::path::Path) -> std::io::Result<RollingFileAppender> {
+/// The daily file appender, in a folder made private (0700: the lines name records by seq and
+/// id, and errors name hosts). Files this process creates are 0600 through its umask (see
+/// [`restrict_new_files`]); files an earlier version left readable are narrowed here. The
+/// appender deletes all but the newest `retention_days` files at start and at each new day.
+fn open_appender(
+    dir: &std::path::Path,
+    retention_days: u64,
+) -> std::io::Result<RollingFileAppender> {
     std::fs::create_dir_all(dir)?;
-    RollingFileAppender::builder()
+    estafeta_staging::make_private(dir)?;
+    narrow_old_files(dir);
+    let mut builder = RollingFileAppender::builder()
         .rotation(Rotation::DAILY)
         .filename_prefix(LOG_FILE_PREFIX)
-        .filename_suffix("log")
-        .build(dir)
-        .map_err(std::io::Error::other)
+        .filename_suffix("log");
+    if retention_days > 0 {
+        builder = builder.max_log_files(usize::try_from(retention_days).unwrap_or(usize::MAX));
+    }
+    builder.build(dir).map_err(std::io::Error::other)
+}
+
+/// Makes this process's new files private (umask 077 on Unix: files 0600, folders 0700), for the
+/// daemon and `flush`, which create log files and may create the embedded SQLite database.
+/// Not for `update`: dpkg and its maintainer scripts inherit the umask.
+pub fn restrict_new_files() {
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
+/// Log files an earlier version created 0644 become 0600 (best effort: a file this user does not
+/// own is left as it is).
+fn narrow_old_files(dir: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let ours = name
+                .to_str()
+                .is_some_and(|n| n.starts_with(LOG_FILE_PREFIX));
+            let open = entry
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o077 != 0);
+            if ours && open {
+                let _ =
+                    std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
 }
 
 #[cfg(test)]

@@ -45,6 +45,7 @@ fn test_config(root: &std::path::Path) -> Config {
         agent_id: "test-agent".into(),
         heartbeat: Duration::ZERO,
         log_dir: None,
+        log_retention_days: 30,
         log_level: "info".into(),
         sinks: Vec::new(),
         routes: Vec::new(),

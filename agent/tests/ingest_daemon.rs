@@ -39,6 +39,7 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
         agent_id: "test-agent".into(),
         heartbeat: Duration::ZERO,
         log_dir: None,
+        log_retention_days: 30,
         log_level: "info".into(),
         sinks: vec![SinkConfig {
             name: "api".into(),

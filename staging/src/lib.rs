@@ -98,6 +98,9 @@ mod writer;
 
 pub use api_types::*;
 pub use error::{StageError, StoreError};
+/// The store's private modes (0700 folders, 0600 files), which the agent uses too for the other
+/// files that hold patient data or its traces: the embedded SQLite database and the log folder.
+pub use layout::{make_private, private_file};
 pub use record::*;
 pub use store::Staging;
 

@@ -142,6 +142,89 @@ async fn secrets_and_payloads_stay_out_of_logs_and_staging_is_private() {
     );
 }
 
+/// Issue 19.6: the other files that hold patient data or its traces. The embedded central
+/// database (the default sink, with whole payloads) and its `-wal`/`-shm` are 0600, the log
+/// folder 0700 and its files 0600, whatever the umask of whoever started the agent (0022 here,
+/// as in a shell); log files an earlier version left 0644 are narrowed; `LOG_RETENTION_DAYS`
+/// keeps that many daily files and deletes the older ones at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_database_and_the_logs_are_private_and_old_logs_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for day in 1..=6 {
+        let old = logs.join(format!("estafeta.2026-01-0{day}.log"));
+        std::fs::write(&old, format!("an old day's log {day}\n")).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // The appender orders files by creation time, which the kernel keeps at clock-tick
+        // precision: made a day apart in real life, a few ticks apart here.
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    // The umask is this test process's (other tests' files are unaffected by 022), inherited by
+    // the agent it spawns.
+    let previous = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
+    let env = [
+        ("CRONTAB", "* * * * * *"),
+        ("LOG_DIR", "logs"),
+        ("LOG_RETENTION_DAYS", "3"),
+    ];
+    let mut agent = Agent::start(dir.path(), &env);
+    rustix::process::umask(previous);
+    agent.wait_ready(Duration::from_secs(20)).await;
+    for n in 0..5 {
+        let body = json!({"id": format!("p{n}"), "name": MARKER});
+        let (code, answer) = agent.post("create", "patient", &body).await;
+        assert_eq!(code.as_u16(), 202, "{answer}");
+    }
+    wait_drained(&agent, Duration::from_secs(30)).await;
+
+    // While the agent runs, SQLite's -wal and -shm files exist beside the database.
+    let mut wrong = Vec::new();
+    for name in ["central.db", "central.db-wal", "central.db-shm"] {
+        let path = dir.path().join(name);
+        let meta = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("{name} is missing ({e}):\n{}", log_tail(&agent, 20)));
+        let mode = meta.permissions().mode() & 0o777;
+        if mode != 0o600 {
+            wrong.push(format!("{mode:o} {name}"));
+        }
+    }
+    let mode = std::fs::metadata(&logs).unwrap().permissions().mode() & 0o777;
+    if mode != 0o700 {
+        wrong.push(format!("{mode:o} logs/"));
+    }
+    let mut kept: Vec<String> = Vec::new();
+    for entry in std::fs::read_dir(&logs).unwrap() {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if mode != 0o600 {
+            wrong.push(format!("{mode:o} logs/{name}"));
+        }
+        kept.push(name);
+    }
+    agent.terminate();
+    agent.wait(Duration::from_secs(30)).await;
+    assert!(
+        wrong.is_empty(),
+        "readable by others:\n{}",
+        wrong.join("\n")
+    );
+    kept.sort();
+    assert_eq!(
+        kept.len(),
+        3,
+        "LOG_RETENTION_DAYS=3 keeps three daily files: {kept:?}"
+    );
+    assert_eq!(
+        &kept[..2],
+        ["estafeta.2026-01-05.log", "estafeta.2026-01-06.log"]
+    );
+    let today = std::fs::read_to_string(logs.join(&kept[2])).unwrap();
+    assert!(today.contains("Flush completed"), "today's log: {today}");
+}
+
 fn check_modes(path: &Path, checked: &mut usize, wrong: &mut Vec<String>) {
     let meta = std::fs::symlink_metadata(path).unwrap();
     let mode = meta.permissions().mode() & 0o777;

@@ -114,6 +114,16 @@ fn open(path: &Path) -> Result<Connection, String> {
         std::fs::create_dir_all(parent)
             .map_err(|err| format!("cannot create the folder {}: {err}", parent.display()))?;
     }
+    // The landing table holds whole payloads: a new file is made 0600 before SQLite opens it, and
+    // SQLite gives its `-wal` and `-shm` files the database file's mode.
+    if let Err(err) = estafeta_staging::private_file()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        && err.kind() != std::io::ErrorKind::AlreadyExists
+    {
+        return Err(format!("cannot create the SQLite database {shown}: {err}"));
+    }
     let fail = |err: rusqlite::Error| format!("cannot open the SQLite database {shown}: {err}");
     let mut conn = Connection::open(path).map_err(fail)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
