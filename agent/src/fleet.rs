@@ -6,8 +6,8 @@
 use anyhow::Context as _;
 use serde::Serialize;
 
+use crate::db::Dialect;
 use crate::redact::{self, Secrets};
-use crate::sinks::database::Dialect;
 
 const FLEET_SQL: &str = include_str!("../../sql/fleet.sql");
 
@@ -90,7 +90,7 @@ pub async fn load(url: &str) -> anyhow::Result<Vec<FleetRow>> {
                 .collect())
         }
         Dialect::Sqlite => {
-            let path = crate::sinks::sqlite::sqlite_path(url)?;
+            let path = crate::db::sqlite_path(url)?;
             let shown = format!("sqlite://{}", path.display());
             tokio::task::spawn_blocking(move || {
                 let conn = rusqlite::Connection::open_with_flags(

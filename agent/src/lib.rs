@@ -5,6 +5,7 @@ pub mod batcher;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod db;
 pub mod fleet;
 pub mod heartbeat;
 pub mod host;

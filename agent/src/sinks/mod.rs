@@ -116,13 +116,11 @@ pub trait Sink: Send + Sync {
     }
 }
 
-pub mod apply;
 pub mod database;
 pub mod http;
-pub mod mysql;
 pub mod nats;
-pub mod postgres;
-pub mod sqlite;
+
+pub use crate::db::apply;
 
 use crate::config::{SinkConfig, SinkKind};
 

@@ -13,9 +13,9 @@ use serde_json::{Number, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::db::Dialect;
+use crate::db::apply;
 use crate::redact::{self, Secrets};
-use crate::sinks::apply;
-use crate::sinks::database::Dialect;
 
 /// How long connecting, or one query, may take before the cycle fails (and is retried).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -506,7 +506,7 @@ mod sqlite {
     }
 
     pub fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
-        let path = crate::sinks::sqlite::sqlite_path(url)?;
+        let path = crate::db::sqlite_path(url)?;
         // Read-only: a source never writes to the database it reads.
         let conn = rusqlite::Connection::open_with_flags(
             &path,

@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use super::database::Dialect;
+use super::Dialect;
 
 /// The statement files of one sink, by (entity, action).
 #[derive(Debug)]

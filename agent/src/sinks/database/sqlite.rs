@@ -23,7 +23,7 @@
 //! landing insert and, when it added the row (a replay adds none), the record's statement; a
 //! refused statement rolls back to the savepoint, so the record alone is dead.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,12 +32,13 @@ use estafeta_staging::Delivery;
 use rusqlite::{Connection, ErrorCode, TransactionBehavior, params};
 use tokio::sync::Mutex;
 
-use super::apply::{ApplyStatements, Bound};
-use super::database::{
-    ApplyRow, BATCH_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration, Rows,
-    dry_run_lines, retry_all,
+use super::DatabaseSinkConfig;
+use super::landing::{
+    ApplyRow, BATCH_TIMEOUT, Failure, LandingRow, Migration, Rows, dry_run_lines, retry_all,
 };
-use super::{BoxFuture, Outcome, Refusal, Sink};
+use crate::db::apply::{ApplyStatements, Bound};
+use crate::db::sqlite_path;
+use crate::sinks::{BoxFuture, Outcome, Refusal, Sink};
 
 /// How long a statement waits for another writer of the file before giving up (busy).
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,13 +47,13 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "0001_landing",
-    sql: include_str!("../../../sql/sqlite/0001_landing.sql"),
+    sql: include_str!("../../../../sql/sqlite/0001_landing.sql"),
 }];
 
-const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../sql/sqlite/schema_migrations.sql");
-const INSERT_SQL: &str = include_str!("../../../sql/sqlite/insert_record.sql");
-const AGENTS_SQL: &str = include_str!("../../../sql/sqlite/agents.sql");
-const UPSERT_AGENT_SQL: &str = include_str!("../../../sql/sqlite/upsert_agent.sql");
+const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../../sql/sqlite/schema_migrations.sql");
+const INSERT_SQL: &str = include_str!("../../../../sql/sqlite/insert_record.sql");
+const AGENTS_SQL: &str = include_str!("../../../../sql/sqlite/agents.sql");
+const UPSERT_AGENT_SQL: &str = include_str!("../../../../sql/sqlite/upsert_agent.sql");
 const APPLIED_SQL: &str = "SELECT version FROM estafeta_schema_migrations";
 const RECORD_MIGRATION_SQL: &str =
     "INSERT OR IGNORE INTO estafeta_schema_migrations (version, name) VALUES (?1, ?2)";
@@ -89,22 +90,6 @@ impl SqliteSink {
             apply: config.apply,
         })
     }
-}
-
-/// The path in `sqlite://PATH` (or `sqlite:PATH`), without a `?query`.
-pub(crate) fn sqlite_path(url: &str) -> anyhow::Result<PathBuf> {
-    let rest = url
-        .split_once(':')
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("sqlite"))
-        .map(|(_, rest)| rest.strip_prefix("//").unwrap_or(rest))
-        .with_context(|| format!("{url:?} is not a sqlite:// URL"))?;
-    let path = rest.split('?').next().unwrap_or_default();
-    if path.is_empty() {
-        anyhow::bail!(
-            "the SQLite URL {url:?} names no file; expected sqlite://./central.db (relative) or sqlite:///var/lib/estafeta/central.db (absolute)"
-        );
-    }
-    Ok(PathBuf::from(path))
 }
 
 /// Opens (creating if needed) the file, sets it up and applies the missing migrations.
@@ -410,28 +395,6 @@ impl Sink for SqliteSink {
 mod tests {
     use super::*;
 
-    #[test]
-    fn sqlite_urls_name_relative_and_absolute_paths() {
-        let path = |url: &str| sqlite_path(url).ok();
-        assert_eq!(
-            path("sqlite://./central.db"),
-            Some(PathBuf::from("./central.db"))
-        );
-        assert_eq!(
-            path("sqlite://central.db"),
-            Some(PathBuf::from("central.db"))
-        );
-        assert_eq!(
-            path("sqlite:///var/lib/e/c.db"),
-            Some(PathBuf::from("/var/lib/e/c.db"))
-        );
-        assert_eq!(
-            path("SQLITE:data/c.db?mode=rwc"),
-            Some(PathBuf::from("data/c.db"))
-        );
-        assert_eq!(path("sqlite://"), None);
-    }
-
     fn delivery(seq: u64, action: &str, payload: &str) -> Delivery {
         Delivery {
             envelope: estafeta_staging::Envelope {
@@ -452,7 +415,7 @@ mod tests {
             },
             sink: "database".to_owned(),
             attempts: 0,
-            path: PathBuf::new(),
+            path: std::path::PathBuf::new(),
         }
     }
 
@@ -474,8 +437,7 @@ mod tests {
                                    ativo INTEGER NOT NULL, n INTEGER NOT NULL)",
         )
         .expect("create");
-        let statements =
-            ApplyStatements::load(&apply, super::super::database::Dialect::Sqlite).expect("loads");
+        let statements = ApplyStatements::load(&apply, crate::db::Dialect::Sqlite).expect("loads");
         let sink = SqliteSink::new(
             "database",
             DatabaseSinkConfig {

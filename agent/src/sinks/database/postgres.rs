@@ -37,27 +37,28 @@ use tokio::sync::Mutex;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, GenericClient, NoTls, Statement};
 
-use super::apply::{ApplyStatements, Bound};
-use super::database::{
-    ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration,
-    Rows, dry_run_lines,
+use super::DatabaseSinkConfig;
+use super::landing;
+use super::landing::{
+    ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, Failure, LandingRow, Migration, Rows, dry_run_lines,
 };
-use super::{BoxFuture, Outcome, Refusal, Sink, database, error_chain};
+use crate::db::apply::{ApplyStatements, Bound};
 use crate::redact::{self, Secrets};
+use crate::sinks::{BoxFuture, Outcome, Refusal, Sink, error_chain};
 
 /// Schema changes, in order.
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "0001_landing",
-    sql: include_str!("../../../sql/postgres/0001_landing.sql"),
+    sql: include_str!("../../../../sql/postgres/0001_landing.sql"),
 }];
 
-const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../sql/postgres/schema_migrations.sql");
-const INSERT_SQL: &str = include_str!("../../../sql/postgres/insert_records.sql");
-const AGENTS_SQL: &str = include_str!("../../../sql/postgres/agents.sql");
-const UPSERT_AGENT_SQL: &str = include_str!("../../../sql/postgres/upsert_agent.sql");
+const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../../sql/postgres/schema_migrations.sql");
+const INSERT_SQL: &str = include_str!("../../../../sql/postgres/insert_records.sql");
+const AGENTS_SQL: &str = include_str!("../../../../sql/postgres/agents.sql");
+const UPSERT_AGENT_SQL: &str = include_str!("../../../../sql/postgres/upsert_agent.sql");
 const INSERT_RETURNING_SQL: &str =
-    include_str!("../../../sql/postgres/insert_records_returning.sql");
+    include_str!("../../../../sql/postgres/insert_records_returning.sql");
 const APPLIED_SQL: &str = "SELECT version FROM estafeta_schema_migrations";
 const RECORD_MIGRATION_SQL: &str =
     "INSERT INTO estafeta_schema_migrations (version, name) VALUES ($1, $2) ON CONFLICT DO NOTHING";
@@ -339,7 +340,7 @@ impl PostgresSink {
         }
         let mut slot = slot.lock().await;
         let result = tokio::time::timeout(BATCH_TIMEOUT, self.deliver_rows(&mut slot, rows)).await;
-        database::outcomes_or_retry(&self.name, rows.len(), result, || *slot = None)
+        landing::outcomes_or_retry(&self.name, rows.len(), result, || *slot = None)
     }
 
     /// Inserts `rows` in one statement (outside a transaction, PostgreSQL runs it as one

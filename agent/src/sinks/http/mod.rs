@@ -38,9 +38,6 @@
 //! alone keeps `HTTP <status>: <first 512 bytes of the body>`. Error messages never carry the
 //! token or a password from the URL.
 
-use std::collections::BTreeMap;
-use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,81 +51,22 @@ use tokio::task::JoinSet;
 use super::{BoxFuture, Outcome, Refusal, Sink, error_chain};
 use crate::redact::{self, Secrets};
 
+mod config;
+#[cfg(test)]
+mod tests;
+
+pub use config::{HttpRoute, HttpSinkConfig, check_heartbeat_path};
+use config::{PLACEHOLDERS, check_template};
+
 /// Most bytes of a response body kept in a dead letter's file (never logged or shown).
 pub const MAX_ERROR_BODY_BYTES: usize = 512;
 
-/// Placeholders a route's path template may use.
-const PLACEHOLDERS: &[&str] = &["entity", "action", "key", "id"];
 /// Why a key cannot be a path segment (it is empty, `.` or `..`); the key is not quoted.
 const KEY_NOT_A_SEGMENT: &str =
     "the record's key (empty, . or ..) cannot be sent as a URL path segment";
 /// The placeholder a `DRY_RUN` line shows in place of the record's key, as it comes out of
 /// [`encode_segment`].
 const KEY_SHOWN: &str = "%7Bkey%7D";
-/// Placeholders the heartbeat path may use.
-const HEARTBEAT_PLACEHOLDERS: &[&str] = &["agent_id"];
-
-/// `CENTRAL_API_*` or a `[[sinks]]` entry with `type = "http"`.
-#[derive(Clone)]
-pub struct HttpSinkConfig {
-    /// Base URL: create → `POST {url}/{entity}`, update/upsert → `PUT {url}/{entity}/{key}`,
-    /// delete → `DELETE {url}/{entity}/{key}`.
-    pub url: String,
-    /// Sent as `Authorization: Bearer <token>`.
-    pub token: Option<String>,
-    pub timeout: Duration,
-    /// `false` only when explicitly disabled (`CENTRAL_API_VERIFY_TLS=false`).
-    pub verify_tls: bool,
-    /// Extra CA certificate (PEM) to trust.
-    pub ca_file: Option<PathBuf>,
-    /// Per (entity, action) overrides of method, path and headers.
-    pub routes: Vec<HttpRoute>,
-    /// Records of different keys sent at once.
-    pub concurrency: usize,
-    /// Heartbeats go as `PUT {url}/{heartbeat_path}` (a template with `{agent_id}`); none
-    /// when unset, since an API that does not expect them would answer 404 every minute.
-    pub heartbeat_path: Option<String>,
-}
-
-// By hand, so `{:?}` of a config never prints the token or a password in the URL.
-impl fmt::Debug for HttpSinkConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpSinkConfig")
-            .field("url", &redact::url(&self.url))
-            .field("token", &self.token.as_ref().map(|_| "***"))
-            .field("timeout", &self.timeout)
-            .field("verify_tls", &self.verify_tls)
-            .field("ca_file", &self.ca_file)
-            .field("routes", &self.routes)
-            .field("concurrency", &self.concurrency)
-            .field("heartbeat_path", &self.heartbeat_path)
-            .finish()
-    }
-}
-
-/// An override for one (entity, action); `None` matches any.
-#[derive(Clone)]
-pub struct HttpRoute {
-    pub entity: Option<String>,
-    pub action: Option<String>,
-    pub method: Option<String>,
-    /// Path template appended to the base URL: `{entity}`, `{action}`, `{key}`, `{id}`.
-    pub path: Option<String>,
-    pub headers: BTreeMap<String, String>,
-}
-
-// By hand: header values may be secrets (an API key), so only their names are shown.
-impl fmt::Debug for HttpRoute {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpRoute")
-            .field("entity", &self.entity)
-            .field("action", &self.action)
-            .field("method", &self.method)
-            .field("path", &self.path)
-            .field("headers", &self.headers.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
 
 /// A route checked and parsed once, at build time.
 struct CompiledRoute {
@@ -504,35 +442,6 @@ fn compile_route(route: &HttpRoute) -> anyhow::Result<CompiledRoute> {
         headers,
     })
 }
-
-/// Rejects unknown or unclosed placeholders, so a typo fails at start rather than per record.
-fn check_template(template: &str, allowed: &[&str]) -> anyhow::Result<()> {
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        let after = &rest[open + 1..];
-        let close = after
-            .find('}')
-            .with_context(|| format!("path {template:?} has an unclosed '{{'"))?;
-        let name = &after[..close];
-        if !allowed.contains(&name) {
-            let names: Vec<String> = allowed.iter().map(|n| format!("{{{n}}}")).collect();
-            bail!(
-                "path {template:?} uses {{{name}}}; the placeholders are {}",
-                names.join(", ")
-            );
-        }
-        rest = &after[close + 1..];
-    }
-    Ok(())
-}
-
-/// Checks a heartbeat path template (`CENTRAL_API_HEARTBEAT_PATH`, `heartbeat_path`); the
-/// error says what was expected.
-pub fn check_heartbeat_path(template: &str) -> Result<(), String> {
-    check_template(template, HEARTBEAT_PLACEHOLDERS)
-        .map_err(|e| format!("expected a URL path; {e}"))
-}
-
 /// The default method for a record (see the module documentation).
 fn default_method(envelope: &Envelope) -> Method {
     match (envelope.action.as_str(), envelope.key.is_some()) {
@@ -720,198 +629,4 @@ fn describe(shared: &Shared, err: reqwest::Error) -> String {
         error_chain(&err)
     };
     shared.secrets.scrub(&text)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::value::RawValue;
-
-    fn envelope(action: &str, entity: &str, key: Option<&str>) -> Envelope {
-        Envelope {
-            v: 1,
-            id: "0190a0a0-0000-7000-8000-000000000001".to_owned(),
-            seq: 7,
-            action: action.to_owned(),
-            entity: entity.to_owned(),
-            key: key.map(str::to_owned),
-            staged_at: "2024-06-01T12:00:00.000000Z".to_owned(),
-            client_key: None,
-            client_fingerprint: None,
-            client_records: None,
-            sinks: vec!["api".to_owned()],
-            source: None,
-            payload: RawValue::from_string("{}".to_owned()).expect("valid JSON"),
-        }
-    }
-
-    fn sink(routes: Vec<HttpRoute>) -> HttpSink {
-        HttpSink::new(
-            "api",
-            HttpSinkConfig {
-                url: "https://central.example/api/v1/?tenant=3".to_owned(),
-                token: Some("s3cret".to_owned()),
-                timeout: Duration::from_secs(5),
-                verify_tls: true,
-                ca_file: None,
-                routes,
-                concurrency: 4,
-                heartbeat_path: None,
-            },
-        )
-        .expect("valid config")
-    }
-
-    fn target(sink: &HttpSink, e: &Envelope) -> (String, String) {
-        let (method, url, _) = sink.target(e).expect("a target");
-        (method.to_string(), url.to_string())
-    }
-
-    #[test]
-    fn default_mapping_follows_the_action_and_encodes_the_key() {
-        let s = sink(vec![]);
-        let base = "https://central.example/api/v1";
-        let cases = [
-            ("create", Some("1"), "POST", "/patient?tenant=3"),
-            (
-                "update",
-                Some("a/b c"),
-                "PUT",
-                "/patient/a%2Fb%20c?tenant=3",
-            ),
-            ("upsert", Some("1"), "PUT", "/patient/1?tenant=3"),
-            ("delete", Some("1"), "DELETE", "/patient/1?tenant=3"),
-            ("delete", None, "POST", "/patient/delete?tenant=3"),
-            ("update", None, "POST", "/patient/update?tenant=3"),
-            ("deactivate", Some("1"), "POST", "/patient?tenant=3"),
-        ];
-        for (action, key, method, path) in cases {
-            let got = target(&s, &envelope(action, "patient", key));
-            assert_eq!(
-                got,
-                (method.to_owned(), format!("{base}{path}")),
-                "{action} {key:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn dot_keys_are_dead_not_folded_into_the_parent_path() {
-        let s = sink(vec![]);
-        for key in ["", ".", ".."] {
-            let reason = s
-                .target(&envelope("update", "patient", Some(key)))
-                .expect_err("refused");
-            assert!(reason.contains("path segment"), "{reason}");
-        }
-    }
-
-    #[test]
-    fn first_matching_route_overrides_method_path_and_headers() {
-        let route = |entity: Option<&str>, method: &str, path: &str| HttpRoute {
-            entity: entity.map(str::to_owned),
-            action: Some("delete".to_owned()),
-            method: Some(method.to_owned()),
-            path: Some(path.to_owned()),
-            headers: BTreeMap::from([("X-Api-Key".to_owned(), "k".to_owned())]),
-        };
-        let s = sink(vec![
-            route(Some("patient"), "post", "/people/{key}/remove?by={action}"),
-            route(None, "PATCH", "{entity}/{id}"),
-        ]);
-        assert_eq!(
-            target(&s, &envelope("delete", "patient", Some("x y"))),
-            (
-                "POST".to_owned(),
-                "https://central.example/api/v1/people/x%20y/remove?tenant=3&by=delete".to_owned()
-            )
-        );
-        assert_eq!(
-            target(&s, &envelope("delete", "visit", None)),
-            (
-                "PATCH".to_owned(),
-                "https://central.example/api/v1/visit/0190a0a0-0000-7000-8000-000000000001?tenant=3"
-                    .to_owned()
-            )
-        );
-        let err = s
-            .target(&envelope("delete", "patient", None))
-            .expect_err("no key");
-        assert!(err.contains("no key"), "{err}");
-    }
-
-    #[test]
-    fn bad_routes_and_urls_fail_at_build_time() {
-        let bad = HttpRoute {
-            entity: None,
-            action: None,
-            method: None,
-            path: Some("/x/{patient}".to_owned()),
-            headers: BTreeMap::new(),
-        };
-        let err = HttpSink::new(
-            "api",
-            HttpSinkConfig {
-                url: "http://h/".to_owned(),
-                token: None,
-                timeout: Duration::from_secs(1),
-                verify_tls: true,
-                ca_file: None,
-                routes: vec![bad],
-                concurrency: 1,
-                heartbeat_path: None,
-            },
-        )
-        .err()
-        .expect("unknown placeholder");
-        assert!(format!("{err:#}").contains("{patient}"), "{err:#}");
-
-        let err = HttpSink::new(
-            "api",
-            HttpSinkConfig {
-                url: "ftp://user:pw@h/".to_owned(),
-                token: None,
-                timeout: Duration::from_secs(1),
-                verify_tls: true,
-                ca_file: None,
-                routes: vec![],
-                concurrency: 1,
-                heartbeat_path: None,
-            },
-        )
-        .err()
-        .expect("bad scheme");
-        assert!(!format!("{err:#}").contains("pw"), "{err:#}");
-    }
-
-    #[test]
-    fn retry_after_reads_seconds_and_dates() {
-        assert_eq!(parse_retry_after(" 120 "), Some(Duration::from_secs(120)));
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
-            Some(Duration::ZERO)
-        );
-        let later = (chrono::Utc::now() + chrono::Duration::seconds(90))
-            .format("%a, %d %b %Y %H:%M:%S GMT")
-            .to_string();
-        let wait = parse_retry_after(&later).expect("a date");
-        assert!(wait > Duration::from_secs(80) && wait <= Duration::from_secs(90));
-        assert_eq!(parse_retry_after("soon"), None);
-    }
-
-    #[test]
-    fn config_debug_hides_the_token() {
-        let config = HttpSinkConfig {
-            url: "https://u:pw@h/".to_owned(),
-            token: Some("s3cret".to_owned()),
-            timeout: Duration::from_secs(1),
-            verify_tls: true,
-            ca_file: None,
-            routes: vec![],
-            concurrency: 1,
-            heartbeat_path: None,
-        };
-        let text = format!("{config:?}");
-        assert!(!text.contains("s3cret") && !text.contains(":pw@"), "{text}");
-    }
 }

@@ -40,26 +40,27 @@ use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, Params, Statement, Transaction, TxOpts, Value};
 use tokio::sync::Mutex;
 
-use super::apply::{ApplyStatements, Bound};
-use super::database::{
-    ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, DatabaseSinkConfig, Failure, LandingRow, Migration,
-    Rows, dry_run_lines,
+use super::DatabaseSinkConfig;
+use super::landing;
+use super::landing::{
+    ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, Failure, LandingRow, Migration, Rows, dry_run_lines,
 };
-use super::{BoxFuture, Outcome, Refusal, Sink, database, error_chain};
+use crate::db::apply::{ApplyStatements, Bound};
 use crate::redact::{self, Secrets};
+use crate::sinks::{BoxFuture, Outcome, Refusal, Sink, error_chain};
 
 /// Schema changes, in order.
 const MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "0001_landing",
-    sql: include_str!("../../../sql/mysql/0001_landing.sql"),
+    sql: include_str!("../../../../sql/mysql/0001_landing.sql"),
 }];
 
-const SESSION_SQL: &str = include_str!("../../../sql/mysql/session.sql");
-const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../sql/mysql/schema_migrations.sql");
-const INSERT_SQL: &str = include_str!("../../../sql/mysql/insert_record.sql");
-const AGENTS_SQL: &str = include_str!("../../../sql/mysql/agents.sql");
-const UPSERT_AGENT_SQL: &str = include_str!("../../../sql/mysql/upsert_agent.sql");
+const SESSION_SQL: &str = include_str!("../../../../sql/mysql/session.sql");
+const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../../sql/mysql/schema_migrations.sql");
+const INSERT_SQL: &str = include_str!("../../../../sql/mysql/insert_record.sql");
+const AGENTS_SQL: &str = include_str!("../../../../sql/mysql/agents.sql");
+const UPSERT_AGENT_SQL: &str = include_str!("../../../../sql/mysql/upsert_agent.sql");
 const APPLIED_SQL: &str = "SELECT version FROM estafeta_schema_migrations";
 const RECORD_MIGRATION_SQL: &str =
     "INSERT IGNORE INTO estafeta_schema_migrations (version, name) VALUES (?, ?)";
@@ -557,7 +558,7 @@ impl Sink for MysqlSink {
             let result =
                 tokio::time::timeout(BATCH_TIMEOUT, self.deliver_rows(&mut slot, &rows.rows)).await;
             let outcomes =
-                database::outcomes_or_retry(&self.name, rows.rows.len(), result, || *slot = None);
+                landing::outcomes_or_retry(&self.name, rows.rows.len(), result, || *slot = None);
             rows.finish(outcomes)
         })
     }

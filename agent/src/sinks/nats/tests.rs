@@ -1,0 +1,134 @@
+//! Unit tests of the JetStream sink: subjects, stream settings, URLs and redaction.
+
+use super::*;
+
+fn config(url: &str, subject: &str) -> NatsSinkConfig {
+    NatsSinkConfig {
+        url: url.to_owned(),
+        token: None,
+        subject: subject.to_owned(),
+        timeout: Duration::from_secs(1),
+        agent_id: "ws-07.ward b".to_owned(),
+        stream: None,
+    }
+}
+
+fn envelope() -> Envelope {
+    Envelope {
+        v: 1,
+        id: "0190a0a0-0000-7000-8000-000000000001".to_owned(),
+        seq: 7,
+        action: "create".to_owned(),
+        entity: "patient".to_owned(),
+        key: Some("42".to_owned()),
+        staged_at: "2024-06-01T12:00:00.000000Z".to_owned(),
+        client_key: None,
+        client_fingerprint: None,
+        client_records: None,
+        sinks: vec!["nats".to_owned()],
+        source: None,
+        payload: RawValue::from_string(r#"{"id":"42","n":1.50}"#.to_owned()).expect("valid JSON"),
+    }
+}
+
+#[test]
+fn subject_template_fills_entity_action_and_a_safe_agent_token() {
+    let sink =
+        NatsSink::new("nats", config("nats://127.0.0.1:4222", DEFAULT_SUBJECT)).expect("valid");
+    assert_eq!(sink.subject_for(&envelope()), "estafeta.patient.create");
+    let sink = NatsSink::new(
+        "nats",
+        config("nats://127.0.0.1:4222", "h.{agent}.x{entity}"),
+    )
+    .expect("valid");
+    assert_eq!(sink.subject_for(&envelope()), "h.ws-07_ward_b.xpatient");
+    assert_eq!(default_stream_subject("h.{agent}.x{entity}"), "h.*.*");
+    assert_eq!(default_stream_subject(DEFAULT_SUBJECT), "estafeta.*.*");
+}
+
+#[test]
+fn bad_subjects_urls_and_stream_names_are_refused() {
+    for bad in [
+        "",
+        "a..b",
+        ".a",
+        "a.*",
+        "a.>",
+        "a b",
+        "a.{key}",
+        "a.{entity",
+    ] {
+        assert!(check_subject_template(bad).is_err(), "{bad:?}");
+    }
+    for bad in ["http://h:4222", "nats://", "nats://h:4222/x", "h:4222"] {
+        assert!(check_nats_url(bad).is_err(), "{bad:?}");
+    }
+    assert!(check_nats_url("tls://u:p@h:4222").is_ok());
+    for bad in ["", "A.B", "a b", "a*"] {
+        assert!(check_stream_name(bad).is_err(), "{bad:?}");
+    }
+    assert!(check_stream_name("ESTAFETA_1").is_ok());
+}
+
+#[test]
+fn body_carries_the_envelope_and_the_payload_as_staged() {
+    let sink =
+        NatsSink::new("nats", config("nats://127.0.0.1:4222", DEFAULT_SUBJECT)).expect("valid");
+    let body = String::from_utf8(sink.body(&envelope()).expect("a body")).expect("UTF-8");
+    assert_eq!(
+        body,
+        r#"{"id":"0190a0a0-0000-7000-8000-000000000001","seq":7,"agent_id":"ws-07.ward b","action":"create","entity":"patient","key":"42","staged_at":"2024-06-01T12:00:00.000000Z","payload":{"id":"42","n":1.50}}"#
+    );
+}
+
+#[test]
+fn credentials_leave_the_url_and_never_show() {
+    let sink = NatsSink::new(
+        "nats",
+        config("nats://estafeta:p%40ss@127.0.0.1:4222", DEFAULT_SUBJECT),
+    )
+    .expect("valid");
+    assert_eq!(sink.server, "nats://127.0.0.1:4222");
+    assert!(matches!(&sink.auth, Auth::UserPassword(u, p) if u == "estafeta" && p == "p@ss"));
+    assert_eq!(sink.shown, "nats://estafeta:***@127.0.0.1:4222");
+    assert_eq!(
+        sink.scrub("refused p@ss and p%40ss".to_owned()),
+        "refused *** and ***"
+    );
+
+    let sink = NatsSink::new(
+        "nats",
+        config("nats://s3cr3t@127.0.0.1:4222", DEFAULT_SUBJECT),
+    )
+    .expect("valid");
+    assert!(matches!(&sink.auth, Auth::Token(t) if t == "s3cr3t"));
+    assert!(!sink.shown.contains("s3cr3t"), "{}", sink.shown);
+    let text = format!("{:?}", config("nats://s3cr3t@127.0.0.1:4222", "x"));
+    assert!(!text.contains("s3cr3t"), "{text}");
+
+    let mut with_token = config("nats://127.0.0.1:4222", DEFAULT_SUBJECT);
+    with_token.token = Some("tok".to_owned());
+    let sink = NatsSink::new("nats", with_token).expect("valid");
+    assert!(matches!(&sink.auth, Auth::Token(t) if t == "tok"));
+}
+
+#[tokio::test]
+async fn a_refused_connection_retries_every_record_with_a_clear_reason() {
+    // Port 1 on loopback refuses connections.
+    let sink = NatsSink::new("nats", config("nats://127.0.0.1:1", DEFAULT_SUBJECT)).expect("valid");
+    let delivery = Delivery {
+        envelope: envelope(),
+        sink: "nats".to_owned(),
+        attempts: 0,
+        path: std::path::PathBuf::from("x.jsonl"),
+    };
+    let outcomes = sink.deliver(std::slice::from_ref(&delivery)).await;
+    assert_eq!(outcomes.len(), 1);
+    let Outcome::Retry { error, .. } = &outcomes[0] else {
+        panic!("expected a retry, got {outcomes:?}");
+    };
+    assert!(
+        error.contains("cannot connect to nats://127.0.0.1:1"),
+        "{error}"
+    );
+}
