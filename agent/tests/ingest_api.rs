@@ -2,9 +2,6 @@
 //! `tower::ServiceExt::oneshot`: every answer the API documents, and for every error, that
 //! nothing was staged.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};

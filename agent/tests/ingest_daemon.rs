@@ -3,7 +3,6 @@
 //! delivers right after the write (`FLUSH_ON_WRITE`), refuses an address already in use with a
 //! message naming INGEST_ADDR, and stops within the grace period when told to.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
