@@ -25,8 +25,8 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::sinks::Sink;
 
-/// Default `HEARTBEAT_SECS`.
-pub const DEFAULT_HEARTBEAT_SECS: u64 = 60;
+/// Default `HEARTBEAT_SECS` (written in the configuration's key table).
+pub use crate::config::DEFAULT_HEARTBEAT_SECS;
 /// Longest time one sink may take to take a heartbeat.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -4,14 +4,17 @@
 pub mod batcher;
 pub mod cli;
 pub mod config;
+pub mod crontab;
 pub mod daemon;
 pub mod db;
 pub mod fleet;
 pub mod heartbeat;
 pub mod host;
+pub mod hostname;
 pub mod ingest;
 pub mod logging;
 pub mod notify;
+pub mod problem;
 pub mod redact;
 pub mod sinks;
 pub mod sources;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use estafeta::config::keys::{DefaultValue, KEY_TABLE};
 use estafeta::config::{Config, KEYS, SinkKind};
 
 fn repo_root() -> PathBuf {
@@ -27,10 +28,11 @@ fn env_example_lists_every_key_and_its_values_load() {
         Some("CRONTAB"),
         "CRONTAB comes first, as in the seed"
     );
+    assert_lists_every_key(".env.example", &text);
     for key in KEYS {
         assert!(
             text.lines().any(|l| l.starts_with(&format!("#{key}="))),
-            "{key} is missing from .env.example"
+            "{key} is set in .env.example; every key stays commented there"
         );
     }
 
@@ -106,15 +108,27 @@ fn toml_example_loads_with_two_sinks_routes_and_entities() {
     );
 }
 
-/// Every key of `KEYS` appears in `text`, set (`KEY=`) or commented (`#KEY=`); the first key
-/// is CRONTAB, as in the seed.
+/// Every key of the key table appears in `text`, set (`KEY=`) or commented (`#KEY=`); a
+/// commented key shows the table's default (`#KEY=` when there is none), so the files people
+/// copy never disagree with the code. The first key is CRONTAB, as in the seed.
 fn assert_lists_every_key(name: &str, text: &str) {
-    for key in KEYS {
+    for key in KEY_TABLE {
+        let commented = format!("#{}=", key.name);
+        let set = format!("{}=", key.name);
         assert!(
             text.lines()
-                .any(|l| l.starts_with(&format!("#{key}=")) || l.starts_with(&format!("{key}="))),
-            "{key} is missing from {name}"
+                .any(|l| l.starts_with(&commented) || l.starts_with(&set)),
+            "{} is missing from {name}",
+            key.name
         );
+        let expected = format!("{commented}{}", key.default.env_line_value());
+        for line in text.lines().filter(|l| l.starts_with(&commented)) {
+            assert_eq!(
+                line, expected,
+                "{name} comments out {} with a value other than its default",
+                key.name
+            );
+        }
     }
     let first_key = text.lines().find_map(|l| {
         let (key, _) = l.trim_start_matches('#').split_once('=')?;
@@ -126,10 +140,32 @@ fn assert_lists_every_key(name: &str, text: &str) {
 #[test]
 fn readme_configuration_table_has_a_row_for_every_key() {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("read README.md");
-    for key in KEYS {
+    for key in KEY_TABLE {
+        let row_start = format!("| `{}` | ", key.name);
+        let Some(row) = readme.lines().find(|l| l.starts_with(&row_start)) else {
+            panic!(
+                "README.md's configuration table has no row for {}",
+                key.name
+            );
+        };
+        let default_cell = row[row_start.len()..]
+            .split(" | ")
+            .next()
+            .expect("a Default column");
+        // A value is written as code (`10MiB`); no value is described in words, the words
+        // check-config shows (`(no limit)`), without the parentheses.
+        let expected = match key.default {
+            DefaultValue::Unset(meaning) => meaning
+                .trim_start_matches('(')
+                .trim_end_matches(')')
+                .to_owned(),
+            DefaultValue::WhenNoSink(url) => format!("`{url}`"),
+            other => format!("`{}`", other.value().expect("a default value")),
+        };
         assert!(
-            readme.contains(&format!("| `{key}` |")),
-            "README.md's configuration table has no row for {key}"
+            default_cell.contains(&expected),
+            "README.md gives {} the default {default_cell:?}; the key table says {expected}",
+            key.name
         );
     }
 }

@@ -2,9 +2,6 @@
 //! `tower::ServiceExt::oneshot`: every answer the API documents, and for every error, that
 //! nothing was staged.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
@@ -19,37 +16,8 @@ const TOKEN: &str = "s3cret-token";
 /// A configuration with no sinks (the store is opened with its own) and small limits.
 fn test_config(root: &std::path::Path) -> Config {
     Config {
-        sources: vec!["test".into()],
         crontab: "* * * * *".into(),
-        tz: None,
-        staging_path: root.to_path_buf(),
-        failed_dir: None,
-        inbox_path: None,
-        staging_max_bytes: None,
-        staging_min_free_bytes: 0,
-        keep_delivered: Duration::ZERO,
-        ingest_addr: "127.0.0.1:0".parse().expect("valid address"),
-        ingest_token: None,
-        ingest_allowed_hosts: Vec::new(),
-        max_body_bytes: 4096,
-        ingest_body_timeout: Duration::from_secs(30),
-        flush_on_write: true,
-        max_records: 1000,
-        batch_size: 100,
-        dry_run: false,
-        retry_base: Duration::from_secs(1),
-        retry_max: Duration::from_secs(60),
-        shutdown_grace: Duration::from_secs(5),
-        agent_id: "test-agent".into(),
-        heartbeat: Duration::ZERO,
-        log_dir: None,
-        log_retention_days: 30,
-        log_level: "info".into(),
-        sinks: Vec::new(),
-        routes: Vec::new(),
-        entities: BTreeMap::new(),
-        sql_sources: Vec::new(),
-        update: Default::default(),
+        ..Config::for_tests(root)
     }
 }
 

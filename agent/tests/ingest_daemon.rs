@@ -3,7 +3,6 @@
 //! delivers right after the write (`FLUSH_ON_WRITE`), refuses an address already in use with a
 //! message naming INGEST_ADDR, and stops within the grace period when told to.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,32 +14,8 @@ use estafeta_staging::{Options, Staging};
 
 fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Config {
     Config {
-        sources: vec!["test".into()],
-        crontab: "0 0 1 1 *".into(),
-        tz: None,
-        staging_path: root.to_path_buf(),
-        failed_dir: None,
-        inbox_path: None,
-        staging_max_bytes: None,
-        staging_min_free_bytes: 0,
-        keep_delivered: Duration::ZERO,
         ingest_addr: addr,
-        ingest_token: None,
-        ingest_allowed_hosts: Vec::new(),
-        max_body_bytes: 4096,
-        ingest_body_timeout: Duration::from_secs(30),
-        flush_on_write: true,
-        max_records: 1000,
-        batch_size: 100,
-        dry_run: false,
-        retry_base: Duration::from_secs(1),
-        retry_max: Duration::from_secs(60),
         shutdown_grace: Duration::from_secs(2),
-        agent_id: "test-agent".into(),
-        heartbeat: Duration::ZERO,
-        log_dir: None,
-        log_retention_days: 30,
-        log_level: "info".into(),
         sinks: vec![SinkConfig {
             name: "api".into(),
             kind: SinkKind::Http(HttpSinkConfig {
@@ -54,10 +29,7 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
                 heartbeat_path: None,
             }),
         }],
-        routes: Vec::new(),
-        entities: BTreeMap::new(),
-        sql_sources: Vec::new(),
-        update: Default::default(),
+        ..Config::for_tests(root)
     }
 }
 

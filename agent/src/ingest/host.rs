@@ -19,7 +19,7 @@
 //! machine sends `Host: 127.0.0.1:PORT`, which passes, and keeping them checked means no route
 //! needs an exception to reason about.
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::{Request, State};
@@ -30,6 +30,7 @@ use axum::response::{IntoResponse, Response};
 use super::IngestState;
 use super::error::ApiError;
 use crate::config::Config;
+use crate::hostname::canonical_host;
 
 /// Longest part of a refused `Host` repeated in the answer, in characters.
 const MAX_SHOWN_HOST_CHARS: usize = 100;
@@ -153,27 +154,6 @@ fn split_port(value: &str) -> Option<&str> {
             (1..=5).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
         });
     (port_ok && !host.is_empty()).then_some(host)
-}
-
-/// A host as the check compares it: an IP address in its canonical text (IPv6 without
-/// brackets), or a host name in lowercase without a trailing dot. `None` when `name` is
-/// neither (a port, a scheme, a path, a wildcard, spaces).
-pub fn canonical_host(name: &str) -> Option<String> {
-    if let Some(inside) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
-        return inside.parse::<Ipv6Addr>().ok().map(|ip| ip.to_string());
-    }
-    if let Ok(ip) = name.parse::<IpAddr>() {
-        return Some(ip.to_string());
-    }
-    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-    let is_name = (1..=253).contains(&name.len())
-        && name.split('.').all(|label| {
-            (1..=63).contains(&label.len())
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    is_name.then_some(name)
 }
 
 #[cfg(test)]

@@ -122,7 +122,23 @@ pub mod nats;
 
 pub use crate::db::apply;
 
-use crate::config::{SinkConfig, SinkKind};
+/// One configured sink: its name and what it is (built by `config`, owned here).
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Unique name: `database` and `api` for the ones from `.env`.
+    pub name: String,
+    pub kind: SinkKind,
+}
+
+/// What a sink is, with its settings.
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    Http(http::HttpSinkConfig),
+    /// `postgres://`, `mysql://` or `sqlite://` URL.
+    Database(database::DatabaseSinkConfig),
+    /// NATS JetStream: `nats://` or `tls://` URL.
+    Nats(nats::NatsSinkConfig),
+}
 
 /// Builds every configured sink, in order. Connects to nothing: database sinks connect on their
 /// first delivery or probe. Fails on a duplicate name or an unusable URL, TLS file or route.

@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::{Config, Problem};
+use crate::config::Config;
+use crate::problem::Problem;
 use query::{Param, Row};
 
 /// Page size when `max_records` is not set.
@@ -197,7 +198,7 @@ pub fn load(
         };
         let when = match (&src.schedule, &src.every) {
             (Some(cron), None) => {
-                if let Err(err) = crate::config::validate_crontab(cron) {
+                if let Err(err) = crate::crontab::validate_crontab(cron) {
                     problem("schedule", Some(cron.clone()), err);
                 }
                 When::Cron(cron.clone())

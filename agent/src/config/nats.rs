@@ -1,0 +1,241 @@
+//! The NATS JetStream sink's configuration: a `type = "nats"` sink of the TOML file, and the
+//! `nats` sink the `CENTRAL_NATS_*` keys define (overriding the file's field by field).
+
+use std::time::Duration;
+
+use super::NATS_SINK;
+use super::file::FileSink;
+use super::keys::*;
+use super::loader::Loader;
+use super::parse::{parse_bool, parse_secs, secs_from_f64};
+use crate::problem::Problem;
+use crate::redact::url as redact_url;
+use crate::sinks::nats::{NatsSinkConfig, Retention, StreamSettings};
+use crate::sinks::{SinkConfig, SinkKind};
+
+impl Loader {
+    /// A `type = "nats"` sink of the file.
+    pub(super) fn file_nats_sink(
+        &mut self,
+        at: &str,
+        sink: &FileSink,
+        agent_id: &str,
+    ) -> NatsSinkConfig {
+        if let Err(expected) = crate::sinks::nats::check_nats_url(&sink.url) {
+            self.problem(format!("{at}.url"), Some(redact_url(&sink.url)), expected);
+        }
+        let timeout = match sink.timeout_secs {
+            Some(t) => secs_from_f64(t, false).unwrap_or_else(|expected| {
+                self.problem(format!("{at}.timeout_secs"), Some(t.to_string()), expected);
+                Duration::from_secs(crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS)
+            }),
+            None => Duration::from_secs(crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS),
+        };
+        let subject = sink
+            .subject
+            .clone()
+            .unwrap_or_else(|| crate::sinks::nats::DEFAULT_SUBJECT.into());
+        if let Err(expected) = crate::sinks::nats::check_subject_template(&subject) {
+            self.problem(format!("{at}.subject"), Some(subject.clone()), expected);
+        }
+        let create = sink.create_stream.unwrap_or(DEFAULT_CREATE_STREAM);
+        if !create {
+            for (field, set) in [
+                ("stream", sink.stream.is_some()),
+                ("stream_subjects", sink.stream_subjects.is_some()),
+                ("retention", sink.retention.is_some()),
+                ("replicas", sink.replicas.is_some()),
+                (
+                    "duplicate_window_secs",
+                    sink.duplicate_window_secs.is_some(),
+                ),
+            ] {
+                if set {
+                    self.problem(
+                        format!("{at}.{field}"),
+                        None,
+                        "is used only to create the stream: set create_stream = true, or remove it",
+                    );
+                }
+            }
+        }
+        let stream = create.then(|| {
+            let name = sink
+                .stream
+                .clone()
+                .unwrap_or_else(|| crate::sinks::nats::DEFAULT_STREAM.into());
+            if let Err(expected) = crate::sinks::nats::check_stream_name(&name) {
+                self.problem(format!("{at}.stream"), Some(name.clone()), expected);
+            }
+            let subjects = sink
+                .stream_subjects
+                .clone()
+                .unwrap_or_else(|| vec![crate::sinks::nats::default_stream_subject(&subject)]);
+            if subjects.is_empty() || subjects.iter().any(|s| s.trim().is_empty()) {
+                self.problem(
+                    format!("{at}.stream_subjects"),
+                    Some(format!("{subjects:?}")),
+                    "expected at least one subject, such as \"estafeta.>\"",
+                );
+            }
+            let retention = match &sink.retention {
+                Some(text) => Retention::parse(text).unwrap_or_else(|expected| {
+                    self.problem(format!("{at}.retention"), Some(text.clone()), expected);
+                    Retention::Limits
+                }),
+                None => Retention::Limits,
+            };
+            let replicas = sink.replicas.unwrap_or(1);
+            if !(1..=crate::sinks::nats::MAX_REPLICAS).contains(&replicas) {
+                self.problem(
+                    format!("{at}.replicas"),
+                    Some(replicas.to_string()),
+                    format!(
+                        "expected 1 to {} (at most the cluster's server count)",
+                        crate::sinks::nats::MAX_REPLICAS
+                    ),
+                );
+            }
+            let duplicate_window = sink.duplicate_window_secs.and_then(|t| {
+                secs_from_f64(t, false)
+                    .map_err(|expected| {
+                        self.problem(
+                            format!("{at}.duplicate_window_secs"),
+                            Some(t.to_string()),
+                            expected,
+                        )
+                    })
+                    .ok()
+            });
+            StreamSettings {
+                name,
+                subjects,
+                retention,
+                replicas,
+                duplicate_window,
+            }
+        });
+        NatsSinkConfig {
+            url: sink.url.clone(),
+            token: sink.token.clone().filter(|t| !t.is_empty()),
+            subject,
+            timeout,
+            agent_id: agent_id.to_owned(),
+            stream,
+        }
+    }
+
+    /// `CENTRAL_NATS_*`: the `nats` sink (overriding the file's, field by field, if it has one).
+    pub(super) fn env_nats_sink(&mut self, sinks: &mut Vec<SinkConfig>, agent_id: &str) {
+        let url = self.text("CENTRAL_NATS_URL");
+        if let Some(url) = &url
+            && let Err(expected) = crate::sinks::nats::check_nats_url(url)
+        {
+            self.problem(
+                self.label("CENTRAL_NATS_URL"),
+                Some(redact_url(url)),
+                expected,
+            );
+        }
+        let token = self.text("CENTRAL_NATS_TOKEN");
+        let subject = self.parse_opt("CENTRAL_NATS_SUBJECT", |v| {
+            crate::sinks::nats::check_subject_template(v).map(|()| v.to_owned())
+        });
+        let timeout = self.parse_opt("CENTRAL_NATS_TIMEOUT_SECS", |v| parse_secs(v, false));
+        let create_stream = self.parse_opt("CENTRAL_NATS_CREATE_STREAM", parse_bool);
+        let stream_name = self.parse_opt("CENTRAL_NATS_STREAM", |v| {
+            crate::sinks::nats::check_stream_name(v).map(|()| v.to_owned())
+        });
+        match sinks.iter_mut().find(|s| s.name == NATS_SINK) {
+            Some(SinkConfig {
+                kind: SinkKind::Nats(nats),
+                ..
+            }) => {
+                if let Some(url) = url {
+                    nats.url = url;
+                }
+                if token.is_some() {
+                    nats.token = token;
+                }
+                if let Some(subject) = subject {
+                    // The stream's default subjects follow the template.
+                    if let Some(stream) = &mut nats.stream
+                        && stream.subjects
+                            == [crate::sinks::nats::default_stream_subject(&nats.subject)]
+                    {
+                        stream.subjects =
+                            vec![crate::sinks::nats::default_stream_subject(&subject)];
+                    }
+                    nats.subject = subject;
+                }
+                if let Some(timeout) = timeout {
+                    nats.timeout = timeout;
+                }
+                match (create_stream, &mut nats.stream) {
+                    (Some(false), _) => nats.stream = None,
+                    (Some(true), None) => {
+                        nats.stream = Some(default_stream(&nats.subject, stream_name.clone()));
+                    }
+                    _ => {}
+                }
+                if let (Some(name), Some(stream)) = (stream_name, &mut nats.stream) {
+                    stream.name = name;
+                }
+            }
+            Some(_) => {
+                if let Some(key) =
+                    in_section(Section::CentralNats).find(|k| self.raw.contains_key(*k))
+                {
+                    self.problem(
+                        self.label(key),
+                        None,
+                        "the CONFIG_FILE already has a sink named \"nats\" of another type; rename that sink",
+                    );
+                }
+            }
+            None => match url {
+                Some(url) => {
+                    let subject =
+                        subject.unwrap_or_else(|| crate::sinks::nats::DEFAULT_SUBJECT.into());
+                    let stream = create_stream
+                        .unwrap_or(DEFAULT_CREATE_STREAM)
+                        .then(|| default_stream(&subject, stream_name));
+                    sinks.push(SinkConfig {
+                        name: NATS_SINK.into(),
+                        kind: SinkKind::Nats(NatsSinkConfig {
+                            url,
+                            token,
+                            subject,
+                            timeout: timeout.unwrap_or(Duration::from_secs(
+                                crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS,
+                            )),
+                            agent_id: agent_id.to_owned(),
+                            stream,
+                        }),
+                    });
+                }
+                None => {
+                    if let Some(raw) = self.raw.get("CENTRAL_NATS_TOKEN").cloned() {
+                        self.problems.push(Problem::sentence(
+                            raw.origin.label("CENTRAL_NATS_TOKEN"),
+                            shown("CENTRAL_NATS_TOKEN", &raw.value),
+                            "is set but CENTRAL_NATS_URL is empty: set CENTRAL_NATS_URL or remove this key",
+                        ));
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// The stream `create_stream = true` makes when nothing else is said: `ESTAFETA` (or `name`),
+/// capturing the template's subjects, limits retention, one replica, the server's window.
+pub(super) fn default_stream(subject: &str, name: Option<String>) -> StreamSettings {
+    StreamSettings {
+        name: name.unwrap_or_else(|| crate::sinks::nats::DEFAULT_STREAM.into()),
+        subjects: vec![crate::sinks::nats::default_stream_subject(subject)],
+        retention: Retention::Limits,
+        replicas: 1,
+        duplicate_window: None,
+    }
+}

@@ -1,0 +1,401 @@
+//! Building the sink configurations: the TOML file's `[[sinks]]` (HTTP and database; NATS is
+//! in [`super::nats`]), then the `database` and `api` sinks the `CENTRAL_*` keys define, which
+//! override the file's sinks of the same name field by field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::checks::{
+    check_concurrency, check_database_url, check_http_url, check_readable, invalid_reason,
+};
+use super::file::{FileHttpRoute, FileSink, FileSinkType, METHODS};
+use super::keys::*;
+use super::loader::Loader;
+use super::parse::{parse_bool, parse_secs, parse_u64, secs_from_f64};
+use super::{API_SINK, DATABASE_SINK};
+use crate::problem::Problem;
+use crate::redact::url as redact_url;
+use crate::sinks::apply::ApplyStatements;
+use crate::sinks::database::{DatabaseSinkConfig, Dialect};
+use crate::sinks::http::{HttpRoute, HttpSinkConfig};
+use crate::sinks::{SinkConfig, SinkKind};
+
+impl Loader {
+    pub(super) fn sinks(
+        &mut self,
+        file_sinks: &[FileSink],
+        file_dir: &Path,
+        agent_id: &str,
+    ) -> Vec<SinkConfig> {
+        let mut sinks: Vec<SinkConfig> = Vec::new();
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        // (sink name, key, folder): loaded once the URL is final (CENTRAL_DATABASE_URL may
+        // change the dialect).
+        let mut apply_dirs: Vec<(String, String, PathBuf)> = Vec::new();
+        for (i, sink) in file_sinks.iter().enumerate() {
+            let at = format!("sinks[{i}]");
+            if let Err(err) = estafeta_staging::validate_name("sink", &sink.name) {
+                self.problem(
+                    format!("{at}.name"),
+                    Some(sink.name.clone()),
+                    invalid_reason(err),
+                );
+            }
+            if let Some(first) = seen.get(&sink.name) {
+                self.problem(
+                    format!("{at}.name"),
+                    Some(sink.name.clone()),
+                    format!("expected a unique sink name; sinks[{first}] is already called that"),
+                );
+                continue;
+            }
+            seen.insert(sink.name.clone(), i);
+            for (field, set, types) in sink.typed_fields() {
+                if set && !types.contains(&sink.kind) {
+                    let applies = types
+                        .iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" and ");
+                    self.problem(
+                        format!("{at}.{field}"),
+                        None,
+                        format!(
+                            "applies to {applies} sinks only; remove it from this {} sink",
+                            sink.kind.as_str()
+                        ),
+                    );
+                }
+            }
+            let kind = match sink.kind {
+                FileSinkType::Nats => SinkKind::Nats(self.file_nats_sink(&at, sink, agent_id)),
+                FileSinkType::Database => {
+                    if let Err(expected) = check_database_url(&sink.url) {
+                        self.problem(format!("{at}.url"), Some(redact_url(&sink.url)), expected);
+                    }
+                    if let Some(dir) = &sink.apply_dir {
+                        apply_dirs.push((
+                            sink.name.clone(),
+                            format!("{at}.apply_dir"),
+                            file_dir.join(dir),
+                        ));
+                    }
+                    let connections = match sink.connections {
+                        None => crate::sinks::database::DEFAULT_CONNECTIONS,
+                        Some(n @ 1..=2) => n,
+                        Some(n) => {
+                            self.problem(
+                                format!("{at}.connections"),
+                                Some(n.to_string()),
+                                "expected 1 or 2 (connections a PostgreSQL batch is spread over)",
+                            );
+                            crate::sinks::database::DEFAULT_CONNECTIONS
+                        }
+                    };
+                    SinkKind::Database(DatabaseSinkConfig {
+                        url: sink.url.clone(),
+                        agent_id: agent_id.to_owned(),
+                        apply: None,
+                        connections,
+                    })
+                }
+                FileSinkType::Http => {
+                    if let Err(expected) = check_http_url(&sink.url) {
+                        self.problem(format!("{at}.url"), Some(redact_url(&sink.url)), expected);
+                    }
+                    let timeout = match sink.timeout_secs {
+                        Some(t) => match secs_from_f64(t, false) {
+                            Ok(d) => d,
+                            Err(expected) => {
+                                self.problem(
+                                    format!("{at}.timeout_secs"),
+                                    Some(t.to_string()),
+                                    expected,
+                                );
+                                Duration::from_secs(DEFAULT_API_TIMEOUT_SECS)
+                            }
+                        },
+                        None => Duration::from_secs(DEFAULT_API_TIMEOUT_SECS),
+                    };
+                    let concurrency = sink.concurrency.unwrap_or(DEFAULT_API_CONCURRENCY);
+                    if let Err(expected) = check_concurrency(concurrency) {
+                        self.problem(
+                            format!("{at}.concurrency"),
+                            Some(concurrency.to_string()),
+                            expected,
+                        );
+                    }
+                    let ca_file = sink.ca_file.as_ref().map(|p| file_dir.join(p));
+                    if let Some(ca) = &ca_file
+                        && let Err(expected) = check_readable(ca)
+                    {
+                        self.problem(
+                            format!("{at}.ca_file"),
+                            Some(ca.display().to_string()),
+                            expected,
+                        );
+                    }
+                    let mut routes = Vec::new();
+                    for (j, route) in sink.routes.iter().enumerate() {
+                        routes.push(self.http_route(&format!("{at}.routes[{j}]"), route));
+                    }
+                    if let Some(path) = &sink.heartbeat_path
+                        && let Err(expected) = crate::sinks::http::check_heartbeat_path(path)
+                    {
+                        self.problem(format!("{at}.heartbeat_path"), Some(path.clone()), expected);
+                    }
+                    SinkKind::Http(HttpSinkConfig {
+                        url: sink.url.clone(),
+                        token: sink.token.clone().filter(|t| !t.is_empty()),
+                        timeout,
+                        verify_tls: sink.verify_tls.unwrap_or(DEFAULT_VERIFY_TLS),
+                        ca_file,
+                        routes,
+                        concurrency,
+                        heartbeat_path: sink.heartbeat_path.clone(),
+                    })
+                }
+            };
+            sinks.push(SinkConfig {
+                name: sink.name.clone(),
+                kind,
+            });
+        }
+        self.env_database_sink(&mut sinks, agent_id);
+        for (name, at, dir) in apply_dirs {
+            self.apply_statements(&mut sinks, &name, &at, &dir);
+        }
+        self.env_api_sink(&mut sinks);
+        self.env_nats_sink(&mut sinks, agent_id);
+        if sinks.is_empty() {
+            sinks.push(SinkConfig {
+                name: DATABASE_SINK.into(),
+                kind: SinkKind::Database(DatabaseSinkConfig {
+                    url: DEFAULT_DATABASE_URL.into(),
+                    agent_id: agent_id.to_owned(),
+                    apply: None,
+                    connections: crate::sinks::database::DEFAULT_CONNECTIONS,
+                }),
+            });
+        }
+        sinks
+    }
+
+    pub(super) fn http_route(&mut self, at: &str, route: &FileHttpRoute) -> HttpRoute {
+        let method = route.method.as_ref().map(|m| m.to_ascii_uppercase());
+        if let Some(m) = &method
+            && !METHODS.contains(&m.as_str())
+        {
+            self.problem(
+                format!("{at}.method"),
+                Some(m.clone()),
+                format!("expected one of {}", METHODS.join(", ")),
+            );
+        }
+        for (field, name) in [("entity", &route.entity), ("action", &route.action)] {
+            if let Some(name) = name
+                && name != "*"
+                && let Err(err) = estafeta_staging::validate_name(field, name)
+            {
+                self.problem(
+                    format!("{at}.{field}"),
+                    Some(name.clone()),
+                    invalid_reason(err),
+                );
+            }
+        }
+        if let Some(path) = &route.path
+            && !path.starts_with('/')
+        {
+            self.problem(
+                format!("{at}.path"),
+                Some(path.clone()),
+                "expected a path starting with '/', such as /{entity}/{key}",
+            );
+        }
+        HttpRoute {
+            entity: route.entity.clone().filter(|e| e != "*"),
+            action: route.action.clone().filter(|a| a != "*"),
+            method,
+            path: route.path.clone(),
+            headers: route.headers.clone(),
+        }
+    }
+
+    /// Apply mode: reads and checks the statement files of sink `name` for its final URL's
+    /// dialect; each bad file is a problem naming it.
+    pub(super) fn apply_statements(
+        &mut self,
+        sinks: &mut [SinkConfig],
+        name: &str,
+        at: &str,
+        dir: &Path,
+    ) {
+        let Some(SinkConfig {
+            kind: SinkKind::Database(db),
+            ..
+        }) = sinks.iter_mut().find(|s| s.name == name)
+        else {
+            return;
+        };
+        // A bad URL is reported on its own.
+        let Ok(dialect) = Dialect::of(&db.url) else {
+            return;
+        };
+        match ApplyStatements::load(dir, dialect) {
+            Ok(statements) => db.apply = Some(Arc::new(statements)),
+            Err(problems) => {
+                for problem in problems {
+                    self.problem(at, Some(dir.display().to_string()), problem);
+                }
+            }
+        }
+    }
+
+    /// `CENTRAL_DATABASE_URL`: the `database` sink (overriding the file's, if it has one).
+    pub(super) fn env_database_sink(&mut self, sinks: &mut Vec<SinkConfig>, agent_id: &str) {
+        let Some(url) = self.text("CENTRAL_DATABASE_URL") else {
+            return;
+        };
+        if let Err(expected) = check_database_url(&url) {
+            self.problem(
+                self.label("CENTRAL_DATABASE_URL"),
+                Some(redact_url(&url)),
+                expected,
+            );
+        }
+        match sinks.iter_mut().find(|s| s.name == DATABASE_SINK) {
+            Some(SinkConfig {
+                kind: SinkKind::Database(db),
+                ..
+            }) => db.url = url,
+            Some(_) => self.problem(
+                self.label("CENTRAL_DATABASE_URL"),
+                Some(redact_url(&url)),
+                "the CONFIG_FILE already has an http sink named \"database\"; rename that sink",
+            ),
+            None => sinks.push(SinkConfig {
+                name: DATABASE_SINK.into(),
+                kind: SinkKind::Database(DatabaseSinkConfig {
+                    url,
+                    agent_id: agent_id.to_owned(),
+                    apply: None,
+                    connections: crate::sinks::database::DEFAULT_CONNECTIONS,
+                }),
+            }),
+        }
+    }
+
+    /// `CENTRAL_API_*`: the `api` sink (overriding the file's, field by field, if it has one).
+    pub(super) fn env_api_sink(&mut self, sinks: &mut Vec<SinkConfig>) {
+        let url = self.text("CENTRAL_API_URL");
+        if let Some(url) = &url
+            && let Err(expected) = check_http_url(url)
+        {
+            self.problem(
+                self.label("CENTRAL_API_URL"),
+                Some(redact_url(url)),
+                expected,
+            );
+        }
+        let token = self.text("CENTRAL_API_TOKEN");
+        let timeout = self.parse_opt("CENTRAL_API_TIMEOUT_SECS", |v| parse_secs(v, false));
+        let verify_tls = self.parse_opt("CENTRAL_API_VERIFY_TLS", parse_bool);
+        let ca_file = self.text("CENTRAL_API_CA_FILE").map(|p| self.cwd.join(p));
+        if let Some(ca) = &ca_file
+            && let Err(expected) = check_readable(ca)
+        {
+            self.problem(
+                self.label("CENTRAL_API_CA_FILE"),
+                Some(ca.display().to_string()),
+                expected,
+            );
+        }
+        let concurrency = self.parse_opt("CENTRAL_API_CONCURRENCY", |v| {
+            parse_u64(v, "a whole number from 1 to 1024")
+                .and_then(|n| {
+                    usize::try_from(n).map_err(|_| "expected a whole number from 1 to 1024".into())
+                })
+                .and_then(|n| check_concurrency(n).map(|()| n))
+        });
+        let heartbeat_path = self.text("CENTRAL_API_HEARTBEAT_PATH");
+        if let Some(path) = &heartbeat_path
+            && let Err(expected) = crate::sinks::http::check_heartbeat_path(path)
+        {
+            self.problem(
+                self.label("CENTRAL_API_HEARTBEAT_PATH"),
+                Some(path.clone()),
+                expected,
+            );
+        }
+        let existing = sinks.iter_mut().find(|s| s.name == API_SINK);
+        match existing {
+            Some(SinkConfig {
+                kind: SinkKind::Http(http),
+                ..
+            }) => {
+                if let Some(url) = url {
+                    http.url = url;
+                }
+                if token.is_some() {
+                    http.token = token;
+                }
+                if let Some(timeout) = timeout {
+                    http.timeout = timeout;
+                }
+                if let Some(verify) = verify_tls {
+                    http.verify_tls = verify;
+                }
+                if ca_file.is_some() {
+                    http.ca_file = ca_file;
+                }
+                if let Some(concurrency) = concurrency {
+                    http.concurrency = concurrency;
+                }
+                if heartbeat_path.is_some() {
+                    http.heartbeat_path = heartbeat_path;
+                }
+            }
+            Some(_) => {
+                if let Some(key) =
+                    in_section(Section::CentralApi).find(|k| self.raw.contains_key(*k))
+                {
+                    self.problem(
+                        self.label(key),
+                        None,
+                        "the CONFIG_FILE already has a database sink named \"api\"; rename that sink",
+                    );
+                }
+            }
+            None => match url {
+                Some(url) => sinks.push(SinkConfig {
+                    name: API_SINK.into(),
+                    kind: SinkKind::Http(HttpSinkConfig {
+                        url,
+                        token,
+                        timeout: timeout.unwrap_or(Duration::from_secs(DEFAULT_API_TIMEOUT_SECS)),
+                        verify_tls: verify_tls.unwrap_or(DEFAULT_VERIFY_TLS),
+                        ca_file,
+                        routes: Vec::new(),
+                        concurrency: concurrency.unwrap_or(DEFAULT_API_CONCURRENCY),
+                        heartbeat_path,
+                    }),
+                }),
+                None => {
+                    // Only keys that show intent: the defaults may well be uncommented.
+                    for key in ["CENTRAL_API_TOKEN", "CENTRAL_API_CA_FILE"] {
+                        if let Some(raw) = self.raw.get(key).cloned() {
+                            self.problems.push(Problem::sentence(
+                                raw.origin.label(key),
+                                shown(key, &raw.value),
+                                "is set but CENTRAL_API_URL is empty: set CENTRAL_API_URL or remove this key",
+                            ));
+                        }
+                    }
+                }
+            },
+        }
+    }
+}

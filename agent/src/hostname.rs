@@ -1,0 +1,26 @@
+//! Host names and IP addresses in the one canonical form the ingest API's `Host` check and
+//! `INGEST_ALLOWED_HOSTS` compare them in. At the bottom of the module graph: configuration
+//! parses with it, the ingest API checks with it.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+/// A host as the check compares it: an IP address in its canonical text (IPv6 without
+/// brackets), or a host name in lowercase without a trailing dot. `None` when `name` is
+/// neither (a port, a scheme, a path, a wildcard, spaces).
+pub fn canonical_host(name: &str) -> Option<String> {
+    if let Some(inside) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        return inside.parse::<Ipv6Addr>().ok().map(|ip| ip.to_string());
+    }
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Some(ip.to_string());
+    }
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    let is_name = (1..=253).contains(&name.len())
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    is_name.then_some(name)
+}
