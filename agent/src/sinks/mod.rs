@@ -109,7 +109,7 @@ pub trait Sink: Send + Sync {
     /// (the default).
     fn heartbeat<'a>(
         &'a self,
-        beat: &'a crate::heartbeat::Heartbeat,
+        beat: &'a heartbeat::Heartbeat,
     ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
         let _ = beat;
         Box::pin(async { None })
@@ -117,6 +117,7 @@ pub trait Sink: Send + Sync {
 }
 
 pub mod database;
+pub mod heartbeat;
 pub mod http;
 pub mod nats;
 

@@ -300,7 +300,10 @@ impl MysqlSink {
     }
 
     /// Upserts `beat` into `estafeta_agents`, creating the table and view first if needed.
-    async fn send_heartbeat(&self, beat: &crate::heartbeat::Heartbeat) -> Result<(), String> {
+    async fn send_heartbeat(
+        &self,
+        beat: &crate::sinks::heartbeat::Heartbeat,
+    ) -> Result<(), String> {
         let mut slot = self.conn.lock().await;
         if let Some(conn) = slot.as_mut()
             && conn.ping().await.is_err()
@@ -569,7 +572,7 @@ impl Sink for MysqlSink {
 
     fn heartbeat<'a>(
         &'a self,
-        beat: &'a crate::heartbeat::Heartbeat,
+        beat: &'a crate::sinks::heartbeat::Heartbeat,
     ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
         Box::pin(async move { Some(self.send_heartbeat(beat).await.map_err(anyhow::Error::msg)) })
     }

@@ -423,7 +423,10 @@ impl PostgresSink {
     }
 
     /// Upserts `beat` into `estafeta_agents`, creating the table and view first if needed.
-    async fn send_heartbeat(&self, beat: &crate::heartbeat::Heartbeat) -> Result<(), String> {
+    async fn send_heartbeat(
+        &self,
+        beat: &crate::sinks::heartbeat::Heartbeat,
+    ) -> Result<(), String> {
         // The first connection, which every batch uses (a large one uses the second too).
         let mut slot = self.clients[0].lock().await;
         let client = &mut self.open(&mut slot).await?.client;
@@ -602,7 +605,7 @@ impl Sink for PostgresSink {
 
     fn heartbeat<'a>(
         &'a self,
-        beat: &'a crate::heartbeat::Heartbeat,
+        beat: &'a crate::sinks::heartbeat::Heartbeat,
     ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
         Box::pin(async move { Some(self.send_heartbeat(beat).await.map_err(anyhow::Error::msg)) })
     }

@@ -325,7 +325,7 @@ impl Sink for SqliteSink {
 
     fn heartbeat<'a>(
         &'a self,
-        beat: &'a crate::heartbeat::Heartbeat,
+        beat: &'a crate::sinks::heartbeat::Heartbeat,
     ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
         Box::pin(async move {
             let path = Arc::clone(&self.path);

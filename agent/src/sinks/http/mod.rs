@@ -271,7 +271,7 @@ impl HttpSink {
     async fn send_heartbeat(
         &self,
         url: Url,
-        beat: &crate::heartbeat::Heartbeat,
+        beat: &crate::sinks::heartbeat::Heartbeat,
     ) -> anyhow::Result<()> {
         let shown = redact::url(url.as_str());
         let mut request = self.shared.client.put(url).json(beat);
@@ -349,7 +349,7 @@ impl Sink for HttpSink {
 
     fn heartbeat<'a>(
         &'a self,
-        beat: &'a crate::heartbeat::Heartbeat,
+        beat: &'a crate::sinks::heartbeat::Heartbeat,
     ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
         Box::pin(async move {
             let template = self.heartbeat_path.as_deref()?;

@@ -290,7 +290,10 @@ impl NatsSink {
     }
 
     /// Publishes `beat` as JSON on `estafeta_heartbeat.<agent>` and flushes it.
-    async fn send_heartbeat(&self, beat: &crate::heartbeat::Heartbeat) -> anyhow::Result<()> {
+    async fn send_heartbeat(
+        &self,
+        beat: &crate::sinks::heartbeat::Heartbeat,
+    ) -> anyhow::Result<()> {
         let connection = self.connection().await.map_err(anyhow::Error::msg)?;
         let state = connection.client.connection_state();
         if state != State::Connected {
@@ -491,7 +494,7 @@ impl Sink for NatsSink {
 
     fn heartbeat<'a>(
         &'a self,
-        beat: &'a crate::heartbeat::Heartbeat,
+        beat: &'a crate::sinks::heartbeat::Heartbeat,
     ) -> BoxFuture<'a, Option<anyhow::Result<()>>> {
         Box::pin(async move { Some(self.send_heartbeat(beat).await) })
     }
