@@ -5,6 +5,9 @@
 //! ([`check_trusted`] takes SID strings and access masks); only reading a real file's owner and
 //! access list is Windows code ([`read`]).
 //!
+//! The account running estafeta is trusted too: a file only it can change crosses no privilege
+//! (LocalSystem is SYSTEM already; under Wine everything runs as, and is owned by, one user).
+//!
 //! Only allow entries count: a deny entry never gives anyone a right, and the order-dependent
 //! evaluation it takes part in is not needed to prove "nobody else can write".
 
@@ -91,9 +94,14 @@ impl fmt::Display for Untrusted {
     }
 }
 
-/// Ok when only SYSTEM, Administrators and TrustedInstaller own or may change the file; else
-/// the first reason not to trust it (the owner first, then the entries in their order).
-pub fn check_trusted(owner: &str, aces: &[Ace]) -> Result<(), Untrusted> {
+/// Ok when only SYSTEM, Administrators, TrustedInstaller and `running_as` (the SID of the
+/// account running estafeta) own or may change the file; else the first reason not to trust
+/// it (the owner first, then the entries in their order).
+pub fn check_trusted(owner: &str, aces: &[Ace], running_as: &str) -> Result<(), Untrusted> {
+    let is_trusted = |sid: &str| {
+        sid.eq_ignore_ascii_case(running_as)
+            || TRUSTED_SIDS.iter().any(|t| t.eq_ignore_ascii_case(sid))
+    };
     if !is_trusted(owner) {
         return Err(Untrusted::Owner {
             owner: owner.to_owned(),
@@ -116,10 +124,6 @@ pub fn check_trusted(owner: &str, aces: &[Ace]) -> Result<(), Untrusted> {
         }
     }
     Ok(())
-}
-
-fn is_trusted(sid: &str) -> bool {
-    TRUSTED_SIDS.iter().any(|t| t.eq_ignore_ascii_case(sid))
 }
 
 /// A well-known SID with its English name, so that the refusal says who ("Users (S-1-5-32-545)");
@@ -169,9 +173,7 @@ pub fn refusal(path: &Path, why: &Untrusted) -> String {
 pub fn read(path: &Path) -> std::io::Result<(String, Vec<Ace>)> {
     use std::os::windows::ffi::OsStrExt as _;
     use windows_sys::Win32::Foundation::{ERROR_SUCCESS, LocalFree};
-    use windows_sys::Win32::Security::Authorization::{
-        ConvertSidToStringSidW, GetNamedSecurityInfoW, SE_FILE_OBJECT,
-    };
+    use windows_sys::Win32::Security::Authorization::{GetNamedSecurityInfoW, SE_FILE_OBJECT};
     use windows_sys::Win32::Security::{
         ACCESS_ALLOWED_ACE, ACE_HEADER, ACL, ACL_SIZE_INFORMATION, AclSizeInformation,
         DACL_SECURITY_INFORMATION, GetAce, GetAclInformation, INHERIT_ONLY_ACE,
@@ -193,21 +195,6 @@ pub fn read(path: &Path) -> std::io::Result<(String, Vec<Ace>)> {
                 unsafe { LocalFree(self.0) };
             }
         }
-    }
-
-    fn sid_string(sid: PSID) -> std::io::Result<String> {
-        let mut text: *mut u16 = std::ptr::null_mut();
-        // SAFETY: `sid` points into a live security descriptor; `text` is freed below.
-        if unsafe { ConvertSidToStringSidW(sid, &mut text) } == 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a NUL-terminated string allocated by ConvertSidToStringSidW.
-        let len = (0..).take_while(|&i| unsafe { *text.add(i) } != 0).count();
-        // SAFETY: `len` u16s were just read from it.
-        let s = String::from_utf16_lossy(unsafe { std::slice::from_raw_parts(text, len) });
-        // SAFETY: allocated by ConvertSidToStringSidW, freed once.
-        unsafe { LocalFree(text.cast()) };
-        Ok(s)
     }
 
     let wide: Vec<u16> = path.as_os_str().encode_wide().chain([0]).collect();
@@ -292,6 +279,65 @@ pub fn read(path: &Path) -> std::io::Result<(String, Vec<Ace>)> {
     Ok((owner, aces))
 }
 
+/// A SID in string form (`S-1-5-18`).
+#[cfg(windows)]
+#[allow(unsafe_code)] // Win32 API: a string allocated by Windows, freed here.
+fn sid_string(sid: windows_sys::Win32::Security::PSID) -> std::io::Result<String> {
+    use windows_sys::Win32::Foundation::LocalFree;
+    use windows_sys::Win32::Security::Authorization::ConvertSidToStringSidW;
+    let mut text: *mut u16 = std::ptr::null_mut();
+    // SAFETY: `sid` points into a live security descriptor; `text` is freed below.
+    if unsafe { ConvertSidToStringSidW(sid, &mut text) } == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a NUL-terminated string allocated by ConvertSidToStringSidW.
+    let len = (0..).take_while(|&i| unsafe { *text.add(i) } != 0).count();
+    // SAFETY: `len` u16s were just read from it.
+    let s = String::from_utf16_lossy(unsafe { std::slice::from_raw_parts(text, len) });
+    // SAFETY: allocated by ConvertSidToStringSidW, freed once.
+    unsafe { LocalFree(text.cast()) };
+    Ok(s)
+}
+
+/// The SID of the account running this process (`S-1-5-18` for the service).
+#[cfg(windows)]
+#[allow(unsafe_code)] // Win32 token API: a handle closed here, a buffer owned here.
+pub fn current_user() -> std::io::Result<String> {
+    use windows_sys::Win32::Foundation::{CloseHandle, HANDLE};
+    use windows_sys::Win32::Security::{GetTokenInformation, TOKEN_QUERY, TOKEN_USER, TokenUser};
+    use windows_sys::Win32::System::Threading::{GetCurrentProcess, OpenProcessToken};
+
+    let mut token: HANDLE = std::ptr::null_mut();
+    // SAFETY: the current process's pseudo handle; `token` is closed below.
+    if unsafe { OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &mut token) } == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // TOKEN_USER and the SID after it: 256 bytes hold any SID (at most 68 bytes) with room.
+    // u64 elements keep the buffer aligned for TOKEN_USER's pointer.
+    let mut buffer = [0u64; 32];
+    let mut needed = 0u32;
+    // SAFETY: `buffer` is writable for its full size, which is passed.
+    let ok = unsafe {
+        GetTokenInformation(
+            token,
+            TokenUser,
+            buffer.as_mut_ptr().cast(),
+            std::mem::size_of_val(&buffer) as u32,
+            &mut needed,
+        )
+    } != 0;
+    let error = std::io::Error::last_os_error();
+    // SAFETY: opened above, closed once.
+    unsafe { CloseHandle(token) };
+    if !ok {
+        return Err(error);
+    }
+    // SAFETY: GetTokenInformation wrote a TOKEN_USER at the start of `buffer`, whose SID
+    // pointer points into `buffer`, alive while it is read.
+    let sid = unsafe { (*(buffer.as_ptr() as *const TOKEN_USER)).User.Sid };
+    sid_string(sid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,22 +364,28 @@ mod tests {
 
     #[test]
     fn a_file_only_system_and_administrators_control_is_trusted() {
-        assert_eq!(check_trusted(ADMINISTRATORS_SID, &narrowed()), Ok(()));
-        assert_eq!(check_trusted(SYSTEM_SID, &narrowed()), Ok(()));
-        assert_eq!(check_trusted(TRUSTED_INSTALLER_SID, &narrowed()), Ok(()));
+        assert_eq!(
+            check_trusted(ADMINISTRATORS_SID, &narrowed(), SYSTEM_SID),
+            Ok(())
+        );
+        assert_eq!(check_trusted(SYSTEM_SID, &narrowed(), SYSTEM_SID), Ok(()));
+        assert_eq!(
+            check_trusted(TRUSTED_INSTALLER_SID, &narrowed(), SYSTEM_SID),
+            Ok(())
+        );
     }
 
     #[test]
     fn users_may_read_a_trusted_file() {
         let mut aces = narrowed();
         aces.push(allow(USERS, READ_EXECUTE));
-        assert_eq!(check_trusted(ADMINISTRATORS_SID, &aces), Ok(()));
+        assert_eq!(check_trusted(ADMINISTRATORS_SID, &aces, SYSTEM_SID), Ok(()));
     }
 
     #[test]
     fn a_file_a_user_owns_is_refused_whatever_its_access_list() {
         assert_eq!(
-            check_trusted(A_USER, &narrowed()),
+            check_trusted(A_USER, &narrowed(), SYSTEM_SID),
             Err(Untrusted::Owner {
                 owner: A_USER.into()
             })
@@ -345,7 +397,7 @@ mod tests {
         let mut aces = narrowed();
         aces.push(allow(USERS, READ_EXECUTE | 0x0000_0002));
         assert_eq!(
-            check_trusted(ADMINISTRATORS_SID, &aces),
+            check_trusted(ADMINISTRATORS_SID, &aces, SYSTEM_SID),
             Err(Untrusted::Writable {
                 sid: USERS.into(),
                 rights: vec!["write"]
@@ -357,7 +409,7 @@ mod tests {
     fn a_file_everyone_has_generic_all_on_is_refused() {
         let mut aces = narrowed();
         aces.push(allow(EVERYONE, 0x1000_0000));
-        let err = check_trusted(SYSTEM_SID, &aces).expect_err("everyone can write");
+        let err = check_trusted(SYSTEM_SID, &aces, SYSTEM_SID).expect_err("everyone can write");
         assert_eq!(
             err,
             Untrusted::Writable {
@@ -383,7 +435,7 @@ mod tests {
             let mut aces = narrowed();
             aces.push(allow(A_USER, READ_EXECUTE | mask));
             assert_eq!(
-                check_trusted(ADMINISTRATORS_SID, &aces),
+                check_trusted(ADMINISTRATORS_SID, &aces, SYSTEM_SID),
                 Err(Untrusted::Writable {
                     sid: A_USER.into(),
                     rights: vec![word]
@@ -401,11 +453,11 @@ mod tests {
             mask: FULL,
             kind: AceKind::Deny,
         });
-        assert_eq!(check_trusted(ADMINISTRATORS_SID, &aces), Ok(()));
+        assert_eq!(check_trusted(ADMINISTRATORS_SID, &aces, SYSTEM_SID), Ok(()));
         // A deny before a write grant does not make the grant harmless for this check.
         aces.push(allow(A_USER, FULL));
         assert!(matches!(
-            check_trusted(ADMINISTRATORS_SID, &aces),
+            check_trusted(ADMINISTRATORS_SID, &aces, SYSTEM_SID),
             Err(Untrusted::Writable { sid, .. }) if sid == A_USER
         ));
     }
@@ -422,6 +474,18 @@ mod tests {
         assert!(text.contains("check its content"));
         assert!(text.ends_with(
             r#"icacls "C:\ProgramData\Estafeta\estafeta.env" /setowner *S-1-5-32-544 && icacls "C:\ProgramData\Estafeta\estafeta.env" /reset && icacls "C:\ProgramData\Estafeta\estafeta.env" /inheritance:r /grant:r *S-1-5-18:F *S-1-5-32-544:F"#
+        ));
+    }
+
+    #[test]
+    fn the_account_running_estafeta_trusts_its_own_file_but_not_a_group_writable_one() {
+        // An administrator's console, or Wine, where one user owns everything: nothing crosses.
+        let mut aces = vec![allow(A_USER, FULL)];
+        assert_eq!(check_trusted(A_USER, &aces, A_USER), Ok(()));
+        aces.push(allow(USERS, FULL));
+        assert!(matches!(
+            check_trusted(A_USER, &aces, A_USER),
+            Err(Untrusted::Writable { sid, .. }) if sid == USERS
         ));
     }
 }

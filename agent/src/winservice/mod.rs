@@ -235,8 +235,8 @@ pub fn prepare_token_file(env_file: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Refuses `file` when someone other than SYSTEM, Administrators or TrustedInstaller owns it or
-/// may change it; a missing file is fine (the service writes it after the narrowing).
+/// Refuses `file` when someone other than SYSTEM, Administrators, TrustedInstaller or the
+/// account running estafeta owns it or may change it; a missing file is fine (the service writes it after the narrowing).
 #[cfg(windows)]
 fn imp_check_trusted(file: &Path) -> Result<(), String> {
     if !file.exists() {
@@ -249,7 +249,10 @@ fn imp_check_trusted(file: &Path) -> Result<(), String> {
             acl::reset_command(file)
         )
     })?;
-    acl::check_trusted(&owner, &aces).map_err(|why| acl::refusal(file, &why))
+    let running_as = acl::current_user().map_err(|err| {
+        format!("the service will not start: could not read which account runs it ({err}); check that estafeta.exe runs as LocalSystem (services.msc)")
+    })?;
+    acl::check_trusted(&owner, &aces, &running_as).map_err(|why| acl::refusal(file, &why))
 }
 
 #[cfg(not(windows))]
