@@ -13,14 +13,34 @@
 //! `{DATA_DIR}`. An upgrade therefore never touches the user's settings. Beside it the service
 //! writes `ingest-token`, a random `INGEST_TOKEN` the template's `INGEST_TOKEN_FILE` names, when
 //! that file is missing (so a packaged install has a token without anyone choosing one, and any
-//! local user is not everyone; an existing token is never replaced), right after the folder's
-//! access list is narrowed to SYSTEM and Administrators (staged records are patient data, the
-//! token a secret), so that it inherits the narrowed list.
-//! The portable part (the data folder and the env file) is here and tested on every platform;
-//! the service control manager part is in the `#[cfg(windows)] mod imp`.
+//! local user is not everyone; an existing token is never replaced).
+//!
+//! The service runs as LocalSystem and trusts that folder, so each start (and `--prepare-only`)
+//! secures it first and fails closed, in this order ([`prepare`]):
+//! 1. the env file and the token file, when present, must be owned and writable only by
+//!    SYSTEM, Administrators or TrustedInstaller ([`acl`]): a standard user who created the
+//!    folder first could have planted them. Checked before step 2, which resets owners and
+//!    access lists and would hide the plant, and before the env file is read.
+//! 2. the folder and everything in it are given to Administrators, and its access list is
+//!    narrowed to SYSTEM and Administrators, inherited by everything inside (staged records are
+//!    patient data, the token a secret);
+//! 3. the two files must still hold what step 1 checked (not swapped meanwhile);
+//! 4. only then are missing files written, so they inherit the narrowed list.
+//!
+//! A failure at any step stops the start with an Application event (source `Estafeta`, see
+//! [`eventlog`]) that says why and what an administrator runs; the service never runs on a
+//! folder it could not secure.
+//! The portable part (the data folder, the env file, the trust decision) is here and tested on
+//! every platform; the service control manager part is in the `#[cfg(windows)] mod imp`.
+
+pub mod acl;
+#[cfg(windows)]
+mod eventlog;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
 
 /// The service's name in the service control manager (the MSI's `ServiceInstall/@Name`).
 pub const SERVICE_NAME: &str = "Estafeta";
@@ -61,7 +81,6 @@ pub enum EnvFile {
 /// read or written. The new file is written beside under a temporary name, flushed, then
 /// moved into place, so a crash never leaves a half-written env file.
 pub fn prepare_env_file(env_file: &Path, default: &Path) -> anyhow::Result<EnvFile> {
-    use anyhow::Context as _;
     if env_file.exists() {
         return Ok(EnvFile::Kept);
     }
@@ -103,7 +122,6 @@ pub fn prepare_env_file(env_file: &Path, default: &Path) -> anyhow::Result<EnvFi
 
 /// The template beside the running executable.
 pub fn default_env_template() -> anyhow::Result<PathBuf> {
-    use anyhow::Context as _;
     let exe = std::env::current_exe().context("could not find the running executable's path")?;
     Ok(exe
         .parent()
@@ -111,40 +129,146 @@ pub fn default_env_template() -> anyhow::Result<PathBuf> {
         .join(DEFAULT_ENV_FILE_NAME))
 }
 
-/// `estafeta service --prepare-only`: creates the data folder, the env file and the ingest
-/// token when missing, narrows the folder's access list (Windows), and prints what it did. Runs
-/// on every platform so it can be tested anywhere; the service runs the same steps at each start.
+/// `estafeta service --prepare-only`, and every start of the service: secures the data folder
+/// and fails closed (the steps are in the module documentation), then creates the env file and
+/// the ingest token when missing. Runs on every platform so it can be tested anywhere; the
+/// owner and access list steps are Windows only.
 pub fn prepare(env_file: Option<&Path>) -> anyhow::Result<(PathBuf, EnvFile)> {
     let env_file = env_file_path(env_file);
+    let dir = data_dir_of(&env_file);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("could not create the data folder {}", dir.display()))?;
+    let token_file = token_file_path(&env_file);
+    // Read before the check: a file swapped after the read is caught by `ensure_unchanged`, one
+    // swapped before it is the file the check sees.
+    let before = Snapshot::take(&[&env_file, &token_file])?;
+    for file in [&env_file, &token_file] {
+        imp_check_trusted(file).map_err(refuse)?;
+    }
+    imp_restrict(&dir).map_err(refuse)?;
+    before.ensure_unchanged().map_err(refuse)?;
+    // After the narrowing, so that new files inherit the narrowed access list.
     let outcome = prepare_env_file(&env_file, &default_env_template()?)?;
-    imp_restrict(&env_file);
-    // After the narrowing, so that the new file inherits the narrowed access list.
     prepare_token_file(&env_file)?;
     Ok((env_file, outcome))
+}
+
+/// The folder the env file is in: the data folder.
+fn data_dir_of(env_file: &Path) -> PathBuf {
+    env_file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+/// `ingest-token` beside the env file.
+fn token_file_path(env_file: &Path) -> PathBuf {
+    data_dir_of(env_file).join(crate::ingest::token::TOKEN_FILE_NAME)
+}
+
+/// A refusal to start: on Windows also written to the Application event log, because the
+/// service's own log is not open yet and stderr goes nowhere under the service control manager.
+fn refuse(message: String) -> anyhow::Error {
+    #[cfg(windows)]
+    if !eventlog::report_error(&message) {
+        eprintln!("estafeta: could not write to the Application event log");
+    }
+    anyhow::anyhow!(message)
+}
+
+/// What the trusted files held when they were checked, to prove they were not replaced while
+/// the folder was still open to their owner (between the check and the narrowing).
+#[derive(Debug)]
+struct Snapshot {
+    files: Vec<(PathBuf, Option<Vec<u8>>)>,
+}
+
+impl Snapshot {
+    /// Reads each file (`None` when it does not exist).
+    fn take(paths: &[&Path]) -> anyhow::Result<Snapshot> {
+        let files = paths
+            .iter()
+            .map(|path| Ok((path.to_path_buf(), read_if_present(path)?)))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Snapshot { files })
+    }
+
+    /// Ok when every file holds the same bytes as at [`Snapshot::take`] (or is still missing).
+    fn ensure_unchanged(&self) -> Result<(), String> {
+        for (path, before) in &self.files {
+            let now = read_if_present(path).map_err(|err| format!("{err:#}"))?;
+            if &now != before {
+                return Err(format!(
+                    "the service will not start: {} was {} while the service was securing its data folder, so someone with access to that folder is changing it; as an administrator, find out who (the folder's owner before the start), check the file's content, then start the service again",
+                    path.display(),
+                    if before.is_none() {
+                        "created"
+                    } else {
+                        "changed or replaced"
+                    }
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_if_present(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err).with_context(|| {
+            format!(
+                "could not read {}; as an administrator, check the file's permissions",
+                path.display()
+            )
+        }),
+    }
 }
 
 /// Writes a random token to `ingest-token` beside `env_file` when that file is missing (see the
 /// module documentation); returns its path.
 pub fn prepare_token_file(env_file: &Path) -> anyhow::Result<PathBuf> {
-    let path = env_file
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join(crate::ingest::token::TOKEN_FILE_NAME);
+    let path = token_file_path(env_file);
     crate::ingest::token::write_if_missing(&path)?;
     Ok(path)
 }
 
+/// Refuses `file` when someone other than SYSTEM, Administrators, TrustedInstaller or the
+/// account running estafeta owns it or may change it; a missing file is fine (the service writes it after the narrowing).
 #[cfg(windows)]
-fn imp_restrict(env_file: &Path) {
-    if let Some(dir) = env_file.parent()
-        && let Err(err) = imp::restrict_access(dir)
-    {
-        eprintln!("estafeta: warning: {err}");
+fn imp_check_trusted(file: &Path) -> Result<(), String> {
+    if !file.exists() {
+        return Ok(());
     }
+    let (owner, aces) = acl::read(file).map_err(|err| {
+        format!(
+            "the service will not start: could not read the owner and permissions of {} ({err}); as an administrator, check the file, then run: {}",
+            file.display(),
+            acl::reset_command(file)
+        )
+    })?;
+    let running_as = acl::current_user().map_err(|err| {
+        format!("the service will not start: could not read which account runs it ({err}); check that estafeta.exe runs as LocalSystem (services.msc)")
+    })?;
+    acl::check_trusted(&owner, &aces, &running_as).map_err(|why| acl::refusal(file, &why))
 }
 
 #[cfg(not(windows))]
-fn imp_restrict(_env_file: &Path) {}
+fn imp_check_trusted(_file: &Path) -> Result<(), String> {
+    Ok(())
+}
+
+#[cfg(windows)]
+fn imp_restrict(dir: &Path) -> Result<(), String> {
+    imp::restrict_access(dir)
+}
+
+#[cfg(not(windows))]
+fn imp_restrict(_dir: &Path) -> Result<(), String> {
+    Ok(())
+}
 
 /// Runs the agent as the Windows service (blocks until the service stops).
 #[cfg(windows)]
@@ -273,23 +397,16 @@ mod imp {
         stop: &CancellationToken,
         handle: service_control_handler::ServiceStatusHandle,
     ) -> anyhow::Result<()> {
-        let dir = env_file
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(super::default_data_dir);
-        super::prepare_env_file(env_file, &super::default_env_template()?)?;
-        let restricted = restrict_access(&dir);
-        // After the narrowing, so that a new token file inherits the narrowed access list.
-        let token_file = super::prepare_token_file(env_file)?;
+        // Fails closed, with an Application event, before the env file is read.
+        super::prepare(Some(env_file))?;
+        let dir = super::data_dir_of(env_file);
+        let token_file = super::token_file_path(env_file);
         // Relative paths in the env file (and the embedded sqlite://central.db) land here, not
         // in C:\Windows\System32, the SCM's working directory.
         std::env::set_current_dir(&dir)
             .with_context(|| format!("could not enter the data folder {}", dir.display()))?;
         let config = crate::config::Config::load(Some(env_file))?;
         let _guard = crate::logging::init(&config);
-        if let Err(err) = restricted {
-            tracing::error!(dir = %dir.display(), "{err}");
-        }
         if config.ingest_token.is_none() {
             // An env file written by a version before the token: it is the user's, never edited.
             tracing::warn!(env_file = %env_file.display(), "The ingest API has no token, so any local user can stage records and read the status: add the line INGEST_TOKEN_FILE={} to the env file (the service keeps a random token there) and restart the service; then give that token to the applications that send records.", token_file.display());
@@ -360,10 +477,12 @@ mod imp {
         Ok(())
     }
 
-    /// Narrows the data folder's access list to SYSTEM and Administrators (by SID, so it works
-    /// on a Windows in any language), inherited by everything inside. The error says what to
-    /// run by hand; the callers log it and go on (the agent still runs).
+    /// Gives the data folder and everything in it to Administrators, then narrows the folder's
+    /// access list to SYSTEM and Administrators (by SID, so it works on a Windows in any
+    /// language), inherited by everything inside. The error is the refusal to start: it says
+    /// what failed and the commands an administrator runs.
     pub fn restrict_access(dir: &Path) -> Result<(), String> {
+        const OWNER: [&str; 4] = ["/setowner", "*S-1-5-32-544", "/T", "/Q"];
         const GRANTS: [&str; 5] = [
             "/inheritance:r",
             "/grant:r",
@@ -372,23 +491,38 @@ mod imp {
             "/Q",
         ];
         let hint = format!(
-            "staged records may be readable by other users; as an administrator run: icacls \"{}\" {}",
+            "the service will not start on a data folder other users may control (staged records are patient data, the env file its configuration); as an administrator run: icacls \"{0}\" {1} && icacls \"{0}\" {2}",
             dir.display(),
+            OWNER.join(" "),
             GRANTS.join(" ")
         );
-        match std::process::Command::new("icacls")
-            .arg(dir)
-            .args(GRANTS)
-            .output()
-        {
-            Ok(out) if out.status.success() => Ok(()),
-            Ok(out) => Err(format!(
-                "icacls could not restrict {} to SYSTEM and Administrators ({}); {hint}",
-                dir.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
-            Err(err) => Err(format!("could not run icacls ({err}); {hint}")),
+        for (what, args) in [
+            ("give it to Administrators", &OWNER[..]),
+            ("narrow it to SYSTEM and Administrators", &GRANTS[..]),
+        ] {
+            match std::process::Command::new("icacls")
+                .arg(dir)
+                .args(args)
+                .output()
+            {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => {
+                    return Err(format!(
+                        "icacls could not {what} ({}: {}{}); {hint}",
+                        dir.display(),
+                        String::from_utf8_lossy(&out.stdout).trim(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
+                }
+                Err(err) => {
+                    return Err(format!(
+                        "could not run icacls to {what} ({}: {err}); {hint}",
+                        dir.display()
+                    ));
+                }
+            }
         }
+        Ok(())
     }
 }
 
@@ -443,5 +577,40 @@ mod tests {
         )
         .expect_err("nothing to copy");
         assert!(format!("{err:#}").contains("repair the installation"));
+    }
+
+    #[test]
+    fn files_left_alone_while_the_folder_is_secured_pass() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let env_file = dir.path().join(ENV_FILE_NAME);
+        std::fs::write(&env_file, "CRONTAB=\"* * * * *\"\n").expect("env");
+        let token_file = token_file_path(&env_file);
+        let before = Snapshot::take(&[&env_file, &token_file]).expect("snapshot");
+        assert_eq!(before.ensure_unchanged(), Ok(()));
+    }
+
+    #[test]
+    fn an_env_file_replaced_while_the_folder_is_secured_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let env_file = dir.path().join(ENV_FILE_NAME);
+        std::fs::write(&env_file, "CENTRAL_API_URL=http://central.example/api\n").expect("env");
+        let before = Snapshot::take(&[&env_file]).expect("snapshot");
+        // The folder's owner swaps the checked file for a planted one before the narrowing.
+        std::fs::remove_file(&env_file).expect("remove");
+        std::fs::write(&env_file, "CENTRAL_API_URL=http://attacker.example/api\n").expect("plant");
+        let err = before.ensure_unchanged().expect_err("replaced");
+        assert!(err.contains("will not start"), "{err}");
+        assert!(err.contains("changed or replaced"), "{err}");
+        assert!(err.contains(&env_file.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_token_file_planted_while_the_folder_is_secured_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let token_file = token_file_path(&dir.path().join(ENV_FILE_NAME));
+        let before = Snapshot::take(&[&token_file]).expect("snapshot");
+        std::fs::write(&token_file, "a token the attacker knows\n").expect("plant");
+        let err = before.ensure_unchanged().expect_err("planted");
+        assert!(err.contains("was created while"), "{err}");
     }
 }
