@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::loader::Loader;
+use super::raw::Loader;
 
 impl Loader {
     /// Reads `.env` without touching the process environment.

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::checks::{invalid_reason, read_schema};
 use super::env::expand;
 use super::keys::KEYS;
-use super::loader::{Loader, Origin};
+use super::raw::{Loader, Origin};
 use super::{EntityConfig, Route};
 
 /// The TOML file.

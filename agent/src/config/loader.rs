@@ -11,75 +11,12 @@ use super::checks::{GENERATE_TOKEN, check_http_url, check_readable, ingest_expos
 use super::file::FileConfig;
 use super::keys::*;
 use super::parse::*;
-use super::show::secs;
+use super::raw::{Loader, Origin};
 use super::{Config, ConfigError, Inspection};
 use crate::crontab::validate_crontab;
 use crate::problem::Problem;
 
-/// Where a flat value came from.
-#[derive(Debug, Clone)]
-pub(super) enum Origin {
-    Default,
-    EnvFile,
-    Environment,
-    ConfigFile,
-}
-
-impl Origin {
-    pub(super) fn as_str(&self) -> &'static str {
-        match self {
-            Origin::Default => "default",
-            Origin::EnvFile => ".env",
-            Origin::Environment => "environment",
-            Origin::ConfigFile => "CONFIG_FILE",
-        }
-    }
-
-    /// The key as the user wrote it.
-    pub(super) fn label(&self, key: &str) -> String {
-        match self {
-            Origin::ConfigFile => format!("[agent] {}", key.to_ascii_lowercase()),
-            _ => key.to_owned(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub(super) struct Raw {
-    pub(super) value: String,
-    pub(super) origin: Origin,
-}
-
-pub(super) struct Loader {
-    pub(super) cwd: PathBuf,
-    pub(super) problems: Vec<Problem>,
-    pub(super) sources: Vec<String>,
-    /// Flat keys, highest precedence already applied.
-    pub(super) raw: BTreeMap<&'static str, Raw>,
-    /// `.env` plus the process environment, for `${VAR}` (empty values kept).
-    pub(super) vars: BTreeMap<String, String>,
-}
-
 impl Loader {
-    pub(super) fn new(cwd: &Path) -> Self {
-        Self {
-            cwd: cwd.to_path_buf(),
-            problems: Vec::new(),
-            sources: Vec::new(),
-            raw: BTreeMap::new(),
-            vars: BTreeMap::new(),
-        }
-    }
-
-    pub(super) fn problem(
-        &mut self,
-        key: impl Into<String>,
-        value: Option<String>,
-        expected: impl Into<String>,
-    ) {
-        self.problems.push(Problem::new(key, value, expected));
-    }
-
     pub(super) fn run(
         mut self,
         env_file: Option<&Path>,
@@ -117,60 +54,9 @@ impl Loader {
         };
         Inspection { settings, result }
     }
-
-    pub(super) fn set(&mut self, key: &'static str, value: &str, origin: Origin) {
-        self.raw.insert(
-            key,
-            Raw {
-                value: value.trim().to_owned(),
-                origin,
-            },
-        );
-    }
 }
 
 impl Loader {
-    /// Parses `key` with `parse`, or gives `default` when it is not set. A bad value is
-    /// recorded as a problem and `default` stands in so the rest can still be checked.
-    pub(super) fn parse<T>(
-        &mut self,
-        key: &'static str,
-        default: T,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> T {
-        self.parse_opt(key, parse).unwrap_or(default)
-    }
-
-    pub(super) fn parse_opt<T>(
-        &mut self,
-        key: &'static str,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Option<T> {
-        let raw = self.raw.get(key)?.clone();
-        match parse(&raw.value) {
-            Ok(value) => Some(value),
-            Err(expected) => {
-                self.problem(
-                    raw.origin.label(key),
-                    Some(shown(key, &raw.value)),
-                    expected,
-                );
-                None
-            }
-        }
-    }
-
-    pub(super) fn text(&self, key: &str) -> Option<String> {
-        self.raw.get(key).map(|r| r.value.clone())
-    }
-
-    pub(super) fn label(&self, key: &str) -> String {
-        self.raw
-            .get(key)
-            .map(|r| r.origin.label(key))
-            .unwrap_or_else(|| key.to_owned())
-    }
-
     pub(super) fn build(
         &mut self,
         file: FileConfig,

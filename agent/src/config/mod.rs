@@ -23,6 +23,7 @@ pub mod keys;
 mod loader;
 mod nats;
 mod parse;
+mod raw;
 mod show;
 mod sinks;
 
@@ -43,8 +44,8 @@ pub use self::keys::{
     DEFAULT_SHUTDOWN_GRACE_SECS, DEFAULT_STAGING_AREA_PATH, DEFAULT_UPDATE_ALLOW_HTTP,
     DEFAULT_VERIFY_TLS, KEY_TABLE, KEYS, MAX_AGENT_ID_LEN, MAX_CONCURRENCY, MIN_INGEST_TOKEN_CHARS,
 };
-use self::loader::Loader;
 pub use self::parse::{parse_bool, parse_size};
+use self::raw::Loader;
 pub use crate::crontab::validate_crontab;
 pub use crate::problem::Problem;
 pub use crate::sinks::{SinkConfig, SinkKind};

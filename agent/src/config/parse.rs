@@ -180,6 +180,16 @@ pub(super) fn validate_log_level(text: &str) -> Result<(), String> {
         .map_err(|err| format!("{EXPECTED} ({err})"))
 }
 
+/// A duration as the keys write it: whole seconds, or a fraction when it has one.
+pub(super) fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{}", d.as_secs())
+    } else {
+        format!("{s}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,12 +2,12 @@
 //! default), and the effective configuration, secrets and URL passwords hidden.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use super::DEFAULT_KEY_FIELD;
 use super::keys;
-use super::loader::{Loader, Origin};
 use super::parse::default_agent_id;
+use super::parse::secs;
+use super::raw::{Loader, Origin};
 use super::{Config, Setting};
 use crate::redact::url as redact_url;
 use crate::sinks::SinkKind;
@@ -222,15 +222,6 @@ pub(super) fn shown_secret(secret: Option<&str>) -> String {
     match secret {
         Some(_) => "***".into(),
         None => "(not set)".into(),
-    }
-}
-
-pub(super) fn secs(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s.fract() == 0.0 {
-        format!("{}", d.as_secs())
-    } else {
-        format!("{s}")
     }
 }
 

@@ -12,8 +12,8 @@ use super::checks::{
 };
 use super::file::{FileHttpRoute, FileSink, FileSinkType, METHODS};
 use super::keys::*;
-use super::loader::Loader;
 use super::parse::{parse_bool, parse_secs, parse_u64, secs_from_f64};
+use super::raw::Loader;
 use super::{API_SINK, DATABASE_SINK};
 use crate::problem::Problem;
 use crate::redact::url as redact_url;
