@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use serde_json::Value;
+use estafeta_staging::{DeadLetterFile, Staging, StoreError};
 
 use crate::config::Config;
 
@@ -34,45 +34,10 @@ pub struct RetryArgs {
     pub verbose: bool,
 }
 
-/// A dead-letter file as `retry` reads it.
+/// A dead-letter file as `retry` reads it: where it is and what the store read in it.
 struct Letter {
     path: PathBuf,
-    sink: String,
-    seq: u64,
-    id: String,
-    action: String,
-    entity: String,
-    key: Option<String>,
-    reason: String,
-    attempts: Option<u64>,
-    failed_at: Option<String>,
-}
-
-fn read_letter(path: &Path) -> Result<Letter, String> {
-    let text = std::fs::read_to_string(path).map_err(|err| err.to_string())?;
-    let doc: Value = serde_json::from_str(&text).map_err(|err| format!("not valid JSON: {err}"))?;
-    let text_at = |pointers: &[&str]| {
-        pointers
-            .iter()
-            .find_map(|p| doc.pointer(p).and_then(Value::as_str).map(str::to_owned))
-    };
-    let sink = text_at(&["/sink"]).ok_or("no \"sink\" field")?;
-    let seq = ["/seq", "/record/seq"]
-        .iter()
-        .find_map(|p| doc.pointer(p).and_then(Value::as_u64))
-        .ok_or("no \"seq\" field")?;
-    Ok(Letter {
-        path: path.to_path_buf(),
-        sink,
-        seq,
-        id: text_at(&["/id", "/record/id"]).unwrap_or_default(),
-        action: text_at(&["/action", "/record/action"]).unwrap_or_default(),
-        entity: text_at(&["/entity", "/record/entity"]).unwrap_or_default(),
-        key: text_at(&["/key", "/record/key"]),
-        reason: text_at(&["/reason"]).unwrap_or_default(),
-        attempts: doc.get("attempts").and_then(Value::as_u64),
-        failed_at: text_at(&["/failed_at"]),
-    })
+    file: DeadLetterFile,
 }
 
 /// Every `*.json` under `dir`, skipping the store's own `_…` folders (such as `_damaged`).
@@ -124,21 +89,19 @@ pub(super) fn retry(
         }
     };
     for path in files {
-        match read_letter(&path) {
-            Ok(letter) => letters.push(letter),
-            Err(why) => {
-                eprintln!("skipped {}: not a dead letter ({why})", path.display());
-                if file.is_some() {
-                    return Err(usage(format!(
-                        "{} is not a dead letter: {why}",
-                        path.display()
-                    )));
-                }
+        match Staging::dead_letter(&path) {
+            Ok(letter) => letters.push(Letter { path, file: letter }),
+            // A file given by name must be a dead letter; one met in a folder is skipped.
+            Err(err @ StoreError::NotStagingFile { .. }) if file.is_some() => {
+                return Err(usage(err.to_string()));
             }
+            Err(err) if file.is_some() => return Err(err.into()),
+            Err(err) => eprintln!("skipped: {err}"),
         }
     }
     // Sequence order: a key's earlier record must be back in line before its later ones.
-    letters.sort_by(|a, b| (a.seq, &a.sink).cmp(&(b.seq, &b.sink)));
+    letters
+        .sort_by(|a, b| (a.file.record.seq, &a.file.sink).cmp(&(b.file.record.seq, &b.file.sink)));
     if let Some(limit) = limit {
         letters.truncate(limit);
     }
@@ -164,7 +127,7 @@ pub(super) fn retry(
             code = EXIT_FAILURE;
             continue;
         }
-        match store.requeue(&letter.sink, letter.seq) {
+        match store.requeue(&letter.file.sink, letter.file.record.seq) {
             Ok(()) => {
                 requeued += 1;
                 write_stdout(&format!("requeued {line}\n"));
@@ -191,28 +154,29 @@ pub(super) fn retry(
 }
 
 fn describe_letter(letter: &Letter, verbose: bool) -> String {
+    let DeadLetterFile {
+        sink,
+        reason,
+        attempts,
+        failed_at,
+        record,
+        ..
+    } = &letter.file;
     let mut line = format!(
-        "seq={} sink={} {}/{} key={}",
-        letter.seq,
-        letter.sink,
-        letter.action,
-        letter.entity,
-        letter.key.as_deref().unwrap_or("-")
+        "seq={} sink={sink} {}/{} key={}",
+        record.seq,
+        record.action,
+        record.entity,
+        record.key.as_deref().unwrap_or("-")
     );
     if verbose {
         line.push_str(&format!(
-            "\n  id: {}\n  file: {}\n  attempts: {}\n  failed at: {}\n  reason: {}",
-            letter.id,
+            "\n  id: {}\n  file: {}\n  attempts: {attempts}\n  failed at: {failed_at}\n  reason: {reason}",
+            record.id,
             letter.path.display(),
-            letter
-                .attempts
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "?".into()),
-            letter.failed_at.as_deref().unwrap_or("?"),
-            letter.reason
         ));
     } else {
-        line.push_str(&format!(": {}", shorten(&letter.reason, 100)));
+        line.push_str(&format!(": {}", shorten(reason, 100)));
     }
     line
 }

@@ -57,42 +57,31 @@ fn record_json(store: &Staging, id_or_seq: &str) -> anyhow::Result<Value> {
     }))
 }
 
-/// A dead-letter file (one JSON document with `record`) or a segment file (one record per line).
+/// A dead-letter file (one JSON document with `record`) or a segment file (one record per
+/// line), read by the store, each record shown with its state from the index.
 fn show_file(store: &Staging, path: &Path) -> anyhow::Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("could not read {}", path.display()))?;
-    if let Ok(letter) = serde_json::from_str::<Value>(&text)
-        && let Some(id) = letter.pointer("/record/id").and_then(Value::as_str)
-    {
-        let mut record = record_json(store, id)?;
-        record["dead_letter"] = json!({
-            "file": path,
-            "sink": letter.get("sink"),
-            "reason": letter.get("reason"),
-            "attempts": letter.get("attempts"),
-            "failed_at": letter.get("failed_at"),
-        });
-        return Ok(vec![record]);
-    }
-    let mut records = Vec::new();
-    for (number, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
+    match Staging::dead_letter(path) {
+        Ok(letter) => {
+            let mut record = record_json(store, &letter.record.id)?;
+            record["dead_letter"] = json!({
+                "file": path,
+                "sink": letter.sink,
+                "reason": letter.reason,
+                "attempts": letter.attempts,
+                "failed_at": letter.failed_at,
+            });
+            return Ok(vec![record]);
         }
-        let id = serde_json::from_str::<Value>(line)
-            .ok()
-            .and_then(|v| v.get("id").and_then(Value::as_str).map(str::to_owned))
-            .ok_or_else(|| {
-                usage(format!(
-                    "{} line {}: not a staged record (expected a segment or dead-letter file)",
-                    path.display(),
-                    number + 1
-                ))
-            })?;
-        records.push(record_json(store, &id)?);
+        // Not a dead letter: it may be a segment.
+        Err(StoreError::NotStagingFile { .. }) => {}
+        Err(err) => return Err(err.into()),
     }
-    if records.is_empty() {
-        return Err(usage(format!("{} holds no record", path.display())));
-    }
-    Ok(records)
+    let envelopes = Staging::read_file(path).map_err(|err| match err {
+        StoreError::NotStagingFile { .. } => usage(err.to_string()),
+        other => anyhow::Error::new(other),
+    })?;
+    envelopes
+        .iter()
+        .map(|envelope| record_json(store, &envelope.id))
+        .collect()
 }
