@@ -3,7 +3,7 @@
 //! lease owner registered and the writer thread started.
 
 use std::sync::atomic::AtomicBool;
-use std::sync::mpsc::{self};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use crate::layout;

@@ -2,7 +2,7 @@
 //! (`writer.rs`), which numbers, appends, syncs and indexes them and answers once they are on
 //! stable storage.
 
-use std::sync::mpsc::{self};
+use std::sync::mpsc;
 
 use crate::record::{compact_json, validate_name};
 use crate::writer::{Message, Prepared, Reply, StageRequest};
