@@ -15,15 +15,50 @@ use crate::layout;
 use crate::record::Envelope;
 use crate::store::{Shared, Staging};
 
-/// The content of a dead-letter file.
-#[derive(Serialize, Deserialize)]
-struct DeadLetterFile {
-    sink: String,
-    reason: String,
-    attempts: u32,
-    failed_at: String,
-    segment: String,
-    record: Envelope,
+/// The content of a dead-letter file: one pretty-printed JSON object, whose format version is
+/// its record's `v`. Read one back with [`DeadLetterFile::read`] (or [`Staging::dead_letter`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DeadLetterFile {
+    /// The sink that refused the record.
+    pub sink: String,
+    /// Why it refused it (its last error).
+    pub reason: String,
+    /// Delivery attempts, the refused one included.
+    pub attempts: u32,
+    /// When the record was declared dead (RFC 3339, UTC).
+    pub failed_at: String,
+    /// The segment holding the record, relative to the staging root.
+    pub segment: String,
+    /// The record, envelope and payload.
+    pub record: Envelope,
+}
+
+/// Only the format version of a dead letter, read before the rest: a newer format may have a
+/// shape this version cannot read.
+#[derive(Deserialize)]
+struct LetterVersion {
+    record: crate::segment::FormatVersion,
+}
+
+impl DeadLetterFile {
+    /// Reads a dead-letter file, checking its format version first. A file that is not a dead
+    /// letter is [`StoreError::NotStagingFile`]; one written by a newer Estafeta is
+    /// [`StoreError::NewerFormat`].
+    pub fn read(path: &Path) -> Result<DeadLetterFile, StoreError> {
+        let bytes = std::fs::read(path).map_err(|e| StoreError::io("read", path, e))?;
+        let not_a_letter = |reason: String| StoreError::NotStagingFile {
+            path: path.to_path_buf(),
+            expected: "dead letter",
+            reason,
+        };
+        let version: LetterVersion = serde_json::from_slice(&bytes).map_err(|e| {
+            not_a_letter(format!(
+                "expected a JSON object with the refused record under \"record\" ({e})"
+            ))
+        })?;
+        crate::segment::check_format(path, version.record.v)?;
+        serde_json::from_slice(&bytes).map_err(|e| not_a_letter(e.to_string()))
+    }
 }
 
 /// `<failed>/<action>/<entity>/<yyyy>/<mm>/<dd>/<staged>-<seq>-<sink>.json`, from the record's

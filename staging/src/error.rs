@@ -29,10 +29,13 @@ pub enum StageError {
     )]
     Poisoned(String),
     /// The store is closing.
-    #[error("staging is shutting down")]
+    #[error("staging is shutting down; send the record again once estafeta runs again")]
     Closed,
     /// Writing the record failed; the store is poisoned from now on.
-    #[error("could not write to staging at {path}: {source}")]
+    #[error(
+        "could not write to staging at {path}: {source}{}; check the disk, then restart estafeta (staging accepts nothing until it is reopened)",
+        io_hint(source)
+    )]
     Io {
         path: PathBuf,
         #[source]
@@ -46,7 +49,7 @@ pub enum StageError {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A file or folder could not be read or written.
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}: {source}{}", io_hint(source))]
     Io {
         action: &'static str,
         path: PathBuf,
@@ -54,17 +57,43 @@ pub enum StoreError {
         source: std::io::Error,
     },
     /// The SQLite index failed.
-    #[error("staging index: {0}")]
+    #[error(
+        "staging index: {0}; the index is only a cache of the folder: if this persists, stop the daemon and run `estafeta reindex` to rebuild it"
+    )]
     Index(#[from] rusqlite::Error),
     /// A record the index points at is not where it should be.
-    #[error("record {what} is damaged or missing: {reason}")]
+    #[error(
+        "record {what} is damaged or missing: {reason}; delivery sets such records aside in _failed/_damaged with the reason, and `estafeta reindex` (daemon stopped) rebuilds the index from the folder"
+    )]
     Damaged { what: String, reason: String },
     /// No record with this id, sequence or path.
-    #[error("no record {0} in staging")]
+    #[error(
+        "no record {0} in staging; `estafeta ls` lists the records it holds, `estafeta ls --failed` the dead letters"
+    )]
     NotFound(String),
-    /// A record in a folder names a sink the store was not opened with.
-    #[error("unknown sink {0:?}")]
+    /// A sink name the store cannot keep (empty, or with a comma: the index lists a record's
+    /// sinks comma-separated).
+    #[error(
+        "unusable sink name {0:?}: a sink name is not empty and has no comma; rename the sink in the configuration"
+    )]
     UnknownSink(String),
+    /// A staging file was written in a format newer than this version reads. An update that
+    /// was rolled back leaves such files behind; they are left as they are.
+    #[error(
+        "{path} was written by a newer Estafeta (format {found}; this version reads format {supported}): run that version, or `estafeta update` to it; an update rolled back leaves such files, and they wait untouched for the newer version"
+    )]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    /// A file given by its path is not the kind of staging file it was read as.
+    #[error("{path} is not a {expected}: {reason}")]
+    NotStagingFile {
+        path: PathBuf,
+        expected: &'static str,
+        reason: String,
+    },
 }
 
 impl StoreError {
@@ -78,5 +107,21 @@ impl StoreError {
             path: path.into(),
             source,
         }
+    }
+}
+
+/// What to do next for the I/O errors a person can fix: a full disk or missing permissions.
+fn io_hint(source: &std::io::Error) -> &'static str {
+    match source.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+            " (the disk is full: free space on it, or move STAGING_AREA_PATH to a larger disk)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (permission denied: run estafeta as the user that owns the staging folder, `estafeta` for the installed service)"
+        }
+        std::io::ErrorKind::ReadOnlyFilesystem => {
+            " (the file system is read-only: remount it read-write)"
+        }
+        _ => "",
     }
 }

@@ -23,26 +23,72 @@
 //!
 //! # Layout on disk
 //!
+//! Every file and folder under the root. Names starting with `_` (and `.`) are reserved for
+//! the store and the agent: [`validate_name`] refuses them as an action or entity, and the
+//! walks over the day folders skip them, so they never clash with records.
+//!
 //! ```text
-//! <root>/                                   0700, files 0600
-//!   create/patient/2026/11/23/              <action>/<entity>/<yyyy>/<mm>/<dd> (UTC)
+//! <root>/                                   0700, files 0600 (Unix)
+//!   create/patient/2026/11/23/              <action>/<entity>/<yyyy>/<mm>/<dd> (UTC day)
 //!     20261123T084106.123456Z-0000000000000001.jsonl   segment: <UTC start>-<first seq>
-//!     20261123T091502.000310Z-0000000000004097.jsonl
+//!     20261123T091502.000310Z-0000000000004097.jsonl   (deleted once every sink confirmed
+//!                                                        every record in it)
+//!     20261123T093000.000000Z.json          a foreign file dropped in the seed layout (raw
+//!                                           payload, no envelope): adopted, then removed
 //!   delete/patient/2026/11/23/...
-//!   _failed/                                dead letters, same shape, one file per record+sink
+//!   _failed/                                dead letters (or FAILED_DIR elsewhere)
 //!     create/patient/2026/11/23/20261123T084106.123456Z-0000000000000007-api.json
-//!     _damaged/                             bytes the store could not trust, with the reason
-//!   _state/
+//!                                           one per record and sink: <staged>-<seq>-<sink>.json,
+//!                                           removed by a requeue
+//!     create/patient/2026/11/23/<name>.json + <name>.json.error.txt
+//!                                           a foreign file that is not JSON, and why
+//!     _damaged/                             bytes the store could not trust, with the reason:
+//!       create_patient_2026_11_23_<segment>.jsonl.at-000000001234.json
+//!                                           {"segment", "offset", "reason", "moved_at", "bytes"}
+//!   _state/                                 the store's own state; never edit it by hand
 //!     index.sqlite3 (+ -wal, -shm)          the index: a cache of the folder + delivery state
+//!     index.sqlite3.set-aside-<UTC stamp>   a damaged index moved aside by a rebuild, kept
+//!                                           for a person to look at (delete at will)
+//!     rebuild-index                         when present, the next open rebuilds the index
+//!                                           (`estafeta reindex` does it at once); then removed
 //!     seq                                   last sequence number handed out (and the lock)
+//!     owners/<pid>-<uuid>.lock              one per process that opened the store, locked
+//!                                           while it lives: leases of an unlocked owner are
+//!                                           given back at once
+//!     sources.json                          the SQL sources' checkpoints, kept outside the
+//!                                           index so that a rebuild does not rewind a source
+//!   _update/                                the agent's updater, not the store
+//!     state.json                            last check, available version, what happened
+//!     download-*/                           an archive being downloaded (removed when stale)
+//! ```
+//!
+//! Files are replaced atomically through `<name>.tmp` and a rename (`sources.json`, dead
+//! letters); a leftover `.tmp` is a write that never finished.
 //!
 //! One line of a segment (a JSON object; `cat` shows the records):
+//!
+//! ```text
 //! {"v":1,"id":"019ab1c2-…","seq":1,"action":"create","entity":"patient","key":"42",
 //!  "staged_at":"2026-11-23T08:41:06.123456Z","sinks":["database"],
 //!  "payload":{"nome":"Ana","cpf":"…"},"crc32":"1a2b3c4d"}
-//! (one physical line; `client_key` and `client_fingerprint` appear when the client sent an
-//! `Idempotency-Key`; `crc32` covers every byte of the line before `,"crc32"`.)
 //! ```
+//!
+//! (one physical line; `client_key`, `client_fingerprint` and `client_records` appear when the
+//! client sent an `Idempotency-Key`, `source` when a SQL source read the row; `crc32` covers
+//! every byte of the line before `,"crc32"`.) `v` is the format version, [`FORMAT_VERSION`].
+//!
+//! A dead letter ([`DeadLetterFile`]), one pretty-printed JSON object:
+//!
+//! ```text
+//! {"sink": "api", "reason": "HTTP 422: …", "attempts": 3,
+//!  "failed_at": "2026-11-23T09:00:00.000000Z",
+//!  "segment": "create/patient/2026/11/23/20261123T084106.123456Z-0000000000000001.jsonl",
+//!  "record": { the envelope, as in the segment line, without "crc32" }}
+//! ```
+//!
+//! Read them back with [`Staging::read_file`] and [`Staging::dead_letter`]: the format version
+//! is checked first, and a file written by a newer Estafeta (left behind by an update that was
+//! rolled back) is refused with [`StoreError::NewerFormat`], never misread.
 //!
 //! # Why append-only segment files, not one file per record
 //!
@@ -97,6 +143,7 @@ mod store;
 mod writer;
 
 pub use api_types::*;
+pub use dead::DeadLetterFile;
 pub use error::{StageError, StoreError};
 /// The store's private modes (0700 folders, 0600 files), which the agent uses too for the other
 /// files that hold patient data or its traces: the embedded SQLite database and the log folder.

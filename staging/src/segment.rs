@@ -6,11 +6,70 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
-use crate::record::Envelope;
+use crate::error::StoreError;
+use crate::record::{Envelope, FORMAT_VERSION};
 
 /// `,"crc32":"` + 8 hex digits + `"}`: the fixed tail of every line (before the newline).
 const CRC_SUFFIX_LEN: usize = 20;
 const CRC_PREFIX: &[u8] = b",\"crc32\":\"";
+
+/// Only the format version of a line or dead letter (`{"v": N, …}`), read before the rest: a
+/// newer format may have a shape this version cannot read.
+#[derive(Debug, serde::Deserialize)]
+pub struct FormatVersion {
+    pub v: u32,
+}
+
+/// Refuses a file written in a format newer than [`FORMAT_VERSION`], with what to do.
+pub fn check_format(path: &Path, found: u32) -> Result<(), StoreError> {
+    if found > FORMAT_VERSION {
+        return Err(StoreError::NewerFormat {
+            path: path.to_path_buf(),
+            found,
+            supported: FORMAT_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Reads a whole segment file back, in file order, for a person or a tool: each line's format
+/// version is checked first ([`StoreError::NewerFormat`]), then its checksum
+/// ([`StoreError::Damaged`]). A file that holds no record lines is
+/// [`StoreError::NotStagingFile`]; a torn last line (a write in progress) is left out.
+pub fn read_file(path: &Path) -> Result<Vec<Envelope>, StoreError> {
+    let bytes = std::fs::read(path).map_err(|e| StoreError::io("read", path, e))?;
+    let not_a_segment = |reason: String| StoreError::NotStagingFile {
+        path: path.to_path_buf(),
+        expected: "segment",
+        reason,
+    };
+    let mut records = Vec::new();
+    // Complete lines only: bytes after the last newline are a record still being written.
+    let complete = bytes
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(&bytes[..0], |end| &bytes[..end]);
+    for (number, line) in complete.split(|&b| b == b'\n').enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), number + 1);
+        let version: FormatVersion = serde_json::from_slice(line).map_err(|e| {
+            not_a_segment(format!(
+                "line {} is not a staged record ({e}); expected a segment (one record per line) or a dead-letter file",
+                number + 1
+            ))
+        })?;
+        check_format(path, version.v)?;
+        let envelope =
+            decode_line(line).map_err(|reason| StoreError::Damaged { what: at(), reason })?;
+        records.push(envelope);
+    }
+    if records.is_empty() {
+        return Err(not_a_segment("it holds no record".into()));
+    }
+    Ok(records)
+}
 
 /// Encodes an envelope as one line, newline included.
 pub fn encode_line(env: &Envelope) -> Vec<u8> {

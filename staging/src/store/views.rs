@@ -1,0 +1,209 @@
+//! Read-only views for the CLI and the status page: records by id or sequence, listings,
+//! dead letters, the status, the readiness ping, and the staging files read back by their
+//! path (`read_file`, `dead_letter`), each checked against the format this version reads.
+
+use chrono::{TimeZone, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use crate::layout;
+use crate::record::State;
+use crate::*;
+
+use super::{Staging, lock, now_ms};
+
+impl Staging {
+    /// Dead letters, oldest first.
+    pub fn dead_letters(&self, limit: Option<usize>) -> Result<Vec<DeadLetter>, StoreError> {
+        crate::dead::list(self.failed_dir(), limit)
+    }
+
+    /// Records, oldest first.
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<RecordInfo>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare(
+            "SELECT r.seq FROM records r
+              WHERE (?1 IS NULL OR r.action = ?1) AND (?2 IS NULL OR r.entity = ?2)
+                AND (?3 OR r.open_sinks > 0)
+                AND (NOT ?4 OR r.seq IN (SELECT seq FROM deliveries WHERE state = 'dead'))
+                AND r.sinks != ''
+              ORDER BY r.seq LIMIT ?5",
+        )?;
+        let limit = filter.limit.map(|l| l as i64).unwrap_or(-1);
+        let seqs = stmt
+            .query_map(
+                params![
+                    filter.action,
+                    filter.entity,
+                    filter.include_delivered,
+                    filter.dead_only,
+                    limit
+                ],
+                |r| r.get::<_, i64>(0),
+            )?
+            .collect::<Result<Vec<_>, _>>()?;
+        seqs.into_iter()
+            .map(|seq| info_of(&db, self.root(), seq as u64))
+            .collect()
+    }
+
+    /// Reads a segment file back by its path (every complete line, in file order), without
+    /// the index: what `estafeta show PATH` prints. Each line's format version is checked
+    /// ([`StoreError::NewerFormat`]) and its checksum ([`StoreError::Damaged`]); a file that
+    /// is not a segment is [`StoreError::NotStagingFile`].
+    pub fn read_file(path: &Path) -> Result<Vec<Envelope>, StoreError> {
+        crate::segment::read_file(path)
+    }
+
+    /// Reads a dead-letter file back by its path: the record, the sink that refused it, the
+    /// reason, the attempts and when. Its format version is checked first
+    /// ([`StoreError::NewerFormat`]); a file that is not a dead letter is
+    /// [`StoreError::NotStagingFile`].
+    pub fn dead_letter(path: &Path) -> Result<DeadLetterFile, StoreError> {
+        DeadLetterFile::read(path)
+    }
+
+    /// A record by id or sequence number (decimal).
+    pub fn get(&self, id_or_seq: &str) -> Result<(Envelope, RecordInfo), StoreError> {
+        let info = {
+            let db = self.db();
+            let seq: Option<i64> = match id_or_seq.parse::<u64>() {
+                Ok(seq) => Some(seq as i64),
+                Err(_) => db
+                    .query_row("SELECT seq FROM records WHERE id = ?1", [id_or_seq], |r| {
+                        r.get(0)
+                    })
+                    .optional()?,
+            };
+            let seq = seq.ok_or_else(|| StoreError::NotFound(id_or_seq.to_string()))?;
+            info_of(&db, self.root(), seq as u64)?
+        };
+        let (offset, len): (i64, i64) = self.db().query_row(
+            "SELECT offset, len FROM records WHERE seq = ?1",
+            [info.seq as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        let env = crate::segment::read_record(&info.path, offset as u64, len as u64).map_err(
+            |reason| StoreError::Damaged {
+                what: info.id.clone(),
+                reason,
+            },
+        )?;
+        crate::segment::check_format(&info.path, env.v)?;
+        Ok((env, info))
+    }
+
+    pub fn status(&self) -> Result<Status, StoreError> {
+        crate::status::status(self)
+    }
+
+    /// Whether the index answers a query: the cheap check behind a readiness probe (`status`
+    /// counts every pending record, which takes seconds with a backlog of millions).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.db()
+            .query_row("SELECT COUNT(*) FROM sinks", [], |_| Ok(()))?;
+        Ok(())
+    }
+
+    /// Why staging refuses writes right now, if it does.
+    pub fn blocked_reason(&self) -> Option<String> {
+        if let Some(p) = self.inner.shared.poisoned() {
+            return Some(format!("staging stopped after a failed disk flush: {p}"));
+        }
+        lock(&self.inner.shared.blocked).clone()
+    }
+}
+
+/// Builds a record's listing from the index.
+pub(crate) fn info_of(db: &Connection, root: &Path, seq: u64) -> Result<RecordInfo, StoreError> {
+    let (id, action, entity, key, staged_at, sinks, rel): (
+        String,
+        String,
+        String,
+        Option<String>,
+        String,
+        String,
+        String,
+    ) = db
+        .query_row(
+            "SELECT r.id, r.action, r.entity, r.key, r.staged_at, r.sinks, s.path
+               FROM records r JOIN segments s ON s.id = r.segment_id WHERE r.seq = ?1",
+            [seq as i64],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            },
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::NotFound(seq.to_string()))?;
+    let mut stmt = db.prepare_cached(
+        "SELECT sink, state, attempts, last_error, next_at, lease_until FROM deliveries WHERE seq = ?1",
+    )?;
+    let mut open: Vec<SinkState> = stmt
+        .query_map([seq as i64], |r| {
+            let state = State::from_db(&r.get::<_, String>(1)?);
+            let next_at: i64 = r.get(4)?;
+            let lease_until: i64 = r.get(5)?;
+            let lease_expired = state == State::InFlight && lease_until <= now_ms();
+            Ok(SinkState {
+                sink: r.get(0)?,
+                state: if lease_expired { State::Pending } else { state },
+                attempts: r.get::<_, i64>(2)? as u32,
+                last_error: r.get(3)?,
+                next_attempt_at: (state == State::Pending && next_at > now_ms())
+                    .then(|| ms_to_rfc3339(next_at)),
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    let open_names: BTreeSet<String> = open.iter().map(|s| s.sink.clone()).collect();
+    for sink in sinks.split(',').filter(|s| !s.is_empty()) {
+        if !open_names.contains(sink) {
+            open.push(SinkState {
+                sink: sink.to_string(),
+                state: State::Delivered,
+                attempts: 0,
+                last_error: None,
+                next_attempt_at: None,
+            });
+        }
+    }
+    open.sort_by(|a, b| a.sink.cmp(&b.sink));
+    let rank = |s: State| match s {
+        State::Dead => 0,
+        State::Pending => 1,
+        State::InFlight => 2,
+        State::Delivered => 3,
+    };
+    let state = open
+        .iter()
+        .map(|s| s.state)
+        .min_by_key(|s| rank(*s))
+        .unwrap_or(State::Delivered);
+    let attempts = open.iter().map(|s| s.attempts).max().unwrap_or(0);
+    let last_error = open.iter().find_map(|s| s.last_error.clone());
+    Ok(RecordInfo {
+        id,
+        seq,
+        action,
+        entity,
+        key,
+        staged_at,
+        path: root.join(rel),
+        state,
+        attempts,
+        last_error,
+        sinks: open,
+    })
+}
+
+fn ms_to_rfc3339(ms: i64) -> String {
+    layout::rfc3339(Utc.timestamp_millis_opt(ms).single().unwrap_or_default())
+}
