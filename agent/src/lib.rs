@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod heartbeat;
 pub mod host;
 pub mod ingest;
+pub mod intake;
 pub mod logging;
 pub mod notify;
 pub mod redact;

@@ -96,6 +96,7 @@ mod status;
 mod store;
 mod writer;
 
+pub use adopt::{Admission, Admit};
 pub use api_types::*;
 pub use error::{StageError, StoreError};
 /// The store's private modes (0700 folders, 0600 files), which the agent uses too for the other
