@@ -142,7 +142,7 @@ pub async fn run_until(
         cancel.clone(),
     ));
     let wake = state.clone();
-    crate::sources::spawn_all(&store, &config, &tracker, &cancel, move || {
+    crate::sources::spawn_all(&store, state.intake(), &tracker, &cancel, move || {
         wake.notify_write()
     });
     tracker.spawn(scan_foreign(
@@ -267,13 +267,15 @@ async fn scan_foreign(
         }
         let store = store.clone();
         let config = config.clone();
+        let intake = state.intake().clone();
         let scan = tokio::task::spawn_blocking(move || {
-            let key_of = |entity: &str, payload: &serde_json::Value| {
-                ingest::handlers::key_of(payload, config.key_field(entity))
+            // Routes, keys and schemas as for the same record posted to the API.
+            let admit = |action: &str, entity: &str, payload: &serde_json::Value| {
+                intake.admit(action, entity, payload)
             };
-            let mut report = store.adopt_foreign(&key_of, FOREIGN_QUIET)?;
+            let mut report = store.adopt_foreign(&admit, FOREIGN_QUIET)?;
             if let Some(inbox) = &config.inbox_path {
-                let inbox_report = store.adopt_inbox(inbox, &key_of, FOREIGN_QUIET)?;
+                let inbox_report = store.adopt_inbox(inbox, &admit, FOREIGN_QUIET)?;
                 report.adopted += inbox_report.adopted;
                 report.waiting += inbox_report.waiting;
                 report.moved_aside.extend(inbox_report.moved_aside);

@@ -12,6 +12,7 @@ pub mod heartbeat;
 pub mod host;
 pub mod hostname;
 pub mod ingest;
+pub mod intake;
 pub mod logging;
 pub mod notify;
 pub mod problem;

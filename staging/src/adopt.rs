@@ -1,8 +1,12 @@
 //! Adopting foreign files: JSON payloads that other programs write straight into the staging
 //! tree in the old layout of the RHP seed, `<action>/<entity>/<yyyy>/<mm>/<dd>/<timestamp>.json`
 //! (raw payload, no envelope). Each complete file is staged in the order of its timestamp and
-//! then removed; a file still being written waits; a file that is not JSON moves to the
-//! dead-letter folder with the parse error beside it.
+//! then removed; a file still being written waits; a file that is not JSON, or whose record the
+//! agent refuses (its JSON Schema), moves to the dead-letter folder with the reason beside it.
+//!
+//! The store knows nothing of routes, keys or schemas: for each file it asks the agent through
+//! an [`Admit`] hook, the same intake that HTTP bodies and `estafeta stage` go through, so a file
+//! reaches the same sinks as the same record posted to the API.
 //!
 //! Exactly once: each file is staged with a client idempotency key made of its path and a
 //! digest of its bytes, so a crash between staging and removing it never stages it twice.
@@ -16,13 +20,27 @@ use crate::layout;
 use crate::record::{ClientKey, NewRecord, validate_name};
 use crate::store::Staging;
 
+/// The agent's verdict on one adopted record: its key, and the sinks it goes to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// The record key (per-key order at the sinks); `None`: ordered per entity.
+    pub key: Option<String>,
+    /// The sinks the record goes to; `None`: every sink the store was opened with.
+    pub sinks: Option<Vec<String>>,
+}
+
+/// Asked once per file before it is staged, with `(action, entity, payload)`: the record's
+/// [`Admission`], or why it is refused (a sentence saying what to fix), in which case the file
+/// is set aside in the dead-letter folder with that reason beside it, never dropped.
+pub type Admit<'a> = &'a dyn Fn(&str, &str, &serde_json::Value) -> Result<Admission, String>;
+
 /// Adopts the files under `root`: the staging tree itself, or an inbox folder (`INBOX_PATH`)
 /// laid out the same way. `label` tells their idempotency keys apart.
 pub fn adopt(
     store: &Staging,
     root: &Path,
     label: &str,
-    key_of: &dyn Fn(&str, &serde_json::Value) -> Option<String>,
+    admit: Admit<'_>,
     quiet: Duration,
 ) -> Result<AdoptReport, StoreError> {
     let root = root.to_path_buf();
@@ -80,13 +98,25 @@ pub fn adopt(
                 .push(move_aside(store, &root, &path, &e.to_string())?);
             continue;
         }
+        let admission = match admit(&action, &entity, &value) {
+            Ok(admission) => admission,
+            Err(reason) => {
+                report
+                    .moved_aside
+                    .push(move_aside(store, &root, &path, &reason)?);
+                continue;
+            }
+        };
         let rel = layout::rel_string(&root, &path);
         let text = String::from_utf8_lossy(&bytes).into_owned();
-        let record = NewRecord::new(&action, &entity, key_of(&entity, &value), text.trim())
-            .map_err(|e| StoreError::Damaged {
-                what: rel.clone(),
-                reason: e.to_string(),
+        let mut record =
+            NewRecord::new(&action, &entity, admission.key, text.trim()).map_err(|e| {
+                StoreError::Damaged {
+                    what: rel.clone(),
+                    reason: e.to_string(),
+                }
             })?;
+        record.sinks = admission.sinks;
         let client_key = ClientKey {
             key: format!("{label}:{rel}"),
             fingerprint: format!("crc32:{:08x}:{}", crc32fast::hash(&bytes), bytes.len()),

@@ -142,6 +142,7 @@ mod status;
 mod store;
 mod writer;
 
+pub use adopt::{Admission, Admit};
 pub use api_types::*;
 pub use dead::DeadLetterFile;
 pub use error::{StageError, StoreError};

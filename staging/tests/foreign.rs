@@ -17,12 +17,15 @@ fn open(root: &Path) -> Staging {
     Staging::open(opts).unwrap().0
 }
 
-fn key_of(_entity: &str, v: &serde_json::Value) -> Option<String> {
-    v.get("id").map(|x| x.to_string())
+fn admit(_action: &str, _entity: &str, v: &serde_json::Value) -> Result<Admission, String> {
+    Ok(Admission {
+        key: v.get("id").map(|x| x.to_string()),
+        sinks: None,
+    })
 }
 
 fn adopt(store: &Staging) -> AdoptReport {
-    store.adopt_foreign(&key_of, QUIET).unwrap()
+    store.adopt_foreign(&admit, QUIET).unwrap()
 }
 
 /// Where the seed's `save_local_stage(entity, action, data)` puts a file written at `t`.

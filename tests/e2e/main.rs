@@ -42,6 +42,9 @@ mod databases;
 mod apply_mode;
 // Files other programs write into the staging tree (the seed's layout) are adopted and delivered.
 mod foreign_files;
+// One intake: HTTP, `estafeta stage`, staging-tree and inbox files, SQL source rows all follow
+// [[routes]] and the entity's JSON Schema.
+mod intake;
 // The real NATS JetStream: one message per record with Nats-Msg-Id, key order, a resend after
 // SIGKILL dropped as a duplicate, outage and recovery, no stream, messages too large.
 mod jetstream;

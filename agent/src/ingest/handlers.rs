@@ -2,7 +2,8 @@
 //! the `Host` check in front of every route, `super::host`): the token (401), shutdown (503),
 //! the names (400), the optional headers (400), the content type (415), the body size (413,
 //! never buffering more than `MAX_BODY_BYTES`), the JSON syntax (400), the body's shape (400)
-//! and each entity's JSON Schema (422); only then does it stage,
+//! and each entity's JSON Schema (422), the last three through the one intake (`crate::intake`)
+//! that every other way in shares; only then does it stage,
 //! all records of a request in one all-or-nothing call that returns once they are durable.
 //! A refused request stages nothing.
 
@@ -14,13 +15,13 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use estafeta_staging::{ClientKey, NewRecord, StageError, Staged, validate_name};
+use estafeta_staging::{ClientKey, StageError, Staged};
 use serde_json::Value;
-use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 use super::IngestState;
 use super::error::ApiError;
+use crate::intake::{Intake, IntakeError, IntakeErrorKind, KeyFrom, Records};
 
 /// Header carrying the client's idempotency key.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -64,15 +65,7 @@ async fn stage_request(
             ),
         )
     })?;
-    for (what, name) in [("action", &action), ("entity", &entity)] {
-        validate_name(what, name).map_err(|err| {
-            let message = match err {
-                StageError::Invalid(message) => message,
-                other => other.to_string(),
-            };
-            ApiError::bad_request("invalid_name", message)
-        })?;
-    }
+    Intake::check_names(&action, &entity).map_err(from_intake)?;
     let client_key = header_text(headers, IDEMPOTENCY_KEY)?;
     if let Some(key) = &client_key
         && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN)
@@ -92,58 +85,14 @@ async fn stage_request(
         .await
         .map_err(|_| body_timeout(timeout))??;
 
-    let raw: &RawValue = serde_json::from_slice(&bytes).map_err(|err| {
-        ApiError::bad_request(
-            "invalid_json",
-            format!(
-                "the body is not valid JSON: {err}; send one JSON object or an array of JSON objects"
-            ),
-        )
-    })?;
-    if json_depth(&bytes) > MAX_JSON_DEPTH {
-        return Err(ApiError::bad_request(
-            "invalid_json",
-            format!(
-                "the body is nested deeper than {MAX_JSON_DEPTH} levels of arrays and objects; send flatter records"
-            ),
-        ));
-    }
-    let (items, is_array) = split_body(raw)?;
-
-    let validator = state.validator(&entity);
-    let key_field = state.config().key_field(&entity).to_owned();
-    let sinks = state.config().route(&action, &entity);
-    let sinks = (!sinks.is_empty()).then_some(sinks);
-    let mut records = Vec::with_capacity(items.len());
-    for (index, item) in items.iter().enumerate() {
-        let needs_value = validator.is_some() || record_key.is_none();
-        let value: Option<Value> = if needs_value {
-            Some(serde_json::from_str(item.get()).map_err(|err| {
-                ApiError::bad_request(
-                    "invalid_json",
-                    format!("record {index} could not be read as JSON: {err}"),
-                )
-            })?)
-        } else {
-            None
-        };
-        if let (Some(validator), Some(value)) = (validator, &value)
-            && let Some(error) = validator.iter_errors(value).next()
-        {
-            return Err(schema_violation(&entity, is_array.then_some(index), &error));
-        }
-        let key = match &record_key {
-            Some(key) => Some(key.clone()),
-            None => value.as_ref().and_then(|value| key_of(value, &key_field)),
-        };
-        records.push(NewRecord {
-            action: action.clone(),
-            entity: entity.clone(),
-            key,
-            payload: RawValue::to_owned(item),
-            sinks: sinks.clone(),
-        });
-    }
+    let key = match &record_key {
+        Some(key) => KeyFrom::Given(Some(key.clone())),
+        None => KeyFrom::KeyField,
+    };
+    let Records { records, is_array } = state
+        .intake()
+        .records(&action, &entity, &bytes, &key)
+        .map_err(from_intake)?;
 
     let client_key = client_key.map(|key| ClientKey {
         fingerprint: fingerprint(&action, &entity, record_key.as_deref(), &bytes),
@@ -266,39 +215,6 @@ fn too_large(limit: usize) -> ApiError {
     )
 }
 
-/// How deep arrays and objects may nest in a body. serde_json reads a `Value` at most 128 levels
-/// deep (its stack guard) but checks a `RawValue` without limit, so deeper bodies would pass the
-/// syntax check and fail later; they are refused up front.
-const MAX_JSON_DEPTH: usize = 128;
-
-/// The deepest nesting of arrays and objects in `bytes` (syntactically valid JSON), counted
-/// without recursion; brackets inside strings do not count.
-fn json_depth(bytes: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &b in bytes {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                max = max.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    max
-}
-
 /// A slow or stalled client (for example one that announced a body and never sent it) gets 408
 /// after `INGEST_BODY_TIMEOUT_SECS`, so that it cannot hold a connection and its buffer forever.
 fn body_timeout(timeout: Duration) -> ApiError {
@@ -349,70 +265,6 @@ async fn read_body(
     })
 }
 
-/// One object, or an array of at least one object. Returns the records and whether the body
-/// was an array.
-fn split_body(raw: &RawValue) -> Result<(Vec<&RawValue>, bool), ApiError> {
-    match raw.get().trim_start().as_bytes().first() {
-        Some(b'{') => Ok((vec![raw], false)),
-        Some(b'[') => {
-            let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(|err| {
-                ApiError::bad_request(
-                    "invalid_json",
-                    format!("the array could not be read: {err}"),
-                )
-            })?;
-            if items.is_empty() {
-                return Err(ApiError::bad_request(
-                    "invalid_body",
-                    "the array is empty; send at least one JSON object",
-                ));
-            }
-            if let Some((index, item)) = items
-                .iter()
-                .enumerate()
-                .find(|(_, item)| !item.get().trim_start().starts_with('{'))
-            {
-                return Err(ApiError::bad_request(
-                    "invalid_body",
-                    format!(
-                        "element {index} of the array is {}, not a JSON object; every element must be an object",
-                        json_kind(item.get())
-                    ),
-                ));
-            }
-            Ok((items, true))
-        }
-        _ => Err(ApiError::bad_request(
-            "invalid_body",
-            format!(
-                "the body is {}; send one JSON object or an array of JSON objects",
-                json_kind(raw.get())
-            ),
-        )),
-    }
-}
-
-/// Names the kind of a JSON text, never echoing its content (it may be patient data).
-fn json_kind(text: &str) -> &'static str {
-    match text.trim_start().as_bytes().first() {
-        Some(b'{') => "an object",
-        Some(b'[') => "an array",
-        Some(b'"') => "a string",
-        Some(b't' | b'f') => "a boolean",
-        Some(b'n') => "null",
-        _ => "a number",
-    }
-}
-
-/// The record key from the payload's key field, when it is a string or a number.
-pub(crate) fn key_of(value: &Value, key_field: &str) -> Option<String> {
-    match value.get(key_field)? {
-        Value::String(text) => Some(text.clone()),
-        Value::Number(number) => Some(number.to_string()),
-        _ => None,
-    }
-}
-
 /// The same key with another request is a conflict; the fingerprint covers everything that
 /// decides what gets staged.
 fn fingerprint(action: &str, entity: &str, record_key: Option<&str>, body: &[u8]) -> String {
@@ -435,31 +287,19 @@ fn fingerprint(action: &str, entity: &str, record_key: Option<&str>, body: &[u8]
     format!("sha256:{hex}")
 }
 
-fn schema_violation(
-    entity: &str,
-    index: Option<usize>,
-    error: &jsonschema::ValidationError<'_>,
-) -> ApiError {
-    let pointer = error.instance_path.as_str();
-    let at = if pointer.is_empty() {
-        "the record itself".to_owned()
-    } else {
-        format!("{pointer:?}")
-    };
-    let schema_path = error.schema_path.as_str();
-    let rule = schema_path.rsplit('/').next().unwrap_or(schema_path);
-    let record = match index {
-        Some(index) => format!("record {index}"),
-        None => "the record".to_owned(),
-    };
-    ApiError::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "schema_violation",
-        format!(
-            "{record} does not match the schema of entity {entity:?}: the value at {at} breaks the rule {rule:?} (schema path {schema_path:?}): {}; fix the payload and send the request again",
-            error.masked()
+/// The HTTP answer to a refused input: the status and code of its kind, its message as is
+/// (a schema violation also says to send the request again).
+fn from_intake(err: IntakeError) -> ApiError {
+    match err.kind {
+        IntakeErrorKind::InvalidName => ApiError::bad_request("invalid_name", err.message),
+        IntakeErrorKind::InvalidJson => ApiError::bad_request("invalid_json", err.message),
+        IntakeErrorKind::InvalidBody => ApiError::bad_request("invalid_body", err.message),
+        IntakeErrorKind::SchemaViolation => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "schema_violation",
+            format!("{} and send the request again", err.message),
         ),
-    )
+    }
 }
 
 /// `GET /v1/status`: the store's status, the version, the uptime and the ingest counters.
@@ -611,16 +451,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_depth_counts_brackets_outside_strings() {
-        assert_eq!(json_depth(br#"{"a": 1}"#), 1);
-        assert_eq!(json_depth(br#"[{"a": [1, {"b": {}}]}]"#), 5);
-        assert_eq!(json_depth(br#"{"a": "[[[{{{\"]]]"}"#), 1);
-        assert_eq!(json_depth(b"1"), 0);
-        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert_eq!(json_depth(deep.as_bytes()), 100_000);
-    }
-
-    #[test]
     fn fingerprint_depends_on_every_part() {
         let base = fingerprint("create", "patient", None, b"{}");
         assert_eq!(base, fingerprint("create", "patient", None, b"{}"));
@@ -629,37 +459,6 @@ mod tests {
         assert_ne!(base, fingerprint("create", "patient", Some("1"), b"{}"));
         assert_ne!(base, fingerprint("create", "patient", None, b"{ }"));
         assert!(base.starts_with("sha256:"));
-    }
-
-    #[test]
-    fn split_body_accepts_objects_and_arrays_of_objects_only() {
-        let parse =
-            |text: &str| -> Box<RawValue> { serde_json::from_str(text).expect("valid JSON") };
-        assert!(matches!(split_body(&parse(r#"{"a":1}"#)), Ok((items, false)) if items.len() == 1));
-        assert!(
-            matches!(split_body(&parse(r#" [ {"a":1}, {} ] "#)), Ok((items, true)) if items.len() == 2)
-        );
-        for bad in [
-            "[]",
-            "[1]",
-            r#"[{}, "x"]"#,
-            "3",
-            "null",
-            r#""text""#,
-            "true",
-        ] {
-            let err = split_body(&parse(bad)).expect_err(bad);
-            assert_eq!(err.code, "invalid_body", "{bad}");
-        }
-    }
-
-    #[test]
-    fn key_of_takes_strings_and_numbers_only() {
-        let value = serde_json::json!({"id": 42, "name": "x", "obj": {}});
-        assert_eq!(key_of(&value, "id").as_deref(), Some("42"));
-        assert_eq!(key_of(&value, "name").as_deref(), Some("x"));
-        assert_eq!(key_of(&value, "obj"), None);
-        assert_eq!(key_of(&value, "missing"), None);
     }
 
     #[test]

@@ -1,18 +1,17 @@
-//! The ingest API's shared state: the store, the configuration, the JSON Schema validators
-//! compiled once at start, the write signal that wakes the batcher (`FLUSH_ON_WRITE`), the
+//! The ingest API's shared state: the store, the configuration, the intake (with the JSON
+//! Schema validators compiled once at start), the write signal that wakes the batcher (`FLUSH_ON_WRITE`), the
 //! shutting-down flag and the counters. Cheap to clone: one `Arc` inside.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::Context;
 use estafeta_staging::Staging;
 use tokio::sync::watch;
 
 use super::metrics::Metrics;
 use crate::config::Config;
+use crate::intake::Intake;
 
 /// What every ingest handler shares.
 #[derive(Clone)]
@@ -23,8 +22,8 @@ pub struct IngestState {
 struct Inner {
     store: Staging,
     config: Arc<Config>,
-    /// One compiled validator per entity that has a schema.
-    validators: HashMap<String, jsonschema::Validator>,
+    /// Turns bodies into records; shared with adoption and the SQL sources.
+    intake: Arc<Intake>,
     /// Bumped after each successful stage when `FLUSH_ON_WRITE` is on. A watch channel rather
     /// than a `Notify`: a batcher busy flushing when the write lands still sees it afterwards.
     writes: watch::Sender<u64>,
@@ -38,23 +37,13 @@ struct Inner {
 impl IngestState {
     /// Compiles every entity's JSON Schema; fails naming the entity whose schema is invalid.
     pub fn new(store: Staging, config: Arc<Config>) -> anyhow::Result<Self> {
-        let mut validators = HashMap::new();
-        for (entity, settings) in &config.entities {
-            if let Some(schema) = &settings.schema {
-                let validator = jsonschema::validator_for(schema)
-                    .map_err(|err| anyhow::anyhow!("{}", err.masked()))
-                    .with_context(|| {
-                        format!("the JSON Schema of entity {entity:?} is not valid; fix [entities.{entity}].schema")
-                    })?;
-                validators.insert(entity.clone(), validator);
-            }
-        }
+        let intake = Arc::new(Intake::new(config.clone())?);
         let (writes, _) = watch::channel(0);
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
                 config,
-                validators,
+                intake,
                 writes,
                 shutting_down: AtomicBool::new(false),
                 metrics: Arc::new(Metrics::default()),
@@ -76,8 +65,9 @@ impl IngestState {
         &self.inner.metrics
     }
 
-    pub(crate) fn validator(&self, entity: &str) -> Option<&jsonschema::Validator> {
-        self.inner.validators.get(entity)
+    /// The one intake, for every other way records come in (adoption, SQL sources).
+    pub fn intake(&self) -> &Arc<Intake> {
+        &self.inner.intake
     }
 
     /// A receiver that changes after every write (only when `FLUSH_ON_WRITE` is on).

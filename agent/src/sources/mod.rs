@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::intake::{Intake, KeyFrom};
 use crate::problem::Problem;
 use query::{Param, Row};
 
@@ -318,7 +318,7 @@ pub struct Page {
 /// Reads one page of `source` and stages it with the checkpoint after it.
 pub async fn run_page(
     store: &Staging,
-    config: &Config,
+    intake: &Intake,
     source: &SourceConfig,
 ) -> anyhow::Result<Page> {
     let checkpoint = {
@@ -369,7 +369,7 @@ pub async fn run_page(
                 .collect::<Vec<_>>(),
         )?,
     };
-    let records = records(config, source, kept)?;
+    let records = records(intake, source, kept)?;
     page.records = records.len();
     let store = store.clone();
     tokio::task::spawn_blocking(move || store.stage_from_source(records, mark))
@@ -469,14 +469,17 @@ fn kind_of(value: Option<&Value>) -> &'static str {
     }
 }
 
-/// Turns kept rows into records: one per row, or one per group.
-fn records(config: &Config, source: &SourceConfig, rows: &[Row]) -> anyhow::Result<Vec<NewRecord>> {
+/// Turns kept rows into records: one per row, or one per group, through the one intake (routes
+/// and the entity's JSON Schema as for a record posted to the API). A record that breaks the
+/// schema fails the cycle like any other bad row: nothing of the page is staged, the checkpoint
+/// stays, and the error (shown by `estafeta sources`) says what to fix.
+fn records(intake: &Intake, source: &SourceConfig, rows: &[Row]) -> anyhow::Result<Vec<NewRecord>> {
     let groups: Vec<&[Row]> = match &source.group_by {
         Some(group_by) => mapping::runs(rows, group_by),
         None => rows.chunks(1).collect(),
     };
     let mut out = Vec::with_capacity(groups.len());
-    for group in groups {
+    for (index, group) in groups.into_iter().enumerate() {
         let first = &group[0];
         let payload: Map<String, Value> = match &source.group_by {
             Some(_) => mapping::group(group, &source.items),
@@ -507,10 +510,19 @@ fn records(config: &Config, source: &SourceConfig, rows: &[Row]) -> anyhow::Resu
             },
             None => None,
         };
-        let text = serde_json::to_string(&Value::Object(payload))?;
-        let mut record = NewRecord::new(action.clone(), source.entity.clone(), key, &text)?;
-        let sinks = config.route(&action, &source.entity);
-        record.sinks = (!sinks.is_empty()).then_some(sinks);
+        let record = intake
+            .record(
+                &action,
+                &source.entity,
+                &Value::Object(payload),
+                &KeyFrom::Given(key),
+            )
+            .map_err(|err| {
+                anyhow::anyhow!(
+                    "{err} (record {index} of the page, counted from the row after the checkpoint); fix that row in the database or [entities.{}].schema: the source waits at this row and tries it again each cycle",
+                    source.entity
+                )
+            })?;
         out.push(record);
     }
     Ok(out)
@@ -520,33 +532,33 @@ fn records(config: &Config, source: &SourceConfig, rows: &[Row]) -> anyhow::Resu
 /// each page that staged records (it wakes the batcher when `FLUSH_ON_WRITE` is on).
 pub fn spawn_all(
     store: &Staging,
-    config: &Arc<Config>,
+    intake: &Arc<Intake>,
     tracker: &TaskTracker,
     stop: &CancellationToken,
     staged: impl Fn() + Clone + Send + Sync + 'static,
 ) {
-    for source in config.sql_sources.iter().filter(|s| s.enabled) {
-        let (store, config, source, stop, staged) = (
+    for source in intake.config().sql_sources.iter().filter(|s| s.enabled) {
+        let (store, intake, source, stop, staged) = (
             store.clone(),
-            config.clone(),
+            intake.clone(),
             source.clone(),
             stop.clone(),
             staged.clone(),
         );
-        tracker.spawn(async move { run_source(&store, &config, &source, &stop, staged).await });
+        tracker.spawn(async move { run_source(&store, &intake, &source, &stop, staged).await });
     }
 }
 
 /// One source's loop: wait for the tick, then read pages while they come back full.
 async fn run_source(
     store: &Staging,
-    config: &Config,
+    intake: &Intake,
     source: &SourceConfig,
     stop: &CancellationToken,
     staged: impl Fn(),
 ) {
     let cron = match &source.when {
-        When::Cron(expr) => match crate::batcher::Schedule::new(expr, config.tz.clone()) {
+        When::Cron(expr) => match crate::batcher::Schedule::new(expr, intake.config().tz.clone()) {
             Ok(schedule) => Some(schedule),
             Err(err) => {
                 warn!(source = %source.name, error = format!("{err:#}"), "The source's schedule is not valid; it will not run.");
@@ -587,7 +599,7 @@ async fn run_source(
             if stop.is_cancelled() {
                 return;
             }
-            match run_page(store, config, source).await {
+            match run_page(store, intake, source).await {
                 Ok(page) => {
                     rows += page.rows as u64;
                     if page.records > 0 {

@@ -176,13 +176,14 @@ impl Staging {
         Ok(report)
     }
 
-    /// Adopts JSON files written into the tree in the old seed layout.
+    /// Adopts JSON files written into the tree in the old seed layout; `admit` gives each
+    /// record's key and sinks, or refuses it (the file is then set aside).
     pub fn adopt_foreign(
         &self,
-        key_of: &dyn Fn(&str, &serde_json::Value) -> Option<String>,
+        admit: crate::adopt::Admit<'_>,
         quiet: Duration,
     ) -> Result<AdoptReport, StoreError> {
-        crate::adopt::adopt(self, self.root(), "adopt", key_of, quiet)
+        crate::adopt::adopt(self, self.root(), "adopt", admit, quiet)
     }
 
     /// The same for an inbox folder outside the store (`INBOX_PATH`) where other programs drop
@@ -190,9 +191,9 @@ impl Staging {
     pub fn adopt_inbox(
         &self,
         inbox: &Path,
-        key_of: &dyn Fn(&str, &serde_json::Value) -> Option<String>,
+        admit: crate::adopt::Admit<'_>,
         quiet: Duration,
     ) -> Result<AdoptReport, StoreError> {
-        crate::adopt::adopt(self, inbox, "inbox", key_of, quiet)
+        crate::adopt::adopt(self, inbox, "inbox", admit, quiet)
     }
 }
