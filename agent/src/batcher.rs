@@ -39,8 +39,9 @@ pub const CLEANUP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Where a sink's task reads the time of day, for its `CRONTAB` ticks and its wake-ups.
 ///
-/// Retry times written to the store, and the store's own idea of what is due, always use the
-/// machine's clock: the staging store has no other.
+/// Only the task's schedule reads it. Retry times written to the store, and the store's own idea
+/// of what is due, use the machine's clock (the staging store has no other), so a test clock
+/// should start near the machine's time when retry wake-ups matter.
 #[derive(Debug, Clone, Copy, Default)]
 pub enum Clock {
     /// The machine's clock (the daemon). It may jump: the task re-reads it at least every
