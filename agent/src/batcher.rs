@@ -6,7 +6,8 @@
 //! cycles never overlap because its task is one sequential loop. On shutdown the delivery in
 //! flight may finish within the grace period and is then settled; otherwise its lease is
 //! released and the records stay pending. Per-key order is the store's job: a batch holds at
-//! most one record per (entity, key).
+//! most one record per (entity, key). The task reads the time of day through a [`Clock`], so
+//! tests can run its schedule on tokio's paused time instead of sleeping.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,48 @@ pub const MIN_WAKEUP_GAP: Duration = Duration::from_secs(1);
 /// seals the segment being written when it is drained, so doing it after every write-triggered
 /// cycle would leave many small files.
 pub const CLEANUP_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Where a sink's task reads the time of day, for its `CRONTAB` ticks and its wake-ups.
+///
+/// Only the task's schedule reads it. Retry times written to the store, and the store's own idea
+/// of what is due, use the machine's clock (the staging store has no other), so a test clock
+/// should start near the machine's time when retry wake-ups matter.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Clock {
+    /// The machine's clock (the daemon). It may jump: the task re-reads it at least every
+    /// [`MAX_SLEEP`].
+    #[default]
+    System,
+    /// `start` when made, then moving with tokio's clock: under `tokio::time::pause` (or
+    /// `#[tokio::test(start_paused = true)]`) the ticks come exactly when the test advances time,
+    /// without waiting for them.
+    FollowsTokio {
+        start: DateTime<Utc>,
+        origin: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    /// A clock that reads `start` now and then follows tokio's (possibly paused) time.
+    pub fn follows_tokio(start: DateTime<Utc>) -> Self {
+        Self::FollowsTokio {
+            start,
+            origin: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The time of day.
+    pub fn now(&self) -> DateTime<Utc> {
+        match self {
+            Self::System => Utc::now(),
+            Self::FollowsTokio { start, origin } => {
+                let elapsed =
+                    chrono::Duration::from_std(origin.elapsed()).unwrap_or(chrono::TimeDelta::MAX);
+                *start + elapsed
+            }
+        }
+    }
+}
 
 /// What one flush cycle of one sink did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -456,6 +499,7 @@ pub struct Batcher {
     metrics: Arc<Metrics>,
     schedule: Schedule,
     writes: Option<watch::Receiver<u64>>,
+    clock: Clock,
 }
 
 impl Batcher {
@@ -475,7 +519,14 @@ impl Batcher {
             metrics,
             schedule,
             writes,
+            clock: Clock::System,
         })
+    }
+
+    /// Reads the time of day from `clock` instead of the machine's (tests: [`Clock::follows_tokio`]).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Starts one task per sink on `tracker`. After `cancel` fires, a delivery in flight gets
@@ -494,6 +545,7 @@ impl Batcher {
                 metrics: self.metrics.clone(),
                 schedule: self.schedule.clone(),
                 writes: self.writes.clone(),
+                clock: self.clock,
                 sink: sink.clone(),
                 cancel: cancel.clone(),
                 grace,
@@ -510,6 +562,7 @@ struct SinkTask {
     metrics: Arc<Metrics>,
     schedule: Schedule,
     writes: Option<watch::Receiver<u64>>,
+    clock: Clock,
     sink: Arc<dyn Sink>,
     cancel: CancellationToken,
     grace: Duration,
@@ -519,7 +572,7 @@ impl SinkTask {
     async fn run(mut self) {
         let name = self.sink.name().to_owned();
         let mut rng = XorShift::from_clock();
-        let mut next_tick = self.schedule.next_after(Utc::now());
+        let mut next_tick = self.schedule.next_after(self.clock.now());
         // With FLUSH_ON_WRITE, deliver what an earlier run left right away.
         let mut due = self.writes.is_some();
         // After a cycle that found the sink down (or a dry run), writes do not start cycles;
@@ -531,7 +584,7 @@ impl SinkTask {
             if self.cancel.is_cancelled() {
                 break;
             }
-            let now = Utc::now();
+            let now = self.clock.now();
             let tick_due = next_tick.is_some_and(|tick| tick <= now);
             if !due && !tick_due {
                 let wakeup = if self.config.dry_run {
@@ -568,13 +621,13 @@ impl SinkTask {
                         }
                     }
                     () = tokio::time::sleep(sleep_for) => {
-                        due = wakeup.is_some_and(|at| Utc::now() >= at);
+                        due = wakeup.is_some_and(|at| self.clock.now() >= at);
                     }
                 }
                 continue;
             }
 
-            let now = Utc::now();
+            let now = self.clock.now();
             let ticked = next_tick.is_some_and(|tick| tick <= now);
             if ticked {
                 // Every tick that passed (during a long flush, a suspend) collapses into this cycle.

@@ -1,7 +1,10 @@
 //! The batcher against a real staging store in a temporary folder and a scripted in-test sink:
 //! outcomes become acks, retries and dead letters; per-key order holds; a down sink is not
 //! hammered; dry run keeps everything pending; the daemon's per-sink task flushes after a
-//! write and gives its lease back when shutdown outlasts the delivery.
+//! write, delivers on its `CRONTAB` tick, and gives its lease back when shutdown outlasts the
+//! delivery. The task's tests run on tokio's paused time with the batcher's clock following it,
+//! so each timing claim is checked exactly (a write wakes it in milliseconds, not at the next
+//! `MAX_SLEEP` wake-up) instead of by sleeping.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use estafeta::batcher::{Batcher, flush_once};
+use estafeta::batcher::{Batcher, Clock, MAX_SLEEP, WRITE_DEBOUNCE, flush_once};
 use estafeta::config::Config;
 use estafeta::ingest::IngestState;
 use estafeta::sinks::{BoxFuture, Outcome, Refusal, Sink};
@@ -401,7 +404,19 @@ async fn dry_run_delivers_nothing_and_keeps_everything_pending() {
     }
 }
 
-#[tokio::test]
+/// Waits (in paused time, polling every millisecond) until nothing is pending; `false` after
+/// `limit`.
+async fn drained_within(store: &Staging, limit: Duration) -> bool {
+    tokio::time::timeout(limit, async {
+        while store.status().expect("status").records_pending > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(start_paused = true)]
 async fn batcher_flushes_after_a_write_and_stops_on_cancel() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open_store(&dir);
@@ -415,21 +430,28 @@ async fn batcher_flushes_after_a_write_and_stops_on_cancel() {
         state.metrics().clone(),
         Some(state.subscribe_writes()),
     )
-    .expect("batcher");
+    .expect("batcher")
+    .with_clock(Clock::follows_tokio(Utc::now()));
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     batcher.spawn(&[dyn_sink], &tracker, &cancel, Duration::from_secs(1));
 
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Paused time only moves once every task waits: after this, the batcher's first cycle
+    // (which found nothing) is over and the task sleeps until its next wake-up, MAX_SLEEP away.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sink.calls.load(Ordering::SeqCst), 0);
     stage(&store, &[("create", "a", "ok"), ("create", "b", "ok")]);
     state.notify_write();
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
-        while store.status().expect("status").records_pending > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(drained.is_ok(), "records delivered after the write");
+    let written = tokio::time::Instant::now();
+    assert!(
+        drained_within(&store, MAX_SLEEP / 2).await,
+        "the write did not wake the batcher: the records wait for its next wake-up"
+    );
+    let waited = written.elapsed();
+    assert!(
+        waited >= WRITE_DEBOUNCE && waited < WRITE_DEBOUNCE + Duration::from_millis(50),
+        "delivered {waited:?} after the write; expected just after the {WRITE_DEBOUNCE:?} debounce"
+    );
     assert_eq!(sink.batches().concat().len(), 2);
 
     cancel.cancel();
@@ -438,7 +460,7 @@ async fn batcher_flushes_after_a_write_and_stops_on_cancel() {
     assert!(stopped.is_ok(), "the batcher stops on cancel");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn shutdown_outlasting_a_delivery_releases_its_records() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open_store(&dir);
@@ -479,32 +501,41 @@ async fn shutdown_outlasting_a_delivery_releases_its_records() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn batcher_delivers_on_the_cron_tick_when_flush_on_write_is_off() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open_store(&dir);
     let mut config = test_config(dir.path());
     config.flush_on_write = false;
-    config.crontab = "* * * * * *".into(); // every second, with the seconds field
+    config.crontab = "*/10 * * * * *".into(); // every ten seconds, with the seconds field
     let config = Arc::new(config);
     let sink = Arc::new(ScriptSink::default());
     let dyn_sink: Arc<dyn Sink> = sink.clone();
     let (writes, rx) = tokio::sync::watch::channel(0u64);
     let metrics = Arc::new(estafeta::ingest::Metrics::default());
-    let batcher = Batcher::new(store.clone(), config, metrics.clone(), Some(rx)).expect("batcher");
+    // Half a second past a ten-second mark: the next tick is 9.5 s (of paused time) away.
+    let now = Utc::now().timestamp();
+    let start =
+        DateTime::from_timestamp(now - now.rem_euclid(10), 500_000_000).expect("valid time");
+    let batcher = Batcher::new(store.clone(), config, metrics.clone(), Some(rx))
+        .expect("batcher")
+        .with_clock(Clock::follows_tokio(start));
     let tracker = TaskTracker::new();
     let cancel = CancellationToken::new();
     batcher.spawn(&[dyn_sink], &tracker, &cancel, Duration::from_secs(1));
 
     stage(&store, &[("create", "a", "ok"), ("create", "b", "ok")]);
     writes.send_modify(|n| *n += 1); // ignored: FLUSH_ON_WRITE is off
-    let drained = tokio::time::timeout(Duration::from_secs(5), async {
-        while store.status().expect("status").records_pending > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(drained.is_ok(), "the tick delivered the records");
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(
+        sink.calls.load(Ordering::SeqCst),
+        0,
+        "delivered before the tick: the write started a cycle although FLUSH_ON_WRITE is off"
+    );
+    assert!(
+        drained_within(&store, Duration::from_secs(1)).await,
+        "the tick 9.5 s after the start did not deliver the records"
+    );
     // The cycle's counters are published when the cycle ends (after its cleanup).
     let counted = tokio::time::timeout(Duration::from_secs(5), async {
         while !metrics

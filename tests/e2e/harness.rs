@@ -1,6 +1,7 @@
 //! The harness's own tests: the helpers work against the real databases, the flaky server
 //! misbehaves as asked, and an `Agent` child is started, probed, stopped and killed (a fake
-//! agent stands in for `estafeta`: this test executable, re-run as `fake_agent_process`).
+//! agent stands in for `estafeta`: this test executable, re-run with only that test selected
+//! and `ESTAFETA_E2E_FAKE_AGENT` set, which makes the test serve as the agent instead).
 
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
@@ -172,18 +173,15 @@ async fn flaky_server_records_and_misbehaves() {
     assert_eq!(server.url(), url);
 }
 
-/// Environment variable that turns `fake_agent_process` into a fake agent.
+/// Set by `agent_starts_answers_stops_and_dies` on the child it starts: the child (this test
+/// executable, running that same test) serves as the fake agent instead of testing.
 const FAKE: &str = "ESTAFETA_E2E_FAKE_AGENT";
 
-/// Not a test of its own: when the harness runs this executable as a fake agent (with `FAKE`
-/// set), it serves `/healthz`, `POST /v1/records/{action}/{entity}` and `/env` on
-/// `INGEST_ADDR` until killed. Otherwise it returns at once.
-#[test]
-fn fake_agent_process() {
-    if std::env::var_os(FAKE).is_none() {
-        return;
-    }
-    let addr = std::env::var("INGEST_ADDR").expect("INGEST_ADDR");
+/// The fake agent: serves `/healthz`, `POST /v1/records/{action}/{entity}` and `/env` on
+/// `INGEST_ADDR` until killed. Runs in the child only; it never returns, so the child never
+/// reports a test result of its own.
+async fn serve_as_fake_agent() -> ! {
+    let addr = std::env::var("INGEST_ADDR").expect("the harness sets INGEST_ADDR");
     eprintln!("fake agent: listening on {addr}");
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -208,19 +206,27 @@ fn fake_agent_process() {
                 Json(json!({"cwd": cwd, "env": env}))
             }),
         );
-    tokio::runtime::Runtime::new().unwrap().block_on(async {
-        // Not ready at once, so that `wait_ready` has to poll.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
-        axum::serve(listener, app).await.unwrap();
-    });
+    // Not ready at once, so that `wait_ready` has to poll.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listener = tokio::net::TcpListener::bind(&addr).await.unwrap();
+    axum::serve(listener, app).await.unwrap();
+    panic!(
+        "fake agent: the server on {addr} stopped; the harness should have killed this process first"
+    );
 }
 
 #[tokio::test]
 async fn agent_starts_answers_stops_and_dies() {
+    if std::env::var_os(FAKE).is_some() {
+        serve_as_fake_agent().await;
+    }
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
-    let args = ["harness::fake_agent_process", "--exact", "--nocapture"];
+    let args = [
+        "harness::agent_starts_answers_stops_and_dies",
+        "--exact",
+        "--nocapture",
+    ];
     let mut agent = Agent::spec(dir.path())
         .program(&exe, &args)
         .env(FAKE, "1")

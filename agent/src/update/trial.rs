@@ -232,14 +232,13 @@ async fn stop_child(child: &mut tokio::process::Child, grace: Duration) {
 }
 
 #[cfg(unix)]
-#[allow(unsafe_code)]
 fn terminate(pid: u32) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill(2) takes plain integers; the child is not reaped yet (we hold it), so the
-        // pid is still our child's.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
+    // The child is not reaped yet (we hold it), so the pid is still our child's.
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
     }
 }
 
