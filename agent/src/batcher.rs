@@ -22,7 +22,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::ingest::Metrics;
+use crate::crontab::Schedule;
+use crate::metrics::{FlushReport, Metrics};
 use crate::sinks::{Outcome, Sink};
 
 /// After a write notification, wait this long so a burst of writes gives one cycle.
@@ -77,17 +78,6 @@ impl Clock {
             }
         }
     }
-}
-
-/// What one flush cycle of one sink did.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct FlushReport {
-    pub sink: String,
-    pub delivered: u64,
-    pub retried: u64,
-    pub dead: u64,
-    /// Records built and logged but not sent (`DRY_RUN`).
-    pub dry_run: u64,
 }
 
 /// Why a flush cycle stopped.
@@ -457,41 +447,6 @@ impl XorShift {
     }
 }
 
-/// `CRONTAB` read in `TZ` (or the machine's local time).
-#[derive(Clone)]
-pub struct Schedule {
-    cron: croner::Cron,
-    tz: Option<crate::timezone::Zone>,
-}
-
-impl Schedule {
-    /// Parses 5-field cron, or 6 fields with seconds first.
-    pub fn new(crontab: &str, tz: Option<crate::timezone::Zone>) -> anyhow::Result<Self> {
-        let cron = croner::Cron::new(crontab)
-            .with_seconds_optional()
-            .parse()
-            .with_context(|| {
-                format!("CRONTAB {crontab:?} is not a valid cron expression; use 5 fields (minute hour day month weekday) or 6 with seconds first")
-            })?;
-        Ok(Self { cron, tz })
-    }
-
-    /// The first tick strictly after `now`; `None` if the expression never matches again.
-    pub fn next_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let next = match &self.tz {
-            Some(tz) => self
-                .cron
-                .find_next_occurrence(&now.with_timezone(tz), false)
-                .map(|t| t.with_timezone(&Utc)),
-            None => self
-                .cron
-                .find_next_occurrence(&now.with_timezone(&chrono::Local), false)
-                .map(|t| t.with_timezone(&Utc)),
-        };
-        next.ok()
-    }
-}
-
 /// Runs one delivery task per sink until cancelled.
 pub struct Batcher {
     store: Staging,
@@ -781,29 +736,5 @@ mod tests {
             let late = backoff(200, base, max, &mut rng);
             assert!(late >= max / 2 && late <= max, "{late:?}");
         }
-    }
-
-    #[test]
-    fn schedule_accepts_five_and_six_fields() {
-        use crate::timezone::Zone;
-        let now = DateTime::parse_from_rfc3339("2025-03-01T10:00:30Z")
-            .expect("valid time")
-            .with_timezone(&Utc);
-        let minutely = Schedule::new("* * * * *", Zone::named("UTC")).expect("5 fields");
-        assert_eq!(
-            minutely.next_after(now).map(|t| t.to_rfc3339()),
-            Some("2025-03-01T10:01:00+00:00".to_owned())
-        );
-        let every_10s = Schedule::new("*/10 * * * * *", Zone::named("UTC")).expect("6 fields");
-        assert_eq!(
-            every_10s.next_after(now).map(|t| t.to_rfc3339()),
-            Some("2025-03-01T10:00:40+00:00".to_owned())
-        );
-        let sao_paulo = Schedule::new("0 8 * * *", Zone::named("America/Sao_Paulo")).expect("tz");
-        assert_eq!(
-            sao_paulo.next_after(now).map(|t| t.to_rfc3339()),
-            Some("2025-03-01T11:00:00+00:00".to_owned())
-        );
-        assert!(Schedule::new("not cron", None).is_err());
     }
 }

@@ -142,9 +142,15 @@ pub async fn run_until(
         cancel.clone(),
     ));
     let wake = state.clone();
-    crate::sources::spawn_all(&store, state.intake(), &tracker, &cancel, move || {
-        wake.notify_write()
-    });
+    crate::sources::spawn_all(
+        &store,
+        state.intake(),
+        &config.sql_sources,
+        config.tz.clone(),
+        &tracker,
+        &cancel,
+        move || wake.notify_write(),
+    );
     tracker.spawn(scan_foreign(
         store,
         config.clone(),

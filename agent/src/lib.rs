@@ -14,6 +14,7 @@ pub mod hostname;
 pub mod ingest;
 pub mod intake;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod problem;
 pub mod redact;

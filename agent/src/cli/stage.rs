@@ -42,7 +42,7 @@ pub(super) fn stage(
         ),
     };
     // The same intake as the HTTP API: splitting, key, routes and the entity's schema.
-    let intake = crate::intake::Intake::new(std::sync::Arc::new(config.clone()))?;
+    let intake = crate::intake::Intake::new(config.rules())?;
     let key = match key {
         Some(key) => crate::intake::KeyFrom::Given(Some(key)),
         None => crate::intake::KeyFrom::KeyField,

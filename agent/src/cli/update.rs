@@ -34,7 +34,7 @@ async fn ask_daemon_to_update(config: &Config) -> anyhow::Result<()> {
     let addr = crate::ingest::local_addr(config.ingest_addr);
     let mut request = client
         .post(format!("http://{addr}/v1/update"))
-        .header(crate::ingest::dead_letters::REQUESTED_BY, "estafeta");
+        .header(crate::ingest::access::REQUESTED_BY, "estafeta");
     if let Some(token) = &config.ingest_token {
         request = request.bearer_auth(token);
     }

@@ -57,7 +57,7 @@ pub const API_SINK: &str = "api";
 /// Name of the sink `CENTRAL_NATS_URL` defines.
 pub const NATS_SINK: &str = "nats";
 /// Payload field holding the record key when the entity names none.
-pub const DEFAULT_KEY_FIELD: &str = "id";
+pub use crate::intake::rules::{DEFAULT_KEY_FIELD, EntityConfig, Route, Rules};
 
 /// The effective configuration of one agent.
 #[derive(Clone)]
@@ -129,23 +129,6 @@ pub struct Config {
     /// Self-update: `UPDATE_URL`, `UPDATE_CRONTAB`, `UPDATE_PUBLIC_KEY`, `UPDATE_HEALTH_SECS`,
     /// `UPDATE_ALLOW_HTTP`, `UPDATE_CA_FILE`.
     pub update: crate::update::UpdateConfig,
-}
-
-/// Which sinks get the records of an (action, entity); `None` matches any.
-#[derive(Debug, Clone)]
-pub struct Route {
-    pub action: Option<String>,
-    pub entity: Option<String>,
-    pub sinks: Vec<String>,
-}
-
-/// Settings of one entity.
-#[derive(Debug, Clone, Default)]
-pub struct EntityConfig {
-    /// Payload field holding the record key (default `id`).
-    pub key_field: Option<String>,
-    /// JSON Schema every payload of this entity must satisfy (HTTP 422 otherwise).
-    pub schema: Option<serde_json::Value>,
 }
 
 // By hand, so `{:?}` of a config never prints the ingest token (sinks redact themselves).
@@ -250,24 +233,23 @@ impl Config {
         self.sinks.iter().map(|s| s.name.clone()).collect()
     }
 
+    /// What the intake needs of the configuration: routes, entities and the sinks' names.
+    pub fn rules(&self) -> Rules {
+        Rules {
+            routes: self.routes.clone(),
+            entities: self.entities.clone(),
+            sinks: self.sink_names(),
+        }
+    }
+
     /// The sinks the records of (action, entity) go to: the first matching route's, else all.
     pub fn route(&self, action: &str, entity: &str) -> Vec<String> {
-        self.routes
-            .iter()
-            .find(|r| {
-                r.action.as_deref().is_none_or(|a| a == action)
-                    && r.entity.as_deref().is_none_or(|e| e == entity)
-            })
-            .map(|r| r.sinks.clone())
-            .unwrap_or_else(|| self.sink_names())
+        self.rules().route(action, entity)
     }
 
     /// The payload field holding the record key of `entity` (default `id`).
     pub fn key_field(&self, entity: &str) -> &str {
-        self.entities
-            .get(entity)
-            .and_then(|e| e.key_field.as_deref())
-            .unwrap_or(DEFAULT_KEY_FIELD)
+        crate::intake::rules::key_field(&self.entities, entity)
     }
 
     /// The dead-letter folder: `FAILED_DIR` or `<staging>/_failed`.

@@ -16,18 +16,16 @@
 use axum::Json;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use estafeta_staging::StoreError;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::IngestState;
+use super::access::{check_same_origin, check_token};
 use super::error::ApiError;
-use super::handlers::check_token;
 
-/// The header a requeue must carry (see the module documentation).
-pub const REQUESTED_BY: &str = "x-requested-by";
 /// Most dead letters one `GET /v1/dead-letters` returns.
 pub const MAX_LISTED: usize = 1000;
 
@@ -126,41 +124,4 @@ pub async fn requeue(
             "could not requeue: {err}; check estafeta's log"
         ))),
     }
-}
-
-/// Refuses a state-changing request a browser may have been tricked into sending.
-pub(crate) fn check_same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
-    let forbidden = |why: &str| {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            "cross_site_refused",
-            format!(
-                "{why}; use the status page served by this agent, or send the request from a script with the header 'X-Requested-By: estafeta'"
-            ),
-        )
-    };
-    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    if text(REQUESTED_BY) != Some("estafeta") {
-        return Err(forbidden("the header X-Requested-By: estafeta is missing"));
-    }
-    if let Some(site) = text("sec-fetch-site")
-        && !matches!(site, "same-origin" | "none")
-    {
-        return Err(forbidden(&format!(
-            "the browser says this request comes from another site (Sec-Fetch-Site: {site})"
-        )));
-    }
-    let host = text(header::HOST.as_str()).unwrap_or("");
-    if let Some(origin) = text(header::ORIGIN.as_str()) {
-        let origin_host = origin
-            .strip_prefix("http://")
-            .or_else(|| origin.strip_prefix("https://"))
-            .unwrap_or(origin);
-        if !origin_host.eq_ignore_ascii_case(host) {
-            return Err(forbidden(&format!(
-                "the request comes from {origin}, not from this agent's page"
-            )));
-        }
-    }
-    Ok(())
 }

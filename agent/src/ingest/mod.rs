@@ -4,11 +4,11 @@
 //! Every route, the unknown ones included, is behind the `Host` check of [`host`] (DNS
 //! rebinding).
 
+pub mod access;
 pub mod dead_letters;
 mod error;
 pub mod handlers;
 pub mod host;
-pub mod metrics;
 pub mod openapi;
 mod serve;
 mod state;
@@ -20,8 +20,8 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{get, post};
 
+pub use crate::metrics::Metrics;
 pub use error::ApiError;
-pub use metrics::Metrics;
 pub use serve::serve;
 pub use state::IngestState;
 

@@ -9,9 +9,9 @@ use std::time::Instant;
 use estafeta_staging::Staging;
 use tokio::sync::watch;
 
-use super::metrics::Metrics;
 use crate::config::Config;
 use crate::intake::Intake;
+use crate::metrics::Metrics;
 
 /// What every ingest handler shares.
 #[derive(Clone)]
@@ -37,7 +37,7 @@ struct Inner {
 impl IngestState {
     /// Compiles every entity's JSON Schema; fails naming the entity whose schema is invalid.
     pub fn new(store: Staging, config: Arc<Config>) -> anyhow::Result<Self> {
-        let intake = Arc::new(Intake::new(config.clone())?);
+        let intake = Arc::new(Intake::new(config.rules())?);
         let (writes, _) = watch::channel(0);
         Ok(Self {
             inner: Arc::new(Inner {

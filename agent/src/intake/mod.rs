@@ -8,19 +8,18 @@
 
 mod body;
 mod error;
+pub mod rules;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use anyhow::Context;
 use estafeta_staging::{Admission, NewRecord, StageError, validate_name};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::config::Config;
-
 pub use body::{MAX_JSON_DEPTH, Split, split};
 pub use error::{IntakeError, IntakeErrorKind};
+pub use rules::Rules;
 
 /// Where a record's key comes from.
 #[derive(Debug, Clone)]
@@ -41,16 +40,16 @@ pub struct Records {
 
 /// The configuration the intake reads, with every entity's JSON Schema compiled once.
 pub struct Intake {
-    config: Arc<Config>,
+    rules: Rules,
     /// One compiled validator per entity that has a schema.
     validators: HashMap<String, jsonschema::Validator>,
 }
 
 impl Intake {
     /// Compiles every entity's JSON Schema; fails naming the entity whose schema is invalid.
-    pub fn new(config: Arc<Config>) -> anyhow::Result<Self> {
+    pub fn new(rules: Rules) -> anyhow::Result<Self> {
         let mut validators = HashMap::new();
-        for (entity, settings) in &config.entities {
+        for (entity, settings) in &rules.entities {
             if let Some(schema) = &settings.schema {
                 let validator = jsonschema::validator_for(schema)
                     .map_err(|err| anyhow::anyhow!("{}", err.masked()))
@@ -60,11 +59,7 @@ impl Intake {
                 validators.insert(entity.clone(), validator);
             }
         }
-        Ok(Self { config, validators })
-    }
-
-    pub fn config(&self) -> &Arc<Config> {
-        &self.config
+        Ok(Self { rules, validators })
     }
 
     /// The action and entity must be names from `a-z`, `0-9`, `_` and `-`.
@@ -177,7 +172,7 @@ impl Intake {
             KeyFrom::Given(key) => key.clone(),
             KeyFrom::KeyField => value.and_then(|value| key_of(value, self.key_field(entity))),
         };
-        let sinks = self.config.route(action, entity);
+        let sinks = self.rules.route(action, entity);
         Ok(Admission {
             key,
             sinks: (!sinks.is_empty()).then_some(sinks),
@@ -185,7 +180,7 @@ impl Intake {
     }
 
     fn key_field(&self, entity: &str) -> &str {
-        self.config.key_field(entity)
+        self.rules.key_field(entity)
     }
 }
 

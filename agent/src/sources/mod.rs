@@ -533,19 +533,22 @@ fn records(intake: &Intake, source: &SourceConfig, rows: &[Row]) -> anyhow::Resu
 pub fn spawn_all(
     store: &Staging,
     intake: &Arc<Intake>,
+    sources: &[SourceConfig],
+    tz: Option<crate::timezone::Zone>,
     tracker: &TaskTracker,
     stop: &CancellationToken,
     staged: impl Fn() + Clone + Send + Sync + 'static,
 ) {
-    for source in intake.config().sql_sources.iter().filter(|s| s.enabled) {
-        let (store, intake, source, stop, staged) = (
+    for source in sources.iter().filter(|s| s.enabled) {
+        let (store, intake, source, tz, stop, staged) = (
             store.clone(),
             intake.clone(),
             source.clone(),
+            tz.clone(),
             stop.clone(),
             staged.clone(),
         );
-        tracker.spawn(async move { run_source(&store, &intake, &source, &stop, staged).await });
+        tracker.spawn(async move { run_source(&store, &intake, &source, tz, &stop, staged).await });
     }
 }
 
@@ -554,11 +557,12 @@ async fn run_source(
     store: &Staging,
     intake: &Intake,
     source: &SourceConfig,
+    tz: Option<crate::timezone::Zone>,
     stop: &CancellationToken,
     staged: impl Fn(),
 ) {
     let cron = match &source.when {
-        When::Cron(expr) => match crate::batcher::Schedule::new(expr, intake.config().tz.clone()) {
+        When::Cron(expr) => match crate::crontab::Schedule::new(expr, tz) {
             Ok(schedule) => Some(schedule),
             Err(err) => {
                 warn!(source = %source.name, error = format!("{err:#}"), "The source's schedule is not valid; it will not run.");

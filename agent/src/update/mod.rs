@@ -340,7 +340,7 @@ pub async fn run_checks(
 ) {
     let schedule = match config.update.crontab.as_deref() {
         None => None,
-        Some(crontab) => match crate::batcher::Schedule::new(crontab, config.tz.clone()) {
+        Some(crontab) => match crate::crontab::Schedule::new(crontab, config.tz.clone()) {
             Ok(s) => Some(s),
             Err(err) => {
                 tracing::error!(error = %format!("{err:#}"), "UPDATE_CRONTAB is not valid; no automatic update checks.");

@@ -10,7 +10,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use estafeta_staging::Status;
 use serde::Serialize;
 
-use crate::batcher::FlushReport;
+/// What one flush cycle of one sink did.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FlushReport {
+    pub sink: String,
+    pub delivered: u64,
+    pub retried: u64,
+    pub dead: u64,
+    /// Records built and logged but not sent (`DRY_RUN`).
+    pub dry_run: u64,
+}
 
 /// Process-wide counters. Cheap to update from any task.
 #[derive(Debug, Default)]
