@@ -163,7 +163,7 @@ pub async fn run_until(
         let trigger = state.update_trigger();
         if apply_updates {
             tracker.spawn(crate::update::run_checks(
-                config.clone(),
+                Arc::new(config.update_context()),
                 cancel.clone(),
                 takeover_tx,
                 trigger,
@@ -171,7 +171,7 @@ pub async fn run_until(
         } else {
             let (tx, mut rx) = tokio::sync::mpsc::channel(1);
             tracker.spawn(crate::update::run_checks(
-                config.clone(),
+                Arc::new(config.update_context()),
                 cancel.clone(),
                 tx,
                 trigger,

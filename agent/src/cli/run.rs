@@ -29,7 +29,9 @@ pub(super) fn run_daemon(config: Config) -> anyhow::Result<u8> {
             let crate::daemon::Exit::Update(prepared) = exit else {
                 return Ok(None);
             };
-            match crate::update::takeover(&config, prepared, args.clone(), &stop).await {
+            match crate::update::takeover(&config.update_context(), prepared, args.clone(), &stop)
+                .await
+            {
                 crate::update::Handover::Exec(exe) => return Ok(Some(exe)),
                 crate::update::Handover::Resume if stop.is_cancelled() => return Ok(None),
                 crate::update::Handover::Resume => {

@@ -72,7 +72,8 @@ pub(super) fn update(
         Some(crate::logging::init(&config))
     };
     let current = crate::version::current();
-    let checked = crate::update::check(&config)?;
+    let context = config.update_context();
+    let checked = crate::update::check(&context)?;
     let offered = checked.manifest.version.clone();
     // Only a strictly newer version, unless asked for an older one on purpose. Either way the
     // archive's signed VERSION decides (`update::prepare`); the manifest's is only a hint.
@@ -111,7 +112,7 @@ pub(super) fn update(
         ));
         return Ok(EXIT_OK);
     }
-    let prepared = crate::update::prepare(&config, &checked.manifest, kind, downgrade)?;
+    let prepared = crate::update::prepare(&context, &checked.manifest, kind, downgrade)?;
     let mut args: Vec<std::ffi::OsString> = Vec::new();
     if let Some(file) = env_file {
         args.push("--env-file".into());
@@ -122,7 +123,7 @@ pub(super) fn update(
         AssetKind::Binary => {
             let stop = tokio_util::sync::CancellationToken::new();
             let (handover, message) = runtime()?.block_on(crate::update::takeover_with_message(
-                &config, prepared, args, &stop,
+                &context, prepared, args, &stop,
             ));
             match handover {
                 Handover::Exec(_) => {
@@ -134,7 +135,7 @@ pub(super) fn update(
         }
         AssetKind::Deb => {
             use crate::update::package::{PackageOutcome, update_deb};
-            match runtime()?.block_on(update_deb(&config, &prepared, args))? {
+            match runtime()?.block_on(update_deb(&context, &prepared, args))? {
                 PackageOutcome::Installed(message) => {
                     crate::update::state::record_updated(&config.staging_path, &message);
                     write_stdout(&format!("{message}\n"));

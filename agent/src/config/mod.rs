@@ -233,6 +233,18 @@ impl Config {
         self.sinks.iter().map(|s| s.name.clone()).collect()
     }
 
+    /// What the update steps need of the configuration.
+    pub fn update_context(&self) -> crate::update::Context {
+        crate::update::Context {
+            update: self.update.clone(),
+            staging_path: self.staging_path.clone(),
+            tz: self.tz.clone(),
+            ingest_addr: self.ingest_addr,
+            ingest_token: self.ingest_token.clone(),
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+
     /// What the intake needs of the configuration: routes, entities and the sinks' names.
     pub fn rules(&self) -> Rules {
         Rules {

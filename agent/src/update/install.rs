@@ -16,6 +16,10 @@ use super::manifest::AssetKind;
 /// dpkg's list of the files of the `estafeta` package.
 pub const DPKG_LIST: &str = "/var/lib/dpkg/info/estafeta.list";
 
+/// The env file template the MSI installs beside the executable (its presence marks an MSI
+/// install; the Windows service copies it to `estafeta.env` when that file is missing).
+pub const DEFAULT_ENV_FILE_NAME: &str = "estafeta.env.default";
+
 /// What kind of install the executable at `exe` belongs to.
 pub fn detect(exe: &Path) -> AssetKind {
     detect_with(exe, Path::new(DPKG_LIST))
@@ -31,7 +35,7 @@ pub fn detect_with(exe: &Path, dpkg_list: &Path) -> AssetKind {
     let template = exe
         .parent()
         .unwrap_or(Path::new("."))
-        .join(crate::winservice::DEFAULT_ENV_FILE_NAME);
+        .join(DEFAULT_ENV_FILE_NAME);
     if cfg!(windows) && template.is_file() {
         return AssetKind::Msi;
     }

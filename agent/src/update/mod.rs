@@ -44,7 +44,6 @@ use anyhow::{Context as _, bail};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
 pub use manifest::{AssetKind, Manifest};
 pub use state::{State, UpdateStatus};
 
@@ -72,6 +71,32 @@ pub struct UpdateConfig {
     pub allow_http: bool,
     /// `UPDATE_CA_FILE`: extra CA certificate(s), PEM, for the manifest and the archives.
     pub ca_file: Option<PathBuf>,
+}
+
+/// What the update steps need of the agent's configuration: the `UPDATE_*` settings and the few
+/// other values they touch (the staging folder that keeps `_update/`, the time zone of
+/// `UPDATE_CRONTAB`, and the ingest API a new version is checked through). Built by
+/// `Config::update_context`, so the update path needs nothing of how configuration is loaded.
+#[derive(Clone)]
+pub struct Context {
+    pub update: UpdateConfig,
+    pub staging_path: PathBuf,
+    pub tz: Option<crate::timezone::Zone>,
+    pub ingest_addr: std::net::SocketAddr,
+    pub ingest_token: Option<String>,
+    pub shutdown_grace: Duration,
+}
+
+// By hand, so `{:?}` never prints the ingest token.
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("update", &self.update)
+            .field("staging_path", &self.staging_path)
+            .field("ingest_addr", &self.ingest_addr)
+            .field("ingest_token", &self.ingest_token.as_ref().map(|_| "***"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for UpdateConfig {
@@ -110,7 +135,7 @@ pub struct Checked {
     pub newer: bool,
 }
 
-fn url(config: &Config) -> anyhow::Result<&str> {
+fn url(config: &Context) -> anyhow::Result<&str> {
     config.update.url.as_deref().ok_or_else(|| {
         anyhow::anyhow!(
             "UPDATE_URL is not set; set it to the release manifest's URL (https://…/manifest.json)"
@@ -158,7 +183,7 @@ fn remove_stale_downloads_in(staging: &std::path::Path) {
 }
 
 /// Reads the manifest and records the check (blocking).
-pub fn check(config: &Config) -> anyhow::Result<Checked> {
+pub fn check(config: &Context) -> anyhow::Result<Checked> {
     let staging = &config.staging_path;
     remove_stale_downloads(staging);
     let current = crate::version::current();
@@ -207,7 +232,7 @@ pub fn check(config: &Config) -> anyhow::Result<Checked> {
 /// and logged. `allow_downgrade`: an older signed version is accepted (`estafeta update
 /// --allow-downgrade`; never the daemon's checks).
 pub fn prepare(
-    config: &Config,
+    config: &Context,
     manifest: &Manifest,
     kind: AssetKind,
     allow_downgrade: bool,
@@ -246,13 +271,13 @@ pub fn prepare(
 /// `err` with its causes on one line, as it leaves the process (state file, log, CLI), with
 /// `UPDATE_URL`'s user, password and secret parameters hidden: the manifest's and the relative
 /// assets' URLs carry them, and an error may quote those URLs.
-fn shown_error(config: &Config, err: &anyhow::Error) -> String {
+fn shown_error(config: &Context, err: &anyhow::Error) -> String {
     crate::redact::Secrets::of(config.update.url.as_deref().unwrap_or_default())
         .scrub(&format!("{err:#}"))
 }
 
 fn try_prepare(
-    config: &Config,
+    config: &Context,
     manifest: &Manifest,
     kind: AssetKind,
     allow_downgrade: bool,
@@ -333,7 +358,7 @@ pub fn current_exe() -> anyhow::Result<PathBuf> {
 /// plain-install release is sent to `takeover` (the daemon then drains and [`takeover`] tries
 /// it); for a package install the state only says a version is available.
 pub async fn run_checks(
-    config: Arc<Config>,
+    config: Arc<Context>,
     cancel: CancellationToken,
     takeover: mpsc::Sender<Prepared>,
     trigger: Arc<tokio::sync::Notify>,
@@ -389,7 +414,7 @@ pub async fn run_checks(
     }
 }
 
-fn scheduled_check(config: &Config, automatic: bool) -> Option<Prepared> {
+fn scheduled_check(config: &Context, automatic: bool) -> Option<Prepared> {
     let checked = match check(config) {
         Ok(c) => c,
         Err(err) => {
@@ -442,7 +467,7 @@ pub enum Handover {
 
 /// Installs and tries a prepared plain-install release (see the module doc).
 pub async fn takeover(
-    config: &Config,
+    config: &Context,
     prepared: Prepared,
     args: Vec<std::ffi::OsString>,
     stop: &CancellationToken,
@@ -453,7 +478,7 @@ pub async fn takeover(
 /// [`takeover`], with what happened in a sentence (also recorded in the state, when it can be
 /// written).
 pub async fn takeover_with_message(
-    config: &Config,
+    config: &Context,
     prepared: Prepared,
     args: Vec<std::ffi::OsString>,
     stop: &CancellationToken,

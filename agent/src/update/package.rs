@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use tokio_util::sync::CancellationToken;
 
+use super::Context;
 use super::trial::{self, TrialSpec};
 use super::{Prepared, Refused, State, state};
-use crate::config::Config;
 
 /// The systemd unit the .deb installs.
 pub const SERVICE: &str = "estafeta";
@@ -52,7 +52,7 @@ pub enum PackageOutcome {
 
 /// Tries the .deb's executable, then installs the package with dpkg (see the module doc).
 pub async fn update_deb(
-    config: &Config,
+    config: &Context,
     prepared: &Prepared,
     args: Vec<std::ffi::OsString>,
 ) -> anyhow::Result<PackageOutcome> {
@@ -240,7 +240,7 @@ fn systemd_runs() -> bool {
 
 /// Frees the ingest port and the store for the trial: stops the systemd service when it runs;
 /// refuses when some other agent holds the port. Returns whether the service was stopped.
-fn stop_running_agent(config: &Config) -> anyhow::Result<bool> {
+fn stop_running_agent(config: &Context) -> anyhow::Result<bool> {
     let busy = || {
         std::net::TcpStream::connect_timeout(&config.ingest_addr, Duration::from_secs(1)).is_ok()
     };

@@ -47,7 +47,7 @@ pub const SERVICE_NAME: &str = "Estafeta";
 /// The env file's name in the data folder.
 pub const ENV_FILE_NAME: &str = "estafeta.env";
 /// The template the MSI installs beside the executable.
-pub const DEFAULT_ENV_FILE_NAME: &str = "estafeta.env.default";
+pub use crate::update::install::DEFAULT_ENV_FILE_NAME;
 /// What the template says where the data folder's path goes.
 pub const DATA_DIR_PLACEHOLDER: &str = "{DATA_DIR}";
 
