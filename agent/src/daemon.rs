@@ -44,7 +44,23 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    run_until(config, shutdown, false).await.map(|_| ())
+    run_until(config, shutdown, false, None).await.map(|_| ())
+}
+
+/// What the daemon calls once it is up (the store open, the port bound), beside telling
+/// systemd: the Windows service reports "running" to its control manager only then, so that an
+/// MSI upgrade whose new version cannot start fails and is rolled back.
+pub type OnReady = Box<dyn FnOnce() + Send>;
+
+/// [`run`], calling `on_ready` once the daemon is up (the Windows service).
+pub async fn run_reporting_ready(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: OnReady,
+) -> anyhow::Result<()> {
+    run_until(config, shutdown, false, Some(on_ready))
+        .await
+        .map(|_| ())
 }
 
 /// [`run`], and with `apply_updates` a verified plain-install release found by the scheduled
@@ -53,6 +69,7 @@ pub async fn run_until(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
     apply_updates: bool,
+    on_ready: Option<OnReady>,
 ) -> anyhow::Result<Exit> {
     let config = Arc::new(config);
     info!(
@@ -159,7 +176,7 @@ pub async fn run_until(
     ));
     let (takeover_tx, mut takeover_rx) = tokio::sync::mpsc::channel(1);
     // A trial child of an update never updates itself.
-    if config.update.url.is_some() && std::env::var_os(crate::update::trial::TRIAL_ENV).is_none() {
+    if config.update.url.is_some() && !config.update.trial {
         let trigger = state.update_trigger();
         if apply_updates {
             tracker.spawn(crate::update::run_checks(
@@ -182,6 +199,9 @@ pub async fn run_until(
     info!(sinks = sinks.len(), crontab = %config.crontab, flush_on_write = config.flush_on_write, "Estafeta is running.");
     // systemd (Type=notify): up now; the watchdog pings run until the drain below is over.
     crate::notify::ready(&format!("Running; ingest API on {bound}."));
+    if let Some(on_ready) = on_ready {
+        on_ready();
+    }
     let watchdog = crate::notify::spawn_watchdog();
 
     tokio::pin!(shutdown);

@@ -57,7 +57,7 @@ impl Heartbeat {
             .and_then(|s| s.last_error.clone());
         Heartbeat {
             agent_id: config.agent_id.clone(),
-            hostname: hostname(),
+            hostname: config.hostname.clone(),
             version: crate::version::current().to_owned(),
             sent_at: Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true),
             started_at: started_at.to_rfc3339_opts(SecondsFormat::Micros, true),
@@ -70,21 +70,6 @@ impl Heartbeat {
             sinks,
         }
     }
-}
-
-/// This machine's name: `/etc/hostname`, else `HOSTNAME` / `COMPUTERNAME`, else `unknown`.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .into_iter()
-        .chain(
-            ["HOSTNAME", "COMPUTERNAME"]
-                .iter()
-                .filter_map(|k| std::env::var(k).ok()),
-        )
-        .find(|name| !name.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Sends a heartbeat every `config.heartbeat` until `cancel`, to every sink that takes them.

@@ -11,21 +11,9 @@ use std::time::Duration;
 /// Shortest watchdog ping interval, whatever `WatchdogSec` says.
 pub const MIN_WATCHDOG_PING: Duration = Duration::from_millis(100);
 
-/// Called once by [`ready`]: the Windows service reports "running" to its control manager only
-/// then, so that an MSI upgrade whose new version cannot start fails and is rolled back.
-static ON_READY: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>> = std::sync::OnceLock::new();
-
-/// Registers what [`ready`] also does (first registration wins).
-pub fn on_ready(hook: impl Fn() + Send + Sync + 'static) {
-    let _ = ON_READY.set(Box::new(hook));
-}
-
 /// Tells the service manager the daemon is up, with a one-line status for `systemctl status`.
 pub fn ready(status: &str) {
     imp::send(&[imp::State::Ready, imp::State::Status(status)]);
-    if let Some(hook) = ON_READY.get() {
-        hook();
-    }
 }
 
 /// Tells the service manager the daemon is stopping (draining), with a one-line status.

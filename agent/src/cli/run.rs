@@ -25,7 +25,8 @@ pub(super) fn run_daemon(config: Config) -> anyhow::Result<u8> {
         loop {
             let until = stop.clone();
             let exit =
-                crate::daemon::run_until(config.clone(), until.cancelled_owned(), true).await?;
+                crate::daemon::run_until(config.clone(), until.cancelled_owned(), true, None)
+                    .await?;
             let crate::daemon::Exit::Update(prepared) = exit else {
                 return Ok(None);
             };

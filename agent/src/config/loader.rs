@@ -176,6 +176,9 @@ impl Loader {
         let agent_id = self
             .parse_opt("AGENT_ID", |v| validate_agent_id(v).map(|()| v.to_owned()))
             .unwrap_or_else(|| default_agent_id(process_env));
+        let hostname = crate::hostname::machine_names(process_env)
+            .next()
+            .unwrap_or_else(|| "unknown".to_owned());
         let heartbeat = self.parse(
             "HEARTBEAT_SECS",
             Duration::from_secs(DEFAULT_HEARTBEAT_SECS),
@@ -198,7 +201,7 @@ impl Loader {
             ));
         }
 
-        let update = self.update_config();
+        let update = self.update_config(process_env);
         let sinks = self.sinks(&file.sinks, file_dir, &agent_id);
         let names: BTreeSet<&str> = sinks.iter().map(|s| s.name.as_str()).collect();
         let routes = self.routes(&file.routes, &names);
@@ -232,6 +235,7 @@ impl Loader {
             retry_max,
             shutdown_grace,
             agent_id,
+            hostname,
             heartbeat,
             log_dir,
             log_retention_days,
@@ -293,7 +297,10 @@ impl Loader {
         Some(token.to_owned())
     }
 
-    pub(super) fn update_config(&mut self) -> crate::update::UpdateConfig {
+    pub(super) fn update_config(
+        &mut self,
+        process_env: &BTreeMap<String, String>,
+    ) -> crate::update::UpdateConfig {
         let url = self.parse_opt("UPDATE_URL", |v| check_http_url(v).map(|()| v.to_owned()));
         let crontab = self.parse_opt("UPDATE_CRONTAB", |v| {
             validate_crontab(v).map(|()| v.to_owned())
@@ -334,6 +341,11 @@ impl Loader {
             health,
             allow_http,
             ca_file,
+            tmpdir: process_env
+                .get("TMPDIR")
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from),
+            trial: process_env.contains_key(crate::update::trial::TRIAL_ENV),
         }
     }
 }

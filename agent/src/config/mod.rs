@@ -109,6 +109,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `AGENT_ID`: this agent's name in the central tables (default: the host name).
     pub agent_id: String,
+    /// This machine's name for heartbeats (`/etc/hostname`, `HOSTNAME`, `COMPUTERNAME`;
+    /// `unknown`), read with the rest of the configuration.
+    pub hostname: String,
     /// `HEARTBEAT_SECS`: how often the agent reports its state to the sinks that take
     /// heartbeats (default 60 s; zero: never).
     pub heartbeat: Duration,
@@ -310,6 +313,7 @@ impl Config {
             retry_max: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
             agent_id: "test-agent".into(),
+            hostname: "test-host".into(),
             heartbeat: Duration::ZERO,
             log_dir: None,
             log_retention_days: DEFAULT_LOG_RETENTION_DAYS,

@@ -145,16 +145,7 @@ pub(super) fn validate_agent_id(id: &str) -> Result<(), String> {
 
 /// `/etc/hostname`, else `HOSTNAME` / `COMPUTERNAME`, else `estafeta`.
 pub(super) fn default_agent_id(env: &BTreeMap<String, String>) -> String {
-    let from_file = std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned());
-    from_file
-        .into_iter()
-        .chain(
-            ["HOSTNAME", "COMPUTERNAME"]
-                .iter()
-                .filter_map(|k| env.get(*k).map(|v| v.trim().to_owned())),
-        )
+    crate::hostname::machine_names(env)
         .find(|name| validate_agent_id(name).is_ok())
         .unwrap_or_else(|| DEFAULT_AGENT_ID.to_owned())
 }

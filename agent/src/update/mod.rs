@@ -71,6 +71,11 @@ pub struct UpdateConfig {
     pub allow_http: bool,
     /// `UPDATE_CA_FILE`: extra CA certificate(s), PEM, for the manifest and the archives.
     pub ca_file: Option<PathBuf>,
+    /// `TMPDIR` of the process: where root works when set (see [`workdir`]).
+    pub tmpdir: Option<PathBuf>,
+    /// This process is the trial of a new version ([`trial::TRIAL_ENV`] set by its parent):
+    /// it never updates itself.
+    pub trial: bool,
 }
 
 /// What the update steps need of the agent's configuration: the `UPDATE_*` settings and the few
@@ -108,6 +113,8 @@ impl Default for UpdateConfig {
             health: Duration::from_secs(DEFAULT_HEALTH_SECS),
             allow_http: false,
             ca_file: None,
+            tmpdir: None,
+            trial: false,
         }
     }
 }
@@ -313,7 +320,7 @@ fn try_prepare(
     let signed = keys::verify(name, &bytes, &keys::all(&config.update.keys))
         .map_err(|err| anyhow::Error::new(Refused(format!("{err:#}"))))?;
     drop(bytes);
-    let dir = workdir::download_dir(&config.staging_path)?;
+    let dir = workdir::download_dir(&config.staging_path, config.update.tmpdir.as_deref())?;
     let unpacked = archive::unpack(&signed, name, kind, dir.path())?;
     archive::judge(
         &manifest.version,

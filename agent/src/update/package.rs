@@ -69,7 +69,8 @@ pub async fn update_deb(
     // The download stays in root's private folder (a service user able to swap the package
     // between its check and `dpkg -i` could gain root); the trial runs a copy of the executable
     // that user may read but not change.
-    let (candidate, _trial_dir) = copy_for_trial(&unpacked, run_as)?;
+    let (candidate, _trial_dir) =
+        copy_for_trial(&unpacked, run_as, config.update.tmpdir.as_deref())?;
     let spec = TrialSpec {
         exe: exe.clone(),
         args,
@@ -167,11 +168,12 @@ fn unpack_deb(deb: &Path, into: &Path) -> anyhow::Result<PathBuf> {
 fn copy_for_trial(
     exe: &Path,
     run_as: Option<(u32, u32)>,
+    tmpdir: Option<&Path>,
 ) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
     if run_as.is_none() {
         return Ok((exe.to_owned(), None));
     }
-    let dir = super::workdir::trial_dir()?;
+    let dir = super::workdir::trial_dir(tmpdir)?;
     let copy = copy_into(exe, dir.path())?;
     Ok((copy, Some(dir)))
 }

@@ -44,9 +44,9 @@ pub fn is_root() -> bool {
 
 /// A fresh folder for one download (removed when dropped): root's private folder when root, else
 /// `<staging>/_update/download-*`.
-pub fn download_dir(staging: &Path) -> anyhow::Result<tempfile::TempDir> {
+pub fn download_dir(staging: &Path, tmpdir: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
     if is_root() {
-        return private_dir(0o700);
+        return private_dir(0o700, tmpdir);
     }
     let parent = staging.join("_update");
     std::fs::create_dir_all(&parent)
@@ -59,14 +59,14 @@ pub fn download_dir(staging: &Path) -> anyhow::Result<tempfile::TempDir> {
 
 /// A fresh root-owned folder, mode 0755, for the copy of the executable a .deb's trial runs as
 /// the service user.
-pub fn trial_dir() -> anyhow::Result<tempfile::TempDir> {
-    private_dir(0o755)
+pub fn trial_dir(tmpdir: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
+    private_dir(0o755, tmpdir)
 }
 
 #[cfg(unix)]
-fn private_dir(mode: u32) -> anyhow::Result<tempfile::TempDir> {
+fn private_dir(mode: u32, tmpdir: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
     let parent = root_parent(
-        std::env::var_os("TMPDIR").filter(|d| !d.is_empty()),
+        tmpdir.map(|d| d.as_os_str().to_owned()),
         Path::new(ROOT_WORK_PARENT),
     )?;
     private_dir_in(&parent, mode)
@@ -96,7 +96,7 @@ fn private_dir_in(parent: &Path, mode: u32) -> anyhow::Result<tempfile::TempDir>
 }
 
 #[cfg(not(unix))]
-fn private_dir(_mode: u32) -> anyhow::Result<tempfile::TempDir> {
+fn private_dir(_mode: u32, _tmpdir: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
     bail!("only root works in a private folder")
 }
 

@@ -419,7 +419,7 @@ mod imp {
         // MSI upgrade starts the service and waits for this (`ServiceControl Wait="yes"`), so a
         // new version that cannot start fails the upgrade and Windows Installer puts the
         // previous version back.
-        crate::notify::on_ready(move || {
+        let on_ready: crate::daemon::OnReady = Box::new(move || {
             if let Err(err) = handle.set_service_status(status(
                 ServiceState::Running,
                 ServiceControlAccept::STOP | ServiceControlAccept::SHUTDOWN,
@@ -434,16 +434,20 @@ mod imp {
             .build()
             .context("could not start the async runtime")?;
         let stop = stop.clone();
-        runtime.block_on(crate::daemon::run(config, async move {
-            stop.cancelled().await;
-            tracing::info!(signal = "service stop", "Stop requested.");
-            let _ = handle.set_service_status(status(
-                ServiceState::StopPending,
-                ServiceControlAccept::empty(),
-                0,
-                grace + Duration::from_secs(5),
-            ));
-        }))
+        runtime.block_on(crate::daemon::run_reporting_ready(
+            config,
+            async move {
+                stop.cancelled().await;
+                tracing::info!(signal = "service stop", "Stop requested.");
+                let _ = handle.set_service_status(status(
+                    ServiceState::StopPending,
+                    ServiceControlAccept::empty(),
+                    0,
+                    grace + Duration::from_secs(5),
+                ));
+            },
+            on_ready,
+        ))
     }
 
     /// Restart on failure, set by the agent itself (wixl cannot build `ServiceConfig`).
