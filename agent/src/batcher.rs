@@ -447,6 +447,39 @@ impl XorShift {
     }
 }
 
+/// The batchers' wake-up after a write: every intake path (the API, adoption, the SQL sources)
+/// bumps it after staging, and each batcher listens ([`Batcher::new`]'s `writes`). A watch
+/// channel rather than a `Notify`: a batcher busy flushing when the write lands still sees it
+/// afterwards. Does nothing unless `FLUSH_ON_WRITE` is on.
+#[derive(Clone)]
+pub struct WriteSignal {
+    writes: Arc<watch::Sender<u64>>,
+    enabled: bool,
+}
+
+impl WriteSignal {
+    /// A signal that wakes the batchers when `enabled` (`FLUSH_ON_WRITE`).
+    pub fn new(enabled: bool) -> Self {
+        let (writes, _) = watch::channel(0);
+        Self {
+            writes: Arc::new(writes),
+            enabled,
+        }
+    }
+
+    /// Tells the batchers that new records are staged.
+    pub fn notify(&self) {
+        if self.enabled {
+            self.writes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// A receiver that changes after every write, for a batcher.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.writes.subscribe()
+    }
+}
+
 /// Runs one delivery task per sink until cancelled.
 pub struct Batcher {
     store: Staging,
@@ -458,7 +491,7 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    /// `writes` changes after each staged write (see `IngestState::subscribe_writes`); it is
+    /// `writes` changes after each staged write ([`WriteSignal::subscribe`]); it is
     /// only listened to when `FLUSH_ON_WRITE` is on.
     pub fn new(
         store: Staging,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::batcher::Batcher;
+use crate::batcher::{Batcher, WriteSignal};
 use crate::config::{Config, SinkKind};
 use crate::ingest::{self, IngestState};
 
@@ -145,11 +145,13 @@ pub async fn run_until(
     let deliver_grace = config
         .shutdown_grace
         .saturating_sub(config.shutdown_grace / 5);
+    // The batchers' wake-up: the API, adoption and the SQL sources bump it after a write.
+    let writes = state.write_signal();
     let batcher = Batcher::new(
         store.clone(),
         config.clone(),
         state.metrics().clone(),
-        Some(state.subscribe_writes()),
+        Some(writes.subscribe()),
     )?;
     batcher.spawn(&sinks, &tracker, &cancel, deliver_grace);
     tracker.spawn(crate::heartbeat::run(
@@ -158,7 +160,7 @@ pub async fn run_until(
         config.clone(),
         cancel.clone(),
     ));
-    let wake = state.clone();
+    let wake = writes.clone();
     crate::sources::spawn_all(
         &store,
         state.intake(),
@@ -166,12 +168,13 @@ pub async fn run_until(
         config.tz.clone(),
         &tracker,
         &cancel,
-        move || wake.notify_write(),
+        move || wake.notify(),
     );
     tracker.spawn(scan_foreign(
         store,
         config.clone(),
-        state.clone(),
+        state.intake().clone(),
+        writes.clone(),
         cancel.clone(),
     ));
     let (takeover_tx, mut takeover_rx) = tokio::sync::mpsc::channel(1);
@@ -281,7 +284,8 @@ fn log_open_report(report: &OpenReport) {
 async fn scan_foreign(
     store: Staging,
     config: Arc<Config>,
-    state: IngestState,
+    intake: Arc<crate::intake::Intake>,
+    writes: WriteSignal,
     cancel: CancellationToken,
 ) {
     let mut interval = tokio::time::interval(FOREIGN_SCAN_INTERVAL);
@@ -293,7 +297,7 @@ async fn scan_foreign(
         }
         let store = store.clone();
         let config = config.clone();
-        let intake = state.intake().clone();
+        let intake = intake.clone();
         let scan = tokio::task::spawn_blocking(move || {
             // Routes, keys and schemas as for the same record posted to the API.
             let admit = |action: &str, entity: &str, payload: &serde_json::Value| {
@@ -323,7 +327,7 @@ async fn scan_foreign(
                         waiting = report.waiting,
                         "Adopted files written by other programs."
                     );
-                    state.notify_write();
+                    writes.notify();
                 }
             }
             Ok(Err(err)) => {

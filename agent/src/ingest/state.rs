@@ -9,6 +9,7 @@ use std::time::Instant;
 use estafeta_staging::Staging;
 use tokio::sync::watch;
 
+use crate::batcher::WriteSignal;
 use crate::config::Config;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
@@ -24,9 +25,8 @@ struct Inner {
     config: Arc<Config>,
     /// Turns bodies into records; shared with adoption and the SQL sources.
     intake: Arc<Intake>,
-    /// Bumped after each successful stage when `FLUSH_ON_WRITE` is on. A watch channel rather
-    /// than a `Notify`: a batcher busy flushing when the write lands still sees it afterwards.
-    writes: watch::Sender<u64>,
+    /// The batchers' wake-up, bumped after each successful stage.
+    writes: WriteSignal,
     shutting_down: AtomicBool,
     metrics: Arc<Metrics>,
     started: Instant,
@@ -38,7 +38,7 @@ impl IngestState {
     /// Compiles every entity's JSON Schema; fails naming the entity whose schema is invalid.
     pub fn new(store: Staging, config: Arc<Config>) -> anyhow::Result<Self> {
         let intake = Arc::new(Intake::new(config.rules())?);
-        let (writes, _) = watch::channel(0);
+        let writes = WriteSignal::new(config.flush_on_write);
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -75,11 +75,14 @@ impl IngestState {
         self.inner.writes.subscribe()
     }
 
+    /// The batchers' wake-up itself, for the other intake paths (adoption, SQL sources).
+    pub fn write_signal(&self) -> WriteSignal {
+        self.inner.writes.clone()
+    }
+
     /// Tells the batchers that new records are staged, when `FLUSH_ON_WRITE` asks for it.
     pub fn notify_write(&self) {
-        if self.inner.config.flush_on_write {
-            self.inner.writes.send_modify(|n| *n = n.wrapping_add(1));
-        }
+        self.inner.writes.notify();
     }
 
     /// From now on every `POST` is answered 503.
