@@ -147,7 +147,8 @@ fn a_non_loopback_address_without_a_token_is_refused() {
     assert_eq!(config.ingest_addr.to_string(), "0.0.0.0:8787");
 }
 
-/// Issue 19: beyond loopback the token is all that guards the records, so it must be long.
+/// Safe by default (contract 7): beyond loopback the token is all that guards the records, so it
+/// must be long.
 #[test]
 fn a_non_loopback_address_with_a_short_token_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");

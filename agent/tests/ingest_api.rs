@@ -811,9 +811,10 @@ fn every_route(doc: &Value) -> Vec<(String, String)> {
     routes
 }
 
-/// Issue 19: DNS rebinding. Every route, documented or not, answers 421 to a `Host` that is not
-/// one of the agent's names, before its handler runs (even with the right token): nothing is
-/// staged, requeued or shown, and the OpenAPI document says so for each operation.
+/// DNS rebinding (contract 7, safe by default; a web page in THREATS.md). Every route, documented
+/// or not, answers 421 to a `Host` that is not one of the agent's names, before its handler runs
+/// (even with the right token): nothing is staged, requeued or shown, and the OpenAPI document
+/// says so for each operation.
 #[tokio::test]
 async fn every_route_refuses_a_foreign_host_and_changes_nothing() {
     let h = harness_with_a_dead_letter(Some(TOKEN));

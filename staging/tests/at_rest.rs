@@ -1,6 +1,6 @@
-//! Patient data at rest (issue 19.6): the staging folder is private whatever existed before,
-//! and once every sink has a record and cleanup ran, its key and payload are in no file under
-//! the folder — not in the index, its free pages or its WAL.
+//! Patient data at rest (contract 7, safe by default): the staging folder is private whatever
+//! existed before, and once every sink has a record and cleanup ran, its key and payload are in
+//! no file under the folder — not in the index, its free pages or its WAL.
 
 use estafeta_staging::*;
 use std::path::Path;

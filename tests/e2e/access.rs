@@ -1,11 +1,11 @@
-//! Issue 5, scenario 7 (access), beyond `bad_input` (no public address without a token, 401
-//! without it): the ingest token, the central API token, a password in a URL and the payloads
-//! never appear in the agent's logs (stderr, at the default level, through deliveries, retries
-//! and a dead letter) nor in `check-config` output; every staging file is mode 0600 and every
-//! folder 0700; an HTTPS central API whose certificate comes from a CA the agent does not know
-//! is refused (nothing reaches it, the status says why) until `CENTRAL_API_CA_FILE` names that
-//! CA, and then everything is delivered. The HTTPS server is Python's `http.server` wrapped in
-//! `ssl`, the certificates come from the `openssl` command line.
+//! Access (contract 7, safe by default), beyond `bad_input` (no public address without a token, 401
+//! without it): the ingest token, the central API token, a password in a URL and the payloads never
+//! appear in the agent's logs (stderr, at the default level, through deliveries, retries and a dead
+//! letter) nor in `check-config` output; every staging file is mode 0600 and every folder 0700; an
+//! HTTPS central API whose certificate comes from a CA the agent does not know is refused (nothing
+//! reaches it, the status says why) until `CENTRAL_API_CA_FILE` names that CA, and then everything
+//! is delivered. The HTTPS server is Python's `http.server` wrapped in `ssl`, the certificates come
+//! from the `openssl` command line.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -142,11 +142,11 @@ async fn secrets_and_payloads_stay_out_of_logs_and_staging_is_private() {
     );
 }
 
-/// Issue 19.6: the other files that hold patient data or its traces. The embedded central
-/// database (the default sink, with whole payloads) and its `-wal`/`-shm` are 0600, the log
-/// folder 0700 and its files 0600, whatever the umask of whoever started the agent (0022 here,
-/// as in a shell); log files an earlier version left 0644 are narrowed; `LOG_RETENTION_DAYS`
-/// keeps that many daily files and deletes the older ones at start.
+/// Patient data at rest (contract 7, safe by default): the other files that hold patient data or
+/// its traces. The embedded central database (the default sink, with whole payloads) and its
+/// `-wal`/`-shm` are 0600, the log folder 0700 and its files 0600, whatever the umask of whoever
+/// started the agent (0022 here, as in a shell); log files an earlier version left 0644 are
+/// narrowed; `LOG_RETENTION_DAYS` keeps that many daily files and deletes the older ones at start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_database_and_the_logs_are_private_and_old_logs_are_pruned() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,6 @@
-//! Proves apply mode (issue 4: "the upsert example against PostgreSQL and MariaDB, replayed
-//! twice, applied once") with the shipped example `examples/aghu-user-sync/`, its statement
-//! files used as they are except for the table name (unique per run):
+//! Proves apply mode (contract 4, idempotent delivery: the upsert example against PostgreSQL and
+//! MariaDB, replayed twice, applied once) with the shipped example `examples/aghu-user-sync/`, its
+//! statement files used as they are except for the table name (unique per run):
 //!
 //! 1. the target table is created from the example's `schema/<dialect>.sql`, and
 //!    `estafeta check-config` prepares every statement against it;

@@ -1,5 +1,5 @@
-//! Proves contracts 6 and 7 against the running binary: every refused request of issue 3's
-//! list — 400 (invalid JSON; names outside `[a-z0-9_-]`, with `..`, `%2e%2e`, `_failed`, upper
+//! Proves contracts 6 and 7 against the running binary: every kind of request the ingest API
+//! refuses — 400 (invalid JSON; names outside `[a-z0-9_-]`, with `..`, `%2e%2e`, `_failed`, upper
 //! case; a body that is not an object or an array of objects), 401 (`INGEST_TOKEN`), 413 (over
 //! `MAX_BODY_BYTES`, announced or chunked), 415, 422 (the entity's JSON Schema from
 //! `CONFIG_FILE`) and 507 (`STAGING_MAX_BYTES`) — answers JSON `{"error", "message"}` and

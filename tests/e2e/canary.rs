@@ -1,17 +1,18 @@
-//! Issue 19, points 4 and 5: what never leaves the agent. A canary secret sits in every key that
-//! holds one (the central database's password, the API's URL password, `?token=` and token, the
-//! ingest token, the update server's user, password and `?token=`, a NATS token in the URL and
-//! in `CENTRAL_NATS_TOKEN`, a SQL source's password, an ODBC `PWD={…;…}` with a `;` inside its
+//! What never leaves the agent (contract 7, safe by default: no secrets in logs, no payload text or
+//! record keys in logs, status or heartbeats). A canary secret sits in every key that holds one
+//! (the central database's password, the API's URL password, `?token=` and token, the ingest token,
+//! the update server's user, password and `?token=`, a NATS token in the URL and in
+//! `CENTRAL_NATS_TOKEN`, a SQL source's password, an ODBC `PWD={…;…}` with a `;` inside its
 //! braces), and canary text in payloads and record keys. With `LOG_LEVEL=trace`, one record is
-//! refused for good (the API answers 422 echoing the payload), others are retried (the API
-//! answers 503 echoing the key on the key's path; a second HTTP sink refuses connections on
-//! `PUT …/patient/<key>`), the update check fails, heartbeats go to PostgreSQL and to the API,
-//! and two SQL sources run (one fails). Then no canary appears in the agent's stderr, stdout or
-//! log files, the staging folder's state files, `GET /v1/status`, `GET /metrics`, the heartbeat
-//! row in `estafeta_agents` or the heartbeats the API received, nor in the output of
-//! `check-config`, `status`, `sources` and `update --check`. Secrets appear nowhere at all (not
-//! in the index, not in `GET /v1/dead-letters`); payload and key text only where the data lives:
-//! segments, dead-letter files (which keep the server's whole answer), the index.
+//! refused for good (the API answers 422 echoing the payload), others are retried (the API answers
+//! 503 echoing the key on the key's path; a second HTTP sink refuses connections on
+//! `PUT …/patient/<key>`), the update check fails, heartbeats go to PostgreSQL and to the API, and
+//! two SQL sources run (one fails). Then no canary appears in the agent's stderr, stdout or log
+//! files, the staging folder's state files, `GET /v1/status`, `GET /metrics`, the heartbeat row in
+//! `estafeta_agents` or the heartbeats the API received, nor in the output of `check-config`,
+//! `status`, `sources` and `update --check`. Secrets appear nowhere at all (not in the index, not
+//! in `GET /v1/dead-letters`); payload and key text only where the data lives: segments,
+//! dead-letter files (which keep the server's whole answer), the index.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -1,10 +1,10 @@
-//! Issue 5, scenario 5 (damaged files) against the binary; `staging/tests/damage.rs` covers
-//! the store's own cases in depth. 40 records are staged by `estafeta run` with the API down,
-//! the agent stops (SIGTERM), and while it is stopped one record line gets garbled bytes, the
-//! last record of another segment is cut in half, and the index is deleted. On the next start
-//! the agent logs that it rebuilt the index and what it moved aside (the files are under
-//! `_failed/_damaged/` with the reason), and every intact record is delivered exactly once in
-//! key order; the two damaged ones are not delivered.
+//! Damaged files (contract 2, inspectable staging: the folder is the truth, the index is rebuilt
+//! from it) against the binary; `staging/tests/damage.rs` covers the store's own cases in depth. 40
+//! records are staged by `estafeta run` with the API down, the agent stops (SIGTERM), and while it
+//! is stopped one record line gets garbled bytes, the last record of another segment is cut in
+//! half, and the index is deleted. On the next start the agent logs that it rebuilt the index and
+//! what it moved aside (the files are under `_failed/_damaged/` with the reason), and every intact
+//! record is delivered exactly once in key order; the two damaged ones are not delivered.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

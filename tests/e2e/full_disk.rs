@@ -1,11 +1,12 @@
-//! Issue 5, scenario 4 (full disk), on a real small filesystem: the staging folder is an 8 MiB
-//! tmpfs this test mounts (it needs root or CAP_SYS_ADMIN, and fails saying so otherwise). With
-//! the central API down, records are posted until intake answers `507 staging_full` with a JSON
-//! message and `Retry-After`; while blocked, `/v1/status` says why (`staging_blocked`) and
-//! `/readyz` answers 503, and further posts stage nothing. When the API comes back, every record
-//! acknowledged before is delivered exactly once in per-key order, delivery deletes the
-//! delivered segment files (the filesystem's free space grows back), and intake answers 202 again
-//! by itself, with the 507 answers still counted in the status.
+//! A full disk (contract 6: 507 and nothing acknowledged lost; contract 1, durable before
+//! acknowledged), on a real small filesystem: the staging folder is an 8 MiB tmpfs this test mounts
+//! (it needs root or CAP_SYS_ADMIN, and fails saying so otherwise). With the central API down,
+//! records are posted until intake answers `507 staging_full` with a JSON message and
+//! `Retry-After`; while blocked, `/v1/status` says why (`staging_blocked`) and `/readyz` answers
+//! 503, and further posts stage nothing. When the API comes back, every record acknowledged before
+//! is delivered exactly once in per-key order, delivery deletes the delivered segment files (the
+//! filesystem's free space grows back), and intake answers 202 again by itself, with the 507
+//! answers still counted in the status.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,13 +1,12 @@
-//! Issue 5, scenario 6 (hostile input), beyond what `bad_input` covers: names with NUL, raw
-//! and encoded non-ASCII, encoded slashes and dots in the URL path; a 100 MB body (announced
-//! and chunked) refused with 413 while the agent's memory (VmRSS) stays bounded; JSON nested
-//! 100,000 deep (400, no stack overflow); invalid UTF-8 in headers and path; more wrong content
-//! types; 1,000 simultaneous connections (every one answered, no 5xx); slow clients that never
-//! finish their body (timed out with 408 while others are served) or their headers (slowloris:
-//! disconnected). Every case checks the
-//! agent is still alive and staged nothing. Then schemathesis (from PyPI, installed by
-//! `scripts/install-schemathesis`) runs against `/v1/openapi.json`: no 5xx, every answer
-//! conforms to the document.
+//! Hostile input (contract 6, clear errors on bad input; THREATS.md), beyond what `bad_input`
+//! covers: names with NUL, raw and encoded non-ASCII, encoded slashes and dots in the URL path; a
+//! 100 MB body (announced and chunked) refused with 413 while the agent's memory (VmRSS) stays
+//! bounded; JSON nested 100,000 deep (400, no stack overflow); invalid UTF-8 in headers and path;
+//! more wrong content types; 1,000 simultaneous connections (every one answered, no 5xx); slow
+//! clients that never finish their body (timed out with 408 while others are served) or their
+//! headers (slowloris: disconnected). Every case checks the agent is still alive and staged
+//! nothing. Then schemathesis (from PyPI, installed by `scripts/install-schemathesis`) runs against
+//! `/v1/openapi.json`: no 5xx, every answer conforms to the document.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

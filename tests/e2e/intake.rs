@@ -1,10 +1,11 @@
-//! One intake for every way in (issue 21): with `[[routes]] entity = "atendimento" sinks = ["a"]`
-//! and a JSON Schema on `atendimento`, a record that comes in through the HTTP API, through
-//! `estafeta stage`, as a file dropped into the staging tree, as a file dropped into the inbox
-//! (`INBOX_PATH`) or as a row of a PostgreSQL source reaches sink `a` only (two real SQLite
-//! sinks, `a` and `b`), and a record that breaks the schema is refused (HTTP 422, `stage` fails;
-//! nothing staged) or set aside (files: `_failed/` with the reason beside them; a source row:
-//! the cycle fails with the reason, shown by `estafeta sources`, and the row never lands).
+//! One intake for every way in (the same routes, and contract 6's checks, whichever way a record
+//! arrives): with `[[routes]] entity = "atendimento" sinks = ["a"]` and a JSON Schema on
+//! `atendimento`, a record that comes in through the HTTP API, through `estafeta stage`, as a file
+//! dropped into the staging tree, as a file dropped into the inbox (`INBOX_PATH`) or as a row of a
+//! PostgreSQL source reaches sink `a` only (two real SQLite sinks, `a` and `b`), and a record that
+//! breaks the schema is refused (HTTP 422, `stage` fails; nothing staged) or set aside (files:
+//! `_failed/` with the reason beside them; a source row: the cycle fails with the reason, shown by
+//! `estafeta sources`, and the row never lands).
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -154,7 +154,7 @@ struct Load {
     refused: usize,
 }
 
-/// Issue 5, scenario 1 (bounded CI version): 6 clients post continuously (each its own keys,
+/// Crash loop under load (bounded CI version): 6 clients post continuously (each its own keys,
 /// creates then updates) while the agent is SIGKILLed 10 times at random moments — during
 /// intake, staging and delivery — and restarted, and the central API answers 503 to 20% of
 /// requests. At the end every acknowledged record was applied (at least once on the wire, once
@@ -305,10 +305,11 @@ async fn a_crash_loop_under_concurrent_load_loses_nothing_acknowledged() {
     );
 }
 
-/// Issue 17's deterministic case: a client repeats a request with the same `Idempotency-Key`
-/// after the agent lost its index (deleted, as a damaged disk or a careless clean-up would) and
-/// after `estafeta reindex`: it gets the first answer (same id and seq, `Idempotent-Replayed`),
-/// and the record is staged and delivered once.
+/// Retrying clients after a crash, the deterministic case (contract 4, idempotent delivery on the
+/// way in): a client repeats a request with the same `Idempotency-Key` after the agent lost its
+/// index (deleted, as a damaged disk or a careless clean-up would) and after `estafeta reindex`: it
+/// gets the first answer (same id and seq, `Idempotent-Replayed`), and the record is staged and
+/// delivered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_request_gets_its_first_answer_after_the_index_is_lost_or_rebuilt() {
     let server = FlakyHttpServer::start_with_seed(17).await;

@@ -12,7 +12,7 @@ mod dead_letters;
 // INGEST_ADDR without INGEST_TOKEN.
 mod bad_input;
 // Staging on an 8 MiB tmpfs: 507 when full, nothing acknowledged lost, space freed by delivery,
-// intake resumes by itself (issue 5, scenario 4; needs root or CAP_SYS_ADMIN to mount).
+// intake resumes by itself (needs root or CAP_SYS_ADMIN to mount).
 mod full_disk;
 // Hostile input: NUL/non-ASCII/encoded names, 100 MB bodies, JSON 100,000 deep, invalid UTF-8,
 // 1,000 simultaneous connections, slow clients, and schemathesis against /v1/openapi.json.
@@ -20,8 +20,8 @@ mod hostile;
 // Access: no token, URL password or payload in logs or check-config; staging 0600/0700; an
 // HTTPS API with an unknown CA is refused until CENTRAL_API_CA_FILE names it.
 mod access;
-// Issue 19.3: a DNS rebinding page (Host: rebind.attacker.example) can neither stage nor read on
-// any route; INGEST_ALLOWED_HOSTS; no public INGEST_ADDR with a short token; INGEST_TOKEN_FILE.
+// DNS rebinding (contract 7): a web page (Host: rebind.attacker.example) can neither stage nor read
+// on any route; INGEST_ALLOWED_HOSTS; no public INGEST_ADDR with a short token; INGEST_TOKEN_FILE.
 mod rebinding;
 // A staging folder of the current format (tests/fixtures/staging-v1) is delivered by this binary.
 mod upgrade;
@@ -29,11 +29,11 @@ mod upgrade;
 // the backlog; a bad signature or no key is refused; a version crashing at start is rolled back.
 mod self_update;
 // Garbled bytes, a cut record and a deleted index made while the agent is stopped: reported at
-// start, set aside, every intact record delivered once (issue 5, scenario 5).
+// start, set aside, every intact record delivered once.
 mod damaged_files;
 // SIGKILL with deliveries in flight, restart: nothing lost, nothing applied twice in effect;
 // SIGTERM exits 0 within the grace period; a crash loop of 10 SIGKILLs under concurrent load with
-// a sink failing 20% of requests loses nothing acknowledged (issue 5, scenario 1, bounded).
+// a sink failing 20% of requests loses nothing acknowledged (bounded).
 mod kill_restart;
 // The real PostgreSQL and MariaDB: one row per record, per-key landing order, C→D→C.
 mod databases;
@@ -50,7 +50,7 @@ mod intake;
 mod jetstream;
 // Heartbeats into PostgreSQL / MariaDB / SQLite (estafeta_agents) and `estafeta fleet` flags.
 mod fleet;
-// Issue 19: canary secrets, payloads and keys at trace level appear in no log, status or heartbeat.
+// Canary secrets, payloads and keys at trace level appear in no log, status or heartbeat.
 mod canary;
 // SQL sources: checkpoints across SIGKILLs (PostgreSQL), grouping and debounce (SQLite), types
 // (MariaDB), `estafeta sources` and `sources reset`.
@@ -59,15 +59,15 @@ mod sources;
 mod examples;
 // The status page in headless Chromium (WebDriver).
 mod status_page;
-// Issue 5, scenarios 1–3 through the code scripts/soak runs long: a crash loop fed by the
+// The reliability scenarios through the code scripts/soak runs long: a crash loop fed by the
 // separate estafeta-load process, a 200,000-record outage of PostgreSQL and the API with flat
 // memory, and a flapping API whose down phases get no more attempts than the backoff allows.
 mod reliability;
 // The power-cut file system: what was not fsync'd (file content, directory entries, whole trees)
 // is gone after a cut, a seed tears the last write, SQLite WAL survives it, flock works.
 mod powercut_fs;
-// Issue 17: power cuts, not only kills. The staging folder on the power-cut file system; cycles
-// of load from retrying clients → SIGKILL → forget what was not fsync'd (sometimes tearing the
-// last write) → remount → restart: records, dead letters, requeues, a source's checkpoint, the
-// sequence counter and the self-update state all come through, nothing applied twice.
+// Power cuts, not only kills (contract 1). The staging folder on the power-cut file system; cycles
+// of load from retrying clients → SIGKILL → forget what was not fsync'd (sometimes tearing the last
+// write) → remount → restart: records, dead letters, requeues, a source's checkpoint, the sequence
+// counter and the self-update state all come through, nothing applied twice.
 mod power_cut;

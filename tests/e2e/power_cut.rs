@@ -1,6 +1,6 @@
-//! Issue 17, points 3 and 4, bounded for CI: the same scenario `scripts/soak` runs long
-//! (`estafeta_e2e::powercut`), with 12 power cuts here; and the self-update's state file
-//! through a cut.
+//! Power cuts (contract 1, durable before acknowledged), bounded for CI: the same scenario
+//! `scripts/soak` runs long (`estafeta_e2e::powercut`), with 12 power cuts here; and the
+//! self-update's state file through a cut.
 
 use std::time::{Duration, Instant};
 

@@ -1,4 +1,5 @@
-//! Issue 19, point 3: DNS rebinding and local tokens, against the real binary. A web page that
+//! DNS rebinding and local tokens (contract 7, safe by default; the web page and the other local
+//! user of THREATS.md), against the real binary. A web page that
 //! rebinds its own name to 127.0.0.1 makes the browser send `Host: rebind.attacker.example`; the
 //! agent must neither stage what it sends (no record, nothing delivered) nor show it anything
 //! (dead letters with their keys and the server's echo, the status, the metrics), on any route.

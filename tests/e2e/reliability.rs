@@ -1,5 +1,6 @@
-//! Issue 5, scenarios 1–3 in their bounded CI versions: the same code `scripts/soak` runs
-//! long (`estafeta_e2e::reliability`), with small counts here. Each prints its figures.
+//! The crash loop, long outage and flapping sink scenarios in their bounded CI versions: the same
+//! code `scripts/soak` runs long (`estafeta_e2e::reliability`), with small counts here. Each prints
+//! its figures.
 
 use std::time::{Duration, Instant};
 
@@ -7,7 +8,7 @@ use estafeta_e2e::reliability::{
     CrashParams, FlapParams, OutageParams, crash_loop, flapping, long_outage,
 };
 
-/// Scenario 2: 200,000 records (arrays of 256 over 2,000 keys) while PostgreSQL and the API
+/// Long outage: 200,000 records (arrays of 256 over 2,000 keys) while PostgreSQL and the API
 /// refuse connections; VmRSS flat; then the backlog drains once, in key order, at both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_of_postgres_and_the_api_keeps_memory_flat_and_drains_in_order() {
@@ -60,7 +61,7 @@ async fn a_long_outage_of_postgres_and_the_api_keeps_memory_flat_and_drains_in_o
 /// from "holds the backlog in memory", though not from a leak of a few dozen bytes a record.
 const RSS_SLACK_KIB: u64 = 16 * 1024;
 
-/// Scenario 3: about 70 s of the API flapping between up, refusing, stalling and 500.
+/// Flapping sink: about 70 s of the API flapping between up, refusing, stalling and 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_api_gets_everything_once_in_order_and_is_not_hammered() {
     let report = flapping(&FlapParams {
@@ -90,15 +91,15 @@ async fn a_flapping_api_gets_everything_once_in_order_and_is_not_hammered() {
     assert_eq!((report.api.lost, report.api.doubled), (0, 0));
 }
 
-/// Scenario 1 with the separate load process: 10 SIGKILLs while `estafeta-load --retry` posts
+/// Crash loop with the separate load process: 10 SIGKILLs while `estafeta-load --retry` posts
 /// from 6 clients that retry with the same `Idempotency-Key` until answered, and writes down
 /// what was acknowledged. Nothing acknowledged is lost and nothing is applied twice, counted by
 /// the agent's record id and by the client's own identity of each record (payload id and n):
 /// a request staged just before a SIGKILL and retried must be answered with its first receipts,
 /// not staged again. The rate (240 requests of 4 records a second) is what makes a SIGKILL
-/// land often enough between a request's fsync and its answer: with the bug of issue 17.1
-/// (the key forgotten when the crash came before the index commit), 5 of 8 runs found doubles
-/// at this rate, 1 of 3 at 60 requests a second.
+/// land often enough between a request's fsync and its answer: with the bug where a client's
+/// `Idempotency-Key` was lost in a crash (it was forgotten when the crash came before the index
+/// commit), 5 of 8 runs found doubles at this rate, 1 of 3 at 60 requests a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_loop_fed_by_a_separate_load_process_loses_nothing_acknowledged() {
     let report = crash_loop(&CrashParams {

@@ -1,4 +1,4 @@
-//! Issue 7, self-update with rollback: the real binary, copied into a temporary install folder
+//! Self-update with rollback: the real binary, copied into a temporary install folder
 //! (never target/debug/estafeta itself), checks a release server on 127.0.0.1 every second
 //! (`UPDATE_CRONTAB`) while a backlog waits for a central API that is down:
 //! - a newer version (the same build, stamped with the next patch version, zipsign-signed):
@@ -11,7 +11,8 @@
 //!   one), and one that never gets ready (it sleeps; `UPDATE_HEALTH_SECS=3`): rolled back, the
 //!   previous executable restored byte for byte, same PID, backlog delivered, version skipped;
 //! - `estafeta update --check` and `estafeta update` run by hand over a stopped plain install;
-//! - issue 19: an old signed archive offered as 99.0.0 (signed as an older version, or from
+//! - a malicious update server and a compromised service account (THREATS.md; contract 7, safe
+//!   by default): an old signed archive offered as 99.0.0 (signed as an older version, or from
 //!   before signed versions) is refused and never run; an older version installs only with
 //!   `--allow-downgrade`; root, updating for a service user (uid 65534) who planted
 //!   `_update -> victim`, leaves the victim as it was, and works only in a fresh 0700 folder of

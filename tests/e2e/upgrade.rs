@@ -1,7 +1,7 @@
-//! Issue 5, scenario 8 (restart and upgrade): a staging folder written by an earlier build of
-//! this version (envelope `"v":1`, committed under `tests/fixtures/staging-v1`, see its README)
-//! is opened by the current binary, and every record it holds is delivered exactly once, with
-//! its original id, seq and payload, in per-key order.
+//! Restart and upgrade (contract 2, inspectable staging, across versions): a staging folder written
+//! by an earlier build of this version (envelope `"v":1`, committed under
+//! `tests/fixtures/staging-v1`, see its README) is opened by the current binary, and every record
+//! it holds is delivered exactly once, with its original id, seq and payload, in per-key order.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

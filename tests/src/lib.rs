@@ -4,11 +4,11 @@
 //! streams and a TCP proxy that can cut it off ([`nats`], [`TestStream`], [`TcpProxy`]), waiting on the agent's status and reading its
 //! staging folder ([`wait_drained`], [`record_files`], [`raw_request`]) and a reproducible
 //! workload of records ([`mixed_plan`], [`post_plan`]), a TCP gate that refuses and counts
-//! connections ([`TcpGate`]), and issue 5's scenarios 1–3 parameterized by counts
-//! ([`reliability`]: shared by the CI tests and `scripts/soak`), and an in-memory FUSE file system
-//! that forgets on a simulated power cut whatever was not fsync'd ([`powercut_fs`]) with issue
-//! 17's power-cut cycles on top of it ([`powercut`]). The servers come from
-//! `scripts/start-services`.
+//! connections ([`TcpGate`]), and the crash loop, long outage and flapping sink scenarios
+//! parameterized by counts ([`reliability`]: shared by the CI tests and `scripts/soak`), and an
+//! in-memory FUSE file system that forgets on a simulated power cut whatever was not fsync'd
+//! ([`powercut_fs`]) with the power-cut cycles under retrying clients on top of it
+//! ([`powercut`]). The servers come from `scripts/start-services`.
 
 mod agent;
 mod bin;

@@ -1,4 +1,5 @@
-//! Issue 17, points 3 and 4: power cuts, not only process kills. The staging folder is a
+//! Power cuts, not only process kills (contract 1, durable before acknowledged; workstations
+//! switched off at the wall, with retrying clients, WORKLOADS.md). The staging folder is a
 //! [`ForgetfulFs`] mount, and each cycle is: load from retrying clients → SIGKILL the agent →
 //! power cut (everything not fsync'd forgotten, sometimes the last unsynced write torn) →
 //! remount → restart → check what must have survived. Written once and parameterized by
@@ -184,7 +185,7 @@ async fn dead_seqs(client: &reqwest::Client, base: &str, entity: &str) -> Option
     )
 }
 
-/// Issue 17, points 3 and 4 (see the module's documentation).
+/// Power cuts under load from retrying clients (see the module's documentation).
 ///
 /// # Panics
 /// When FUSE cannot be mounted, PostgreSQL is missing or the agent does not start.

@@ -1,6 +1,7 @@
-//! Issue 5, scenarios 1–3, written once and parameterized by counts and durations: the CI
-//! tests (`tests/e2e/reliability.rs`) run them small, `scripts/soak` (the `estafeta-soak`
-//! binary) runs them long with the release build.
+//! The crash loop, long outage and flapping sink scenarios (contracts 1, 3, 4 and 5), written
+//! once and parameterized by counts and durations: the CI tests (`tests/e2e/reliability.rs`)
+//! run them small, `scripts/soak` (the `estafeta-soak` binary) runs them long with the release
+//! build.
 //!
 //! - [`crash_loop`]: a *separate* load process (`estafeta-load --ack-log --retry`) posts from
 //!   many clients that retry with the same `Idempotency-Key` until answered, while the agent is
@@ -561,7 +562,7 @@ async fn wait_sinks_drained(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scenario 2: long outage
+// Long outage
 
 /// Counts of [`long_outage`].
 #[derive(Debug, Clone)]
@@ -608,7 +609,7 @@ impl OutageReport {
     }
 }
 
-/// Issue 5, scenario 2: PostgreSQL (behind a proxy that refuses connections) and the API
+/// Long outage: PostgreSQL (behind a proxy that refuses connections) and the API
 /// (its port closed) are down while `records` arrive in arrays; the agent's VmRSS is sampled
 /// after every request and must stay within `rss_slack_kib` of its value after the first
 /// tenth. Then both return, and the backlog drains: every record once at each sink, per key
@@ -777,7 +778,7 @@ pub async fn long_outage(p: &OutageParams) -> OutageReport {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scenario 3: flapping sink
+// Flapping sink
 
 /// Counts and durations of [`flapping`].
 #[derive(Debug, Clone)]
@@ -872,7 +873,7 @@ pub fn flap_attempt_bound(secs: f64, keys: usize) -> u64 {
     keys as u64 * (n + 1) + (secs / FLAP_TICK_SECS).floor() as u64 + 1
 }
 
-/// Issue 5, scenario 3: the API (behind a [`TcpGate`]) cycles through up, refusing, stalling
+/// Flapping sink: the API (behind a [`TcpGate`]) cycles through up, refusing, stalling
 /// past the agent's timeout and answering 500, in phases of about `phase`, for `duration`,
 /// while records over `keys` keys arrive. Then it stays up until everything drained. Every
 /// record must take effect exactly once (a second 2xx only after a cut lost the first answer),
@@ -1023,7 +1024,7 @@ pub async fn flapping(p: &FlapParams) -> FlapReport {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Scenario 1: crash loop under load from a separate process
+// Crash loop under load from a separate process
 
 /// Counts of [`crash_loop`].
 #[derive(Debug, Clone)]
@@ -1209,7 +1210,7 @@ pub fn read_ack_log(path: &Path) -> (Vec<Staged>, BTreeSet<(String, u64)>) {
     (acked, unanswered)
 }
 
-/// Issue 5, scenario 1: `estafeta-load` (a separate process) posts at a paced rate from
+/// Crash loop under load: `estafeta-load` (a separate process) posts at a paced rate from
 /// `connections` clients and writes down every acknowledged record, while the agent is
 /// SIGKILLed `cycles` times at random moments and restarted on the same folder. Its clients
 /// retry like real ones (`--retry`): a request that got no answer (the agent died under it)

@@ -12,7 +12,7 @@
 //! little as possible per request. Only `http://` URLs.
 //!
 //! For the reliability tests and `scripts/soak` it is also the *separate load process* of
-//! issue 5, scenario 1: `--ack-log FILE` appends one JSON line per acknowledged record
+//! the crash loop under load: `--ack-log FILE` appends one JSON line per acknowledged record
 //! (`{"id","seq","key","n","payload"}`, the id and seq from the agent's 202 answer) and one
 //! `{"unanswered":true,"key","n"}` line per record whose request got no answer (the agent died
 //! under it: it may or may not have been staged, and nobody was told it was). Each request's

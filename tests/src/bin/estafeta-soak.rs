@@ -1,11 +1,12 @@
-//! `estafeta-soak`: the long versions of issue 5, scenarios 1–3, against the real `estafeta`
-//! binary beside it (`scripts/soak` builds both in release and runs this). The scenarios are
-//! the same code the CI tests run small (`estafeta_e2e::reliability`); here the counts and
-//! durations are flags. It prints one summary table (Markdown) and exits 1 if any scenario
-//! found a problem: a record lost, applied twice, out of order, memory that grew, a sink
-//! hammered. The crash loop's clients retry with the same `Idempotency-Key` until answered
-//! (`estafeta-load --retry`), and "lost" and "applied twice" are counted both by the agent's
-//! record id and by the client's own identity of each record (payload `id` and `n`).
+//! `estafeta-soak`: the long versions of the crash loop, long outage and flapping sink
+//! scenarios, against the real `estafeta` binary beside it (`scripts/soak` builds both in
+//! release and runs this). The scenarios are the same code the CI tests run small
+//! (`estafeta_e2e::reliability`); here the counts and durations are flags. It prints one
+//! summary table (Markdown) and exits 1 if any scenario found a problem: a record lost, applied
+//! twice, out of order, memory that grew, a sink hammered. The crash loop's clients retry with
+//! the same `Idempotency-Key` until answered (`estafeta-load --retry`), and "lost" and "applied
+//! twice" are counted both by the agent's record id and by the client's own identity of each
+//! record (payload `id` and `n`).
 
 use std::time::{Duration, Instant};
 
@@ -16,16 +17,16 @@ use estafeta_e2e::reliability::{
     flapping, long_outage,
 };
 
-/// Long reliability run: crash loop, long outage and flapping sink (issue 5, scenarios 1–3).
+/// Long reliability run: crash loop, long outage and flapping sink, with counts as flags.
 #[derive(Debug, Parser)]
 #[command(name = "estafeta-soak")]
 struct Args {
     /// SIGKILL + restart cycles of the crash loop (0 skips it).
     #[arg(long, default_value_t = 50)]
     cycles: usize,
-    /// Power cuts (issue 17): load → SIGKILL → forget what was not fsync'd → remount →
-    /// restart, with the staging folder on the power-cut file system (0 skips it; needs root
-    /// and FUSE).
+    /// Power cuts (contract 1, durable before acknowledged): load → SIGKILL → forget what was
+    /// not fsync'd → remount → restart, with the staging folder on the power-cut file system
+    /// (0 skips it; needs root and FUSE).
     #[arg(long, default_value_t = 100)]
     power_cuts: usize,
     /// Records posted during the outage of PostgreSQL and the API (0 skips it).
