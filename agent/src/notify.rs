@@ -62,7 +62,6 @@ mod imp {
         {
             tracing::error!(
                 error = %err,
-                socket = ?std::env::var_os("NOTIFY_SOCKET"),
                 "Could not notify systemd (NOTIFY_SOCKET); with Type=notify it will time out the start or the watchdog and restart the agent. Check the unit's NotifyAccess=."
             );
         }

@@ -170,6 +170,28 @@ pub fn build(configs: &[SinkConfig]) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
     Ok(sinks)
 }
 
+/// The outcomes of a batch sent as parallel tasks, in the batch's order: a record whose task
+/// failed (panicked, was cancelled) is retried, never lost. `what` names the task in the error.
+pub(crate) fn retry_missing(outcomes: Vec<Option<Outcome>>, what: &str) -> Vec<Outcome> {
+    outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| Outcome::Retry {
+                error: format!("the {what} task failed unexpectedly"),
+                retry_after: None,
+            })
+        })
+        .collect()
+}
+
+/// How many of `outcomes` are deliveries (for the batch's debug line).
+pub(crate) fn delivered(outcomes: &[Outcome]) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Delivered))
+        .count()
+}
+
 /// `err` and its causes on one line, skipping a cause its parent already spells out.
 pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();

@@ -92,6 +92,27 @@ pub struct Context {
     pub shutdown_grace: Duration,
 }
 
+impl Context {
+    /// How a new version is tried: run as `run_as` with `args`, checked through this agent's
+    /// ingest address and token for `UPDATE_HEALTH_SECS`, stopped within the grace period.
+    pub(crate) fn trial_spec(
+        &self,
+        exe: PathBuf,
+        args: Vec<std::ffi::OsString>,
+        run_as: Option<(u32, u32)>,
+    ) -> trial::TrialSpec {
+        trial::TrialSpec {
+            exe,
+            args,
+            addr: self.ingest_addr,
+            token: self.ingest_token.clone(),
+            health: self.update.health,
+            grace: self.shutdown_grace,
+            run_as,
+        }
+    }
+}
+
 // By hand, so `{:?}` never prints the ingest token.
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -187,6 +208,18 @@ fn remove_stale_downloads_in(staging: &std::path::Path) {
             }
         }
     }
+}
+
+/// Logs and records that `version` was not installed because of `err`; the message, for the
+/// caller to return.
+fn not_installed(staging: &std::path::Path, version: &str, err: &anyhow::Error) -> String {
+    let message = format!("version {version} was not installed: {err:#}");
+    tracing::error!("{message}");
+    state::update(staging, |s| {
+        s.state = State::Failed;
+        s.message = Some(message.clone());
+    });
+    message
 }
 
 /// Reads the manifest and records the check (blocking).
@@ -500,13 +533,7 @@ pub async fn takeover_with_message(
     let (exe, run_as) = match exe_and_user {
         Ok(found) => found,
         Err(err) => {
-            let message = format!("version {version} was not installed: {err:#}");
-            tracing::error!("{message}");
-            state::update(staging, |s| {
-                s.state = State::Failed;
-                s.message = Some(message.clone());
-            });
-            return (Handover::Resume, message);
+            return (Handover::Resume, not_installed(staging, &version, &err));
         }
     };
     state::update(staging, |s| {
@@ -515,15 +542,7 @@ pub async fn takeover_with_message(
     });
     crate::notify::status(&format!("Updating: trying version {version}."));
     let watchdog = crate::notify::spawn_watchdog();
-    let spec = trial::TrialSpec {
-        exe: exe.clone(),
-        args,
-        addr: config.ingest_addr,
-        token: config.ingest_token.clone(),
-        health: config.update.health,
-        grace: config.shutdown_grace,
-        run_as,
-    };
+    let spec = config.trial_spec(exe.clone(), args, run_as);
     let outcome = trial::install_and_try(&prepared.file, &version, &spec, stop).await;
     if let Some(w) = watchdog {
         w.abort();
@@ -543,15 +562,7 @@ pub async fn takeover_with_message(
             state::record_rolled_back(staging, &version, &message);
             (Handover::Resume, message)
         }
-        Err(err) => {
-            let message = format!("version {version} was not installed: {err:#}");
-            tracing::error!("{message}");
-            state::update(staging, |s| {
-                s.state = State::Failed;
-                s.message = Some(message.clone());
-            });
-            (Handover::Resume, message)
-        }
+        Err(err) => (Handover::Resume, not_installed(staging, &version, &err)),
     }
 }
 

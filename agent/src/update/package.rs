@@ -71,15 +71,7 @@ pub async fn update_deb(
     // that user may read but not change.
     let (candidate, _trial_dir) =
         copy_for_trial(&unpacked, run_as, config.update.tmpdir.as_deref())?;
-    let spec = TrialSpec {
-        exe: exe.clone(),
-        args,
-        addr: config.ingest_addr,
-        token: config.ingest_token.clone(),
-        health: config.update.health,
-        grace: config.shutdown_grace,
-        run_as,
-    };
+    let spec = config.trial_spec(exe.clone(), args, run_as);
 
     let service_was_running = stop_running_agent(config)?;
     state::update(staging, |s| {

@@ -328,19 +328,11 @@ impl Sink for HttpSink {
                     }
                 }
             }
-            let outcomes: Vec<Outcome> = outcomes
-                .into_iter()
-                .map(|o| {
-                    o.unwrap_or_else(|| Outcome::Retry {
-                        error: "the delivery task failed unexpectedly".to_owned(),
-                        retry_after: None,
-                    })
-                })
-                .collect();
+            let outcomes = super::retry_missing(outcomes, "delivery");
             tracing::debug!(
                 sink = %self.name,
                 records = batch.len(),
-                delivered = outcomes.iter().filter(|o| matches!(o, Outcome::Delivered)).count(),
+                delivered = super::delivered(&outcomes),
                 "HTTP batch sent."
             );
             outcomes

@@ -395,19 +395,11 @@ impl NatsSink {
                 }
             }
         }
-        let outcomes: Vec<Outcome> = outcomes
-            .into_iter()
-            .map(|o| {
-                o.unwrap_or_else(|| Outcome::Retry {
-                    error: "the publish task failed unexpectedly".to_owned(),
-                    retry_after: None,
-                })
-            })
-            .collect();
+        let outcomes = super::retry_missing(outcomes, "publish");
         tracing::debug!(
             sink = %self.name,
             records = batch.len(),
-            delivered = outcomes.iter().filter(|o| matches!(o, Outcome::Delivered)).count(),
+            delivered = super::delivered(&outcomes),
             duplicates,
             "JetStream batch published."
         );
