@@ -341,11 +341,9 @@ async fn a_duplicate_entry_is_shown_without_the_value_it_quotes() {
         format!("INSERT INTO {table} (cpf, nome) VALUES (:cpf, :nome)"),
     )
     .expect("write the statement");
-    let statements = estafeta::sinks::apply::ApplyStatements::load(
-        dir.path(),
-        estafeta::sinks::database::Dialect::Mysql,
-    )
-    .expect("the statement loads");
+    let statements =
+        estafeta::db::apply::ApplyStatements::load(dir.path(), estafeta::db::Dialect::Mysql)
+            .expect("the statement loads");
     let sink = database::build(
         "central",
         DatabaseSinkConfig {

@@ -331,11 +331,9 @@ async fn a_refused_apply_statement_is_shown_without_the_values_it_quotes() {
         format!("INSERT INTO {table} (cpf, nome) VALUES (:cpf, :nome)"),
     )
     .expect("write the statement");
-    let statements = estafeta::sinks::apply::ApplyStatements::load(
-        dir.path(),
-        estafeta::sinks::database::Dialect::Postgres,
-    )
-    .expect("the statement loads");
+    let statements =
+        estafeta::db::apply::ApplyStatements::load(dir.path(), estafeta::db::Dialect::Postgres)
+            .expect("the statement loads");
     let sink = database::build(
         "central",
         DatabaseSinkConfig {

@@ -15,10 +15,11 @@ use super::keys::*;
 use super::parse::{parse_bool, parse_secs, parse_u64, secs_from_f64};
 use super::raw::Loader;
 use super::{API_SINK, DATABASE_SINK};
+use crate::db::Dialect;
+use crate::db::apply::ApplyStatements;
 use crate::problem::Problem;
 use crate::redact::url as redact_url;
-use crate::sinks::apply::ApplyStatements;
-use crate::sinks::database::{DatabaseSinkConfig, Dialect};
+use crate::sinks::database::DatabaseSinkConfig;
 use crate::sinks::http::{HttpRoute, HttpSinkConfig};
 use crate::sinks::{SinkConfig, SinkKind};
 

@@ -121,8 +121,6 @@ pub mod heartbeat;
 pub mod http;
 pub mod nats;
 
-pub use crate::db::apply;
-
 /// One configured sink: its name and what it is (built by `config`, owned here).
 #[derive(Debug, Clone)]
 pub struct SinkConfig {

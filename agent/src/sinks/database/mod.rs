@@ -50,7 +50,7 @@ pub mod mysql;
 pub mod postgres;
 pub mod sqlite;
 
-pub use crate::db::Dialect;
+use crate::db::Dialect;
 pub use landing::{BATCH_TIMEOUT, CONNECT_TIMEOUT, LANDING_TABLE};
 
 /// `CENTRAL_DATABASE_URL` or a `[[sinks]]` entry with `type = "database"`.
