@@ -273,18 +273,7 @@ impl Loader {
         let mut routes = Vec::new();
         for (i, route) in file_routes.iter().enumerate() {
             let at = format!("routes[{i}]");
-            for (field, name) in [("action", &route.action), ("entity", &route.entity)] {
-                if let Some(name) = name
-                    && name != "*"
-                    && let Err(err) = estafeta_staging::validate_name(field, name)
-                {
-                    self.problem(
-                        format!("{at}.{field}"),
-                        Some(name.clone()),
-                        invalid_reason(err),
-                    );
-                }
-            }
+            self.check_route_names(&at, &[("action", &route.action), ("entity", &route.entity)]);
             if route.sinks.is_empty() {
                 self.problem(
                     format!("{at}.sinks"),

@@ -126,4 +126,21 @@ impl Loader {
             .map(|r| r.origin.label(key))
             .unwrap_or_else(|| key.to_owned())
     }
+
+    /// A route's action and entity filters (`*` or absent: any) must be valid names; each bad
+    /// one is a problem at `<at>.<field>`.
+    pub(super) fn check_route_names(&mut self, at: &str, fields: &[(&str, &Option<String>)]) {
+        for (field, name) in fields {
+            if let Some(name) = name
+                && name != "*"
+                && let Err(err) = estafeta_staging::validate_name(field, name)
+            {
+                self.problem(
+                    format!("{at}.{field}"),
+                    Some(name.clone()),
+                    super::checks::invalid_reason(err),
+                );
+            }
+        }
+    }
 }

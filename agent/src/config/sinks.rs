@@ -195,18 +195,7 @@ impl Loader {
                 format!("expected one of {}", METHODS.join(", ")),
             );
         }
-        for (field, name) in [("entity", &route.entity), ("action", &route.action)] {
-            if let Some(name) = name
-                && name != "*"
-                && let Err(err) = estafeta_staging::validate_name(field, name)
-            {
-                self.problem(
-                    format!("{at}.{field}"),
-                    Some(name.clone()),
-                    invalid_reason(err),
-                );
-            }
-        }
+        self.check_route_names(at, &[("entity", &route.entity), ("action", &route.action)]);
         if let Some(path) = &route.path
             && !path.starts_with('/')
         {
