@@ -307,6 +307,8 @@ async fn settle(
             "The sink answered a different number of outcomes than records; records without an outcome stay pending."
         );
     }
+    let mut outcomes = outcomes;
+    crate::sinks::hold_back(&batch, &mut outcomes);
     let now = Utc::now();
     let mut acks = Vec::new();
     let mut retries = Vec::new();
@@ -329,7 +331,9 @@ async fn settle(
             Some(Outcome::Dead { reason }) => {
                 deads.push((seq, delivery.envelope.id.clone(), reason));
             }
-            None => unanswered.push(seq),
+            // Not attempted (behind an earlier record of its key) or not answered: back to
+            // pending untouched, no attempt counted.
+            Some(Outcome::Skipped) | None => unanswered.push(seq),
         }
     }
     let settled_counts = Settled {

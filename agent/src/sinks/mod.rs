@@ -1,6 +1,13 @@
-//! Sinks: where staged records are delivered. Each sink takes a batch leased from the store
-//! (at most one record per (entity, key), so a batch has no internal order to keep), delivers
-//! it, and answers one [`Outcome`] per record; the batcher turns outcomes into ack / fail / dead.
+//! Sinks: where staged records are delivered. Each sink takes a batch leased from the store,
+//! delivers it, and answers one [`Outcome`] per record; the batcher turns outcomes into ack /
+//! fail / dead / give back.
+//!
+//! A batch holds *runs*: consecutive records of one order key (entity and key; the keyless
+//! records of an entity share one order key), in sequence order ([`runs`]). Every sink keeps
+//! that order inside the batch: a record is attempted only after the earlier records of its key
+//! in the batch were delivered, and once one of them is not, the later ones are answered
+//! [`Outcome::Skipped`] without being attempted. Different keys are independent: a sink may
+//! send them in parallel.
 //!
 //! - [`http`]: one request per record, `Idempotency-Key` header, reqwest with rustls.
 //! - [`database`]: a landing table `estafeta_records` with a unique idempotency key, on
@@ -47,6 +54,10 @@ pub enum Outcome {
     },
     /// A permanent failure: the record goes to the dead letters.
     Dead { reason: Refusal },
+    /// Not attempted: an earlier record of its key in the batch was not delivered, and this
+    /// one must not overtake it (per-key order, and the hold-back behind a dead letter). It goes
+    /// back to pending untouched, with no attempt counted.
+    Skipped,
 }
 
 /// Why a sink refused a record for good, said twice: once to be shown, once to be kept.
@@ -168,6 +179,46 @@ pub fn build(configs: &[SinkConfig]) -> anyhow::Result<Vec<Arc<dyn Sink>>> {
     Ok(sinks)
 }
 
+/// The order key of a record: its entity and key. Keyless records of an entity share one
+/// order key (`None`), as they do in the store.
+pub(crate) fn order_key(delivery: &Delivery) -> (&str, Option<&str>) {
+    (&delivery.envelope.entity, delivery.envelope.key.as_deref())
+}
+
+/// The batch's runs: the indices of each order key's records, in batch (sequence) order; the
+/// runs in the order of their first record.
+pub(crate) fn runs(batch: &[Delivery]) -> Vec<Vec<usize>> {
+    let mut by_key: std::collections::HashMap<(&str, Option<&str>), usize> = Default::default();
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    for (index, delivery) in batch.iter().enumerate() {
+        let run = *by_key.entry(order_key(delivery)).or_insert_with(|| {
+            runs.push(Vec::new());
+            runs.len() - 1
+        });
+        runs[run].push(index);
+    }
+    runs
+}
+
+/// Enforces the hold-back inside a batch on a sink's answer: after the first record of a key
+/// that was not delivered, a later record of that key answered `Retry` becomes `Skipped`, so a
+/// batch whose whole transaction failed counts one attempt per key, not one per record. (A sink
+/// does not attempt those records at all; this keeps the bookkeeping right when it reports a
+/// whole-batch failure on every record.)
+pub(crate) fn hold_back(batch: &[Delivery], outcomes: &mut [Outcome]) {
+    let mut stopped: std::collections::HashSet<(&str, Option<&str>)> = Default::default();
+    for (delivery, outcome) in batch.iter().zip(outcomes.iter_mut()) {
+        let key = order_key(delivery);
+        if stopped.contains(&key) {
+            if matches!(outcome, Outcome::Retry { .. }) {
+                *outcome = Outcome::Skipped;
+            }
+        } else if !matches!(outcome, Outcome::Delivered) {
+            stopped.insert(key);
+        }
+    }
+}
+
 /// The outcomes of a batch sent as parallel tasks, in the batch's order: a record whose task
 /// failed (panicked, was cancelled) is retried, never lost. `what` names the task in the error.
 pub(crate) fn retry_missing(outcomes: Vec<Option<Outcome>>, what: &str) -> Vec<Outcome> {
@@ -205,9 +256,76 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// A leased record for sink unit tests: id `id-<seq>`, staged 2026-11-23, routed to sink `s`.
+#[cfg(test)]
+pub(crate) fn test_delivery(
+    seq: u64,
+    action: &str,
+    entity: &str,
+    key: Option<&str>,
+    payload: &str,
+) -> Delivery {
+    Delivery {
+        envelope: estafeta_staging::Envelope {
+            v: 1,
+            id: format!("id-{seq}"),
+            seq,
+            action: action.to_owned(),
+            entity: entity.to_owned(),
+            key: key.map(str::to_owned),
+            staged_at: "2026-11-23T08:41:06.123456Z".to_owned(),
+            client_key: None,
+            client_fingerprint: None,
+            client_records: None,
+            source: None,
+            sinks: vec!["s".to_owned()],
+            payload: serde_json::value::RawValue::from_string(payload.to_owned())
+                .expect("valid JSON"),
+        },
+        sink: "s".to_owned(),
+        attempts: 0,
+        path: std::path::PathBuf::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn delivery(seq: u64, entity: &str, key: Option<&str>) -> Delivery {
+        test_delivery(seq, "update", entity, key, "{}")
+    }
+
+    #[test]
+    fn runs_group_a_batch_by_entity_and_key_in_order() {
+        let batch = [
+            delivery(1, "patient", Some("a")),
+            delivery(2, "patient", Some("b")),
+            delivery(3, "patient", Some("a")),
+            delivery(4, "attendance", Some("a")),
+            delivery(5, "audit", None),
+            delivery(6, "audit", None),
+            delivery(7, "patient", Some("b")),
+        ];
+        assert_eq!(runs(&batch), vec![vec![0, 2], vec![1, 6], vec![3], vec![4, 5]]);
+    }
+
+    #[test]
+    fn a_failure_holds_back_the_rest_of_its_key_only() {
+        let batch = [
+            delivery(1, "patient", Some("a")),
+            delivery(2, "patient", Some("b")),
+            delivery(3, "patient", Some("a")),
+            delivery(4, "patient", Some("b")),
+        ];
+        let retry = || Outcome::Retry {
+            error: "cannot connect".to_owned(),
+            retry_after: None,
+        };
+        let mut outcomes = vec![retry(), Outcome::Delivered, retry(), retry()];
+        hold_back(&batch, &mut outcomes);
+        assert_eq!(outcomes, vec![retry(), Outcome::Delivered, Outcome::Skipped, retry()]);
+    }
 
     #[test]
     fn a_refusal_keeps_the_answer_out_of_its_summary() {
