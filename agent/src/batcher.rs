@@ -5,8 +5,11 @@
 //! writes when `FLUSH_ON_WRITE` is on, and when the store's earliest retry comes due. A sink's
 //! cycles never overlap because its task is one sequential loop. On shutdown the delivery in
 //! flight may finish within the grace period and is then settled; otherwise its lease is
-//! released and the records stay pending. Per-key order is the store's job: a batch holds at
-//! most one record per (entity, key). The task reads the time of day through a [`Clock`], so
+//! released and the records stay pending. Per-key order is shared: the store leases runs of a
+//! key in sequence order and keeps a key back while one of its records is in flight, in backoff
+//! or dead; the sink keeps each run's order and skips the rest of a run after a failure; and
+//! settling enforces the skip ([`crate::sinks::hold_back`]), so a failed batch counts one
+//! attempt per key. A batch's outcomes settle in one store transaction. The task reads the time of day through a [`Clock`], so
 //! tests can run its schedule on tokio's paused time instead of sleeping.
 
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use estafeta_staging::{Delivery, Staging, StoreError};
+use estafeta_staging::{Dead, Delivery, Retry, Settlement, Staging, StoreError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -199,7 +202,7 @@ async fn flush_cycle(
                 if next_want == 0 {
                     return Ok(Vec::new());
                 }
-                lease(store, &name, next_want).await
+                lease_ahead(store, &name, next_want).await
             };
             let (settled, outcomes, next) = tokio::join!(settle_previous, deliver, prefetch);
             // An empty look-ahead proves nothing: the batch in flight held back the later
@@ -310,62 +313,45 @@ async fn settle(
     let mut outcomes = outcomes;
     crate::sinks::hold_back(&batch, &mut outcomes);
     let now = Utc::now();
-    let mut acks = Vec::new();
-    let mut retries = Vec::new();
-    let mut deads = Vec::new();
-    let mut unanswered = Vec::new();
+    let mut settlement = Settlement::default();
+    let mut dead_summaries = Vec::new();
     let mut outcomes = outcomes.into_iter();
-    for delivery in &batch {
+    for delivery in batch {
         let seq = delivery.envelope.seq;
         match outcomes.next() {
-            Some(Outcome::Delivered) => acks.push(seq),
+            Some(Outcome::Delivered) => settlement.delivered.push(seq),
             Some(Outcome::Retry { error, retry_after }) => {
                 let delay = retry_after.unwrap_or_else(|| {
                     backoff(delivery.attempts, config.retry_base, config.retry_max, rng)
                 });
-                let retry_at = now
+                let at = now
                     + chrono::Duration::from_std(delay)
                         .unwrap_or_else(|_| chrono::Duration::days(1));
-                retries.push((seq, error, retry_at));
+                settlement.retries.push(Retry { seq, error, at });
             }
             Some(Outcome::Dead { reason }) => {
-                deads.push((seq, delivery.envelope.id.clone(), reason));
+                // The file keeps the whole answer; the log says what happened, by class.
+                dead_summaries.push((seq, delivery.envelope.id.clone(), reason.summary));
+                settlement.dead.push(Dead {
+                    delivery,
+                    reason: reason.detail,
+                });
             }
             // Not attempted (behind an earlier record of its key) or not answered: back to
             // pending untouched, no attempt counted.
-            Some(Outcome::Skipped) | None => unanswered.push(seq),
+            Some(Outcome::Skipped) | None => settlement.give_back.push(seq),
         }
     }
     let settled_counts = Settled {
-        delivered: acks.len() as u64,
-        retried: retries.len() as u64,
-        dead: deads.len() as u64,
-        first_error: retries.first().map(|(_, error, _)| error.clone()),
+        delivered: settlement.delivered.len() as u64,
+        retried: settlement.retries.len() as u64,
+        dead: settlement.dead.len() as u64,
+        first_error: settlement.retries.first().map(|r| r.error.clone()),
     };
     let sink_name = sink.to_owned();
-    let dead_paths = blocking(store, move |store| {
-        if !acks.is_empty() {
-            store.ack(&sink_name, &acks)?; // also notes the sink's last success
-        }
-        for (seq, error, retry_at) in &retries {
-            store.fail(&sink_name, *seq, error, *retry_at)?;
-        }
-        if let Some((_, error, _)) = retries.first() {
-            store.note_sink_result(&sink_name, Some(error))?;
-        }
-        let mut paths = Vec::with_capacity(deads.len());
-        for (seq, id, reason) in deads {
-            // The file keeps the whole answer; the log says what happened, by class.
-            let path = store.dead(&sink_name, seq, &reason.detail)?;
-            paths.push((seq, id, reason.summary, path));
-        }
-        if !unanswered.is_empty() {
-            store.release(&sink_name, &unanswered)?;
-        }
-        Ok(paths)
-    })
-    .await?;
-    for (seq, id, error, path) in dead_paths {
+    // One transaction for the whole batch: acks, retries, dead letters, give-backs.
+    let dead_paths = blocking(store, move |store| store.settle(&sink_name, settlement)).await?;
+    for ((seq, id, error), path) in dead_summaries.into_iter().zip(dead_paths) {
         warn!(
             sink, seq, %id, path = %path.display(), %error,
             "Record refused by the sink; moved to the dead letters (the file holds the sink's whole answer). Fix it and replay it with `estafeta retry --send`."
@@ -378,6 +364,12 @@ async fn settle(
 async fn lease(store: &Staging, sink: &str, want: usize) -> anyhow::Result<Vec<Delivery>> {
     let sink = sink.to_owned();
     blocking(store, move |store| store.next_batch(&sink, want)).await
+}
+
+/// Leases the batch after the one in flight (a bounded walk: see `Staging::next_batch_ahead`).
+async fn lease_ahead(store: &Staging, sink: &str, want: usize) -> anyhow::Result<Vec<Delivery>> {
+    let sink = sink.to_owned();
+    blocking(store, move |store| store.next_batch_ahead(&sink, want)).await
 }
 
 /// Gives back a batch leased ahead that will not be delivered in this cycle. Best effort: if

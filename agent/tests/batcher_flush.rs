@@ -54,10 +54,16 @@ fn stage(store: &Staging, records: &[(&str, &str, &str)]) -> Vec<u64> {
 type Batch = Vec<(Option<String>, u64)>;
 
 /// A sink whose answer for each record is the payload's `fate`: `ok`, `retry`, `retry-later`
-/// (with a one-hour `Retry-After`) or `dead`. Remembers every batch it was handed.
+/// (with a one-hour `Retry-After`) or `dead`, keeping the sink contract on runs: after a record
+/// of a key that is not delivered, the rest of that key in the batch is `Skipped`, not
+/// attempted. With `whole_batch_fails`, it answers `Retry` for every record instead, as a
+/// database sink does when its transaction fails. Remembers every batch it was handed and
+/// every record it attempted.
 #[derive(Default)]
 struct ScriptSink {
     batches: Mutex<Vec<Batch>>,
+    attempted: Mutex<Vec<u64>>,
+    whole_batch_fails: bool,
     calls: AtomicUsize,
     /// Delivery takes this long (to test shutdown).
     delay: Option<Duration>,
@@ -66,6 +72,10 @@ struct ScriptSink {
 impl ScriptSink {
     fn batches(&self) -> Vec<Batch> {
         self.batches.lock().expect("lock").clone()
+    }
+
+    fn attempted(&self) -> Vec<u64> {
+        self.attempted.lock().expect("lock").clone()
     }
 }
 
@@ -105,7 +115,32 @@ impl Sink for ScriptSink {
                     .map(|d| (d.envelope.key.clone(), d.envelope.seq))
                     .collect(),
             );
-            batch.iter().map(fate).collect()
+            if self.whole_batch_fails {
+                return vec![
+                    Outcome::Retry {
+                        error: "PostgreSQL 08006 connection failure".into(),
+                        retry_after: None,
+                    };
+                    batch.len()
+                ];
+            }
+            let mut stopped = std::collections::HashSet::new();
+            let mut attempted = self.attempted.lock().expect("lock");
+            batch
+                .iter()
+                .map(|d| {
+                    let key = (d.envelope.entity.clone(), d.envelope.key.clone());
+                    if stopped.contains(&key) {
+                        return Outcome::Skipped;
+                    }
+                    attempted.push(d.envelope.seq);
+                    let outcome = fate(d);
+                    if outcome != Outcome::Delivered {
+                        stopped.insert(key);
+                    }
+                    outcome
+                })
+                .collect()
         })
     }
 
@@ -261,16 +296,12 @@ async fn records_of_one_key_are_delivered_in_order() {
     assert_eq!(report.delivered, 6);
 
     let batches = sink.batches();
+    // The whole backlog in one round trip: runs of each key, in sequence order.
+    assert_eq!(batches.len(), 1, "{batches:?}");
     let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for batch in &batches {
-        let mut keys: Vec<_> = batch.iter().map(|(key, _)| key.clone()).collect();
-        keys.sort();
-        keys.dedup();
-        assert_eq!(
-            keys.len(),
-            batch.len(),
-            "one record per key per batch: {batch:?}"
-        );
+        let in_batch: Vec<u64> = batch.iter().map(|(_, seq)| *seq).collect();
+        assert!(in_batch.is_sorted(), "a batch in sequence order: {batch:?}");
         for (key, seq) in batch {
             seen.entry(key.clone().expect("keyed"))
                 .or_default()
@@ -302,19 +333,59 @@ async fn a_retried_record_holds_back_its_own_key_only() {
         .await
         .expect("flush");
     assert_eq!((report.delivered, report.retried), (2, 1));
-    let sent: Vec<u64> = sink
-        .batches()
-        .concat()
-        .into_iter()
-        .map(|(_, s)| s)
-        .collect();
+    // k1's update came in the same batch, behind k1's create, and was given back unattempted.
+    assert_eq!(sink.batches().len(), 1);
     assert!(
-        !sent.contains(&seqs[2]),
+        !sink.attempted().contains(&seqs[2]),
         "k1's update waits for k1's create"
     );
     let records = records_by_seq(&store);
     assert_eq!(sink_state(&records[&seqs[2]]).state, State::Pending);
     assert_eq!(sink_state(&records[&seqs[2]]).attempts, 0);
+    // And it stays behind the create in backoff: the next cycle sends nothing.
+    let report = flush_once(&store, &dyn_sink, &config, 1000)
+        .await
+        .expect("flush");
+    assert_eq!((report.delivered, report.retried), (0, 0));
+    assert_eq!(sink.batches().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_batch_counts_one_attempt_per_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let config = test_config(dir.path());
+    let seqs = stage(
+        &store,
+        &[
+            ("create", "k1", "ok"),
+            ("create", "k2", "ok"),
+            ("update", "k1", "ok"),
+            ("update", "k1", "ok"),
+            ("update", "k2", "ok"),
+        ],
+    );
+    // A sink whose transaction failed answers Retry for every record of the batch.
+    let sink = Arc::new(ScriptSink {
+        whole_batch_fails: true,
+        ..ScriptSink::default()
+    });
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let report = flush_once(&store, &dyn_sink, &config, 1000)
+        .await
+        .expect("flush");
+    assert_eq!((report.delivered, report.retried), (0, 2));
+    let records = records_by_seq(&store);
+    let attempts: Vec<u32> = seqs
+        .iter()
+        .map(|seq| sink_state(&records[seq]).attempts)
+        .collect();
+    // The head of each key was tried; the records behind it were not, and carry no attempt
+    // (their backoff must not grow for a failure that was not theirs).
+    assert_eq!(attempts, vec![1, 1, 0, 0, 0]);
+    for seq in &seqs[2..] {
+        assert_eq!(sink_state(&records[seq]).next_attempt_at, None, "seq {seq}");
+    }
 }
 
 #[tokio::test]
@@ -388,8 +459,8 @@ async fn dry_run_delivers_nothing_and_keeps_everything_pending() {
         let report = flush_once(&store, &dyn_sink, &config, 1000)
             .await
             .expect("flush");
-        // One batch only: a and b (a's update waits behind a's create).
-        assert_eq!((report.dry_run, report.delivered), (2, 0));
+        // One batch, logged and given back: a, b and a's update behind a's create.
+        assert_eq!((report.dry_run, report.delivered), (3, 0));
     }
     assert_eq!(sink.calls.load(Ordering::SeqCst), 0);
     assert_eq!(store.status().expect("status").records_pending, 3);

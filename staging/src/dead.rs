@@ -76,33 +76,58 @@ fn dead_letter_path(failed_dir: &Path, env: &Envelope, sink: &str) -> PathBuf {
         ))
 }
 
-/// Marks (sink, seq) dead and writes its dead letter.
+/// Marks (sink, seq) dead and writes its dead letter (outside a batch: tests and tools; the
+/// batcher settles dead letters with [`Staging::settle`]).
 pub fn kill(store: &Staging, sink: &str, seq: u64, reason: &str) -> Result<PathBuf, StoreError> {
     let (env, info) = store.get(&seq.to_string())?;
     let attempts = info
         .sinks
         .iter()
         .find(|s| s.sink == sink)
-        .map(|s| s.attempts + 1)
-        .unwrap_or(1);
-    let path = dead_letter_path(store.failed_dir(), &env, sink);
+        .map(|s| s.attempts)
+        .unwrap_or(0);
+    let delivery = crate::Delivery {
+        envelope: env,
+        sink: sink.to_owned(),
+        attempts,
+        path: info.path,
+    };
+    store
+        .settle(
+            sink,
+            crate::Settlement {
+                dead: vec![crate::Dead {
+                    delivery,
+                    reason: reason.to_owned(),
+                }],
+                ..Default::default()
+            },
+        )
+        .map(|mut paths| paths.remove(0))
+}
+
+/// Writes the dead letter of `delivery` for `sink` (durable before it returns) and its path;
+/// `attempts` counts the refused one. The index is updated by the caller, after: if we crash
+/// in between, the record is simply sent again.
+pub fn write_letter(
+    store: &Staging,
+    sink: &str,
+    delivery: &crate::Delivery,
+    attempts: u32,
+    reason: &str,
+) -> Result<PathBuf, StoreError> {
+    let path = dead_letter_path(store.failed_dir(), &delivery.envelope, sink);
     let letter = DeadLetterFile {
         sink: sink.to_string(),
         reason: reason.to_string(),
         attempts,
         failed_at: layout::rfc3339(Utc::now()),
-        segment: layout::rel_string(store.root(), &info.path),
-        record: env,
+        segment: layout::rel_string(store.root(), &delivery.path),
+        record: delivery.envelope.clone(),
     };
     let mut bytes = serde_json::to_vec_pretty(&letter).expect("dead letters serialize");
     bytes.push(b'\n');
-    // The file first: if we crash before the index update, the record is simply retried.
     layout::write_file_durable(&path, &bytes).map_err(|e| StoreError::io("write", &path, e))?;
-    store.db().execute(
-        "UPDATE deliveries SET state = 'dead', attempts = ?1, last_error = ?2, lease_until = 0
-          WHERE sink = ?3 AND seq = ?4",
-        params![attempts, reason, sink, seq as i64],
-    )?;
     Ok(path)
 }
 

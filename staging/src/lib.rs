@@ -14,9 +14,10 @@
 //! - **Strictly increasing sequence numbers**, across processes: `_state/seq` is read and
 //!   advanced under an exclusive file lock held until the group is indexed, so no deliverer
 //!   sees a record before the records numbered below it.
-//! - **Per-key order.** For each sink, only the lowest undelivered sequence of each
-//!   (entity, key) is deliverable; keyless records form one group per entity. A record in
-//!   backoff or dead holds back the later records of its own group, and only those.
+//! - **Per-key order.** For each sink, a record is deliverable only with every earlier
+//!   undelivered record of its (entity, key) in the same batch, before it: a batch carries runs
+//!   of consecutive records of a key. Keyless records form one group per entity. A record in
+//!   flight, in backoff or dead holds back the later records of its own group, and only those.
 //! - **Nothing leaves the disk before every sink confirmed it** (plus `keep_delivered`).
 //! - **A failed fsync poisons the store**: the kernel may have dropped the dirty pages, so
 //!   every later stage fails with [`StageError::Poisoned`] until a restart re-reads the disk.
@@ -115,10 +116,12 @@
 //!
 //! ```text
 //! stage ──> writer: number, append, fdatasync, index ──> Receipt{id, seq, path}
-//! next_batch(sink) ──> lease the heads of each (entity, key) ──> deliverer
-//!     ack ──> delivered for that sink ──> cleanup deletes fully delivered segments
-//!     fail(retry_at) ──> pending again after backoff (holds back its key)
+//! next_batch(sink) ──> lease runs of each (entity, key), from its head ──> deliverer
+//! settle(sink, Settlement), one transaction:
+//!     delivered ──> done for that sink ──> cleanup deletes fully delivered segments
+//!     retries(at) ──> pending again after backoff (holds back its key)
 //!     dead(reason) ──> _failed/…json, holds back its key until requeue
+//!     give_back ──> pending again, untouched (not attempted)
 //! open ──> index check ──> recover tails / torn lines / cut files ──> ready
 //! ```
 //!
@@ -150,7 +153,7 @@ pub use error::{StageError, StoreError};
 /// files that hold patient data or its traces: the embedded SQLite database and the log folder.
 pub use layout::{make_private, private_file};
 pub use record::*;
-pub use store::Staging;
+pub use store::{Dead, Retry, Settlement, Staging};
 
 use std::time::Duration;
 

@@ -168,7 +168,7 @@ fn seed_files_are_adopted_in_timestamp_order_and_the_invalid_and_unfinished_are_
         assert_eq!(got, want);
         assert_eq!(got["nome"], "Ana Lúcia");
     }
-    // And per-key delivery follows it: one key, so one at a time, oldest version first.
+    // And per-key delivery follows it: one key, one run, oldest version first.
     let delivered = drain(&store);
     assert_eq!(
         delivered.iter().map(versao).collect::<Vec<_>>(),

@@ -1,7 +1,8 @@
-//! Model test: random sequences of stage / next_batch / ack / fail / dead / requeue / reopen /
-//! cleanup against the real store in a temporary folder and against a small in-memory model.
-//! After every step the store must agree with the model: per-key order, nothing lost, nothing
-//! handed out twice while in flight, sequences strictly increasing.
+//! Model test: random sequences of stage / next_batch / next_batch_ahead / ack / fail / dead /
+//! settle / requeue / reopen / cleanup against the real store in a temporary folder and against a
+//! small in-memory model. After every step the store must agree with the model: per-key order
+//! (a batch carries runs of a key, each from the key's earliest owed record), nothing lost,
+//! nothing handed out twice while in flight, sequences strictly increasing.
 
 use chrono::Utc;
 use estafeta_staging::*;
@@ -30,6 +31,14 @@ enum Op {
     NextBatch {
         sink: usize,
         limit: usize,
+        ahead: bool,
+    },
+    /// Settles every leased record of a sink the way a sink answers a batch of runs: per key, a
+    /// delivered prefix, then one failure (`seed` picks where and which), then the rest given
+    /// back untouched.
+    Settle {
+        sink: usize,
+        seed: u64,
     },
     Ack {
         pick: Index,
@@ -61,7 +70,9 @@ fn op() -> impl Strategy<Value = Op> {
         });
     prop_oneof![
         5 => prop::collection::vec(new_rec, 1..=4).prop_map(Op::Stage),
-        5 => (0..2usize, 1..6usize).prop_map(|(sink, limit)| Op::NextBatch { sink, limit }),
+        5 => (0..2usize, 1..6usize, prop::bool::weighted(0.2))
+            .prop_map(|(sink, limit, ahead)| Op::NextBatch { sink, limit, ahead }),
+        3 => (0..2usize, any::<u64>()).prop_map(|(sink, seed)| Op::Settle { sink, seed }),
         4 => (any::<Index>(), prop::bool::weighted(0.3))
             .prop_map(|(pick, every_leased_of_sink)| Op::Ack { pick, every_leased_of_sink }),
         2 => (any::<Index>(), prop::bool::weighted(0.2))
@@ -103,22 +114,25 @@ struct Model {
 }
 
 impl Model {
-    /// What `next_batch(sink, limit)` must return: in sequence order, the heads of their
-    /// (entity, key) group that are due.
+    /// What `next_batch(sink, limit)` must return: in sequence order, the due records of each
+    /// (entity, key) group up to the group's first record that is not due (in flight, in
+    /// backoff, dead), at most `limit` in all.
     fn expected_batch(&self, sink: &str, limit: usize) -> Vec<u64> {
-        let mut seen_groups = BTreeSet::new();
+        let mut held_back = BTreeSet::new();
         let mut out = Vec::new();
         for ((s, seq), state) in &self.open {
-            if s != sink {
+            if s != sink || out.len() == limit {
                 continue;
             }
             let r = &self.records[seq];
-            let head = seen_groups.insert((r.entity.clone(), r.key.clone()));
-            if head && *state == (Open::Pending { due: true }) {
+            let group = (r.entity.clone(), r.key.clone());
+            if held_back.contains(&group) {
+                continue;
+            }
+            if *state == (Open::Pending { due: true }) {
                 out.push(*seq);
-                if out.len() == limit {
-                    break;
-                }
+            } else {
+                held_back.insert(group);
             }
         }
         out
@@ -203,6 +217,8 @@ fn run(two_sinks: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Some(Staging::open(options(dir.path(), &sinks)).unwrap().0);
     let mut model = Model::default();
+    // The records each sink holds leased, as handed out (a settlement's dead letters need them).
+    let mut leased: BTreeMap<(String, u64), Delivery> = BTreeMap::new();
 
     for op in ops {
         let s = store.as_ref().expect("the store is open between steps");
@@ -258,10 +274,14 @@ fn run(two_sinks: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     model.records.insert(receipt.seq, rec);
                 }
             }
-            Op::NextBatch { sink, limit } => {
+            Op::NextBatch { sink, limit, ahead } => {
                 let sink = sinks[sink % sinks.len()];
                 let expected = model.expected_batch(sink, limit);
-                let batch = s.next_batch(sink, limit).unwrap();
+                let batch = if ahead {
+                    s.next_batch_ahead(sink, limit).unwrap()
+                } else {
+                    s.next_batch(sink, limit).unwrap()
+                };
                 let got: Vec<u64> = batch.iter().map(|d| d.envelope.seq).collect();
                 for d in &batch {
                     let seq = d.envelope.seq;
@@ -276,12 +296,14 @@ fn run(two_sinks: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         "record {seq} handed out to {sink} again while still leased"
                     );
                     let want = &model.records[&seq];
-                    // Per-key FIFO: no earlier record of the group is still owed to this sink.
+                    // Per-key FIFO: every earlier record of the group still owed to this sink is
+                    // in this batch, before it.
                     let earlier = model.open.keys().find(|(s2, seq2)| {
                         s2 == sink
                             && *seq2 < seq
                             && model.records[seq2].entity == want.entity
                             && model.records[seq2].key == want.key
+                            && !got.iter().take_while(|q| **q != seq).any(|q| q == seq2)
                     });
                     prop_assert!(
                         earlier.is_none(),
@@ -293,9 +315,23 @@ fn run(two_sinks: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     prop_assert_eq!(&d.envelope.key, &want.key);
                     prop_assert_eq!(d.envelope.payload.get(), want.payload.as_str());
                 }
-                prop_assert_eq!(&got, &expected, "next_batch({}, {}) differs", sink, limit);
-                for seq in got {
+                if ahead {
+                    // A look-ahead walk may stop early: it returns a prefix of the full answer.
+                    prop_assert!(
+                        expected.starts_with(&got),
+                        "next_batch_ahead({}, {}) = {:?} is not a prefix of {:?}",
+                        sink,
+                        limit,
+                        got,
+                        expected
+                    );
+                } else {
+                    prop_assert_eq!(&got, &expected, "next_batch({}, {}) differs", sink, limit);
+                }
+                for d in batch {
+                    let seq = d.envelope.seq;
                     model.open.insert((sink.to_string(), seq), Open::InFlight);
+                    leased.insert((sink.to_string(), seq), d);
                 }
             }
             Op::Ack {
@@ -342,6 +378,86 @@ fn run(two_sinks: bool, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     let path = s.dead(&sink, seq, "HTTP 400: refused").unwrap();
                     prop_assert!(path.exists(), "dead letter {} not written", path.display());
                     model.open.insert((sink, seq), Open::Dead);
+                }
+            }
+            Op::Settle { sink, seed } => {
+                let sink = sinks[sink % sinks.len()].to_string();
+                let mut rng = seed;
+                let mut next = |n: u64| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % n
+                };
+                let in_flight: Vec<u64> = model
+                    .with_state(Open::InFlight)
+                    .into_iter()
+                    .filter(|(s2, _)| *s2 == sink)
+                    .map(|(_, q)| q)
+                    .collect();
+                let mut by_key: BTreeMap<(String, Option<String>), Vec<u64>> = BTreeMap::new();
+                for q in in_flight {
+                    let r = &model.records[&q];
+                    by_key
+                        .entry((r.entity.clone(), r.key.clone()))
+                        .or_default()
+                        .push(q);
+                }
+                let mut settlement = Settlement::default();
+                let mut after = Vec::new();
+                for run in by_key.values() {
+                    let delivered = next(run.len() as u64 + 1) as usize;
+                    for (i, &q) in run.iter().enumerate() {
+                        let state = if i < delivered {
+                            settlement.delivered.push(q);
+                            None
+                        } else if i == delivered {
+                            match next(3) {
+                                0 => {
+                                    settlement.retries.push(Retry {
+                                        seq: q,
+                                        error: "HTTP 503".to_owned(),
+                                        at: Utc::now() - chrono::Duration::seconds(1),
+                                    });
+                                    Some(Open::Pending { due: true })
+                                }
+                                1 => {
+                                    settlement.retries.push(Retry {
+                                        seq: q,
+                                        error: "HTTP 503".to_owned(),
+                                        at: Utc::now() + chrono::Duration::hours(6),
+                                    });
+                                    Some(Open::Pending { due: false })
+                                }
+                                _ => {
+                                    let delivery = leased
+                                        .remove(&(sink.clone(), q))
+                                        .expect("a record in flight was leased");
+                                    settlement.dead.push(Dead {
+                                        delivery,
+                                        reason: "HTTP 422: refused".to_owned(),
+                                    });
+                                    Some(Open::Dead)
+                                }
+                            }
+                        } else {
+                            settlement.give_back.push(q);
+                            Some(Open::Pending { due: true })
+                        };
+                        after.push((q, state));
+                    }
+                }
+                let dead = settlement.dead.len();
+                let paths = s.settle(&sink, settlement).unwrap();
+                prop_assert_eq!(paths.len(), dead);
+                for path in &paths {
+                    prop_assert!(path.exists(), "dead letter {} not written", path.display());
+                }
+                for (q, state) in after {
+                    match state {
+                        None => model.open.remove(&(sink.clone(), q)),
+                        Some(state) => model.open.insert((sink.clone(), q), state),
+                    };
                 }
             }
             Op::Requeue { pick } => {

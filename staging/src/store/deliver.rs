@@ -1,6 +1,21 @@
-//! The delivery API the batcher uses: leases of the deliverable heads of each key
-//! (`next_batch`, `probe_batch`), acknowledgements, transient failures with their retry time,
-//! dead letters (written by `dead.rs`) and their requeue, and each sink's last result.
+//! The delivery API the batcher uses: leases of runs of each key (`next_batch`, `next_batch_ahead`,
+//! `probe_batch`), and the settlement of a delivered batch in one transaction (`settle`: acks,
+//! transient failures with their retry time, dead letters written by `dead.rs`, records given
+//! back untouched), requeue of dead letters, and each sink's last result.
+//!
+//! A lease walks the sink's deliveries in sequence order and takes every deliverable record
+//! whose order key (entity and key; keyless records of an entity share one) has no earlier
+//! record still owed that is not deliverable: so a batch carries runs of consecutive records of
+//! a key, and a key whose head is in flight, in backoff or dead (the hold-back) gives nothing.
+//! The walk reads only the `deliveries` table; what it costs beyond the batch itself is the
+//! rows of held-back keys it steps over, so a look-ahead lease (`next_batch_ahead`, taken while
+//! the batch before it travels) bounds its walk instead of stepping over a whole backlog held
+//! by the batch in flight.
+//!
+//! Bookkeeping is per batch: a lease is one walk plus two statements, a settlement one
+//! transaction of at most five statements plus one durable file per dead letter, whatever the
+//! batch size. Sets of records go to SQLite as one JSON array bound to a parameter
+//! (`json_each`), not as one statement per record.
 
 use chrono::{DateTime, TimeZone, Utc};
 use rusqlite::{Connection, TransactionBehavior, params};
@@ -15,17 +30,30 @@ use super::{Staging, now_ms};
 const NOTE_SUCCESS_SQL: &str = "INSERT INTO sinks (name, last_success_at) VALUES (?1, ?2)
      ON CONFLICT(name) DO UPDATE SET last_success_at = excluded.last_success_at";
 
+/// Notes a sink's latest failure (`?1` sink, `?2` RFC 3339 time, `?3` the error).
+const NOTE_FAILURE_SQL: &str =
+    "INSERT INTO sinks (name, last_failure_at, last_error) VALUES (?1, ?2, ?3)
+     ON CONFLICT(name) DO UPDATE SET last_failure_at = excluded.last_failure_at,
+                                     last_error = excluded.last_error";
+
 impl Staging {
-    /// Leases the oldest deliverable records for `sink`: per (entity, key), only the earliest
-    /// undelivered record. Records come back in sequence order.
+    /// Leases the oldest deliverable records for `sink`, up to `limit`, in sequence order: runs
+    /// of consecutive records of each order key, from each key's earliest undelivered record.
     pub fn next_batch(&self, sink: &str, limit: usize) -> Result<Vec<Delivery>, StoreError> {
-        self.lease(sink, limit, false)
+        self.lease(sink, limit, Walk::Complete)
+    }
+
+    /// [`Self::next_batch`] taken while another batch of `sink` is in flight: the same records,
+    /// except that the walk stops after stepping over a few batches' worth of rows, since a
+    /// batch in flight may hold back most of the backlog. An empty answer proves nothing.
+    pub fn next_batch_ahead(&self, sink: &str, limit: usize) -> Result<Vec<Delivery>, StoreError> {
+        self.lease(sink, limit, Walk::Ahead)
     }
 
     /// Leases the single oldest head record of `sink` even if it waits in backoff: a probe of
     /// whether a sink that was down is back, sent on a schedule tick.
     pub fn probe_batch(&self, sink: &str) -> Result<Vec<Delivery>, StoreError> {
-        self.lease(sink, 1, true)
+        self.lease(sink, 1, Walk::Probe)
     }
 
     /// The sink is back: every record of `sink` waiting in backoff becomes due now.
@@ -38,57 +66,54 @@ impl Staging {
         Ok(n as u64)
     }
 
-    fn lease(
-        &self,
-        sink: &str,
-        limit: usize,
-        ignore_backoff: bool,
-    ) -> Result<Vec<Delivery>, StoreError> {
+    fn lease(&self, sink: &str, limit: usize, walk: Walk) -> Result<Vec<Delivery>, StoreError> {
         let now = now_ms();
-        let due_by = if ignore_backoff { i64::MAX } else { now };
         let lease_until = now + self.inner.shared.opts.lease.as_millis() as i64;
+        let max_rows = match walk {
+            Walk::Ahead => limit.saturating_mul(AHEAD_WALK_BATCHES),
+            Walk::Complete | Walk::Probe => usize::MAX,
+        };
         let leased: Vec<(u64, u32, i64, i64, String)> = {
             let mut db = self.db();
             // A lease promises nothing to anyone: if a power cut loses it, its records are
             // simply pending again and are sent again (delivery is idempotent). So its commit
-            // does not wait for the disk; the next durable commit (an ack) syncs it along.
+            // does not wait for the disk; the next durable commit (a settlement) syncs it along.
             with_relaxed_sync(&mut db, |db| {
                 let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let rows = {
-                    let mut stmt = tx.prepare_cached(
-                        "SELECT d.seq, d.attempts, r.offset, r.len, s.path
-                       FROM deliveries d
-                       JOIN records r ON r.seq = d.seq
-                       JOIN segments s ON s.id = r.segment_id
-                      WHERE d.sink = ?1
-                        AND ((d.state = 'pending' AND d.next_at <= ?4)
-                          OR (d.state = 'in_flight' AND d.lease_until <= ?2))
-                        AND NOT EXISTS (SELECT 1 FROM deliveries e
-                                         WHERE e.sink = d.sink AND e.entity = d.entity
-                                           AND e.okey = d.okey AND e.seq < d.seq)
-                      ORDER BY d.seq
-                      LIMIT ?3",
-                    )?;
-                    stmt.query_map(params![sink, now, limit as i64, due_by], |r| {
-                        Ok((
-                            r.get::<_, i64>(0)? as u64,
-                            r.get::<_, i64>(1)? as u32,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, i64>(3)?,
-                            r.get::<_, String>(4)?,
-                        ))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?
+                let taken = walk_deliverable(&tx, sink, now, limit, max_rows, walk)?;
+                let rows = if taken.is_empty() {
+                    Vec::new()
+                } else {
+                    let (seqs, attempts): (Vec<u64>, Vec<u32>) = taken.into_iter().unzip();
+                    let seqs_json = json_array(&seqs);
+                    tx.prepare_cached(
+                        "UPDATE deliveries SET state = 'in_flight', lease_until = ?1, lease_owner = ?2
+                          WHERE sink = ?3 AND seq IN (SELECT value FROM json_each(?4))",
+                    )?
+                    .execute(params![lease_until, self.inner.owner, sink, seqs_json])?;
+                    let mut places: std::collections::HashMap<u64, (i64, i64, String)> = tx
+                        .prepare_cached(
+                            "SELECT r.seq, r.offset, r.len, s.path
+                               FROM records r JOIN segments s ON s.id = r.segment_id
+                              WHERE r.seq IN (SELECT value FROM json_each(?1))",
+                        )?
+                        .query_map(params![seqs_json], |r| {
+                            Ok((
+                                r.get::<_, i64>(0)? as u64,
+                                (r.get(1)?, r.get(2)?, r.get::<_, String>(3)?),
+                            ))
+                        })?
+                        .collect::<Result<_, _>>()?;
+                    seqs.into_iter()
+                        .zip(attempts)
+                        .filter_map(|(seq, attempts)| {
+                            // A delivery always has its record (they are written and removed
+                            // together); one without is skipped rather than leased blind.
+                            let (offset, len, path) = places.remove(&seq)?;
+                            Some((seq, attempts, offset, len, path))
+                        })
+                        .collect()
                 };
-                {
-                    let mut upd = tx.prepare_cached(
-                    "UPDATE deliveries SET state = 'in_flight', lease_until = ?1, lease_owner = ?4
-                      WHERE sink = ?2 AND seq = ?3",
-                )?;
-                    for (seq, ..) in &rows {
-                        upd.execute(params![lease_until, sink, *seq as i64, self.inner.owner])?;
-                    }
-                }
                 tx.commit()?;
                 Ok(rows)
             })?
@@ -129,33 +154,108 @@ impl Staging {
                 Err(reason) => crate::dead::move_damaged_record(self, seq, &path, &reason)?,
             }
         }
+        // A damaged record taken out of a run leaves a gap: the records after it in the batch
+        // still follow every earlier record of their key that is owed (the damaged one no
+        // longer is), so the runs stay in order.
         Ok(out)
+    }
+
+    /// Settles what a sink did with a leased batch, in one durable transaction: dead letters
+    /// are written first (each file durable before the index says dead, so a crash in between
+    /// only sends the record again), then acks, retries, deaths and give-backs. Returns the
+    /// dead letters' paths, in the order given.
+    pub fn settle(&self, sink: &str, batch: Settlement) -> Result<Vec<PathBuf>, StoreError> {
+        let mut paths = Vec::with_capacity(batch.dead.len());
+        for dead in &batch.dead {
+            paths.push(crate::dead::write_letter(
+                self,
+                sink,
+                &dead.delivery,
+                dead.delivery.attempts + 1,
+                &dead.reason,
+            )?);
+        }
+        let now = Utc::now();
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if !batch.delivered.is_empty() {
+            // Only deliveries still owed count: an ack of an ack (a resend) changes nothing.
+            let acked: Vec<u64> = tx
+                .prepare_cached(
+                    "DELETE FROM deliveries
+                      WHERE sink = ?1 AND seq IN (SELECT value FROM json_each(?2))
+                  RETURNING seq",
+                )?
+                .query_map(params![sink, json_array(&batch.delivered)], |r| {
+                    r.get::<_, i64>(0).map(|seq| seq as u64)
+                })?
+                .collect::<Result<_, _>>()?;
+            tx.prepare_cached(
+                "UPDATE records SET open_sinks = open_sinks - 1,
+                        delivered_at = CASE WHEN open_sinks = 1 THEN ?2 ELSE delivered_at END
+                  WHERE seq IN (SELECT value FROM json_each(?1)) AND open_sinks > 0",
+            )?
+            .execute(params![json_array(&acked), now.timestamp()])?;
+            // An ack is the sink's latest success: noted in the same commit (one sync, not two).
+            tx.prepare_cached(NOTE_SUCCESS_SQL)?
+                .execute(params![sink, layout::rfc3339(now)])?;
+        }
+        if !batch.retries.is_empty() {
+            let retries: Vec<(u64, i64, &str)> = batch
+                .retries
+                .iter()
+                .map(|r| (r.seq, r.at.timestamp_millis(), r.error.as_str()))
+                .collect();
+            tx.prepare_cached(
+                "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
+                        next_at = j.value ->> 1, lease_until = 0, last_error = j.value ->> 2
+                   FROM json_each(?2) AS j
+                  WHERE deliveries.sink = ?1 AND deliveries.seq = j.value ->> 0
+                    AND deliveries.state != 'dead'",
+            )?
+            .execute(params![sink, json_text(&retries)])?;
+            tx.prepare_cached(NOTE_FAILURE_SQL)?.execute(params![
+                sink,
+                layout::rfc3339(now),
+                batch.retries[0].error
+            ])?;
+        }
+        if !batch.dead.is_empty() {
+            let dead: Vec<(u64, &str)> = batch
+                .dead
+                .iter()
+                .map(|d| (d.delivery.envelope.seq, d.reason.as_str()))
+                .collect();
+            tx.prepare_cached(
+                "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
+                        last_error = j.value ->> 1, lease_until = 0
+                   FROM json_each(?2) AS j
+                  WHERE deliveries.sink = ?1 AND deliveries.seq = j.value ->> 0",
+            )?
+            .execute(params![sink, json_text(&dead)])?;
+        }
+        if !batch.give_back.is_empty() {
+            tx.prepare_cached(
+                "UPDATE deliveries SET state = 'pending', lease_until = 0
+                  WHERE sink = ?1 AND seq IN (SELECT value FROM json_each(?2))
+                    AND state = 'in_flight'",
+            )?
+            .execute(params![sink, json_array(&batch.give_back)])?;
+        }
+        tx.commit()?;
+        Ok(paths)
     }
 
     /// The sink confirmed these records.
     pub fn ack(&self, sink: &str, seqs: &[u64]) -> Result<(), StoreError> {
-        let now = Utc::now().timestamp();
-        let mut db = self.db();
-        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        {
-            let mut del =
-                tx.prepare_cached("DELETE FROM deliveries WHERE sink = ?1 AND seq = ?2")?;
-            let mut upd = tx.prepare_cached(
-                "UPDATE records SET open_sinks = open_sinks - 1,
-                        delivered_at = CASE WHEN open_sinks = 1 THEN ?2 ELSE delivered_at END
-                  WHERE seq = ?1 AND open_sinks > 0",
-            )?;
-            for seq in seqs {
-                if del.execute(params![sink, *seq as i64])? > 0 {
-                    upd.execute(params![*seq as i64, now])?;
-                }
-            }
-            // An ack is the sink's latest success: noted in the same commit (one sync, not two).
-            tx.prepare_cached(NOTE_SUCCESS_SQL)?
-                .execute(params![sink, layout::rfc3339(Utc::now())])?;
-        }
-        tx.commit()?;
-        Ok(())
+        self.settle(
+            sink,
+            Settlement {
+                delivered: seqs.to_vec(),
+                ..Settlement::default()
+            },
+        )
+        .map(drop)
     }
 
     /// A transient failure: try again at `retry_at`.
@@ -166,13 +266,18 @@ impl Staging {
         error: &str,
         retry_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
-        self.db().execute(
-            "UPDATE deliveries SET state = 'pending', attempts = attempts + 1, next_at = ?1,
-                    lease_until = 0, last_error = ?2
-              WHERE sink = ?3 AND seq = ?4 AND state != 'dead'",
-            params![retry_at.timestamp_millis(), error, sink, seq as i64],
-        )?;
-        Ok(())
+        self.settle(
+            sink,
+            Settlement {
+                retries: vec![Retry {
+                    seq,
+                    error: error.to_owned(),
+                    at: retry_at,
+                }],
+                ..Settlement::default()
+            },
+        )
+        .map(drop)
     }
 
     /// A permanent failure: writes the dead letter and returns its path.
@@ -182,19 +287,14 @@ impl Staging {
 
     /// Gives back leased records untouched (shutdown, dry run).
     pub fn release(&self, sink: &str, seqs: &[u64]) -> Result<(), StoreError> {
-        let mut db = self.db();
-        let tx = db.transaction()?;
-        {
-            let mut stmt = tx.prepare_cached(
-                "UPDATE deliveries SET state = 'pending', lease_until = 0
-                  WHERE sink = ?1 AND seq = ?2 AND state = 'in_flight'",
-            )?;
-            for seq in seqs {
-                stmt.execute(params![sink, *seq as i64])?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+        self.settle(
+            sink,
+            Settlement {
+                give_back: seqs.to_vec(),
+                ..Settlement::default()
+            },
+        )
+        .map(drop)
     }
 
     /// When the earliest record in backoff (or an expiring lease) for `sink` becomes
@@ -218,12 +318,7 @@ impl Staging {
         let db = self.db();
         match error {
             None => db.execute(NOTE_SUCCESS_SQL, params![sink, now])?,
-            Some(err) => db.execute(
-                "INSERT INTO sinks (name, last_failure_at, last_error) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(name) DO UPDATE SET last_failure_at = excluded.last_failure_at,
-                                                 last_error = excluded.last_error",
-                params![sink, now, err],
-            )?,
+            Some(err) => db.execute(NOTE_FAILURE_SQL, params![sink, now, err])?,
         };
         Ok(())
     }
@@ -232,6 +327,119 @@ impl Staging {
     pub fn requeue(&self, sink: &str, seq: u64) -> Result<(), StoreError> {
         crate::dead::requeue(self, sink, seq)
     }
+}
+
+/// What a sink did with a leased batch, for [`Staging::settle`].
+#[derive(Debug, Default)]
+pub struct Settlement {
+    /// Records the sink has (or already had).
+    pub delivered: Vec<u64>,
+    /// Transient failures, each tried again at its time (one attempt counted).
+    pub retries: Vec<Retry>,
+    /// Records the sink refused for good: each gets its dead-letter file.
+    pub dead: Vec<Dead>,
+    /// Records not attempted (behind an earlier failure of their key, a shutdown, a dry run):
+    /// pending again, untouched, no attempt counted.
+    pub give_back: Vec<u64>,
+}
+
+/// A transient failure of one record.
+#[derive(Debug)]
+pub struct Retry {
+    pub seq: u64,
+    /// What happened, by class (no payload text): the delivery's and the sink's last error.
+    pub error: String,
+    /// Not before this time.
+    pub at: DateTime<Utc>,
+}
+
+/// A record refused for good.
+#[derive(Debug)]
+pub struct Dead {
+    /// The leased record (its envelope goes into the dead-letter file).
+    pub delivery: Delivery,
+    /// Everything known about the refusal: it goes into the file and the index.
+    pub reason: String,
+}
+
+/// How far a lease walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Until `limit` records or the end: nothing deliverable is missed.
+    Complete,
+    /// At most [`AHEAD_WALK_BATCHES`] × `limit` rows (see `next_batch_ahead`).
+    Ahead,
+    /// Like `Complete`, but a record waiting in backoff counts as deliverable.
+    Probe,
+}
+
+/// A look-ahead lease steps over at most this many batches' worth of rows: enough to pass the
+/// batch in flight and take the next one when keys are distinct.
+const AHEAD_WALK_BATCHES: usize = 3;
+
+/// Walks `sink`'s deliveries in sequence order and returns (seq, attempts) of up to `limit`
+/// deliverable records whose earlier records of the same order key are all taken too.
+fn walk_deliverable(
+    tx: &Connection,
+    sink: &str,
+    now: i64,
+    limit: usize,
+    max_rows: usize,
+    walk: Walk,
+) -> Result<Vec<(u64, u32)>, StoreError> {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut stmt = tx.prepare_cached(
+        "SELECT seq, entity, okey, state, attempts, next_at, lease_until
+           FROM deliveries WHERE sink = ?1 ORDER BY seq",
+    )?;
+    let mut rows = stmt.query(params![sink])?;
+    // Keys are remembered by a hash of (entity, okey), not copied: a collision can only hold
+    // an unrelated key back until the next lease, never send a record out of order.
+    let hasher = std::collections::hash_map::RandomState::new();
+    let mut held_back: std::collections::HashSet<u64> = Default::default();
+    let mut taken = Vec::with_capacity(limit.min(4096));
+    let mut walked = 0usize;
+    while taken.len() < limit && walked < max_rows {
+        let Some(row) = rows.next()? else { break };
+        walked += 1;
+        let group = {
+            let mut h = hasher.build_hasher();
+            text(row.get_ref(1)?).hash(&mut h);
+            text(row.get_ref(2)?).hash(&mut h);
+            h.finish()
+        };
+        if held_back.contains(&group) {
+            continue;
+        }
+        let deliverable = match text(row.get_ref(3)?) {
+            b"pending" => walk == Walk::Probe || row.get::<_, i64>(5)? <= now,
+            b"in_flight" => row.get::<_, i64>(6)? <= now,
+            _ => false, // dead: holds its key back
+        };
+        if deliverable {
+            taken.push((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(4)? as u32));
+        } else {
+            held_back.insert(group);
+        }
+    }
+    Ok(taken)
+}
+
+/// The bytes of a TEXT column (the columns read here are `NOT NULL` text).
+fn text(value: rusqlite::types::ValueRef<'_>) -> &[u8] {
+    match value {
+        rusqlite::types::ValueRef::Text(bytes) => bytes,
+        _ => b"",
+    }
+}
+
+/// `[1,2,3]`: a set of sequence numbers for `json_each`.
+fn json_array(seqs: &[u64]) -> String {
+    json_text(&seqs)
+}
+
+fn json_text(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("numbers and strings serialize")
 }
 
 /// Runs `f` with `synchronous` turned down to NORMAL on the store's durable connection, for

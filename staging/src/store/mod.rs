@@ -3,11 +3,12 @@
 //!
 //! - `open.rs`: opening, the index check or rebuild, the hand-off to recovery;
 //! - `stage.rs`: checking records and queueing them for the writer thread;
-//! - `deliver.rs`: leases, acks, retries, dead letters (the batcher's API);
+//! - `deliver.rs`: leases of runs per key and their settlement (the batcher's API);
 //! - `sources.rs`: the SQL sources' checkpoints;
 //! - `views.rs`: status, listings, records and staging files read back.
 
 mod deliver;
+pub use deliver::{Dead, Retry, Settlement};
 mod open;
 mod sources;
 mod stage;
