@@ -134,7 +134,11 @@ async fn flush_cycle(
     // A three-stage pipeline, so that the store's work overlaps the sink's round trip: while
     // one batch travels to the sink, the batch before it is settled (acked) and the batch after
     // it is leased. Per-key order holds: a record stays in flight until it is settled, and a
-    // record in flight keeps the later records of its key out of every batch.
+    // record in flight keeps the later records of its key out of every other deliverer's batch.
+    // The batch leased ahead may continue the runs of the batch travelling (batches of one sink
+    // go out one after another, so they arrive in order), and before it is sent, the records of
+    // every key the batch before it did not deliver whole go back unsent (`behind_failures`):
+    // a hot key keeps the pipeline full without anything overtaking a failure.
     let mut prefetched: Option<Vec<Delivery>> = None;
     let mut unsettled: Option<(Vec<Delivery>, Vec<Outcome>)> = None;
     let result: anyhow::Result<CycleEnd> = async {
@@ -146,7 +150,21 @@ async fn flush_cycle(
                 return Ok(CycleEnd::Cancelled);
             }
             let batch = match prefetched.take() {
-                Some(batch) => batch,
+                // Leased while the batch before it travelled, it may continue that batch's runs:
+                // the records of a key that batch did not deliver whole go back unsent.
+                Some(batch) => {
+                    let (batch, behind) = match &unsettled {
+                        Some((before, outcomes)) => behind_failures(before, outcomes, batch),
+                        None => (batch, Vec::new()),
+                    };
+                    if !behind.is_empty() {
+                        release(store, &name, behind).await?;
+                    }
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    batch
+                }
                 None => {
                     // Nothing was leased ahead: settle the batch in flight first, since it may
                     // be what holds the next records of its keys back.
@@ -198,11 +216,12 @@ async fn flush_cycle(
                 }
             };
             let next_want = config.batch_size.max(1).min(remaining);
+            let in_flight = seqs.clone();
             let prefetch = async {
                 if next_want == 0 {
                     return Ok(Vec::new());
                 }
-                lease_ahead(store, &name, next_want).await
+                lease_ahead(store, &name, next_want, in_flight).await
             };
             let (settled, outcomes, next) = tokio::join!(settle_previous, deliver, prefetch);
             // An empty look-ahead proves nothing: the batch in flight held back the later
@@ -366,10 +385,38 @@ async fn lease(store: &Staging, sink: &str, want: usize) -> anyhow::Result<Vec<D
     blocking(store, move |store| store.next_batch(&sink, want)).await
 }
 
-/// Leases the batch after the one in flight (a bounded walk: see `Staging::next_batch_ahead`).
-async fn lease_ahead(store: &Staging, sink: &str, want: usize) -> anyhow::Result<Vec<Delivery>> {
+/// Leases the batch after `in_flight`, the one being sent (see `Staging::next_batch_ahead`).
+async fn lease_ahead(
+    store: &Staging,
+    sink: &str,
+    want: usize,
+    in_flight: Vec<u64>,
+) -> anyhow::Result<Vec<Delivery>> {
     let sink = sink.to_owned();
-    blocking(store, move |store| store.next_batch_ahead(&sink, want)).await
+    blocking(store, move |store| {
+        store.next_batch_ahead(&sink, want, &in_flight)
+    })
+    .await
+}
+
+/// Splits `next`, leased ahead while `before` travelled, into what may be sent and the seqs to
+/// give back: the records of every key with a record in `before` that was not delivered (it
+/// failed, was skipped or got no answer), which must not overtake it.
+fn behind_failures(
+    before: &[Delivery],
+    outcomes: &[Outcome],
+    next: Vec<Delivery>,
+) -> (Vec<Delivery>, Vec<u64>) {
+    let mut stopped = std::collections::HashSet::new();
+    for (index, delivery) in before.iter().enumerate() {
+        if !matches!(outcomes.get(index), Some(Outcome::Delivered)) {
+            stopped.insert(crate::sinks::order_key(delivery));
+        }
+    }
+    let (behind, go): (Vec<Delivery>, Vec<Delivery>) = next
+        .into_iter()
+        .partition(|delivery| stopped.contains(&crate::sinks::order_key(delivery)));
+    (go, behind.iter().map(|d| d.envelope.seq).collect())
 }
 
 /// Gives back a batch leased ahead that will not be delivered in this cycle. Best effort: if

@@ -351,6 +351,47 @@ async fn a_retried_record_holds_back_its_own_key_only() {
 }
 
 #[tokio::test]
+async fn a_hot_key_is_pipelined_and_a_failure_stops_what_was_leased_ahead() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let mut config = test_config(dir.path());
+    config.batch_size = 2;
+    // One key, six versions: batches of two, each leased while the one before it travels.
+    let fates = ["ok", "ok", "ok", "retry", "ok", "ok"];
+    let records: Vec<(&str, &str, &str)> = fates.iter().map(|f| ("update", "k1", *f)).collect();
+    let seqs = stage(&store, &records);
+    let sink = Arc::new(ScriptSink::default());
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let report = flush_once(&store, &dyn_sink, &config, 1000)
+        .await
+        .expect("flush");
+    assert_eq!((report.delivered, report.retried), (3, 1));
+    // The 4th failed; the 5th and 6th, leased ahead while the 3rd and 4th travelled, were
+    // never sent, and carry no attempt.
+    assert_eq!(sink.attempted(), seqs[..4].to_vec());
+    let handed: Vec<u64> = sink
+        .batches()
+        .concat()
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    assert_eq!(
+        handed,
+        seqs[..4].to_vec(),
+        "nothing of k1 handed after its failure"
+    );
+    let records = records_by_seq(&store);
+    for seq in &seqs[4..] {
+        let state = sink_state(&records[seq]);
+        assert_eq!(
+            (state.state, state.attempts),
+            (State::Pending, 0),
+            "seq {seq}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_failed_batch_counts_one_attempt_per_key() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open_store(&dir);

@@ -43,11 +43,18 @@ impl Staging {
         self.lease(sink, limit, Walk::Complete)
     }
 
-    /// [`Self::next_batch`] taken while another batch of `sink` is in flight: the same records,
-    /// except that the walk stops after stepping over a few batches' worth of rows, since a
-    /// batch in flight may hold back most of the backlog. An empty answer proves nothing.
-    pub fn next_batch_ahead(&self, sink: &str, limit: usize) -> Result<Vec<Delivery>, StoreError> {
-        self.lease(sink, limit, Walk::Ahead)
+    /// The batch to send after `in_flight`, a batch of `sink` this deliverer holds and is
+    /// sending now, on the same ordered channel: the records `in_flight` holds count as already
+    /// taken, so the runs they started continue here. The caller must give back, unsent, the
+    /// records of every key that `in_flight` did not deliver whole. The walk stops after
+    /// stepping over a few batches' worth of rows, so an empty answer proves nothing.
+    pub fn next_batch_ahead(
+        &self,
+        sink: &str,
+        limit: usize,
+        in_flight: &[u64],
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.lease(sink, limit, Walk::Ahead(in_flight))
     }
 
     /// Leases the single oldest head record of `sink` even if it waits in backoff: a probe of
@@ -66,11 +73,11 @@ impl Staging {
         Ok(n as u64)
     }
 
-    fn lease(&self, sink: &str, limit: usize, walk: Walk) -> Result<Vec<Delivery>, StoreError> {
+    fn lease(&self, sink: &str, limit: usize, walk: Walk<'_>) -> Result<Vec<Delivery>, StoreError> {
         let now = now_ms();
         let lease_until = now + self.inner.shared.opts.lease.as_millis() as i64;
         let max_rows = match walk {
-            Walk::Ahead => limit.saturating_mul(AHEAD_WALK_BATCHES),
+            Walk::Ahead(_) => limit.saturating_mul(AHEAD_WALK_BATCHES),
             Walk::Complete | Walk::Probe => usize::MAX,
         };
         let leased: Vec<(u64, u32, i64, i64, String)> = {
@@ -364,17 +371,18 @@ pub struct Dead {
 
 /// How far a lease walks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Walk {
+enum Walk<'a> {
     /// Until `limit` records or the end: nothing deliverable is missed.
     Complete,
-    /// At most [`AHEAD_WALK_BATCHES`] × `limit` rows (see `next_batch_ahead`).
-    Ahead,
+    /// At most [`AHEAD_WALK_BATCHES`] × `limit` rows, stepping over the records of the batch
+    /// in flight as if taken (see `next_batch_ahead`).
+    Ahead(&'a [u64]),
     /// Like `Complete`, but a record waiting in backoff counts as deliverable.
     Probe,
 }
 
 /// A look-ahead lease steps over at most this many batches' worth of rows: enough to pass the
-/// batch in flight and take the next one when keys are distinct.
+/// batch in flight and take the next one.
 const AHEAD_WALK_BATCHES: usize = 3;
 
 /// Walks `sink`'s deliveries in sequence order and returns (seq, attempts) of up to `limit`
@@ -385,7 +393,7 @@ fn walk_deliverable(
     now: i64,
     limit: usize,
     max_rows: usize,
-    walk: Walk,
+    walk: Walk<'_>,
 ) -> Result<Vec<(u64, u32)>, StoreError> {
     use std::hash::{BuildHasher, Hash, Hasher};
     let mut stmt = tx.prepare_cached(
@@ -398,10 +406,18 @@ fn walk_deliverable(
     let hasher = std::collections::hash_map::RandomState::new();
     let mut held_back: std::collections::HashSet<u64> = Default::default();
     let mut taken = Vec::with_capacity(limit.min(4096));
+    let passing: std::collections::HashSet<u64> = match walk {
+        Walk::Ahead(in_flight) => in_flight.iter().copied().collect(),
+        Walk::Complete | Walk::Probe => Default::default(),
+    };
     let mut walked = 0usize;
     while taken.len() < limit && walked < max_rows {
         let Some(row) = rows.next()? else { break };
         walked += 1;
+        let seq = row.get::<_, i64>(0)? as u64;
+        if passing.contains(&seq) {
+            continue; // taken by the batch in flight: its key's run goes on
+        }
         let group = {
             let mut h = hasher.build_hasher();
             text(row.get_ref(1)?).hash(&mut h);
@@ -417,7 +433,7 @@ fn walk_deliverable(
             _ => false, // dead: holds its key back
         };
         if deliverable {
-            taken.push((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(4)? as u32));
+            taken.push((seq, row.get::<_, i64>(4)? as u32));
         } else {
             held_back.insert(group);
         }
