@@ -13,8 +13,8 @@
 //! by the batch in flight.
 //!
 //! Bookkeeping is per batch: a lease is one walk plus two statements, a settlement one
-//! transaction of at most five statements plus one durable file per dead letter, whatever the
-//! batch size. Sets of records go to SQLite as one JSON array bound to a parameter
+//! transaction of a dozen statements at most plus one durable file per dead letter, whatever
+//! the batch size. Sets of records go to SQLite as one JSON array bound to a parameter
 //! (`json_each`), not as one statement per record.
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -213,14 +213,15 @@ impl Staging {
                 .iter()
                 .map(|r| (r.seq, r.at.timestamp_millis(), r.error.as_str()))
                 .collect();
+            load_settle_rows(&tx, &json_text(&retries))?;
             tx.prepare_cached(
-                "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
-                        next_at = j.value ->> 1, lease_until = 0, last_error = j.value ->> 2
-                   FROM json_each(?2) AS j
-                  WHERE deliveries.sink = ?1 AND deliveries.seq = j.value ->> 0
-                    AND deliveries.state != 'dead'",
+                "UPDATE deliveries SET state = 'pending', attempts = attempts + 1, lease_until = 0,
+                        next_at = (SELECT next_at FROM temp.settle_rows r WHERE r.seq = deliveries.seq),
+                        last_error = (SELECT error FROM temp.settle_rows r WHERE r.seq = deliveries.seq)
+                  WHERE sink = ?1 AND seq IN (SELECT seq FROM temp.settle_rows)
+                    AND state != 'dead'",
             )?
-            .execute(params![sink, json_text(&retries)])?;
+            .execute(params![sink])?;
             tx.prepare_cached(NOTE_FAILURE_SQL)?.execute(params![
                 sink,
                 layout::rfc3339(now),
@@ -228,18 +229,18 @@ impl Staging {
             ])?;
         }
         if !batch.dead.is_empty() {
-            let dead: Vec<(u64, &str)> = batch
+            let dead: Vec<(u64, i64, &str)> = batch
                 .dead
                 .iter()
-                .map(|d| (d.delivery.envelope.seq, d.reason.as_str()))
+                .map(|d| (d.delivery.envelope.seq, 0, d.reason.as_str()))
                 .collect();
+            load_settle_rows(&tx, &json_text(&dead))?;
             tx.prepare_cached(
-                "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
-                        last_error = j.value ->> 1, lease_until = 0
-                   FROM json_each(?2) AS j
-                  WHERE deliveries.sink = ?1 AND deliveries.seq = j.value ->> 0",
+                "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, lease_until = 0,
+                        last_error = (SELECT error FROM temp.settle_rows r WHERE r.seq = deliveries.seq)
+                  WHERE sink = ?1 AND seq IN (SELECT seq FROM temp.settle_rows)",
             )?
-            .execute(params![sink, json_text(&dead)])?;
+            .execute(params![sink])?;
         }
         if !batch.give_back.is_empty() {
             tx.prepare_cached(
@@ -447,6 +448,26 @@ fn text(value: rusqlite::types::ValueRef<'_>) -> &[u8] {
         rusqlite::types::ValueRef::Text(bytes) => bytes,
         _ => b"",
     }
+}
+
+/// Fills the connection's scratch table `temp.settle_rows` from a JSON array of
+/// `[seq, next_at, error]`, for the updates that set a value per record. (An `UPDATE … FROM
+/// json_each(…)` would be planned as a scan of the sink's deliveries with the array inside;
+/// `seq IN (SELECT seq FROM temp.settle_rows)` is a primary-key lookup per record.)
+fn load_settle_rows(tx: &Connection, rows_json: &str) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "CREATE TEMP TABLE IF NOT EXISTS settle_rows
+            (seq INTEGER PRIMARY KEY, next_at INTEGER NOT NULL, error TEXT NOT NULL)",
+    )?
+    .execute([])?;
+    tx.prepare_cached("DELETE FROM temp.settle_rows")?
+        .execute([])?;
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO temp.settle_rows (seq, next_at, error)
+         SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?1)",
+    )?
+    .execute(params![rows_json])?;
+    Ok(())
 }
 
 /// `[1,2,3]`: a set of sequence numbers for `json_each`.
