@@ -257,6 +257,11 @@ impl NatsSink {
         subject: &str,
         size: usize,
     ) -> Option<Refusal> {
+        if size > connection.client.max_payload() {
+            // async-nats refuses it without sending it, naming the server's max_payload: the
+            // first limit a person has to raise.
+            return None;
+        }
         let kept = connection.limits.get(&connection.js, subject).await?;
         if size <= kept.max_msg_size? {
             return None;
