@@ -244,7 +244,9 @@ impl NatsSink {
             headers.insert(name, value);
         }
         Ok((
-            PublishMessage::build().payload(body.into()).headers(headers),
+            PublishMessage::build()
+                .payload(body.into())
+                .headers(headers),
             size,
         ))
     }
@@ -435,15 +437,16 @@ impl NatsSink {
                 Err(reason) => Err(Outcome::Dead {
                     reason: Refusal::ours(reason),
                 }),
-                Ok((message, size)) => match self.over_stream_limit(connection, &subject, size).await
-                {
-                    Some(reason) => Err(Outcome::Dead { reason }),
-                    None => connection
-                        .js
-                        .send_publish(subject.clone(), message)
-                        .await
-                        .map_err(|err| self.publish_outcome(connection, &subject, &err)),
-                },
+                Ok((message, size)) => {
+                    match self.over_stream_limit(connection, &subject, size).await {
+                        Some(reason) => Err(Outcome::Dead { reason }),
+                        None => connection
+                            .js
+                            .send_publish(subject.clone(), message)
+                            .await
+                            .map_err(|err| self.publish_outcome(connection, &subject, &err)),
+                    }
+                }
             };
             match sent {
                 Ok(ack) => {

@@ -167,7 +167,14 @@ async fn a_record_over_the_streams_max_msg_size_is_dead_unsent_and_holds_back_it
     let kinds: Vec<_> = outcomes.iter().map(kind).collect();
     assert_eq!(
         kinds,
-        ["delivered", "delivered", "dead", "delivered", "skipped", "delivered"]
+        [
+            "delivered",
+            "delivered",
+            "dead",
+            "delivered",
+            "skipped",
+            "delivered"
+        ]
     );
     let Outcome::Dead { reason } = &outcomes[2] else {
         unreachable!("checked above")
@@ -209,7 +216,9 @@ async fn the_size_checked_is_the_size_the_server_measures() {
     const MAX: usize = 1_000;
     let scratch = Scratch::create(MAX as i32).await;
     let sink = scratch.sink();
-    let (_, base) = sink.message(&padded(1, "a", 0).envelope).expect("a message");
+    let (_, base) = sink
+        .message(&padded(1, "a", 0).envelope)
+        .expect("a message");
     let fits = padded(1, "a", MAX - base);
     let over = padded(2, "b", MAX - base + 1);
     assert_eq!(sink.message(&fits.envelope).expect("a message").1, MAX);
