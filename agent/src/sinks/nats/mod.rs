@@ -488,26 +488,7 @@ impl NatsSink {
     /// Logs the records whose publish failed after a later record of their key was stored (see
     /// the module documentation), by seq and id: that key's order in the stream may differ.
     fn warn_overtaken(&self, batch: &[Delivery], outcomes: &[Outcome]) {
-        let named = |i: usize| {
-            let envelope = &batch[i].envelope;
-            format!("seq {} (id {})", envelope.seq, envelope.id)
-        };
-        let mut overtaken = Vec::new();
-        for run in runs(batch) {
-            for (n, &i) in run.iter().enumerate() {
-                if matches!(outcomes[i], Outcome::Delivered | Outcome::Skipped) {
-                    continue;
-                }
-                let later: Vec<String> = run[n + 1..]
-                    .iter()
-                    .filter(|&&j| outcomes[j] == Outcome::Delivered)
-                    .map(|&j| named(j))
-                    .collect();
-                if !later.is_empty() {
-                    overtaken.push(format!("{} after {}", named(i), later.join(", ")));
-                }
-            }
-        }
+        let overtaken = overtaken(batch, outcomes);
         if !overtaken.is_empty() {
             tracing::warn!(
                 sink = %self.name,
@@ -572,6 +553,36 @@ impl NatsSink {
             }
         }
     }
+}
+
+/// For each record not delivered (and not skipped) whose key has a later record delivered in
+/// the batch, one line naming them by seq and id (never by key).
+fn overtaken(batch: &[Delivery], outcomes: &[Outcome]) -> Vec<String> {
+    let named = |i: usize| {
+        let envelope = &batch[i].envelope;
+        format!("seq {} (id {})", envelope.seq, envelope.id)
+    };
+    let mut lines = Vec::new();
+    for run in runs(batch) {
+        for (n, &i) in run.iter().enumerate() {
+            if matches!(outcomes[i], Outcome::Delivered | Outcome::Skipped) {
+                continue;
+            }
+            let later: Vec<String> = run[n + 1..]
+                .iter()
+                .filter(|&&j| outcomes[j] == Outcome::Delivered)
+                .map(|&j| named(j))
+                .collect();
+            if !later.is_empty() {
+                lines.push(format!(
+                    "{} failed, later stored: {}",
+                    named(i),
+                    later.join(", ")
+                ));
+            }
+        }
+    }
+    lines
 }
 
 impl Sink for NatsSink {
