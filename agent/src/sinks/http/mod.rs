@@ -6,7 +6,8 @@
 //! delivered (retry or dead), the rest of that key's run is answered [`Outcome::Skipped`]
 //! without being sent, so nothing overtakes it. Different keys go in parallel: up to
 //! `concurrency` workers (`CENTRAL_API_CONCURRENCY`) each take a key's run and send it to its
-//! end, so there are never more than `concurrency` requests in flight. A batch of one hot key is
+//! end (the longest runs first), so there are never more than `concurrency` requests in flight.
+//! A batch of one hot key is
 //! therefore bound by the API's latency (one request at a time); a batch of many keys fills the
 //! concurrency. Outcomes keep the batch's order.
 //!
@@ -324,6 +325,13 @@ impl Sink for HttpSink {
                         .collect()
                 })
                 .collect();
+            let mut queue = queue;
+            // Longest runs first: a long run is the batch's critical path (its records cannot
+            // overlap), so starting it last would leave the other workers idle at the end.
+            // Keys are independent, so their start order changes no outcome.
+            queue
+                .make_contiguous()
+                .sort_by_key(|run| std::cmp::Reverse(run.len()));
             let workers = self.concurrency.min(queue.len());
             let queue = Arc::new(Mutex::new(queue));
             let outcomes = Arc::new(Mutex::new(vec![None; batch.len()]));

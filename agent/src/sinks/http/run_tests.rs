@@ -1,7 +1,8 @@
 //! Runs of a key through the HTTP sink, against a loopback server that logs when each request
 //! arrives and when it is answered, counts the requests in flight, answers chosen records 503 or
 //! 422 and can take its time: a key's records go one after another in seq order, a failure
-//! holds back the rest of its key only, many keys fill the concurrency and never exceed it.
+//! holds back the rest of its key only, many keys fill the concurrency and never exceed it, the
+//! longest run starts first.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -253,4 +254,21 @@ async fn the_concurrency_is_never_exceeded() {
     assert_eq!(outcomes, vec![Outcome::Delivered; 60]);
     assert_eq!(server.max_in_flight(), 4);
     assert_eq!(server.arrivals().len(), 60);
+}
+
+#[tokio::test]
+async fn the_longest_run_starts_first() {
+    let (server, url) = start(Duration::ZERO, &[]).await;
+    // Two single records, then a key of three: with one worker, the run of three goes first,
+    // else it would run alone at the end of a batch while the other workers idle.
+    let batch = vec![
+        test_delivery(1, "update", "patient", Some("s1"), "{}"),
+        test_delivery(2, "update", "patient", Some("s2"), "{}"),
+        test_delivery(3, "update", "patient", Some("hot"), "{}"),
+        test_delivery(4, "update", "patient", Some("hot"), "{}"),
+        test_delivery(5, "update", "patient", Some("hot"), "{}"),
+    ];
+    let outcomes = sink(&url, 1).deliver(&batch).await;
+    assert_eq!(outcomes, vec![Outcome::Delivered; 5]);
+    assert_eq!(server.arrivals(), ["id-3", "id-4", "id-5", "id-1", "id-2"]);
 }
