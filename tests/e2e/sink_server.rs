@@ -51,7 +51,10 @@ async fn latency_holds_answers_on_timers_and_the_counts_say_how_many_at_once() {
         assert_eq!(sent.expect("a send task").expect("an answer"), 200);
     }
     let elapsed = started.elapsed();
-    assert!(elapsed >= LATENCY, "answered before the latency: {elapsed:?}");
+    assert!(
+        elapsed >= LATENCY,
+        "answered before the latency: {elapsed:?}"
+    );
     // One at a time on the one thread would take 20 latencies.
     assert!(
         elapsed < LATENCY * 4,
@@ -80,5 +83,8 @@ async fn latency_holds_answers_on_timers_and_the_counts_say_how_many_at_once() {
     assert_eq!(counts["latency_ms"], LATENCY.as_millis() as u64, "{counts}");
     // All twenty were held at once, unless a loaded machine was slow to connect some.
     let most = counts["max_in_flight"].as_u64().expect("max_in_flight");
-    assert!(most >= REQUESTS as u64 / 2 && most <= REQUESTS as u64, "{counts}");
+    assert!(
+        most >= REQUESTS as u64 / 2 && most <= REQUESTS as u64,
+        "{counts}"
+    );
 }
