@@ -44,7 +44,7 @@ async fn flaky_api_gets_every_record_exactly_once_in_key_order() {
     let env = [
         ("CENTRAL_API_URL", url.as_str()),
         ("CENTRAL_API_TIMEOUT_SECS", API_TIMEOUT_SECS),
-        // One request per key at once: a batch holds at most one record per key.
+        // A worker per key: the keys go in parallel, a key's records one after another.
         ("CENTRAL_API_CONCURRENCY", "50"),
         ("CRONTAB", "* * * * * *"),
         ("RETRY_BASE_SECS", RETRY_BASE_SECS),

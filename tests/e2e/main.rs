@@ -6,6 +6,8 @@ mod harness;
 mod http_flaky;
 // Central API refusing connections: records pile up readable (ls, cat), then drain once.
 mod outage;
+// estafeta-sink-server, the benchmarks' stand-in API: --latency-ms on timers, its counts.
+mod sink_server;
 // A 400 answer: dead letter with status and body, its key waits, retry / retry --send.
 mod dead_letters;
 // Every refused request (400/401/413/415/422/507) answers JSON and stages nothing; no public

@@ -2,12 +2,14 @@
 //!
 //! It answers `200 OK` with an empty body to every request (any method, any path), after reading
 //! the body, and counts the requests, the distinct `Idempotency-Key` headers and the requests
-//! without one. `GET /__count` answers those counts as JSON without being counted itself, so a
+//! without one. `--latency-ms N` holds each answer N ms, as a central API across a WAN would
+//! (a timer, not a worker thread: a thousand requests can wait at once), and the most requests
+//! it held at once is counted too. `GET /__count` answers those counts as JSON without being counted itself, so a
 //! script can wait for the server to be up and check the counts. On SIGTERM or SIGINT it prints
 //! the counts as one JSON line on stdout and exits:
 //!
 //! ```text
-//! {"requests":100000,"distinct_idempotency_keys":100000,"without_idempotency_key":0,"body_bytes":...}
+//! {"requests":100000,"distinct_idempotency_keys":100000,"without_idempotency_key":0,"body_bytes":...,"latency_ms":20,"max_in_flight":8}
 //! ```
 //!
 //! It does no work per request beyond that, so a flush to it measures the agent's HTTP sink,
@@ -17,6 +19,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -38,6 +41,9 @@ struct Args {
     /// Runtime worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Milliseconds to wait before answering each request (0: answer at once).
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
 }
 
 #[derive(Default)]
@@ -45,6 +51,12 @@ struct Counts {
     requests: AtomicU64,
     without_key: AtomicU64,
     body_bytes: AtomicU64,
+    /// How long each answer waits (`--latency-ms`).
+    latency_ms: u64,
+    /// Requests read and not yet answered, and the most at once: how many requests the agent
+    /// keeps in flight.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     /// Distinct Idempotency-Keys (the agent sends the record's id: a UUID).
     keys: Mutex<HashSet<Box<str>>>,
 }
@@ -56,6 +68,8 @@ impl Counts {
             "distinct_idempotency_keys": self.keys.lock().expect("poisoned").len(),
             "without_idempotency_key": self.without_key.load(Ordering::Relaxed),
             "body_bytes": self.body_bytes.load(Ordering::Relaxed),
+            "latency_ms": self.latency_ms,
+            "max_in_flight": self.max_in_flight.load(Ordering::Relaxed),
         })
     }
 }
@@ -76,6 +90,12 @@ async fn accept(State(counts): State<Arc<Counts>>, headers: HeaderMap, body: Byt
             counts.without_key.fetch_add(1, Ordering::Relaxed);
         }
     }
+    let now = counts.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    counts.max_in_flight.fetch_max(now, Ordering::Relaxed);
+    if counts.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(counts.latency_ms)).await;
+    }
+    counts.in_flight.fetch_sub(1, Ordering::Relaxed);
     StatusCode::OK
 }
 
@@ -100,7 +120,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let counts = Arc::new(Counts::default());
+        let counts = Arc::new(Counts {
+            latency_ms: args.latency_ms,
+            ..Counts::default()
+        });
         let app = Router::new()
             .route("/__count", get(count))
             .fallback(accept)

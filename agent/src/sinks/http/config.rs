@@ -30,7 +30,8 @@ pub struct HttpSinkConfig {
     pub ca_file: Option<PathBuf>,
     /// Per (entity, action) overrides of method, path and headers.
     pub routes: Vec<HttpRoute>,
-    /// Records of different keys sent at once.
+    /// Most requests in flight at once (`CENTRAL_API_CONCURRENCY`): records of different keys
+    /// go in parallel, a key's records one after another.
     pub concurrency: usize,
     /// Heartbeats go as `PUT {url}/{heartbeat_path}` (a template with `{agent_id}`); none
     /// when unset, since an API that does not expect them would answer 404 every minute.

@@ -1,5 +1,15 @@
-//! HTTP sink: one request per record, sent with reqwest over rustls, records of a batch in
-//! parallel (at most `concurrency` at once; outcomes keep the batch's order).
+//! HTTP sink: one request per record, sent with reqwest over rustls.
+//!
+//! A batch carries runs of records of one order key (entity and key; the keyless records of an
+//! entity share one), in sequence order ([`super::runs`]). A key's records go one after another:
+//! the next is sent only after the previous one was answered 2xx. Once a record of a key is not
+//! delivered (retry or dead), the rest of that key's run is answered [`Outcome::Skipped`]
+//! without being sent, so nothing overtakes it. Different keys go in parallel: up to
+//! `concurrency` workers (`CENTRAL_API_CONCURRENCY`) each take a key's run and send it to its
+//! end (the longest runs first), so there are never more than `concurrency` requests in flight.
+//! A batch of one hot key is
+//! therefore bound by the API's latency (one request at a time); a batch of many keys fills the
+//! concurrency. Outcomes keep the batch's order.
 //!
 //! Default mapping, from the record's action (routes below override it):
 //!
@@ -38,20 +48,22 @@
 //! alone keeps `HTTP <status>: <first 512 bytes of the body>`. Error messages never carry the
 //! token or a password from the URL.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use estafeta_staging::{Delivery, Envelope};
 use reqwest::header::{self, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Client, Method, Response, StatusCode, Url};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{BoxFuture, Outcome, Refusal, Sink, error_chain};
+use super::{BoxFuture, Outcome, Refusal, Sink, error_chain, runs};
 use crate::redact::{self, Secrets};
 
 mod config;
+#[cfg(test)]
+mod run_tests;
 #[cfg(test)]
 mod tests;
 
@@ -299,40 +311,53 @@ impl Sink for HttpSink {
 
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
-            let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
-            let permits = Arc::new(Semaphore::new(self.concurrency));
+            // Requests are built up front: the workers are tasks of their own and own what they
+            // send. A record whose request cannot be built carries its outcome (dead) instead.
+            let queue: VecDeque<Vec<Item>> = runs(batch)
+                .into_iter()
+                .map(|run| {
+                    run.into_iter()
+                        .map(|index| Item {
+                            index,
+                            request: self.request(&batch[index]),
+                            entity: batch[index].envelope.entity.clone(),
+                        })
+                        .collect()
+                })
+                .collect();
+            let mut queue = queue;
+            // Longest runs first: a long run is the batch's critical path (its records cannot
+            // overlap), so starting it last would leave the other workers idle at the end.
+            // Keys are independent, so their start order changes no outcome.
+            queue
+                .make_contiguous()
+                .sort_by_key(|run| std::cmp::Reverse(run.len()));
+            let workers = self.concurrency.min(queue.len());
+            let queue = Arc::new(Mutex::new(queue));
+            let outcomes = Arc::new(Mutex::new(vec![None; batch.len()]));
             // Dropping the JoinSet (the batch future cancelled at shutdown) aborts the sends.
             let mut tasks = JoinSet::new();
-            for (i, delivery) in batch.iter().enumerate() {
-                match self.request(delivery) {
-                    Err(outcome) => outcomes[i] = Some(outcome),
-                    Ok(request) => {
-                        let permits = Arc::clone(&permits);
-                        let shared = Arc::clone(&self.shared);
-                        let entity = delivery.envelope.entity.clone();
-                        tasks.spawn(async move {
-                            let _permit = permits
-                                .acquire_owned()
-                                .await
-                                .expect("the semaphore is never closed");
-                            (i, send(&shared, request, &entity).await)
-                        });
-                    }
-                }
+            for _ in 0..workers {
+                let shared = Arc::clone(&self.shared);
+                let queue = Arc::clone(&queue);
+                let outcomes = Arc::clone(&outcomes);
+                tasks.spawn(async move { send_runs(&shared, &queue, &outcomes).await });
             }
             while let Some(joined) = tasks.join_next().await {
-                match joined {
-                    Ok((i, outcome)) => outcomes[i] = Some(outcome),
-                    Err(err) => {
-                        tracing::error!(sink = %self.name, error = %err, "An HTTP delivery task failed; its record will be retried.");
-                    }
+                if let Err(err) = joined {
+                    tracing::error!(sink = %self.name, error = %err, "An HTTP delivery task failed; its records will be retried.");
                 }
             }
-            let outcomes = super::retry_missing(outcomes, "delivery");
+            let outcomes = std::mem::take(&mut *lock(&outcomes));
+            let mut outcomes = super::retry_missing(outcomes, "delivery");
+            // A failed task leaves the rest of its run unanswered (retry, above): those must
+            // not count as attempts.
+            super::hold_back(batch, &mut outcomes);
             tracing::debug!(
                 sink = %self.name,
                 records = batch.len(),
                 delivered = super::delivered(&outcomes),
+                skipped = outcomes.iter().filter(|o| matches!(o, Outcome::Skipped)).count(),
                 "HTTP batch sent."
             );
             outcomes
@@ -532,6 +557,52 @@ fn join(base: &Url, path: &str) -> Url {
     };
     url.set_query(query.as_deref());
     url
+}
+
+/// One record of a run, ready to send (or already answered: its request could not be built).
+struct Item {
+    /// Its place in the batch.
+    index: usize,
+    request: Result<reqwest::Request, Outcome>,
+    entity: String,
+}
+
+/// A worker: takes runs off `queue` until it is empty and sends each to its end.
+async fn send_runs(
+    shared: &Shared,
+    queue: &Mutex<VecDeque<Vec<Item>>>,
+    outcomes: &Mutex<Vec<Option<Outcome>>>,
+) {
+    loop {
+        let Some(run) = lock(queue).pop_front() else {
+            return;
+        };
+        send_run(shared, run, outcomes).await;
+    }
+}
+
+/// Sends one key's records one after another; after the first that is not delivered, answers
+/// the rest `Skipped` without sending them. Each outcome is stored as soon as it is known, so
+/// a task that fails midway loses only the record it was sending.
+async fn send_run(shared: &Shared, run: Vec<Item>, outcomes: &Mutex<Vec<Option<Outcome>>>) {
+    let mut held = false;
+    for item in run {
+        let outcome = match item.request {
+            _ if held => Outcome::Skipped,
+            Err(outcome) => outcome,
+            Ok(request) => send(shared, request, &item.entity).await,
+        };
+        held = !matches!(outcome, Outcome::Delivered);
+        lock(outcomes)[item.index] = Some(outcome);
+    }
+}
+
+/// Locks a mutex of the batch; it is never held across an await, and a panic while holding it
+/// (none of the code under it panics) would leave nothing half-written worth refusing.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Sends one record's request; a failure names the method and the entity, not the path,

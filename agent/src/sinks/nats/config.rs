@@ -20,6 +20,8 @@ pub const DEFAULT_NATS_TIMEOUT_SECS: u64 = 10;
 pub const MAX_REPLICAS: usize = 5;
 /// Placeholders a subject template may use.
 const PLACEHOLDERS: &[&str] = &["entity", "action", "agent"];
+/// JetStream's deduplication header, carrying the record's id.
+pub(super) const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// Header carrying the record's sequence number.
 pub(super) const SEQ_HEADER: &str = "Estafeta-Seq";
 /// Header carrying the agent id.

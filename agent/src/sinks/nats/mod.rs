@@ -9,10 +9,24 @@
 //! body      {"id":…,"seq":…,"agent_id":…,"action":…,"entity":…,"key":…,"staged_at":…,"payload":<as staged>}
 //! ```
 //!
-//! - A batch is published at once (every message handed to the connection), then every ack
-//!   is awaited concurrently. Per-key order holds because the store leases at most one record
-//!   per (entity, key) and keeps the later records of a key back until that one is settled: a
-//!   record is published only after the stream acknowledged the record before it.
+//! - A batch is pipelined on the one connection: every message is handed to the connection in
+//!   batch order, then the acks are awaited concurrently. A batch carries runs of records of one
+//!   key ([`super::runs`]) in seq order, and JetStream stores one connection's messages in the
+//!   order they arrive, so a run lands in order.
+//! - What could break that is a message refused while a later message of its key is accepted.
+//!   Refusals found before sending hold back the rest of the key: a message over the server's
+//!   `max_payload` (async-nats refuses it without sending it), over the stream's
+//!   `max_msg_size` (checked first against the stream that captures the subject, looked up once
+//!   per subject on a connection: [`limits`]), or one that cannot be handed to the connection
+//!   at all. The record is dead (or retried) and the later records of its key in the batch are
+//!   [`Outcome::Skipped`], not sent.
+//! - An ack that fails after sending (a timeout, a lost connection, a refusal the check did not
+//!   foresee) cannot hold back the later messages of its key: they were sent behind it and may
+//!   be stored. Their outcomes are given as they are (the later ones delivered, the failed one
+//!   retried or dead) and a WARN names the records by seq and id: that key's order in the
+//!   stream may differ from the staged order. After a timeout the message was often stored
+//!   anyway, in its place, and its resend is dropped as a duplicate; otherwise the resend lands
+//!   after the later records of its key.
 //! - JetStream drops a message whose `Nats-Msg-Id` it saw within the stream's
 //!   `duplicate_window` (2 minutes by default). A resend after a longer outage is stored twice;
 //!   consumers dedupe on the record id (see the README).
@@ -46,15 +60,18 @@ use serde_json::value::RawValue;
 use tokio::sync::OnceCell;
 use tokio::task::JoinSet;
 
-use super::{BoxFuture, Outcome, Refusal, Sink, error_chain};
+use super::{BoxFuture, Outcome, Refusal, Sink, error_chain, order_key, runs};
 use crate::redact::{self, Secrets, percent_decode};
 
 mod config;
+mod limits;
+#[cfg(test)]
+mod run_tests;
 #[cfg(test)]
 mod tests;
 
 pub use config::*;
-use config::{AGENT_HEADER, SEQ_HEADER};
+use config::{AGENT_HEADER, MSG_ID_HEADER, SEQ_HEADER};
 
 /// How the sink authenticates, taken out of the URL.
 #[derive(Clone)]
@@ -68,6 +85,8 @@ enum Auth {
 struct Connection {
     client: async_nats::Client,
     js: jetstream::Context,
+    /// The streams' `max_msg_size` by subject, as looked up on this connection.
+    limits: limits::StreamLimits,
 }
 
 /// Publishes records to JetStream; see the module documentation.
@@ -210,15 +229,54 @@ impl NatsSink {
         .map_err(|err| format!("the record cannot be written as a message: {err}"))
     }
 
-    fn message(&self, envelope: &Envelope) -> Result<PublishMessage, String> {
+    /// The message of one record and its size as the stream measures it (headers and body).
+    fn message(&self, envelope: &Envelope) -> Result<(PublishMessage, usize), String> {
         let body = self.body(envelope)?;
+        let seq = envelope.seq.to_string();
+        let fields = [
+            (MSG_ID_HEADER, envelope.id.as_str()),
+            (SEQ_HEADER, seq.as_str()),
+            (AGENT_HEADER, self.agent_id.as_str()),
+        ];
+        let size = limits::wire_size(&fields, body.len());
         let mut headers = HeaderMap::new();
-        headers.insert(SEQ_HEADER, envelope.seq.to_string().as_str());
-        headers.insert(AGENT_HEADER, self.agent_id.as_str());
-        Ok(PublishMessage::build()
-            .payload(body.into())
-            .headers(headers)
-            .message_id(&envelope.id))
+        for (name, value) in fields {
+            headers.insert(name, value);
+        }
+        Ok((
+            PublishMessage::build()
+                .payload(body.into())
+                .headers(headers),
+            size,
+        ))
+    }
+
+    /// Why the stream that captures `subject` would refuse a message of `size` bytes, if it
+    /// would; `None` when it takes it or no limit is known.
+    async fn over_stream_limit(
+        &self,
+        connection: &Connection,
+        subject: &str,
+        size: usize,
+    ) -> Option<Refusal> {
+        if size > connection.client.max_payload() {
+            // async-nats refuses it without sending it, naming the server's max_payload: the
+            // first limit a person has to raise.
+            return None;
+        }
+        let kept = connection.limits.get(&connection.js, subject).await?;
+        if size <= kept.max_msg_size? {
+            return None;
+        }
+        // Decide a dead letter on the stream's limit as it is now, not as it was kept.
+        let limit = connection.limits.refresh(&connection.js, subject).await?;
+        let max = limit.max_msg_size?;
+        (size > max).then(|| {
+            Refusal::ours(self.scrub(format!(
+                "publish to {subject}: the message is {size} bytes (headers and body), over the max_msg_size of the stream {} ({max} bytes); not sent. Raise the stream's max_msg_size, then requeue it with `estafeta retry --send`",
+                limit.stream
+            )))
+        })
     }
 
     /// The open connection, opening it (and creating the stream) when there is none yet.
@@ -247,7 +305,11 @@ impl NatsSink {
                     .backpressure_on_inflight(true)
                     .build(client.clone());
                 tracing::info!(sink = %self.name, url = %self.shown, max_payload = client.server_info().max_payload, "Connected to NATS.");
-                Ok::<_, String>(Connection { client, js })
+                Ok::<_, String>(Connection {
+                    client,
+                    js,
+                    limits: limits::StreamLimits::default(),
+                })
             })
             .await?;
         if !self.stream_ready.load(Ordering::Acquire) {
@@ -358,26 +420,42 @@ impl NatsSink {
             ));
         }
         let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+        // Keys with a record refused before it was sent: the rest of their run is not sent.
+        let mut held = std::collections::HashSet::new();
         // Dropping the JoinSet (the batch cancelled at shutdown) stops waiting for the acks; the
         // records stay pending and a resend is dropped by the stream as a duplicate.
         let mut acks = JoinSet::new();
         for (i, delivery) in batch.iter().enumerate() {
+            let key = order_key(delivery);
+            if held.contains(&key) {
+                outcomes[i] = Some(Outcome::Skipped);
+                continue;
+            }
             let envelope = &delivery.envelope;
-            let message = match self.message(envelope) {
-                Ok(message) => message,
-                Err(reason) => {
-                    outcomes[i] = Some(Outcome::Dead {
-                        reason: Refusal::ours(reason),
-                    });
-                    continue;
+            let subject = self.subject_for(envelope);
+            let sent = match self.message(envelope) {
+                Err(reason) => Err(Outcome::Dead {
+                    reason: Refusal::ours(reason),
+                }),
+                Ok((message, size)) => {
+                    match self.over_stream_limit(connection, &subject, size).await {
+                        Some(reason) => Err(Outcome::Dead { reason }),
+                        None => connection
+                            .js
+                            .send_publish(subject.clone(), message)
+                            .await
+                            .map_err(|err| self.publish_outcome(connection, &subject, &err)),
+                    }
                 }
             };
-            let subject = self.subject_for(envelope);
-            match connection.js.send_publish(subject.clone(), message).await {
+            match sent {
                 Ok(ack) => {
                     acks.spawn(async move { (i, subject, ack.await) });
                 }
-                Err(err) => outcomes[i] = Some(self.publish_outcome(connection, &subject, &err)),
+                Err(outcome) => {
+                    held.insert(key);
+                    outcomes[i] = Some(outcome);
+                }
             }
         }
         let mut duplicates = 0usize;
@@ -396,6 +474,7 @@ impl NatsSink {
             }
         }
         let outcomes = super::retry_missing(outcomes, "publish");
+        self.warn_overtaken(batch, &outcomes);
         tracing::debug!(
             sink = %self.name,
             records = batch.len(),
@@ -404,6 +483,19 @@ impl NatsSink {
             "JetStream batch published."
         );
         outcomes
+    }
+
+    /// Logs the records whose publish failed after a later record of their key was stored (see
+    /// the module documentation), by seq and id: that key's order in the stream may differ.
+    fn warn_overtaken(&self, batch: &[Delivery], outcomes: &[Outcome]) {
+        let overtaken = overtaken(batch, outcomes);
+        if !overtaken.is_empty() {
+            tracing::warn!(
+                sink = %self.name,
+                records = %overtaken.join("; "),
+                "A publish failed after later records of its key were stored; that key's order in the stream may differ from the staged order (unless the stream had stored the failed one and drops its resend as a duplicate)."
+            );
+        }
     }
 
     /// Sorts a failed publish into retry or dead (contract 5).
@@ -446,17 +538,51 @@ impl NatsSink {
                 let server = std::error::Error::source(err)
                     .and_then(|source| source.downcast_ref::<jetstream::Error>());
                 match server.map(jetstream::Error::error_code) {
-                    Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => Outcome::Dead {
+                    Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM) => {
+                        // The kept limit was wrong (lowered since): look it up again next time.
+                        connection.limits.forget(subject);
+                        Outcome::Dead {
                         reason: Refusal::ours(self.scrub(format!(
                             "publish to {subject}: the stream refuses a message this large: {}; raise the stream's max_msg_size, then requeue it with `estafeta retry --send`",
                             error_chain(err)
                         ))),
-                    },
+                        }
+                    }
                     _ => retry(format!("publish to {subject}: {}", error_chain(err))),
                 }
             }
         }
     }
+}
+
+/// For each record not delivered (and not skipped) whose key has a later record delivered in
+/// the batch, one line naming them by seq and id (never by key).
+fn overtaken(batch: &[Delivery], outcomes: &[Outcome]) -> Vec<String> {
+    let named = |i: usize| {
+        let envelope = &batch[i].envelope;
+        format!("seq {} (id {})", envelope.seq, envelope.id)
+    };
+    let mut lines = Vec::new();
+    for run in runs(batch) {
+        for (n, &i) in run.iter().enumerate() {
+            if matches!(outcomes[i], Outcome::Delivered | Outcome::Skipped) {
+                continue;
+            }
+            let later: Vec<String> = run[n + 1..]
+                .iter()
+                .filter(|&&j| outcomes[j] == Outcome::Delivered)
+                .map(|&j| named(j))
+                .collect();
+            if !later.is_empty() {
+                lines.push(format!(
+                    "{} failed, later stored: {}",
+                    named(i),
+                    later.join(", ")
+                ));
+            }
+        }
+    }
+    lines
 }
 
 impl Sink for NatsSink {

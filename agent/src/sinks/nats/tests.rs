@@ -1,4 +1,5 @@
-//! Unit tests of the JetStream sink: subjects, stream settings, URLs and redaction.
+//! Unit tests of the JetStream sink: subjects, stream settings, URLs, redaction, and the records
+//! named when a failed ack let later records of its key overtake it.
 
 use super::*;
 
@@ -131,4 +132,43 @@ async fn a_refused_connection_retries_every_record_with_a_clear_reason() {
         error.contains("cannot connect to nats://127.0.0.1:1"),
         "{error}"
     );
+}
+
+#[test]
+fn a_failed_ack_behind_which_its_key_was_stored_is_named_by_seq_and_id() {
+    use crate::sinks::test_delivery;
+    let record = |seq, key| test_delivery(seq, "update", "patient", Some(key), "{}");
+    let batch = [
+        record(1, "a"),
+        record(2, "b"),
+        record(3, "a"),
+        record(4, "b"),
+        record(5, "a"),
+    ];
+    let retry = Outcome::Retry {
+        error: "publish to s: no acknowledgement".to_owned(),
+        retry_after: None,
+    };
+    // a: 1 failed its ack, 3 and 5 were stored behind it; b: 2 stored, 4 failed last.
+    let outcomes = [
+        retry.clone(),
+        Outcome::Delivered,
+        Outcome::Delivered,
+        retry,
+        Outcome::Delivered,
+    ];
+    assert_eq!(
+        overtaken(&batch, &outcomes),
+        ["seq 1 (id id-1) failed, later stored: seq 3 (id id-3), seq 5 (id id-5)"]
+    );
+    let in_order = [
+        Outcome::Delivered,
+        Outcome::Delivered,
+        Outcome::Dead {
+            reason: Refusal::ours("too large"),
+        },
+        Outcome::Delivered,
+        Outcome::Skipped,
+    ];
+    assert!(overtaken(&batch, &in_order).is_empty());
 }
