@@ -227,7 +227,7 @@ pub const KEY_TABLE: &[Key] = &[
     key("CENTRAL_API_TIMEOUT_SECS", CentralApi, Number(DEFAULT_API_TIMEOUT_SECS), "Timeout of each API request."),
     key("CENTRAL_API_VERIFY_TLS", CentralApi, Flag(DEFAULT_VERIFY_TLS), "false accepts any certificate (tests only)."),
     key("CENTRAL_API_CA_FILE", CentralApi, NOT_SET, "Extra CA certificate (PEM) to trust."),
-    key("CENTRAL_API_CONCURRENCY", CentralApi, Number(DEFAULT_API_CONCURRENCY as u64), "Records of different keys sent at once."),
+    key("CENTRAL_API_CONCURRENCY", CentralApi, Number(DEFAULT_API_CONCURRENCY as u64), "Requests in flight at once, each for a different key; a key's records go one after another."),
     key("CENTRAL_API_HEARTBEAT_PATH", CentralApi, NOT_SET, "Where heartbeats go: PUT {CENTRAL_API_URL}{path}."),
     key("CENTRAL_NATS_URL", CentralNats, NOT_SET, "The nats sink: nats:// or tls:// URL of a JetStream server.").url(),
     key("CENTRAL_NATS_TOKEN", CentralNats, NOT_SET, "NATS token authentication.").secret(),
