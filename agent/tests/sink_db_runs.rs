@@ -106,12 +106,7 @@ impl Central {
                 .iter()
                 .map(|row| row.get(0))
                 .collect(),
-            Central::Mysql(conn) => conn
-                .lock()
-                .await
-                .exec(sql, (value,))
-                .await
-                .expect(sql),
+            Central::Mysql(conn) => conn.lock().await.exec(sql, (value,)).await.expect(sql),
             Central::Sqlite(path) => {
                 let conn = rusqlite::Connection::open(path).expect("open the SQLite file");
                 let mut statement = conn.prepare(sql).expect(sql);
@@ -141,7 +136,10 @@ fn unique(prefix: &str) -> String {
 
 /// The batch's ids at `indices`, in that order.
 fn ids_at(batch: &[Delivery], indices: &[usize]) -> Vec<String> {
-    indices.iter().map(|&i| batch[i].envelope.id.clone()).collect()
+    indices
+        .iter()
+        .map(|&i| batch[i].envelope.id.clone())
+        .collect()
 }
 
 /// Asserts `outcomes` against `expected`: `D` delivered, `X` dead, `S` skipped.
@@ -186,7 +184,11 @@ async fn a_refused_record_skips_the_rest_of_its_run(central: Central) {
 
     // A resend is sorted the same way.
     assert_outcomes(&sink.deliver(&batch).await, "DDXDDSD");
-    assert_eq!(central.landed(&agent).await, landed, "a resend adds nothing");
+    assert_eq!(
+        central.landed(&agent).await,
+        landed,
+        "a resend adds nothing"
+    );
 }
 
 /// Apply mode: an apply statement appending to a history table. k1's second record is refused
@@ -228,7 +230,11 @@ async fn apply_mode_skips_the_rest_of_a_refused_run(central: Central, create_tab
 
     // A resend is sorted the same way (the refusal's detail may quote a new identity value).
     assert_outcomes(&sink.deliver(&batch).await, "DDXXSSDDDD");
-    assert_eq!(central.landed(&agent).await, landed, "a resend lands nothing");
+    assert_eq!(
+        central.landed(&agent).await,
+        landed,
+        "a resend lands nothing"
+    );
     assert_eq!(
         central.strings(&applied_sql, "").await,
         applied,
@@ -312,7 +318,11 @@ async fn postgres_a_resend_lands_the_new_rows_once_in_one_statement() {
     // A crash after the first two landed, before the agent heard of it: the whole batch again.
     assert_eq!(sink.deliver(&batch[..2]).await, vec![Outcome::Delivered; 2]);
     assert_eq!(sink.deliver(&batch).await, vec![Outcome::Delivered; 6]);
-    assert_eq!(central.landed(&agent).await, ids(&batch), "each row once, in order");
+    assert_eq!(
+        central.landed(&agent).await,
+        ids(&batch),
+        "each row once, in order"
+    );
     // The four new rows came through the exactly-once path's one INSERT, not row by row.
     assert_eq!(writers(client, &ids(&batch[2..])).await, 1);
 
@@ -400,5 +410,8 @@ async fn postgres_two_connections_never_split_a_run() {
             "{key:?} landed out of order: {places:?}"
         );
     }
-    assert_eq!(landed.len(), landed_by_key.values().map(Vec::len).sum::<usize>());
+    assert_eq!(
+        landed.len(),
+        landed_by_key.values().map(Vec::len).sum::<usize>()
+    );
 }

@@ -296,7 +296,11 @@ mod tests {
         batch[1].envelope.staged_at = "yesterday".to_owned();
         let rows = Rows::new(&batch, None);
         let seqs: Vec<i64> = rows.rows.iter().map(|r| r.seq).collect();
-        assert_eq!(seqs, [1, 3, 5], "k1:4 must not become a row behind the dead k1:2");
+        assert_eq!(
+            seqs,
+            [1, 3, 5],
+            "k1:4 must not become a row behind the dead k1:2"
+        );
         let outcomes = rows.finish(vec![Outcome::Delivered; 3]);
         assert_eq!(outcomes[0], Outcome::Delivered);
         assert!(

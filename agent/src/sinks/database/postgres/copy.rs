@@ -75,7 +75,11 @@ pub(super) async fn write_rows(
 struct JsonText<'a>(&'a str);
 
 impl ToSql for JsonText<'_> {
-    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
         if *ty == Type::JSONB {
             out.put_u8(1);
         }
@@ -98,17 +102,24 @@ mod tests {
     fn jsonb_carries_its_version_byte_and_json_does_not() {
         let mut out = BytesMut::new();
         let value = JsonText(r#"{"a":1}"#);
-        assert!(matches!(value.to_sql(&Type::JSONB, &mut out), Ok(IsNull::No)));
+        assert!(matches!(
+            value.to_sql(&Type::JSONB, &mut out),
+            Ok(IsNull::No)
+        ));
         assert_eq!(&out[..], b"\x01{\"a\":1}");
         out.clear();
-        assert!(matches!(value.to_sql(&Type::JSON, &mut out), Ok(IsNull::No)));
+        assert!(matches!(
+            value.to_sql(&Type::JSON, &mut out),
+            Ok(IsNull::No)
+        ));
         assert_eq!(&out[..], b"{\"a\":1}");
         assert!(value.to_sql_checked(&Type::TEXT, &mut out).is_err());
     }
 
     #[test]
     fn the_copy_statements_list_the_columns_in_the_encoded_order() {
-        let columns = "(idempotency_key, agent_id, seq, action, entity, record_key, payload, staged_at)";
+        let columns =
+            "(idempotency_key, agent_id, seq, action, entity, record_key, payload, staged_at)";
         for sql in [COPY_RECORDS_SQL, COPY_INCOMING_SQL] {
             assert!(sql.contains(columns), "{sql}");
             assert!(sql.contains("FORMAT binary"), "{sql}");

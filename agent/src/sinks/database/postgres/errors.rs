@@ -118,4 +118,3 @@ fn sqlstate_name(code: &str) -> Option<&'static str> {
     };
     Some(name)
 }
-

@@ -74,7 +74,8 @@ const MIGRATIONS: &[Migration] = &[Migration {
     sql: include_str!("../../../../../sql/postgres/0001_landing.sql"),
 }];
 
-const SCHEMA_MIGRATIONS_SQL: &str = include_str!("../../../../../sql/postgres/schema_migrations.sql");
+const SCHEMA_MIGRATIONS_SQL: &str =
+    include_str!("../../../../../sql/postgres/schema_migrations.sql");
 const INSERT_SQL: &str = include_str!("../../../../../sql/postgres/insert_records.sql");
 const AGENTS_SQL: &str = include_str!("../../../../../sql/postgres/agents.sql");
 const UPSERT_AGENT_SQL: &str = include_str!("../../../../../sql/postgres/upsert_agent.sql");
@@ -265,7 +266,10 @@ impl PostgresSink {
                 self.failure(err).message()
             )
         };
-        let copy = client.prepare(copy::COPY_RECORDS_SQL).await.map_err(prepare)?;
+        let copy = client
+            .prepare(copy::COPY_RECORDS_SQL)
+            .await
+            .map_err(prepare)?;
         let insert = client.prepare(INSERT_SQL).await.map_err(prepare)?;
         Ok(slot.insert(Connection {
             client,
