@@ -1,10 +1,13 @@
 //! One part of a batch on one connection of the PostgreSQL sink: the COPY fast path, the
-//! exactly-once path through the temporary table, apply mode, and the row-by-row fallback under
-//! savepoints that makes only the refused records dead and skips the rest of their keys' runs
-//! (the paths are described in [`super`]).
+//! exactly-once path through the temporary table, apply mode (its statements pipelined), and
+//! the row-by-row fallback under savepoints that makes only the refused records dead and skips
+//! the rest of their keys' runs (the paths are described in [`super`]).
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::Poll;
 
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Statement, Transaction};
@@ -131,14 +134,12 @@ impl PostgresSink {
         let mut prepared = Prepared::new();
         let result = async {
             let added = self.insert_through_incoming(&tx, rows, true).await?;
-            for row in rows {
-                if let Some(apply) = &row.apply
-                    && added.contains(&row.idempotency_key)
-                {
-                    self.apply(&tx, apply, &mut prepared).await?;
-                }
-            }
-            Ok(())
+            let applies: Vec<&ApplyRow> = rows
+                .iter()
+                .filter(|row| added.contains(&row.idempotency_key))
+                .filter_map(|row| row.apply.as_ref())
+                .collect();
+            self.apply_pipelined(&tx, &applies, &mut prepared).await
         }
         .await;
         match result {
@@ -175,6 +176,63 @@ impl PostgresSink {
         }
     }
 
+    /// Runs the apply statements of a batch, in sequence order, pipelined: each statement is
+    /// prepared once, then every execution is sent before the first answer is awaited
+    /// (tokio-postgres sends a request when its future is first polled, and [`join_in_order`]
+    /// polls them in order), so the server runs them in that order with no round trip between
+    /// them — over a WAN, one round trip per batch instead of one per record. The first error
+    /// in order is the one that counts: after it the transaction is aborted and the later
+    /// statements fail with 25P02, which says nothing about their records.
+    async fn apply_pipelined(
+        &self,
+        tx: &Transaction<'_>,
+        applies: &[&ApplyRow],
+        prepared: &mut Prepared,
+    ) -> Result<(), Failure> {
+        let mut statements = Vec::with_capacity(applies.len());
+        for apply in applies {
+            statements.push(self.prepare_apply(tx, apply, prepared).await?);
+        }
+        let values: Vec<Vec<Option<String>>> = applies
+            .iter()
+            .map(|apply| apply.values.iter().map(Bound::as_pg_text).collect())
+            .collect();
+        let params: Vec<Vec<&(dyn ToSql + Sync)>> = values
+            .iter()
+            .map(|row| row.iter().map(|v| v as &(dyn ToSql + Sync)).collect())
+            .collect();
+        let executions = statements
+            .iter()
+            .zip(&params)
+            .map(|(statement, params)| tx.execute(statement, params))
+            .collect();
+        for (apply, result) in applies.iter().zip(join_in_order(executions).await) {
+            result.map_err(|err| self.failure(err).map(|m| apply.context(m)))?;
+        }
+        Ok(())
+    }
+
+    /// The prepared statement of `apply`'s file, prepared on this connection when first used in
+    /// the batch, with every parameter typed `text`.
+    async fn prepare_apply(
+        &self,
+        tx: &impl GenericClient,
+        apply: &ApplyRow,
+        prepared: &mut Prepared,
+    ) -> Result<Statement, Failure> {
+        let file = &apply.statement.file;
+        if let Some(statement) = prepared.get(file) {
+            return Ok(statement.clone());
+        }
+        let types = vec![Type::TEXT; apply.statement.params.len()];
+        let statement = tx
+            .prepare_typed(&apply.statement.sql, &types)
+            .await
+            .map_err(|err| self.failure(err).map(|m| apply.context(m)))?;
+        prepared.insert(file.clone(), statement.clone());
+        Ok(statement)
+    }
+
     /// Runs one record's apply statement, every parameter bound as text.
     async fn apply(
         &self,
@@ -183,19 +241,7 @@ impl PostgresSink {
         prepared: &mut Prepared,
     ) -> Result<(), Failure> {
         let in_file = |failure: Failure| failure.map(|m| apply.context(m));
-        let file = &apply.statement.file;
-        let statement = match prepared.get(file) {
-            Some(statement) => statement.clone(),
-            None => {
-                let types = vec![Type::TEXT; apply.statement.params.len()];
-                let statement = tx
-                    .prepare_typed(&apply.statement.sql, &types)
-                    .await
-                    .map_err(|err| in_file(self.failure(err)))?;
-                prepared.insert(file.clone(), statement.clone());
-                statement
-            }
-        };
+        let statement = self.prepare_apply(tx, apply, prepared).await?;
         let values: Vec<Option<String>> = apply.values.iter().map(Bound::as_pg_text).collect();
         let params: Vec<&(dyn ToSql + Sync)> =
             values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
@@ -279,5 +325,58 @@ impl PostgresSink {
         }
         tx.commit().await.map_err(transient)?;
         Ok(outcomes)
+    }
+}
+
+/// Polls `futures` together until all are done, each first in the order given; their outputs
+/// in that order. After the first round, polling starts at the first unfinished future: the
+/// answers of a pipeline come in order.
+async fn join_in_order<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    let mut unfinished = 0;
+    std::future::poll_fn(|cx| {
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()).skip(unfinished) {
+            if output.is_none()
+                && let Poll::Ready(value) = future.as_mut().poll(cx)
+            {
+                *output = Some(value);
+            }
+        }
+        while outputs.get(unfinished).is_some_and(Option::is_some) {
+            unfinished += 1;
+        }
+        if unfinished == outputs.len() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|output| output.expect("poll_fn returned only once every future was done"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn join_in_order_gives_every_output_in_the_order_given() {
+        let futures: Vec<_> = [30u64, 0, 20, 10]
+            .into_iter()
+            .map(|ms| async move {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                ms
+            })
+            .collect();
+        assert_eq!(join_in_order(futures).await, [30, 0, 20, 10]);
+        assert!(
+            join_in_order(Vec::<std::future::Ready<u8>>::new())
+                .await
+                .is_empty()
+        );
     }
 }

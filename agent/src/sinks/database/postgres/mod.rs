@@ -37,7 +37,8 @@
 //! Apply mode ([`super::apply`]) runs each batch in one explicit transaction, never split: the
 //! exactly-once path's insert with `RETURNING idempotency_key` tells which records are new, and
 //! each new record's statement runs next, in sequence order, prepared with every parameter typed
-//! `text`. A refused row or statement sends the batch row by row under savepoints, as above:
+//! `text` and pipelined (all sent before the first answer is awaited: one round trip per batch,
+//! not per record). A refused row or statement sends the batch row by row under savepoints, as above:
 //! the refused record is dead and the rest of its key's run skipped, neither landed nor applied.
 //!
 //! The connection is plain TCP (`NoTls`): TLS to PostgreSQL (tokio-postgres-rustls) is future
