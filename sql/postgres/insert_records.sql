@@ -1,5 +1,6 @@
--- A whole batch in one statement: each array parameter is one column and UNNEST zips them
--- into rows, so the statement text never depends on the batch. A resend is skipped.
+-- Rows as arrays, one array parameter per column, zipped into rows by UNNEST, so the statement
+-- text never depends on the rows. Used for one row at a time, under a savepoint, when PostgreSQL
+-- refused the data of a batch sent by COPY (copy_records.sql). A resend is skipped.
 -- $1 agent id; $2 idempotency keys, $3 seqs, $4 actions, $5 entities, $6 record keys (NULL
 -- allowed), $7 payloads as JSON text, $8 staged times.
 INSERT INTO estafeta_records

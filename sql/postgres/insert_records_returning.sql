@@ -1,4 +1,4 @@
--- Apply mode: the batch insert of insert_records.sql, returning the idempotency keys it added.
+-- Apply mode, row by row: the insert of insert_records.sql, returning the idempotency keys it added.
 -- A key it does not return was delivered before (a replay), so its apply statement is skipped:
 -- the landing row is the marker that the record was applied, written in the same transaction.
 -- $1 agent id; $2 idempotency keys, $3 seqs, $4 actions, $5 entities, $6 record keys (NULL

@@ -1,6 +1,8 @@
 //! What the three database sinks share: the landing table's rows, their migrations, how a
-//! batch's failures become outcomes, and the timeouts. See [`super`] for the landing table.
+//! batch's failures become outcomes, the hold-back of a key's run behind a refused record
+//! ([`Stopped`]), and the timeouts. See [`super`] for the landing table.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +58,12 @@ impl ApplyRow {
 }
 
 impl LandingRow {
+    /// The row's order key: its entity and key (the keyless rows of an entity share one), as
+    /// [`crate::sinks::order_key`] gives it for the record.
+    pub fn order_key(&self) -> (&str, Option<&str>) {
+        (&self.entity, self.record_key.as_deref())
+    }
+
     /// The row for one record, or why the record cannot be a row (or cannot be applied).
     fn from_delivery(delivery: &Delivery, apply: Option<&ApplyStatements>) -> Result<Self, String> {
         let envelope = &delivery.envelope;
@@ -90,26 +98,57 @@ impl LandingRow {
     }
 }
 
+/// The order keys whose run stopped in a batch: once a record is refused for good (dead), the
+/// later records of its key in the batch are not inserted nor applied but answered
+/// [`Outcome::Skipped`], so none overtakes it; other keys go on.
+#[derive(Default)]
+pub(crate) struct Stopped<'a>(HashSet<(&'a str, Option<&'a str>)>);
+
+impl<'a> Stopped<'a> {
+    /// Whether `row`'s key stopped earlier in the batch (the row must be skipped).
+    pub fn holds(&self, row: &LandingRow) -> bool {
+        !self.0.is_empty() && self.0.contains(&row.order_key())
+    }
+
+    /// `row` was refused for good: the later rows of its key are skipped.
+    pub fn stop(&mut self, row: &'a LandingRow) {
+        self.0.insert(row.order_key());
+    }
+}
+
 /// A batch as rows, remembering which records could not become rows.
 pub(crate) struct Rows {
-    /// Outcomes already known (records that cannot be rows); `None` for rows.
+    /// Outcomes already known (records that cannot be rows, and the later records of their
+    /// keys, skipped); `None` for rows.
     slots: Vec<Option<Outcome>>,
     pub rows: Vec<LandingRow>,
 }
 
 impl Rows {
+    /// The batch's rows. A record that cannot become a row (a missing field of its apply
+    /// statement, a seq or time out of range) is dead here, and the later records of its key
+    /// are skipped: they never become rows, so no sink inserts or applies them.
     pub fn new(batch: &[Delivery], apply: Option<&ApplyStatements>) -> Self {
         let mut slots = Vec::with_capacity(batch.len());
         let mut rows = Vec::with_capacity(batch.len());
+        let mut stopped: HashSet<(&str, Option<&str>)> = HashSet::new();
         for delivery in batch {
+            let key = crate::sinks::order_key(delivery);
+            if !stopped.is_empty() && stopped.contains(&key) {
+                slots.push(Some(Outcome::Skipped));
+                continue;
+            }
             match LandingRow::from_delivery(delivery, apply) {
                 Ok(row) => {
                     rows.push(row);
                     slots.push(None);
                 }
-                Err(reason) => slots.push(Some(Outcome::Dead {
-                    reason: Refusal::ours(reason),
-                })),
+                Err(reason) => {
+                    stopped.insert(key);
+                    slots.push(Some(Outcome::Dead {
+                        reason: Refusal::ours(reason),
+                    }));
+                }
             }
         }
         Self { slots, rows }
@@ -164,7 +203,6 @@ impl Failure {
     }
 }
 
-/// Every row retried with `error`, logged once for the batch.
 /// Turns a batch attempt bounded by [`BATCH_TIMEOUT`] into outcomes: on an error or a
 /// timeout every row is retried and `reset` drops the connection, so the next batch reconnects.
 pub(crate) fn outcomes_or_retry(
@@ -190,6 +228,7 @@ pub(crate) fn outcomes_or_retry(
     }
 }
 
+/// Every row retried with `error`, logged once for the batch.
 pub(crate) fn retry_all(sink: &str, rows: usize, error: String) -> Vec<Outcome> {
     tracing::warn!(sink = %sink, records = rows, error = %error, "Database delivery failed; the batch will be retried.");
     vec![
@@ -237,4 +276,56 @@ pub(crate) fn dry_run_lines(
             line
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::test_delivery;
+
+    #[test]
+    fn a_record_that_cannot_be_a_row_skips_the_rest_of_its_key_only() {
+        let mut batch = vec![
+            test_delivery(1, "create", "patient", Some("k1"), "{}"),
+            test_delivery(2, "update", "patient", Some("k1"), "{}"),
+            test_delivery(3, "create", "patient", Some("k2"), "{}"),
+            test_delivery(4, "update", "patient", Some("k1"), "{}"),
+            test_delivery(5, "create", "audit", None, "{}"),
+        ];
+        // A time that cannot be read: the record cannot become a row.
+        batch[1].envelope.staged_at = "yesterday".to_owned();
+        let rows = Rows::new(&batch, None);
+        let seqs: Vec<i64> = rows.rows.iter().map(|r| r.seq).collect();
+        assert_eq!(
+            seqs,
+            [1, 3, 5],
+            "k1:4 must not become a row behind the dead k1:2"
+        );
+        let outcomes = rows.finish(vec![Outcome::Delivered; 3]);
+        assert_eq!(outcomes[0], Outcome::Delivered);
+        assert!(
+            matches!(&outcomes[1], Outcome::Dead { reason } if reason.summary.contains("staged_at")),
+            "{outcomes:?}"
+        );
+        assert_eq!(outcomes[2], Outcome::Delivered);
+        assert_eq!(outcomes[3], Outcome::Skipped);
+        assert_eq!(outcomes[4], Outcome::Delivered);
+    }
+
+    #[test]
+    fn stopped_holds_the_later_rows_of_a_stopped_key() {
+        let batch = [
+            test_delivery(1, "create", "patient", Some("k1"), "{}"),
+            test_delivery(2, "create", "patient", Some("k2"), "{}"),
+            test_delivery(3, "create", "patient", None, "{}"),
+            test_delivery(4, "create", "attendance", Some("k1"), "{}"),
+        ];
+        let rows = Rows::new(&batch, None).rows;
+        let mut stopped = Stopped::default();
+        assert!(!rows.iter().any(|r| stopped.holds(r)));
+        stopped.stop(&rows[0]);
+        stopped.stop(&rows[2]);
+        let held: Vec<bool> = rows.iter().map(|r| stopped.holds(r)).collect();
+        assert_eq!(held, [true, false, true, false]);
+    }
 }

@@ -15,21 +15,28 @@
 //!   on the first connection, under a lock, with the applied versions kept in
 //!   `estafeta_schema_migrations`. Statements live in `sql/<dialect>/` too; values are always
 //!   bound parameters.
-//! - A batch goes in one transaction. When the database refuses a row's data (a constraint,
-//!   type or length error), that record alone becomes dead with the database's message and the
-//!   others are delivered. Anything else (connection refused or lost, timeouts, deadlocks, too
-//!   many connections, a missing grant) retries the whole batch on a fresh connection: when in
-//!   doubt, retry, since a retry loses nothing and a dead letter needs a person.
-//! - Each sink keeps one connection, opened lazily and reopened after a failure, behind a tokio
-//!   `Mutex`; batches of one sink are sequential anyway.
+//! - A batch carries runs: consecutive records of one order key (entity and key; the keyless
+//!   records of an entity share one), in sequence order. It goes in one transaction (PostgreSQL
+//!   may split it over two connections by order key, a run never over two transactions), its
+//!   rows inserted and applied in sequence order, so a key's rows land in the order they were
+//!   staged. When the database refuses a row's data (a constraint, type or length error), that
+//!   record becomes dead with the database's message, the later records of its key in the
+//!   batch are neither inserted nor applied but answered `Skipped` (they must not overtake it;
+//!   the batcher gives them back untouched), and the other keys are delivered. Anything else
+//!   (connection refused or lost, timeouts, deadlocks, too many connections, a missing grant)
+//!   retries the whole batch on a fresh connection: when in doubt, retry, since a retry loses
+//!   nothing and a dead letter needs a person.
+//! - Each sink keeps one connection (PostgreSQL: one or two), opened lazily and reopened after
+//!   a failure, behind a tokio `Mutex`; batches of one sink are sequential anyway.
 //! - Drivers: tokio-postgres and mysql_async, not sqlx, whose SQLite driver would link a second
 //!   SQLite library next to rusqlite's (the staging index) and fail to build; rusqlite for the
 //!   SQLite sink, on `spawn_blocking`.
 //! - Apply mode ([`super::apply`]): with `apply_dir`, a record whose (entity, action) has a
 //!   statement file is also applied to the real tables, in the same transaction as its landing
 //!   row and only when that row is new (the unique idempotency key is the marker), so a replay
-//!   never applies twice. A record the statement cannot take (a missing payload field) or that
-//!   the database refuses (a constraint, a type) is dead alone, like a refused landing row.
+//!   never applies twice. A record the statement cannot take (a missing payload field, found
+//!   before anything is sent) or that the database refuses (a constraint, a type) is dead, and
+//!   the rest of its key's run skipped, like a refused landing row.
 //! - URLs are shown redacted ([`crate::redact::url`]) and driver messages scrubbed of the
 //!   password. A refused row is dead with the database's error class and the names of the
 //!   objects involved (table, column, constraint) as its summary; the database's own message
@@ -63,8 +70,8 @@ pub struct DatabaseSinkConfig {
     /// Apply mode (`apply_dir`): the statement files, read and parsed at start; `None`: the
     /// landing table only.
     pub apply: Option<Arc<ApplyStatements>>,
-    /// PostgreSQL: connections a batch is spread over (1 or 2, `connections` in the TOML).
-    /// Two use a second core of the server; one halves what a fleet takes from the server's
+    /// PostgreSQL: connections a batch is spread over by order key (1 or 2, `connections` in
+    /// the TOML). Two use a second core of the server; one halves what a fleet takes from the server's
     /// `max_connections`.
     pub connections: usize,
 }

@@ -16,9 +16,15 @@
 //! One round trip per row would cap a flush at a few thousand rows a second on a LAN, so the
 //! rows of a batch go as multi-row statements of the same insert ([`CHUNK_MAX_ROWS`] rows or
 //! [`CHUNK_MAX_BYTES`] of payload at most, far under the servers' smallest default
-//! `max_allowed_packet`). InnoDB undoes a failing statement as a whole, so when a chunk is
-//! refused for its data, its rows are sent again one by one in the same transaction and only
-//! the offending ones become dead.
+//! `max_allowed_packet`), in batch (sequence) order. InnoDB undoes a failing statement as a
+//! whole, so when a chunk is refused for its data, its rows are sent again one by one in the
+//! same transaction and only the offending ones become dead.
+//!
+//! A batch carries runs of a key (several records of one entity and key, or the keyless records
+//! of an entity), applied in sequence order in the batch's one transaction. Once a record is
+//! refused for good (dead), the later records of its key in the batch are not inserted nor
+//! applied — they stay out of the later chunks and statements — and are answered `Skipped`, so
+//! none overtakes it; other keys go on.
 //!
 //! Heartbeats ([`crate::heartbeat`]) are upserted into `estafeta_agents` on the same connection;
 //! that table and the `estafeta_fleet` view come from `sql/mysql/agents.sql`, applied by the
@@ -27,7 +33,8 @@
 //! Apply mode ([`super::apply`]): a record with a statement file runs under a savepoint: the
 //! landing insert, and only when it added the row (affected rows 1, not 0 for a replay, so the
 //! connection never asks for `CLIENT_FOUND_ROWS`) the record's statement; a refused statement
-//! rolls back to the savepoint, undoing the landing row too, and the record alone is dead.
+//! rolls back to the savepoint, undoing the landing row too, and the record alone is dead (the
+//! rest of its key's run skipped).
 //! Numbers that are not integers are sent as their exact JSON text and converted by the server.
 
 use std::sync::Arc;
@@ -43,7 +50,8 @@ use tokio::sync::Mutex;
 use super::DatabaseSinkConfig;
 use super::landing;
 use super::landing::{
-    ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, Failure, LandingRow, Migration, Rows, dry_run_lines,
+    ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, Failure, LandingRow, Migration, Rows, Stopped,
+    dry_run_lines,
 };
 use crate::db::apply::{ApplyStatements, Bound};
 use crate::redact::{self, Secrets};
@@ -242,15 +250,24 @@ impl MysqlSink {
             .map_err(transient)?;
         let statement = tx.prep(INSERT_SQL).await.map_err(transient)?;
         let mut outcomes = Vec::with_capacity(rows.len());
+        let mut stopped = Stopped::default();
         if rows.iter().all(|row| row.apply.is_none()) {
             for chunk in chunks(rows) {
-                if chunk.len() > 1 {
+                // Rows behind a refused record of their key stay out of the insert.
+                let live: Vec<&LandingRow> = chunk.iter().filter(|r| !stopped.holds(r)).collect();
+                if live.len() > 1 {
                     match tx
-                        .exec_drop(multi_row_insert(chunk.len()), self.chunk_params(chunk))
+                        .exec_drop(multi_row_insert(live.len()), self.chunk_params(&live))
                         .await
                     {
                         Ok(()) => {
-                            outcomes.extend(chunk.iter().map(|_| Outcome::Delivered));
+                            outcomes.extend(chunk.iter().map(|row| {
+                                if stopped.holds(row) {
+                                    Outcome::Skipped
+                                } else {
+                                    Outcome::Delivered
+                                }
+                            }));
                             continue;
                         }
                         Err(err) => match self.failure(err) {
@@ -261,22 +278,36 @@ impl MysqlSink {
                     }
                 }
                 for row in chunk {
-                    outcomes.push(self.insert_row(&mut tx, &statement, row).await?);
+                    let outcome = if stopped.holds(row) {
+                        Outcome::Skipped
+                    } else {
+                        self.insert_row(&mut tx, &statement, row).await?
+                    };
+                    if matches!(outcome, Outcome::Dead { .. }) {
+                        stopped.stop(row);
+                    }
+                    outcomes.push(outcome);
                 }
             }
             tx.commit().await.map_err(transient)?;
             return Ok(outcomes);
         }
         for row in rows {
-            if let Some(apply) = &row.apply {
+            let outcome = if stopped.holds(row) {
+                Outcome::Skipped
+            } else if let Some(apply) = &row.apply {
                 match self.insert_and_apply(&mut tx, &statement, row, apply).await {
-                    Ok(()) => outcomes.push(Outcome::Delivered),
-                    Err(Failure::Row(reason)) => outcomes.push(Outcome::Dead { reason }),
+                    Ok(()) => Outcome::Delivered,
+                    Err(Failure::Row(reason)) => Outcome::Dead { reason },
                     Err(Failure::Transient(error)) => return Err(error),
                 }
-                continue;
+            } else {
+                self.insert_row(&mut tx, &statement, row).await?
+            };
+            if matches!(outcome, Outcome::Dead { .. }) {
+                stopped.stop(row);
             }
-            outcomes.push(self.insert_row(&mut tx, &statement, row).await?);
+            outcomes.push(outcome);
         }
         tx.commit().await.map_err(transient)?;
         Ok(outcomes)
@@ -408,7 +439,7 @@ impl MysqlSink {
     }
 
     /// The parameters of a multi-row insert: each row's, in order.
-    fn chunk_params(&self, rows: &[LandingRow]) -> Params {
+    fn chunk_params(&self, rows: &[&LandingRow]) -> Params {
         Params::Positional(rows.iter().flat_map(|row| self.values(row)).collect())
     }
 

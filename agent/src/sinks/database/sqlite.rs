@@ -13,15 +13,20 @@
 //! `estafeta_fleet` view from `sql/sqlite/agents.sql`) on a connection of their own.
 //!
 //! A batch is one `BEGIN IMMEDIATE` transaction running one prepared `INSERT … ON CONFLICT
-//! (idempotency_key) DO NOTHING` per row: in-process statements cost no round trip. A row that
-//! breaks a CHECK (SQLite enforces no VARCHAR length, so the schema checks the same limits as
-//! the other dialects, and `json_valid`) fails alone, since SQLite's default ABORT undoes only
-//! the failing statement, and becomes dead. Anything else (busy or locked past the timeout, a
-//! full disk, an I/O error, a read-only file) retries the whole batch with the file reopened.
+//! (idempotency_key) DO NOTHING` per row, in batch (sequence) order: in-process statements cost
+//! no round trip. A batch carries runs of a key (several records of one entity and key, or the
+//! keyless records of an entity), so rows of one key land in sequence order. A row that breaks
+//! a CHECK (SQLite enforces no VARCHAR length, so the schema checks the same limits as the other
+//! dialects, and `json_valid`) fails alone, since SQLite's default ABORT undoes only the failing
+//! statement, and becomes dead; the later records of its key in the batch are then not inserted
+//! but answered `Skipped` (they must not overtake it), while other keys go on. Anything else
+//! (busy or locked past the timeout, a full disk, an I/O error, a read-only file) retries the
+//! whole batch with the file reopened.
 //!
 //! Apply mode ([`super::apply`]): a record with a statement file runs under a savepoint: the
 //! landing insert and, when it added the row (a replay adds none), the record's statement; a
-//! refused statement rolls back to the savepoint, so the record alone is dead.
+//! refused statement rolls back to the savepoint, so the record alone is dead and the rest of
+//! its key's run is skipped.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,7 +39,8 @@ use tokio::sync::Mutex;
 
 use super::DatabaseSinkConfig;
 use super::landing::{
-    ApplyRow, BATCH_TIMEOUT, Failure, LandingRow, Migration, Rows, dry_run_lines, retry_all,
+    ApplyRow, BATCH_TIMEOUT, Failure, LandingRow, Migration, Rows, Stopped, dry_run_lines,
+    retry_all,
 };
 use crate::db::apply::{ApplyStatements, Bound};
 use crate::db::sqlite_path;
@@ -161,9 +167,15 @@ fn insert(
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(transient)?;
     let mut outcomes = Vec::with_capacity(rows.len());
+    let mut stopped = Stopped::default();
     {
         let mut statement = tx.prepare_cached(INSERT_SQL).map_err(transient)?;
         for row in rows {
+            if stopped.holds(row) {
+                // Behind a refused record of its key: not inserted, not applied.
+                outcomes.push(Outcome::Skipped);
+                continue;
+            }
             let staged_at = row
                 .staged_at
                 .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
@@ -198,7 +210,10 @@ fn insert(
                 Ok(()) => outcomes.push(Outcome::Delivered),
                 // ABORT undid this statement only (and a savepoint the rest of the record);
                 // the transaction goes on.
-                Err(Failure::Row(reason)) => outcomes.push(Outcome::Dead { reason }),
+                Err(Failure::Row(reason)) => {
+                    stopped.stop(row);
+                    outcomes.push(Outcome::Dead { reason });
+                }
                 Err(Failure::Transient(error)) => return Err(error),
             }
         }
