@@ -7,8 +7,8 @@
 //! when it arrives) whose answer never reached the killed agent is sent again after the
 //! restart, and the server dedupes by `Idempotency-Key`. So the assertions are: every
 //! acknowledged id was applied at least once; the set of applied ids is exactly the
-//! acknowledged set; per key the first applications come in seq order and a resend only
-//! repeats the record just sent. Also: SIGTERM with deliveries in flight exits 0 within the
+//! acknowledged set; per key the first applications come in seq order (a resend repeats, in
+//! seq order, records of a key's batch that were sent but not settled when the agent died). Also: SIGTERM with deliveries in flight exits 0 within the
 //! grace period, and what it left is delivered after the next start.
 
 use std::collections::BTreeSet;

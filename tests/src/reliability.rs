@@ -405,8 +405,9 @@ pub struct ByIdentity {
 /// names it in messages): `landed` is everything that took effect there, in order. A client
 /// record took effect twice when it landed more than once (`per_row`: PostgreSQL, where every
 /// row is an application) or under more than one record id (the API); it is lost when it was
-/// acknowledged and never landed. Per client key, `n` never goes back (the load process posts
-/// one key from one connection, one request at a time, so `n` grows in posting order). Each
+/// acknowledged and never landed. Per client key, `n` never goes back in first applications
+/// (the load process posts one key from one connection, one request at a time, so `n` grows
+/// in posting order). Each
 /// kind of problem gets one line with up to 5 examples: the client key and `n`, and the
 /// record ids and seqs involved.
 pub fn check_identities(
@@ -430,11 +431,17 @@ pub fn check_identities(
     let mut by: BTreeMap<&(String, u64), Vec<&Landed>> = BTreeMap::new();
     let mut order: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
     let mut anonymous = 0usize;
+    let mut first_landings = std::collections::HashSet::new();
     for l in landed {
         match &l.identity {
             Some(ident) => {
                 by.entry(ident).or_default().push(l);
-                order.entry(ident.0.as_str()).or_default().push(ident.1);
+                // At the API a resend of a record id is deduplicated by its Idempotency-Key: only
+                // its first landing is an application (a crash resends the unsettled part of a
+                // key's run, in order). Every PostgreSQL row is one.
+                if per_row || first_landings.insert(l.id.as_str()) {
+                    order.entry(ident.0.as_str()).or_default().push(ident.1);
+                }
             }
             None => anonymous += 1,
         }
