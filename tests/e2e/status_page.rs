@@ -313,9 +313,10 @@ async fn status_shows_the_drain_rate_and_time_to_empty_while_a_backlog_drains() 
     );
 
     // `estafeta status` asks the running agent for the same figures.
+    let ingest_addr = agent.addr().to_string();
     let cli_env = [
         ("CENTRAL_API_URL", url.as_str()),
-        ("INGEST_ADDR", &*format!("127.0.0.1:{}", agent.addr().port())),
+        ("INGEST_ADDR", ingest_addr.as_str()),
     ];
     let output = run_cli(dir.path(), &cli_env, &["status", "--json"]).await;
     assert!(output.status.success(), "{output:?}");
