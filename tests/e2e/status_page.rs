@@ -270,9 +270,11 @@ async fn status_shows_the_drain_rate_and_time_to_empty_while_a_backlog_drains() 
     assert_eq!(code, 202);
 
     // The sink is down: nothing is delivered, so no rate and no time to empty.
-    eventually(&agent, "a failed delivery while the sink is down", || async {
-        !api_sink(&agent.get("/v1/status").await.1)["last_failure_at"].is_null()
-    })
+    eventually(
+        &agent,
+        "a failed delivery while the sink is down",
+        || async { !api_sink(&agent.get("/v1/status").await.1)["last_failure_at"].is_null() },
+    )
     .await;
     let (_, status) = agent.get("/v1/status").await;
     let sink = api_sink(&status);
