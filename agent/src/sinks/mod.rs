@@ -307,10 +307,7 @@ mod tests {
             delivery(6, "audit", None),
             delivery(7, "patient", Some("b")),
         ];
-        assert_eq!(
-            runs(&batch),
-            vec![vec![0, 2], vec![1, 6], vec![3], vec![4, 5]]
-        );
+        assert_eq!(runs(&batch), vec![vec![0, 2], vec![1, 6], vec![3], vec![4, 5]]);
     }
 
     #[test]
@@ -327,10 +324,7 @@ mod tests {
         };
         let mut outcomes = vec![retry(), Outcome::Delivered, retry(), retry()];
         hold_back(&batch, &mut outcomes);
-        assert_eq!(
-            outcomes,
-            vec![retry(), Outcome::Delivered, Outcome::Skipped, retry()]
-        );
+        assert_eq!(outcomes, vec![retry(), Outcome::Delivered, Outcome::Skipped, retry()]);
     }
 
     #[test]
