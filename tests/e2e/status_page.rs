@@ -7,8 +7,9 @@
 //! skips, when they are missing.
 //!
 //! Also the drain rate and time to empty that `GET /v1/status`, `estafeta status` and the page
-//! show: a backlog staged while the sink is down reads "not draining", then drains at a rate
-//! the agent measures, with a time to empty that matches what is left.
+//! show: a backlog staged while the sink is down reads "not draining" (in the API and on the
+//! page), then drains at a rate the agent measures, with a time to empty that matches what is
+//! left.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,6 +74,28 @@ where
     }
 }
 
+/// A headless Chromium session through `driver`, its profile in `profile`.
+async fn open_browser(driver: &Chromedriver, profile: &std::path::Path) -> fantoccini::Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": "/usr/bin/chromium",
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000",
+                format!("--user-data-dir={}", profile.display()),
+            ]
+        }),
+    );
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a Chromium session through chromedriver")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_a_dead_letter_and_its_requeue_button_delivers_it() {
     let api = FlakyHttpServer::start().await;
@@ -120,24 +143,7 @@ async fn the_status_page_shows_a_dead_letter_and_its_requeue_button_delivers_it(
 
     let driver = Chromedriver::start().await;
     let profile = tempfile::tempdir().unwrap();
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        json!({
-            "binary": "/usr/bin/chromium",
-            "args": [
-                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1000",
-                format!("--user-data-dir={}", profile.path().display()),
-            ]
-        }),
-    );
-    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-    let browser = ClientBuilder::new(connector)
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{}", driver.port))
-        .await
-        .expect("a Chromium session through chromedriver");
+    let browser = open_browser(&driver, profile.path()).await;
 
     browser.goto(&agent.url("/")).await.unwrap();
     // The agent has a token: the page asks for it before showing anything.
@@ -281,6 +287,20 @@ async fn status_shows_the_drain_rate_and_time_to_empty_while_a_backlog_drains() 
     assert_eq!(sink["pending"], BACKLOG, "{status}");
     assert_eq!(sink["drain_rate_per_sec"], 0.0, "{status}");
     assert!(sink["time_to_empty_secs"].is_null(), "{status}");
+    // The page says so in words.
+    let driver = Chromedriver::start().await;
+    let profile = tempfile::tempdir().unwrap();
+    let browser = open_browser(&driver, profile.path()).await;
+    browser.goto(&agent.url("/")).await.unwrap();
+    browser
+        .wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::XPath(
+            "//table[@id='sinks']//td[contains(., 'not draining')]",
+        ))
+        .await
+        .expect("the page says the sink is not draining");
+    browser.close().await.unwrap();
 
     // The sink comes back: while the backlog drains, the rate is positive and the time to
     // empty is what is left at that rate.
