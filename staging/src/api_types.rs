@@ -145,6 +145,13 @@ pub struct SinkStatus {
     pub last_failure_at: Option<String>,
     pub last_error: Option<String>,
     pub next_attempt_at: Option<String>,
+    /// Records delivered to this sink per second over the last minute, as the running agent
+    /// counted them. The store does not keep it: `None` here, filled in by the agent's
+    /// `GET /v1/status` (and by `estafeta status` when an agent answers it).
+    pub drain_rate_per_sec: Option<f64>,
+    /// Seconds until the records not yet delivered (pending and in flight) are delivered at
+    /// `drain_rate_per_sec`; `None` while that rate is zero (not draining) or unknown.
+    pub time_to_empty_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]

@@ -1,14 +1,90 @@
 //! `estafeta status`: pending, dead and last results per sink and per action/entity, disk free,
 //! the update state and the version, as text or JSON.
+//!
+//! The counts come from the staging folder itself, so they are there whether or not the agent
+//! runs. The drain rate and time to empty are counted by the running agent only: they are
+//! asked of it (`GET /v1/status` on INGEST_ADDR, a short wait) and shown as unknown when no
+//! agent of this staging folder answers.
+
+use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use serde_json::json;
+use estafeta_staging::Status;
+use serde_json::{Value, json};
 
 use crate::config::Config;
 
 use super::table::{age, bytes, shorten, table};
-use super::{EXIT_OK, open_store, write_stdout};
+use super::{EXIT_OK, open_store, runtime, write_stdout};
+
+/// How long `estafeta status` waits for the running agent's drain rates; an agent that is
+/// there answers in milliseconds.
+const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The running agent's `GET /v1/status`, if an agent answers on INGEST_ADDR for this staging
+/// folder (another agent on that port, with another folder, is not asked about ours).
+async fn agent_status(config: &Config, root: &Path) -> Option<Value> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(AGENT_TIMEOUT)
+        .build()
+        .ok()?;
+    let addr = crate::ingest::local_addr(config.ingest_addr);
+    let mut request = client.get(format!("http://{addr}/v1/status"));
+    if let Some(token) = &config.ingest_token {
+        request = request.bearer_auth(token);
+    }
+    let answer = request.send().await.ok()?;
+    if !answer.status().is_success() {
+        return None;
+    }
+    let body: Value = answer.json().await.ok()?;
+    let theirs = std::fs::canonicalize(body["root"].as_str()?).ok()?;
+    (theirs == std::fs::canonicalize(root).ok()?).then_some(body)
+}
+
+/// Copies each sink's drain rate and time to empty from the running agent's status, when one
+/// answered; returns whether it did.
+fn add_drain(config: &Config, status: &mut Status) -> bool {
+    let Ok(rt) = runtime() else { return false };
+    let Some(agent) = rt.block_on(agent_status(config, &status.root)) else {
+        return false;
+    };
+    let theirs = agent["sinks"].as_array().cloned().unwrap_or_default();
+    for sink in &mut status.sinks {
+        if let Some(them) = theirs.iter().find(|s| s["sink"] == sink.sink.as_str()) {
+            sink.drain_rate_per_sec = them["drain_rate_per_sec"].as_f64();
+            // Their pending count is a moment older than ours: the time to empty is ours.
+            sink.time_to_empty_secs = sink.drain_rate_per_sec.and_then(|rate| {
+                crate::metrics::time_to_empty(sink.pending + sink.in_flight, rate)
+            });
+        }
+    }
+    true
+}
+
+/// `1,234/s`; the rate is unknown without a running agent.
+fn rate_cell(rate: Option<f64>) -> String {
+    match rate {
+        None => "-".into(),
+        Some(r) if r >= 10.0 => format!("{}/s", thousands(r.round() as u64)),
+        Some(r) => format!("{r:.1}/s"),
+    }
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
 
 /// The arguments of `estafeta status`.
 #[derive(Debug, Args)]
@@ -19,7 +95,8 @@ pub struct StatusArgs {
 
 pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
     let store = open_store(config)?;
-    let status = store.status()?;
+    let mut status = store.status()?;
+    let agent_answered = add_drain(config, &mut status);
     if as_json {
         let mut value = serde_json::to_value(&status).context("could not format the status")?;
         value["version"] = json!(crate::version::current());
@@ -84,6 +161,12 @@ pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
                 s.last_success_at.clone().unwrap_or_else(|| "-".into()),
                 s.last_failure_at.clone().unwrap_or_else(|| "-".into()),
                 s.next_attempt_at.clone().unwrap_or_else(|| "-".into()),
+                rate_cell(s.drain_rate_per_sec),
+                match (s.drain_rate_per_sec, s.time_to_empty_secs) {
+                    (None, _) => "-".into(),
+                    (Some(_), None) => "not draining".into(),
+                    (Some(_), Some(secs)) => age(i64::try_from(secs).unwrap_or(i64::MAX)),
+                },
             ]
         })
         .collect();
@@ -97,9 +180,17 @@ pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
             "LAST_SUCCESS",
             "LAST_FAILURE",
             "NEXT_ATTEMPT",
+            "DRAIN_RATE",
+            "TIME_TO_EMPTY",
         ],
         &sink_rows,
     ));
+    if !agent_answered {
+        out.push_str(&format!(
+            "  drain rate unknown: no agent of this staging folder answered on {} (INGEST_ADDR); it is counted by the running agent\n",
+            config.ingest_addr
+        ));
+    }
     for sink in &status.sinks {
         if let Some(error) = &sink.last_error {
             out.push_str(&format!(
@@ -133,4 +224,19 @@ pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
     }
     write_stdout(&out);
     Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_read_as_a_person_writes_them() {
+        assert_eq!(rate_cell(None), "-");
+        assert_eq!(rate_cell(Some(0.0)), "0.0/s");
+        assert_eq!(rate_cell(Some(2.46)), "2.5/s");
+        assert_eq!(rate_cell(Some(1_234_567.4)), "1,234,567/s");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+    }
 }

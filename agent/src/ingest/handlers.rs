@@ -274,17 +274,19 @@ fn from_intake(err: IntakeError) -> ApiError {
     }
 }
 
-/// `GET /v1/status`: the store's status, the version, the uptime and the ingest counters.
+/// `GET /v1/status`: the store's status with each sink's drain rate and time to empty, the
+/// version, the uptime and the ingest counters.
 pub async fn status(
     State(state): State<IngestState>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     check_token(&state, &headers)?;
     let store = state.store().clone();
-    let status = tokio::task::spawn_blocking(move || store.status())
+    let mut status = tokio::task::spawn_blocking(move || store.status())
         .await
         .map_err(|err| ApiError::internal(format!("status task failed: {err}")))?
         .map_err(|err| ApiError::internal(format!("could not read the staging status: {err}")))?;
+    state.metrics().fill_drain(&mut status);
     let mut body = serde_json::to_value(&status)
         .map_err(|err| ApiError::internal(format!("could not write the status: {err}")))?;
     if let Value::Object(map) = &mut body {

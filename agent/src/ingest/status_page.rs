@@ -2,6 +2,7 @@
 //! shell, `/assets/status.js` and `/assets/status.css` are compiled into the binary, so the
 //! page works offline and loads nothing from elsewhere. The script reads `GET /v1/status` and
 //! `GET /v1/dead-letters` every 5 seconds and draws what is pending per sink and per entity,
+//! how fast each sink drains and when it will be empty ("not draining" when it is not),
 //! the oldest pending age, dead letters with their reasons and a Requeue button, the last
 //! delivery of each sink, free disk, memory, version and update state.
 //!

@@ -52,6 +52,19 @@ function bytes(n) {
   return (i ? n.toFixed(1) : n) + " " + units[i];
 }
 
+// Records delivered per second over the last minute, as the agent counts them.
+function rate(perSec) {
+  if (perSec === null || perSec === undefined) return "–";
+  return (perSec >= 10 ? Math.round(perSec).toLocaleString("en") : perSec.toFixed(1)) + " /s";
+}
+
+// Pending ÷ drain rate; the agent sends no time while nothing is being delivered.
+function timeToEmpty(sink) {
+  if (sink.pending + sink.in_flight === 0) return "empty";
+  if (sink.time_to_empty_secs === null || sink.time_to_empty_secs === undefined) return "not draining";
+  return "about " + ago(sink.time_to_empty_secs);
+}
+
 function fillRows(tableId, rows, empty) {
   const body = document.querySelector("#" + tableId + " tbody");
   body.replaceChildren();
@@ -112,6 +125,8 @@ function drawStatus(s) {
     el("td", k.pending, "num"),
     el("td", k.in_flight, "num"),
     el("td", k.dead, k.dead ? "num bad" : "num"),
+    el("td", rate(k.drain_rate_per_sec), "num"),
+    el("td", timeToEmpty(k), k.time_to_empty_secs === null && k.pending + k.in_flight > 0 ? "bad" : ""),
     el("td", ago(k.oldest_pending_age_secs)),
     el("td", since(k.last_success_at), k.last_success_at ? "ok" : ""),
     el("td", since(k.last_failure_at)),
