@@ -163,6 +163,7 @@ pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
                 s.next_attempt_at.clone().unwrap_or_else(|| "-".into()),
                 rate_cell(s.drain_rate_per_sec),
                 match (s.drain_rate_per_sec, s.time_to_empty_secs) {
+                    _ if s.pending + s.in_flight == 0 => "empty".into(),
                     (None, _) => "-".into(),
                     (Some(_), None) => "not draining".into(),
                     (Some(_), Some(secs)) => age(i64::try_from(secs).unwrap_or(i64::MAX)),
