@@ -411,27 +411,7 @@ mod tests {
     use super::*;
 
     fn delivery(seq: u64, action: &str, payload: &str) -> Delivery {
-        Delivery {
-            envelope: estafeta_staging::Envelope {
-                v: 1,
-                id: format!("id-{seq}"),
-                seq,
-                action: action.to_owned(),
-                entity: "usuario".to_owned(),
-                key: Some(format!("k{seq}")),
-                staged_at: "2026-11-23T08:41:06.123456Z".to_owned(),
-                client_key: None,
-                client_fingerprint: None,
-                client_records: None,
-                source: None,
-                sinks: vec!["database".to_owned()],
-                payload: serde_json::value::RawValue::from_string(payload.to_owned())
-                    .expect("valid JSON"),
-            },
-            sink: "database".to_owned(),
-            attempts: 0,
-            path: std::path::PathBuf::new(),
-        }
+        crate::sinks::test_delivery(seq, action, "usuario", Some(&format!("k{seq}")), payload)
     }
 
     #[tokio::test]
