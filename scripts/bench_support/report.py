@@ -226,7 +226,7 @@ def main():
     L.append("- `estafeta flush` reads each record from its staging segments, inserts it into a landing table")
     L.append("  with a unique index on the record's id (`idempotency_key`, so a resend after a crash inserts")
     L.append("  nothing) and two secondary indexes ((entity, record_key), (agent_id, seq)), keeps per-key order")
-    L.append("  (a batch holds at most one record per key), and marks every delivered batch in its on-disk index")
+    L.append("  (a batch carries runs of a key, in sequence order), and marks every delivered batch in its on-disk index")
     L.append("  before leasing the records again could resend them.")
     L.append("- `flush.py` does `executemany` (psycopg 3) of (action, entity, payload) into `baseline_records`,")
     L.append("  a table with only a bigserial primary key: no unique index on the record's id, so no")

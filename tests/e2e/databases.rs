@@ -9,7 +9,7 @@
 //!
 //! Landing order is observable: the table's `id` is an identity (PostgreSQL) or
 //! AUTO_INCREMENT (MariaDB) column, assigned as rows are inserted, and one sink inserts its
-//! batches one after another (a batch holds at most one record per key), so per key
+//! batches one after another, each key's run in one transaction in seq order, so per key
 //! `ORDER BY id` is the order the rows arrived.
 
 use std::collections::BTreeMap;

@@ -578,7 +578,7 @@ pub struct OutageParams {
     pub records: usize,
     /// Records per request (JSON arrays).
     pub batch: usize,
-    /// Distinct keys (a batch to a sink holds at most one record per key).
+    /// Distinct keys (a key's records land in order: a record in backoff holds back its key).
     pub keys: usize,
     /// `CENTRAL_API_CONCURRENCY`.
     pub api_concurrency: usize,
