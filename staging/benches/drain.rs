@@ -77,10 +77,12 @@ fn drain(store: &Staging, n: usize) -> f64 {
 }
 
 fn main() {
+    // `cargo test --benches` runs this with `--bench` absent: keep that run short.
+    let quick = !std::env::args().any(|a| a == "--bench");
     let n: usize = std::env::var("DRAIN_BENCH_RECORDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(50_000);
+        .unwrap_or(if quick { 2_000 } else { 50_000 });
     type Shape = (&'static str, fn(usize) -> Option<String>);
     let shapes: [Shape; 5] = [
         ("unique keys", |i| Some(format!("k{i}"))),
