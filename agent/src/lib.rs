@@ -21,6 +21,7 @@ pub mod redact;
 pub mod sinks;
 pub mod sources;
 pub mod timezone;
+pub mod tls;
 pub mod update;
 pub mod version;
 pub mod winservice;

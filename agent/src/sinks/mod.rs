@@ -116,6 +116,9 @@ pub trait Sink: Send + Sync {
     fn dry_run(&self, batch: &[Delivery]) -> Vec<String>;
     /// Tries to reach the sink (for `check-config` and `/readyz`).
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>>;
+    /// How the sink's connection is protected: TLS or not, verified or not (the last
+    /// connection's, or what the settings ask for before the first one).
+    fn transport(&self) -> crate::tls::Transport;
     /// Sends a heartbeat ([`crate::heartbeat`]); `None` when this sink does not take them
     /// (the default).
     fn heartbeat<'a>(

@@ -379,6 +379,10 @@ impl Sink for SqliteSink {
         })
     }
 
+    fn transport(&self) -> crate::tls::Transport {
+        crate::tls::Transport::local()
+    }
+
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let path = Arc::clone(&self.path);

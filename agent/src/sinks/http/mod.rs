@@ -113,6 +113,18 @@ pub struct HttpSink {
     concurrency: usize,
     heartbeat_path: Option<String>,
     shared: Arc<Shared>,
+    transport: crate::tls::Transport,
+}
+
+/// `https` verified against the system's store, the bundled roots and `ca_file`, unless
+/// `verify_tls` is off; `http` is clear text.
+fn transport_of(base: &Url, verify_tls: bool) -> crate::tls::Transport {
+    use crate::tls::{Transport, Verify};
+    match (base.scheme(), verify_tls) {
+        ("https", true) => Transport::tls(Verify::Full, "https"),
+        ("https", false) => Transport::tls(Verify::Nothing, "https, verify_tls=false"),
+        _ => Transport::clear("http://"),
+    }
 }
 
 impl HttpSink {
@@ -138,6 +150,10 @@ impl HttpSink {
             builder = builder
                 .timeout(config.timeout)
                 .connect_timeout(config.timeout);
+        }
+        let transport = transport_of(&base, config.verify_tls);
+        if !transport.tls && !crate::tls::is_loopback(base.host_str().unwrap_or_default()) {
+            tracing::warn!(sink = %name, url = %shown, "Records go to this API in clear text (http://) across the network; use https://.");
         }
         if !config.verify_tls {
             tracing::warn!(sink = %name, url = %shown, "TLS certificate verification is disabled for this sink.");
@@ -195,6 +211,7 @@ impl HttpSink {
         let secrets = Secrets::of(&config.url).with(config.token.as_deref());
         Ok(Self {
             name,
+            transport,
             base,
             token,
             routes,
@@ -405,6 +422,12 @@ impl Sink for HttpSink {
                 }
             })
             .collect()
+    }
+
+    fn transport(&self) -> crate::tls::Transport {
+        // reqwest does not say which connection of its pool did what: the settings are the
+        // answer, and reqwest never falls back from https to http.
+        self.transport.clone()
     }
 
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {

@@ -617,6 +617,11 @@ impl Sink for NatsSink {
         Box::pin(async move { Some(self.send_heartbeat(beat).await) })
     }
 
+    fn transport(&self) -> crate::tls::Transport {
+        // TODO(issue 20): tls_required, CA file, client certificate.
+        crate::tls::Transport::clear("nats://, TLS only if the server asks")
+    }
+
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let connection = self.connection().await.map_err(anyhow::Error::msg)?;

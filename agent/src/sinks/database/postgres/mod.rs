@@ -405,6 +405,11 @@ impl Sink for PostgresSink {
         Box::pin(async move { Some(self.send_heartbeat(beat).await.map_err(anyhow::Error::msg)) })
     }
 
+    fn transport(&self) -> crate::tls::Transport {
+        // TODO(issue 20): TLS.
+        crate::tls::Transport::clear("no TLS support yet")
+    }
+
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let client = self.connect().await.map_err(anyhow::Error::msg)?;
