@@ -133,73 +133,13 @@ pub fn release_archive(
     signed_archive(name, &all, key)
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, from the `openssl` command line, in `dir`:
-/// `ca.pem`, `server.pem`, `server.key`.
+/// A CA and a certificate for 127.0.0.1 signed by it, in `dir`: `ca.pem`, `server.pem`,
+/// `server.key` ([`crate::pki`]).
 ///
 /// # Panics
 /// When openssl is missing or fails.
 pub fn test_certificates(dir: &std::path::Path) {
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("this test needs the openssl command line (Debian package openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Estafeta test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .expect("writing ext.cnf");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
+    crate::pki::Pki::new(dir, "ca").server("server");
 }
 
 /// The lowercase hex sha256 of `bytes`.
