@@ -116,6 +116,7 @@ pub async fn run_until(
 
     let sinks = crate::sinks::build(&config.sinks).context("could not set up the sinks")?;
     let state = IngestState::new(store.clone(), config.clone())?;
+    state.attach_sinks(sinks.clone());
 
     let listener = tokio::net::TcpListener::bind(config.ingest_addr)
         .await

@@ -302,6 +302,17 @@ impl Transport {
         Self::clear("local file")
     }
 
+    /// For `/v1/status`: the fields and the line a person reads.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tls": self.tls,
+            "verified": self.verified,
+            "setting": self.setting,
+            "observed": self.observed,
+            "description": self.describe(),
+        })
+    }
+
     /// One line: `TLS, verified (sslmode=verify-full)`, `clear text (sslmode=disable)`.
     pub fn describe(&self) -> String {
         let what = match (self.tls, self.verified) {

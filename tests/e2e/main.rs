@@ -2,6 +2,8 @@
 //! the `estafeta_e2e` library. Needs `scripts/start-services` (PostgreSQL, MariaDB, NATS).
 
 mod harness;
+// What crosses the network: a canary through a recording proxy, absent with TLS, present without.
+mod wire;
 // 2,000 records to an API answering 503 / stalling: each applied exactly once, in key order.
 mod http_flaky;
 // Central API refusing connections: records pile up readable (ls, cat), then drain once.

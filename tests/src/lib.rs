@@ -19,6 +19,7 @@ mod gate;
 mod nats;
 pub mod pki;
 pub mod powercut;
+pub mod wire;
 pub mod powercut_fs;
 pub mod release;
 pub mod reliability;

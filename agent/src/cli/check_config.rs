@@ -66,17 +66,33 @@ pub(super) fn check_config(env_file: Option<&Path>, offline: bool) -> anyhow::Re
     let sinks = crate::sinks::build(&config.sinks)
         .map_err(|err| usage(format!("the sinks are misconfigured: {err:#}")))?;
     if offline {
-        write_stdout("configuration OK (sinks not contacted: --offline)\n");
+        let mut out = String::new();
+        for sink in &sinks {
+            out.push_str(&format!(
+                "sink {}: {}\n",
+                sink.name(),
+                sink.transport().describe()
+            ));
+        }
+        out.push_str("configuration OK (sinks not contacted: --offline)\n");
+        write_stdout(&out);
         return Ok(EXIT_OK);
     }
     let results = runtime()?.block_on(probe_all(&sinks));
     let mut code = EXIT_OK;
     let mut out = String::new();
     for (name, result) in results {
+        // After the probe, the connection's protection is what was negotiated.
+        let connection = sinks
+            .iter()
+            .find(|s| s.name() == name)
+            .map_or_else(|| "unknown".into(), |s| s.transport().describe());
         match result {
-            Ok(()) => out.push_str(&format!("sink {name}: reachable\n")),
+            Ok(()) => out.push_str(&format!("sink {name}: reachable; {connection}\n")),
             Err(err) => {
-                out.push_str(&format!("sink {name}: UNREACHABLE: {err:#}\n"));
+                out.push_str(&format!(
+                    "sink {name}: UNREACHABLE: {err:#}\n  connection: {connection}\n"
+                ));
                 code = EXIT_UNREACHABLE;
             }
         }

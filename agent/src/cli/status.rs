@@ -46,12 +46,10 @@ async fn agent_status(config: &Config, root: &Path) -> Option<Value> {
 }
 
 /// Copies each sink's drain rate and time to empty from the running agent's status, when one
-/// answered; returns whether it did.
-fn add_drain(config: &Config, status: &mut Status) -> bool {
-    let Ok(rt) = runtime() else { return false };
-    let Some(agent) = rt.block_on(agent_status(config, &status.root)) else {
-        return false;
-    };
+/// answered; returns its status.
+fn add_drain(config: &Config, status: &mut Status) -> Option<Value> {
+    let rt = runtime().ok()?;
+    let agent = rt.block_on(agent_status(config, &status.root))?;
     let theirs = agent["sinks"].as_array().cloned().unwrap_or_default();
     for sink in &mut status.sinks {
         if let Some(them) = theirs.iter().find(|s| s["sink"] == sink.sink.as_str()) {
@@ -62,7 +60,25 @@ fn add_drain(config: &Config, status: &mut Status) -> bool {
             });
         }
     }
-    true
+    Some(agent)
+}
+
+/// How each configured sink's connection is protected: as the running agent last connected,
+/// or, without one, as the settings ask (building a sink connects to nothing).
+fn connections(config: &Config, agent: Option<&Value>) -> Vec<(String, Value)> {
+    let sinks = crate::sinks::build(&config.sinks).unwrap_or_default();
+    sinks
+        .iter()
+        .map(|sink| {
+            let seen = agent
+                .and_then(|a| a["sinks"].as_array())
+                .and_then(|all| all.iter().find(|s| s["sink"] == sink.name()))
+                .map(|s| s["connection"].clone())
+                .filter(|c| c.is_object());
+            let connection = seen.unwrap_or_else(|| sink.transport().to_json());
+            (sink.name().to_owned(), connection)
+        })
+        .collect()
 }
 
 /// `1,234/s`; the rate is unknown without a running agent.
@@ -96,9 +112,12 @@ pub struct StatusArgs {
 pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
     let store = open_store(config)?;
     let mut status = store.status()?;
-    let agent_answered = add_drain(config, &mut status);
+    let agent = add_drain(config, &mut status);
+    let agent_answered = agent.is_some();
+    let connections = connections(config, agent.as_ref());
     if as_json {
         let mut value = serde_json::to_value(&status).context("could not format the status")?;
+        value["connections"] = connections.into_iter().collect::<serde_json::Map<_, _>>().into();
         value["version"] = json!(crate::version::current());
         value["agent_id"] = json!(config.agent_id);
         value["update"] = serde_json::to_value(crate::update::state::load(&config.staging_path))
@@ -190,6 +209,12 @@ pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
         out.push_str(&format!(
             "  drain rate unknown: no agent of this staging folder answered on {} (INGEST_ADDR); it is counted by the running agent\n",
             config.ingest_addr
+        ));
+    }
+    for (name, connection) in &connections {
+        out.push_str(&format!(
+            "  {name} connection: {}\n",
+            connection["description"].as_str().unwrap_or("unknown")
         ));
     }
     for sink in &status.sinks {

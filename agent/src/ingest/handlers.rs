@@ -290,6 +290,18 @@ pub async fn status(
     let mut body = serde_json::to_value(&status)
         .map_err(|err| ApiError::internal(format!("could not write the status: {err}")))?;
     if let Value::Object(map) = &mut body {
+        // Each sink's connection: TLS or not, verified or not (issue 20).
+        if let Some(Value::Array(sinks)) = map.get_mut("sinks") {
+            let transports = state.transports();
+            for sink in sinks {
+                let found = transports
+                    .iter()
+                    .find(|(name, _)| sink["sink"].as_str() == Some(name.as_str()));
+                if let (Value::Object(entry), Some((_, transport))) = (sink, found) {
+                    entry.insert("connection".into(), transport.to_json());
+                }
+            }
+        }
         map.insert("version".into(), crate::version::current().into());
         map.insert("uptime_secs".into(), state.uptime_secs().into());
         map.insert(

@@ -2,8 +2,8 @@
 //! Schema validators compiled once at start), the write signal that wakes the batcher (`FLUSH_ON_WRITE`), the
 //! shutting-down flag and the counters. Cheap to clone: one `Arc` inside.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use estafeta_staging::Staging;
@@ -13,6 +13,7 @@ use crate::batcher::WriteSignal;
 use crate::config::Config;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
+use crate::sinks::Sink;
 
 /// What every ingest handler shares.
 #[derive(Clone)]
@@ -32,6 +33,8 @@ struct Inner {
     started: Instant,
     /// `POST /v1/update` wakes the update task through it.
     update_trigger: Arc<tokio::sync::Notify>,
+    /// The daemon's sinks, for how each one's connection is protected (`/v1/status`).
+    sinks: OnceLock<Vec<Arc<dyn Sink>>>,
 }
 
 impl IngestState {
@@ -49,6 +52,7 @@ impl IngestState {
                 metrics: Arc::new(Metrics::default()),
                 started: Instant::now(),
                 update_trigger: Arc::new(tokio::sync::Notify::new()),
+                sinks: OnceLock::new(),
             }),
         })
     }
@@ -97,6 +101,25 @@ impl IngestState {
     /// What `POST /v1/update` notifies; the update task waits on it.
     pub fn update_trigger(&self) -> Arc<tokio::sync::Notify> {
         self.inner.update_trigger.clone()
+    }
+
+    /// Gives the status the daemon's sinks (once; later calls are ignored).
+    pub fn attach_sinks(&self, sinks: Vec<Arc<dyn Sink>>) {
+        let _ = self.inner.sinks.set(sinks);
+    }
+
+    /// How each sink's connection is protected, by sink name.
+    pub fn transports(&self) -> Vec<(String, crate::tls::Transport)> {
+        self.inner
+            .sinks
+            .get()
+            .map(|sinks| {
+                sinks
+                    .iter()
+                    .map(|s| (s.name().to_owned(), s.transport()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn uptime_secs(&self) -> u64 {

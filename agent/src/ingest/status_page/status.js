@@ -127,6 +127,9 @@ function drawStatus(s) {
     el("td", k.dead, k.dead ? "num bad" : "num"),
     el("td", rate(k.drain_rate_per_sec), "num"),
     el("td", timeToEmpty(k), k.time_to_empty_secs === null && k.pending + k.in_flight > 0 ? "bad" : ""),
+    // TLS or not, verified or not: anything short of verified TLS across a network is shown as a problem.
+    el("td", k.connection ? k.connection.description : "–",
+      k.connection && !k.connection.verified && k.connection.setting !== "local file" ? "bad" : ""),
     el("td", ago(k.oldest_pending_age_secs)),
     el("td", since(k.last_success_at), k.last_success_at ? "ok" : ""),
     el("td", since(k.last_failure_at)),
