@@ -266,6 +266,29 @@ fn odbc(input: &str, found: &mut dyn FnMut(&str)) -> String {
     out
 }
 
+/// The `name=value` attributes of an ODBC / ADO connection string, in order, values as written
+/// (braces kept), for whoever must read them (e.g. whether the connection is encrypted).
+pub fn odbc_attributes(input: &str) -> Vec<(&str, &str)> {
+    let mut out = Vec::new();
+    let mut rest = input;
+    while !rest.is_empty() {
+        let end = rest.find(['=', ';']).unwrap_or(rest.len());
+        let name = rest[..end].trim();
+        rest = &rest[end..];
+        match rest.chars().next() {
+            Some('=') => {
+                let after = &rest[1..];
+                let len = odbc_value_len(after);
+                out.push((name, after[..len].trim()));
+                rest = &after[len..];
+            }
+            Some(';') => rest = &rest[1..],
+            _ => {}
+        }
+    }
+    out
+}
+
 /// The length of an ODBC attribute value: up to the next `;`, or past the closing brace of a
 /// `{…}` value (which may hold `;`, and `}}` for a `}`) and on to the next `;`. An unclosed
 /// brace runs to the end: better to hide too much.

@@ -297,6 +297,12 @@ impl Transport {
         }
     }
 
+    /// What the settings cannot tell (an ODBC driver whose encryption lives in its own
+    /// configuration file): `setting` says where to look.
+    pub fn unknown(setting: impl Into<String>) -> Self {
+        Self::clear(format!("{UNKNOWN}{}", setting.into()))
+    }
+
     /// A local file (SQLite): nothing crosses a network.
     pub fn local() -> Self {
         Self::clear("local file")
@@ -315,6 +321,9 @@ impl Transport {
 
     /// One line: `TLS, verified (sslmode=verify-full)`, `clear text (sslmode=disable)`.
     pub fn describe(&self) -> String {
+        if let Some(where_) = self.setting.strip_prefix(UNKNOWN) {
+            return format!("encryption not known ({where_})");
+        }
         let what = match (self.tls, self.verified) {
             (true, true) => "TLS, verified",
             (true, false) => "TLS, NOT verified",
@@ -329,6 +338,9 @@ impl Transport {
         format!("{what} ({}{when})", self.setting)
     }
 }
+
+/// The start of [`Transport::setting`] when the settings cannot tell.
+const UNKNOWN: &str = "unknown: ";
 
 /// What a sink last connected with, shared between its connection code and its status.
 #[derive(Debug)]

@@ -38,7 +38,12 @@ async fn deliver_through(url: &str, canary: &str) -> Value {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(landed, 1, "the record landed once\n{}", log_tail(&agent, 30));
+    assert_eq!(
+        landed,
+        1,
+        "the record landed once\n{}",
+        log_tail(&agent, 30)
+    );
     let status = status_with(&agent, None).await;
     let sink = status["sinks"]
         .as_array()

@@ -19,11 +19,11 @@ mod gate;
 mod nats;
 pub mod pki;
 pub mod powercut;
-pub mod wire;
 pub mod powercut_fs;
 pub mod release;
 pub mod reliability;
 mod support;
+pub mod wire;
 mod workload;
 
 pub use agent::{Agent, AgentSpec, CLI_TIMEOUT, body_value, run_cli};

@@ -62,6 +62,13 @@ pub(super) fn check_config(env_file: Option<&Path>, offline: bool) -> anyhow::Re
         }
     }
     out.push_str(&format!("# sources: {}\n", config.sources.join(", ")));
+    for source in &config.sql_sources {
+        out.push_str(&format!(
+            "source {}: {}\n",
+            source.name,
+            crate::sources::transport::of(&source.url).describe()
+        ));
+    }
     write_stdout(&out);
     let sinks = crate::sinks::build(&config.sinks)
         .map_err(|err| usage(format!("the sinks are misconfigured: {err:#}")))?;

@@ -117,7 +117,10 @@ pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
     let connections = connections(config, agent.as_ref());
     if as_json {
         let mut value = serde_json::to_value(&status).context("could not format the status")?;
-        value["connections"] = connections.into_iter().collect::<serde_json::Map<_, _>>().into();
+        value["connections"] = connections
+            .into_iter()
+            .collect::<serde_json::Map<_, _>>()
+            .into();
         value["version"] = json!(crate::version::current());
         value["agent_id"] = json!(config.agent_id);
         value["update"] = serde_json::to_value(crate::update::state::load(&config.staging_path))

@@ -15,6 +15,7 @@
 
 pub mod mapping;
 pub mod query;
+pub mod transport;
 
 use anyhow::Context as _;
 use chrono::{DateTime, NaiveDateTime, Utc};
