@@ -175,9 +175,9 @@ impl MysqlTarget {
                 "ssl-mode=DISABLED: records go to {shown} in clear text across the network; use ssl-mode=VERIFY_IDENTITY (the default) unless the network itself is protected"
             ));
         }
-        if ca.is_some() && matches!(mode, SslMode::Preferred | SslMode::Required) {
+        if ca.is_some() && mode < SslMode::VerifyCa {
             warnings.push(format!(
-                "ssl-ca is not used with ssl-mode={} ({shown}): the certificate is not checked; use ssl-mode=VERIFY_CA or VERIFY_IDENTITY to check it",
+                "ssl-ca is not used with ssl-mode={} ({shown}): no certificate is checked; use ssl-mode=VERIFY_CA or VERIFY_IDENTITY to check it",
                 mode.name()
             ));
         }
