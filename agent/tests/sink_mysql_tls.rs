@@ -281,6 +281,39 @@ async fn verify_ca_accepts_a_certificate_for_another_name_and_verify_identity_re
         .await
         .unwrap_or_else(|err| panic!("{case}, second connection: {err:#}"));
 
+    // `estafeta fleet` connects through the same code: a heartbeat over VERIFY_CA, read back.
+    let case = "fleet over VERIFY_CA";
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let beat = estafeta::sinks::heartbeat::Heartbeat {
+        agent_id: agent.clone(),
+        hostname: "ward-3".into(),
+        version: "test".into(),
+        sent_at: now.clone(),
+        started_at: now,
+        records_pending: 0,
+        oldest_pending_age_secs: None,
+        dead_letters: 0,
+        disk_free_bytes: None,
+        staging_blocked: None,
+        last_error: None,
+        sinks: Vec::new(),
+    };
+    sink.heartbeat(&beat)
+        .await
+        .expect("a database sink takes heartbeats")
+        .unwrap_or_else(|err| panic!("{case}, heartbeat: {err:#}"));
+    let fleet = estafeta::fleet::load(&url)
+        .await
+        .unwrap_or_else(|err| panic!("{case}: {err:#}"));
+    assert!(fleet.iter().any(|row| row.agent_id == agent), "{case}");
+    let wrong =
+        format!("mysql://estafeta@127.0.0.1:{port}/test?ssl-mode=VERIFY_IDENTITY&ssl-ca={ca}");
+    let err = format!("{:#}", estafeta::fleet::load(&wrong).await.unwrap_err());
+    assert!(
+        err.contains("not valid for the host"),
+        "{case}, name mismatch: {err}"
+    );
+
     let case = "VERIFY_CA, wrong CA";
     let other = Pki::new(&dir.path().join("other"), "other");
     let url = format!(

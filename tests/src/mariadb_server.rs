@@ -59,24 +59,36 @@ impl MariaDb {
         let server = tool(&["mariadbd", "mysqld"]);
         let data = dir.join("data");
         std::fs::create_dir_all(&data).expect("creating the MariaDB folder");
-        let out = Command::new(&install)
-            .arg("--no-defaults")
-            .arg(format!("--datadir={}", data.display()))
-            .args([
-                "--user=root",
-                "--auth-root-authentication-method=socket",
-                "--skip-test-db",
-                "--skip-name-resolve",
-            ])
-            .output()
-            .unwrap_or_else(|err| panic!("running {}: {err}", install.display()));
-        assert!(
-            out.status.success(),
-            "{} failed: {}{}",
-            install.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // mariadb-install-db has been seen to fail once in a while on a loaded machine (its
+        // bootstrap server); a fresh folder and another try, the first failure printed.
+        let mut attempt = 1;
+        loop {
+            let out = Command::new(&install)
+                .arg("--no-defaults")
+                .arg(format!("--datadir={}", data.display()))
+                .args([
+                    "--user=root",
+                    "--auth-root-authentication-method=socket",
+                    "--skip-test-db",
+                    "--skip-name-resolve",
+                ])
+                .output()
+                .unwrap_or_else(|err| panic!("running {}: {err}", install.display()));
+            if out.status.success() {
+                break;
+            }
+            let said = format!(
+                "{} failed (attempt {attempt}): {}{}",
+                install.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(attempt < 3, "{said}");
+            eprintln!("{said}");
+            attempt += 1;
+            let _ = std::fs::remove_dir_all(&data);
+            std::fs::create_dir_all(&data).expect("creating the MariaDB folder");
+        }
         let port = free_port();
         let mut command = Command::new(&server);
         command
