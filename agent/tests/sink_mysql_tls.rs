@@ -378,3 +378,48 @@ fn the_drivers_require_ssl_is_a_clean_error_not_a_panic() {
     );
     assert!(err.contains("ssl-mode=sometimes"), "{err}");
 }
+
+/// `ssl-mode=DISABLED` beyond loopback: one WARN when the sink is built, naming the sink and the
+/// URL without its password.
+#[test]
+fn clear_text_beyond_loopback_is_one_warning_at_start() {
+    #[derive(Clone, Default)]
+    struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        sink_at(
+            "mysql://app:s3cret@db.hospital.example/central?ssl-mode=DISABLED",
+            "x",
+        )
+        .expect("DISABLED is allowed");
+        sink_at(
+            "mysql://app:s3cret@127.0.0.1/central?ssl-mode=DISABLED",
+            "x",
+        )
+        .expect("DISABLED is allowed");
+    });
+    let text = String::from_utf8(lines.0.lock().expect("lock").clone()).expect("UTF-8");
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("central")
+            && warnings[0].contains("db.hospital.example")
+            && warnings[0].contains("clear text"),
+        "{text}"
+    );
+    assert!(!text.contains("s3cret"), "{text}");
+}
