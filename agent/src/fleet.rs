@@ -124,23 +124,12 @@ pub async fn load(url: &str) -> anyhow::Result<Vec<FleetRow>> {
         }
         Dialect::Mysql => {
             use mysql_async::prelude::Queryable as _;
-            // mysql_async knows only `mysql://`; `mariadb://` is the same protocol.
-            let url = match url.split_once("://") {
-                Some((scheme, rest)) if scheme.eq_ignore_ascii_case("mariadb") => {
-                    format!("mysql://{rest}")
-                }
-                _ => url.to_owned(),
-            };
-            let opts = mysql_async::Opts::from_url(&url).map_err(|err| {
-                anyhow::anyhow!(
-                    "the MySQL URL {shown:?} is not valid: {}",
-                    secrets.scrub(&err.to_string())
-                )
-            })?;
-            let mut conn = mysql_async::Conn::new(opts).await.map_err(|err| {
+            // The sink's connection code: the same ssl-mode, ssl-ca, ssl-cert and ssl-key.
+            let target = crate::db::mysql::MysqlTarget::parse(url)?;
+            let (mut conn, _tls) = target.connect().await.map_err(|err| {
                 anyhow::anyhow!(
                     "cannot connect to {shown}: {}",
-                    secrets.scrub(&crate::sinks::error_chain(&err))
+                    err.message(|err| secrets.scrub(&crate::sinks::error_chain(&err)))
                 )
             })?;
             type Row = (

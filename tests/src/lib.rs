@@ -16,6 +16,7 @@ mod cuttable;
 mod db;
 mod flaky;
 mod gate;
+pub mod mariadb_server;
 mod nats;
 pub mod pki;
 pub mod powercut;

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use crate::redact;
 
 pub mod apply;
+pub mod mysql;
 
 /// The database a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

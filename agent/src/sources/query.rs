@@ -406,14 +406,17 @@ mod mysql {
     use super::*;
     use mysql_async::consts::ColumnType;
     use mysql_async::prelude::Queryable;
-    use mysql_async::{Opts, Params, Value as My};
+    use mysql_async::{Params, Value as My};
 
     pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
-        let url = url.replacen("mariadb://", "mysql://", 1);
-        let opts = Opts::from_url(&url).context("the URL is not valid")?;
-        let mut conn = mysql_async::Conn::new(opts)
-            .await
-            .context("cannot connect")?;
+        // The sink's connection code: the same ssl-mode, ssl-ca, ssl-cert and ssl-key.
+        let target = crate::db::mysql::MysqlTarget::parse(url)?;
+        let (mut conn, _tls) = target.connect().await.map_err(|err| {
+            anyhow::anyhow!(
+                "cannot connect: {}",
+                err.message(|err| format!("{:#}", anyhow::Error::new(err)))
+            )
+        })?;
         let params = Params::Positional(
             bound
                 .iter()

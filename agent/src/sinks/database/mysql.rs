@@ -10,8 +10,9 @@
 //! its code, the server's message, which quotes values, kept in the dead letter) while the other
 //! rows of the transaction commit. Any other error (1213
 //! deadlock, 1205 lock wait, 1040 too many connections, a lost connection, a missing grant)
-//! retries the whole batch on a new connection. TLS to MySQL is not built in (mysql_async's
-//! `minimal-rust` features).
+//! retries the whole batch on a new connection. Connections, and their TLS (`ssl-mode`,
+//! `ssl-ca`, `ssl-cert`, `ssl-key` in the URL), come from [`crate::db::mysql`]; after each new
+//! connection the sink records what it negotiated, for [`Sink::transport`].
 //!
 //! One round trip per row would cap a flush at a few thousand rows a second on a LAN, so the
 //! rows of a batch go as multi-row statements of the same insert ([`CHUNK_MAX_ROWS`] rows or
@@ -44,7 +45,7 @@ use anyhow::Context as _;
 use estafeta_staging::Delivery;
 use mysql_async::prelude::Queryable;
 
-use mysql_async::{Conn, Opts, OptsBuilder, Params, Statement, Transaction, TxOpts, Value};
+use mysql_async::{Conn, Params, Statement, Transaction, TxOpts, Value};
 use tokio::sync::Mutex;
 
 use super::DatabaseSinkConfig;
@@ -54,7 +55,8 @@ use super::landing::{
     dry_run_lines,
 };
 use crate::db::apply::{ApplyStatements, Bound};
-use crate::redact::{self, Secrets};
+use crate::db::mysql::MysqlTarget;
+use crate::redact::Secrets;
 use crate::sinks::{BoxFuture, Outcome, Refusal, Sink, error_chain};
 
 /// Schema changes, in order.
@@ -110,7 +112,9 @@ const ROW_ERROR_CODES: &[u16] = &[
 pub struct MysqlSink {
     name: String,
     agent_id: String,
-    opts: Opts,
+    target: MysqlTarget,
+    /// What the last connection negotiated (TLS or not).
+    observed: crate::tls::Observed,
     /// The URL with its password hidden, for messages.
     shown: String,
     secrets: Secrets,
@@ -124,28 +128,22 @@ pub struct MysqlSink {
 impl MysqlSink {
     /// Checks the URL; connects to nothing.
     pub fn new(name: impl Into<String>, config: DatabaseSinkConfig) -> anyhow::Result<Self> {
-        let shown = redact::url(&config.url);
-        let secrets = Secrets::of(&config.url);
-        // mysql_async knows only `mysql://`; `mariadb://` is the same protocol.
-        let url = match config.url.split_once("://") {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("mariadb") => {
-                format!("mysql://{rest}")
-            }
-            _ => config.url.clone(),
-        };
-        let opts = Opts::from_url(&url).map_err(|err| {
-            anyhow::anyhow!(
-                "the MySQL URL {shown:?} is not valid: {}; expected mysql://user:password@host:3306/database",
-                secrets.scrub(&err.to_string())
-            )
-        })?;
+        let name = name.into();
         // Apply mode tells a new landing row (1 affected row) from a replay (0); with
         // CLIENT_FOUND_ROWS a replay would count 1 too.
-        let opts = Opts::from(OptsBuilder::from_opts(opts).client_found_rows(false));
+        let target =
+            MysqlTarget::parse(&config.url)?.with_opts(|opts| opts.client_found_rows(false));
+        for warning in target.warnings() {
+            tracing::warn!(sink = %name, url = %target.shown(), "{warning}");
+        }
+        let shown = target.shown().to_owned();
+        let secrets = target.secrets().clone();
+        let observed = crate::tls::Observed::new(target.transport());
         Ok(Self {
-            name: name.into(),
+            name,
             agent_id: config.agent_id,
-            opts,
+            target,
+            observed,
             shown,
             secrets,
             conn: Mutex::new(None),
@@ -155,7 +153,7 @@ impl MysqlSink {
     }
 
     async fn connect(&self) -> Result<Conn, String> {
-        let mut conn = tokio::time::timeout(CONNECT_TIMEOUT, Conn::new(self.opts.clone()))
+        let (mut conn, tls) = tokio::time::timeout(CONNECT_TIMEOUT, self.target.connect())
             .await
             .map_err(|_| {
                 format!(
@@ -167,9 +165,10 @@ impl MysqlSink {
                 format!(
                     "cannot connect to {}: {}",
                     self.shown,
-                    self.failure(err).message()
+                    err.message(|err| self.failure(err).message())
                 )
             })?;
+        self.observed.connected(tls, tls && self.target.verifies());
         conn.query_drop(SESSION_SQL)
             .await
             .map_err(|err| self.failure(err).message())?;
@@ -609,8 +608,7 @@ impl Sink for MysqlSink {
     }
 
     fn transport(&self) -> crate::tls::Transport {
-        // TODO(issue 20): TLS.
-        crate::tls::Transport::clear("no TLS support yet")
+        self.observed.transport()
     }
 
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
