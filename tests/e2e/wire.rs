@@ -5,53 +5,55 @@
 
 use std::time::Duration;
 
+use estafeta_e2e::mariadb_server::{MariaDb, ServerTls};
+use estafeta_e2e::pki::Pki;
 use estafeta_e2e::wire::Recorder;
 use estafeta_e2e::{Agent, log_tail, pg, status_with, unique_name, wait_drained};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-/// Delivers one record holding `canary` to PostgreSQL at `url` (the proxy) and returns the
-/// sink's `connection` from `GET /v1/status` once it was delivered.
-async fn deliver_through(url: &str, canary: &str) -> Value {
+/// Delivers one record holding `canary` to the sink `sink` that `env` configures (through the
+/// proxy) and returns that sink's `connection` from `GET /v1/status` once it was delivered.
+async fn deliver_through(env: &[(&str, &str)], sink: &str, canary: &str) -> Value {
     let dir = tempfile::tempdir().unwrap();
-    let agent_id = unique_name("wire");
-    let env = [
-        ("CENTRAL_DATABASE_URL", url),
-        ("AGENT_ID", agent_id.as_str()),
+    let mut env = env.to_vec();
+    env.extend([
         ("CRONTAB", "* * * * * *"),
         ("RETRY_BASE_SECS", "1"),
         ("RETRY_MAX_SECS", "1"),
-    ];
+    ]);
     let mut agent = Agent::start(dir.path(), &env);
     agent.wait_ready(Duration::from_secs(20)).await;
     let (code, answer) = agent
         .post("create", "patient", &json!({"id": canary, "name": canary}))
         .await;
     assert_eq!(code, StatusCode::ACCEPTED, "{answer}");
-    wait_drained(&agent, Duration::from_secs(30)).await;
-    let landed: i64 = pg()
-        .await
+    let drained = tokio::time::timeout(
+        Duration::from_secs(40),
+        wait_drained(&agent, Duration::from_secs(30)),
+    )
+    .await;
+    assert!(drained.is_ok(), "not delivered\n{}", log_tail(&agent, 30));
+    let status = status_with(&agent, None).await;
+    let found = status["sinks"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["sink"] == sink))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {sink} sink in the status: {status}"));
+    agent.terminate();
+    found["connection"].clone()
+}
+
+/// Rows of this agent's records in PostgreSQL's landing table holding `canary`.
+async fn pg_rows(agent_id: &str, canary: &str) -> i64 {
+    pg().await
         .query_one(
             "SELECT count(*) FROM estafeta_records WHERE agent_id = $1 AND payload::text LIKE '%' || $2 || '%'",
             &[&agent_id, &canary],
         )
         .await
         .unwrap()
-        .get(0);
-    assert_eq!(
-        landed,
-        1,
-        "the record landed once\n{}",
-        log_tail(&agent, 30)
-    );
-    let status = status_with(&agent, None).await;
-    let sink = status["sinks"]
-        .as_array()
-        .and_then(|all| all.iter().find(|s| s["sink"] == "database"))
-        .cloned()
-        .unwrap_or_else(|| panic!("no database sink in the status: {status}"));
-    agent.terminate();
-    sink["connection"].clone()
+        .get(0)
 }
 
 #[tokio::test]
@@ -59,12 +61,19 @@ async fn a_canary_crosses_the_wire_to_postgresql_only_without_tls() {
     let proxy = Recorder::start("127.0.0.1:5432".parse().unwrap()).await;
     let port = proxy.addr().port();
 
+    let agent_id = unique_name("wire");
     let canary = unique_name("cnryTlsPg");
-    let connection = deliver_through(
-        &format!("postgres://postgres@127.0.0.1:{port}/test?sslmode=require"),
-        &canary,
-    )
-    .await;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/test?sslmode=require");
+    let env = [
+        ("CENTRAL_DATABASE_URL", url.as_str()),
+        ("AGENT_ID", &agent_id),
+    ];
+    let connection = deliver_through(&env, "database", &canary).await;
+    assert_eq!(
+        pg_rows(&agent_id, &canary).await,
+        1,
+        "the record landed once"
+    );
     assert!(
         !proxy.captured().is_empty(),
         "the agent went through the proxy"
@@ -77,14 +86,90 @@ async fn a_canary_crosses_the_wire_to_postgresql_only_without_tls() {
     assert_eq!(connection["observed"], true, "{connection}");
 
     let canary = unique_name("cnryClearPg");
-    let connection = deliver_through(
-        &format!("postgres://postgres@127.0.0.1:{port}/test?sslmode=disable"),
-        &canary,
-    )
-    .await;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/test?sslmode=disable");
+    let env = [
+        ("CENTRAL_DATABASE_URL", url.as_str()),
+        ("AGENT_ID", &agent_id),
+    ];
+    let connection = deliver_through(&env, "database", &canary).await;
+    assert_eq!(
+        pg_rows(&agent_id, &canary).await,
+        1,
+        "the record landed once"
+    );
     assert!(
         proxy.saw(&canary),
         "with sslmode=disable the canary should be on the wire: the capture does not work"
+    );
+    assert_eq!(connection["tls"], false, "{connection}");
+}
+
+#[tokio::test]
+async fn a_canary_crosses_the_wire_to_mariadb_only_without_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"), "ca");
+    let cert = pki.server("server");
+    let db = MariaDb::start(
+        &dir.path().join("server"),
+        Some(ServerTls {
+            cert: &cert.cert,
+            key: &cert.key,
+            ca: &pki.ca(),
+        }),
+    );
+    db.sql(
+        "CREATE DATABASE IF NOT EXISTS test;
+         CREATE USER 'estafeta'@'%';
+         GRANT ALL ON test.* TO 'estafeta'@'%';",
+    );
+    let proxy = Recorder::start(format!("127.0.0.1:{}", db.port).parse().unwrap()).await;
+    let port = proxy.addr().port();
+    let rows = |canary: &str| {
+        db.sql(&format!(
+            "SELECT count(*) FROM test.estafeta_records WHERE payload LIKE '%{canary}%'"
+        ))
+        .trim()
+        .to_owned()
+    };
+
+    let canary = unique_name("cnryTlsMy");
+    let url = format!(
+        "mysql://estafeta@127.0.0.1:{port}/test?ssl-mode=VERIFY_IDENTITY&ssl-ca={}",
+        pki.ca().display()
+    );
+    let connection = deliver_through(
+        &[("CENTRAL_DATABASE_URL", url.as_str())],
+        "database",
+        &canary,
+    )
+    .await;
+    assert_eq!(rows(&canary), "1", "the record landed once");
+    assert!(
+        !proxy.captured().is_empty(),
+        "the agent went through the proxy"
+    );
+    assert!(
+        !proxy.saw(&canary),
+        "with ssl-mode=VERIFY_IDENTITY the record crossed the wire in clear"
+    );
+    assert_eq!(connection["tls"], true, "{connection}");
+    assert_eq!(connection["verified"], true, "{connection}");
+
+    let canary = unique_name("cnryClearMy");
+    // prefer_socket=false: on loopback the driver would move to the server's Unix socket,
+    // around the proxy.
+    let url =
+        format!("mysql://estafeta@127.0.0.1:{port}/test?ssl-mode=DISABLED&prefer_socket=false");
+    let connection = deliver_through(
+        &[("CENTRAL_DATABASE_URL", url.as_str())],
+        "database",
+        &canary,
+    )
+    .await;
+    assert_eq!(rows(&canary), "1", "the record landed once");
+    assert!(
+        proxy.saw(&canary),
+        "with ssl-mode=DISABLED the canary should be on the wire: the capture does not work"
     );
     assert_eq!(connection["tls"], false, "{connection}");
 }
