@@ -15,6 +15,10 @@ pub fn of(url: &str) -> Transport {
     match super::query::Driver::of(url) {
         Ok(super::query::Driver::Odbc) => odbc(&url["odbc:".len()..]),
         Ok(super::query::Driver::Sqlite) => Transport::local(),
+        Ok(super::query::Driver::MySql) => match crate::db::mysql::MysqlTarget::parse(url) {
+            Ok(target) => target.transport(),
+            Err(err) => Transport::unknown(format!("the URL is not valid: {err}")),
+        },
         // TODO(issue 20): the PostgreSQL and MySQL sinks' own rules.
         _ => Transport::unknown("TODO"),
     }
