@@ -11,6 +11,7 @@ fn config(url: &str, subject: &str) -> NatsSinkConfig {
         timeout: Duration::from_secs(1),
         agent_id: "ws-07.ward b".to_owned(),
         stream: None,
+        ..Default::default()
     }
 }
 
