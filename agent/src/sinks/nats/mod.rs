@@ -353,7 +353,11 @@ impl NatsSink {
                 "check the token, user and password, NKey seed or credentials file".to_owned()
             }
             ConnectErrorKind::TimedOut => "check that the server is up and reachable".to_owned(),
+            // rustls' errors reach async-nats as I/O errors of the handshake.
             ConnectErrorKind::Tls => self.security.tls_hint(&error_chain(err)),
+            ConnectErrorKind::Io if security::is_tls_failure(&error_chain(err)) => {
+                self.security.tls_hint(&error_chain(err))
+            }
             _ => "check that nats-server runs there (with JetStream) and the port is right"
                 .to_owned(),
         };

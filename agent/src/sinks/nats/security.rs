@@ -150,9 +150,9 @@ impl Security {
             format!(
                 "the server's certificate is not signed by {anchor} (UnknownIssuer); set ca_file (CENTRAL_NATS_CA_FILE) to the CA that signed it"
             )
-        } else if chain.contains("NotValidForName") {
+        } else if chain.contains("NotValidForName") || chain.contains("not valid for name") {
             format!(
-                "the server's certificate does not name the host {:?} (NotValidForName); connect with a name the certificate holds, or have it reissued with this one",
+                "the server's certificate does not name the host {:?}; connect with a name the certificate holds, or have it reissued with this one",
                 self.host
             )
         } else if chain.contains("Expired") || chain.contains("NotValidYet") {
@@ -165,6 +165,21 @@ impl Security {
             "check the server's TLS setup and certificate".to_owned()
         }
     }
+}
+
+/// Whether an I/O error of a connection is the TLS handshake failing (rustls' messages).
+pub(super) fn is_tls_failure(chain: &str) -> bool {
+    [
+        "invalid peer certificate",
+        "InvalidContentType",
+        "corrupt message",
+        "received fatal alert",
+        "peer is incompatible",
+        "peer misbehaved",
+        "HandshakeFailure",
+    ]
+    .iter()
+    .any(|sign| chain.contains(sign))
 }
 
 /// The authentication method: at most one of a token (setting or URL), a user and password in
