@@ -43,6 +43,11 @@
 //!   stream belongs to the team that runs NATS.
 //! - Credentials in the URL (`nats://user:password@host`, `nats://token@host`) and the token are
 //!   taken out of the URL before it reaches the client, never logged, and scrubbed from errors.
+//! - TLS and authentication ([`security`]): `tls://`, or `nats://` with `tls_required` (the
+//!   default beyond loopback), is TLS verified against the host name before anything else is
+//!   sent, never clear text; the trust is the project's ([`crate::tls`]: the CA file, else the
+//!   system's store and the bundled roots); NKey seed and `.creds` files. `transport()` says
+//!   what the last connection negotiated (on a loopback `nats://`, the server's INFO decides).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
