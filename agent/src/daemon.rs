@@ -84,6 +84,22 @@ pub async fn run_until(
     {
         bail!("INGEST_ADDR={} {problem}", config.ingest_addr);
     }
+    if let Some(problem) = crate::config::ingest_plaintext_problem(
+        config.ingest_addr,
+        config.ingest_tls.is_some(),
+        config.ingest_allow_plaintext,
+    ) {
+        bail!("INGEST_ADDR={} {problem}", config.ingest_addr);
+    }
+    if config.ingest_tls.is_none() && !config.ingest_addr.ip().is_loopback() {
+        // Only with INGEST_ALLOW_PLAINTEXT=true (checked above).
+        warn!(addr = %config.ingest_addr, "INGEST_ALLOW_PLAINTEXT=true: the ingest API listens beyond this machine in clear HTTP; records (patient data) and INGEST_TOKEN cross the network readable by anyone on it. Set INGEST_TLS_CERT and INGEST_TLS_KEY to serve HTTPS.");
+    }
+    let ingest_tls = config
+        .ingest_tls
+        .as_ref()
+        .map(|tls| crate::api_tls::acceptor(&tls.cert, &tls.key))
+        .transpose()?;
     for sink in &config.sinks {
         let (kind, url) = match &sink.kind {
             SinkKind::Http(http) => ("http", &http.url),
@@ -131,7 +147,7 @@ pub async fn run_until(
             )),
         })?;
     let bound = listener.local_addr().context("reading the bound address")?;
-    info!(addr = %bound, token = config.ingest_token.is_some(), allowed_hosts = ?config.ingest_allowed_hosts, "Ingest API listening.");
+    info!(addr = %bound, https = ingest_tls.is_some(), token = config.ingest_token.is_some(), allowed_hosts = ?config.ingest_allowed_hosts, "Ingest API listening.");
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -139,7 +155,13 @@ pub async fn run_until(
     let app = ingest::router(state.clone());
     let server_stop = cancel.clone();
     let header_timeout = config.ingest_body_timeout;
-    let server = tracker.spawn(ingest::serve(listener, app, header_timeout, server_stop));
+    let server = tracker.spawn(ingest::serve(
+        listener,
+        app,
+        header_timeout,
+        ingest_tls,
+        server_stop,
+    ));
 
     // The batchers settle their flush in flight a little before the daemon stops waiting, so
     // their release reaches the store.

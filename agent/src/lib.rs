@@ -1,6 +1,7 @@
 //! The `estafeta` agent: configuration, ingest API, batcher, sinks and the CLI, on top of the
 //! staging store (`estafeta-staging`). The binary's `main` only calls [`cli::main`].
 
+pub mod api_tls;
 pub mod batcher;
 pub mod cli;
 pub mod config;

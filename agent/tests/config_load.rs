@@ -132,7 +132,13 @@ fn every_mistake_is_listed_at_once() {
 #[test]
 fn a_non_loopback_address_without_a_token_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let err = refuse(dir.path(), &[("INGEST_ADDR", "0.0.0.0:8787")]);
+    let err = refuse(
+        dir.path(),
+        &[
+            ("INGEST_ADDR", "0.0.0.0:8787"),
+            ("INGEST_ALLOW_PLAINTEXT", "true"),
+        ],
+    );
     assert_eq!(
         err.to_string(),
         "INGEST_ADDR=0.0.0.0:8787 listens beyond this machine but INGEST_TOKEN is empty: set INGEST_TOKEN to a random secret of at least 32 characters, made with `estafeta token` (or `openssl rand -hex 32`), or listen on 127.0.0.1"
@@ -142,6 +148,7 @@ fn a_non_loopback_address_without_a_token_is_refused() {
         &[
             ("INGEST_ADDR", "0.0.0.0:8787"),
             ("INGEST_TOKEN", "a-long-random-secret-of-32-chars"),
+            ("INGEST_ALLOW_PLAINTEXT", "true"),
         ],
     );
     assert_eq!(config.ingest_addr.to_string(), "0.0.0.0:8787");
@@ -155,7 +162,11 @@ fn a_non_loopback_address_with_a_short_token_is_refused() {
     let short = "0123456789abcdefghijklmnopqrstu"; // 31 characters
     let err = refuse(
         dir.path(),
-        &[("INGEST_ADDR", "10.0.0.5:8787"), ("INGEST_TOKEN", short)],
+        &[
+            ("INGEST_ADDR", "10.0.0.5:8787"),
+            ("INGEST_TOKEN", short),
+            ("INGEST_ALLOW_PLAINTEXT", "true"),
+        ],
     );
     assert_eq!(
         err.to_string(),
@@ -167,7 +178,11 @@ fn a_non_loopback_address_with_a_short_token_is_refused() {
     let long = format!("{short}v");
     load(
         dir.path(),
-        &[("INGEST_ADDR", "10.0.0.5:8787"), ("INGEST_TOKEN", &long)],
+        &[
+            ("INGEST_ADDR", "10.0.0.5:8787"),
+            ("INGEST_TOKEN", &long),
+            ("INGEST_ALLOW_PLAINTEXT", "true"),
+        ],
     );
 }
 
@@ -181,6 +196,7 @@ fn the_token_can_come_from_a_file() {
         &[
             ("INGEST_ADDR", "0.0.0.0:8787"),
             ("INGEST_TOKEN_FILE", "ingest-token"),
+            ("INGEST_ALLOW_PLAINTEXT", "true"),
         ],
     );
     assert_eq!(config.ingest_token.as_deref(), Some(token.as_str()));

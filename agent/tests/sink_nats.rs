@@ -66,6 +66,7 @@ impl Scratch {
                 timeout: Duration::from_secs(3),
                 agent_id: agent_id(),
                 stream,
+                ..Default::default()
             },
         )
         .expect("a valid NATS sink")

@@ -375,8 +375,10 @@ async fn a_full_staging_area_answers_507_and_stages_nothing() {
 async fn a_public_ingest_address_without_a_token_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("0.0.0.0:{}", free_port());
+    // Clear HTTP on purpose: this test is about the token (ingest_tls.rs covers TLS).
     let env = [
         ("INGEST_ADDR", addr.as_str()),
+        ("INGEST_ALLOW_PLAINTEXT", "true"),
         ("CENTRAL_API_URL", "http://127.0.0.1:9"),
     ];
     let started = Instant::now();

@@ -63,6 +63,9 @@ mod sources;
 mod examples;
 // The status page in headless Chromium (WebDriver).
 mod status_page;
+// The ingest API over HTTPS (INGEST_TLS_CERT): verified POST staged and delivered, clear HTTP and
+// an untrusted CA refused, idle handshakes dropped, `status` over HTTPS; 0.0.0.0 without TLS refused.
+mod ingest_tls;
 // The reliability scenarios through the code scripts/soak runs long: a crash loop fed by the
 // separate estafeta-load process, a 200,000-record outage of PostgreSQL and the API with flat
 // memory, and a flapping API whose down phases get no more attempts than the backoff allows.

@@ -42,6 +42,8 @@ pub struct AgentSpec {
     dir: PathBuf,
     env: Vec<(OsString, OsString)>,
     port: u16,
+    /// The API is HTTPS (`INGEST_TLS_CERT`): the helpers' client trusts this CA (PEM).
+    https_ca: Option<PathBuf>,
 }
 
 impl AgentSpec {
@@ -53,7 +55,15 @@ impl AgentSpec {
             dir: dir.into(),
             env: Vec::new(),
             port: free_port(),
+            https_ca: None,
         }
+    }
+
+    /// The agent serves HTTPS (the test sets `INGEST_TLS_CERT` and `INGEST_TLS_KEY`): the
+    /// helpers use `https://` and trust only `ca` (PEM). Other tests keep `http://`.
+    pub fn https(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.https_ca = Some(ca.into());
+        self
     }
 
     /// Adds (or overrides) one environment variable.
@@ -91,11 +101,17 @@ impl AgentSpec {
             .prefix("estafeta-e2e-logs-")
             .tempdir()
             .expect("creating a directory for the agent's logs");
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .no_proxy()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("building the HTTP client");
+            .timeout(Duration::from_secs(30));
+        if let Some(ca) = &self.https_ca {
+            let pem = std::fs::read(ca).expect("reading the test CA");
+            client = client
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM CA"))
+                .https_only(true);
+        }
+        let client = client.build().expect("building the HTTP client");
         let mut agent = Agent {
             child: None,
             spec: self,
@@ -179,9 +195,14 @@ impl Agent {
         given.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.spec.port)))
     }
 
-    /// `http://<addr><path>`.
+    /// `http://<addr><path>` (`https://` for an agent spawned with [`AgentSpec::https`]).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr())
+        let scheme = if self.spec.https_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}{path}", self.addr())
     }
 
     /// The working directory.

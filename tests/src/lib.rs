@@ -18,6 +18,7 @@ mod flaky;
 mod gate;
 pub mod mariadb_server;
 mod nats;
+pub mod nats_server;
 pub mod pki;
 pub mod powercut;
 pub mod powercut_fs;

@@ -26,13 +26,14 @@ const AGENT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The running agent's `GET /v1/status`, if an agent answers on INGEST_ADDR for this staging
 /// folder (another agent on that port, with another folder, is not asked about ours).
 async fn agent_status(config: &Config, root: &Path) -> Option<Value> {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(AGENT_TIMEOUT)
-        .build()
-        .ok()?;
-    let addr = crate::ingest::local_addr(config.ingest_addr);
-    let mut request = client.get(format!("http://{addr}/v1/status"));
+    // https:// trusting INGEST_TLS_CERT when the API is served over TLS.
+    let (base, client) = crate::api_tls::local_client(
+        crate::ingest::local_addr(config.ingest_addr),
+        config.ingest_tls.as_ref().map(|tls| tls.cert.as_path()),
+        AGENT_TIMEOUT,
+    )
+    .ok()?;
+    let mut request = client.get(format!("{base}/v1/status"));
     if let Some(token) = &config.ingest_token {
         request = request.bearer_auth(token);
     }

@@ -26,14 +26,14 @@ pub struct UpdateArgs {
 /// `POST /v1/update` to the running agent, on loopback when it listens on a wildcard address
 /// (its `Host` check admits that), with `INGEST_TOKEN` (or `INGEST_TOKEN_FILE`'s) when set.
 async fn ask_daemon_to_update(config: &Config) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .context("could not build the HTTP client")?;
-    let addr = crate::ingest::local_addr(config.ingest_addr);
+    // https:// trusting INGEST_TLS_CERT when the API is served over TLS.
+    let (base, client) = crate::api_tls::local_client(
+        crate::ingest::local_addr(config.ingest_addr),
+        config.ingest_tls.as_ref().map(|tls| tls.cert.as_path()),
+        Duration::from_secs(10),
+    )?;
     let mut request = client
-        .post(format!("http://{addr}/v1/update"))
+        .post(format!("{base}/v1/update"))
         .header(crate::ingest::access::REQUESTED_BY, "estafeta");
     if let Some(token) = &config.ingest_token {
         request = request.bearer_auth(token);

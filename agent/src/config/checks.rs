@@ -28,6 +28,24 @@ pub fn ingest_exposure_problem(addr: SocketAddr, token: Option<&str>) -> Option<
     }
 }
 
+/// Why the ingest API may not listen on `addr` in clear text, when it may not: beyond loopback
+/// records and the token would cross the network readable by anyone on it, so it needs
+/// `INGEST_TLS_CERT` (or the explicit `INGEST_ALLOW_PLAINTEXT=true`). Checked by the loader and
+/// again by the daemon before it binds.
+pub fn ingest_plaintext_problem(
+    addr: SocketAddr,
+    tls: bool,
+    allow_plaintext: bool,
+) -> Option<String> {
+    if addr.ip().is_loopback() || tls || allow_plaintext {
+        return None;
+    }
+    Some(
+        "listens beyond this machine without TLS: records (patient data) and INGEST_TOKEN would cross the network in clear text. Set INGEST_TLS_CERT and INGEST_TLS_KEY to serve HTTPS, or listen on 127.0.0.1, or set INGEST_ALLOW_PLAINTEXT=true to accept clear text on purpose"
+            .into(),
+    )
+}
+
 pub(super) fn check_concurrency(n: usize) -> Result<(), String> {
     if (1..=MAX_CONCURRENCY).contains(&n) {
         Ok(())

@@ -78,6 +78,15 @@ pub(super) struct FileSink {
     pub(super) replicas: Option<usize>,
     /// nats: the stream's duplicate window in seconds (default: the server's, 120).
     pub(super) duplicate_window_secs: Option<f64>,
+    /// nats: TLS on `nats://` whatever the server says (default: beyond loopback).
+    pub(super) tls_required: Option<bool>,
+    /// nats: client certificate (PEM) and its key, for mTLS.
+    pub(super) client_cert: Option<PathBuf>,
+    pub(super) client_key: Option<PathBuf>,
+    /// nats: a `.creds` file (user JWT and NKey seed).
+    pub(super) creds_file: Option<PathBuf>,
+    /// nats: a file holding a user NKey seed.
+    pub(super) nkey_file: Option<PathBuf>,
     /// Database sinks: folder of `<entity>.<action>.sql` apply statements (apply mode),
     /// relative to the TOML file.
     pub(super) apply_dir: Option<PathBuf>,
@@ -92,7 +101,7 @@ impl FileSink {
             ("token", self.token.is_some(), &[Http, Nats]),
             ("timeout_secs", self.timeout_secs.is_some(), &[Http, Nats]),
             ("verify_tls", self.verify_tls.is_some(), &[Http]),
-            ("ca_file", self.ca_file.is_some(), &[Http]),
+            ("ca_file", self.ca_file.is_some(), &[Http, Nats]),
             ("concurrency", self.concurrency.is_some(), &[Http]),
             ("routes", !self.routes.is_empty(), &[Http]),
             ("heartbeat_path", self.heartbeat_path.is_some(), &[Http]),
@@ -107,6 +116,11 @@ impl FileSink {
                 self.duplicate_window_secs.is_some(),
                 &[Nats],
             ),
+            ("tls_required", self.tls_required.is_some(), &[Nats]),
+            ("client_cert", self.client_cert.is_some(), &[Nats]),
+            ("client_key", self.client_key.is_some(), &[Nats]),
+            ("creds_file", self.creds_file.is_some(), &[Nats]),
+            ("nkey_file", self.nkey_file.is_some(), &[Nats]),
             ("apply_dir", self.apply_dir.is_some(), &[Database]),
             ("connections", self.connections.is_some(), &[Database]),
         ]

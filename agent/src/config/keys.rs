@@ -26,6 +26,8 @@ pub const DEFAULT_INGEST_BODY_TIMEOUT_SECS: u64 = 30;
 /// Shortest `INGEST_TOKEN` accepted, in characters, when `INGEST_ADDR` is not a loopback address
 /// (the token is then all that stands between the network and the records).
 pub const MIN_INGEST_TOKEN_CHARS: usize = 32;
+/// Default `INGEST_ALLOW_PLAINTEXT`: a non-loopback `INGEST_ADDR` needs `INGEST_TLS_CERT`.
+pub const DEFAULT_INGEST_ALLOW_PLAINTEXT: bool = false;
 /// Default `FLUSH_ON_WRITE`: deliver right after a write.
 pub const DEFAULT_FLUSH_ON_WRITE: bool = true;
 /// Default records per flush cycle and sink.
@@ -209,6 +211,9 @@ pub const KEY_TABLE: &[Key] = &[
     key("INGEST_ALLOWED_HOSTS", Ingest, Unset("(none)"), "Host names the API answers to besides localhost and INGEST_ADDR."),
     key("MAX_BODY_BYTES", Ingest, Bytes(DEFAULT_MAX_BODY_BYTES as u64), "Largest request body accepted (HTTP 413 above it)."),
     key("INGEST_BODY_TIMEOUT_SECS", Ingest, Number(DEFAULT_INGEST_BODY_TIMEOUT_SECS), "Seconds a client may take to send a request body (HTTP 408 after)."),
+    key("INGEST_TLS_CERT", Ingest, NOT_SET, "Certificate chain (PEM) of the ingest API: with INGEST_TLS_KEY it is served over HTTPS only."),
+    key("INGEST_TLS_KEY", Ingest, NOT_SET, "Private key (PEM) of INGEST_TLS_CERT."),
+    key("INGEST_ALLOW_PLAINTEXT", Ingest, Flag(DEFAULT_INGEST_ALLOW_PLAINTEXT), "true: allow a non-loopback INGEST_ADDR without TLS (records and token cross the network in clear)."),
     key("FLUSH_ON_WRITE", Delivery, Flag(DEFAULT_FLUSH_ON_WRITE), "Deliver right after a write instead of waiting for the next tick."),
     key("MAX_RECORDS", Delivery, Number(DEFAULT_MAX_RECORDS as u64), "Records per flush cycle and sink."),
     key("BATCH_SIZE", Delivery, Number(DEFAULT_BATCH_SIZE as u64), "Records handed to a sink at once."),
@@ -235,6 +240,12 @@ pub const KEY_TABLE: &[Key] = &[
     key("CENTRAL_NATS_TIMEOUT_SECS", CentralNats, Number(crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS), "Connection timeout and the wait for each publish acknowledgement."),
     key("CENTRAL_NATS_CREATE_STREAM", CentralNats, Flag(DEFAULT_CREATE_STREAM), "true: create CENTRAL_NATS_STREAM if it does not exist."),
     key("CENTRAL_NATS_STREAM", CentralNats, Text(crate::sinks::nats::DEFAULT_STREAM), "Name of the stream CENTRAL_NATS_CREATE_STREAM creates."),
+    key("CENTRAL_NATS_TLS_REQUIRED", CentralNats, Unset("(true beyond loopback)"), "true: TLS (verified) even on nats://, whatever the server says; false beyond loopback logs a WARN."),
+    key("CENTRAL_NATS_CA_FILE", CentralNats, NOT_SET, "CA certificate(s) (PEM) that alone are trusted for the NATS server; unset: the system's store and bundled roots."),
+    key("CENTRAL_NATS_CLIENT_CERT", CentralNats, NOT_SET, "Client certificate (PEM) for servers that verify clients (mTLS); needs CENTRAL_NATS_CLIENT_KEY."),
+    key("CENTRAL_NATS_CLIENT_KEY", CentralNats, NOT_SET, "Private key (PEM) of CENTRAL_NATS_CLIENT_CERT."),
+    key("CENTRAL_NATS_CREDS_FILE", CentralNats, NOT_SET, "A .creds file (user JWT and NKey seed) to authenticate with."),
+    key("CENTRAL_NATS_NKEY_FILE", CentralNats, NOT_SET, "A file holding a user NKey seed (SU...) to authenticate with."),
     key("UPDATE_URL", Update, Unset("(updates off)"), "Release manifest URL; empty: updates off.").url(),
     key("UPDATE_CRONTAB", Update, Unset("(no automatic checks)"), "When the running agent checks UPDATE_URL."),
     key("UPDATE_PUBLIC_KEY", Update, Unset("(none: updates are refused)"), "ed25519 public key(s) release archives are signed with."),

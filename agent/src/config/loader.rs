@@ -7,12 +7,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::checks::{GENERATE_TOKEN, check_http_url, check_readable, ingest_exposure_problem};
+use super::checks::{
+    GENERATE_TOKEN, check_http_url, check_readable, ingest_exposure_problem,
+    ingest_plaintext_problem,
+};
 use super::file::FileConfig;
 use super::keys::*;
 use super::parse::*;
 use super::raw::{Loader, Origin};
-use super::{Config, ConfigError, Inspection};
+use super::{Config, ConfigError, IngestTls, Inspection};
 use crate::crontab::validate_crontab;
 use crate::problem::Problem;
 
@@ -141,6 +144,12 @@ impl Loader {
             Duration::from_secs(DEFAULT_INGEST_BODY_TIMEOUT_SECS),
             |v| parse_secs(v, false),
         );
+        let ingest_tls = self.ingest_tls();
+        let ingest_allow_plaintext = self.parse(
+            "INGEST_ALLOW_PLAINTEXT",
+            DEFAULT_INGEST_ALLOW_PLAINTEXT,
+            parse_bool,
+        );
         let flush_on_write = self.parse("FLUSH_ON_WRITE", DEFAULT_FLUSH_ON_WRITE, parse_bool);
         let max_records = self.parse("MAX_RECORDS", DEFAULT_MAX_RECORDS, |v| {
             parse_u64(v, "a whole number above 0")
@@ -201,6 +210,16 @@ impl Loader {
             ));
         }
 
+        if let Some(problem) =
+            ingest_plaintext_problem(ingest_addr, ingest_tls.is_some(), ingest_allow_plaintext)
+        {
+            self.problems.push(Problem::sentence(
+                self.label("INGEST_ADDR"),
+                ingest_addr.to_string(),
+                problem,
+            ));
+        }
+
         let update = self.update_config(process_env);
         let sinks = self.sinks(&file.sinks, file_dir, &agent_id);
         let names: BTreeSet<&str> = sinks.iter().map(|s| s.name.as_str()).collect();
@@ -227,6 +246,8 @@ impl Loader {
             ingest_allowed_hosts,
             max_body_bytes,
             ingest_body_timeout,
+            ingest_tls,
+            ingest_allow_plaintext,
             flush_on_write,
             max_records,
             batch_size,
@@ -251,6 +272,42 @@ impl Loader {
     /// `INGEST_TOKEN`, or the content of the file `INGEST_TOKEN_FILE` names (one line, spaces
     /// around it dropped): packaged installs keep a generated token there, readable by the
     /// service and administrators only. Both set: they must agree.
+    /// `INGEST_TLS_CERT` and `INGEST_TLS_KEY`: both or neither, both readable and a matching
+    /// pair (read now, so a mistake is a configuration error, not a failed start later).
+    pub(super) fn ingest_tls(&mut self) -> Option<IngestTls> {
+        let cert = self.text("INGEST_TLS_CERT").filter(|v| !v.is_empty());
+        let key = self.text("INGEST_TLS_KEY").filter(|v| !v.is_empty());
+        let (cert, key) = match (cert, key) {
+            (None, None) => return None,
+            (Some(cert), Some(key)) => (self.cwd.join(cert), self.cwd.join(key)),
+            (Some(_), None) => {
+                self.problem(
+                    self.label("INGEST_TLS_KEY"),
+                    None,
+                    "is empty but INGEST_TLS_CERT is set: HTTPS needs the certificate's private key too; set both or neither",
+                );
+                return None;
+            }
+            (None, Some(_)) => {
+                self.problem(
+                    self.label("INGEST_TLS_CERT"),
+                    None,
+                    "is empty but INGEST_TLS_KEY is set: HTTPS needs the certificate (PEM chain) too; set both or neither",
+                );
+                return None;
+            }
+        };
+        if let Err(err) = crate::api_tls::acceptor(&cert, &key) {
+            self.problem(
+                self.label("INGEST_TLS_CERT"),
+                Some(cert.display().to_string()),
+                format!("expected a PEM certificate chain and its key in INGEST_TLS_KEY: {err:#}"),
+            );
+            return None;
+        }
+        Some(IngestTls { cert, key })
+    }
+
     pub(super) fn ingest_token(&mut self) -> Option<String> {
         let given = self.text("INGEST_TOKEN");
         let Some(file) = self.raw.get("INGEST_TOKEN_FILE").cloned() else {

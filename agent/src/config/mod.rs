@@ -33,7 +33,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use self::checks::ingest_exposure_problem;
+pub use self::checks::{ingest_exposure_problem, ingest_plaintext_problem};
 pub use self::keys::{
     DEFAULT_AGENT_ID, DEFAULT_API_CONCURRENCY, DEFAULT_API_TIMEOUT_SECS, DEFAULT_BATCH_SIZE,
     DEFAULT_CREATE_STREAM, DEFAULT_CRONTAB, DEFAULT_DATABASE_URL, DEFAULT_DRY_RUN,
@@ -94,6 +94,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `INGEST_BODY_TIMEOUT_SECS`: a request body not received in full by then gets 408.
     pub ingest_body_timeout: Duration,
+    /// `INGEST_TLS_CERT` and `INGEST_TLS_KEY`: the API is served over HTTPS only.
+    pub ingest_tls: Option<IngestTls>,
+    /// `INGEST_ALLOW_PLAINTEXT`: a non-loopback `INGEST_ADDR` may serve clear HTTP.
+    pub ingest_allow_plaintext: bool,
     /// `FLUSH_ON_WRITE`: deliver right after staging, without waiting for the tick.
     pub flush_on_write: bool,
     /// `MAX_RECORDS`: records per flush cycle and sink.
@@ -152,6 +156,8 @@ impl fmt::Debug for Config {
             .field("ingest_allowed_hosts", &self.ingest_allowed_hosts)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("ingest_body_timeout", &self.ingest_body_timeout)
+            .field("ingest_tls", &self.ingest_tls)
+            .field("ingest_allow_plaintext", &self.ingest_allow_plaintext)
             .field("flush_on_write", &self.flush_on_write)
             .field("max_records", &self.max_records)
             .field("batch_size", &self.batch_size)
@@ -206,6 +212,13 @@ pub struct Inspection {
     pub result: Result<Config, ConfigError>,
 }
 
+/// The ingest API's certificate chain and key (`INGEST_TLS_CERT`, `INGEST_TLS_KEY`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 impl Config {
     /// Loads `.env` (the working directory's, or `env_file`), the process environment and the
     /// TOML file named by `CONFIG_FILE`. The process environment is read, never changed.
@@ -244,6 +257,7 @@ impl Config {
             tz: self.tz.clone(),
             ingest_addr: self.ingest_addr,
             ingest_token: self.ingest_token.clone(),
+            ingest_tls_cert: self.ingest_tls.as_ref().map(|tls| tls.cert.clone()),
             shutdown_grace: self.shutdown_grace,
         }
     }
@@ -305,6 +319,8 @@ impl Config {
             ingest_allowed_hosts: Vec::new(),
             max_body_bytes: 4096,
             ingest_body_timeout: Duration::from_secs(DEFAULT_INGEST_BODY_TIMEOUT_SECS),
+            ingest_tls: None,
+            ingest_allow_plaintext: false,
             flush_on_write: DEFAULT_FLUSH_ON_WRITE,
             max_records: 1000,
             batch_size: 100,

@@ -1,6 +1,7 @@
 //! The NATS JetStream sink's configuration: a `type = "nats"` sink of the TOML file, and the
 //! `nats` sink the `CENTRAL_NATS_*` keys define (overriding the file's field by field).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::NATS_SINK;
@@ -19,6 +20,7 @@ impl Loader {
         &mut self,
         at: &str,
         sink: &FileSink,
+        file_dir: &Path,
         agent_id: &str,
     ) -> NatsSinkConfig {
         if let Err(expected) = crate::sinks::nats::check_nats_url(&sink.url) {
@@ -115,13 +117,93 @@ impl Loader {
                 duplicate_window,
             }
         });
-        NatsSinkConfig {
+        let mut config = NatsSinkConfig {
             url: sink.url.clone(),
             token: sink.token.clone().filter(|t| !t.is_empty()),
             subject,
             timeout,
             agent_id: agent_id.to_owned(),
             stream,
+            tls_required: sink.tls_required,
+            ..Default::default()
+        };
+        for (field, value, slot) in [
+            ("ca_file", &sink.ca_file, &mut config.ca_file),
+            ("client_cert", &sink.client_cert, &mut config.client_cert),
+            ("client_key", &sink.client_key, &mut config.client_key),
+            ("creds_file", &sink.creds_file, &mut config.creds_file),
+            ("nkey_file", &sink.nkey_file, &mut config.nkey_file),
+        ] {
+            *slot = value.as_ref().map(|p| file_dir.join(p));
+            if let Some(path) = slot.as_ref()
+                && let Err(expected) = check_readable_file(path)
+            {
+                self.problem(
+                    format!("{at}.{field}"),
+                    Some(path.display().to_string()),
+                    expected,
+                );
+            }
+        }
+        self.check_nats_security(&config, &|field: &str| format!("{at}.{field}"));
+        config
+    }
+
+    /// Checks what one NATS sink's settings say together: a client certificate needs its key,
+    /// `tls://` cannot be told not to use TLS, and at most one authentication method.
+    fn check_nats_security(&mut self, config: &NatsSinkConfig, label: &dyn Fn(&str) -> String) {
+        match (&config.client_cert, &config.client_key) {
+            (Some(_), None) => self.problem(
+                label("client_key"),
+                None,
+                "is missing: a client certificate (client_cert) needs its private key; set both or neither",
+            ),
+            (None, Some(_)) => self.problem(
+                label("client_cert"),
+                None,
+                "is missing: a client key (client_key) needs its certificate; set both or neither",
+            ),
+            _ => {}
+        }
+        let url = reqwest::Url::parse(&config.url).ok();
+        if config.tls_required == Some(false) && url.as_ref().is_some_and(|u| u.scheme() == "tls") {
+            self.problem(
+                label("tls_required"),
+                Some("false".into()),
+                "contradicts the tls:// URL (tls:// always uses TLS): remove it, or use a nats:// URL",
+            );
+        }
+        let mut methods = Vec::new();
+        if let Some(url) = &url
+            && !url.username().is_empty()
+        {
+            methods.push(if url.password().is_some() {
+                "a user and password in the URL"
+            } else {
+                "a token in the URL"
+            });
+        }
+        if config.token.is_some() {
+            // A token setting replaces a token in the URL (as it always did).
+            methods.retain(|m| *m != "a token in the URL");
+            methods.push("token");
+        }
+        if config.nkey_file.is_some() {
+            methods.push("nkey_file");
+        }
+        if config.creds_file.is_some() {
+            methods.push("creds_file");
+        }
+        if methods.len() > 1 {
+            self.problem(
+                label("url"),
+                Some(redact_url(&config.url)),
+                format!(
+                    "has {} NATS authentication methods ({}); keep only one",
+                    methods.len(),
+                    methods.join(", ")
+                ),
+            );
         }
     }
 
@@ -146,6 +228,52 @@ impl Loader {
         let stream_name = self.parse_opt("CENTRAL_NATS_STREAM", |v| {
             crate::sinks::nats::check_stream_name(v).map(|()| v.to_owned())
         });
+        let tls_required = self.parse_opt("CENTRAL_NATS_TLS_REQUIRED", parse_bool);
+        let mut files: [(&'static str, Option<PathBuf>); 5] = [
+            ("CENTRAL_NATS_CA_FILE", None),
+            ("CENTRAL_NATS_CLIENT_CERT", None),
+            ("CENTRAL_NATS_CLIENT_KEY", None),
+            ("CENTRAL_NATS_CREDS_FILE", None),
+            ("CENTRAL_NATS_NKEY_FILE", None),
+        ];
+        for (key, slot) in &mut files {
+            *slot = self
+                .text(key)
+                .filter(|p| !p.is_empty())
+                .map(|p| self.cwd.join(p));
+            if let Some(path) = slot.as_ref()
+                && let Err(expected) = check_readable_file(path)
+            {
+                self.problem(self.label(key), Some(path.display().to_string()), expected);
+            }
+        }
+        let [
+            (_, ca_file),
+            (_, client_cert),
+            (_, client_key),
+            (_, creds_file),
+            (_, nkey_file),
+        ] = files;
+        let env_security = |nats: &mut NatsSinkConfig| {
+            if tls_required.is_some() {
+                nats.tls_required = tls_required;
+            }
+            for (value, slot) in [
+                (&ca_file, &mut nats.ca_file),
+                (&client_cert, &mut nats.client_cert),
+                (&client_key, &mut nats.client_key),
+                (&creds_file, &mut nats.creds_file),
+                (&nkey_file, &mut nats.nkey_file),
+            ] {
+                if value.is_some() {
+                    slot.clone_from(value);
+                }
+            }
+        };
+        let env_label = |field: &str| match field {
+            "url" => "CENTRAL_NATS_URL".to_owned(),
+            field => format!("CENTRAL_NATS_{}", field.to_ascii_uppercase()),
+        };
         match sinks.iter_mut().find(|s| s.name == NATS_SINK) {
             Some(SinkConfig {
                 kind: SinkKind::Nats(nats),
@@ -181,6 +309,11 @@ impl Loader {
                 if let (Some(name), Some(stream)) = (stream_name, &mut nats.stream) {
                     stream.name = name;
                 }
+                if in_section(Section::CentralNats).any(|k| self.raw.contains_key(k)) {
+                    env_security(nats);
+                    let nats = nats.clone();
+                    self.check_nats_security(&nats, &env_label);
+                }
             }
             Some(_) => {
                 if let Some(key) =
@@ -200,18 +333,22 @@ impl Loader {
                     let stream = create_stream
                         .unwrap_or(DEFAULT_CREATE_STREAM)
                         .then(|| default_stream(&subject, stream_name));
+                    let mut nats = NatsSinkConfig {
+                        url,
+                        token,
+                        subject,
+                        timeout: timeout.unwrap_or(Duration::from_secs(
+                            crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS,
+                        )),
+                        agent_id: agent_id.to_owned(),
+                        stream,
+                        ..Default::default()
+                    };
+                    env_security(&mut nats);
+                    self.check_nats_security(&nats, &env_label);
                     sinks.push(SinkConfig {
                         name: NATS_SINK.into(),
-                        kind: SinkKind::Nats(NatsSinkConfig {
-                            url,
-                            token,
-                            subject,
-                            timeout: timeout.unwrap_or(Duration::from_secs(
-                                crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS,
-                            )),
-                            agent_id: agent_id.to_owned(),
-                            stream,
-                        }),
+                        kind: SinkKind::Nats(nats),
                     });
                 }
                 None => {
@@ -237,5 +374,17 @@ pub(super) fn default_stream(subject: &str, name: Option<String>) -> StreamSetti
         retention: Retention::Limits,
         replicas: 1,
         duplicate_window: None,
+    }
+}
+
+/// A file the agent must be able to read at start (a key, a seed, a certificate): opened, not
+/// only looked at, so a permission problem is found now and not at the first delivery.
+fn check_readable_file(path: &Path) -> Result<(), String> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => Err("expected a file, found a folder".into()),
+        Ok(_) => std::fs::File::open(path)
+            .map(drop)
+            .map_err(|err| format!("expected a file the agent can read: {err}")),
+        Err(err) => Err(format!("expected a readable file: {err}")),
     }
 }

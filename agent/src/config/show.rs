@@ -65,6 +65,20 @@ impl Config {
         );
         push("MAX_BODY_BYTES", self.max_body_bytes.to_string());
         push("INGEST_BODY_TIMEOUT_SECS", secs(self.ingest_body_timeout));
+        push(
+            "INGEST_TLS_CERT",
+            self.ingest_tls.as_ref().map_or_else(
+                || "(none: clear HTTP)".to_owned(),
+                |tls| tls.cert.display().to_string(),
+            ),
+        );
+        if let Some(tls) = &self.ingest_tls {
+            push("INGEST_TLS_KEY", tls.key.display().to_string());
+        }
+        push(
+            "INGEST_ALLOW_PLAINTEXT",
+            self.ingest_allow_plaintext.to_string(),
+        );
         push("FLUSH_ON_WRITE", self.flush_on_write.to_string());
         push("MAX_RECORDS", self.max_records.to_string());
         push("BATCH_SIZE", self.batch_size.to_string());
@@ -155,6 +169,24 @@ impl Config {
                     push(&key("token"), shown_secret(nats.token.as_deref()));
                     push(&key("subject"), nats.subject.clone());
                     push(&key("timeout_secs"), secs(nats.timeout));
+                    push(
+                        &key("tls_required"),
+                        nats.tls_required.map_or_else(
+                            || "(default: true beyond loopback)".to_owned(),
+                            |b| b.to_string(),
+                        ),
+                    );
+                    for (field, path) in [
+                        ("ca_file", &nats.ca_file),
+                        ("client_cert", &nats.client_cert),
+                        ("client_key", &nats.client_key),
+                        ("creds_file", &nats.creds_file),
+                        ("nkey_file", &nats.nkey_file),
+                    ] {
+                        if let Some(path) = path {
+                            push(&key(field), path.display().to_string());
+                        }
+                    }
                     push(&key("create_stream"), nats.stream.is_some().to_string());
                     if let Some(stream) = &nats.stream {
                         push(&key("stream"), stream.name.clone());

@@ -71,7 +71,9 @@ impl Loader {
                 }
             }
             let kind = match sink.kind {
-                FileSinkType::Nats => SinkKind::Nats(self.file_nats_sink(&at, sink, agent_id)),
+                FileSinkType::Nats => {
+                    SinkKind::Nats(self.file_nats_sink(&at, sink, file_dir, agent_id))
+                }
                 FileSinkType::Database => {
                     if let Err(expected) = check_database_url(&sink.url) {
                         self.problem(format!("{at}.url"), Some(redact_url(&sink.url)), expected);

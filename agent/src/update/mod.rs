@@ -89,6 +89,8 @@ pub struct Context {
     pub tz: Option<crate::timezone::Zone>,
     pub ingest_addr: std::net::SocketAddr,
     pub ingest_token: Option<String>,
+    /// `INGEST_TLS_CERT`, for the trial's health checks over HTTPS.
+    pub ingest_tls_cert: Option<PathBuf>,
     pub shutdown_grace: Duration,
 }
 
@@ -106,6 +108,7 @@ impl Context {
             args,
             addr: self.ingest_addr,
             token: self.ingest_token.clone(),
+            tls_cert: self.ingest_tls_cert.clone(),
             health: self.update.health,
             grace: self.shutdown_grace,
             run_as,

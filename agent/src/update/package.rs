@@ -277,7 +277,7 @@ fn start_service() {
 
 /// Waits until the service answers `/readyz` and reports `version`, for `UPDATE_HEALTH_SECS`.
 async fn wait_healthy(spec: &TrialSpec, version: &str) -> anyhow::Result<()> {
-    let client = trial::health_client()?;
+    let client = trial::health_client(spec)?;
     let deadline = Instant::now() + spec.health;
     loop {
         match trial::probe(&client, spec, version).await {

@@ -30,6 +30,8 @@ pub struct TrialSpec {
     /// Where the trial's ingest API listens.
     pub addr: SocketAddr,
     pub token: Option<String>,
+    /// `INGEST_TLS_CERT`: the API answers HTTPS with this certificate (issue 20).
+    pub tls_cert: Option<PathBuf>,
     /// `UPDATE_HEALTH_SECS`.
     pub health: Duration,
     /// How long the healthy trial may take to stop.
@@ -151,7 +153,7 @@ pub async fn run_trial(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("could not start {}", exe.display()))?;
-    let client = health_client()?;
+    let client = health_client(spec)?;
     let deadline = Instant::now() + spec.health;
     let result = loop {
         if let Some(status) = child.try_wait().context("waiting for the trial")? {
@@ -185,29 +187,24 @@ pub async fn run_trial(
     result
 }
 
-/// The client of the health checks: no proxy (the agent is on this machine), short timeouts.
-pub fn health_client() -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(2))
-        .build()
+/// The base URL and client of the health checks: no proxy (the agent is on this machine),
+/// short timeouts, `https://` trusting `INGEST_TLS_CERT` when the API is served over TLS.
+pub fn health_client(spec: &TrialSpec) -> anyhow::Result<(String, reqwest::Client)> {
+    crate::api_tls::local_client(spec.addr, spec.tls_cert.as_deref(), Duration::from_secs(2))
         .context("could not build the HTTP client for the health check")
 }
 
 /// Ready (`/readyz` 200) and running `version` (`/v1/status`).
 pub async fn probe(
-    client: &reqwest::Client,
+    (base, client): &(String, reqwest::Client),
     spec: &TrialSpec,
     version: &str,
 ) -> anyhow::Result<()> {
-    let ready = client
-        .get(format!("http://{}/readyz", spec.addr))
-        .send()
-        .await?;
+    let ready = client.get(format!("{base}/readyz")).send().await?;
     if !ready.status().is_success() {
         bail!("/readyz answered {}", ready.status());
     }
-    let mut request = client.get(format!("http://{}/v1/status", spec.addr));
+    let mut request = client.get(format!("{base}/v1/status"));
     if let Some(token) = &spec.token {
         request = request.bearer_auth(token);
     }

@@ -3,6 +3,7 @@
 //! time.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -30,7 +31,7 @@ pub(super) const AGENT_HEADER: &str = "Estafeta-Agent";
 pub const HEARTBEAT_SUBJECT_PREFIX: &str = "estafeta_heartbeat";
 
 /// `CENTRAL_NATS_*` or a `[[sinks]]` entry with `type = "nats"`.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct NatsSinkConfig {
     /// `nats://host:4222`, optionally with `user:password@` or `token@`; `tls://` for TLS.
     pub url: String,
@@ -44,6 +45,20 @@ pub struct NatsSinkConfig {
     pub agent_id: String,
     /// `Some` when `create_stream = true`.
     pub stream: Option<StreamSettings>,
+    /// `tls_required` (`CENTRAL_NATS_TLS_REQUIRED`): TLS on `nats://` whatever the server's
+    /// INFO says. `None`: required beyond loopback, the server decides on loopback.
+    pub tls_required: Option<bool>,
+    /// `ca_file` (`CENTRAL_NATS_CA_FILE`): the only CA trusted for the server's certificate;
+    /// `None`: the system's trust store and the bundled roots.
+    pub ca_file: Option<PathBuf>,
+    /// `client_cert` and `client_key` (`CENTRAL_NATS_CLIENT_CERT`, `CENTRAL_NATS_CLIENT_KEY`):
+    /// the client certificate (PEM chain) and its key, for servers with `verify: true`.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// `creds_file` (`CENTRAL_NATS_CREDS_FILE`): a `.creds` file (user JWT and NKey seed).
+    pub creds_file: Option<PathBuf>,
+    /// `nkey_file` (`CENTRAL_NATS_NKEY_FILE`): a file holding a user NKey seed (`SU…`).
+    pub nkey_file: Option<PathBuf>,
 }
 
 // By hand, so `{:?}` never prints the token or a password in the URL.
@@ -56,6 +71,12 @@ impl fmt::Debug for NatsSinkConfig {
             .field("timeout", &self.timeout)
             .field("agent_id", &self.agent_id)
             .field("stream", &self.stream)
+            .field("tls_required", &self.tls_required)
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .field("creds_file", &self.creds_file)
+            .field("nkey_file", &self.nkey_file)
             .finish()
     }
 }

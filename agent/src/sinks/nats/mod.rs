@@ -43,6 +43,11 @@
 //!   stream belongs to the team that runs NATS.
 //! - Credentials in the URL (`nats://user:password@host`, `nats://token@host`) and the token are
 //!   taken out of the URL before it reaches the client, never logged, and scrubbed from errors.
+//! - TLS and authentication ([`security`]): `tls://`, or `nats://` with `tls_required` (the
+//!   default beyond loopback), is TLS verified against the host name before anything else is
+//!   sent, never clear text; the trust is the project's ([`crate::tls`]: the CA file, else the
+//!   system's store and the bundled roots); NKey seed and `.creds` files. `transport()` says
+//!   what the last connection negotiated (on a loopback `nats://`, the server's INFO decides).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -61,25 +66,18 @@ use tokio::sync::OnceCell;
 use tokio::task::JoinSet;
 
 use super::{BoxFuture, Outcome, Refusal, Sink, error_chain, order_key, runs};
-use crate::redact::{self, Secrets, percent_decode};
+use crate::redact::{self, Secrets};
 
 mod config;
 mod limits;
 #[cfg(test)]
 mod run_tests;
+mod security;
 #[cfg(test)]
 mod tests;
 
 pub use config::*;
 use config::{AGENT_HEADER, MSG_ID_HEADER, SEQ_HEADER};
-
-/// How the sink authenticates, taken out of the URL.
-#[derive(Clone)]
-enum Auth {
-    None,
-    Token(String),
-    UserPassword(String, String),
-}
 
 /// The open connection.
 struct Connection {
@@ -96,7 +94,8 @@ pub struct NatsSink {
     server: String,
     /// The URL as shown (credentials hidden).
     shown: String,
-    auth: Auth,
+    /// TLS and authentication.
+    security: security::Security,
     subject: String,
     timeout: Duration,
     agent_id: String,
@@ -106,7 +105,7 @@ pub struct NatsSink {
     /// Whether the configured stream was created (or found) on this connection.
     stream_ready: AtomicBool,
     connection: OnceCell<Connection>,
-    /// Token and passwords, scrubbed from every error message.
+    /// Token, passwords and seed, scrubbed from every error message.
     secrets: Secrets,
 }
 
@@ -117,27 +116,8 @@ impl NatsSink {
         let shown = redact::url(&config.url);
         check_nats_url(&config.url).map_err(|e| anyhow::anyhow!("the NATS URL {shown:?}: {e}"))?;
         let mut url = Url::parse(&config.url).context("the NATS URL")?;
-        let user = percent_decode(url.username());
-        let password = url.password().map(percent_decode);
-        let mut auth = match (user.is_empty(), password) {
-            (true, _) => Auth::None,
-            (false, None) => Auth::Token(user.clone()),
-            (false, Some(password)) => Auth::UserPassword(user.clone(), password),
-        };
-        if let Some(token) = config.token.as_ref().filter(|t| !t.is_empty()) {
-            if matches!(auth, Auth::UserPassword(..)) {
-                bail!(
-                    "the NATS URL {shown:?} has a user and password and a token is set too; use one of them"
-                );
-            }
-            auth = Auth::Token(token.clone());
-        }
-        // As written in the URL (percent-encoded) and decoded, and the token.
-        let secrets = Secrets::of(&config.url).with(match &auth {
-            Auth::None => None,
-            Auth::Token(token) => Some(token.as_str()),
-            Auth::UserPassword(_, password) => Some(password.as_str()),
-        });
+        let security = security::Security::new(&config, &url, &shown)?;
+        let secrets = security.secrets.clone();
         url.set_username("")
             .map_err(|()| anyhow::anyhow!("the NATS URL {shown:?} cannot hold credentials"))?;
         url.set_password(None)
@@ -171,7 +151,7 @@ impl NatsSink {
             name,
             server,
             shown,
-            auth,
+            security,
             subject: config.subject,
             timeout: config.timeout,
             agent_id: config.agent_id,
@@ -284,18 +264,12 @@ impl NatsSink {
         let connection = self
             .connection
             .get_or_try_init(|| async {
-                let mut options = ConnectOptions::new()
+                let options = ConnectOptions::new()
                     .name(format!("estafeta {}", self.agent_id))
                     .connection_timeout(self.timeout)
                     .request_timeout(Some(self.timeout))
                     .ping_interval(Duration::from_secs(20));
-                options = match &self.auth {
-                    Auth::None => options,
-                    Auth::Token(token) => options.token(token.clone()),
-                    Auth::UserPassword(user, password) => {
-                        options.user_and_password(user.clone(), password.clone())
-                    }
-                };
+                let options = self.security.apply(options).await?;
                 let client = options
                     .connect(self.server.as_str())
                     .await
@@ -304,7 +278,9 @@ impl NatsSink {
                     .timeout(self.timeout)
                     .backpressure_on_inflight(true)
                     .build(client.clone());
-                tracing::info!(sink = %self.name, url = %self.shown, max_payload = client.server_info().max_payload, "Connected to NATS.");
+                self.security.connected(client.server_info().tls_required);
+                let transport = self.security.observed.transport().describe();
+                tracing::info!(sink = %self.name, url = %self.shown, max_payload = client.server_info().max_payload, transport = %transport, "Connected to NATS.");
                 Ok::<_, String>(Connection {
                     client,
                     js,
@@ -379,11 +355,16 @@ impl NatsSink {
     fn connect_error(&self, err: &async_nats::ConnectError) -> String {
         let hint = match err.kind() {
             ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
-                "check the token or user and password"
+                "check the token, user and password, NKey seed or credentials file".to_owned()
             }
-            ConnectErrorKind::TimedOut => "check that the server is up and reachable",
-            ConnectErrorKind::Tls => "check the server's TLS setup and certificate",
-            _ => "check that nats-server runs there (with JetStream) and the port is right",
+            ConnectErrorKind::TimedOut => "check that the server is up and reachable".to_owned(),
+            // rustls' errors reach async-nats as I/O errors of the handshake.
+            ConnectErrorKind::Tls => self.security.tls_hint(&error_chain(err)),
+            ConnectErrorKind::Io if security::is_tls_failure(&error_chain(err)) => {
+                self.security.tls_hint(&error_chain(err))
+            }
+            _ => "check that nats-server runs there (with JetStream) and the port is right"
+                .to_owned(),
         };
         self.scrub(format!(
             "cannot connect to {}: {}; {hint}",
@@ -618,8 +599,7 @@ impl Sink for NatsSink {
     }
 
     fn transport(&self) -> crate::tls::Transport {
-        // TODO(issue 20): tls_required, CA file, client certificate.
-        crate::tls::Transport::clear("nats://, TLS only if the server asks")
+        self.security.observed.transport()
     }
 
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {

@@ -56,6 +56,7 @@ impl Scratch {
                 timeout: Duration::from_secs(3),
                 agent_id: "run-test".to_owned(),
                 stream: None,
+                ..Default::default()
             },
         )
         .expect("a valid NATS sink")

@@ -11,6 +11,7 @@ fn config(url: &str, subject: &str) -> NatsSinkConfig {
         timeout: Duration::from_secs(1),
         agent_id: "ws-07.ward b".to_owned(),
         stream: None,
+        ..Default::default()
     }
 }
 
@@ -90,7 +91,9 @@ fn credentials_leave_the_url_and_never_show() {
     )
     .expect("valid");
     assert_eq!(sink.server, "nats://127.0.0.1:4222");
-    assert!(matches!(&sink.auth, Auth::UserPassword(u, p) if u == "estafeta" && p == "p@ss"));
+    assert!(
+        matches!(&sink.security.auth, security::Auth::UserPassword(u, p) if u == "estafeta" && p == "p@ss")
+    );
     assert_eq!(sink.shown, "nats://estafeta:***@127.0.0.1:4222");
     assert_eq!(
         sink.scrub("refused p@ss and p%40ss".to_owned()),
@@ -102,7 +105,7 @@ fn credentials_leave_the_url_and_never_show() {
         config("nats://s3cr3t@127.0.0.1:4222", DEFAULT_SUBJECT),
     )
     .expect("valid");
-    assert!(matches!(&sink.auth, Auth::Token(t) if t == "s3cr3t"));
+    assert!(matches!(&sink.security.auth, security::Auth::Token(t) if t == "s3cr3t"));
     assert!(!sink.shown.contains("s3cr3t"), "{}", sink.shown);
     let text = format!("{:?}", config("nats://s3cr3t@127.0.0.1:4222", "x"));
     assert!(!text.contains("s3cr3t"), "{text}");
@@ -110,7 +113,7 @@ fn credentials_leave_the_url_and_never_show() {
     let mut with_token = config("nats://127.0.0.1:4222", DEFAULT_SUBJECT);
     with_token.token = Some("tok".to_owned());
     let sink = NatsSink::new("nats", with_token).expect("valid");
-    assert!(matches!(&sink.auth, Auth::Token(t) if t == "tok"));
+    assert!(matches!(&sink.security.auth, security::Auth::Token(t) if t == "tok"));
 }
 
 #[tokio::test]
