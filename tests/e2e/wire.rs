@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use estafeta_e2e::mariadb_server::{MariaDb, ServerTls};
+use estafeta_e2e::nats_server::{NatsServer, NatsServerSettings};
 use estafeta_e2e::pki::Pki;
 use estafeta_e2e::wire::Recorder;
 use estafeta_e2e::{Agent, log_tail, pg, status_with, unique_name, wait_drained};
@@ -170,6 +171,58 @@ async fn a_canary_crosses_the_wire_to_mariadb_only_without_tls() {
     assert!(
         proxy.saw(&canary),
         "with ssl-mode=DISABLED the canary should be on the wire: the capture does not work"
+    );
+    assert_eq!(connection["tls"], false, "{connection}");
+}
+
+#[tokio::test]
+async fn a_canary_crosses_the_wire_to_nats_only_without_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"), "ca");
+    let cert = pki.server("server");
+    let with_tls = NatsServer::start(
+        &dir.path().join("tls"),
+        &NatsServerSettings {
+            tls: Some((cert.cert.clone(), cert.key.clone())),
+            ..Default::default()
+        },
+    );
+    let in_clear = NatsServer::start(&dir.path().join("clear"), &NatsServerSettings::default());
+    let stream = [
+        ("CENTRAL_NATS_CREATE_STREAM", "true"),
+        ("CENTRAL_NATS_STREAM", "WIRE"),
+    ];
+
+    let proxy = Recorder::start(with_tls.addr()).await;
+    let canary = unique_name("cnryTlsNats");
+    let url = format!("tls://127.0.0.1:{}", proxy.addr().port());
+    let ca = pki.ca().display().to_string();
+    let mut env = vec![
+        ("CENTRAL_NATS_URL", url.as_str()),
+        ("CENTRAL_NATS_CA_FILE", ca.as_str()),
+    ];
+    env.extend(stream);
+    let connection = deliver_through(&env, "nats", &canary).await;
+    assert!(
+        !proxy.captured().is_empty(),
+        "the agent went through the proxy"
+    );
+    assert!(
+        !proxy.saw(&canary),
+        "over tls:// the record crossed the wire in clear"
+    );
+    assert_eq!(connection["tls"], true, "{connection}");
+    assert_eq!(connection["verified"], true, "{connection}");
+
+    let proxy = Recorder::start(in_clear.addr()).await;
+    let canary = unique_name("cnryClearNats");
+    let url = format!("nats://127.0.0.1:{}", proxy.addr().port());
+    let mut env = vec![("CENTRAL_NATS_URL", url.as_str())];
+    env.extend(stream);
+    let connection = deliver_through(&env, "nats", &canary).await;
+    assert!(
+        proxy.saw(&canary),
+        "over nats:// without TLS the canary should be on the wire: the capture does not work"
     );
     assert_eq!(connection["tls"], false, "{connection}");
 }
