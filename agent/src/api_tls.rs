@@ -15,10 +15,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio_rustls::TlsAcceptor;
 
 /// The TLS acceptor of the ingest listener.
@@ -73,76 +69,5 @@ fn pinned(cert_file: &Path) -> anyhow::Result<rustls::ClientConfig> {
     let first = crate::tls::certificates(cert_file)
         .context("INGEST_TLS_CERT")?
         .remove(0);
-    let provider = crate::tls::provider();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .context("the TLS provider offers no protocol version")?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned {
-            cert: first,
-            provider,
-        }))
-        .with_no_client_auth();
-    Ok(config)
-}
-
-/// Accepts exactly one certificate; the handshake's signatures are checked as usual, so the
-/// server holds that certificate's key.
-#[derive(Debug)]
-struct Pinned {
-    cert: CertificateDer<'static>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if end_entity.as_ref() == self.cert.as_ref() {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "the agent's API answered with a certificate other than INGEST_TLS_CERT's (another program on INGEST_ADDR?)".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+    crate::tls::pinned_config(first)
 }

@@ -149,7 +149,10 @@ pub fn client_config(
                 Arc::new(ChainOnly(full))
             }
         }
-        Verify::Nothing => Arc::new(Unchecked(provider)),
+        Verify::Nothing => Arc::new(Unchecked {
+            provider,
+            only: None,
+        }),
     };
     let builder = builder
         .dangerous()
@@ -211,21 +214,45 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-/// libpq's `require`: any certificate; the handshake's signatures are still checked, so the
-/// session is encrypted to whoever holds the certificate's key.
+/// A client configuration that accepts exactly one certificate, byte for byte, whatever its
+/// names and issuer: for this machine's commands talking to the agent's own HTTPS API on
+/// loopback, where the certificate names the machine on the network (see `api_tls`).
+pub fn pinned_config(only: CertificateDer<'static>) -> anyhow::Result<ClientConfig> {
+    let provider = provider();
+    Ok(ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .context("the TLS provider offers no protocol version")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Unchecked {
+            provider,
+            only: Some(only),
+        }))
+        .with_no_client_auth())
+}
+
+/// libpq's `require`: any certificate (or, pinned, exactly `only`); the handshake's signatures
+/// are still checked, so the session is encrypted to whoever holds the certificate's key.
 #[derive(Debug)]
-struct Unchecked(Arc<CryptoProvider>);
+struct Unchecked {
+    provider: Arc<CryptoProvider>,
+    only: Option<CertificateDer<'static>>,
+}
 
 impl ServerCertVerifier for Unchecked {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        match &self.only {
+            Some(only) if only.as_ref() != end_entity.as_ref() => Err(rustls::Error::General(
+                "the server answered with a certificate other than the one expected (another program on that address?)".into(),
+            )),
+            _ => Ok(ServerCertVerified::assertion()),
+        }
     }
 
     fn verify_tls12_signature(
@@ -238,7 +265,7 @@ impl ServerCertVerifier for Unchecked {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -252,12 +279,14 @@ impl ServerCertVerifier for Unchecked {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
