@@ -17,6 +17,7 @@ mod db;
 mod flaky;
 mod gate;
 mod nats;
+pub mod pg_cluster;
 pub mod pki;
 pub mod powercut;
 pub mod powercut_fs;
