@@ -103,6 +103,11 @@ impl Sink for ScriptSink {
         SINK
     }
 
+    fn transport(&self) -> estafeta::tls::Transport {
+        // In memory: nothing crosses a network.
+        estafeta::tls::Transport::local()
+    }
+
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
