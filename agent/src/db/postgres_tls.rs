@@ -278,8 +278,9 @@ impl PgTls {
         self.mode
     }
 
-    /// `sslmode=disable` (or `allow`/`prefer`, which may end in clear text) to a host beyond
-    /// loopback: patient data may cross the network in clear.
+    /// `sslmode=disable` to a host beyond loopback: patient data crosses the network in clear
+    /// (the sink logs a WARN at start). An explicit `prefer` beyond loopback is not flagged
+    /// here; `transport()` shows whether its connections ended in clear text.
     pub fn clear_beyond_loopback(&self) -> bool {
         !self.loopback && self.mode == SslMode::Disable
     }
