@@ -53,20 +53,20 @@ pub async fn load(url: &str) -> anyhow::Result<Vec<FleetRow>> {
     let hint = "; the view appears with the first heartbeat an agent sends there (HEARTBEAT_SECS)";
     match Dialect::of(url)? {
         Dialect::Postgres => {
-            let config: tokio_postgres::Config =
-                url.parse().map_err(|err: tokio_postgres::Error| {
-                    anyhow::anyhow!(
-                        "the PostgreSQL URL {shown:?} is not valid: {}",
-                        secrets.scrub(&err.to_string())
-                    )
-                })?;
-            let (client, connection) =
-                config.connect(tokio_postgres::NoTls).await.map_err(|err| {
-                    anyhow::anyhow!(
-                        "cannot connect to {shown}: {}",
-                        secrets.scrub(&crate::sinks::error_chain(&err))
-                    )
-                })?;
+            // libpq's TLS settings, the same rules as the sink's (crate::db::postgres_tls).
+            let mut pg = crate::db::postgres_tls::PgTls::from_url(url)?;
+            if pg.clear_beyond_loopback() {
+                tracing::warn!(url = %shown, "sslmode=disable to a host beyond loopback: the fleet's rows cross the network in clear text.");
+            }
+            if pg.config().get_application_name().is_none() {
+                pg.config_mut().application_name("estafeta fleet");
+            }
+            let (client, connection) = pg.connect().await.map_err(|err| {
+                anyhow::anyhow!(
+                    "cannot connect to {shown}: {}",
+                    secrets.scrub(&err.to_string())
+                )
+            })?;
             tokio::spawn(connection);
             let rows = client.query(FLEET_SQL, &[]).await.map_err(|err| {
                 anyhow::anyhow!(

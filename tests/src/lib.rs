@@ -19,6 +19,7 @@ mod gate;
 pub mod mariadb_server;
 mod nats;
 pub mod nats_server;
+pub mod pg_cluster;
 pub mod pki;
 pub mod powercut;
 pub mod powercut_fs;

@@ -1,7 +1,8 @@
 //! What the database sinks and the SQL sources share: the [`Dialect`] a URL names, the path
 //! in a `sqlite://` URL, and the SQL statement files with named parameters ([`apply`]) that
-//! apply mode runs in a sink and a source's query uses. Below both `sinks` and `sources`, so
-//! neither depends on the other.
+//! apply mode runs in a sink and a source's query uses, and PostgreSQL connections with libpq's
+//! TLS settings ([`postgres_tls`]). Below both `sinks` and `sources`, so neither depends on the
+//! other.
 
 use std::path::PathBuf;
 
@@ -11,6 +12,7 @@ use crate::redact;
 
 pub mod apply;
 pub mod mysql;
+pub mod postgres_tls;
 
 /// The database a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -164,7 +164,7 @@ pub fn load(
                 "expected a name no other source uses".into(),
             );
         }
-        if let Err(err) = query::Driver::of(&src.url) {
+        if let Err(err) = query::check_url(&src.url) {
             problem("url", Some(query::shown_and_secrets(&src.url).0), err);
         }
         let query_path = file_dir.join(&src.query);
@@ -573,6 +573,13 @@ async fn run_source(
         When::Every(_) => None,
     };
     info!(source = %source.name, url = %query::shown_and_secrets(&source.url).0, "Source started.");
+    if query::clear_beyond_loopback(&source.url) {
+        warn!(
+            source = %source.name,
+            url = %query::shown_and_secrets(&source.url).0,
+            "sslmode=disable to a host beyond loopback: rows cross the network in clear text; use sslmode=verify-full (the default) unless this network is trusted."
+        );
+    }
     let mut first = true;
     let mut failed = false;
     loop {

@@ -154,6 +154,23 @@ pub async fn fetch(
     }
 }
 
+/// Checks a source URL at start: its scheme, and for PostgreSQL its TLS settings (an unknown
+/// `sslmode`, a missing `sslrootcert`, …), so `check-config` shows them rather than the first
+/// cycle.
+pub fn check_url(url: &str) -> Result<(), String> {
+    if Driver::of(url)? == Driver::Postgres {
+        crate::db::postgres_tls::PgTls::from_url(url).map_err(|err| format!("{err:#}"))?;
+    }
+    Ok(())
+}
+
+/// Whether a source URL sends its rows in clear text across the network (PostgreSQL
+/// `sslmode=disable` to a host beyond loopback), for a WARN at start.
+pub fn clear_beyond_loopback(url: &str) -> bool {
+    Driver::of(url) == Ok(Driver::Postgres)
+        && crate::db::postgres_tls::PgTls::from_url(url).is_ok_and(|pg| pg.clear_beyond_loopback())
+}
+
 /// A source URL as shown in logs (password hidden), and the secrets to scrub from messages.
 /// An ODBC connection string hides its `PWD=` / `Password=` value, braces and all.
 pub fn shown_and_secrets(url: &str) -> (String, Secrets) {
@@ -173,14 +190,20 @@ fn unsupported(column: &str, ty: &str) -> anyhow::Error {
 
 mod postgres {
     use super::*;
+    use crate::db::postgres_tls::PgTls;
     use bytes::BytesMut;
-    use tokio_postgres::NoTls;
     use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
     pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
-        let (client, connection) = tokio_postgres::connect(url, NoTls)
+        // libpq's TLS settings, the same rules as the sink's (crate::db::postgres_tls).
+        let mut pg = PgTls::from_url(url)?;
+        if pg.config().get_application_name().is_none() {
+            pg.config_mut().application_name("estafeta");
+        }
+        let (client, connection) = pg
+            .connect()
             .await
-            .context("cannot connect")?;
+            .map_err(|err| anyhow::anyhow!("cannot connect: {err}"))?;
         let connection = tokio::spawn(connection);
         let result = async {
             let statement = client.prepare(sql).await.context("the query was refused")?;

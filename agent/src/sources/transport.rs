@@ -19,8 +19,11 @@ pub fn of(url: &str) -> Transport {
             Ok(target) => target.transport(),
             Err(err) => Transport::unknown(format!("the URL is not valid: {err}")),
         },
-        // TODO(issue 20): the PostgreSQL and MySQL sinks' own rules.
-        _ => Transport::unknown("TODO"),
+        Ok(super::query::Driver::Postgres) => match crate::db::postgres_tls::PgTls::from_url(url) {
+            Ok(pg) => pg.transport(),
+            Err(err) => Transport::unknown(format!("the URL is not valid: {err}")),
+        },
+        Err(err) => Transport::unknown(format!("the URL is not valid: {err}")),
     }
 }
 

@@ -41,9 +41,10 @@
 //! not per record). A refused row or statement sends the batch row by row under savepoints, as above:
 //! the refused record is dead and the rest of its key's run skipped, neither landed nor applied.
 //!
-//! The connection is plain TCP (`NoTls`): TLS to PostgreSQL (tokio-postgres-rustls) is future
-//! work, so point this sink at a database on a trusted network or through a tunnel. A URL asking
-//! for `sslmode=require` fails to connect rather than going out in clear.
+//! TLS follows libpq's URL parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`), read and
+//! connected by [`crate::db::postgres_tls`], the same code as the sources and `estafeta fleet`:
+//! `verify-full` by default beyond loopback, never clear text when the URL asks for TLS, and a
+//! WARN at start for `sslmode=disable` to a host beyond loopback.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,7 +54,7 @@ use chrono::{DateTime, Utc};
 use estafeta_staging::Delivery;
 use tokio::sync::Mutex;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 
 use super::DatabaseSinkConfig;
 use super::landing;
@@ -61,6 +62,7 @@ use super::landing::{
     BATCH_TIMEOUT, CONNECT_TIMEOUT, Failure, LandingRow, Migration, Rows, dry_run_lines,
 };
 use crate::db::apply::ApplyStatements;
+use crate::db::postgres_tls::{ConnectError, PgTls};
 use crate::redact::{self, Secrets};
 use crate::sinks::{BoxFuture, Outcome, Sink};
 
@@ -93,7 +95,8 @@ const MIGRATION_LOCK_SQL: &str = "SELECT pg_advisory_xact_lock(7300210457120913)
 pub struct PostgresSink {
     name: String,
     agent_id: String,
-    config: tokio_postgres::Config,
+    /// The connection settings, TLS included, and what the last connection negotiated.
+    pg: PgTls,
     /// The URL with its password hidden, for messages.
     shown: String,
     secrets: Secrets,
@@ -156,20 +159,24 @@ impl PostgresSink {
     pub fn new(name: impl Into<String>, config: DatabaseSinkConfig) -> anyhow::Result<Self> {
         let shown = redact::url(&config.url);
         let secrets = Secrets::of(&config.url);
-        let mut pg: tokio_postgres::Config = config.url.parse().map_err(|err: tokio_postgres::Error| {
-            anyhow::anyhow!(
-                "the PostgreSQL URL {shown:?} is not valid: {}; expected postgres://user:password@host:5432/database",
-                secrets.scrub(&err.to_string())
-            )
-        })?;
-        pg.connect_timeout(CONNECT_TIMEOUT);
-        if pg.get_application_name().is_none() {
-            pg.application_name("estafeta");
+        let name = name.into();
+        let mut pg = PgTls::from_url(&config.url)?;
+        if pg.clear_beyond_loopback() {
+            tracing::warn!(
+                sink = %name,
+                url = %shown,
+                "sslmode=disable to a host beyond loopback: records cross the network in clear text; use sslmode=verify-full (the default) unless this network is trusted."
+            );
+        }
+        let pg_config = pg.config_mut();
+        pg_config.connect_timeout(CONNECT_TIMEOUT);
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("estafeta");
         }
         Ok(Self {
-            name: name.into(),
+            name,
             agent_id: config.agent_id,
-            config: pg,
+            pg,
             shown,
             secrets,
             clients: [Mutex::new(None), Mutex::new(None)],
@@ -180,22 +187,21 @@ impl PostgresSink {
     }
 
     async fn connect(&self) -> Result<Client, String> {
-        let (client, connection) =
-            tokio::time::timeout(CONNECT_TIMEOUT, self.config.connect(NoTls))
-                .await
-                .map_err(|_| {
-                    format!(
-                        "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
-                        self.shown
-                    )
-                })?
-                .map_err(|err| {
-                    format!(
-                        "cannot connect to {}: {}",
-                        self.shown,
-                        self.failure(err).message()
-                    )
-                })?;
+        let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, self.pg.connect())
+            .await
+            .map_err(|_| {
+                format!(
+                    "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
+                    self.shown
+                )
+            })?
+            .map_err(|err| {
+                let why = match err {
+                    ConnectError::Tls(text) => self.secrets.scrub(&text),
+                    ConnectError::Postgres(err) => self.failure(err).message(),
+                };
+                format!("cannot connect to {}: {why}", self.shown)
+            })?;
         let name = self.name.clone();
         tokio::spawn(async move {
             if let Err(err) = connection.await {
@@ -406,8 +412,7 @@ impl Sink for PostgresSink {
     }
 
     fn transport(&self) -> crate::tls::Transport {
-        // TODO(issue 20): TLS.
-        crate::tls::Transport::clear("no TLS support yet")
+        self.pg.transport()
     }
 
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
