@@ -102,6 +102,18 @@ struct Shared {
     timeout: Duration,
     /// Token and URL password, scrubbed from every error message.
     secrets: Secrets,
+    /// The protection the settings give (reqwest never falls back from https to http), marked
+    /// seen once the API answered.
+    transport: crate::tls::Observed,
+}
+
+impl Shared {
+    fn answered(&self) {
+        let t = self.transport.transport();
+        if !t.observed {
+            self.transport.connected(t.tls, t.verified);
+        }
+    }
 }
 
 /// Delivers records as HTTP requests; see the module documentation for the mapping.
@@ -113,7 +125,6 @@ pub struct HttpSink {
     concurrency: usize,
     heartbeat_path: Option<String>,
     shared: Arc<Shared>,
-    transport: crate::tls::Transport,
 }
 
 /// `https` verified against the system's store, the bundled roots and `ca_file`, unless
@@ -211,7 +222,6 @@ impl HttpSink {
         let secrets = Secrets::of(&config.url).with(config.token.as_deref());
         Ok(Self {
             name,
-            transport,
             base,
             token,
             routes,
@@ -221,6 +231,7 @@ impl HttpSink {
                 client,
                 timeout: config.timeout,
                 secrets,
+                transport: crate::tls::Observed::new(transport),
             }),
         })
     }
@@ -425,9 +436,7 @@ impl Sink for HttpSink {
     }
 
     fn transport(&self) -> crate::tls::Transport {
-        // reqwest does not say which connection of its pool did what: the settings are the
-        // answer, and reqwest never falls back from https to http.
-        self.transport.clone()
+        self.shared.transport.transport()
     }
 
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
@@ -439,6 +448,7 @@ impl Sink for HttpSink {
             match request.send().await {
                 // Any answer, even 404 or 405, means the server is there.
                 Ok(response) => {
+                    self.shared.answered();
                     tracing::debug!(sink = %self.name, status = %response.status(), "HTTP sink reachable.");
                     Ok(())
                 }
@@ -633,7 +643,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn send(shared: &Shared, request: reqwest::Request, entity: &str) -> Outcome {
     let method = request.method().clone();
     match shared.client.execute(request).await {
-        Ok(response) => classify(response, &shared.secrets).await,
+        Ok(response) => {
+            shared.answered();
+            classify(response, &shared.secrets).await
+        }
         Err(err) => Outcome::Retry {
             error: format!("{method} {entity}: {}", describe(shared, err)),
             retry_after: None,
