@@ -45,6 +45,24 @@ async fn deliver_through(env: &[(&str, &str)], sink: &str, canary: &str) -> Valu
     found["connection"].clone()
 }
 
+/// With TLS: the agent's traffic went through the proxy, the canary did not, and the status
+/// says TLS (and `also`: `verified` or `observed`).
+fn assert_sealed(proxy: &Recorder, canary: &str, connection: &Value, what: &str, also: &str) {
+    assert!(
+        !proxy.captured().is_empty(),
+        "the agent went through the proxy"
+    );
+    assert!(!proxy.saw(canary), "{what}");
+    assert_eq!(connection["tls"], true, "{connection}");
+    assert_eq!(connection[also], true, "{connection}");
+}
+
+/// In clear: the canary is on the wire (else the capture proves nothing) and the status says so.
+fn assert_in_clear(proxy: &Recorder, canary: &str, connection: &Value, what: &str) {
+    assert!(proxy.saw(canary), "{what}");
+    assert_eq!(connection["tls"], false, "{connection}");
+}
+
 /// Rows of this agent's records in PostgreSQL's landing table holding `canary`.
 async fn pg_rows(agent_id: &str, canary: &str) -> i64 {
     pg().await
@@ -75,16 +93,13 @@ async fn a_canary_crosses_the_wire_to_postgresql_only_without_tls() {
         1,
         "the record landed once"
     );
-    assert!(
-        !proxy.captured().is_empty(),
-        "the agent went through the proxy"
+    assert_sealed(
+        &proxy,
+        &canary,
+        &connection,
+        "with sslmode=require the record crossed the wire in clear",
+        "observed",
     );
-    assert!(
-        !proxy.saw(&canary),
-        "with sslmode=require the record crossed the wire in clear"
-    );
-    assert_eq!(connection["tls"], true, "{connection}");
-    assert_eq!(connection["observed"], true, "{connection}");
 
     let canary = unique_name("cnryClearPg");
     let url = format!("postgres://postgres@127.0.0.1:{port}/test?sslmode=disable");
@@ -98,11 +113,12 @@ async fn a_canary_crosses_the_wire_to_postgresql_only_without_tls() {
         1,
         "the record landed once"
     );
-    assert!(
-        proxy.saw(&canary),
-        "with sslmode=disable the canary should be on the wire: the capture does not work"
+    assert_in_clear(
+        &proxy,
+        &canary,
+        &connection,
+        "with sslmode=disable the canary should be on the wire: the capture does not work",
     );
-    assert_eq!(connection["tls"], false, "{connection}");
 }
 
 #[tokio::test]
@@ -145,16 +161,13 @@ async fn a_canary_crosses_the_wire_to_mariadb_only_without_tls() {
     )
     .await;
     assert_eq!(rows(&canary), "1", "the record landed once");
-    assert!(
-        !proxy.captured().is_empty(),
-        "the agent went through the proxy"
+    assert_sealed(
+        &proxy,
+        &canary,
+        &connection,
+        "with ssl-mode=VERIFY_IDENTITY the record crossed the wire in clear",
+        "verified",
     );
-    assert!(
-        !proxy.saw(&canary),
-        "with ssl-mode=VERIFY_IDENTITY the record crossed the wire in clear"
-    );
-    assert_eq!(connection["tls"], true, "{connection}");
-    assert_eq!(connection["verified"], true, "{connection}");
 
     let canary = unique_name("cnryClearMy");
     // prefer_socket=false: on loopback the driver would move to the server's Unix socket,
@@ -168,11 +181,12 @@ async fn a_canary_crosses_the_wire_to_mariadb_only_without_tls() {
     )
     .await;
     assert_eq!(rows(&canary), "1", "the record landed once");
-    assert!(
-        proxy.saw(&canary),
-        "with ssl-mode=DISABLED the canary should be on the wire: the capture does not work"
+    assert_in_clear(
+        &proxy,
+        &canary,
+        &connection,
+        "with ssl-mode=DISABLED the canary should be on the wire: the capture does not work",
     );
-    assert_eq!(connection["tls"], false, "{connection}");
 }
 
 #[tokio::test]
@@ -203,16 +217,13 @@ async fn a_canary_crosses_the_wire_to_nats_only_without_tls() {
     ];
     env.extend(stream);
     let connection = deliver_through(&env, "nats", &canary).await;
-    assert!(
-        !proxy.captured().is_empty(),
-        "the agent went through the proxy"
+    assert_sealed(
+        &proxy,
+        &canary,
+        &connection,
+        "over tls:// the record crossed the wire in clear",
+        "verified",
     );
-    assert!(
-        !proxy.saw(&canary),
-        "over tls:// the record crossed the wire in clear"
-    );
-    assert_eq!(connection["tls"], true, "{connection}");
-    assert_eq!(connection["verified"], true, "{connection}");
 
     let proxy = Recorder::start(in_clear.addr()).await;
     let canary = unique_name("cnryClearNats");
@@ -220,9 +231,10 @@ async fn a_canary_crosses_the_wire_to_nats_only_without_tls() {
     let mut env = vec![("CENTRAL_NATS_URL", url.as_str())];
     env.extend(stream);
     let connection = deliver_through(&env, "nats", &canary).await;
-    assert!(
-        proxy.saw(&canary),
-        "over nats:// without TLS the canary should be on the wire: the capture does not work"
+    assert_in_clear(
+        &proxy,
+        &canary,
+        &connection,
+        "over nats:// without TLS the canary should be on the wire: the capture does not work",
     );
-    assert_eq!(connection["tls"], false, "{connection}");
 }
