@@ -1,7 +1,8 @@
 //! What crosses the network (issue 20): the real agent delivers a record holding a canary to
 //! the central system through a recording TCP proxy ([`estafeta_e2e::wire`]). Over TLS the
 //! canary must not be in the captured bytes; in clear it must be (so the check can fail), and
-//! the landed row holds the canary either way. `GET /v1/status` says which it was.
+//! the landed row holds the canary either way. `GET /v1/status` says which it was. The same for
+//! a client posting to the agent's own ingest API with and without `INGEST_TLS_CERT`.
 
 use std::time::Duration;
 
@@ -237,4 +238,79 @@ async fn a_canary_crosses_the_wire_to_nats_only_without_tls() {
         &connection,
         "over nats:// without TLS the canary should be on the wire: the capture does not work",
     );
+}
+
+/// Posts one record holding `canary` to `base` (the proxy in front of the agent's ingest API).
+async fn post_through(client: &reqwest::Client, base: &str, canary: &str) {
+    let answer = client
+        .post(format!("{base}/v1/records/create/patient"))
+        .json(&json!({"id": canary, "name": canary}))
+        .send()
+        .await
+        .unwrap_or_else(|err| panic!("posting through the proxy: {err}"));
+    assert_eq!(answer.status(), StatusCode::ACCEPTED);
+}
+
+#[tokio::test]
+async fn a_canary_crosses_the_wire_to_the_ingest_api_only_without_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&dir.path().join("pki"), "ca");
+    let server = pki.server("server");
+    let (cert, key) = (
+        server.cert.display().to_string(),
+        server.key.display().to_string(),
+    );
+
+    let with_tls = dir.path().join("with-tls");
+    std::fs::create_dir(&with_tls).unwrap();
+    let mut agent = Agent::spec(&with_tls)
+        .envs([
+            ("INGEST_TLS_CERT", cert.as_str()),
+            ("INGEST_TLS_KEY", key.as_str()),
+        ])
+        .https(pki.ca())
+        .spawn();
+    agent.wait_ready(Duration::from_secs(20)).await;
+    let proxy = Recorder::start(agent.addr()).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(pki.ca()).unwrap()).unwrap(),
+        )
+        .build()
+        .unwrap();
+    let canary = unique_name("cnryTlsIngest");
+    post_through(
+        &client,
+        &format!("https://127.0.0.1:{}", proxy.addr().port()),
+        &canary,
+    )
+    .await;
+    assert!(
+        !proxy.captured().is_empty(),
+        "the client went through the proxy"
+    );
+    assert!(
+        !proxy.saw(&canary),
+        "over HTTPS the record crossed the wire in clear"
+    );
+    agent.terminate();
+
+    let in_clear = dir.path().join("in-clear");
+    std::fs::create_dir(&in_clear).unwrap();
+    let mut agent = Agent::start(&in_clear, &[]);
+    agent.wait_ready(Duration::from_secs(20)).await;
+    let proxy = Recorder::start(agent.addr()).await;
+    let canary = unique_name("cnryClearIngest");
+    post_through(
+        &reqwest::Client::new(),
+        &format!("http://127.0.0.1:{}", proxy.addr().port()),
+        &canary,
+    )
+    .await;
+    assert!(
+        proxy.saw(&canary),
+        "over plain HTTP the canary should be on the wire: the capture does not work"
+    );
+    agent.terminate();
 }
