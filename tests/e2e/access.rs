@@ -349,18 +349,40 @@ async fn an_https_api_with_an_unknown_ca_is_refused_until_central_api_ca_file_na
         String::from_utf8_lossy(&check.stdout)
     );
 
-    // The same agent, told the CA: everything goes out, over TLS.
+    // The hospital's CA installed in the operating system's trust store (here the file that
+    // store is read from, SSL_CERT_FILE, as rustls-native-certs reads it): without any
+    // setting of the agent's, everything goes out, over TLS.
     drop(agent);
     let ca = certs.path().join("ca.pem");
     let mut agent = Agent::spec(dir.path())
         .envs(env)
-        .env("CENTRAL_API_CA_FILE", &ca)
+        .env("SSL_CERT_FILE", &ca)
         .spawn();
     agent.wait_ready(Duration::from_secs(20)).await;
     wait_drained(&agent, Duration::from_secs(30)).await;
     assert!(
         requests() >= 5,
-        "the 5 records reached the HTTPS API\n{}",
+        "with the CA in the system's trust store, the 5 records reached the HTTPS API\n{}",
+        log_tail(&agent, 20)
+    );
+
+    // The same agent, told the CA in its own setting: new records go out too.
+    drop(agent);
+    let mut agent = Agent::spec(dir.path())
+        .envs(env)
+        .env("CENTRAL_API_CA_FILE", &ca)
+        .spawn();
+    agent.wait_ready(Duration::from_secs(20)).await;
+    for n in 5..10 {
+        let (code, body) = agent
+            .post("create", "patient", &json!({"id": n, "name": "Ana"}))
+            .await;
+        assert_eq!(code.as_u16(), 202, "{body}");
+    }
+    wait_drained(&agent, Duration::from_secs(30)).await;
+    assert!(
+        requests() >= 10,
+        "with CENTRAL_API_CA_FILE, 5 more records reached the HTTPS API\n{}",
         log_tail(&agent, 20)
     );
     drop(server);
