@@ -10,7 +10,7 @@ use estafeta_e2e::mariadb_server::{MariaDb, ServerTls};
 use estafeta_e2e::nats_server::{NatsServer, NatsServerSettings};
 use estafeta_e2e::pki::Pki;
 use estafeta_e2e::wire::Recorder;
-use estafeta_e2e::{Agent, log_tail, pg, status_with, unique_name, wait_drained};
+use estafeta_e2e::{Agent, log_tail, pg, run_cli, status_with, unique_name, wait_drained};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -43,6 +43,18 @@ async fn deliver_through(env: &[(&str, &str)], sink: &str, canary: &str) -> Valu
         .cloned()
         .unwrap_or_else(|| panic!("no {sink} sink in the status: {status}"));
     agent.terminate();
+    // check-config says the same, after its own probe.
+    let check = run_cli(dir.path(), &env, &["check-config"]).await;
+    let said = String::from_utf8_lossy(&check.stdout).into_owned();
+    let line = said
+        .lines()
+        .find(|l| l.starts_with(&format!("sink {sink}: reachable; ")))
+        .unwrap_or_else(|| panic!("check-config does not say how {sink} is reached:\n{said}"));
+    let described = found["connection"]["description"].as_str().unwrap_or("?");
+    assert!(
+        line.ends_with(described),
+        "check-config ({line}) and the status ({described}) disagree"
+    );
     found["connection"].clone()
 }
 
