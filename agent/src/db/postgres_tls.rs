@@ -335,7 +335,7 @@ impl PgTls {
             }
             source = cause.source();
         }
-        if crate::sinks::error_chain(&err).contains("server does not support TLS") {
+        if crate::redact::error_chain(&err).contains("server does not support TLS") {
             return ConnectError::Tls(format!(
                 "the server does not support TLS (it answered the TLS request with \"no\": ssl = off in its postgresql.conf) and sslmode={} forbids clear text; turn ssl on at the server (ssl = on, ssl_cert_file, ssl_key_file), or use sslmode=disable only on a trusted network",
                 self.mode.as_str()
@@ -417,7 +417,7 @@ impl std::fmt::Display for ConnectError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Tls(text) => f.write_str(text),
-            Self::Postgres(err) => f.write_str(&crate::sinks::error_chain(err)),
+            Self::Postgres(err) => f.write_str(&crate::redact::error_chain(err)),
         }
     }
 }

@@ -244,20 +244,8 @@ pub(crate) fn delivered(outcomes: &[Outcome]) -> usize {
         .count()
 }
 
-/// `err` and its causes on one line, skipping a cause its parent already spells out.
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+/// `err` and its causes on one line (kept below the sinks, where the connections are made).
+pub(crate) use crate::redact::error_chain;
 
 /// A leased record for sink unit tests: id `id-<seq>`, staged 2026-11-23, routed to sink `s`.
 #[cfg(test)]
