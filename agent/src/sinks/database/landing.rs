@@ -18,6 +18,17 @@ pub const LANDING_TABLE: &str = "estafeta_records";
 /// Longest wait for a connection (and its migrations), in seconds.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Waits for `connecting` (a connection with its TLS handshake) at most [`CONNECT_TIMEOUT`];
+/// the error names the server as `shown` (password hidden).
+pub async fn connect_within<T, E>(
+    shown: &str,
+    connecting: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<Result<T, E>, String> {
+    tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| format!("connecting to {shown} timed out after {CONNECT_TIMEOUT:?}"))
+}
+
 /// Longest time one batch may take, connection included; past it, the batch is retried.
 pub const BATCH_TIMEOUT: Duration = Duration::from_secs(120);
 

@@ -51,8 +51,7 @@ use tokio::sync::Mutex;
 use super::DatabaseSinkConfig;
 use super::landing;
 use super::landing::{
-    ApplyRow, BATCH_TIMEOUT, CONNECT_TIMEOUT, Failure, LandingRow, Migration, Rows, Stopped,
-    dry_run_lines,
+    ApplyRow, BATCH_TIMEOUT, Failure, LandingRow, Migration, Rows, Stopped, dry_run_lines,
 };
 use crate::db::apply::{ApplyStatements, Bound};
 use crate::db::mysql::MysqlTarget;
@@ -153,14 +152,8 @@ impl MysqlSink {
     }
 
     async fn connect(&self) -> Result<Conn, String> {
-        let (mut conn, tls) = tokio::time::timeout(CONNECT_TIMEOUT, self.target.connect())
-            .await
-            .map_err(|_| {
-                format!(
-                    "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
-                    self.shown
-                )
-            })?
+        let (mut conn, tls) = landing::connect_within(&self.shown, self.target.connect())
+            .await?
             .map_err(|err| {
                 format!(
                     "cannot connect to {}: {}",

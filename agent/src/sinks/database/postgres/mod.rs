@@ -187,14 +187,8 @@ impl PostgresSink {
     }
 
     async fn connect(&self) -> Result<Client, String> {
-        let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, self.pg.connect())
-            .await
-            .map_err(|_| {
-                format!(
-                    "connecting to {} timed out after {CONNECT_TIMEOUT:?}",
-                    self.shown
-                )
-            })?
+        let (client, connection) = landing::connect_within(&self.shown, self.pg.connect())
+            .await?
             .map_err(|err| {
                 let why = match err {
                     ConnectError::Tls(text) => self.secrets.scrub(&text),
