@@ -3,7 +3,8 @@
 //! throw-away PKI (tests/src/pki.rs): `tls://` verified with the right CA delivers; a CA that
 //! signed nothing, a name mismatch, `tls_required` against a server without TLS, a missing client
 //! certificate and a wrong NKey seed deliver nothing and say why; the settings' mistakes are
-//! configuration errors. Needs the Debian packages nats-server and openssl
+//! configuration errors. A `.creds` file (operator → account → user JWTs made by the test, as nsc
+//! would) authenticates; a user of an unknown account does not. Needs the Debian packages nats-server and openssl
 //! (scripts/install-deps); a missing one fails the test.
 
 mod common;
@@ -467,4 +468,119 @@ fn mistakes_in_the_nats_security_settings_are_configuration_errors() {
     let local =
         NatsSink::new("nats", config("nats://127.0.0.1:4222".into())).expect("a valid sink");
     assert!(!local.transport().tls);
+}
+
+/// A NATS JWT (`header.claims.signature`, base64url without padding) signed by `signer`.
+fn jwt(claims: serde_json::Value, signer: &nkeys::KeyPair) -> String {
+    use base64::Engine as _;
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    let signed = format!(
+        "{}.{}",
+        b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let signature = signer.sign(signed.as_bytes()).expect("signing the JWT");
+    format!("{signed}.{}", b64(&signature))
+}
+
+/// Decentralised authentication as `nsc` sets it up (operator → account → user, each a JWT
+/// signed by the one above), without nsc: the server trusts the operator and knows the account
+/// (memory resolver); the agent shows the user's `.creds` file (JWT and seed) and signs the
+/// server's nonce with it.
+#[tokio::test]
+async fn a_creds_file_authenticates_and_a_user_of_another_account_does_not() {
+    use nkeys::KeyPair;
+    use serde_json::json;
+    let site = site();
+    let now = chrono::Utc::now().timestamp();
+    let operator = KeyPair::new_operator();
+    let account = KeyPair::new_account();
+    let user = KeyPair::new_user();
+    // JetStream needs the server's system account.
+    let system = KeyPair::new_account();
+    let operator_jwt = jwt(
+        json!({"jti": "OPERATOR", "iat": now, "iss": operator.public_key(), "sub": operator.public_key(),
+               "name": "hospital", "nats": {"type": "operator", "version": 2}}),
+        &operator,
+    );
+    let unlimited = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1});
+    let account_jwt = jwt(
+        json!({"jti": "ACCOUNT", "iat": now, "iss": operator.public_key(), "sub": account.public_key(),
+               "name": "estafeta", "nats": {"limits": unlimited, "type": "account", "version": 2}}),
+        &operator,
+    );
+    let system_jwt = jwt(
+        json!({"jti": "SYSTEM", "iat": now, "iss": operator.public_key(), "sub": system.public_key(),
+               "name": "SYS", "nats": {"limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1,
+               "exports": -1, "wildcards": true, "conn": -1, "leaf": -1}, "type": "account", "version": 2}}),
+        &operator,
+    );
+    let creds_for = |user: &KeyPair, signer: &KeyPair| {
+        let user_jwt = jwt(
+            json!({"jti": "USER", "iat": now, "iss": signer.public_key(), "sub": user.public_key(),
+                   "name": "agent", "nats": {"pub": {}, "sub": {}, "subs": -1, "data": -1,
+                   "payload": -1, "type": "user", "version": 2}}),
+            signer,
+        );
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        )
+    };
+    let server = NatsServer::start(
+        &site.root.join("nats"),
+        &NatsServerSettings {
+            extra: format!(
+                "operator: {operator_jwt:?}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {account_jwt:?}\n  {}: {system_jwt:?}\n}}\n",
+                system.public_key(),
+                account.public_key(),
+                system.public_key()
+            ),
+            ..Default::default()
+        },
+    );
+    let url = server.url("nats", "127.0.0.1");
+
+    let good = site.root.join("agent.creds");
+    std::fs::write(&good, creds_for(&user, &account)).unwrap();
+    let sink = NatsSink::new(
+        "nats",
+        NatsSinkConfig {
+            creds_file: Some(good),
+            ..config(url.clone())
+        },
+    )
+    .expect("a sink with a creds file");
+    deliver(&sink).await.unwrap_or_else(|err| {
+        panic!(
+            "the creds file should authenticate: {err}\nserver log:\n{}",
+            server.log()
+        )
+    });
+
+    // A user signed by an account the server does not know.
+    let stranger = site.root.join("stranger.creds");
+    std::fs::write(
+        &stranger,
+        creds_for(&KeyPair::new_user(), &KeyPair::new_account()),
+    )
+    .unwrap();
+    let sink = NatsSink::new(
+        "nats",
+        NatsSinkConfig {
+            creds_file: Some(stranger),
+            ..config(url)
+        },
+    )
+    .expect("a sink with a creds file");
+    let err = deliver(&sink)
+        .await
+        .expect_err("an unknown account is refused");
+    assert!(
+        err.to_lowercase().contains("authorization"),
+        "the error says the server refused the credentials: {err}"
+    );
 }

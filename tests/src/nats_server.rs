@@ -19,6 +19,8 @@ pub struct NatsServerSettings {
     pub verify_clients_with: Option<PathBuf>,
     /// `authorization { users = [ { nkey: U… } ] }`: the public NKeys allowed in.
     pub nkey_users: Vec<String>,
+    /// More configuration, as written (e.g. `operator` / `resolver` for JWT accounts).
+    pub extra: String,
 }
 
 /// A running nats-server; killed when dropped.
@@ -64,6 +66,7 @@ impl NatsServer {
             }
             conf.push_str("  ]\n}\n");
         }
+        conf.push_str(&settings.extra);
         let conf_path = dir.join("nats-server.conf");
         std::fs::write(&conf_path, conf).expect("writing nats-server.conf");
         let log = dir.join("nats-server.log");
