@@ -387,8 +387,32 @@ pub async fn power_cut_cycles(p: &PowerCutParams) -> PowerCutReport {
 
     // The source reads every 200 ms: give it the time to read the last rows inserted. And
     // the last fixable records refused around the API's fix are put back in line.
+    // A requeue the agent did not answer (it was still coming back from the last cut) or a
+    // record refused just before the fix and settled after the previous pass is asked again,
+    // until no fixable dead letter is left; one whose requeue was acknowledged and that is
+    // dead again is a problem, not something to requeue again.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    requeue_fixable(&client, &base, &mut requeued).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = requeued.clone();
+        requeue_fixable(&client, &base, &mut requeued).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let left = match dead_seqs(&client, &base, "fixable").await {
+            Some(left) => left,
+            None if Instant::now() < deadline => continue,
+            None => break,
+        };
+        let again: Vec<u64> = before.intersection(&left).copied().collect();
+        if !again.is_empty() {
+            report.problems.push(format!(
+                "fixable records {again:?} are dead letters again after their requeue was acknowledged"
+            ));
+            break;
+        }
+        if left.is_empty() || Instant::now() > deadline {
+            break;
+        }
+    }
     let drain_started = Instant::now();
     if let Err(e) = wait_settled(&agent, p.drain_timeout).await {
         report.problems.push(e);
