@@ -292,12 +292,16 @@ fn log_open_report(report: &OpenReport) {
             "Damaged bytes in the staging folder were moved aside with the reason; the file says which record they held."
         );
     }
-    if report.records_recovered > 0 || report.torn_tails_repaired > 0 || report.leases_released > 0
+    if report.records_recovered > 0
+        || report.torn_tails_repaired > 0
+        || report.leases_released > 0
+        || report.stale_dead_letters_removed > 0
     {
         info!(
             recovered = report.records_recovered,
             torn_tails = report.torn_tails_repaired,
             leases_released = report.leases_released,
+            stale_dead_letters_removed = report.stale_dead_letters_removed,
             "Staging recovered after an unclean stop."
         );
     }

@@ -69,6 +69,9 @@ pub struct OpenReport {
     pub moved_aside: Vec<MovedAside>,
     /// Records leased by deliverers that are no longer running, given back.
     pub leases_released: u64,
+    /// Dead letters a crash left behind after their record was put back in line (see
+    /// `dead::remove_stale_letters`), removed.
+    pub stale_dead_letters_removed: u64,
 }
 
 /// A damaged piece of the folder and where it was put.
@@ -186,6 +189,9 @@ pub struct CleanupReport {
     pub records_forgotten: u64,
     /// Records leased by deliverers that are no longer running, given back.
     pub leases_released: u64,
+    /// Dead letters a crash left behind after their record was put back in line (see
+    /// `dead::remove_stale_letters`), removed.
+    pub stale_dead_letters_removed: u64,
 }
 
 /// What [`crate::Staging::adopt_foreign`] did.

@@ -107,8 +107,9 @@ pub fn kill(store: &Staging, sink: &str, seq: u64, reason: &str) -> Result<PathB
 }
 
 /// Writes the dead letter of `delivery` for `sink` (durable before it returns) and its path;
-/// `attempts` counts the refused one. The index is updated by the caller, after: if we crash
-/// in between, the record is simply sent again.
+/// `attempts` counts the refused one. The index is updated by the caller, after, in the
+/// transaction it holds while writing: if we crash in between, the letter is stale (removed
+/// at the next open by [`remove_stale_letters`]) and the record is simply sent again.
 pub fn write_letter(
     store: &Staging,
     sink: &str,
@@ -131,7 +132,9 @@ pub fn write_letter(
     Ok(path)
 }
 
-/// Puts a dead (sink, seq) back to pending and removes its dead letter.
+/// Puts a dead (sink, seq) back to pending and removes its dead letter. The index says
+/// pending first: a crash before the file is gone leaves a stale letter, removed at the next
+/// open ([`remove_stale_letters`]), never a dead record without its letter.
 pub fn requeue(store: &Staging, sink: &str, seq: u64) -> Result<(), StoreError> {
     let (env, _) = store.get(&seq.to_string())?;
     let changed = store.db().execute(
@@ -185,6 +188,37 @@ pub fn list(failed_dir: &Path, limit: Option<usize>) -> Result<Vec<DeadLetter>, 
         out.truncate(limit);
     }
     Ok(out)
+}
+
+/// On an open over a sound index: removes the dead letters whose delivery the index does not
+/// hold as dead, and returns how many. A crash between writing a letter and committing its
+/// death, or between a requeue's commit and the removal of its letter, leaves one behind
+/// while its record is pending again (or delivered since): listed, it would show a refusal
+/// that no longer holds, and a requeue of it would answer "not found". Runs under the index's
+/// write lock, which a settle holds while it writes its letters, so another process's letter
+/// about to be committed is never taken for a stale one.
+pub fn remove_stale_letters(shared: &Shared, conn: &Connection) -> Result<u64, StoreError> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    let mut removed = 0;
+    for letter in list(&shared.failed_dir, None)? {
+        let dead: Option<i64> = tx
+            .query_row(
+                "SELECT 1 FROM deliveries WHERE sink = ?1 AND seq = ?2 AND state = 'dead'",
+                params![letter.sink, letter.seq as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if dead.is_none() {
+            layout::remove_file_durable(&letter.path)
+                .map_err(|e| StoreError::io("remove", &letter.path, e))?;
+            if let Some(dir) = letter.path.parent() {
+                layout::prune_empty_dirs(&shared.failed_dir, dir);
+            }
+            removed += 1;
+        }
+    }
+    tx.commit()?;
+    Ok(removed)
 }
 
 /// After a rebuild: the dead letters in the folder say which deliveries are dead.

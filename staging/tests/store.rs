@@ -183,6 +183,57 @@ fn dead_letter_is_readable_and_requeue_keeps_order() {
     assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a1, a2]);
 }
 
+/// A crash between a requeue's commit and the removal of its letter (or between a letter and
+/// the commit of its death) leaves a letter whose record is pending again. Reopening removes
+/// it, so the record is not listed as refused after it was delivered, and a letter still dead
+/// in the index stays. Fails without `dead::remove_stale_letters` at open.
+#[test]
+fn a_dead_letter_a_crash_left_behind_its_requeue_is_removed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = store
+        .stage(rec("create", "patient", Some("a"), r#"{"n":1}"#))
+        .unwrap()
+        .seq;
+    let b = store
+        .stage(rec("create", "patient", Some("b"), r#"{"n":2}"#))
+        .unwrap()
+        .seq;
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a, b]);
+    let stale = store.dead("db", a, "HTTP 422: exame sem código").unwrap();
+    let kept = store.dead("db", b, "HTTP 422: cpf inválido").unwrap();
+    // The requeue committed, then the crash came before its letter was gone: the same bytes
+    // are back in place, the index says pending, and the record is then delivered.
+    let letter = std::fs::read(&stale).unwrap();
+    store.requeue("db", a).unwrap();
+    std::fs::write(&stale, &letter).unwrap();
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a]);
+    store.ack("db", &[a]).unwrap();
+    assert_eq!(
+        store.dead_letters(None).unwrap().len(),
+        2,
+        "the stale letter is listed"
+    );
+    drop(store);
+
+    let (store, report) = Staging::open(Options::new(dir.path()).with_sinks(["db"])).unwrap();
+    assert_eq!(report.stale_dead_letters_removed, 1);
+    assert!(!stale.exists(), "the stale letter is still there");
+    assert!(
+        kept.exists(),
+        "a letter the index holds as dead was removed"
+    );
+    let listed: Vec<u64> = store
+        .dead_letters(None)
+        .unwrap()
+        .iter()
+        .map(|d| d.seq)
+        .collect();
+    assert_eq!(listed, vec![b]);
+    store.requeue("db", b).unwrap();
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![b]);
+}
+
 #[test]
 fn records_leave_the_disk_only_when_every_sink_has_them() {
     let dir = tempfile::tempdir().unwrap();

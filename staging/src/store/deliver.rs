@@ -168,10 +168,17 @@ impl Staging {
     }
 
     /// Settles what a sink did with a leased batch, in one durable transaction: dead letters
-    /// are written first (each file durable before the index says dead, so a crash in between
-    /// only sends the record again), then acks, retries, deaths and give-backs. Returns the
-    /// dead letters' paths, in the order given.
+    /// are written first (each file durable before the index says dead), then acks, retries,
+    /// deaths and give-backs. Returns the dead letters' paths, in the order given.
+    ///
+    /// The letters are written while this transaction holds the index's write lock, so no
+    /// other process ever sees a letter whose commit is still to come. A crash between a
+    /// letter and the commit leaves a stale letter behind, its record pending again: the next
+    /// open removes it ([`crate::dead::remove_stale_letters`]) and the record is sent again.
     pub fn settle(&self, sink: &str, batch: Settlement) -> Result<Vec<PathBuf>, StoreError> {
+        let now = Utc::now();
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut paths = Vec::with_capacity(batch.dead.len());
         for dead in &batch.dead {
             paths.push(crate::dead::write_letter(
@@ -182,9 +189,6 @@ impl Staging {
                 &dead.reason,
             )?);
         }
-        let now = Utc::now();
-        let mut db = self.db();
-        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if !batch.delivered.is_empty() {
             // Only deliveries still owed count: an ack of an ack (a resend) changes nothing.
             let acked: Vec<u64> = tx

@@ -108,6 +108,7 @@ impl Staging {
             let result = crate::recover::recover(&shared, &conn, &mut seq_file, &mut report);
             let _ = seq_file.unlock();
             result?;
+            report.stale_dead_letters_removed = crate::dead::remove_stale_letters(&shared, &conn)?;
             conn
         };
         for sink in &shared.opts.sinks {
