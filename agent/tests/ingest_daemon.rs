@@ -25,6 +25,7 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
                 verify_tls: true,
                 ca_file: None,
                 routes: Vec::new(),
+                idempotency_key: None,
                 concurrency: 4,
                 heartbeat_path: None,
             }),

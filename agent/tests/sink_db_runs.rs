@@ -79,6 +79,7 @@ impl Central {
                 url: self.url(),
                 agent_id: agent.to_owned(),
                 apply,
+                idempotency_key: None,
                 connections,
             },
         )

@@ -166,6 +166,7 @@ fn config(url: &str) -> HttpSinkConfig {
         verify_tls: true,
         ca_file: None,
         routes: Vec::new(),
+        idempotency_key: None,
         concurrency: 4,
         heartbeat_path: None,
     }
@@ -350,6 +351,8 @@ async fn the_first_matching_route_sets_method_path_and_headers() {
             method: Some("POST".to_owned()),
             path: Some("/patient/{key}/remove?by={action}&rid={id}".to_owned()),
             headers: BTreeMap::from([("X-Api-Key".to_owned(), "k-123".to_owned())]),
+            idempotency_key: None,
+            body: None,
         },
         HttpRoute {
             entity: None,
@@ -357,10 +360,13 @@ async fn the_first_matching_route_sets_method_path_and_headers() {
             method: Some("PATCH".to_owned()),
             path: None,
             headers: BTreeMap::new(),
+            idempotency_key: None,
+            body: None,
         },
     ];
     let sink = sink(HttpSinkConfig {
         routes,
+        idempotency_key: None,
         ..config(&url)
     });
     let batch = vec![

@@ -29,6 +29,7 @@ fn sink_at(url: &str, agent: &str) -> anyhow::Result<Arc<dyn Sink>> {
             url: url.to_owned(),
             agent_id: agent.to_owned(),
             apply: None,
+            idempotency_key: None,
             connections: database::DEFAULT_CONNECTIONS,
         },
     )

@@ -31,6 +31,7 @@ fn sink_at(url: &str, agent: &str) -> Arc<dyn Sink> {
             url: url.to_owned(),
             agent_id: agent.to_owned(),
             apply: None,
+            idempotency_key: None,
             connections: estafeta::sinks::database::DEFAULT_CONNECTIONS,
         },
     )
@@ -340,6 +341,7 @@ async fn a_refused_apply_statement_is_shown_without_the_values_it_quotes() {
             url: URL.to_owned(),
             agent_id: agent.clone(),
             apply: Some(Arc::new(statements)),
+            idempotency_key: None,
             connections: 1,
         },
     )

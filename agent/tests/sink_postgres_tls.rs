@@ -41,6 +41,7 @@ fn sink_at(url: &str, agent: &str) -> anyhow::Result<Arc<dyn Sink>> {
             url: url.to_owned(),
             agent_id: agent.to_owned(),
             apply: None,
+            idempotency_key: None,
             connections: 1,
         },
     )

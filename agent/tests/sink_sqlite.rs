@@ -19,6 +19,7 @@ fn sink_at(path: &Path) -> Arc<dyn Sink> {
             url: format!("sqlite://{}", path.display()),
             agent_id: agent_id(),
             apply: None,
+            idempotency_key: None,
             connections: estafeta::sinks::database::DEFAULT_CONNECTIONS,
         },
     )

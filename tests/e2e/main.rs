@@ -61,6 +61,9 @@ mod canary;
 mod sources;
 // The examples under examples/ run as shipped against the local PostgreSQL.
 mod examples;
+// Record templates (a business Idempotency-Key and landing key) and body templates (HL7 v2)
+// against the stand-in API and PostgreSQL.
+mod templates;
 // The status page in headless Chromium (WebDriver).
 mod status_page;
 // The ingest API over HTTPS (INGEST_TLS_CERT): verified POST staged and delivered, clear HTTP and

@@ -91,6 +91,9 @@ pub(super) struct FileSink {
     /// relative to the TOML file.
     pub(super) apply_dir: Option<PathBuf>,
     pub(super) connections: Option<usize>,
+    /// http: the `Idempotency-Key` template; database: the landing key's template
+    /// (`sinks::record_template`).
+    pub(super) idempotency_key: Option<String>,
 }
 
 impl FileSink {
@@ -123,6 +126,11 @@ impl FileSink {
             ("nkey_file", self.nkey_file.is_some(), &[Nats]),
             ("apply_dir", self.apply_dir.is_some(), &[Database]),
             ("connections", self.connections.is_some(), &[Database]),
+            (
+                "idempotency_key",
+                self.idempotency_key.is_some(),
+                &[Http, Database],
+            ),
         ]
     }
 }
@@ -136,6 +144,12 @@ pub(super) struct FileHttpRoute {
     pub(super) path: Option<String>,
     #[serde(default)]
     pub(super) headers: BTreeMap<String, String>,
+    /// The `Idempotency-Key` template of this route's records.
+    pub(super) idempotency_key: Option<String>,
+    /// A template file (relative to the TOML file) for the request body.
+    pub(super) body_template: Option<PathBuf>,
+    /// The body's `Content-Type` (default: by the template's extension).
+    pub(super) content_type: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,7 +20,8 @@ use crate::db::apply::ApplyStatements;
 use crate::problem::Problem;
 use crate::redact::url as redact_url;
 use crate::sinks::database::DatabaseSinkConfig;
-use crate::sinks::http::{HttpRoute, HttpSinkConfig};
+use crate::sinks::http::{BodyTemplate, HttpRoute, HttpSinkConfig};
+use crate::sinks::record_template::RecordTemplate;
 use crate::sinks::{SinkConfig, SinkKind};
 
 impl Loader {
@@ -97,10 +98,13 @@ impl Loader {
                             crate::sinks::database::DEFAULT_CONNECTIONS
                         }
                     };
+                    let idempotency_key = self
+                        .record_template(&format!("{at}.idempotency_key"), &sink.idempotency_key);
                     SinkKind::Database(DatabaseSinkConfig {
                         url: sink.url.clone(),
                         agent_id: agent_id.to_owned(),
                         apply: None,
+                        idempotency_key,
                         connections,
                     })
                 }
@@ -142,7 +146,7 @@ impl Loader {
                     }
                     let mut routes = Vec::new();
                     for (j, route) in sink.routes.iter().enumerate() {
-                        routes.push(self.http_route(&format!("{at}.routes[{j}]"), route));
+                        routes.push(self.http_route(&format!("{at}.routes[{j}]"), route, file_dir));
                     }
                     if let Some(path) = &sink.heartbeat_path
                         && let Err(expected) = crate::sinks::http::check_heartbeat_path(path)
@@ -156,6 +160,10 @@ impl Loader {
                         verify_tls: sink.verify_tls.unwrap_or(DEFAULT_VERIFY_TLS),
                         ca_file,
                         routes,
+                        idempotency_key: self.record_template(
+                            &format!("{at}.idempotency_key"),
+                            &sink.idempotency_key,
+                        ),
                         concurrency,
                         heartbeat_path: sink.heartbeat_path.clone(),
                     })
@@ -179,6 +187,7 @@ impl Loader {
                     url: DEFAULT_DATABASE_URL.into(),
                     agent_id: agent_id.to_owned(),
                     apply: None,
+                    idempotency_key: None,
                     connections: crate::sinks::database::DEFAULT_CONNECTIONS,
                 }),
             });
@@ -186,7 +195,24 @@ impl Loader {
         sinks
     }
 
-    pub(super) fn http_route(&mut self, at: &str, route: &FileHttpRoute) -> HttpRoute {
+    /// A record template (`idempotency_key`), checked: a bad one is a problem at `at`.
+    fn record_template(&mut self, at: &str, text: &Option<String>) -> Option<RecordTemplate> {
+        let text = text.as_ref()?;
+        match RecordTemplate::parse(text) {
+            Ok(template) => Some(template),
+            Err(expected) => {
+                self.problem(at.to_owned(), Some(text.clone()), expected);
+                None
+            }
+        }
+    }
+
+    pub(super) fn http_route(
+        &mut self,
+        at: &str,
+        route: &FileHttpRoute,
+        file_dir: &Path,
+    ) -> HttpRoute {
         let method = route.method.as_ref().map(|m| m.to_ascii_uppercase());
         if let Some(m) = &method
             && !METHODS.contains(&m.as_str())
@@ -207,12 +233,36 @@ impl Loader {
                 "expected a path starting with '/', such as /{entity}/{key}",
             );
         }
+        if route.content_type.is_some() && route.body_template.is_none() {
+            self.problem(
+                format!("{at}.content_type"),
+                route.content_type.clone(),
+                "applies with body_template only (the record's JSON always goes as application/json)",
+            );
+        }
+        let body = route.body_template.as_ref().and_then(|path| {
+            let path = file_dir.join(path);
+            match BodyTemplate::load(&path, route.content_type.as_deref()) {
+                Ok(template) => Some(Arc::new(template)),
+                Err(expected) => {
+                    self.problem(
+                        format!("{at}.body_template"),
+                        Some(path.display().to_string()),
+                        expected,
+                    );
+                    None
+                }
+            }
+        });
         HttpRoute {
             entity: route.entity.clone().filter(|e| e != "*"),
             action: route.action.clone().filter(|a| a != "*"),
             method,
             path: route.path.clone(),
             headers: route.headers.clone(),
+            idempotency_key: self
+                .record_template(&format!("{at}.idempotency_key"), &route.idempotency_key),
+            body,
         }
     }
 
@@ -248,7 +298,23 @@ impl Loader {
 
     /// `CENTRAL_DATABASE_URL`: the `database` sink (overriding the file's, if it has one).
     pub(super) fn env_database_sink(&mut self, sinks: &mut Vec<SinkConfig>, agent_id: &str) {
+        let key_text = self.text("CENTRAL_DATABASE_IDEMPOTENCY_KEY");
+        let label = self.label("CENTRAL_DATABASE_IDEMPOTENCY_KEY");
+        let idempotency_key = self.record_template(&label, &key_text);
         let Some(url) = self.text("CENTRAL_DATABASE_URL") else {
+            if idempotency_key.is_some() {
+                match sinks.iter_mut().find(|s| s.name == DATABASE_SINK) {
+                    Some(SinkConfig {
+                        kind: SinkKind::Database(db),
+                        ..
+                    }) => db.idempotency_key = idempotency_key,
+                    _ => self.problem(
+                        label,
+                        key_text,
+                        "is set but there is no database sink: set CENTRAL_DATABASE_URL or remove this key",
+                    ),
+                }
+            }
             return;
         };
         if let Err(expected) = check_database_url(&url) {
@@ -262,7 +328,12 @@ impl Loader {
             Some(SinkConfig {
                 kind: SinkKind::Database(db),
                 ..
-            }) => db.url = url,
+            }) => {
+                db.url = url;
+                if idempotency_key.is_some() {
+                    db.idempotency_key = idempotency_key;
+                }
+            }
             Some(_) => self.problem(
                 self.label("CENTRAL_DATABASE_URL"),
                 Some(redact_url(&url)),
@@ -274,6 +345,7 @@ impl Loader {
                     url,
                     agent_id: agent_id.to_owned(),
                     apply: None,
+                    idempotency_key,
                     connections: crate::sinks::database::DEFAULT_CONNECTIONS,
                 }),
             }),
@@ -312,6 +384,9 @@ impl Loader {
                 })
                 .and_then(|n| check_concurrency(n).map(|()| n))
         });
+        let key_text = self.text("CENTRAL_API_IDEMPOTENCY_KEY");
+        let idempotency_key =
+            self.record_template(&self.label("CENTRAL_API_IDEMPOTENCY_KEY"), &key_text);
         let heartbeat_path = self.text("CENTRAL_API_HEARTBEAT_PATH");
         if let Some(path) = &heartbeat_path
             && let Err(expected) = crate::sinks::http::check_heartbeat_path(path)
@@ -349,6 +424,9 @@ impl Loader {
                 if heartbeat_path.is_some() {
                     http.heartbeat_path = heartbeat_path;
                 }
+                if idempotency_key.is_some() {
+                    http.idempotency_key = idempotency_key;
+                }
             }
             Some(_) => {
                 if let Some(key) =
@@ -371,6 +449,7 @@ impl Loader {
                         verify_tls: verify_tls.unwrap_or(DEFAULT_VERIFY_TLS),
                         ca_file,
                         routes: Vec::new(),
+                        idempotency_key,
                         concurrency: concurrency.unwrap_or(DEFAULT_API_CONCURRENCY),
                         heartbeat_path,
                     }),

@@ -134,6 +134,7 @@ pub mod database;
 pub mod heartbeat;
 pub mod http;
 pub mod nats;
+pub mod record_template;
 
 /// One configured sink: its name and what it is (built by `config`, owned here).
 #[derive(Debug, Clone)]

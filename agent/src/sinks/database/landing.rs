@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use estafeta_staging::Delivery;
 
 use crate::db::apply::{ApplyStatements, Bound, Lookup, Statement};
+use crate::sinks::record_template::RecordTemplate;
 use crate::sinks::{Outcome, Refusal};
 
 /// Name of the landing table.
@@ -76,7 +77,11 @@ impl LandingRow {
     }
 
     /// The row for one record, or why the record cannot be a row (or cannot be applied).
-    fn from_delivery(delivery: &Delivery, apply: Option<&ApplyStatements>) -> Result<Self, String> {
+    fn from_delivery(
+        delivery: &Delivery,
+        apply: Option<&ApplyStatements>,
+        key: Option<&RecordTemplate>,
+    ) -> Result<Self, String> {
         let envelope = &delivery.envelope;
         let seq = i64::try_from(envelope.seq)
             .map_err(|_| format!("seq {} does not fit a signed 64-bit column", envelope.seq))?;
@@ -96,8 +101,14 @@ impl LandingRow {
                 statement: Arc::clone(statement),
             }),
         };
+        let idempotency_key = match key {
+            Some(template) => template
+                .render(envelope)
+                .map_err(|e| format!("idempotency_key: {e}"))?,
+            None => envelope.id.clone(),
+        };
         Ok(Self {
-            idempotency_key: envelope.id.clone(),
+            idempotency_key,
             seq,
             action: envelope.action.clone(),
             entity: envelope.entity.clone(),
@@ -139,7 +150,11 @@ impl Rows {
     /// The batch's rows. A record that cannot become a row (a missing field of its apply
     /// statement, a seq or time out of range) is dead here, and the later records of its key
     /// are skipped: they never become rows, so no sink inserts or applies them.
-    pub fn new(batch: &[Delivery], apply: Option<&ApplyStatements>) -> Self {
+    pub fn new(
+        batch: &[Delivery],
+        apply: Option<&ApplyStatements>,
+        landing_key: Option<&RecordTemplate>,
+    ) -> Self {
         let mut slots = Vec::with_capacity(batch.len());
         let mut rows = Vec::with_capacity(batch.len());
         let mut stopped: HashSet<(&str, Option<&str>)> = HashSet::new();
@@ -149,7 +164,7 @@ impl Rows {
                 slots.push(Some(Outcome::Skipped));
                 continue;
             }
-            match LandingRow::from_delivery(delivery, apply) {
+            match LandingRow::from_delivery(delivery, apply, landing_key) {
                 Ok(row) => {
                     rows.push(row);
                     slots.push(None);
@@ -257,21 +272,24 @@ pub(crate) fn retry_all(sink: &str, rows: usize, error: String) -> Vec<Outcome> 
 pub(crate) fn dry_run_lines(
     shown_url: &str,
     apply: Option<&ApplyStatements>,
+    key: Option<&RecordTemplate>,
     batch: &[Delivery],
 ) -> Vec<String> {
     batch
         .iter()
         .map(|d| {
             let e = &d.envelope;
+            let landing_key = key
+                .map(|t| t.render(e).unwrap_or_else(|_| "(cannot be made)".into()))
+                .unwrap_or_else(|| e.id.clone());
             let mut line = format!(
-                "INSERT INTO {LANDING_TABLE} at {shown_url} idempotency_key={} seq={} entity={} action={} ({} bytes)",
-                e.id,
+                "INSERT INTO {LANDING_TABLE} at {shown_url} idempotency_key={landing_key} seq={} entity={} action={} ({} bytes)",
                 e.seq,
                 e.entity,
                 e.action,
                 e.payload.get().len()
             );
-            match LandingRow::from_delivery(d, apply) {
+            match LandingRow::from_delivery(d, apply, key) {
                 Ok(LandingRow {
                     apply: Some(apply), ..
                 }) => {
@@ -305,7 +323,7 @@ mod tests {
         ];
         // A time that cannot be read: the record cannot become a row.
         batch[1].envelope.staged_at = "yesterday".to_owned();
-        let rows = Rows::new(&batch, None);
+        let rows = Rows::new(&batch, None, None);
         let seqs: Vec<i64> = rows.rows.iter().map(|r| r.seq).collect();
         assert_eq!(
             seqs,
@@ -331,7 +349,7 @@ mod tests {
             test_delivery(3, "create", "patient", None, "{}"),
             test_delivery(4, "create", "attendance", Some("k1"), "{}"),
         ];
-        let rows = Rows::new(&batch, None).rows;
+        let rows = Rows::new(&batch, None, None).rows;
         let mut stopped = Stopped::default();
         assert!(!rows.iter().any(|r| stopped.holds(r)));
         stopped.stop(&rows[0]);

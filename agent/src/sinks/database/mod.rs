@@ -70,6 +70,9 @@ pub struct DatabaseSinkConfig {
     /// Apply mode (`apply_dir`): the statement files, read and parsed at start; `None`: the
     /// landing table only.
     pub apply: Option<Arc<ApplyStatements>>,
+    /// The landing key (`idempotency_key` column) template (`idempotency_key`,
+    /// `CENTRAL_DATABASE_IDEMPOTENCY_KEY`); `None`: the record's id.
+    pub idempotency_key: Option<crate::sinks::record_template::RecordTemplate>,
     /// PostgreSQL: connections a batch is spread over by order key (1 or 2, `connections` in
     /// the TOML). Two use a second core of the server; one halves what a fleet takes from the server's
     /// `max_connections`.
@@ -86,6 +89,7 @@ impl fmt::Debug for DatabaseSinkConfig {
             .field("url", &redact::url(&self.url))
             .field("agent_id", &self.agent_id)
             .field("apply_dir", &self.apply.as_ref().map(|a| a.dir.clone()))
+            .field("idempotency_key", &self.idempotency_key)
             .finish()
     }
 }
@@ -110,6 +114,7 @@ mod tests {
             url: "postgres://u:hunter2@h/db".to_owned(),
             agent_id: "a".to_owned(),
             apply: None,
+            idempotency_key: None,
             connections: DEFAULT_CONNECTIONS,
         };
         assert!(!format!("{config:?}").contains("hunter2"));

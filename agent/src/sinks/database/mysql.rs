@@ -38,6 +38,7 @@
 //! rest of its key's run skipped).
 //! Numbers that are not integers are sent as their exact JSON text and converted by the server.
 
+use crate::sinks::record_template::RecordTemplate;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -122,6 +123,8 @@ pub struct MysqlSink {
     agents_ready: AtomicBool,
     /// Apply mode: the statement files.
     apply: Option<Arc<ApplyStatements>>,
+    /// The landing key's template; `None`: the record's id.
+    landing_key: Option<RecordTemplate>,
 }
 
 impl MysqlSink {
@@ -148,6 +151,7 @@ impl MysqlSink {
             conn: Mutex::new(None),
             agents_ready: AtomicBool::new(false),
             apply: config.apply,
+            landing_key: config.idempotency_key,
         })
     }
 
@@ -576,7 +580,7 @@ impl Sink for MysqlSink {
 
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
-            let rows = Rows::new(batch, self.apply.as_deref());
+            let rows = Rows::new(batch, self.apply.as_deref(), self.landing_key.as_ref());
             if rows.rows.is_empty() {
                 return rows.finish(Vec::new());
             }
@@ -590,7 +594,12 @@ impl Sink for MysqlSink {
     }
 
     fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
-        dry_run_lines(&self.shown, self.apply.as_deref(), batch)
+        dry_run_lines(
+            &self.shown,
+            self.apply.as_deref(),
+            self.landing_key.as_ref(),
+            batch,
+        )
     }
 
     fn heartbeat<'a>(

@@ -28,6 +28,7 @@
 //! refused statement rolls back to the savepoint, so the record alone is dead and the rest of
 //! its key's run is skipped.
 
+use crate::sinks::record_template::RecordTemplate;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +76,8 @@ pub struct SqliteSink {
     conn: Mutex<Option<Connection>>,
     /// Apply mode: the statement files.
     apply: Option<Arc<ApplyStatements>>,
+    /// The landing key's template; `None`: the record's id.
+    landing_key: Option<RecordTemplate>,
 }
 
 impl SqliteSink {
@@ -94,6 +97,7 @@ impl SqliteSink {
             path: path.into(),
             conn: Mutex::new(None),
             apply: config.apply,
+            landing_key: config.idempotency_key,
         })
     }
 }
@@ -290,7 +294,7 @@ impl Sink for SqliteSink {
 
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
-            let mut rows = Rows::new(batch, self.apply.as_deref());
+            let mut rows = Rows::new(batch, self.apply.as_deref(), self.landing_key.as_ref());
             if rows.rows.is_empty() {
                 return rows.finish(Vec::new());
             }
@@ -335,7 +339,12 @@ impl Sink for SqliteSink {
     }
 
     fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
-        dry_run_lines(&self.shown, self.apply.as_deref(), batch)
+        dry_run_lines(
+            &self.shown,
+            self.apply.as_deref(),
+            self.landing_key.as_ref(),
+            batch,
+        )
     }
 
     fn heartbeat<'a>(
@@ -443,6 +452,7 @@ mod tests {
                 url: format!("sqlite://{}", db.display()),
                 agent_id: "a".to_owned(),
                 apply: Some(Arc::new(statements)),
+                idempotency_key: None,
                 connections: crate::sinks::database::DEFAULT_CONNECTIONS,
             },
         )

@@ -4,11 +4,15 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
 use crate::redact;
+use crate::sinks::record_template::RecordTemplate;
+
+use super::BodyTemplate;
 
 /// Placeholders a route's path template may use.
 pub(super) const PLACEHOLDERS: &[&str] = &["entity", "action", "key", "id"];
@@ -30,6 +34,9 @@ pub struct HttpSinkConfig {
     pub ca_file: Option<PathBuf>,
     /// Per (entity, action) overrides of method, path and headers.
     pub routes: Vec<HttpRoute>,
+    /// The `Idempotency-Key` template of records whose route sets none (`idempotency_key`,
+    /// `CENTRAL_API_IDEMPOTENCY_KEY`); `None`: the record's id.
+    pub idempotency_key: Option<RecordTemplate>,
     /// Most requests in flight at once (`CENTRAL_API_CONCURRENCY`): records of different keys
     /// go in parallel, a key's records one after another.
     pub concurrency: usize,
@@ -48,6 +55,7 @@ impl fmt::Debug for HttpSinkConfig {
             .field("verify_tls", &self.verify_tls)
             .field("ca_file", &self.ca_file)
             .field("routes", &self.routes)
+            .field("idempotency_key", &self.idempotency_key)
             .field("concurrency", &self.concurrency)
             .field("heartbeat_path", &self.heartbeat_path)
             .finish()
@@ -63,6 +71,10 @@ pub struct HttpRoute {
     /// Path template appended to the base URL: `{entity}`, `{action}`, `{key}`, `{id}`.
     pub path: Option<String>,
     pub headers: BTreeMap<String, String>,
+    /// The `Idempotency-Key` of this route's records (see [`RecordTemplate`]).
+    pub idempotency_key: Option<RecordTemplate>,
+    /// The body of this route's requests, instead of the record's JSON.
+    pub body: Option<Arc<BodyTemplate>>,
 }
 
 // By hand: header values may be secrets (an API key), so only their names are shown.
@@ -74,6 +86,8 @@ impl fmt::Debug for HttpRoute {
             .field("method", &self.method)
             .field("path", &self.path)
             .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("idempotency_key", &self.idempotency_key)
+            .field("body", &self.body)
             .finish()
     }
 }

@@ -61,12 +61,15 @@ use tokio::task::JoinSet;
 use super::{BoxFuture, Outcome, Refusal, Sink, error_chain, runs};
 use crate::redact::{self, Secrets};
 
+mod body;
 mod config;
 #[cfg(test)]
 mod run_tests;
 #[cfg(test)]
 mod tests;
 
+use crate::sinks::record_template::RecordTemplate;
+pub use body::BodyTemplate;
 pub use config::{HttpRoute, HttpSinkConfig, check_heartbeat_path};
 use config::{PLACEHOLDERS, check_template};
 
@@ -87,6 +90,8 @@ struct CompiledRoute {
     method: Option<Method>,
     path: Option<String>,
     headers: HeaderMap,
+    idempotency_key: Option<RecordTemplate>,
+    body: Option<Arc<BodyTemplate>>,
 }
 
 impl CompiledRoute {
@@ -122,6 +127,8 @@ pub struct HttpSink {
     base: Url,
     token: Option<HeaderValue>,
     routes: Vec<CompiledRoute>,
+    /// The `Idempotency-Key` of records whose route sets none; `None`: the record's id.
+    idempotency_key: Option<RecordTemplate>,
     concurrency: usize,
     heartbeat_path: Option<String>,
     shared: Arc<Shared>,
@@ -225,6 +232,7 @@ impl HttpSink {
             base,
             token,
             routes,
+            idempotency_key: config.idempotency_key,
             concurrency: config.concurrency.max(1),
             heartbeat_path: config.heartbeat_path,
             shared: Arc::new(Shared {
@@ -236,9 +244,26 @@ impl HttpSink {
         })
     }
 
-    /// The method, URL and route headers for one record, or the reason it cannot be sent.
-    fn target(&self, envelope: &Envelope) -> Result<(Method, Url, Option<&HeaderMap>), String> {
+    /// The method, URL and route for one record, or the reason it cannot be sent.
+    fn target(&self, envelope: &Envelope) -> Result<(Method, Url, Option<&CompiledRoute>), String> {
         self.target_with(envelope, envelope.key.as_deref())
+    }
+
+    /// The `Idempotency-Key` of one record: its route's template, else the sink's, else its id.
+    fn idempotency_key(
+        &self,
+        envelope: &Envelope,
+        route: Option<&CompiledRoute>,
+    ) -> Result<String, String> {
+        match route
+            .and_then(|r| r.idempotency_key.as_ref())
+            .or(self.idempotency_key.as_ref())
+        {
+            Some(template) => template
+                .render(envelope)
+                .map_err(|e| format!("Idempotency-Key: {e}")),
+            None => Ok(envelope.id.clone()),
+        }
     }
 
     /// [`HttpSink::target`] with `key` standing for the record's key in the path.
@@ -246,7 +271,7 @@ impl HttpSink {
         &self,
         envelope: &Envelope,
         key: Option<&str>,
-    ) -> Result<(Method, Url, Option<&HeaderMap>), String> {
+    ) -> Result<(Method, Url, Option<&CompiledRoute>), String> {
         let route = self.routes.iter().find(|r| r.matches(envelope));
         let method = route
             .and_then(|r| r.method.clone())
@@ -259,26 +284,38 @@ impl HttpSink {
                 .collect::<Vec<_>>()
                 .join("/"),
         };
-        Ok((method, join(&self.base, &path), route.map(|r| &r.headers)))
+        Ok((method, join(&self.base, &path), route))
     }
 
     /// The request for one record, or its outcome when it cannot be built.
     fn request(&self, delivery: &Delivery) -> Result<reqwest::Request, Outcome> {
         let envelope = &delivery.envelope;
-        let (method, url, route_headers) =
-            self.target(envelope).map_err(|reason| Outcome::Dead {
-                reason: Refusal::ours(reason),
-            })?;
+        let ours = |reason| Outcome::Dead {
+            reason: Refusal::ours(reason),
+        };
+        let (method, url, route) = self.target(envelope).map_err(ours)?;
+        let idempotency_key = self.idempotency_key(envelope, route).map_err(ours)?;
+        let body = match route.and_then(|r| r.body.as_deref()) {
+            Some(template) => Some((template.render(envelope).map_err(ours)?, template)),
+            None => None,
+        };
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+            match &body {
+                Some((_, template)) => {
+                    HeaderValue::from_str(&template.content_type).map_err(|_| {
+                        ours("the body template's content type is not a valid header value".into())
+                    })?
+                }
+                None => HeaderValue::from_static("application/json"),
+            },
         );
         if let Some(token) = &self.token {
             headers.insert(header::AUTHORIZATION, token.clone());
         }
-        if let Some(extra) = route_headers {
-            for (name, value) in extra {
+        if let Some(route) = route {
+            for (name, value) in &route.headers {
                 headers.insert(name.clone(), value.clone());
             }
         }
@@ -289,7 +326,7 @@ impl HttpSink {
         };
         headers.insert(
             HeaderName::from_static("idempotency-key"),
-            HeaderValue::from_str(&envelope.id).map_err(|_| dead("id"))?,
+            HeaderValue::from_str(&idempotency_key).map_err(|_| dead("Idempotency-Key"))?,
         );
         headers.insert(
             HeaderName::from_static("x-estafeta-seq"),
@@ -301,7 +338,10 @@ impl HttpSink {
         );
         let mut request = reqwest::Request::new(method, url);
         *request.headers_mut() = headers;
-        *request.body_mut() = Some(envelope.payload.get().as_bytes().to_vec().into());
+        *request.body_mut() = Some(match body {
+            Some((text, _)) => text.into_bytes().into(),
+            None => envelope.payload.get().as_bytes().to_vec().into(),
+        });
         Ok(request)
     }
 }
@@ -418,13 +458,19 @@ impl Sink for HttpSink {
                 let shown = self.target(envelope).and_then(|_| {
                     self.target_with(envelope, envelope.key.as_ref().map(|_| "{key}"))
                 });
+                let shown = shown.and_then(|(method, url, route)| {
+                    let key = self.idempotency_key(envelope, route)?;
+                    let bytes = match route.and_then(|r| r.body.as_deref()) {
+                        Some(template) => template.render(envelope)?.len(),
+                        None => envelope.payload.get().len(),
+                    };
+                    Ok((method, url, key, bytes))
+                });
                 match shown {
-                    Ok((method, url, _)) => format!(
-                        "{method} {} Idempotency-Key={} seq={} ({} bytes)",
+                    Ok((method, url, key, bytes)) => format!(
+                        "{method} {} Idempotency-Key={key} seq={} ({bytes} bytes)",
                         redact::url(url.as_str()).replace(KEY_SHOWN, "{key}"),
-                        envelope.id,
                         envelope.seq,
-                        envelope.payload.get().len()
                     ),
                     Err(reason) => format!(
                         "NOT SENT Idempotency-Key={} seq={}: {reason}",
@@ -490,6 +536,8 @@ fn compile_route(route: &HttpRoute) -> anyhow::Result<CompiledRoute> {
         method,
         path: route.path.clone(),
         headers,
+        idempotency_key: route.idempotency_key.clone(),
+        body: route.body.clone(),
     })
 }
 /// The default method for a record (see the module documentation).

@@ -104,6 +104,7 @@ fn sink(url: &str, concurrency: usize) -> HttpSink {
             verify_tls: true,
             ca_file: None,
             routes: Vec::new(),
+            idempotency_key: None,
             concurrency,
             heartbeat_path: None,
         },

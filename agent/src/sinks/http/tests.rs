@@ -33,6 +33,7 @@ fn sink(routes: Vec<HttpRoute>) -> HttpSink {
             verify_tls: true,
             ca_file: None,
             routes,
+            idempotency_key: None,
             concurrency: 4,
             heartbeat_path: None,
         },
@@ -79,6 +80,7 @@ fn dot_keys_are_dead_not_folded_into_the_parent_path() {
     for key in ["", ".", ".."] {
         let reason = s
             .target(&envelope("update", "patient", Some(key)))
+            .map(drop)
             .expect_err("refused");
         assert!(reason.contains("path segment"), "{reason}");
     }
@@ -92,6 +94,8 @@ fn first_matching_route_overrides_method_path_and_headers() {
         method: Some(method.to_owned()),
         path: Some(path.to_owned()),
         headers: BTreeMap::from([("X-Api-Key".to_owned(), "k".to_owned())]),
+        idempotency_key: None,
+        body: None,
     };
     let s = sink(vec![
         route(Some("patient"), "post", "/people/{key}/remove?by={action}"),
@@ -114,6 +118,7 @@ fn first_matching_route_overrides_method_path_and_headers() {
     );
     let err = s
         .target(&envelope("delete", "patient", None))
+        .map(drop)
         .expect_err("no key");
     assert!(err.contains("no key"), "{err}");
 }
@@ -126,6 +131,8 @@ fn bad_routes_and_urls_fail_at_build_time() {
         method: None,
         path: Some("/x/{patient}".to_owned()),
         headers: BTreeMap::new(),
+        idempotency_key: None,
+        body: None,
     };
     let err = HttpSink::new(
         "api",
@@ -136,6 +143,7 @@ fn bad_routes_and_urls_fail_at_build_time() {
             verify_tls: true,
             ca_file: None,
             routes: vec![bad],
+            idempotency_key: None,
             concurrency: 1,
             heartbeat_path: None,
         },
@@ -153,6 +161,7 @@ fn bad_routes_and_urls_fail_at_build_time() {
             verify_tls: true,
             ca_file: None,
             routes: vec![],
+            idempotency_key: None,
             concurrency: 1,
             heartbeat_path: None,
         },
@@ -186,6 +195,7 @@ fn config_debug_hides_the_token() {
         verify_tls: true,
         ca_file: None,
         routes: vec![],
+        idempotency_key: None,
         concurrency: 1,
         heartbeat_path: None,
     };

@@ -46,6 +46,7 @@
 //! `verify-full` by default beyond loopback, never clear text when the URL asks for TLS, and a
 //! WARN at start for `sslmode=disable` to a host beyond loopback.
 
+use crate::sinks::record_template::RecordTemplate;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -106,6 +107,8 @@ pub struct PostgresSink {
     agents_ready: AtomicBool,
     /// Apply mode: the statement files.
     apply: Option<Arc<ApplyStatements>>,
+    /// The landing key's template; `None`: the record's id.
+    landing_key: Option<RecordTemplate>,
     /// 1 or 2 (`connections`): with 1, batches are never split and the second slot stays empty.
     connections: usize,
 }
@@ -182,6 +185,7 @@ impl PostgresSink {
             clients: [Mutex::new(None), Mutex::new(None)],
             agents_ready: AtomicBool::new(false),
             apply: config.apply,
+            landing_key: config.idempotency_key,
             connections: config.connections,
         })
     }
@@ -358,7 +362,7 @@ impl Sink for PostgresSink {
 
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
-            let mut rows = Rows::new(batch, self.apply.as_deref());
+            let mut rows = Rows::new(batch, self.apply.as_deref(), self.landing_key.as_ref());
             if rows.rows.is_empty() {
                 return rows.finish(Vec::new());
             }
@@ -395,7 +399,12 @@ impl Sink for PostgresSink {
     }
 
     fn dry_run(&self, batch: &[Delivery]) -> Vec<String> {
-        dry_run_lines(&self.shown, self.apply.as_deref(), batch)
+        dry_run_lines(
+            &self.shown,
+            self.apply.as_deref(),
+            self.landing_key.as_ref(),
+            batch,
+        )
     }
 
     fn heartbeat<'a>(
@@ -450,7 +459,7 @@ mod tests {
             .enumerate()
             .map(|(i, key)| test_delivery(i as u64 + 1, "update", "patient", *key, "{}"))
             .collect();
-        Rows::new(&batch, None).rows
+        Rows::new(&batch, None, None).rows
     }
 
     /// Checks that no order key has rows on both connections; the row count of each.
