@@ -91,6 +91,9 @@ pub(super) struct FileSink {
     /// relative to the TOML file.
     pub(super) apply_dir: Option<PathBuf>,
     pub(super) connections: Option<usize>,
+    /// Any sink: after this many transient failures a record becomes a dead letter (default:
+    /// retry forever).
+    pub(super) max_attempts: Option<u32>,
 }
 
 impl FileSink {

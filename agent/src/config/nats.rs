@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::NATS_SINK;
 use super::file::FileSink;
+use super::sinks::is_kind_key;
 use super::keys::*;
 use super::parse::{parse_bool, parse_secs, secs_from_f64};
 use super::raw::Loader;
@@ -309,7 +310,7 @@ impl Loader {
                 if let (Some(name), Some(stream)) = (stream_name, &mut nats.stream) {
                     stream.name = name;
                 }
-                if in_section(Section::CentralNats).any(|k| self.raw.contains_key(k)) {
+                if in_section(Section::CentralNats).any(|k| is_kind_key(k) && self.raw.contains_key(k)) {
                     env_security(nats);
                     let nats = nats.clone();
                     self.check_nats_security(&nats, &env_label);
@@ -317,7 +318,7 @@ impl Loader {
             }
             Some(_) => {
                 if let Some(key) =
-                    in_section(Section::CentralNats).find(|k| self.raw.contains_key(*k))
+                    in_section(Section::CentralNats).find(|k| is_kind_key(k) && self.raw.contains_key(*k))
                 {
                     self.problem(
                         self.label(key),
@@ -349,6 +350,7 @@ impl Loader {
                     sinks.push(SinkConfig {
                         name: NATS_SINK.into(),
                         kind: SinkKind::Nats(nats),
+                        max_attempts: None,
                     });
                 }
                 None => {
