@@ -941,7 +941,11 @@ url = "sqlite://landing.db"
         ],
     );
     assert_eq!(config.max_attempts("central"), Some(5));
-    assert_eq!(config.max_attempts("api"), Some(3), "the key overrides the file");
+    assert_eq!(
+        config.max_attempts("api"),
+        Some(3),
+        "the key overrides the file"
+    );
     assert_eq!(config.max_attempts("landing"), None, "unset: retry forever");
 
     let defaults = load(dir.path(), &[("CENTRAL_API_URL", "https://api.example")]);

@@ -76,7 +76,11 @@ pub enum StoreError {
     #[error(
         "record {seq} waits behind the earlier record {earlier} of its key for sink {sink:?}; send that one first (`estafeta ls --failed` lists the dead letters)"
     )]
-    NotHead { seq: u64, earlier: u64, sink: String },
+    NotHead {
+        seq: u64,
+        earlier: u64,
+        sink: String,
+    },
     /// A sink name the store cannot keep (empty, or with a comma: the index lists a record's
     /// sinks comma-separated).
     #[error(

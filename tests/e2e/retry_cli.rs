@@ -125,7 +125,10 @@ async fn retry_flags_with_the_daemon_stopped_send_now_and_report_each_answer() {
     let before = server.requests().len();
     let (code, out, err) = cli(dir.path(), &env, &["retry", "--dir", failed_arg]).await;
     assert_eq!(code, 0, "retry: {out}{err}");
-    let listed: Vec<&str> = out.lines().filter(|l| l.starts_with("would send")).collect();
+    let listed: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("would send"))
+        .collect();
     assert_eq!(listed.len(), 4, "{out}");
     assert!(listed[0].contains(&format!("seq={a1} ")), "{out}");
     assert!(listed[0].contains("HTTP 422"), "the reason is shown: {out}");
@@ -165,7 +168,11 @@ async fn retry_flags_with_the_daemon_stopped_send_now_and_report_each_answer() {
             && out.contains("delivered 1 of 1 dead letter(s)"),
         "{out}"
     );
-    assert_eq!(answers(&server, &a1_id), vec![422, 200], "a1 sent now, once");
+    assert_eq!(
+        answers(&server, &a1_id),
+        vec![422, 200],
+        "a1 sent now, once"
+    );
     assert!(
         answers(&server, &a2_id).is_empty(),
         "retry sends the dead letters, not the records waiting behind them"
@@ -190,7 +197,11 @@ async fn retry_flags_with_the_daemon_stopped_send_now_and_report_each_answer() {
     );
     assert!(b_letter.is_file(), "b1 is a dead letter again");
     assert_eq!(answers(&server, &b1_id), vec![422, 422]);
-    assert_eq!(answers(&server, &c1_id), vec![422], "--file sends only that file");
+    assert_eq!(
+        answers(&server, &c1_id),
+        vec![422],
+        "--file sends only that file"
+    );
 
     // --send --dir --move-ok: b1 refused again, c1 delivered and moved, d1 pending after a 503.
     let (code, out, err) = cli(
@@ -220,14 +231,20 @@ async fn retry_flags_with_the_daemon_stopped_send_now_and_report_each_answer() {
         "{out}"
     );
     assert!(
-        out.contains("delivered 1 of 3 dead letter(s), 1 refused again (dead letters again), 1 still pending"),
+        out.contains(
+            "delivered 1 of 3 dead letter(s), 1 refused again (dead letters again), 1 still pending"
+        ),
         "{out}"
     );
     let moved: Vec<String> = std::fs::read_dir(&ok_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(moved.len(), 1, "only the delivered item is moved: {moved:?}");
+    assert_eq!(
+        moved.len(),
+        1,
+        "only the delivered item is moved: {moved:?}"
+    );
     assert!(moved[0].contains(&format!("-{c1:016}-")), "{moved:?}");
     let moved_letter: Value =
         serde_json::from_slice(&std::fs::read(ok_dir.join(&moved[0])).unwrap()).unwrap();
@@ -293,20 +310,35 @@ async fn retry_send_with_the_daemon_running_lands_the_record_once_and_in_key_ord
         let (code, answer) = agent
             .post("update", "patient", &json!({"id": "k", "n": n}))
             .await;
-        assert_eq!(code, StatusCode::ACCEPTED, "{answer}\n{}", log_tail(&agent, 30));
+        assert_eq!(
+            code,
+            StatusCode::ACCEPTED,
+            "{answer}\n{}",
+            log_tail(&agent, 30)
+        );
         ids.push(answer["id"].as_str().unwrap().to_owned());
     }
-    wait_status(&agent, Duration::from_secs(15), "the first record to die", |s| {
-        let api = sink_status(s, "api");
-        api["dead"] == 1 && api["pending"] == 1 && api["in_flight"] == 0
-    })
+    wait_status(
+        &agent,
+        Duration::from_secs(15),
+        "the first record to die",
+        |s| {
+            let api = sink_status(s, "api");
+            api["dead"] == 1 && api["pending"] == 1 && api["in_flight"] == 0
+        },
+    )
     .await;
     let letter = letters(&staging).pop().expect("a dead letter");
 
     server.status_for("/patient/k", 200);
     server.delay_all(Duration::from_millis(1_500));
     let (code, out, err) = cli(dir.path(), &env, &["retry", "--send"]).await;
-    assert_eq!(code, 0, "retry --send: {out}{err}\n{}", log_tail(&agent, 40));
+    assert_eq!(
+        code,
+        0,
+        "retry --send: {out}{err}\n{}",
+        log_tail(&agent, 40)
+    );
     assert!(out.contains("delivered 1 of 1"), "{out}");
     assert!(!letter.exists(), "the letter is gone");
     wait_status(&agent, Duration::from_secs(20), "the waiting record", |s| {
@@ -322,15 +354,15 @@ async fn retry_send_with_the_daemon_running_lands_the_record_once_and_in_key_ord
         log_tail(&agent, 40)
     );
     assert_eq!(answers(&server, &ids[1]), vec![200]);
-    let order: Vec<u64> = server
-        .succeeded()
-        .iter()
-        .filter_map(|r| r.seq())
-        .collect();
+    let order: Vec<u64> = server.succeeded().iter().filter_map(|r| r.seq()).collect();
     assert_eq!(order.len(), 2);
     assert!(order[0] < order[1], "key order: {order:?}");
     let final_status = status(&agent).await;
-    assert_eq!(sink_status(&final_status, "api")["dead"], 0, "{final_status}");
+    assert_eq!(
+        sink_status(&final_status, "api")["dead"],
+        0,
+        "{final_status}"
+    );
 }
 
 /// `CENTRAL_API_MAX_ATTEMPTS=3` against an API that answers 503 forever: after the third
@@ -357,12 +389,19 @@ async fn max_attempts_turns_a_record_the_api_never_takes_into_a_dead_letter() {
         .await;
     assert_eq!(code, StatusCode::ACCEPTED, "{answer}");
     let id = answer["id"].as_str().unwrap().to_owned();
-    wait_status(&agent, Duration::from_secs(30), "the record to be given up", |s| {
-        sink_status(s, "api")["dead"] == 1
-    })
+    wait_status(
+        &agent,
+        Duration::from_secs(30),
+        "the record to be given up",
+        |s| sink_status(s, "api")["dead"] == 1,
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    assert_eq!(answers(&server, &id), vec![503, 503, 503], "three attempts, then none");
+    assert_eq!(
+        answers(&server, &id),
+        vec![503, 503, 503],
+        "three attempts, then none"
+    );
     let files = letters(&staging);
     assert_eq!(files.len(), 1, "{files:?}");
     let letter: Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
@@ -374,7 +413,10 @@ async fn max_attempts_turns_a_record_the_api_never_takes_into_a_dead_letter() {
     // A bad value is refused with what to write instead.
     let (code, _, err) = cli(
         dir.path(),
-        &[("CENTRAL_API_URL", url.as_str()), ("CENTRAL_API_MAX_ATTEMPTS", "0")],
+        &[
+            ("CENTRAL_API_URL", url.as_str()),
+            ("CENTRAL_API_MAX_ATTEMPTS", "0"),
+        ],
         &["check-config"],
     )
     .await;

@@ -69,7 +69,10 @@ pub(super) fn flush(mut config: Config, args: FlushArgs) -> anyhow::Result<u8> {
             match runtime.block_on(crate::batcher::preview(&store, sink, limit)) {
                 Ok(requests) => {
                     for request in &requests {
-                        out.push_str(&format!("--- sink {}: would send\n{request}\n", sink.name()));
+                        out.push_str(&format!(
+                            "--- sink {}: would send\n{request}\n",
+                            sink.name()
+                        ));
                     }
                     out.push_str(&format!(
                         "{}: dry run, {} request(s) shown, nothing sent\n",

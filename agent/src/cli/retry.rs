@@ -171,7 +171,10 @@ fn send_letters(
         };
         // The file goes into DIR before the record is taken back (that removes the store's
         // letter): a DIR that cannot take it stops this item before anything changed.
-        let staged_move = match move_ok.map(|dir| Move::prepare(&letter.path, dir)).transpose() {
+        let staged_move = match move_ok
+            .map(|dir| Move::prepare(&letter.path, dir))
+            .transpose()
+        {
             Ok(staged) => staged,
             Err(err) => {
                 eprintln!(
@@ -237,7 +240,10 @@ fn send_letters(
     );
     for (n, what) in [
         (tally.dead_again, "refused again (dead letters again)"),
-        (tally.pending, "still pending (retried by the daemon or `estafeta flush`)"),
+        (
+            tally.pending,
+            "still pending (retried by the daemon or `estafeta flush`)",
+        ),
         (tally.not_sent, "not sent"),
     ] {
         if n > 0 {

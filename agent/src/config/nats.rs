@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use super::NATS_SINK;
 use super::file::FileSink;
-use super::sinks::is_kind_key;
 use super::keys::*;
 use super::parse::{parse_bool, parse_secs, secs_from_f64};
 use super::raw::Loader;
+use super::sinks::is_kind_key;
 use crate::problem::Problem;
 use crate::redact::url as redact_url;
 use crate::sinks::nats::{NatsSinkConfig, Retention, StreamSettings};
@@ -310,15 +310,17 @@ impl Loader {
                 if let (Some(name), Some(stream)) = (stream_name, &mut nats.stream) {
                     stream.name = name;
                 }
-                if in_section(Section::CentralNats).any(|k| is_kind_key(k) && self.raw.contains_key(k)) {
+                if in_section(Section::CentralNats)
+                    .any(|k| is_kind_key(k) && self.raw.contains_key(k))
+                {
                     env_security(nats);
                     let nats = nats.clone();
                     self.check_nats_security(&nats, &env_label);
                 }
             }
             Some(_) => {
-                if let Some(key) =
-                    in_section(Section::CentralNats).find(|k| is_kind_key(k) && self.raw.contains_key(*k))
+                if let Some(key) = in_section(Section::CentralNats)
+                    .find(|k| is_kind_key(k) && self.raw.contains_key(*k))
                 {
                     self.problem(
                         self.label(key),

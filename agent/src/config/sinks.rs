@@ -296,7 +296,11 @@ impl Loader {
     /// Read once those sinks are final, so a key for a sink that does not exist is reported.
     pub(super) fn env_max_attempts(&mut self, sinks: &mut [SinkConfig]) {
         for (key, name, url_key) in [
-            ("CENTRAL_DATABASE_MAX_ATTEMPTS", DATABASE_SINK, "CENTRAL_DATABASE_URL"),
+            (
+                "CENTRAL_DATABASE_MAX_ATTEMPTS",
+                DATABASE_SINK,
+                "CENTRAL_DATABASE_URL",
+            ),
             ("CENTRAL_API_MAX_ATTEMPTS", API_SINK, "CENTRAL_API_URL"),
             ("CENTRAL_NATS_MAX_ATTEMPTS", NATS_SINK, "CENTRAL_NATS_URL"),
         ] {
@@ -312,7 +316,9 @@ impl Loader {
                 None => self.problem(
                     self.label(key),
                     Some(max.to_string()),
-                    format!("is set but there is no {name:?} sink: set {url_key} or remove this key"),
+                    format!(
+                        "is set but there is no {name:?} sink: set {url_key} or remove this key"
+                    ),
                 ),
             }
         }
@@ -389,8 +395,8 @@ impl Loader {
                 }
             }
             Some(_) => {
-                if let Some(key) =
-                    in_section(Section::CentralApi).find(|k| is_kind_key(k) && self.raw.contains_key(*k))
+                if let Some(key) = in_section(Section::CentralApi)
+                    .find(|k| is_kind_key(k) && self.raw.contains_key(*k))
                 {
                     self.problem(
                         self.label(key),
