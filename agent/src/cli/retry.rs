@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use clap::Args;
 use estafeta_staging::{DeadLetterFile, Staging, StoreError};
 
@@ -275,7 +276,10 @@ fn send_one(
         sink,
         config,
         vec![delivery],
-    ))?;
+    ))
+    // The send may have happened: the lease is given back when this process ends, and the
+    // daemon (or `estafeta flush`) sends the record again, idempotently.
+    .context("it may have been sent, but its result could not be recorded; it stays pending and is sent again (idempotently) by the daemon or `estafeta flush`")?;
     Ok(results.pop().unwrap_or(Settle::GivenBack))
 }
 
