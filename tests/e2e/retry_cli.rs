@@ -456,6 +456,18 @@ async fn flush_dry_run_show_payload_prints_the_request_and_sends_nothing() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["state"], "pending", "{listed:?}");
     assert_eq!(listed[0]["attempts"], 0, "{listed:?}");
+    // --dry-run alone: the DRY_RUN cycle for this run only, its count printed, nothing sent.
+    let (code, out, err) = cli(dir.path(), &env, &["flush", "--dry-run"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("api: delivered 0, retried 0, dead 0, dry run 1"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(r#""n":7"#) && !err.contains(r#""n":7"#),
+        "no payload: {out}{err}"
+    );
+    assert!(server.requests().is_empty(), "nothing sent");
     // --show-payload alone would send: it is refused, changing nothing.
     let (code, _, err) = cli(dir.path(), &env, &["flush", "--show-payload"]).await;
     assert_eq!(code, 2, "{err}");
