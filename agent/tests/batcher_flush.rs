@@ -669,3 +669,60 @@ async fn batcher_delivers_on_the_cron_tick_when_flush_on_write_is_off() {
     let stopped = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     assert!(stopped.is_ok(), "the batcher stops on cancel");
 }
+
+/// `max_attempts` (BEMSOFT_RETRIES): with 3, a record the sink never takes is attempted three
+/// times, then becomes a dead letter that says why, and the later record of its key stays
+/// held back behind it, never attempted; unset, the same record is still pending after more
+/// failures (retry forever, as before). Fails without the give-up in `settle`.
+#[tokio::test]
+async fn max_attempts_gives_up_after_n_failures_and_unset_retries_forever() {
+    for max_attempts in [Some(3), None] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_store(&dir);
+        let config = Config {
+            // No backoff: each cycle finds the failed record due again.
+            retry_base: Duration::ZERO,
+            retry_max: Duration::ZERO,
+            sinks: vec![estafeta::sinks::SinkConfig {
+                name: SINK.into(),
+                kind: estafeta::sinks::SinkKind::Database(
+                    estafeta::sinks::database::DatabaseSinkConfig {
+                        url: "sqlite://unused.db".into(),
+                        agent_id: "test".into(),
+                        apply: None,
+                        connections: 1,
+                    },
+                ),
+                max_attempts,
+            }],
+            ..Config::for_tests(dir.path())
+        };
+        let seqs = stage(&store, &[("update", "a", "retry"), ("update", "a", "ok")]);
+        let sink = Arc::new(ScriptSink::default());
+        let dyn_sink: Arc<dyn Sink> = sink.clone();
+        for _ in 0..5 {
+            flush_once(&store, &dyn_sink, &config, 1000)
+                .await
+                .expect("flush");
+        }
+        let records = records_by_seq(&store);
+        let head = sink_state(&records[&seqs[0]]);
+        match max_attempts {
+            Some(n) => {
+                assert_eq!((head.state, head.attempts), (State::Dead, n));
+                assert_eq!(sink.attempted(), vec![seqs[0]; n as usize]);
+                let dead = store.dead_letters(None).expect("dead letters");
+                assert_eq!(dead.len(), 1);
+                assert_eq!(dead[0].reason, "gave up after 3 attempts: HTTP 503");
+                assert_eq!(dead[0].attempts, 3);
+            }
+            None => {
+                assert_eq!((head.state, head.attempts), (State::Pending, 5));
+                assert!(store.dead_letters(None).expect("dead letters").is_empty());
+            }
+        }
+        let behind = sink_state(&records[&seqs[1]]);
+        assert_eq!((behind.state, behind.attempts), (State::Pending, 0));
+        assert!(!sink.attempted().contains(&seqs[1]), "held back behind it");
+    }
+}

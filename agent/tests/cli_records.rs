@@ -158,7 +158,7 @@ fn retry_without_send_lists_nothing_when_there_are_no_dead_letters() {
     let dir = tempfile::tempdir().expect("temp dir");
     let output = ok(&estafeta(dir.path(), &["retry"], None));
     assert!(
-        output.contains("0 dead letter(s) would be requeued"),
+        output.contains("0 dead letter(s) would be sent"),
         "{output}"
     );
 }

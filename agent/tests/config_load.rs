@@ -904,3 +904,85 @@ fn min_free_disk_mb_sets_the_host_guard_and_must_agree_with_its_byte_spelling() 
     let err = refuse(dir.path(), &[("MIN_FREE_DISK_MB", "lots")]);
     assert!(err.to_string().contains("megabytes"), "{err}");
 }
+
+/// `max_attempts` (BEMSOFT_RETRIES): per sink in the TOML file, for the `api`, `database` and
+/// `nats` sinks by `CENTRAL_<SINK>_MAX_ATTEMPTS` (overriding the file), unset by default
+/// (retry forever); zero, a word, or a key for a sink that does not exist is refused, named.
+#[test]
+fn max_attempts_is_set_per_sink_and_checked() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write(
+        dir.path(),
+        "estafeta.toml",
+        r#"
+[[sinks]]
+name = "central"
+type = "http"
+url = "https://api.example"
+max_attempts = 5
+
+[[sinks]]
+name = "api"
+type = "http"
+url = "https://other.example"
+max_attempts = 9
+
+[[sinks]]
+name = "landing"
+type = "database"
+url = "sqlite://landing.db"
+"#,
+    );
+    let config = load(
+        dir.path(),
+        &[
+            ("CONFIG_FILE", "estafeta.toml"),
+            ("CENTRAL_API_MAX_ATTEMPTS", "3"),
+        ],
+    );
+    assert_eq!(config.max_attempts("central"), Some(5));
+    assert_eq!(
+        config.max_attempts("api"),
+        Some(3),
+        "the key overrides the file"
+    );
+    assert_eq!(config.max_attempts("landing"), None, "unset: retry forever");
+
+    let defaults = load(dir.path(), &[("CENTRAL_API_URL", "https://api.example")]);
+    assert_eq!(defaults.max_attempts("api"), None);
+
+    let err = refuse(
+        dir.path(),
+        &[
+            ("CENTRAL_API_URL", "https://api.example"),
+            ("CENTRAL_API_MAX_ATTEMPTS", "0"),
+            ("CENTRAL_NATS_MAX_ATTEMPTS", "4"),
+            ("CENTRAL_DATABASE_MAX_ATTEMPTS", "many"),
+        ],
+    );
+    let text = err.to_string();
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "CENTRAL_DATABASE_MAX_ATTEMPTS",
+            "CENTRAL_API_MAX_ATTEMPTS",
+            "CENTRAL_NATS_MAX_ATTEMPTS"
+        ],
+        "{text}"
+    );
+    assert!(text.contains("from 1 to 1000000"), "{text}");
+    assert!(
+        text.contains("there is no \"nats\" sink: set CENTRAL_NATS_URL"),
+        "{text}"
+    );
+
+    write(
+        dir.path(),
+        "zero.toml",
+        "[[sinks]]\nname = \"central\"\ntype = \"http\"\nurl = \"https://api.example\"\nmax_attempts = 0\n",
+    );
+    let err = refuse(dir.path(), &[("CONFIG_FILE", "zero.toml")]);
+    assert_eq!(err.problems.len(), 1, "{err}");
+    assert_eq!(err.problems[0].key, "sinks[0].max_attempts");
+}

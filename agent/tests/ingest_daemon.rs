@@ -29,6 +29,7 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
                 concurrency: 4,
                 heartbeat_path: None,
             }),
+            max_attempts: None,
         }],
         ..Config::for_tests(root)
     }

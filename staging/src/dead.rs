@@ -63,7 +63,7 @@ impl DeadLetterFile {
 
 /// `<failed>/<action>/<entity>/<yyyy>/<mm>/<dd>/<staged>-<seq>-<sink>.json`, from the record's
 /// staged date, so the same record and sink always map to the same file.
-fn dead_letter_path(failed_dir: &Path, env: &Envelope, sink: &str) -> PathBuf {
+pub(crate) fn dead_letter_path(failed_dir: &Path, env: &Envelope, sink: &str) -> PathBuf {
     let staged = chrono::DateTime::parse_from_rfc3339(&env.staged_at)
         .map(|d| d.with_timezone(&Utc))
         .unwrap_or_else(|_| Utc::now());

@@ -71,6 +71,16 @@ pub enum StoreError {
         "no record {0} in staging; `estafeta ls` lists the records it holds, `estafeta ls --failed` the dead letters"
     )]
     NotFound(String),
+    /// A dead letter asked to be sent now is not the first record its key still owes the
+    /// sink: sending it would overtake `earlier`.
+    #[error(
+        "record {seq} waits behind the earlier record {earlier} of its key for sink {sink:?}; send that one first (`estafeta ls --failed` lists the dead letters)"
+    )]
+    NotHead {
+        seq: u64,
+        earlier: u64,
+        sink: String,
+    },
     /// A sink name the store cannot keep (empty, or with a comma: the index lists a record's
     /// sinks comma-separated).
     #[error(

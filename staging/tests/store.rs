@@ -183,6 +183,60 @@ fn dead_letter_is_readable_and_requeue_keeps_order() {
     assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a1, a2]);
 }
 
+/// `retry --send`'s requeue: the dead record comes back leased to the caller, never pending, so
+/// no other deliverer's lease can take it or the later records of its key while it travels; a
+/// second requeue of it is refused, and so is the requeue of a dead record that is not the
+/// first its key owes. Fails if `requeue_leased` left the record pending (the lease below would
+/// take it) or did not check the head.
+#[test]
+fn a_dead_letter_requeued_leased_is_held_by_its_sender_and_keeps_key_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a1 = store
+        .stage(rec("create", "patient", Some("a"), r#"{"n":1}"#))
+        .unwrap()
+        .seq;
+    let a2 = store
+        .stage(rec("update", "patient", Some("a"), r#"{"n":2}"#))
+        .unwrap()
+        .seq;
+    let b1 = store
+        .stage(rec("create", "patient", Some("b"), r#"{"n":3}"#))
+        .unwrap()
+        .seq;
+    let b2 = store
+        .stage(rec("update", "patient", Some("b"), r#"{"n":4}"#))
+        .unwrap()
+        .seq;
+    assert_eq!(
+        seqs(&store.next_batch("db", 10).unwrap()),
+        vec![a1, a2, b1, b2]
+    );
+    let letter = store.dead("db", a1, "HTTP 422").unwrap();
+    store.release("db", &[a2, b1]).unwrap();
+    // b2 is dead although b1 is still owed (only a tool can do that): not a head.
+    store.dead("db", b2, "HTTP 422").unwrap();
+
+    let delivery = store.requeue_leased("db", a1).unwrap();
+    assert_eq!(delivery.envelope.seq, a1);
+    assert_eq!(delivery.attempts, 0);
+    assert_eq!(delivery.envelope.payload.get(), r#"{"n":1}"#);
+    assert!(!letter.exists(), "the dead letter is removed");
+    // Another deliverer's lease: neither a1 (leased) nor a2 (behind it) can be taken.
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![b1]);
+    let again = store.requeue_leased("db", a1).unwrap_err();
+    assert!(matches!(again, StoreError::NotFound(_)), "{again}");
+    let not_head = store.requeue_leased("db", b2).unwrap_err();
+    assert!(
+        matches!(not_head, StoreError::NotHead { earlier, .. } if earlier == b1),
+        "{not_head}"
+    );
+    assert_eq!(store.dead_letters(None).unwrap().len(), 1, "b2 stays dead");
+    // Settled by its sender like any leased record: then a2 may go.
+    store.ack("db", &[a1]).unwrap();
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a2]);
+}
+
 /// A crash between a requeue's commit and the removal of its letter (or between a letter and
 /// the commit of its death) leaves a letter whose record is pending again. Reopening removes
 /// it, so the record is not listed as refused after it was delivered, and a letter still dead

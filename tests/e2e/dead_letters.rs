@@ -2,8 +2,8 @@
 //! 400 with a JSON body to one record, which then sits in `_failed/…` with the status and the
 //! body in its reason; the later records of its key wait, never sent, while other keys keep
 //! flowing; after the server is fixed, `estafeta retry` only lists it and changes nothing, and
-//! `estafeta retry --send` requeues it, so it and then the waiting records of its key are
-//! delivered, in order.
+//! `estafeta retry --send` delivers it at once, then the waiting records of its key are
+//! delivered by the daemon, in order.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -181,9 +181,9 @@ async fn a_refused_record_waits_in_failed_with_its_key_until_retry_send() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("would requeue")
+        stdout.contains("would send")
             && stdout.contains(&format!("seq={}", refused.seq))
-            && stdout.contains("1 dead letter(s) would be requeued"),
+            && stdout.contains("1 dead letter(s) would be sent"),
         "retry lists the dead letter: {stdout}"
     );
     tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -193,11 +193,11 @@ async fn a_refused_record_waits_in_failed_with_its_key_until_retry_send() {
     assert_eq!(sink_status(&still, "api")["dead"], 1, "{still}");
     assert_eq!(sink_status(&still, "api")["pending"], 2, "{still}");
 
-    // `retry --send` requeues it; it and the waiting records of its key go, in order.
+    // `retry --send` delivers it now; then the waiting records of its key go, in order.
     let out = run_cli(dir.path(), &env, &["retry", "--send"]).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.contains("requeued 1 of 1"),
+        out.status.success() && stdout.contains("delivered 1 of 1"),
         "estafeta retry --send: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -12,6 +12,9 @@ mod outage;
 mod sink_server;
 // A 400 answer: dead letter with status and body, its key waits, retry / retry --send.
 mod dead_letters;
+// `estafeta retry` flag by flag (--dir --file --send --move-ok --limit --verbose), with the
+// daemon stopped and running (the record lands once); max_attempts; flush --dry-run --show-payload.
+mod retry_cli;
 // Every refused request (400/401/413/415/422/507) answers JSON and stages nothing; no public
 // INGEST_ADDR without INGEST_TOKEN.
 mod bad_input;

@@ -29,6 +29,7 @@ use crate::metrics::{FlushReport, Metrics};
 use crate::sinks::{Outcome, Sink};
 
 mod settle;
+pub use settle::Settle;
 use settle::{Settled, XorShift, behind_failures, settle};
 
 /// After a write notification, wait this long so a burst of writes gives one cycle.
@@ -127,6 +128,43 @@ pub async fn flush_once(
     let mut rng = XorShift::from_clock();
     let (report, _) = flush_cycle(store, sink, config, limit, None, true, &mut rng).await?;
     Ok(report)
+}
+
+/// Delivers records the caller leased itself ([`Staging::requeue_leased`], for `estafeta retry
+/// --send`) through `sink`, and settles them as a flush cycle settles a batch (backoff,
+/// `max_attempts`, dead letters, hold-back): what becomes of a record does not depend on who
+/// sent it. Returns what became of each record, in the batch's order.
+pub async fn deliver_leased(
+    store: &Staging,
+    sink: &Arc<dyn Sink>,
+    config: &Config,
+    batch: Vec<Delivery>,
+) -> anyhow::Result<Vec<Settle>> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut rng = XorShift::from_clock();
+    let outcomes = sink.deliver(&batch).await;
+    let settled = settle(store, sink.name(), config, batch, outcomes, &mut rng).await?;
+    Ok(settled.records)
+}
+
+/// What `sink` would send for up to `limit` deliverable records, one text per record (for
+/// `estafeta flush --dry-run --show-payload`): the records are leased so the preview shows
+/// exactly what a cycle would take, then given back untouched, nothing sent or counted.
+pub async fn preview(
+    store: &Staging,
+    sink: &Arc<dyn Sink>,
+    limit: usize,
+) -> anyhow::Result<Vec<String>> {
+    let name = sink.name().to_owned();
+    let batch = lease(store, &name, limit.max(1)).await?;
+    let shown = batch.iter().map(|d| sink.preview(d)).collect();
+    let seqs: Vec<u64> = batch.iter().map(|d| d.envelope.seq).collect();
+    if !seqs.is_empty() {
+        release(store, &name, seqs).await?;
+    }
+    Ok(shown)
 }
 
 async fn flush_cycle(

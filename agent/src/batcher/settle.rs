@@ -3,6 +3,7 @@
 //! one transaction; and the rule that keeps a batch leased ahead from overtaking a failure of
 //! the batch before it ([`behind_failures`]).
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -21,6 +22,24 @@ pub(super) struct Settled {
     pub retried: u64,
     pub dead: u64,
     pub first_error: Option<String>,
+    /// Each record's result, in the batch's order.
+    pub records: Vec<Settle>,
+}
+
+/// What became of one record of a settled batch (for `estafeta retry --send`, which reports
+/// each record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// The sink has it.
+    Delivered,
+    /// A transient failure: pending again, tried again at its retry time. The error says what
+    /// happened by class (no payload text).
+    Retry { error: String },
+    /// Refused for good (or given up after `max_attempts`): a dead letter again. `summary` says
+    /// what happened by class; the file at `path` holds the whole answer.
+    Dead { summary: String, path: PathBuf },
+    /// Not attempted (behind an earlier record of its key): pending again, untouched.
+    GivenBack,
 }
 
 impl FlushReport {
@@ -51,14 +70,38 @@ pub(super) async fn settle(
     let mut outcomes = outcomes;
     crate::sinks::hold_back(&batch, &mut outcomes);
     let now = Utc::now();
+    let max_attempts = config.max_attempts(sink);
     let mut settlement = Settlement::default();
     let mut dead_summaries = Vec::new();
+    let mut records = Vec::with_capacity(batch.len());
     let mut outcomes = outcomes.into_iter();
     for delivery in batch {
         let seq = delivery.envelope.seq;
-        match outcomes.next() {
-            Some(Outcome::Delivered) => settlement.delivered.push(seq),
+        let outcome = match outcomes.next() {
+            // The sink's `max_attempts`: this failure is the last one it allows (the store
+            // counts the attempts before it), so the record stops waiting and becomes a dead
+            // letter that says why, for a person to look at.
+            Some(Outcome::Retry { error, .. })
+                if max_attempts.is_some_and(|max| delivery.attempts.saturating_add(1) >= max) =>
+            {
+                let attempts = delivery.attempts.saturating_add(1);
+                Some(Outcome::Dead {
+                    reason: crate::sinks::Refusal::ours(format!(
+                        "gave up after {attempts} attempts: {error}"
+                    )),
+                })
+            }
+            other => other,
+        };
+        match outcome {
+            Some(Outcome::Delivered) => {
+                settlement.delivered.push(seq);
+                records.push(Settle::Delivered);
+            }
             Some(Outcome::Retry { error, retry_after }) => {
+                records.push(Settle::Retry {
+                    error: error.clone(),
+                });
                 let delay = retry_after.unwrap_or_else(|| {
                     backoff(delivery.attempts, config.retry_base, config.retry_max, rng)
                 });
@@ -69,6 +112,10 @@ pub(super) async fn settle(
             }
             Some(Outcome::Dead { reason }) => {
                 // The file keeps the whole answer; the log says what happened, by class.
+                records.push(Settle::Dead {
+                    summary: reason.summary.clone(),
+                    path: PathBuf::new(),
+                });
                 dead_summaries.push((seq, delivery.envelope.id.clone(), reason.summary));
                 settlement.dead.push(Dead {
                     delivery,
@@ -77,18 +124,30 @@ pub(super) async fn settle(
             }
             // Not attempted (behind an earlier record of its key) or not answered: back to
             // pending untouched, no attempt counted.
-            Some(Outcome::Skipped) | None => settlement.give_back.push(seq),
+            Some(Outcome::Skipped) | None => {
+                settlement.give_back.push(seq);
+                records.push(Settle::GivenBack);
+            }
         }
     }
-    let settled_counts = Settled {
+    let mut settled_counts = Settled {
         delivered: settlement.delivered.len() as u64,
         retried: settlement.retries.len() as u64,
         dead: settlement.dead.len() as u64,
         first_error: settlement.retries.first().map(|r| r.error.clone()),
+        records,
     };
     let sink_name = sink.to_owned();
     // One transaction for the whole batch: acks, retries, dead letters, give-backs.
     let dead_paths = blocking(store, move |store| store.settle(&sink_name, settlement)).await?;
+    let mut paths = dead_paths.iter();
+    for record in &mut settled_counts.records {
+        if let Settle::Dead { path, .. } = record
+            && let Some(written) = paths.next()
+        {
+            *path = written.clone();
+        }
+    }
     for ((seq, id, error), path) in dead_summaries.into_iter().zip(dead_paths) {
         warn!(
             sink, seq, %id, path = %path.display(), %error,

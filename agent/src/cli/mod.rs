@@ -93,7 +93,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Deliver what is pending now, once, and print what happened per sink.
     Flush(FlushArgs),
-    /// List dead letters to requeue; with --send, put them back in line in sequence order.
+    /// List dead letters; with --send, deliver them now in sequence order and print what the
+    /// sink answered for each.
     Retry(RetryArgs),
     /// Rebuild the staging index from the folder (stop the daemon first).
     Reindex,
@@ -198,15 +199,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 }) => ls::ls(&config, failed, action, entity, limit, json),
                 Command::Show(ShowArgs { target }) => show::show(&config, &target),
                 Command::Status(StatusArgs { json }) => status::status(&config, json),
-                Command::Flush(FlushArgs { sink, limit }) => flush::flush(config, sink, limit),
-                Command::Retry(RetryArgs {
-                    dir,
-                    file,
-                    send,
-                    move_ok,
-                    limit,
-                    verbose,
-                }) => retry::retry(&config, dir, file, send, move_ok, limit, verbose),
+                Command::Flush(args) => flush::flush(config, args),
+                Command::Retry(args) => retry::retry(&config, args),
                 Command::Reindex => reindex::reindex(&config),
                 Command::Sources(SourcesArgs { command, json }) => match command {
                     None => sources::sources(&config, json),

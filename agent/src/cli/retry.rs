@@ -1,15 +1,28 @@
-//! `estafeta retry`: lists dead letters and, with `--send`, puts them back in line in sequence
-//! order.
+//! `estafeta retry`: lists dead letters and, with `--send`, delivers them now, in sequence
+//! order, printing what the sink answered for each (the old `retry_failed.py --send`).
+//!
+//! `--send` takes each chosen dead letter back from the store already leased to this process
+//! ([`Staging::requeue_leased`]), so a daemon running beside it can neither take the record
+//! nor send a later record of its key before it; then sends it through a sink built from the
+//! same configuration as the daemon's, and settles the answer the way a flush cycle does
+//! ([`crate::batcher::deliver_leased`]): delivered, pending again after a transient failure,
+//! or a dead letter again (a new file) after a refusal. If this process dies mid-send, its
+//! lease is given back at once and the daemon sends the record again (idempotently).
+//! Without `--send` it only lists, and changes nothing.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use anyhow::Context as _;
 use clap::Args;
 use estafeta_staging::{DeadLetterFile, Staging, StoreError};
 
+use crate::batcher::Settle;
 use crate::config::Config;
+use crate::sinks::Sink;
 
 use super::table::shorten;
-use super::{EXIT_FAILURE, EXIT_OK, open_store, usage, write_stdout};
+use super::{EXIT_FAILURE, EXIT_OK, open_store, runtime, usage, write_stdout};
 
 /// The arguments of `estafeta retry`.
 #[derive(Debug, Args)]
@@ -20,11 +33,13 @@ pub struct RetryArgs {
     /// One dead-letter file.
     #[arg(long, value_name = "F", conflicts_with = "dir")]
     pub file: Option<PathBuf>,
-    /// Requeue for real (without it, only list what would be requeued).
+    /// Deliver them now, one by one, and print what the sink answered (without it, only list
+    /// what would be sent). Works with the daemon running or stopped; ignores DRY_RUN, as the
+    /// old `retry_failed.py --send` did.
     #[arg(long)]
     pub send: bool,
-    /// Copy each requeued dead-letter file into DIR first.
-    #[arg(long, value_name = "DIR")]
+    /// Move into DIR the dead-letter file of each record actually delivered (with --send).
+    #[arg(long, value_name = "DIR", requires = "send")]
     pub move_ok: Option<PathBuf>,
     /// At most N dead letters.
     #[arg(long, value_name = "N")]
@@ -57,17 +72,26 @@ fn json_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn retry(
-    config: &Config,
-    dir: Option<PathBuf>,
-    file: Option<PathBuf>,
-    send: bool,
-    move_ok: Option<PathBuf>,
-    limit: Option<usize>,
-    verbose: bool,
-) -> anyhow::Result<u8> {
-    let mut code = EXIT_OK;
+/// What became of the chosen dead letters, for the summary line.
+#[derive(Default)]
+struct Tally {
+    delivered: usize,
+    dead_again: usize,
+    pending: usize,
+    not_sent: usize,
+    /// Delivered, but `--move-ok` could not move the file.
+    unmoved: usize,
+}
+
+pub(super) fn retry(config: &Config, args: RetryArgs) -> anyhow::Result<u8> {
+    let RetryArgs {
+        dir,
+        file,
+        send,
+        move_ok,
+        limit,
+        verbose,
+    } = args;
     let mut letters = Vec::new();
     let files = match &file {
         Some(file) => vec![file.clone()],
@@ -99,61 +123,167 @@ pub(super) fn retry(
             Err(err) => eprintln!("skipped: {err}"),
         }
     }
-    // Sequence order: a key's earlier record must be back in line before its later ones.
+    // Sequence order: a key's earlier record must be delivered before its later ones.
     letters
         .sort_by(|a, b| (a.file.record.seq, &a.file.sink).cmp(&(b.file.record.seq, &b.file.sink)));
     if let Some(limit) = limit {
         letters.truncate(limit);
     }
-    let store = if send {
-        Some(open_store(config)?)
-    } else {
-        None
-    };
-    let mut requeued = 0usize;
-    for letter in &letters {
-        let line = describe_letter(letter, verbose);
-        let Some(store) = &store else {
-            write_stdout(&format!("would requeue {line}\n"));
+    if !send {
+        for letter in &letters {
+            let line = describe_letter(letter, verbose, true);
+            write_stdout(&format!("would send {line}\n"));
+        }
+        write_stdout(&format!(
+            "{} dead letter(s) would be sent; run again with --send to deliver them now\n",
+            letters.len()
+        ));
+        return Ok(EXIT_OK);
+    }
+    send_letters(config, &letters, move_ok.as_deref(), verbose)
+}
+
+/// `--send`: each letter in turn, taken back leased, delivered, settled and reported.
+fn send_letters(
+    config: &Config,
+    letters: &[Letter],
+    move_ok: Option<&Path>,
+    verbose: bool,
+) -> anyhow::Result<u8> {
+    crate::logging::restrict_new_files();
+    let _guard = crate::logging::init(config);
+    // The daemon's own sinks: built from the same configuration by the same code.
+    let sinks = crate::sinks::build(&config.sinks)
+        .map_err(|err| usage(format!("the sinks are misconfigured: {err:#}")))?;
+    let store = open_store(config)?;
+    let runtime = runtime()?;
+    let mut tally = Tally::default();
+    for letter in letters {
+        // The old refusal is not repeated beside the new answer (--verbose shows it).
+        let line = describe_letter(letter, verbose, false);
+        let Some(sink) = sinks.iter().find(|s| s.name() == letter.file.sink) else {
+            eprintln!(
+                "not sent {line}: no sink named {:?} is configured (configured: {}); configure it or move the file away",
+                letter.file.sink,
+                config.sink_names().join(", ")
+            );
+            tally.not_sent += 1;
             continue;
         };
-        if let Some(target) = &move_ok
-            && let Err(err) = copy_into(&letter.path, target)
+        // The file goes into DIR before the record is taken back (that removes the store's
+        // letter): a DIR that cannot take it stops this item before anything changed.
+        let staged_move = match move_ok
+            .map(|dir| Move::prepare(&letter.path, dir))
+            .transpose()
         {
-            eprintln!(
-                "not requeued {line}: could not copy it into {}: {err}",
-                target.display()
-            );
-            code = EXIT_FAILURE;
-            continue;
-        }
-        match store.requeue(&letter.file.sink, letter.file.record.seq) {
-            Ok(()) => {
-                requeued += 1;
-                write_stdout(&format!("requeued {line}\n"));
-            }
+            Ok(staged) => staged,
             Err(err) => {
-                eprintln!("not requeued {line}: {err}");
-                code = EXIT_FAILURE;
+                eprintln!(
+                    "not sent {line}: could not copy it into {}: {err}",
+                    move_ok.map(|d| d.display().to_string()).unwrap_or_default()
+                );
+                tally.not_sent += 1;
+                continue;
+            }
+        };
+        let result = send_one(&runtime, &store, sink, config, letter);
+        match result {
+            Ok(Settle::Delivered) => {
+                tally.delivered += 1;
+                let moved = match staged_move {
+                    Some(staged) => match staged.finish(&letter.path) {
+                        Ok(target) => format!("; moved to {}", target.display()),
+                        Err(err) => {
+                            tally.unmoved += 1;
+                            eprintln!("delivered {line}, but its file could not be moved: {err}");
+                            String::new()
+                        }
+                    },
+                    None => String::new(),
+                };
+                write_stdout(&format!("delivered {line}{moved}\n"));
+            }
+            other => {
+                if let Some(staged) = staged_move {
+                    staged.abandon();
+                }
+                match other {
+                    Ok(Settle::Dead { summary, path }) => {
+                        tally.dead_again += 1;
+                        write_stdout(&format!(
+                            "refused again {line}\n  sink answered: {summary}\n  dead letter again: {}\n",
+                            path.display()
+                        ));
+                    }
+                    Ok(Settle::Retry { error }) => {
+                        tally.pending += 1;
+                        write_stdout(&format!(
+                            "not delivered {line}\n  sink answered: {error}\n  it stays pending: the daemon (or `estafeta flush`) tries again with backoff\n"
+                        ));
+                    }
+                    Ok(Settle::GivenBack) => {
+                        tally.pending += 1;
+                        write_stdout(&format!("not attempted {line}: it stays pending\n"));
+                    }
+                    Ok(Settle::Delivered) => unreachable!("handled above"),
+                    Err(err) => {
+                        tally.not_sent += 1;
+                        eprintln!("not sent {line}: {err:#}");
+                    }
+                }
             }
         }
     }
-    let summary = if send {
-        format!(
-            "requeued {requeued} of {} dead letter(s); the daemon delivers them on its next tick (or run `estafeta flush`)\n",
-            letters.len()
-        )
+    let mut summary = format!(
+        "delivered {} of {} dead letter(s)",
+        tally.delivered,
+        letters.len()
+    );
+    for (n, what) in [
+        (tally.dead_again, "refused again (dead letters again)"),
+        (
+            tally.pending,
+            "still pending (retried by the daemon or `estafeta flush`)",
+        ),
+        (tally.not_sent, "not sent"),
+    ] {
+        if n > 0 {
+            summary.push_str(&format!(", {n} {what}"));
+        }
+    }
+    if tally.delivered > 0 {
+        summary.push_str("; records of their keys that waited behind them go with the daemon's next cycle (or `estafeta flush`)");
+    }
+    write_stdout(&format!("{summary}\n"));
+    Ok(if tally.delivered == letters.len() && tally.unmoved == 0 {
+        EXIT_OK
     } else {
-        format!(
-            "{} dead letter(s) would be requeued; run again with --send to requeue them\n",
-            letters.len()
-        )
-    };
-    write_stdout(&summary);
-    Ok(code)
+        EXIT_FAILURE
+    })
 }
 
-fn describe_letter(letter: &Letter, verbose: bool) -> String {
+/// Takes one dead letter back leased to this process and delivers it through `sink`.
+fn send_one(
+    runtime: &tokio::runtime::Runtime,
+    store: &Staging,
+    sink: &Arc<dyn Sink>,
+    config: &Config,
+    letter: &Letter,
+) -> anyhow::Result<Settle> {
+    let delivery = store.requeue_leased(&letter.file.sink, letter.file.record.seq)?;
+    let mut results = runtime.block_on(crate::batcher::deliver_leased(
+        store,
+        sink,
+        config,
+        vec![delivery],
+    ))
+    // The send may have happened: the lease is given back when this process ends, and the
+    // daemon (or `estafeta flush`) sends the record again, idempotently.
+    .context("it may have been sent, but its result could not be recorded; it stays pending and is sent again (idempotently) by the daemon or `estafeta flush`")?;
+    Ok(results.pop().unwrap_or(Settle::GivenBack))
+}
+
+fn describe_letter(letter: &Letter, verbose: bool, reason_too: bool) -> String {
     let DeadLetterFile {
         sink,
         reason,
@@ -175,25 +305,58 @@ fn describe_letter(letter: &Letter, verbose: bool) -> String {
             record.id,
             letter.path.display(),
         ));
-    } else {
+    } else if reason_too {
         line.push_str(&format!(": {}", shorten(reason, 100)));
     }
     line
 }
 
-/// Copies `file` into `dir` (created if needed), never overwriting: a clash gets a suffix.
-fn copy_into(file: &Path, dir: &Path) -> std::io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "dead-letter.json".into());
-    let mut target = dir.join(&name);
-    let mut n = 1;
-    while target.exists() {
-        target = dir.join(format!("{name}.{n}"));
-        n += 1;
+/// `--move-ok`: a dead-letter file copied into DIR under a temporary name before its record is
+/// sent, then given its own name once the record is delivered, or removed if it is not. The
+/// copy comes first because taking the record back removes the store's file.
+struct Move {
+    partial: PathBuf,
+    dir: PathBuf,
+    name: String,
+}
+
+impl Move {
+    fn prepare(file: &Path, dir: &Path) -> std::io::Result<Move> {
+        std::fs::create_dir_all(dir)?;
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "dead-letter.json".into());
+        // Not `.json`: a DIR that is also read by `retry --dir` never takes it for a letter.
+        let partial = dir.join(format!(".{name}.partial"));
+        std::fs::copy(file, &partial)?;
+        Ok(Move {
+            partial,
+            dir: dir.to_path_buf(),
+            name,
+        })
     }
-    std::fs::copy(file, &target)?;
-    Ok(target)
+
+    /// The record was delivered: the copy takes its name (never overwriting: a clash gets a
+    /// suffix), and a source file outside the store (the store's own is gone already) is
+    /// removed, so the file is moved.
+    fn finish(self, source: &Path) -> std::io::Result<PathBuf> {
+        let mut target = self.dir.join(&self.name);
+        let mut n = 1;
+        while target.exists() {
+            target = self.dir.join(format!("{}.{n}", self.name));
+            n += 1;
+        }
+        std::fs::rename(&self.partial, &target)?;
+        match std::fs::remove_file(source) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
+        Ok(target)
+    }
+
+    /// The record was not delivered: the copy goes; the dead letter stays (or is new).
+    fn abandon(self) {
+        let _ = std::fs::remove_file(&self.partial);
+    }
 }

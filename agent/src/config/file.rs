@@ -94,6 +94,9 @@ pub(super) struct FileSink {
     /// http: the `Idempotency-Key` template; database: the landing key's template
     /// (`sinks::record_template`).
     pub(super) idempotency_key: Option<String>,
+    /// Any sink: after this many transient failures a record becomes a dead letter (default:
+    /// retry forever).
+    pub(super) max_attempts: Option<u32>,
 }
 
 impl FileSink {

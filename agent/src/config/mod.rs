@@ -244,6 +244,15 @@ impl Config {
         Loader::new(cwd).run(env_file, process_env)
     }
 
+    /// The `max_attempts` of sink `name`: after that many transient failures of a record
+    /// (counted by the store), it becomes a dead letter. `None`: retry forever.
+    pub fn max_attempts(&self, name: &str) -> Option<u32> {
+        self.sinks
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.max_attempts)
+    }
+
     /// Sink names, in configuration order.
     pub fn sink_names(&self) -> Vec<String> {
         self.sinks.iter().map(|s| s.name.clone()).collect()

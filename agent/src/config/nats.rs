@@ -9,6 +9,7 @@ use super::file::FileSink;
 use super::keys::*;
 use super::parse::{parse_bool, parse_secs, secs_from_f64};
 use super::raw::Loader;
+use super::sinks::is_kind_key;
 use crate::problem::Problem;
 use crate::redact::url as redact_url;
 use crate::sinks::nats::{NatsSinkConfig, Retention, StreamSettings};
@@ -309,15 +310,17 @@ impl Loader {
                 if let (Some(name), Some(stream)) = (stream_name, &mut nats.stream) {
                     stream.name = name;
                 }
-                if in_section(Section::CentralNats).any(|k| self.raw.contains_key(k)) {
+                if in_section(Section::CentralNats)
+                    .any(|k| is_kind_key(k) && self.raw.contains_key(k))
+                {
                     env_security(nats);
                     let nats = nats.clone();
                     self.check_nats_security(&nats, &env_label);
                 }
             }
             Some(_) => {
-                if let Some(key) =
-                    in_section(Section::CentralNats).find(|k| self.raw.contains_key(*k))
+                if let Some(key) = in_section(Section::CentralNats)
+                    .find(|k| is_kind_key(k) && self.raw.contains_key(*k))
                 {
                     self.problem(
                         self.label(key),
@@ -349,6 +352,7 @@ impl Loader {
                     sinks.push(SinkConfig {
                         name: NATS_SINK.into(),
                         kind: SinkKind::Nats(nats),
+                        max_attempts: None,
                     });
                 }
                 None => {

@@ -204,6 +204,15 @@ impl Config {
                 }
             }
         }
+        // Only when set: unset is the default (retry forever) and says nothing new.
+        for sink in &self.sinks {
+            if let Some(max) = sink.max_attempts {
+                push(
+                    &format!("sinks.{}.max_attempts", sink.name),
+                    max.to_string(),
+                );
+            }
+        }
         for (i, route) in self.routes.iter().enumerate() {
             push(
                 &format!("routes[{i}]"),

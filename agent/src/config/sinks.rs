@@ -14,7 +14,7 @@ use super::file::{FileHttpRoute, FileSink, FileSinkType, METHODS};
 use super::keys::*;
 use super::parse::{parse_bool, parse_secs, parse_u64, secs_from_f64};
 use super::raw::Loader;
-use super::{API_SINK, DATABASE_SINK};
+use super::{API_SINK, DATABASE_SINK, NATS_SINK};
 use crate::db::Dialect;
 use crate::db::apply::ApplyStatements;
 use crate::problem::Problem;
@@ -169,9 +169,17 @@ impl Loader {
                     })
                 }
             };
+            let max_attempts = sink.max_attempts.and_then(|n| match check_max_attempts(n) {
+                Ok(n) => Some(n),
+                Err(expected) => {
+                    self.problem(format!("{at}.max_attempts"), Some(n.to_string()), expected);
+                    None
+                }
+            });
             sinks.push(SinkConfig {
                 name: sink.name.clone(),
                 kind,
+                max_attempts,
             });
         }
         self.env_database_sink(&mut sinks, agent_id);
@@ -180,6 +188,7 @@ impl Loader {
         }
         self.env_api_sink(&mut sinks);
         self.env_nats_sink(&mut sinks, agent_id);
+        self.env_max_attempts(&mut sinks);
         if sinks.is_empty() {
             sinks.push(SinkConfig {
                 name: DATABASE_SINK.into(),
@@ -190,6 +199,7 @@ impl Loader {
                     idempotency_key: None,
                     connections: crate::sinks::database::DEFAULT_CONNECTIONS,
                 }),
+                max_attempts: None,
             });
         }
         sinks
@@ -348,7 +358,41 @@ impl Loader {
                     idempotency_key,
                     connections: crate::sinks::database::DEFAULT_CONNECTIONS,
                 }),
+                max_attempts: None,
             }),
+        }
+    }
+
+    /// `CENTRAL_DATABASE_MAX_ATTEMPTS`, `CENTRAL_API_MAX_ATTEMPTS`, `CENTRAL_NATS_MAX_ATTEMPTS`:
+    /// the `max_attempts` of the `database`, `api` and `nats` sinks (overriding the file's).
+    /// Read once those sinks are final, so a key for a sink that does not exist is reported.
+    pub(super) fn env_max_attempts(&mut self, sinks: &mut [SinkConfig]) {
+        for (key, name, url_key) in [
+            (
+                "CENTRAL_DATABASE_MAX_ATTEMPTS",
+                DATABASE_SINK,
+                "CENTRAL_DATABASE_URL",
+            ),
+            ("CENTRAL_API_MAX_ATTEMPTS", API_SINK, "CENTRAL_API_URL"),
+            ("CENTRAL_NATS_MAX_ATTEMPTS", NATS_SINK, "CENTRAL_NATS_URL"),
+        ] {
+            let Some(max) = self.parse_opt(key, |v| {
+                parse_u64(v, MAX_ATTEMPTS_EXPECTED)
+                    .and_then(|n| u32::try_from(n).map_err(|_| MAX_ATTEMPTS_EXPECTED.to_owned()))
+                    .and_then(|n| check_max_attempts(n).map_err(str::to_owned))
+            }) else {
+                continue;
+            };
+            match sinks.iter_mut().find(|s| s.name == name) {
+                Some(sink) => sink.max_attempts = Some(max),
+                None => self.problem(
+                    self.label(key),
+                    Some(max.to_string()),
+                    format!(
+                        "is set but there is no {name:?} sink: set {url_key} or remove this key"
+                    ),
+                ),
+            }
         }
     }
 
@@ -429,8 +473,8 @@ impl Loader {
                 }
             }
             Some(_) => {
-                if let Some(key) =
-                    in_section(Section::CentralApi).find(|k| self.raw.contains_key(*k))
+                if let Some(key) = in_section(Section::CentralApi)
+                    .find(|k| is_kind_key(k) && self.raw.contains_key(*k))
                 {
                     self.problem(
                         self.label(key),
@@ -453,6 +497,7 @@ impl Loader {
                         concurrency: concurrency.unwrap_or(DEFAULT_API_CONCURRENCY),
                         heartbeat_path,
                     }),
+                    max_attempts: None,
                 }),
                 None => {
                     // Only keys that show intent: the defaults may well be uncommented.
@@ -469,4 +514,23 @@ impl Loader {
             },
         }
     }
+}
+
+/// What a `max_attempts` must be.
+const MAX_ATTEMPTS_EXPECTED: &str =
+    "a whole number of attempts from 1 to 1000000 (leave it unset to retry forever)";
+
+/// `max_attempts`: at least one attempt (zero would refuse every record unsent).
+fn check_max_attempts(n: u32) -> Result<u32, &'static str> {
+    if (1..=1_000_000).contains(&n) {
+        Ok(n)
+    } else {
+        Err(MAX_ATTEMPTS_EXPECTED)
+    }
+}
+
+/// Whether a `CENTRAL_*` key sets something of one sink type (not `*_MAX_ATTEMPTS`, which any
+/// sink of that name takes, whatever its type: see [`Loader::env_max_attempts`]).
+pub(super) fn is_kind_key(key: &str) -> bool {
+    !key.ends_with("_MAX_ATTEMPTS")
 }

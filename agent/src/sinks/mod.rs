@@ -114,6 +114,16 @@ pub trait Sink: Send + Sync {
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>>;
     /// Describes what `deliver` would send, one line per record, for `DRY_RUN`.
     fn dry_run(&self, batch: &[Delivery]) -> Vec<String>;
+    /// What `deliver` would send for one record, payload included, for a person at a terminal
+    /// (`estafeta flush --dry-run --show-payload`), never for a log: the `DRY_RUN` line, then
+    /// the payload as sent. Secrets (tokens, passwords, route headers) are never shown.
+    fn preview(&self, delivery: &Delivery) -> String {
+        let line = self
+            .dry_run(std::slice::from_ref(delivery))
+            .pop()
+            .unwrap_or_default();
+        format!("{line}\n\n{}", delivery.envelope.payload.get())
+    }
     /// Tries to reach the sink (for `check-config` and `/readyz`).
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>>;
     /// How the sink's connection is protected: TLS or not, verified or not (the last
@@ -142,6 +152,11 @@ pub struct SinkConfig {
     /// Unique name: `database` and `api` for the ones from `.env`.
     pub name: String,
     pub kind: SinkKind,
+    /// `max_attempts` (TOML) / `CENTRAL_<SINK>_MAX_ATTEMPTS`: after this many transient
+    /// failures of a record, it becomes a dead letter ("gave up after N attempts: …") instead
+    /// of waiting for the sink forever. `None` (the default): retry forever, as nothing is
+    /// ever dropped for being late.
+    pub max_attempts: Option<u32>,
 }
 
 /// What a sink is, with its settings.

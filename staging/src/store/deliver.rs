@@ -339,6 +339,66 @@ impl Staging {
     pub fn requeue(&self, sink: &str, seq: u64) -> Result<(), StoreError> {
         crate::dead::requeue(self, sink, seq)
     }
+
+    /// Puts a dead record back in line already leased to this process, for a deliverer that
+    /// sends it at once (`estafeta retry --send`), and returns it to be settled like any
+    /// leased record. Dead becomes in flight in one transaction, so another deliverer (the
+    /// daemon, in another process) can never take the record between the requeue and the send;
+    /// and while the lease holds, the later records of its key stay held back behind it, as
+    /// they were behind the dead letter. Attempts start again from zero, as with [`requeue`].
+    ///
+    /// Refused, changing nothing, with [`StoreError::NotFound`] when (sink, seq) is not a dead
+    /// record (another process took it first, or it was requeued already), and with
+    /// [`StoreError::NotHead`] when an earlier record of its key is still owed to the sink:
+    /// sending this one would overtake it. The dead letter is removed after the commit; a crash
+    /// in between leaves a stale letter, removed at the next open.
+    ///
+    /// [`requeue`]: Staging::requeue
+    pub fn requeue_leased(&self, sink: &str, seq: u64) -> Result<Delivery, StoreError> {
+        let (envelope, info) = self.get(&seq.to_string())?;
+        let lease_until = now_ms() + self.inner.shared.opts.lease.as_millis() as i64;
+        {
+            let mut db = self.db();
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let earlier: Option<i64> = tx.query_row(
+                "SELECT MIN(e.seq) FROM deliveries d JOIN deliveries e
+                    ON e.sink = d.sink AND e.entity = d.entity AND e.okey = d.okey AND e.seq < d.seq
+                 WHERE d.sink = ?1 AND d.seq = ?2",
+                params![sink, seq as i64],
+                |r| r.get(0),
+            )?;
+            if let Some(earlier) = earlier {
+                return Err(StoreError::NotHead {
+                    seq,
+                    earlier: earlier as u64,
+                    sink: sink.to_owned(),
+                });
+            }
+            let changed = tx.execute(
+                "UPDATE deliveries SET state = 'in_flight', attempts = 0, next_at = 0,
+                        lease_until = ?3, lease_owner = ?4, last_error = NULL
+                  WHERE sink = ?1 AND seq = ?2 AND state = 'dead'",
+                params![sink, seq as i64, lease_until, self.inner.owner],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "{seq} as a dead letter of sink {sink:?}"
+                )));
+            }
+            tx.commit()?;
+        }
+        let letter = crate::dead::dead_letter_path(self.failed_dir(), &envelope, sink);
+        layout::remove_file_durable(&letter).map_err(|e| StoreError::io("remove", &letter, e))?;
+        if let Some(dir) = letter.parent() {
+            layout::prune_empty_dirs(self.failed_dir(), dir);
+        }
+        Ok(Delivery {
+            envelope,
+            sink: sink.to_owned(),
+            attempts: 0,
+            path: info.path,
+        })
+    }
 }
 
 /// What a sink did with a leased batch, for [`Staging::settle`].

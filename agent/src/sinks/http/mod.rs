@@ -481,6 +481,44 @@ impl Sink for HttpSink {
             .collect()
     }
 
+    /// The request exactly as `deliver` would build it: method, URL (the record's key in it,
+    /// this is for the person who asked), every header with the token and route headers (they
+    /// may hold secrets) masked, and the body.
+    fn preview(&self, delivery: &Delivery) -> String {
+        let envelope = &delivery.envelope;
+        let request = match self.request(delivery) {
+            Ok(request) => request,
+            Err(Outcome::Dead { reason }) => {
+                return format!(
+                    "NOT SENT Idempotency-Key={} seq={}: would be a dead letter: {}",
+                    envelope.id, envelope.seq, reason.summary
+                );
+            }
+            Err(other) => {
+                return format!(
+                    "NOT SENT Idempotency-Key={} seq={}: {other:?}",
+                    envelope.id, envelope.seq
+                );
+            }
+        };
+        let mut out = format!(
+            "{} {}\n",
+            request.method(),
+            redact::url(request.url().as_str())
+        );
+        for (name, value) in request.headers() {
+            let shown = if value.is_sensitive() {
+                "***"
+            } else {
+                value.to_str().unwrap_or("(not text)")
+            };
+            out.push_str(&format!("{name}: {shown}\n"));
+        }
+        out.push('\n');
+        out.push_str(envelope.payload.get());
+        out
+    }
+
     fn transport(&self) -> crate::tls::Transport {
         self.shared.transport.transport()
     }
