@@ -13,8 +13,10 @@
 //! then waits for the next tick. Rows must come ordered by the checkpoint column(s), and with
 //! `group_by`, the rows of a group one after another.
 
+pub mod after_stage;
 pub mod mapping;
 pub mod query;
+pub mod template;
 pub mod transport;
 
 use anyhow::Context as _;
@@ -34,8 +36,8 @@ use crate::intake::{Intake, KeyFrom};
 use crate::problem::Problem;
 use query::{Param, Row};
 
-/// Page size when `max_records` is not set.
-pub const DEFAULT_MAX_RECORDS: usize = 1000;
+/// Rows per page when neither `page_size` nor `max_records` is set.
+pub const DEFAULT_PAGE_SIZE: usize = 1000;
 /// Name of the grouped rows' array when `items` is not set.
 pub const DEFAULT_ITEMS: &str = "items";
 /// Pause before a failed cycle is tried again when the schedule is far away.
@@ -57,44 +59,36 @@ pub fn parse_naive(text: &str) -> Result<NaiveDateTime, chrono::ParseError> {
         .or_else(|_| NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f"))
 }
 
-/// `every = "10s"`: a whole number with ms, s, m or h.
-fn parse_every(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit())?;
-    let n: u64 = text[..digits].parse().ok().filter(|n| *n > 0)?;
-    match text[digits..].trim() {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" | "min" => Some(Duration::from_secs(n * 60)),
-        "h" => Some(Duration::from_secs(n * 3600)),
-        _ => None,
-    }
-}
-
 /// `[[sources]]` as written in the TOML file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSource {
     name: String,
     url: String,
     query: PathBuf,
+    after_stage: Option<PathBuf>,
     schedule: Option<String>,
     every: Option<String>,
     enabled: Option<bool>,
     max_records: Option<usize>,
+    page_size: Option<usize>,
     entity: String,
     action: Option<String>,
     action_column: Option<String>,
     key: Option<String>,
     checkpoint: Option<Columns>,
     debounce_secs: Option<u64>,
+    debounce: Option<String>,
     debounce_column: Option<String>,
+    time_zone: Option<String>,
     group_by: Option<String>,
     items: Option<String>,
+    /// A template's list: one source per item (see `template`).
+    each: Option<Vec<BTreeMap<String, String>>>,
 }
 
 /// One column name or several.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum Columns {
     One(String),
@@ -126,10 +120,15 @@ pub struct SourceConfig {
     pub query_path: PathBuf,
     /// The query file's text, read when the configuration is loaded.
     pub sql: String,
+    /// The statement that marks a staged page's rows taken (queue tables).
+    pub after_stage: Option<after_stage::AfterStage>,
     pub when: When,
     pub enabled: bool,
-    /// Rows per page (seed 004's `MaxRecords`).
-    pub max_records: usize,
+    /// Rows per page: the query's `:limit`.
+    pub page_size: usize,
+    /// Most rows one cycle reads (seed 004's `MaxRecords`); `None`: pages are read while they
+    /// come back full.
+    pub max_records: Option<usize>,
     pub entity: String,
     pub action: ActionFrom,
     /// Column whose value is the record key (per-key order at the sinks).
@@ -138,8 +137,55 @@ pub struct SourceConfig {
     pub checkpoint: Vec<String>,
     /// Rows whose `debounce_column` is younger than this are left for a later cycle.
     pub debounce: Option<(String, Duration)>,
+    /// The zone in which times without a zone (`timestamp`, `DATETIME`) were written; `None`:
+    /// UTC.
+    pub time_zone: Option<crate::timezone::Zone>,
+    /// A template's variables for this expansion, also bound as `:<name>` in the query.
+    pub vars: BTreeMap<String, String>,
     pub group_by: Option<String>,
     pub items: String,
+}
+
+impl SourceConfig {
+    /// One line for `check-config`: where it reads, when, how much, and a template's
+    /// variables (passwords hidden), so the expansions of a template can be checked by eye.
+    pub fn describe(&self) -> String {
+        let (url, secrets) = query::shown_and_secrets(&self.url);
+        let mut parts = vec![url];
+        parts.push(match &self.when {
+            When::Cron(expr) => format!("schedule {expr:?}"),
+            When::Every(every) => format!("every {}", crate::config::show_interval(*every)),
+        });
+        parts.push(format!("pages of {} rows", self.page_size));
+        if let Some(cap) = self.max_records {
+            parts.push(format!("at most {cap} rows per cycle"));
+        }
+        if let Some((column, wait)) = &self.debounce {
+            parts.push(format!(
+                "debounce {} on {column}",
+                crate::config::show_interval(*wait)
+            ));
+        }
+        parts.push(format!(
+            "times without a zone read in {}",
+            self.time_zone.as_ref().map_or("UTC", |z| z.name())
+        ));
+        if let Some(after) = &self.after_stage {
+            parts.push(format!("after_stage {}", after.path.display()));
+        }
+        if !self.vars.is_empty() {
+            let vars: Vec<String> = self
+                .vars
+                .iter()
+                .map(|(k, v)| format!("{k}={}", secrets.scrub(v)))
+                .collect();
+            parts.push(format!("template variables {}", vars.join(", ")));
+        }
+        if !self.enabled {
+            parts.push("disabled".into());
+        }
+        parts.join(", ")
+    }
 }
 
 /// Checks `[[sources]]`; each mistake becomes a [`Problem`] naming the key.
@@ -149,8 +195,9 @@ pub fn load(
     problems: &mut Vec<Problem>,
 ) -> Vec<SourceConfig> {
     let mut out: Vec<SourceConfig> = Vec::new();
-    for (i, src) in file.iter().enumerate() {
-        let at = |field: &str| format!("sources[{i}].{field}");
+    for expanded in template::expand(file, problems) {
+        let src = &expanded.source;
+        let at = |field: &str| format!("{}.{field}", expanded.at);
         let mut problem = |field: &str, value: Option<String>, expected: String| {
             problems.push(Problem::new(at(field), value, expected));
         };
@@ -197,6 +244,23 @@ pub fn load(
                 String::new()
             }
         };
+        let after_stage = src.after_stage.as_ref().and_then(|rel| {
+            let path = file_dir.join(rel);
+            let shown = Some(path.display().to_string());
+            match std::fs::read_to_string(&path) {
+                Ok(sql) => match after_stage::AfterStage::new(path, sql, &src.url) {
+                    Ok(after) => Some(after),
+                    Err(err) => {
+                        problem("after_stage", shown, err);
+                        None
+                    }
+                },
+                Err(err) => {
+                    problem("after_stage", shown, format!("cannot read it ({err}); expected a .sql file, relative to the TOML file's folder (for example sql/sources/{}_taken.sql)", src.name));
+                    None
+                }
+            }
+        });
         let when = match (&src.schedule, &src.every) {
             (Some(cron), None) => {
                 if let Err(err) = crate::crontab::validate_crontab(cron) {
@@ -204,14 +268,10 @@ pub fn load(
                 }
                 When::Cron(cron.clone())
             }
-            (None, Some(every)) => match parse_every(every) {
-                Some(d) => When::Every(d),
-                None => {
-                    problem(
-                        "every",
-                        Some(every.clone()),
-                        "expected a duration such as \"10s\", \"5m\" or \"1h\"".into(),
-                    );
+            (None, Some(every)) => match crate::config::parse_interval(every) {
+                Ok(d) => When::Every(d),
+                Err(err) => {
+                    problem("every", Some(every.clone()), err);
                     When::Every(Duration::from_secs(60))
                 }
             },
@@ -225,14 +285,23 @@ pub fn load(
                 When::Every(Duration::from_secs(60))
             }
         };
-        let max_records = src.max_records.unwrap_or(DEFAULT_MAX_RECORDS);
-        if max_records == 0 {
-            problem(
-                "max_records",
-                Some("0".into()),
-                "expected at least 1".into(),
-            );
+        for (field, value) in [
+            ("max_records", src.max_records),
+            ("page_size", src.page_size),
+        ] {
+            if value == Some(0) {
+                problem(field, Some("0".into()), "expected at least 1".into());
+            }
         }
+        // `max_records` caps a cycle (seed 004's MaxRecords); a page is never larger than
+        // the cap, and a configuration from before `page_size` keeps its page size.
+        let max_records = src.max_records.filter(|n| *n > 0);
+        let page_size = src
+            .page_size
+            .filter(|n| *n > 0)
+            .or(max_records)
+            .unwrap_or(DEFAULT_PAGE_SIZE)
+            .min(max_records.unwrap_or(usize::MAX));
         if let Err(err) = estafeta_staging::validate_name("entity", &src.entity) {
             problem("entity", Some(src.entity.clone()), err.to_string());
         }
@@ -266,16 +335,39 @@ pub fn load(
                 problem("checkpoint", Some(column.clone()), "expected a column name of letters, digits and '_' (it becomes the parameter :last_<column>)".into());
             }
         }
-        let debounce = match (src.debounce_secs, &src.debounce_column) {
-            (None | Some(0), None) => None,
-            (Some(secs), Some(column)) if secs > 0 => {
-                Some((column.clone(), Duration::from_secs(secs)))
-            }
-            (Some(0), Some(_)) => None,
-            _ => {
-                problem("debounce_column", None, "debounce_secs and debounce_column go together: the timestamp column that says when a row was written".into());
+        let debounce_for = match (src.debounce_secs, &src.debounce) {
+            (Some(_), Some(_)) => {
+                problem("debounce", src.debounce.clone(), "expected one of debounce_secs (a number of seconds) or debounce (\"00:01:00\", \"60s\"), not both".into());
                 None
             }
+            (Some(0), None) | (None, None) => None,
+            (Some(secs), None) => Some(Duration::from_secs(secs)),
+            (None, Some(text)) => match crate::config::parse_interval(text) {
+                Ok(d) => Some(d),
+                Err(err) => {
+                    problem("debounce", Some(text.clone()), err);
+                    None
+                }
+            },
+        };
+        let debounce = match (debounce_for, &src.debounce_column) {
+            (Some(d), Some(column)) => Some((column.clone(), d)),
+            (None, None) => None,
+            (None, Some(_)) if src.debounce_secs == Some(0) => None,
+            _ => {
+                problem("debounce_column", None, "debounce (or debounce_secs) and debounce_column go together: the timestamp column that says when a row was written".into());
+                None
+            }
+        };
+        let time_zone = match &src.time_zone {
+            None => None,
+            Some(name) => match crate::timezone::Zone::named(name) {
+                Some(zone) => Some(zone),
+                None => {
+                    problem("time_zone", Some(name.clone()), "expected an IANA time zone name such as America/Sao_Paulo or UTC (from the system's time zone database, /usr/share/zoneinfo; install the tzdata package if it is missing)".into());
+                    None
+                }
+            },
         };
         if let Some(key) = &src.key
             && key.is_empty()
@@ -287,14 +379,18 @@ pub fn load(
             url: src.url.clone(),
             query_path,
             sql,
+            after_stage,
             when,
             enabled: src.enabled.unwrap_or(true),
+            page_size,
             max_records,
             entity: src.entity.clone(),
             action,
             key: src.key.clone(),
             checkpoint,
             debounce,
+            time_zone,
+            vars: expanded.vars,
             group_by: src.group_by.clone(),
             items: src
                 .items
@@ -316,12 +412,16 @@ pub struct Page {
     pub full: bool,
 }
 
-/// Reads one page of `source` and stages it with the checkpoint after it.
+/// Reads one page of at most `limit` rows of `source` and stages it with the checkpoint after
+/// it.
 pub async fn run_page(
     store: &Staging,
     intake: &Intake,
     source: &SourceConfig,
+    limit: usize,
 ) -> anyhow::Result<Page> {
+    // A page staged before a crash whose statement did not run yet comes first.
+    after_stage::finish(store, source).await?;
     let checkpoint = {
         let store = store.clone();
         let name = source.name.clone();
@@ -341,17 +441,28 @@ pub async fn run_page(
         None => vec![Value::Null; source.checkpoint.len()],
     };
     let now = Utc::now();
-    let mut given: BTreeMap<String, Param> = BTreeMap::new();
+    let mut given: BTreeMap<String, Param> = source
+        .vars
+        .iter()
+        .map(|(name, value)| (name.clone(), Param::Text(value.clone())))
+        .collect();
     for (column, value) in source.checkpoint.iter().zip(&last) {
         given.insert(format!("last_{column}"), Param::from_json(value));
     }
-    given.insert("limit".into(), Param::Int(source.max_records as i64));
+    given.insert("limit".into(), Param::Int(limit as i64));
     let not_after = now - source.debounce.as_ref().map_or(Duration::ZERO, |(_, d)| *d);
     given.insert("not_after".into(), Param::Text(rfc3339(not_after)));
+    // The same instant as the wall clock of the source's zone, for `timestamp` / `DATETIME`
+    // columns written in local time.
+    given.insert(
+        "not_after_local".into(),
+        Param::Text(naive(local_wall_clock(source, not_after))),
+    );
 
-    let rows = query::fetch(&source.url, &source.sql, &given).await?;
-    let full = rows.len() >= source.max_records;
-    let kept = cut(source, &rows, full, not_after)?;
+    let fetched = query::fetch(&source.url, &source.sql, &given).await?;
+    let rows = &fetched.rows;
+    let full = rows.len() >= limit;
+    let kept = cut(source, rows, full, not_after)?;
     let mut page = Page {
         rows: rows.len(),
         records: 0,
@@ -360,24 +471,79 @@ pub async fn run_page(
     let Some(last_row) = kept.last() else {
         return Ok(page);
     };
-    let mark = SourceMark {
-        name: source.name.clone(),
-        checkpoint: serde_json::to_string(
-            &source
-                .checkpoint
-                .iter()
-                .map(|c| mapping::column(last_row, c).cloned().unwrap_or(Value::Null))
-                .collect::<Vec<_>>(),
-        )?,
-    };
-    let records = records(intake, source, kept)?;
+    let checkpoint = checkpoint_of(source, last_row)?;
+    let mut records = Vec::new();
+    let mut refused = 0usize;
+    for made in records_of(intake, source, kept, &fetched.unreadable)? {
+        match made {
+            Made::Record(record) => records.push(record),
+            Made::Refused { reason, rows } => {
+                // Durable before the checkpoint moves past it; read again after a crash, it
+                // rewrites the same file.
+                let at = checkpoint_of(source, rows.last().expect("a group has rows"))?;
+                let row = match &rows[..] {
+                    [one] => flat(one),
+                    many => Value::Array(many.iter().map(flat).collect()),
+                };
+                let (store, name) = (store.clone(), source.name.clone());
+                tokio::task::spawn_blocking(move || {
+                    store.refuse_source_row(&name, &at, &reason, row)
+                })
+                .await
+                .context("setting a row aside panicked")?
+                .context("setting a refused row aside failed")?;
+                refused += 1;
+            }
+        }
+    }
+    if refused > 0 {
+        // Counts only: a reason may quote a value, and logs never carry patient data.
+        warn!(source = %source.name, refused, "Rows that cannot become records were set aside with their reason under _failed/_refused/; the source moves past them.");
+    }
+    if let Some(after) = &source.after_stage {
+        // Written before the page is staged: a crash after the commit and before the
+        // statement leaves it, and the next cycle runs the statement (see `after_stage`).
+        let note = after_stage::Note::of(source, after, kept, checkpoint.clone())?;
+        let (store, name, bytes) = (store.clone(), source.name.clone(), note.to_bytes());
+        tokio::task::spawn_blocking(move || store.set_source_note(&name, Some(&bytes)))
+            .await
+            .context("writing the after_stage note panicked")?
+            .context("writing the after_stage note failed")?;
+    }
     page.records = records.len();
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.stage_from_source(records, mark))
-        .await
-        .context("staging panicked")?
-        .context("staging the rows failed")?;
+    let (store2, name) = (store.clone(), source.name.clone());
+    if records.is_empty() {
+        // Every row of the page was refused: only the checkpoint moves.
+        tokio::task::spawn_blocking(move || store2.reset_source(&name, Some(&checkpoint)))
+            .await
+            .context("moving the checkpoint panicked")?
+            .context("moving the checkpoint past refused rows failed")?;
+    } else {
+        let mark = SourceMark { name, checkpoint };
+        tokio::task::spawn_blocking(move || store2.stage_from_source(records, mark))
+            .await
+            .context("staging panicked")?
+            .context("staging the rows failed")?;
+    }
+    after_stage::finish(store, source).await?;
     Ok(page)
+}
+
+/// The checkpoint after `row`, as stored: a JSON array of its checkpoint column(s).
+fn checkpoint_of(source: &SourceConfig, row: &Row) -> anyhow::Result<String> {
+    Ok(serde_json::to_string(
+        &source
+            .checkpoint
+            .iter()
+            .map(|c| mapping::column(row, c).cloned().unwrap_or(Value::Null))
+            .collect::<Vec<_>>(),
+    )?)
+}
+
+/// A row as one JSON object of its columns, as named by the query (not nested: nesting may be
+/// what failed).
+fn flat(row: &Row) -> Value {
+    Value::Object(row.iter().cloned().collect())
 }
 
 /// The rows of a page that become records now: up to the first row younger than the debounce
@@ -413,7 +579,7 @@ fn cut<'r>(
             let written = match mapping::column(row, column) {
                 Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
                     .map(|t| t.with_timezone(&Utc))
-                    .or_else(|_| parse_naive(text).map(|t| t.and_utc())),
+                    .or_else(|_| parse_naive(text).map(|t| instant_of(source, t))),
                 other => {
                     anyhow::bail!(
                         "debounce_column {column:?} holds {}, not a timestamp",
@@ -447,13 +613,40 @@ fn cut<'r>(
                 let trailing = groups.last().map_or(0, |g| g.len());
                 kept = &kept[..kept.len() - trailing];
             } else if end == rows.len() {
-                warn!(source = %source.name, rows = kept.len(), "One group fills the whole page; it is staged as it is. Raise max_records if groups can be this large.");
+                warn!(source = %source.name, rows = kept.len(), "One group fills the whole page; it is staged as it is. Raise page_size if groups can be this large.");
             } else {
                 kept = &kept[..0];
             }
         }
     }
     Ok(kept)
+}
+
+/// A time without a zone, read in the source's `time_zone` (UTC when not set). A wall-clock
+/// time that happens twice (the hour repeated when daylight saving ends) is taken as the later
+/// one, so a debounce never runs short; one skipped by a change of offset is read with the
+/// offset before the change.
+fn instant_of(source: &SourceConfig, wall: NaiveDateTime) -> DateTime<Utc> {
+    use chrono::{Offset as _, TimeZone as _};
+    match &source.time_zone {
+        None => wall.and_utc(),
+        Some(zone) => match zone.from_local_datetime(&wall).latest() {
+            Some(t) => t.with_timezone(&Utc),
+            None => {
+                let before = zone.offset_from_utc_datetime(&wall);
+                (wall - chrono::Duration::seconds(i64::from(before.fix().local_minus_utc())))
+                    .and_utc()
+            }
+        },
+    }
+}
+
+/// An instant as the wall clock of the source's `time_zone` (UTC when not set).
+fn local_wall_clock(source: &SourceConfig, t: DateTime<Utc>) -> NaiveDateTime {
+    match &source.time_zone {
+        None => t.naive_utc(),
+        Some(zone) => t.with_timezone(zone).naive_local(),
+    }
 }
 
 /// What a column holds, by JSON type: an error names the type, never the value (a row's values
@@ -470,18 +663,46 @@ fn kind_of(value: Option<&Value>) -> &'static str {
     }
 }
 
+/// What a row (or a group of rows) became.
+enum Made {
+    Record(NewRecord),
+    /// It cannot become a record: a value that could not be read, an action that is none, a
+    /// record its entity's JSON Schema refuses. It is set aside and the source moves on.
+    Refused {
+        reason: String,
+        rows: Vec<Row>,
+    },
+}
+
 /// Turns kept rows into records: one per row, or one per group, through the one intake (routes
-/// and the entity's JSON Schema as for a record posted to the API). A record that breaks the
-/// schema fails the cycle like any other bad row: nothing of the page is staged, the checkpoint
-/// stays, and the error (shown by `estafeta sources`) says what to fix.
-fn records(intake: &Intake, source: &SourceConfig, rows: &[Row]) -> anyhow::Result<Vec<NewRecord>> {
+/// and the entity's JSON Schema as for a record posted to the API). A row that cannot become a
+/// record is refused alone; the page's other rows are staged. A mistake of the source's own
+/// settings (a column alias that cannot nest) is an error of the page, since every row would
+/// share it: nothing is staged and the error says what to fix.
+fn records_of(
+    intake: &Intake,
+    source: &SourceConfig,
+    rows: &[Row],
+    unreadable: &BTreeMap<usize, String>,
+) -> anyhow::Result<Vec<Made>> {
     let groups: Vec<&[Row]> = match &source.group_by {
         Some(group_by) => mapping::runs(rows, group_by),
         None => rows.chunks(1).collect(),
     };
     let mut out = Vec::with_capacity(groups.len());
-    for (index, group) in groups.into_iter().enumerate() {
+    let mut start = 0usize;
+    for group in groups {
         let first = &group[0];
+        let range = start..start + group.len();
+        start += group.len();
+        let refuse = |reason: String| Made::Refused {
+            reason,
+            rows: group.to_vec(),
+        };
+        if let Some(reason) = range.clone().find_map(|i| unreadable.get(&i)) {
+            out.push(refuse(format!("{reason}; fix the value in the database (or cast it in {}), then `estafeta sources reset {} --to` the checkpoint before it to read it again", source.query_path.display(), source.name)));
+            continue;
+        }
         let payload: Map<String, Value> = match &source.group_by {
             Some(_) => mapping::group(group, &source.items),
             None => mapping::nest(first),
@@ -496,10 +717,13 @@ fn records(intake: &Intake, source: &SourceConfig, rows: &[Row]) -> anyhow::Resu
             ActionFrom::Fixed(action) => action.clone(),
             ActionFrom::Column(column) => match mapping::column(first, column) {
                 Some(Value::String(action)) => action.to_ascii_lowercase(),
-                other => anyhow::bail!(
-                    "action_column {column:?} holds {}; expected create, update, upsert or delete",
-                    kind_of(other)
-                ),
+                other => {
+                    out.push(refuse(format!(
+                        "action_column {column:?} holds {}; expected create, update, upsert or delete",
+                        kind_of(other)
+                    )));
+                    continue;
+                }
             },
         };
         let key = match &source.key {
@@ -511,20 +735,18 @@ fn records(intake: &Intake, source: &SourceConfig, rows: &[Row]) -> anyhow::Resu
             },
             None => None,
         };
-        let record = intake
-            .record(
-                &action,
-                &source.entity,
-                &Value::Object(payload),
-                &KeyFrom::Given(key),
-            )
-            .map_err(|err| {
-                anyhow::anyhow!(
-                    "{err} (record {index} of the page, counted from the row after the checkpoint); fix that row in the database or [entities.{}].schema: the source waits at this row and tries it again each cycle",
-                    source.entity
-                )
-            })?;
-        out.push(record);
+        match intake.record(
+            &action,
+            &source.entity,
+            &Value::Object(payload),
+            &KeyFrom::Given(key),
+        ) {
+            Ok(record) => out.push(Made::Record(record)),
+            Err(err) => out.push(refuse(format!(
+                "{err}; fix that row in the database or [entities.{}].schema, then `estafeta sources reset {} --to` the checkpoint before it to read it again",
+                source.entity, source.name
+            ))),
+        }
     }
     Ok(out)
 }
@@ -611,7 +833,14 @@ async fn run_source(
             if stop.is_cancelled() {
                 return;
             }
-            match run_page(store, intake, source).await {
+            // What is left of this cycle's `max_records`, a page at most.
+            let left = source
+                .max_records
+                .map_or(usize::MAX, |cap| cap.saturating_sub(rows as usize));
+            if left == 0 {
+                break None;
+            }
+            match run_page(store, intake, source, source.page_size.min(left)).await {
                 Ok(page) => {
                     rows += page.rows as u64;
                     if page.records > 0 {
@@ -639,5 +868,87 @@ async fn run_source(
             warn!(source = %source.name, "Could not note the source's last run in the staging index.");
         }
         failed = error.is_some();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sources of `toml_text`, with a query file in a fresh folder, and the problems.
+    fn loaded(toml_text: &str) -> (Vec<SourceConfig>, Vec<Problem>) {
+        #[derive(Deserialize)]
+        struct File {
+            sources: Vec<FileSource>,
+        }
+        let dir = std::env::temp_dir().join(format!(
+            "estafeta-sources-test-{}-{}",
+            std::process::id(),
+            uuid::Uuid::now_v7()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("q.sql"), "SELECT id FROM t LIMIT :limit").unwrap();
+        let file: File = toml::from_str(toml_text).unwrap();
+        let mut problems = Vec::new();
+        let out = load(&file.sources, &dir, &mut problems);
+        std::fs::remove_dir_all(&dir).unwrap();
+        (out, problems)
+    }
+
+    const BASE: &str = "[[sources]]\nname = \"s\"\nurl = \"sqlite://x.db\"\nquery = \"q.sql\"\nentity = \"e\"\naction = \"create\"\ncheckpoint = \"id\"\n";
+
+    #[test]
+    fn max_records_caps_a_cycle_and_an_old_configuration_keeps_its_page_size() {
+        let page = |extra: &str| {
+            let (out, problems) = loaded(&format!("{BASE}every = \"00:00:05\"\n{extra}"));
+            assert!(problems.is_empty(), "{problems:?}");
+            (out[0].page_size, out[0].max_records)
+        };
+        assert_eq!(page(""), (DEFAULT_PAGE_SIZE, None));
+        assert_eq!(page("max_records = 50\n"), (50, Some(50)));
+        assert_eq!(page("page_size = 100\n"), (100, None));
+        assert_eq!(
+            page("page_size = 100\nmax_records = 1000\n"),
+            (100, Some(1000))
+        );
+        // A page never reads past the cycle's cap.
+        assert_eq!(page("page_size = 100\nmax_records = 30\n"), (30, Some(30)));
+    }
+
+    #[test]
+    fn a_local_time_is_read_in_the_source_zone() {
+        let (out, problems) = loaded(&format!(
+            "{BASE}every = \"10s\"\ntime_zone = \"America/Sao_Paulo\"\n"
+        ));
+        assert!(problems.is_empty(), "{problems:?}");
+        let wall = parse_naive("2026-11-23T10:30:00").unwrap();
+        assert_eq!(
+            rfc3339(instant_of(&out[0], wall)),
+            "2026-11-23T13:30:00.000000Z"
+        );
+        assert_eq!(
+            naive(local_wall_clock(&out[0], instant_of(&out[0], wall))),
+            "2026-11-23T10:30:00.000000"
+        );
+        let (utc, _) = loaded(&format!("{BASE}every = \"10s\"\n"));
+        assert_eq!(
+            rfc3339(instant_of(&utc[0], wall)),
+            "2026-11-23T10:30:00.000000Z"
+        );
+    }
+
+    #[test]
+    fn bad_intervals_and_zones_are_named() {
+        let (_, problems) = loaded(&format!(
+            "{BASE}every = \"00:00:5x\"\ndebounce = \"1 minuto\"\ndebounce_column = \"c\"\ntime_zone = \"Mars/Olympus\"\n"
+        ));
+        let text = format!("{problems:?}");
+        for want in [
+            "sources[0].every",
+            "sources[0].debounce",
+            "sources[0].time_zone",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
     }
 }
