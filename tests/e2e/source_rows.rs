@@ -22,6 +22,17 @@ use serde_json::Value;
 use super::sources::{landed, source_env, started, wait_landed, write_config};
 
 /// `estafeta sources --json`, one object per source, by name.
+/// The `status` column of `table`, in id order, as one string (`"PPT"`).
+async fn statuses(client: &tokio_postgres::Client, table: &str) -> String {
+    client
+        .query(&format!("SELECT status FROM {table} ORDER BY id"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect()
+}
+
 async fn sources_json(dir: &Path, env: &[(&str, &str)]) -> Vec<Value> {
     let out = run_cli(dir, env, &["sources", "--json"]).await;
     assert!(
@@ -231,6 +242,7 @@ checkpoint = "id"
         let line = &sources_json(dir.path(), &env).await[0];
         if line["checkpoint"] == "[6]" {
             assert_eq!(line["last_error"], Value::Null, "{line}");
+            assert_eq!(line["refused"], 2, "{line}");
             break;
         }
         assert!(
@@ -297,19 +309,6 @@ checkpoint = "id"
             ),
         ],
     );
-    let statuses = |client: &tokio_postgres::Client| {
-        let sql = format!("SELECT status FROM {table} ORDER BY id");
-        async move {
-            client
-                .query(&sql, &[])
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect::<String>()
-        }
-    };
-
     // Another session holds the table against writes (reads still pass): the page is read and
     // staged, its UPDATE waits.
     let mut locker = pg().await;
@@ -326,7 +325,7 @@ checkpoint = "id"
     lock.rollback().await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        statuses(&client).await,
+        statuses(&client, &table).await,
         "PPP",
         "the killed agent's statement never committed"
     );
@@ -335,11 +334,11 @@ checkpoint = "id"
     agent.restart();
     agent.wait_ready(Duration::from_secs(20)).await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while statuses(&client).await != "TTT" {
+    while statuses(&client, &table).await != "TTT" {
         assert!(
             Instant::now() < deadline,
             "rows not marked: {}; log:\n{}",
-            statuses(&client).await,
+            statuses(&client, &table).await,
             log_tail(&agent, 20)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -352,7 +351,7 @@ checkpoint = "id"
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while statuses(&client).await != "TTTTT" {
+    while statuses(&client, &table).await != "TTTTT" {
         assert!(Instant::now() < deadline, "{}", log_tail(&agent, 20));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
