@@ -257,7 +257,10 @@ checkpoint = "n"
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!(line["checkpoint"], "[2]", "the source moves past the bad row: {line}");
+    assert_eq!(
+        line["checkpoint"], "[2]",
+        "the source moves past the bad row: {line}"
+    );
     assert_eq!(line["last_error"], Value::Null, "{line}");
     assert_eq!(line["refused"], 1, "{line}");
     let refused: Value = serde_json::from_slice(
