@@ -44,7 +44,7 @@ pub use self::keys::{
     DEFAULT_SHUTDOWN_GRACE_SECS, DEFAULT_STAGING_AREA_PATH, DEFAULT_UPDATE_ALLOW_HTTP,
     DEFAULT_VERIFY_TLS, KEY_TABLE, KEYS, MAX_AGENT_ID_LEN, MAX_CONCURRENCY, MIN_INGEST_TOKEN_CHARS,
 };
-pub use self::parse::{INTERVAL_FORMS, parse_bool, parse_interval, parse_size, show_interval};
+pub use self::parse::{parse_bool, parse_size};
 use self::raw::Loader;
 pub use crate::crontab::validate_crontab;
 pub use crate::problem::Problem;
