@@ -9,9 +9,16 @@
 //! is staged twice. With no checkpoint yet, `:last_<column>` is NULL and the query reads from
 //! the beginning: the initial load, a page at a time, each page committed before the next.
 //!
-//! A cycle keeps reading pages while they come back full (catching up, or the initial load),
-//! then waits for the next tick. Rows must come ordered by the checkpoint column(s), and with
-//! `group_by`, the rows of a group one after another.
+//! A cycle keeps reading pages of `page_size` rows while they come back full (catching up, or
+//! the initial load), up to `max_records` rows (seed 004's `MaxRecords`), then waits for the
+//! next tick. Rows must come ordered by the checkpoint column(s), and with `group_by`, the rows
+//! of a group one after another. Times without a zone are read in the source's `time_zone`.
+//!
+//! A row that cannot become a record (a value that cannot be read, a record its schema
+//! refuses) is set aside in the store's `_failed/_refused/` with its reason, and the page's
+//! other rows are staged: one bad row never stops a source. `after_stage` marks a staged page's
+//! rows taken in a queue table (see `after_stage`), and a block with `each` is a template of
+//! several sources (see `template`).
 
 pub mod after_stage;
 mod load;
