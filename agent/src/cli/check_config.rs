@@ -64,8 +64,9 @@ pub(super) fn check_config(env_file: Option<&Path>, offline: bool) -> anyhow::Re
     out.push_str(&format!("# sources: {}\n", config.sources.join(", ")));
     for source in &config.sql_sources {
         out.push_str(&format!(
-            "source {}: {}\n",
+            "source {}: {}; {}\n",
             source.name,
+            source.describe(),
             crate::sources::transport::of(&source.url).describe()
         ));
     }
