@@ -297,6 +297,7 @@ pub const SOURCE_KEY_TABLE: &[SourceKey] = &[
     source_key("group_by", "(none)", "Consecutive rows sharing this column become one record."),
     source_key("items", "items", "Name of a group's array of rows."),
     source_key("after_stage", "(none)", "A .sql statement run once per row after its page is staged, with the row's columns as :<column> (marks queue rows taken; must be idempotent)."),
+    source_key("params", "(none)", "Constant query parameters, such as { dias_sem_transito = 30 }, bound as :dias_sem_transito (as text: cast where a number is needed)."),
     source_key("each", "(none)", "Makes the block a template: one source per item, each item's {variables} filled in and bound as :<variable>."),
 ];
 

@@ -94,6 +94,31 @@ pub struct FileSource {
     items: Option<String>,
     /// A template's list: one source per item (see `template`).
     each: Option<Vec<BTreeMap<String, String>>>,
+    /// Constant query parameters (`params = { dias_sem_transito = 30 }`), bound as `:name`:
+    /// a period or a code in the configuration rather than written into the SQL file.
+    params: Option<BTreeMap<String, ParamValue>>,
+}
+
+/// A `params` value as TOML writes it; bound as text, like a template's variables (cast it in
+/// the query where the database wants a number: `:dias::int`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum ParamValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Text(String),
+}
+
+impl ParamValue {
+    fn text(&self) -> String {
+        match self {
+            ParamValue::Int(i) => i.to_string(),
+            ParamValue::Float(f) => f.to_string(),
+            ParamValue::Bool(b) => b.to_string(),
+            ParamValue::Text(t) => t.clone(),
+        }
+    }
 }
 
 /// One column name or several.

@@ -237,6 +237,66 @@ pub async fn execute_each(
     }
 }
 
+/// Why [`prepare`] failed: the database could not be reached (like an unreachable sink), or it
+/// refused the query (a mistake in the file, to fix).
+#[derive(Debug)]
+pub enum Unprepared {
+    Unreachable(String),
+    Refused(String),
+}
+
+impl Unprepared {
+    fn unreachable(err: anyhow::Error) -> Self {
+        Unprepared::Unreachable(format!("{err:#}"))
+    }
+}
+
+/// Prepares a source's query on its database without running it (`check-config`): the
+/// database parses it and checks its tables, columns and parameters, so a query the dialect
+/// does not accept (`::casts` on MariaDB, say) shows before the first cycle. The query's
+/// `:name` parameters are rewritten for the driver as a cycle does.
+pub async fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
+    let driver = Driver::of(url).map_err(Unprepared::Refused)?;
+    let (sql, _) = driver
+        .rewrite(sql)
+        .map_err(|e| Unprepared::Refused(format!("the query cannot be read, {e}")))?;
+    let (_, secrets) = shown_and_secrets(url);
+    let work = async {
+        match driver {
+            Driver::Postgres => postgres::prepare(url, &sql).await,
+            Driver::MySql => mysql::prepare(url, &sql).await,
+            Driver::Sqlite | Driver::Odbc => {
+                let url = url.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    if driver == Driver::Sqlite {
+                        sqlite::prepare(&url, &sql)
+                    } else {
+                        odbc::prepare(&url, &sql)
+                    }
+                })
+                .await
+                .unwrap_or_else(|err| {
+                    Err(Unprepared::Unreachable(format!(
+                        "the check panicked: {err}"
+                    )))
+                })
+            }
+        }
+    };
+    match tokio::time::timeout(PREPARE_TIMEOUT, work).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(Unprepared::Unreachable(e))) => Err(Unprepared::Unreachable(secrets.scrub(&e))),
+        Ok(Err(Unprepared::Refused(e))) => Err(Unprepared::Refused(secrets.scrub(&e))),
+        Err(_) => Err(Unprepared::Unreachable(format!(
+            "no answer within {} s",
+            PREPARE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// How long `check-config` waits for one source's database.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Checks a source URL at start: its scheme, and for PostgreSQL its TLS settings (an unknown
 /// `sslmode`, a missing `sslrootcert`, …), so `check-config` shows them rather than the first
 /// cycle.
@@ -277,8 +337,11 @@ mod postgres {
     use bytes::BytesMut;
     use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
-    pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
-        // libpq's TLS settings, the same rules as the sink's (crate::db::postgres_tls).
+    /// A connection with libpq's TLS settings, the same rules as the sink's
+    /// (`crate::db::postgres_tls`), and the task that drives it.
+    async fn connect(
+        url: &str,
+    ) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
         let mut pg = PgTls::from_url(url)?;
         if pg.config().get_application_name().is_none() {
             pg.config_mut().application_name("estafeta");
@@ -287,7 +350,29 @@ mod postgres {
             .connect()
             .await
             .map_err(|err| anyhow::anyhow!("cannot connect: {err}"))?;
-        let connection = tokio::spawn(connection);
+        Ok((
+            client,
+            tokio::spawn(async move {
+                let _ = connection.await;
+            }),
+        ))
+    }
+
+    /// Prepares `sql` without running it: the server parses it and checks its names.
+    pub async fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
+        let (client, connection) = connect(url).await.map_err(Unprepared::unreachable)?;
+        let result = client
+            .prepare(sql)
+            .await
+            .map(drop)
+            .map_err(|err| Unprepared::Refused(format!("{:#}", anyhow::Error::new(err))));
+        drop(client);
+        let _ = connection.await;
+        result
+    }
+
+    pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
+        let (client, connection) = connect(url).await?;
         let result = async {
             let statement = client.prepare(sql).await.context("the query was refused")?;
             let params: Vec<&(dyn ToSql + Sync)> =
@@ -309,15 +394,7 @@ mod postgres {
     }
 
     pub async fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result<()> {
-        let mut pg = PgTls::from_url(url)?;
-        if pg.config().get_application_name().is_none() {
-            pg.config_mut().application_name("estafeta");
-        }
-        let (mut client, connection) = pg
-            .connect()
-            .await
-            .map_err(|err| anyhow::anyhow!("cannot connect: {err}"))?;
-        let connection = tokio::spawn(connection);
+        let (mut client, connection) = connect(url).await?;
         let result = async {
             let tx = client.transaction().await.context("cannot begin")?;
             let statement = tx.prepare(sql).await.context("the statement was refused")?;
@@ -561,14 +638,37 @@ mod mysql {
         )
     }
 
-    pub async fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result<()> {
+    /// The sink's connection code: the same ssl-mode, ssl-ca, ssl-cert and ssl-key.
+    async fn connect(url: &str) -> anyhow::Result<mysql_async::Conn> {
         let target = crate::db::mysql::MysqlTarget::parse(url)?;
-        let (mut conn, _tls) = target.connect().await.map_err(|err| {
+        let (conn, _tls) = target.connect().await.map_err(|err| {
             anyhow::anyhow!(
                 "cannot connect: {}",
                 err.message(|err| format!("{:#}", anyhow::Error::new(err)))
             )
         })?;
+        Ok(conn)
+    }
+
+    /// Prepares `sql` without running it: the server parses it and checks its names.
+    pub async fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
+        let mut conn = connect(url).await.map_err(Unprepared::unreachable)?;
+        let result = match conn.prep(sql).await {
+            Ok(statement) => {
+                let _ = conn.close(statement).await;
+                Ok(())
+            }
+            Err(err) => Err(Unprepared::Refused(format!(
+                "{:#}",
+                anyhow::Error::new(err)
+            ))),
+        };
+        let _ = conn.disconnect().await;
+        result
+    }
+
+    pub async fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result<()> {
+        let mut conn = connect(url).await?;
         let result: anyhow::Result<()> = async {
             let mut tx = conn
                 .start_transaction(mysql_async::TxOpts::default())
@@ -587,14 +687,7 @@ mod mysql {
     }
 
     pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
-        // The sink's connection code: the same ssl-mode, ssl-ca, ssl-cert and ssl-key.
-        let target = crate::db::mysql::MysqlTarget::parse(url)?;
-        let (mut conn, _tls) = target.connect().await.map_err(|err| {
-            anyhow::anyhow!(
-                "cannot connect: {}",
-                err.message(|err| format!("{:#}", anyhow::Error::new(err)))
-            )
-        })?;
+        let mut conn = connect(url).await?;
         let params = positional(bound);
         let result: anyhow::Result<Fetched> = async {
             let rows: Vec<mysql_async::Row> =
@@ -686,6 +779,19 @@ mod sqlite {
                 Param::Text(s) => ToSqlOutput::from(s.as_str()),
             })
         }
+    }
+
+    /// Prepares `sql` on a read-only connection without running it.
+    pub fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
+        let path = crate::db::sqlite_path(url).map_err(Unprepared::unreachable)?;
+        let conn = rusqlite::Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|err| Unprepared::Unreachable(format!("cannot open {}: {err}", path.display())))?;
+        conn.prepare(sql)
+            .map(drop)
+            .map_err(|err| Unprepared::Refused(err.to_string()))
     }
 
     /// The only write a source makes to the database it reads.

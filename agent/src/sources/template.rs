@@ -27,11 +27,21 @@ pub struct Expanded {
 pub fn expand(file: &[FileSource], problems: &mut Vec<Problem>) -> Vec<Expanded> {
     let mut out = Vec::new();
     for (i, src) in file.iter().enumerate() {
+        // Constant parameters: bound like a template's variables, which win over them.
+        let params: BTreeMap<String, String> = src
+            .params
+            .iter()
+            .flatten()
+            .map(|(name, value)| (name.clone(), value.text()))
+            .collect();
+        if !check_names(&format!("sources[{i}].params"), &params, problems) {
+            continue;
+        }
         let Some(items) = &src.each else {
             out.push(Expanded {
                 at: format!("sources[{i}]"),
                 source: src.clone(),
-                vars: BTreeMap::new(),
+                vars: params,
             });
             continue;
         };
@@ -44,19 +54,7 @@ pub fn expand(file: &[FileSource], problems: &mut Vec<Problem>) -> Vec<Expanded>
         }
         for (j, vars) in items.iter().enumerate() {
             let at = format!("sources[{i}].each[{j}]");
-            let mut ok = true;
-            for name in vars.keys() {
-                let plain = !name.is_empty()
-                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-                if !plain || RESERVED.contains(&name.as_str()) || name.starts_with("last_") {
-                    problems.push(Problem::new(
-                        format!("{at}.{name}"),
-                        None,
-                        format!("expected a variable name of letters, digits and '_' that is not one of {} and does not start with last_ (it is also the query parameter :{name})", RESERVED.join(", ")),
-                    ));
-                    ok = false;
-                }
-            }
+            let mut ok = check_names(&at, vars, problems);
             if !src.name.contains('{') || fill(&src.name, vars) == src.name {
                 problems.push(Problem::new(
                     format!("sources[{i}].name"),
@@ -69,12 +67,31 @@ pub fn expand(file: &[FileSource], problems: &mut Vec<Problem>) -> Vec<Expanded>
                 out.push(Expanded {
                     at,
                     source: apply(src, vars),
-                    vars: vars.clone(),
+                    vars: params.clone().into_iter().chain(vars.clone()).collect(),
                 });
             }
         }
     }
     out
+}
+
+/// Whether every name of `vars` can be a query parameter; each one that cannot is a problem
+/// under `at`.
+fn check_names(at: &str, vars: &BTreeMap<String, String>, problems: &mut Vec<Problem>) -> bool {
+    let mut ok = true;
+    for name in vars.keys() {
+        let plain =
+            !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !plain || RESERVED.contains(&name.as_str()) || name.starts_with("last_") {
+            problems.push(Problem::new(
+                format!("{at}.{name}"),
+                None,
+                format!("expected a variable name of letters, digits and '_' that is not one of {} and does not start with last_ (it is also the query parameter :{name})", RESERVED.join(", ")),
+            ));
+            ok = false;
+        }
+    }
+    ok
 }
 
 /// `text` with each `{name}` of `vars` replaced by its value.
@@ -118,6 +135,7 @@ fn apply(src: &FileSource, vars: &BTreeMap<String, String>) -> FileSource {
         group_by: opt(&src.group_by),
         items: opt(&src.items),
         each: None,
+        params: src.params.clone(),
     }
 }
 

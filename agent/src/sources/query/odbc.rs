@@ -36,15 +36,26 @@ fn parameters(bound: &[Param]) -> Vec<Box<dyn InputParameter>> {
         .collect()
 }
 
+/// A connection through the driver manager, with the connection string after `odbc:`.
+fn connect(url: &str) -> anyhow::Result<odbc_api::Connection<'static>> {
+    let connection_string = &url["odbc:".len()..];
+    environment()?
+        .connect_with_connection_string(connection_string, ConnectionOptions::default())
+        .context("cannot connect (is the driver named in Driver={…} installed? see odbcinst -q -d)")
+}
+
+/// Prepares `sql` without running it: the driver (or its server) checks it.
+pub fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
+    let conn = connect(url).map_err(|err| Unprepared::Unreachable(format!("{err:#}")))?;
+    conn.prepare(sql)
+        .map(drop)
+        .map_err(|err| Unprepared::Refused(err.to_string()))
+}
+
 /// Each set in autocommit: the statement is idempotent, so a set left undone by a failure
 /// is done when the whole page is run again.
 pub fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result<()> {
-    let connection_string = &url["odbc:".len()..];
-    let conn = environment()?
-        .connect_with_connection_string(connection_string, ConnectionOptions::default())
-        .context(
-            "cannot connect (is the driver named in Driver={…} installed? see odbcinst -q -d)",
-        )?;
+    let conn = connect(url)?;
     let timeout = Some(QUERY_TIMEOUT.as_secs() as usize);
     for set in sets {
         conn.execute(sql, &parameters(set)[..], timeout)
@@ -54,12 +65,7 @@ pub fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result
 }
 
 pub fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
-    let connection_string = &url["odbc:".len()..];
-    let conn = environment()?
-        .connect_with_connection_string(connection_string, ConnectionOptions::default())
-        .context(
-            "cannot connect (is the driver named in Driver={…} installed? see odbcinst -q -d)",
-        )?;
+    let conn = connect(url)?;
     let params = parameters(bound);
     let timeout = Some(QUERY_TIMEOUT.as_secs() as usize);
     let Some(mut cursor) = conn
