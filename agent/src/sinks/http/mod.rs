@@ -63,6 +63,7 @@ use crate::redact::{self, Secrets};
 
 mod body;
 mod config;
+mod path;
 #[cfg(test)]
 mod run_tests;
 #[cfg(test)]
@@ -72,13 +73,11 @@ use crate::sinks::record_template::RecordTemplate;
 pub use body::BodyTemplate;
 pub use config::{HttpRoute, HttpSinkConfig, check_heartbeat_path};
 use config::{PLACEHOLDERS, check_template};
+use path::{default_method, default_segments, encode_segment, fill, join, render};
 
 /// Most bytes of a response body kept in a dead letter's file (never logged or shown).
 pub const MAX_ERROR_BODY_BYTES: usize = 512;
 
-/// Why a key cannot be a path segment (it is empty, `.` or `..`); the key is not quoted.
-const KEY_NOT_A_SEGMENT: &str =
-    "the record's key (empty, . or ..) cannot be sent as a URL path segment";
 /// The placeholder a `DRY_RUN` line shows in place of the record's key, as it comes out of
 /// [`encode_segment`].
 const KEY_SHOWN: &str = "%7Bkey%7D";
@@ -578,106 +577,6 @@ fn compile_route(route: &HttpRoute) -> anyhow::Result<CompiledRoute> {
         body: route.body.clone(),
     })
 }
-/// The default method for a record (see the module documentation).
-fn default_method(envelope: &Envelope) -> Method {
-    match (envelope.action.as_str(), envelope.key.is_some()) {
-        ("update" | "upsert", true) => Method::PUT,
-        ("delete", true) => Method::DELETE,
-        _ => Method::POST,
-    }
-}
-
-/// The default path segments for a record whose key is `key` (see the module documentation).
-fn default_segments<'e>(
-    envelope: &'e Envelope,
-    key: Option<&'e str>,
-) -> Result<Vec<&'e str>, String> {
-    let entity = envelope.entity.as_str();
-    let action = envelope.action.as_str();
-    match (action, key) {
-        ("update" | "upsert" | "delete", Some(key)) => {
-            // `.` and `..` (even encoded) are dot segments a URL parser folds away:
-            // `PUT {url}/patient/..` would reach `{url}/`.
-            if matches!(key, "" | "." | "..") {
-                return Err(KEY_NOT_A_SEGMENT.to_owned() + "; add a route that places it elsewhere");
-            }
-            Ok(vec![entity, key])
-        }
-        ("update" | "upsert" | "delete", None) => Ok(vec![entity, action]),
-        _ => Ok(vec![entity]),
-    }
-}
-
-/// Fills a checked template for a record whose key is `key`; each value is encoded as one
-/// path segment.
-fn render(template: &str, envelope: &Envelope, key: Option<&str>) -> Result<String, String> {
-    fill(template, |name| match name {
-        "entity" => Ok(envelope.entity.as_str()),
-        "action" => Ok(envelope.action.as_str()),
-        "id" => Ok(envelope.id.as_str()),
-        // check_template allows nothing else.
-        _ => match key {
-            Some(key) if !matches!(key, "" | "." | "..") => Ok(key),
-            Some(_) => Err(format!("{KEY_NOT_A_SEGMENT} (route path {template:?})")),
-            None => Err(format!(
-                "the route path {template:?} needs {{key}} but the record has no key"
-            )),
-        },
-    })
-}
-
-/// Fills a checked template with `value(name)` for each `{name}`, each encoded as one segment.
-fn fill<'v>(
-    template: &str,
-    value: impl Fn(&str) -> Result<&'v str, String>,
-) -> Result<String, String> {
-    let mut out = String::with_capacity(template.len() + 64);
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let close = after.find('}').unwrap_or(after.len());
-        out.push_str(&encode_segment(value(&after[..close])?));
-        rest = after.get(close + 1..).unwrap_or("");
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters, so a value stays one segment.
-fn encode_segment(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
-/// `base` with `path` (which may carry a `?query`) appended to its path; base query kept.
-fn join(base: &Url, path: &str) -> Url {
-    let (path, query) = match path.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (path, None),
-    };
-    let mut url = base.clone();
-    let full = format!(
-        "{}/{}",
-        base.path().trim_end_matches('/'),
-        path.trim_start_matches('/')
-    );
-    url.set_path(&full);
-    let query = match (base.query(), query) {
-        (Some(b), Some(q)) => Some(format!("{b}&{q}")),
-        (b, q) => b.or(q).map(str::to_owned),
-    };
-    url.set_query(query.as_deref());
-    url
-}
-
 /// One record of a run, ready to send (or already answered: its request could not be built).
 struct Item {
     /// Its place in the batch.
