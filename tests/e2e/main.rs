@@ -69,6 +69,9 @@ mod sources;
 mod source_rows;
 // The examples under examples/ run as shipped against the local PostgreSQL.
 mod examples;
+// ODBC drivers no server here answers: FreeTDS (SQL Server) loads and says so; a missing
+// driver (Oracle) is named with what to run.
+mod odbc_drivers;
 // Record templates (a business Idempotency-Key and landing key) and body templates (HL7 v2)
 // against the stand-in API and PostgreSQL.
 mod templates;
