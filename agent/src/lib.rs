@@ -14,6 +14,7 @@ pub mod host;
 pub mod hostname;
 pub mod ingest;
 pub mod intake;
+pub mod interval;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

@@ -690,6 +690,7 @@ async fn max_attempts_gives_up_after_n_failures_and_unset_retries_forever() {
                         url: "sqlite://unused.db".into(),
                         agent_id: "test".into(),
                         apply: None,
+                        idempotency_key: None,
                         connections: 1,
                     },
                 ),

@@ -229,7 +229,8 @@ async fn verified_tls_delivers_and_a_wrong_ca_or_a_missing_client_certificate_de
         &BTreeMap::new(),
     )
     .await
-    .unwrap_or_else(|err| panic!("{case}: {err:#}"));
+    .unwrap_or_else(|err| panic!("{case}: {err:#}"))
+    .rows;
     assert_eq!(rows.len(), 1, "{case}: {rows:?}");
     let cipher = rows[0][0].1.as_str().unwrap_or_default().to_owned();
     assert!(

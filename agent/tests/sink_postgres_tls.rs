@@ -304,7 +304,8 @@ async fn a_source_reads_rows_over_verify_full() {
         &BTreeMap::new(),
     )
     .await
-    .expect("rows");
+    .expect("rows")
+    .rows;
     assert_eq!(rows.len(), 1);
     assert_eq!(
         rows[0][0],

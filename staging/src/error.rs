@@ -87,6 +87,10 @@ pub enum StoreError {
         "unusable sink name {0:?}: a sink name is not empty and has no comma; rename the sink in the configuration"
     )]
     UnknownSink(String),
+    /// A source name that cannot name a file (it must be `[a-z0-9_-]`, as the configuration
+    /// checks).
+    #[error("unusable source name: {0}; rename the source in the configuration")]
+    SourceName(String),
     /// A staging file was written in a format newer than this version reads. An update that
     /// was rolled back leaves such files behind; they are left as they are.
     #[error(

@@ -46,6 +46,8 @@
 //!     _damaged/                             bytes the store could not trust, with the reason:
 //!       create_patient_2026_11_23_<segment>.jsonl.at-000000001234.json
 //!                                           {"segment", "offset", "reason", "moved_at", "bytes"}
+//!     _refused/<source>/<checkpoint>.json   a source row that could not become a record:
+//!                                           {"source", "checkpoint", "reason", "refused_at", "row"}
 //!   _state/                                 the store's own state; never edit it by hand
 //!     index.sqlite3 (+ -wal, -shm)          the index: a cache of the folder + delivery state
 //!     index.sqlite3.set-aside-<UTC stamp>   a damaged index moved aside by a rebuild, kept
@@ -58,6 +60,8 @@
 //!                                           given back at once
 //!     sources.json                          the SQL sources' checkpoints, kept outside the
 //!                                           index so that a rebuild does not rewind a source
+//!     source-notes/<source>.json            a page whose `after_stage` statement has not run
+//!                                           yet (the agent's, opaque to the store)
 //!   _update/                                the agent's updater, not the store
 //!     state.json                            last check, available version, what happened
 //!     download-*/                           an archive being downloaded (removed when stale)
@@ -153,7 +157,7 @@ pub use error::{StageError, StoreError};
 /// files that hold patient data or its traces: the embedded SQLite database and the log folder.
 pub use layout::{make_private, private_file};
 pub use record::*;
-pub use store::{Dead, Retry, Settlement, Staging};
+pub use store::{Dead, REFUSED_DIR, RefusedRow, Retry, Settlement, Staging};
 
 use std::time::Duration;
 

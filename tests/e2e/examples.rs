@@ -214,8 +214,10 @@ async fn aghu_user_sync_sources() {
            ('A1', 'Ana Souza', '11122233344', 'UTI', now() - interval '1 hour'),
            ('B2', 'João Conceição', '55566677788', 'Farmácia', now() - interval '1 hour');
          INSERT INTO aghu_agenda (dia, matricula, nome, cpf) VALUES (current_date, 'P9', 'Paciente Nove', '99988877766');
-         INSERT INTO invenzi_usuario (matricula, nome, cpf, ativo, ultimo_transito)
-           VALUES ('Z0', 'Antigo', '00011122233', true, now() - interval '40 days');",
+         INSERT INTO invenzi_usuario (matricula, nome, cpf, ativo, ultimo_transito, ativado_em)
+           VALUES ('Z0', 'Antigo', '00011122233', true, now() - interval '40 days', now() - interval '400 days');
+         INSERT INTO invenzi_usuario (matricula, nome, cpf, ativo, ativado_em)
+           VALUES ('N1', 'Nunca Passou', '22233344455', true, now() - interval '40 days');",
     )
     .await;
     let work = tempfile::tempdir().unwrap();
@@ -261,10 +263,11 @@ async fn aghu_user_sync_sources() {
             }
         }
     };
-    // Changed users upserted, today's patient activated, the idle user deactivated: each once.
+    // Changed users upserted, today's patient activated, the idle users deactivated (N1 never
+    // passed a turnstile: released 30 days after its activation): each once.
     assert_eq!(
-        users("A1:true:1 B2:true:1 P9:true:1 Z0:false:2").await,
-        "A1:true:1 B2:true:1 P9:true:1 Z0:false:2",
+        users("A1:true:1 B2:true:1 N1:false:2 P9:true:1 Z0:false:2").await,
+        "A1:true:1 B2:true:1 N1:false:2 P9:true:1 Z0:false:2",
         "log:\n{}",
         log_tail(&agent, 30)
     );
@@ -275,12 +278,121 @@ async fn aghu_user_sync_sources() {
     )
     .await;
     assert_eq!(
-        users("A1:true:1 B2:true:2 P9:true:1 Z0:false:2").await,
-        "A1:true:1 B2:true:2 P9:true:1 Z0:false:2",
+        users("A1:true:1 B2:true:2 N1:false:2 P9:true:1 Z0:false:2").await,
+        "A1:true:1 B2:true:2 N1:false:2 P9:true:1 Z0:false:2",
+        "log:\n{}",
+        log_tail(&agent, 30)
+    );
+    // AGHU reactivates Z0: a new licence period starts. When it is over (31 days, simulated by
+    // moving the activation back), the next daily run releases Z0 again, although the source's
+    // checkpoint went past Z0's first release (the seed's query never read it again).
+    in_schema(
+        &schema,
+        "INSERT INTO aghu_usuario (matricula, nome, cpf, setor, alterado_em)
+           VALUES ('Z0', 'Antigo', '00011122233', 'Portaria', now())",
+    )
+    .await;
+    assert_eq!(
+        users("A1:true:1 B2:true:2 N1:false:2 P9:true:1 Z0:true:3").await,
+        "A1:true:1 B2:true:2 N1:false:2 P9:true:1 Z0:true:3",
+        "log:\n{}",
+        log_tail(&agent, 30)
+    );
+    in_schema(
+        &schema,
+        "UPDATE invenzi_usuario SET ativado_em = now() - interval '31 days' WHERE matricula = 'Z0'",
+    )
+    .await;
+    // The daily schedule's next run: a start runs every source once.
+    agent.restart();
+    agent.wait_ready(Duration::from_secs(20)).await;
+    assert_eq!(
+        users("A1:true:1 B2:true:2 N1:false:2 P9:true:1 Z0:false:4").await,
+        "A1:true:1 B2:true:2 N1:false:2 P9:true:1 Z0:false:4",
         "log:\n{}",
         log_tail(&agent, 30)
     );
     agent.terminate();
+    pg().await
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+/// Copies the folder `from` into `to`, recursively.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Seed 000 with Invenzi on MariaDB: `check-config` prepares every source's query on its own
+/// database. The example's MariaDB licence query passes; the PostgreSQL one put in its place
+/// (what failed only at run time, "Named and positional parameters mixed", while check-config
+/// said OK) is refused by check-config, naming the source and the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aghu_user_sync_check_config_prepares_each_source_on_its_database() {
+    use mysql_async::prelude::Queryable;
+    let dir = example("aghu-user-sync");
+    let (schema, pg_url) = source_schema(&dir.join("schema/aghu-postgres.sql"), "ex_aghu_cc").await;
+    let db = unique_name("ex_aghu");
+    let mut my = estafeta_e2e::mysql().await;
+    my.query_drop(format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    my.query_drop(format!("USE {db}")).await.unwrap();
+    my.query_drop(std::fs::read_to_string(dir.join("schema/mariadb.sql")).unwrap())
+        .await
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let copy = work.path().join("aghu-user-sync");
+    copy_dir(&dir, &copy);
+    let config = copy.join("estafeta.toml");
+    let my_url = format!("mysql://root@127.0.0.1:3306/{db}");
+    let env = [
+        ("CONFIG_FILE", config.to_str().unwrap()),
+        ("AGHU_DATABASE_URL", pg_url.as_str()),
+        ("INVENZI_DATABASE_URL", my_url.as_str()),
+        ("INVENZI_DIALECT", "mariadb"),
+    ];
+    let out = estafeta_e2e::run_cli(work.path(), &env, &["check-config"]).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for source in ["usuarios-alterados", "pacientes-do-dia", "liberar-licencas"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("source {source}: query"))
+                    && l.ends_with("prepared on its database")),
+            "{source}: {text}"
+        );
+    }
+
+    std::fs::copy(
+        copy.join("sql/sources/postgres/liberar-licencas.sql"),
+        copy.join("sql/sources/mariadb/liberar-licencas.sql"),
+    )
+    .unwrap();
+    let out = estafeta_e2e::run_cli(work.path(), &env, &["check-config"]).await;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("source liberar-licencas: query")
+            && text.contains("mariadb/liberar-licencas.sql REFUSED by its database"),
+        "{text}"
+    );
+    my.query_drop(format!("DROP DATABASE {db}")).await.unwrap();
     pg().await
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await

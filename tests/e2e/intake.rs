@@ -4,8 +4,8 @@
 //! dropped into the staging tree, as a file dropped into the inbox (`INBOX_PATH`) or as a row of a
 //! PostgreSQL source reaches sink `a` only (two real SQLite sinks, `a` and `b`), and a record that
 //! breaks the schema is refused (HTTP 422, `stage` fails; nothing staged) or set aside (files:
-//! `_failed/` with the reason beside them; a source row: the cycle fails with the reason, shown by
-//! `estafeta sources`, and the row never lands).
+//! `_failed/` with the reason beside them; a source row: set aside in `_failed/_refused/` with
+//! the reason, counted by `estafeta sources`, the source moves past it and the row never lands).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -92,7 +92,7 @@ async fn every_intake_path_routes_and_checks_the_schema() {
         .to_string(),
     )
     .unwrap();
-    // One row per page, so the good row is staged before the bad one stops the source.
+    // One row per page, so the good row and the bad one are in pages of their own.
     std::fs::write(
         dir.join("estafeta.toml"),
         format!(
@@ -246,19 +246,30 @@ checkpoint = "n"
         assert!(reason.contains("schema"), "{root}: {reason}");
     }
 
-    // The bad source row stops its source with the reason; it never lands.
+    // The bad source row is set aside with the reason and the source moves past it (issue
+    // 22: it used to stop the source for good); it never lands.
     let deadline = Instant::now() + Duration::from_secs(20);
     let line = loop {
         let out = run_cli(dir, &env, &["sources", "--json"]).await;
         let line: Value = serde_json::from_slice(&out.stdout).unwrap();
-        if !line["last_error"].is_null() || Instant::now() >= deadline {
+        if line["checkpoint"] == "[2]" || Instant::now() >= deadline {
             break line;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let error = line["last_error"].as_str().unwrap_or_default();
-    assert!(error.contains("schema"), "{line}");
-    assert_eq!(line["checkpoint"], "[1]", "the source waits at the bad row");
+    assert_eq!(
+        line["checkpoint"], "[2]",
+        "the source moves past the bad row: {line}"
+    );
+    assert_eq!(line["last_error"], Value::Null, "{line}");
+    assert_eq!(line["refused"], 1, "{line}");
+    let refused: Value = serde_json::from_slice(
+        &std::fs::read(dir.join("staging/_failed/_refused/atendimentos/2.json")).unwrap(),
+    )
+    .unwrap();
+    let reason = refused["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("schema"), "{refused}");
+    assert_eq!(refused["row"]["id"], "sql-bad");
 
     agent.terminate();
     client

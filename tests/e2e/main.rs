@@ -62,6 +62,11 @@ mod canary;
 // SQL sources: checkpoints across SIGKILLs (PostgreSQL), grouping and debounce (SQLite), types
 // (MariaDB), `estafeta sources` and `sources reset`.
 mod sources;
+// SQL sources, what migrating teams hit (issue 22): a local-time column's debounce (MariaDB),
+// max_records per cycle apart from page_size (SQLite), a row that cannot become a record set
+// aside while the rest is staged (SQLite), after_stage on a queue table across a SIGKILL
+// (PostgreSQL), a template expanded over hospitals, hh:mm:ss intervals and their errors.
+mod source_rows;
 // The examples under examples/ run as shipped against the local PostgreSQL.
 mod examples;
 // Record templates (a business Idempotency-Key and landing key) and body templates (HL7 v2)

@@ -16,7 +16,7 @@ use mysql_async::prelude::Queryable;
 use serde_json::{Value, json};
 
 /// Writes `estafeta.toml` and `sql/sources/<name>.sql` into `dir`.
-fn write_config(dir: &Path, toml: &str, queries: &[(&str, &str)]) {
+pub(crate) fn write_config(dir: &Path, toml: &str, queries: &[(&str, &str)]) {
     std::fs::create_dir_all(dir.join("sql/sources")).unwrap();
     for (name, sql) in queries {
         std::fs::write(dir.join(format!("sql/sources/{name}.sql")), sql).unwrap();
@@ -26,7 +26,7 @@ fn write_config(dir: &Path, toml: &str, queries: &[(&str, &str)]) {
 
 /// The environment of an agent that reads `estafeta.toml` in its folder and lands records in
 /// PostgreSQL as `agent_id`, flushing every second.
-fn source_env(agent_id: &str) -> [(&'static str, &str); 4] {
+pub(crate) fn source_env(agent_id: &str) -> [(&'static str, &str); 4] {
     [
         ("CONFIG_FILE", "estafeta.toml"),
         ("CENTRAL_DATABASE_URL", PG_URL),
@@ -36,14 +36,14 @@ fn source_env(agent_id: &str) -> [(&'static str, &str); 4] {
 }
 
 /// `estafeta run` in `dir` with `env`, once it answers.
-async fn started(dir: &Path, env: &[(&str, &str)]) -> Agent {
+pub(crate) async fn started(dir: &Path, env: &[(&str, &str)]) -> Agent {
     let mut agent = Agent::start(dir, env);
     agent.wait_ready(Duration::from_secs(20)).await;
     agent
 }
 
 /// Payloads landed in PostgreSQL for `agent_id`, in landing order.
-async fn landed(agent_id: &str) -> Vec<(String, Option<String>, Value)> {
+pub(crate) async fn landed(agent_id: &str) -> Vec<(String, Option<String>, Value)> {
     let client = pg().await;
     let exists: bool = client
         .query_one(
@@ -68,7 +68,7 @@ async fn landed(agent_id: &str) -> Vec<(String, Option<String>, Value)> {
         .collect()
 }
 
-async fn wait_landed(
+pub(crate) async fn wait_landed(
     agent: &Agent,
     agent_id: &str,
     want: usize,
@@ -400,7 +400,7 @@ name = "carga"
 url = "{PG_URL}"
 query = "sql/sources/carga.sql"
 every = "1h"
-max_records = 2000
+page_size = 2000
 entity = "patient"
 action = "upsert"
 key = "id"

@@ -64,8 +64,9 @@ pub(super) fn check_config(env_file: Option<&Path>, offline: bool) -> anyhow::Re
     out.push_str(&format!("# sources: {}\n", config.sources.join(", ")));
     for source in &config.sql_sources {
         out.push_str(&format!(
-            "source {}: {}\n",
+            "source {}: {}; {}\n",
             source.name,
+            source.describe(),
             crate::sources::transport::of(&source.url).describe()
         ));
     }
@@ -85,9 +86,27 @@ pub(super) fn check_config(env_file: Option<&Path>, offline: bool) -> anyhow::Re
         write_stdout(&out);
         return Ok(EXIT_OK);
     }
-    let results = runtime()?.block_on(probe_all(&sinks));
+    let (results, sources) = runtime()?
+        .block_on(async { tokio::join!(probe_all(&sinks), prepare_all(&config.sql_sources)) });
     let mut code = EXIT_OK;
     let mut out = String::new();
+    let mut refused = false;
+    for (name, what, result) in sources {
+        use crate::sources::query::Unprepared;
+        match result {
+            Ok(()) => out.push_str(&format!("source {name}: {what} prepared on its database\n")),
+            Err(Unprepared::Unreachable(err)) => {
+                out.push_str(&format!("source {name}: UNREACHABLE: {err}\n"));
+                code = EXIT_UNREACHABLE;
+            }
+            Err(Unprepared::Refused(err)) => {
+                out.push_str(&format!(
+                    "source {name}: {what} REFUSED by its database: {err}; fix the file\n"
+                ));
+                refused = true;
+            }
+        }
+    }
     for (name, result) in results {
         // After the probe, the connection's protection is what was negotiated.
         let connection = sinks
@@ -104,13 +123,51 @@ pub(super) fn check_config(env_file: Option<&Path>, offline: bool) -> anyhow::Re
             }
         }
     }
+    if refused {
+        out.push_str("configuration refused: a source's SQL does not prepare on its database\n");
+        write_stdout(&out);
+        return Ok(EXIT_USAGE);
+    }
     out.push_str(if code == EXIT_OK {
-        "configuration OK; every sink answered\n"
+        "configuration OK; every sink and source answered\n"
     } else {
-        "configuration OK, but a sink did not answer (records are staged and wait for it)\n"
+        "configuration OK, but a sink or source did not answer (records are staged and wait for it)\n"
     });
     write_stdout(&out);
     Ok(code)
+}
+
+/// Prepares every source's query (and `after_stage` statement) on its database, at once:
+/// (source, which file, result).
+async fn prepare_all(
+    sources: &[crate::sources::SourceConfig],
+) -> Vec<(
+    String,
+    String,
+    Result<(), crate::sources::query::Unprepared>,
+)> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut index = 0;
+    for source in sources {
+        let mut files = vec![(source.query_path.clone(), source.sql.clone())];
+        if let Some(after) = &source.after_stage {
+            files.push((after.path.clone(), after.sql.clone()));
+        }
+        for (path, sql) in files {
+            let (name, url) = (source.name.clone(), source.url.clone());
+            tasks.spawn(async move {
+                let result = crate::sources::query::prepare(&url, &sql).await;
+                (index, name, format!("query {}", path.display()), result)
+            });
+            index += 1;
+        }
+    }
+    let mut results: Vec<_> = tasks.join_all().await;
+    results.sort_by_key(|(index, ..)| *index);
+    results
+        .into_iter()
+        .map(|(_, name, what, result)| (name, what, result))
+        .collect()
 }
 
 /// Probes every sink at once, each bounded by [`PROBE_TIMEOUT`].

@@ -64,6 +64,8 @@ pub(super) fn sources(config: &Config, as_json: bool) -> anyhow::Result<u8> {
                 "last_run_at": state.last_run_at,
                 "last_rows": state.last_rows,
                 "last_error": state.last_error,
+                // Rows set aside under _failed/_refused/<name>/ (see sources::records_of).
+                "refused": store.refused_rows(name).map_or(0, |rows| rows.len()),
             })
         })
         .collect();

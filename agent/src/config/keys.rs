@@ -260,6 +260,47 @@ pub const KEY_TABLE: &[Key] = &[
     key("CONFIG_FILE", ConfigFile, NOT_SET, "TOML file with several sinks, routes and per-entity settings."),
 ];
 
+/// One key of a `[[sources]]` block in the TOML file (no environment variable sets these).
+#[derive(Debug, Clone, Copy)]
+pub struct SourceKey {
+    pub name: &'static str,
+    /// The default as people see it.
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+const fn source_key(name: &'static str, default: &'static str, doc: &'static str) -> SourceKey {
+    SourceKey { name, default, doc }
+}
+
+/// Every key of a `[[sources]]` block, in the order the README's source table lists them. A
+/// test holds it to the keys the TOML parser accepts.
+#[rustfmt::skip]
+pub const SOURCE_KEY_TABLE: &[SourceKey] = &[
+    source_key("name", "(required)", "The source's name, [a-z0-9_-]; its checkpoint is kept under it."),
+    source_key("url", "(required)", "postgres://, mysql:// (MariaDB too), sqlite:// or odbc:<connection string>."),
+    source_key("query", "(required)", "The SELECT, a .sql file relative to the TOML file's folder."),
+    source_key("schedule", "(one of schedule or every)", "Cron expression, read in TZ like CRONTAB."),
+    source_key("every", "(one of schedule or every)", "Interval between cycles: \"10s\", \"500ms\", \"5m\", \"1h\" or hh:mm:ss (\"00:00:05\")."),
+    source_key("enabled", "true", "false keeps the source configured but not run."),
+    source_key("max_records", "(no cap)", "Most rows one cycle reads (seed 004's MaxRecords); the rest waits for the next cycle."),
+    source_key("page_size", "max_records, else 1000", "Rows per query (:limit); a cycle reads pages while they come back full, up to max_records."),
+    source_key("entity", "(required)", "Entity of the records made from the rows."),
+    source_key("action", "(one of action or action_column)", "create, update, upsert or delete."),
+    source_key("action_column", "(one of action or action_column)", "Column whose value is each row's action."),
+    source_key("key", "(none)", "Column whose value is the record key (per-key order)."),
+    source_key("checkpoint", "(required)", "Column (or columns) the query sorts by: \"id\" or [\"updated_at\", \"id\"]."),
+    source_key("debounce", "(none)", "With debounce_column: rows younger than this wait (\"00:01:00\", \"60s\")."),
+    source_key("debounce_secs", "(none)", "The same as debounce, in whole seconds."),
+    source_key("debounce_column", "(none)", "Timestamp column saying when a row was written."),
+    source_key("time_zone", "UTC", "IANA zone in which times without a zone (timestamp, DATETIME) were written, such as America/Sao_Paulo."),
+    source_key("group_by", "(none)", "Consecutive rows sharing this column become one record."),
+    source_key("items", "items", "Name of a group's array of rows."),
+    source_key("after_stage", "(none)", "A .sql statement run once per row after its page is staged, with the row's columns as :<column> (marks queue rows taken; must be idempotent)."),
+    source_key("params", "(none)", "Constant query parameters, such as { dias_sem_transito = 30 }, bound as :dias_sem_transito (as text: cast where a number is needed)."),
+    source_key("each", "(none)", "Makes the block a template: one source per item, each item's {variables} filled in and bound as :<variable>."),
+];
+
 const KEY_COUNT: usize = KEY_TABLE.len();
 
 const fn key_names() -> [&'static str; KEY_COUNT] {
@@ -318,6 +359,25 @@ mod tests {
         }
         assert_eq!(KEYS.len(), KEY_TABLE.len());
         assert_eq!(KEYS[0], "CRONTAB");
+    }
+
+    #[test]
+    fn the_source_key_table_lists_exactly_the_keys_the_toml_accepts() {
+        #[derive(serde::Deserialize)]
+        struct File {
+            #[allow(dead_code)]
+            sources: Vec<crate::sources::FileSource>,
+        }
+        // The parser names every key it accepts when it meets one it does not.
+        let err = toml::from_str::<File>("[[sources]]\nnot_a_key = 1\n")
+            .err()
+            .expect("an unknown key is refused")
+            .to_string();
+        let accepted: std::collections::BTreeSet<&str> =
+            err.split('`').skip(3).step_by(2).collect();
+        let listed: std::collections::BTreeSet<&str> =
+            SOURCE_KEY_TABLE.iter().map(|k| k.name).collect();
+        assert_eq!(accepted, listed, "{err}");
     }
 
     #[test]

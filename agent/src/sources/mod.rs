@@ -9,13 +9,25 @@
 //! is staged twice. With no checkpoint yet, `:last_<column>` is NULL and the query reads from
 //! the beginning: the initial load, a page at a time, each page committed before the next.
 //!
-//! A cycle keeps reading pages while they come back full (catching up, or the initial load),
-//! then waits for the next tick. Rows must come ordered by the checkpoint column(s), and with
-//! `group_by`, the rows of a group one after another.
+//! A cycle keeps reading pages of `page_size` rows while they come back full (catching up, or
+//! the initial load), up to `max_records` rows (seed 004's `MaxRecords`), then waits for the
+//! next tick. Rows must come ordered by the checkpoint column(s), and with `group_by`, the rows
+//! of a group one after another. Times without a zone are read in the source's `time_zone`.
+//!
+//! A row that cannot become a record (a value that cannot be read, a record its schema
+//! refuses) is set aside in the store's `_failed/_refused/` with its reason, and the page's
+//! other rows are staged: one bad row never stops a source. `after_stage` marks a staged page's
+//! rows taken in a queue table (see `after_stage`), and a block with `each` is a template of
+//! several sources (see `template`).
 
+pub mod after_stage;
+mod load;
 pub mod mapping;
 pub mod query;
+pub mod template;
 pub mod transport;
+
+pub use load::load;
 
 use anyhow::Context as _;
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -23,7 +35,7 @@ use estafeta_staging::{NewRecord, SourceMark, Staging};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -31,11 +43,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::intake::{Intake, KeyFrom};
-use crate::problem::Problem;
 use query::{Param, Row};
 
-/// Page size when `max_records` is not set.
-pub const DEFAULT_MAX_RECORDS: usize = 1000;
+/// Rows per page when neither `page_size` nor `max_records` is set.
+pub const DEFAULT_PAGE_SIZE: usize = 1000;
 /// Name of the grouped rows' array when `items` is not set.
 pub const DEFAULT_ITEMS: &str = "items";
 /// Pause before a failed cycle is tried again when the schedule is far away.
@@ -57,44 +68,61 @@ pub fn parse_naive(text: &str) -> Result<NaiveDateTime, chrono::ParseError> {
         .or_else(|_| NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f"))
 }
 
-/// `every = "10s"`: a whole number with ms, s, m or h.
-fn parse_every(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit())?;
-    let n: u64 = text[..digits].parse().ok().filter(|n| *n > 0)?;
-    match text[digits..].trim() {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" | "min" => Some(Duration::from_secs(n * 60)),
-        "h" => Some(Duration::from_secs(n * 3600)),
-        _ => None,
-    }
-}
-
 /// `[[sources]]` as written in the TOML file.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSource {
     name: String,
     url: String,
     query: PathBuf,
+    after_stage: Option<PathBuf>,
     schedule: Option<String>,
     every: Option<String>,
     enabled: Option<bool>,
     max_records: Option<usize>,
+    page_size: Option<usize>,
     entity: String,
     action: Option<String>,
     action_column: Option<String>,
     key: Option<String>,
     checkpoint: Option<Columns>,
     debounce_secs: Option<u64>,
+    debounce: Option<String>,
     debounce_column: Option<String>,
+    time_zone: Option<String>,
     group_by: Option<String>,
     items: Option<String>,
+    /// A template's list: one source per item (see `template`).
+    each: Option<Vec<BTreeMap<String, String>>>,
+    /// Constant query parameters (`params = { dias_sem_transito = 30 }`), bound as `:name`:
+    /// a period or a code in the configuration rather than written into the SQL file.
+    params: Option<BTreeMap<String, ParamValue>>,
+}
+
+/// A `params` value as TOML writes it; bound as text, like a template's variables (cast it in
+/// the query where the database wants a number: `:dias::int`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum ParamValue {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    Text(String),
+}
+
+impl ParamValue {
+    fn text(&self) -> String {
+        match self {
+            ParamValue::Int(i) => i.to_string(),
+            ParamValue::Float(f) => f.to_string(),
+            ParamValue::Bool(b) => b.to_string(),
+            ParamValue::Text(t) => t.clone(),
+        }
+    }
 }
 
 /// One column name or several.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 enum Columns {
     One(String),
@@ -126,10 +154,15 @@ pub struct SourceConfig {
     pub query_path: PathBuf,
     /// The query file's text, read when the configuration is loaded.
     pub sql: String,
+    /// The statement that marks a staged page's rows taken (queue tables).
+    pub after_stage: Option<after_stage::AfterStage>,
     pub when: When,
     pub enabled: bool,
-    /// Rows per page (seed 004's `MaxRecords`).
-    pub max_records: usize,
+    /// Rows per page: the query's `:limit`.
+    pub page_size: usize,
+    /// Most rows one cycle reads (seed 004's `MaxRecords`); `None`: pages are read while they
+    /// come back full.
+    pub max_records: Option<usize>,
     pub entity: String,
     pub action: ActionFrom,
     /// Column whose value is the record key (per-key order at the sinks).
@@ -138,171 +171,13 @@ pub struct SourceConfig {
     pub checkpoint: Vec<String>,
     /// Rows whose `debounce_column` is younger than this are left for a later cycle.
     pub debounce: Option<(String, Duration)>,
+    /// The zone in which times without a zone (`timestamp`, `DATETIME`) were written; `None`:
+    /// UTC.
+    pub time_zone: Option<crate::timezone::Zone>,
+    /// A template's variables for this expansion, also bound as `:<name>` in the query.
+    pub vars: BTreeMap<String, String>,
     pub group_by: Option<String>,
     pub items: String,
-}
-
-/// Checks `[[sources]]`; each mistake becomes a [`Problem`] naming the key.
-pub fn load(
-    file: &[FileSource],
-    file_dir: &Path,
-    problems: &mut Vec<Problem>,
-) -> Vec<SourceConfig> {
-    let mut out: Vec<SourceConfig> = Vec::new();
-    for (i, src) in file.iter().enumerate() {
-        let at = |field: &str| format!("sources[{i}].{field}");
-        let mut problem = |field: &str, value: Option<String>, expected: String| {
-            problems.push(Problem::new(at(field), value, expected));
-        };
-        if let Err(err) = estafeta_staging::validate_name("source", &src.name) {
-            problem("name", Some(src.name.clone()), err.to_string());
-        }
-        if out.iter().any(|s| s.name == src.name) {
-            problem(
-                "name",
-                Some(src.name.clone()),
-                "expected a name no other source uses".into(),
-            );
-        }
-        if let Err(err) = query::check_url(&src.url) {
-            problem("url", Some(query::shown_and_secrets(&src.url).0), err);
-        }
-        let query_path = file_dir.join(&src.query);
-        let sql = match std::fs::read_to_string(&query_path) {
-            Ok(sql) if sql.trim().is_empty() => {
-                problem(
-                    "query",
-                    Some(query_path.display().to_string()),
-                    "the file is empty; write the SELECT there".into(),
-                );
-                String::new()
-            }
-            Ok(sql) => {
-                if let Ok(driver) = query::Driver::of(&src.url)
-                    && let Err(err) = driver.rewrite(&sql)
-                {
-                    problem("query", Some(query_path.display().to_string()), err);
-                }
-                sql
-            }
-            Err(err) => {
-                problem(
-                    "query",
-                    Some(query_path.display().to_string()),
-                    format!(
-                        "cannot read it ({err}); expected a .sql file, relative to the TOML file's folder (for example sql/sources/{}.sql)",
-                        src.name
-                    ),
-                );
-                String::new()
-            }
-        };
-        let when = match (&src.schedule, &src.every) {
-            (Some(cron), None) => {
-                if let Err(err) = crate::crontab::validate_crontab(cron) {
-                    problem("schedule", Some(cron.clone()), err);
-                }
-                When::Cron(cron.clone())
-            }
-            (None, Some(every)) => match parse_every(every) {
-                Some(d) => When::Every(d),
-                None => {
-                    problem(
-                        "every",
-                        Some(every.clone()),
-                        "expected a duration such as \"10s\", \"5m\" or \"1h\"".into(),
-                    );
-                    When::Every(Duration::from_secs(60))
-                }
-            },
-            _ => {
-                problem(
-                    "schedule",
-                    None,
-                    "expected exactly one of schedule (cron, like CRONTAB) or every (\"10s\")"
-                        .into(),
-                );
-                When::Every(Duration::from_secs(60))
-            }
-        };
-        let max_records = src.max_records.unwrap_or(DEFAULT_MAX_RECORDS);
-        if max_records == 0 {
-            problem(
-                "max_records",
-                Some("0".into()),
-                "expected at least 1".into(),
-            );
-        }
-        if let Err(err) = estafeta_staging::validate_name("entity", &src.entity) {
-            problem("entity", Some(src.entity.clone()), err.to_string());
-        }
-        let action = match (&src.action, &src.action_column) {
-            (Some(action), None) => {
-                if let Err(err) = estafeta_staging::validate_name("action", action) {
-                    problem("action", Some(action.clone()), err.to_string());
-                }
-                ActionFrom::Fixed(action.clone())
-            }
-            (None, Some(column)) => ActionFrom::Column(column.clone()),
-            _ => {
-                problem("action", None, "expected exactly one of action (create, update, upsert, delete) or action_column".into());
-                ActionFrom::Fixed("create".into())
-            }
-        };
-        let checkpoint = match &src.checkpoint {
-            Some(Columns::One(c)) => vec![c.clone()],
-            Some(Columns::Many(cs)) => cs.clone(),
-            None => Vec::new(),
-        };
-        if checkpoint.is_empty() {
-            problem("checkpoint", None, "expected the column (or columns, such as [\"updated_at\", \"id\"]) the query sorts by, so each cycle reads only new rows".into());
-        }
-        for column in &checkpoint {
-            if !column
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                || column.is_empty()
-            {
-                problem("checkpoint", Some(column.clone()), "expected a column name of letters, digits and '_' (it becomes the parameter :last_<column>)".into());
-            }
-        }
-        let debounce = match (src.debounce_secs, &src.debounce_column) {
-            (None | Some(0), None) => None,
-            (Some(secs), Some(column)) if secs > 0 => {
-                Some((column.clone(), Duration::from_secs(secs)))
-            }
-            (Some(0), Some(_)) => None,
-            _ => {
-                problem("debounce_column", None, "debounce_secs and debounce_column go together: the timestamp column that says when a row was written".into());
-                None
-            }
-        };
-        if let Some(key) = &src.key
-            && key.is_empty()
-        {
-            problem("key", Some(String::new()), "expected a column name".into());
-        }
-        out.push(SourceConfig {
-            name: src.name.clone(),
-            url: src.url.clone(),
-            query_path,
-            sql,
-            when,
-            enabled: src.enabled.unwrap_or(true),
-            max_records,
-            entity: src.entity.clone(),
-            action,
-            key: src.key.clone(),
-            checkpoint,
-            debounce,
-            group_by: src.group_by.clone(),
-            items: src
-                .items
-                .clone()
-                .unwrap_or_else(|| DEFAULT_ITEMS.to_owned()),
-        });
-    }
-    out
 }
 
 /// What one page did.
@@ -316,12 +191,16 @@ pub struct Page {
     pub full: bool,
 }
 
-/// Reads one page of `source` and stages it with the checkpoint after it.
+/// Reads one page of at most `limit` rows of `source` and stages it with the checkpoint after
+/// it.
 pub async fn run_page(
     store: &Staging,
     intake: &Intake,
     source: &SourceConfig,
+    limit: usize,
 ) -> anyhow::Result<Page> {
+    // A page staged before a crash whose statement did not run yet comes first.
+    after_stage::finish(store, source).await?;
     let checkpoint = {
         let store = store.clone();
         let name = source.name.clone();
@@ -341,17 +220,28 @@ pub async fn run_page(
         None => vec![Value::Null; source.checkpoint.len()],
     };
     let now = Utc::now();
-    let mut given: BTreeMap<String, Param> = BTreeMap::new();
+    let mut given: BTreeMap<String, Param> = source
+        .vars
+        .iter()
+        .map(|(name, value)| (name.clone(), Param::Text(value.clone())))
+        .collect();
     for (column, value) in source.checkpoint.iter().zip(&last) {
         given.insert(format!("last_{column}"), Param::from_json(value));
     }
-    given.insert("limit".into(), Param::Int(source.max_records as i64));
+    given.insert("limit".into(), Param::Int(limit as i64));
     let not_after = now - source.debounce.as_ref().map_or(Duration::ZERO, |(_, d)| *d);
     given.insert("not_after".into(), Param::Text(rfc3339(not_after)));
+    // The same instant as the wall clock of the source's zone, for `timestamp` / `DATETIME`
+    // columns written in local time.
+    given.insert(
+        "not_after_local".into(),
+        Param::Text(naive(local_wall_clock(source, not_after))),
+    );
 
-    let rows = query::fetch(&source.url, &source.sql, &given).await?;
-    let full = rows.len() >= source.max_records;
-    let kept = cut(source, &rows, full, not_after)?;
+    let fetched = query::fetch(&source.url, &source.sql, &given).await?;
+    let rows = &fetched.rows;
+    let full = rows.len() >= limit;
+    let kept = cut(source, rows, full, not_after)?;
     let mut page = Page {
         rows: rows.len(),
         records: 0,
@@ -360,24 +250,79 @@ pub async fn run_page(
     let Some(last_row) = kept.last() else {
         return Ok(page);
     };
-    let mark = SourceMark {
-        name: source.name.clone(),
-        checkpoint: serde_json::to_string(
-            &source
-                .checkpoint
-                .iter()
-                .map(|c| mapping::column(last_row, c).cloned().unwrap_or(Value::Null))
-                .collect::<Vec<_>>(),
-        )?,
-    };
-    let records = records(intake, source, kept)?;
+    let checkpoint = checkpoint_of(source, last_row)?;
+    let mut records = Vec::new();
+    let mut refused = 0usize;
+    for made in records_of(intake, source, kept, &fetched.unreadable)? {
+        match made {
+            Made::Record(record) => records.push(record),
+            Made::Refused { reason, rows } => {
+                // Durable before the checkpoint moves past it; read again after a crash, it
+                // rewrites the same file.
+                let at = checkpoint_of(source, rows.last().expect("a group has rows"))?;
+                let row = match &rows[..] {
+                    [one] => flat(one),
+                    many => Value::Array(many.iter().map(flat).collect()),
+                };
+                let (store, name) = (store.clone(), source.name.clone());
+                tokio::task::spawn_blocking(move || {
+                    store.refuse_source_row(&name, &at, &reason, row)
+                })
+                .await
+                .context("setting a row aside panicked")?
+                .context("setting a refused row aside failed")?;
+                refused += 1;
+            }
+        }
+    }
+    if refused > 0 {
+        // Counts only: a reason may quote a value, and logs never carry patient data.
+        warn!(source = %source.name, refused, "Rows that cannot become records were set aside with their reason under _failed/_refused/; the source moves past them.");
+    }
+    if let Some(after) = &source.after_stage {
+        // Written before the page is staged: a crash after the commit and before the
+        // statement leaves it, and the next cycle runs the statement (see `after_stage`).
+        let note = after_stage::Note::of(source, after, kept, checkpoint.clone())?;
+        let (store, name, bytes) = (store.clone(), source.name.clone(), note.to_bytes());
+        tokio::task::spawn_blocking(move || store.set_source_note(&name, Some(&bytes)))
+            .await
+            .context("writing the after_stage note panicked")?
+            .context("writing the after_stage note failed")?;
+    }
     page.records = records.len();
-    let store = store.clone();
-    tokio::task::spawn_blocking(move || store.stage_from_source(records, mark))
-        .await
-        .context("staging panicked")?
-        .context("staging the rows failed")?;
+    let (store2, name) = (store.clone(), source.name.clone());
+    if records.is_empty() {
+        // Every row of the page was refused: only the checkpoint moves.
+        tokio::task::spawn_blocking(move || store2.reset_source(&name, Some(&checkpoint)))
+            .await
+            .context("moving the checkpoint panicked")?
+            .context("moving the checkpoint past refused rows failed")?;
+    } else {
+        let mark = SourceMark { name, checkpoint };
+        tokio::task::spawn_blocking(move || store2.stage_from_source(records, mark))
+            .await
+            .context("staging panicked")?
+            .context("staging the rows failed")?;
+    }
+    after_stage::finish(store, source).await?;
     Ok(page)
+}
+
+/// The checkpoint after `row`, as stored: a JSON array of its checkpoint column(s).
+fn checkpoint_of(source: &SourceConfig, row: &Row) -> anyhow::Result<String> {
+    Ok(serde_json::to_string(
+        &source
+            .checkpoint
+            .iter()
+            .map(|c| mapping::column(row, c).cloned().unwrap_or(Value::Null))
+            .collect::<Vec<_>>(),
+    )?)
+}
+
+/// A row as one JSON object of its columns, as named by the query (not nested: nesting may be
+/// what failed).
+fn flat(row: &Row) -> Value {
+    Value::Object(row.iter().cloned().collect())
 }
 
 /// The rows of a page that become records now: up to the first row younger than the debounce
@@ -413,7 +358,7 @@ fn cut<'r>(
             let written = match mapping::column(row, column) {
                 Some(Value::String(text)) => DateTime::parse_from_rfc3339(text)
                     .map(|t| t.with_timezone(&Utc))
-                    .or_else(|_| parse_naive(text).map(|t| t.and_utc())),
+                    .or_else(|_| parse_naive(text).map(|t| instant_of(source, t))),
                 other => {
                     anyhow::bail!(
                         "debounce_column {column:?} holds {}, not a timestamp",
@@ -447,13 +392,40 @@ fn cut<'r>(
                 let trailing = groups.last().map_or(0, |g| g.len());
                 kept = &kept[..kept.len() - trailing];
             } else if end == rows.len() {
-                warn!(source = %source.name, rows = kept.len(), "One group fills the whole page; it is staged as it is. Raise max_records if groups can be this large.");
+                warn!(source = %source.name, rows = kept.len(), "One group fills the whole page; it is staged as it is. Raise page_size if groups can be this large.");
             } else {
                 kept = &kept[..0];
             }
         }
     }
     Ok(kept)
+}
+
+/// A time without a zone, read in the source's `time_zone` (UTC when not set). A wall-clock
+/// time that happens twice (the hour repeated when daylight saving ends) is taken as the later
+/// one, so a debounce never runs short; one skipped by a change of offset is read with the
+/// offset before the change.
+fn instant_of(source: &SourceConfig, wall: NaiveDateTime) -> DateTime<Utc> {
+    use chrono::{Offset as _, TimeZone as _};
+    match &source.time_zone {
+        None => wall.and_utc(),
+        Some(zone) => match zone.from_local_datetime(&wall).latest() {
+            Some(t) => t.with_timezone(&Utc),
+            None => {
+                let before = zone.offset_from_utc_datetime(&wall);
+                (wall - chrono::Duration::seconds(i64::from(before.fix().local_minus_utc())))
+                    .and_utc()
+            }
+        },
+    }
+}
+
+/// An instant as the wall clock of the source's `time_zone` (UTC when not set).
+fn local_wall_clock(source: &SourceConfig, t: DateTime<Utc>) -> NaiveDateTime {
+    match &source.time_zone {
+        None => t.naive_utc(),
+        Some(zone) => t.with_timezone(zone).naive_local(),
+    }
 }
 
 /// What a column holds, by JSON type: an error names the type, never the value (a row's values
@@ -470,18 +442,46 @@ fn kind_of(value: Option<&Value>) -> &'static str {
     }
 }
 
+/// What a row (or a group of rows) became.
+enum Made {
+    Record(NewRecord),
+    /// It cannot become a record: a value that could not be read, an action that is none, a
+    /// record its entity's JSON Schema refuses. It is set aside and the source moves on.
+    Refused {
+        reason: String,
+        rows: Vec<Row>,
+    },
+}
+
 /// Turns kept rows into records: one per row, or one per group, through the one intake (routes
-/// and the entity's JSON Schema as for a record posted to the API). A record that breaks the
-/// schema fails the cycle like any other bad row: nothing of the page is staged, the checkpoint
-/// stays, and the error (shown by `estafeta sources`) says what to fix.
-fn records(intake: &Intake, source: &SourceConfig, rows: &[Row]) -> anyhow::Result<Vec<NewRecord>> {
+/// and the entity's JSON Schema as for a record posted to the API). A row that cannot become a
+/// record is refused alone; the page's other rows are staged. A mistake of the source's own
+/// settings (a column alias that cannot nest) is an error of the page, since every row would
+/// share it: nothing is staged and the error says what to fix.
+fn records_of(
+    intake: &Intake,
+    source: &SourceConfig,
+    rows: &[Row],
+    unreadable: &BTreeMap<usize, String>,
+) -> anyhow::Result<Vec<Made>> {
     let groups: Vec<&[Row]> = match &source.group_by {
         Some(group_by) => mapping::runs(rows, group_by),
         None => rows.chunks(1).collect(),
     };
     let mut out = Vec::with_capacity(groups.len());
-    for (index, group) in groups.into_iter().enumerate() {
+    let mut start = 0usize;
+    for group in groups {
         let first = &group[0];
+        let range = start..start + group.len();
+        start += group.len();
+        let refuse = |reason: String| Made::Refused {
+            reason,
+            rows: group.to_vec(),
+        };
+        if let Some(reason) = range.clone().find_map(|i| unreadable.get(&i)) {
+            out.push(refuse(format!("{reason}; fix the value in the database (or cast it in {}), then `estafeta sources reset {} --to` the checkpoint before it to read it again", source.query_path.display(), source.name)));
+            continue;
+        }
         let payload: Map<String, Value> = match &source.group_by {
             Some(_) => mapping::group(group, &source.items),
             None => mapping::nest(first),
@@ -496,10 +496,13 @@ fn records(intake: &Intake, source: &SourceConfig, rows: &[Row]) -> anyhow::Resu
             ActionFrom::Fixed(action) => action.clone(),
             ActionFrom::Column(column) => match mapping::column(first, column) {
                 Some(Value::String(action)) => action.to_ascii_lowercase(),
-                other => anyhow::bail!(
-                    "action_column {column:?} holds {}; expected create, update, upsert or delete",
-                    kind_of(other)
-                ),
+                other => {
+                    out.push(refuse(format!(
+                        "action_column {column:?} holds {}; expected create, update, upsert or delete",
+                        kind_of(other)
+                    )));
+                    continue;
+                }
             },
         };
         let key = match &source.key {
@@ -511,20 +514,18 @@ fn records(intake: &Intake, source: &SourceConfig, rows: &[Row]) -> anyhow::Resu
             },
             None => None,
         };
-        let record = intake
-            .record(
-                &action,
-                &source.entity,
-                &Value::Object(payload),
-                &KeyFrom::Given(key),
-            )
-            .map_err(|err| {
-                anyhow::anyhow!(
-                    "{err} (record {index} of the page, counted from the row after the checkpoint); fix that row in the database or [entities.{}].schema: the source waits at this row and tries it again each cycle",
-                    source.entity
-                )
-            })?;
-        out.push(record);
+        match intake.record(
+            &action,
+            &source.entity,
+            &Value::Object(payload),
+            &KeyFrom::Given(key),
+        ) {
+            Ok(record) => out.push(Made::Record(record)),
+            Err(err) => out.push(refuse(format!(
+                "{err}; fix that row in the database or [entities.{}].schema, then `estafeta sources reset {} --to` the checkpoint before it to read it again",
+                source.entity, source.name
+            ))),
+        }
     }
     Ok(out)
 }
@@ -611,7 +612,14 @@ async fn run_source(
             if stop.is_cancelled() {
                 return;
             }
-            match run_page(store, intake, source).await {
+            // What is left of this cycle's `max_records`, a page at most.
+            let left = source
+                .max_records
+                .map_or(usize::MAX, |cap| cap.saturating_sub(rows as usize));
+            if left == 0 {
+                break None;
+            }
+            match run_page(store, intake, source, source.page_size.min(left)).await {
                 Ok(page) => {
                     rows += page.rows as u64;
                     if page.records > 0 {

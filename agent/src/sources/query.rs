@@ -23,6 +23,35 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(120);
 /// One row: the columns as the query names them, in order.
 pub type Row = Vec<(String, Value)>;
 
+/// What a query returned: its rows, and for each row holding a value that could not be read
+/// (text that is not UTF-8, an invalid date, a BLOB in a SQLite column, invalid JSON), why.
+/// Such a value is NULL in its row, which the source sets aside rather than stage (the other
+/// columns, the checkpoint among them, are read as usual). A column whose *type* estafeta does
+/// not read is still an error of the whole query: every row would be refused, and the fix is
+/// a cast in the query.
+#[derive(Debug, Default)]
+pub struct Fetched {
+    pub rows: Vec<Row>,
+    pub unreadable: BTreeMap<usize, String>,
+}
+
+impl Fetched {
+    fn push(&mut self, row: Row, problem: Option<String>) {
+        if let Some(problem) = problem {
+            self.unreadable.insert(self.rows.len(), problem);
+        }
+        self.rows.push(row);
+    }
+}
+
+/// Keeps the first problem of a row and reads the value as NULL.
+fn or_null(value: anyhow::Result<Value>, problem: &mut Option<String>) -> Value {
+    value.unwrap_or_else(|err| {
+        problem.get_or_insert_with(|| format!("{err:#}"));
+        Value::Null
+    })
+}
+
 /// A value bound to a named parameter.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Param {
@@ -104,7 +133,7 @@ pub async fn fetch(
     url: &str,
     sql: &str,
     given: &BTreeMap<String, Param>,
-) -> anyhow::Result<Vec<Row>> {
+) -> anyhow::Result<Fetched> {
     let driver = Driver::of(url).map_err(anyhow::Error::msg)?;
     let (sql, names) = driver
         .rewrite(sql)
@@ -144,7 +173,7 @@ pub async fn fetch(
         }
     };
     match tokio::time::timeout(QUERY_TIMEOUT, work).await {
-        Ok(Ok(rows)) => Ok(rows),
+        Ok(Ok(fetched)) => Ok(fetched),
         Ok(Err(err)) => Err(anyhow::anyhow!(
             "{}: {}",
             shown,
@@ -153,6 +182,120 @@ pub async fn fetch(
         Err(_) => anyhow::bail!("{shown}: the query took longer than {QUERY_TIMEOUT:?}"),
     }
 }
+
+/// Runs `sql` (with `:name` parameters) on `url` once per set of `sets`, in one transaction
+/// where the driver has one: a source's `after_stage` statement.
+pub async fn execute_each(
+    url: &str,
+    sql: &str,
+    sets: &[BTreeMap<String, Param>],
+) -> anyhow::Result<()> {
+    if sets.is_empty() {
+        return Ok(());
+    }
+    let driver = Driver::of(url).map_err(anyhow::Error::msg)?;
+    let (sql, names) = driver
+        .rewrite(sql)
+        .map_err(|e| anyhow::anyhow!("the statement cannot be read, {e}"))?;
+    let bound: Vec<Vec<Param>> = sets
+        .iter()
+        .map(|set| {
+            names
+                .iter()
+                .map(|name| set.get(name).cloned().unwrap_or(Param::Null))
+                .collect()
+        })
+        .collect();
+    let (shown, secrets) = shown_and_secrets(url);
+    let work = async {
+        match driver {
+            Driver::Postgres => postgres::execute_each(url, &sql, &bound).await,
+            Driver::MySql => mysql::execute_each(url, &sql, &bound).await,
+            Driver::Sqlite | Driver::Odbc => {
+                let url = url.to_owned();
+                let sql = sql.clone();
+                tokio::task::spawn_blocking(move || {
+                    if driver == Driver::Sqlite {
+                        sqlite::execute_each(&url, &sql, &bound)
+                    } else {
+                        odbc::execute_each(&url, &sql, &bound)
+                    }
+                })
+                .await
+                .context("the statement panicked")?
+            }
+        }
+    };
+    match tokio::time::timeout(QUERY_TIMEOUT, work).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(err)) => Err(anyhow::anyhow!(
+            "{}: {}",
+            shown,
+            secrets.scrub(&format!("{err:#}"))
+        )),
+        Err(_) => anyhow::bail!("{shown}: the statement took longer than {QUERY_TIMEOUT:?}"),
+    }
+}
+
+/// Why [`prepare`] failed: the database could not be reached (like an unreachable sink), or it
+/// refused the query (a mistake in the file, to fix).
+#[derive(Debug)]
+pub enum Unprepared {
+    Unreachable(String),
+    Refused(String),
+}
+
+impl Unprepared {
+    fn unreachable(err: anyhow::Error) -> Self {
+        Unprepared::Unreachable(format!("{err:#}"))
+    }
+}
+
+/// Prepares a source's query on its database without running it (`check-config`): the
+/// database parses it and checks its tables, columns and parameters, so a query the dialect
+/// does not accept (`::casts` on MariaDB, say) shows before the first cycle. The query's
+/// `:name` parameters are rewritten for the driver as a cycle does.
+pub async fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
+    let driver = Driver::of(url).map_err(Unprepared::Refused)?;
+    let (sql, _) = driver
+        .rewrite(sql)
+        .map_err(|e| Unprepared::Refused(format!("the query cannot be read, {e}")))?;
+    let (_, secrets) = shown_and_secrets(url);
+    let work = async {
+        match driver {
+            Driver::Postgres => postgres::prepare(url, &sql).await,
+            Driver::MySql => mysql::prepare(url, &sql).await,
+            Driver::Sqlite | Driver::Odbc => {
+                let url = url.to_owned();
+                tokio::task::spawn_blocking(move || {
+                    if driver == Driver::Sqlite {
+                        sqlite::prepare(&url, &sql)
+                    } else {
+                        odbc::prepare(&url, &sql)
+                    }
+                })
+                .await
+                .unwrap_or_else(|err| {
+                    Err(Unprepared::Unreachable(format!(
+                        "the check panicked: {err}"
+                    )))
+                })
+            }
+        }
+    };
+    match tokio::time::timeout(PREPARE_TIMEOUT, work).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(Unprepared::Unreachable(e))) => Err(Unprepared::Unreachable(secrets.scrub(&e))),
+        Ok(Err(Unprepared::Refused(e))) => Err(Unprepared::Refused(secrets.scrub(&e))),
+        Err(_) => Err(Unprepared::Unreachable(format!(
+            "no answer within {} s",
+            PREPARE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// How long `check-config` waits for one source's database.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Checks a source URL at start: its scheme, and for PostgreSQL its TLS settings (an unknown
 /// `sslmode`, a missing `sslrootcert`, …), so `check-config` shows them rather than the first
@@ -194,8 +337,11 @@ mod postgres {
     use bytes::BytesMut;
     use tokio_postgres::types::{FromSql, IsNull, ToSql, Type, to_sql_checked};
 
-    pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
-        // libpq's TLS settings, the same rules as the sink's (crate::db::postgres_tls).
+    /// A connection with libpq's TLS settings, the same rules as the sink's
+    /// (`crate::db::postgres_tls`), and the task that drives it.
+    async fn connect(
+        url: &str,
+    ) -> anyhow::Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
         let mut pg = PgTls::from_url(url)?;
         if pg.config().get_application_name().is_none() {
             pg.config_mut().application_name("estafeta");
@@ -204,7 +350,29 @@ mod postgres {
             .connect()
             .await
             .map_err(|err| anyhow::anyhow!("cannot connect: {err}"))?;
-        let connection = tokio::spawn(connection);
+        Ok((
+            client,
+            tokio::spawn(async move {
+                let _ = connection.await;
+            }),
+        ))
+    }
+
+    /// Prepares `sql` without running it: the server parses it and checks its names.
+    pub async fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
+        let (client, connection) = connect(url).await.map_err(Unprepared::unreachable)?;
+        let result = client
+            .prepare(sql)
+            .await
+            .map(drop)
+            .map_err(|err| Unprepared::Refused(format!("{:#}", anyhow::Error::new(err))));
+        drop(client);
+        let _ = connection.await;
+        result
+    }
+
+    pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
+        let (client, connection) = connect(url).await?;
         let result = async {
             let statement = client.prepare(sql).await.context("the query was refused")?;
             let params: Vec<&(dyn ToSql + Sync)> =
@@ -213,7 +381,31 @@ mod postgres {
                 .query(&statement, &params)
                 .await
                 .context("the query failed")?;
-            rows.iter().map(row).collect()
+            let mut out = Fetched::default();
+            for r in &rows {
+                out.push(row(r)?, None);
+            }
+            Ok(out)
+        }
+        .await;
+        drop(client);
+        let _ = connection.await;
+        result
+    }
+
+    pub async fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result<()> {
+        let (mut client, connection) = connect(url).await?;
+        let result = async {
+            let tx = client.transaction().await.context("cannot begin")?;
+            let statement = tx.prepare(sql).await.context("the statement was refused")?;
+            for set in sets {
+                let params: Vec<&(dyn ToSql + Sync)> =
+                    set.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+                tx.execute(&statement, &params)
+                    .await
+                    .context("the statement failed")?;
+            }
+            tx.commit().await.context("the commit failed")
         }
         .await;
         drop(client);
@@ -431,16 +623,8 @@ mod mysql {
     use mysql_async::prelude::Queryable;
     use mysql_async::{Params, Value as My};
 
-    pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
-        // The sink's connection code: the same ssl-mode, ssl-ca, ssl-cert and ssl-key.
-        let target = crate::db::mysql::MysqlTarget::parse(url)?;
-        let (mut conn, _tls) = target.connect().await.map_err(|err| {
-            anyhow::anyhow!(
-                "cannot connect: {}",
-                err.message(|err| format!("{:#}", anyhow::Error::new(err)))
-            )
-        })?;
-        let params = Params::Positional(
+    fn positional(bound: &[Param]) -> Params {
+        Params::Positional(
             bound
                 .iter()
                 .map(|p| match p {
@@ -451,20 +635,79 @@ mod mysql {
                     Param::Text(s) => My::Bytes(s.clone().into_bytes()),
                 })
                 .collect(),
-        );
-        let result: anyhow::Result<Vec<Row>> = async {
-            let rows: Vec<mysql_async::Row> =
-                conn.exec(sql, params).await.context("the query failed")?;
-            rows.into_iter().map(row).collect()
+        )
+    }
+
+    /// The sink's connection code: the same ssl-mode, ssl-ca, ssl-cert and ssl-key.
+    async fn connect(url: &str) -> anyhow::Result<mysql_async::Conn> {
+        let target = crate::db::mysql::MysqlTarget::parse(url)?;
+        let (conn, _tls) = target.connect().await.map_err(|err| {
+            anyhow::anyhow!(
+                "cannot connect: {}",
+                err.message(|err| format!("{:#}", anyhow::Error::new(err)))
+            )
+        })?;
+        Ok(conn)
+    }
+
+    /// Prepares `sql` without running it: the server parses it and checks its names.
+    pub async fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
+        let mut conn = connect(url).await.map_err(Unprepared::unreachable)?;
+        let result = match conn.prep(sql).await {
+            Ok(statement) => {
+                let _ = conn.close(statement).await;
+                Ok(())
+            }
+            Err(err) => Err(Unprepared::Refused(format!(
+                "{:#}",
+                anyhow::Error::new(err)
+            ))),
+        };
+        let _ = conn.disconnect().await;
+        result
+    }
+
+    pub async fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result<()> {
+        let mut conn = connect(url).await?;
+        let result: anyhow::Result<()> = async {
+            let mut tx = conn
+                .start_transaction(mysql_async::TxOpts::default())
+                .await
+                .context("cannot begin")?;
+            for set in sets {
+                tx.exec_drop(sql, positional(set))
+                    .await
+                    .context("the statement failed")?;
+            }
+            tx.commit().await.context("the commit failed")
         }
         .await;
         let _ = conn.disconnect().await;
         result
     }
 
-    fn row(mut row: mysql_async::Row) -> anyhow::Result<Row> {
+    pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
+        let mut conn = connect(url).await?;
+        let params = positional(bound);
+        let result: anyhow::Result<Fetched> = async {
+            let rows: Vec<mysql_async::Row> =
+                conn.exec(sql, params).await.context("the query failed")?;
+            let mut out = Fetched::default();
+            for r in rows {
+                let (r, problem) = row(r)?;
+                out.push(r, problem);
+            }
+            Ok(out)
+        }
+        .await;
+        let _ = conn.disconnect().await;
+        result
+    }
+
+    fn row(mut row: mysql_async::Row) -> anyhow::Result<(Row, Option<String>)> {
         let columns = row.columns();
         let mut out = Vec::with_capacity(columns.len());
+        let mut problem = None;
         for (i, column) in columns.iter().enumerate() {
             let name = column.name_str().into_owned();
             let ty = column.column_type();
@@ -475,19 +718,23 @@ mod mysql {
                 My::UInt(u) => Value::from(u),
                 My::Float(f) => float(f as f64),
                 My::Double(f) => float(f),
-                My::Bytes(bytes) => {
-                    match ty {
-                        ColumnType::MYSQL_TYPE_JSON => serde_json::from_slice(&bytes)
-                            .with_context(|| format!("column {name:?} holds invalid JSON"))?,
-                        ColumnType::MYSQL_TYPE_DECIMAL | ColumnType::MYSQL_TYPE_NEWDECIMAL => {
-                            Value::String(String::from_utf8_lossy(&bytes).into_owned())
-                        }
-                        _ if binary => return Err(unsupported(&name, "binary")),
-                        _ => Value::String(String::from_utf8(bytes).map_err(|_| {
-                            anyhow::anyhow!("column {name:?} is not valid UTF-8 text")
-                        })?),
+                My::Bytes(bytes) => match ty {
+                    ColumnType::MYSQL_TYPE_JSON => or_null(
+                        serde_json::from_slice(&bytes)
+                            .with_context(|| format!("column {name:?} holds invalid JSON")),
+                        &mut problem,
+                    ),
+                    ColumnType::MYSQL_TYPE_DECIMAL | ColumnType::MYSQL_TYPE_NEWDECIMAL => {
+                        Value::String(String::from_utf8_lossy(&bytes).into_owned())
                     }
-                }
+                    _ if binary => return Err(unsupported(&name, "binary")),
+                    _ => or_null(
+                        String::from_utf8(bytes).map(Value::String).map_err(|_| {
+                            anyhow::anyhow!("column {name:?} is not valid UTF-8 text")
+                        }),
+                        &mut problem,
+                    ),
+                },
                 My::Date(y, mo, d, h, mi, s, us) => {
                     if ty == ColumnType::MYSQL_TYPE_DATE {
                         Value::String(format!("{y:04}-{mo:02}-{d:02}"))
@@ -496,8 +743,11 @@ mod mysql {
                             .and_then(|date| {
                                 date.and_hms_micro_opt(h as u32, mi as u32, s as u32, us)
                             })
-                            .with_context(|| format!("column {name:?} holds an invalid date"))?;
-                        Value::String(crate::sources::naive(t))
+                            .with_context(|| format!("column {name:?} holds an invalid date"));
+                        or_null(
+                            t.map(|t| Value::String(crate::sources::naive(t))),
+                            &mut problem,
+                        )
                     }
                 }
                 My::Time(neg, days, h, mi, s, _us) => {
@@ -510,7 +760,7 @@ mod mysql {
             };
             out.push((name, value));
         }
-        Ok(out)
+        Ok((out, problem))
     }
 }
 
@@ -531,7 +781,40 @@ mod sqlite {
         }
     }
 
-    pub fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
+    /// Prepares `sql` on a read-only connection without running it.
+    pub fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
+        let path = crate::db::sqlite_path(url).map_err(Unprepared::unreachable)?;
+        let conn = rusqlite::Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|err| Unprepared::Unreachable(format!("cannot open {}: {err}", path.display())))?;
+        conn.prepare(sql)
+            .map(drop)
+            .map_err(|err| Unprepared::Refused(err.to_string()))
+    }
+
+    /// The only write a source makes to the database it reads.
+    pub fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result<()> {
+        let path = crate::db::sqlite_path(url)?;
+        let mut conn = rusqlite::Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("cannot open {}", path.display()))?;
+        conn.busy_timeout(QUERY_TIMEOUT)?;
+        let tx = conn.transaction().context("cannot begin")?;
+        {
+            let mut stmt = tx.prepare(sql).context("the statement was refused")?;
+            for set in sets {
+                stmt.execute(rusqlite::params_from_iter(set.iter()))
+                    .context("the statement failed")?;
+            }
+        }
+        tx.commit().context("the commit failed")
+    }
+
+    pub fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
         let path = crate::db::sqlite_path(url)?;
         // Read-only: a source never writes to the database it reads.
         let conn = rusqlite::Connection::open_with_flags(
@@ -545,123 +828,33 @@ mod sqlite {
         let mut rows = stmt
             .query(rusqlite::params_from_iter(bound.iter()))
             .context("the query failed")?;
-        let mut out = Vec::new();
+        let mut out = Fetched::default();
         while let Some(r) = rows.next().context("the query failed")? {
             let mut row = Vec::with_capacity(names.len());
+            // SQLite types values, not columns: one row's BLOB is that row's problem.
+            let mut problem = None;
             for (i, name) in names.iter().enumerate() {
                 let value = match r.get_ref(i)? {
                     ValueRef::Null => Value::Null,
                     ValueRef::Integer(n) => Value::from(n),
                     ValueRef::Real(f) => float(f),
-                    ValueRef::Text(t) => Value::String(
+                    ValueRef::Text(t) => or_null(
                         std::str::from_utf8(t)
-                            .with_context(|| format!("column {name:?} is not valid UTF-8"))?
-                            .to_owned(),
+                            .map(|t| Value::String(t.to_owned()))
+                            .with_context(|| format!("column {name:?} is not valid UTF-8")),
+                        &mut problem,
                     ),
-                    ValueRef::Blob(_) => return Err(unsupported(name, "BLOB")),
+                    ValueRef::Blob(_) => or_null(Err(unsupported(name, "BLOB")), &mut problem),
                 };
                 row.push((name.clone(), value));
             }
-            out.push(row);
+            out.push(row, problem);
         }
         Ok(out)
     }
 }
 
-mod odbc {
-    use super::*;
-    use odbc_api::{
-        ConnectionOptions, Cursor, DataType, Environment, IntoParameter, Nullable,
-        ResultSetMetadata, parameter::InputParameter,
-    };
-    use std::sync::OnceLock;
-
-    /// One ODBC environment for the process, as ODBC wants.
-    fn environment() -> anyhow::Result<&'static Environment> {
-        static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
-        ENV.get_or_init(|| Environment::new().map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("cannot load the ODBC driver manager (install unixODBC: apt install unixodbc): {e}"))
-    }
-
-    pub fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Vec<Row>> {
-        let connection_string = &url["odbc:".len()..];
-        let conn = environment()?
-            .connect_with_connection_string(connection_string, ConnectionOptions::default())
-            .context(
-                "cannot connect (is the driver named in Driver={…} installed? see odbcinst -q -d)",
-            )?;
-        let params: Vec<Box<dyn InputParameter>> = bound
-            .iter()
-            .map(|p| -> Box<dyn InputParameter> {
-                match p {
-                    Param::Null => Box::new(Nullable::<i64>::null()),
-                    Param::Bool(b) => Box::new(odbc_api::Bit::from_bool(*b)),
-                    Param::Int(i) => Box::new(*i),
-                    Param::Float(f) => Box::new(*f),
-                    Param::Text(s) => Box::new(s.clone().into_parameter()),
-                }
-            })
-            .collect();
-        let timeout = Some(QUERY_TIMEOUT.as_secs() as usize);
-        let Some(mut cursor) = conn
-            .execute(sql, &params[..], timeout)
-            .context("the query failed")?
-        else {
-            return Ok(Vec::new());
-        };
-        let columns = cursor.num_result_cols().context("reading the columns")? as u16;
-        let mut names = Vec::with_capacity(columns as usize);
-        let mut types = Vec::with_capacity(columns as usize);
-        for c in 1..=columns {
-            names.push(cursor.col_name(c).context("reading a column name")?);
-            types.push(cursor.col_data_type(c).context("reading a column type")?);
-        }
-        let mut out = Vec::new();
-        let mut buf = Vec::new();
-        while let Some(mut row) = cursor.next_row().context("the query failed")? {
-            let mut values = Vec::with_capacity(columns as usize);
-            for (i, (name, ty)) in names.iter().zip(&types).enumerate() {
-                let present = row
-                    .get_text(i as u16 + 1, &mut buf)
-                    .with_context(|| format!("reading column {name:?}"))?;
-                let value = if !present {
-                    Value::Null
-                } else {
-                    let text = String::from_utf8(buf.clone()).map_err(|_| {
-                        anyhow::anyhow!(
-                            "column {name:?} is not UTF-8 text; use the driver's Unicode variant"
-                        )
-                    })?;
-                    typed(text, ty)
-                };
-                values.push((name.clone(), value));
-            }
-            out.push(values);
-        }
-        Ok(out)
-    }
-
-    /// A value the driver gave as text, with its SQL type back.
-    fn typed(text: String, ty: &DataType) -> Value {
-        match ty {
-            DataType::TinyInt | DataType::SmallInt | DataType::Integer | DataType::BigInt => text
-                .trim()
-                .parse::<i64>()
-                .map_or(Value::String(text), Value::from),
-            DataType::Bit => Value::Bool(matches!(text.trim(), "1" | "t" | "true")),
-            DataType::Real | DataType::Float { .. } | DataType::Double => text
-                .trim()
-                .parse::<f64>()
-                .map_or(Value::String(text), float),
-            DataType::Timestamp { .. } => match crate::sources::parse_naive(text.trim()) {
-                Ok(t) => Value::String(crate::sources::naive(t)),
-                Err(_) => Value::String(text),
-            },
-            _ => Value::String(text),
-        }
-    }
-}
+mod odbc;
 
 #[cfg(test)]
 mod tests {

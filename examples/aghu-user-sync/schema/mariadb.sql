@@ -12,6 +12,8 @@ CREATE TABLE IF NOT EXISTS invenzi_usuario (
     ativo         BOOLEAN         NOT NULL,
     fim_vinculo   DATE            NULL,
     aplicacoes    INT             NOT NULL DEFAULT 1,
+    ultimo_transito DATETIME(6)   NULL,             -- last turnstile passage (Invenzi sets it)
+    ativado_em    DATETIME(6)     NOT NULL DEFAULT CURRENT_TIMESTAMP(6), -- created, or last reactivated
     atualizado_em DATETIME(6)     NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
     UNIQUE KEY invenzi_usuario_matricula (matricula)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;

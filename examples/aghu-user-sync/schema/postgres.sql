@@ -13,5 +13,6 @@ CREATE TABLE IF NOT EXISTS invenzi_usuario (
     fim_vinculo   DATE,
     aplicacoes    INTEGER      NOT NULL DEFAULT 1,
     ultimo_transito TIMESTAMPTZ,                    -- last turnstile passage (Invenzi sets it)
+    ativado_em    TIMESTAMPTZ  NOT NULL DEFAULT now(), -- created, or last reactivated
     atualizado_em TIMESTAMPTZ  NOT NULL DEFAULT now()
 );

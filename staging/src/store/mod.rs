@@ -10,6 +10,8 @@
 mod deliver;
 pub use deliver::{Dead, Retry, Settlement};
 mod open;
+mod source_files;
+pub use source_files::{REFUSED_DIR, RefusedRow};
 mod sources;
 mod stage;
 mod views;

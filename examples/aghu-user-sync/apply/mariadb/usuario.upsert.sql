@@ -5,6 +5,9 @@
 INSERT INTO invenzi_usuario (matricula, nome, cpf, email, setor, ativo, fim_vinculo)
 VALUES (:matricula, :nome, :cpf, :email, :lotacao.setor, :ativo, :fim_vinculo)
 ON DUPLICATE KEY UPDATE
+    -- A user AGHU reactivates gets a new licence period ("liberar licenças" counts from here).
+    -- First in the list: MariaDB evaluates the assignments in order, and `ativo` below changes.
+    ativado_em    = IF(VALUES(ativo) AND NOT ativo, CURRENT_TIMESTAMP(6), ativado_em),
     nome          = VALUES(nome),
     cpf           = VALUES(cpf),
     email         = VALUES(email),

@@ -5,6 +5,9 @@
 INSERT INTO invenzi_usuario (matricula, nome, cpf, email, setor, ativo, fim_vinculo)
 VALUES (:matricula, :nome, :cpf, :email, :lotacao.setor, :ativo::boolean, :fim_vinculo::date)
 ON CONFLICT (matricula) DO UPDATE SET
+    -- A user AGHU reactivates gets a new licence period ("liberar licenças" counts from here).
+    ativado_em    = CASE WHEN EXCLUDED.ativo AND NOT invenzi_usuario.ativo
+                         THEN now() ELSE invenzi_usuario.ativado_em END,
     nome          = EXCLUDED.nome,
     cpf           = EXCLUDED.cpf,
     email         = EXCLUDED.email,

@@ -1,0 +1,162 @@
+//! Files a SQL source keeps beside the store, outside the index:
+//!
+//! - **Refused rows** (`<failed>/_refused/<source>/<checkpoint>.json`): a row the agent could
+//!   not turn into a record (a value it cannot read, a record its entity's schema refuses). It
+//!   is not a record, so it has no sequence number and no sink: it is kept here, durably and
+//!   readable, with the reason, before the source's checkpoint moves past it. Its name comes
+//!   from the row's checkpoint value, so reading the row again after a crash rewrites the same
+//!   file rather than adding a second one.
+//! - **Notes** (`_state/source-notes/<source>.json`): a small opaque document the agent writes
+//!   before a page is staged and removes once the page's `after_stage` statement ran, so that a
+//!   crash in between runs the statement again at the next cycle.
+
+use std::path::{Path, PathBuf};
+
+use chrono::Utc;
+
+use crate::layout;
+use crate::*;
+
+use super::Staging;
+
+/// Folder of the refused source rows, under the dead-letter folder.
+pub const REFUSED_DIR: &str = "_refused";
+/// Longest file name part taken from a checkpoint value, in bytes.
+const MAX_NAME_PART: usize = 120;
+
+/// One refused row as written and as listed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RefusedRow {
+    /// The source that read it.
+    pub source: String,
+    /// Its checkpoint value(s), JSON text: `sources reset --to` with it reads it again.
+    pub checkpoint: String,
+    /// Why it could not become a record.
+    pub reason: String,
+    /// When it was set aside (RFC 3339, UTC).
+    pub refused_at: String,
+    /// Its columns as far as they could be read (patient data: the file is the agent's only).
+    pub row: serde_json::Value,
+}
+
+impl Staging {
+    /// Sets a source row aside with its reason, durably, and returns the file's path.
+    pub fn refuse_source_row(
+        &self,
+        source: &str,
+        checkpoint: &str,
+        reason: &str,
+        row: serde_json::Value,
+    ) -> Result<PathBuf, StoreError> {
+        validate_name("source", source).map_err(|e| StoreError::SourceName(e.to_string()))?;
+        let path = self
+            .failed_dir()
+            .join(REFUSED_DIR)
+            .join(source)
+            .join(format!("{}.json", file_part(checkpoint)));
+        let doc = RefusedRow {
+            source: source.to_owned(),
+            checkpoint: checkpoint.to_owned(),
+            reason: reason.to_owned(),
+            refused_at: layout::rfc3339(Utc::now()),
+            row,
+        };
+        let mut bytes = serde_json::to_vec_pretty(&doc).expect("refused rows serialize");
+        bytes.push(b'\n');
+        layout::write_file_durable(&path, &bytes).map_err(|e| StoreError::io("write", &path, e))?;
+        Ok(path)
+    }
+
+    /// The refused rows of `source`, in file name order; files that cannot be read are skipped.
+    pub fn refused_rows(&self, source: &str) -> Result<Vec<RefusedRow>, StoreError> {
+        let dir = self.failed_dir().join(REFUSED_DIR).join(source);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("read", &dir, e)),
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("json"))
+            .collect();
+        paths.sort();
+        Ok(paths
+            .iter()
+            .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+            .collect())
+    }
+
+    /// The note `source` left, if any.
+    pub fn source_note(&self, source: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.note_path(source)?;
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("read", &path, e)),
+        }
+    }
+
+    /// Writes (durably) or, with `None`, removes the note of `source`.
+    pub fn set_source_note(&self, source: &str, note: Option<&[u8]>) -> Result<(), StoreError> {
+        let path = self.note_path(source)?;
+        match note {
+            Some(bytes) => layout::write_file_durable(&path, bytes)
+                .map_err(|e| StoreError::io("write", &path, e)),
+            None => match std::fs::remove_file(&path) {
+                Ok(()) => layout::sync_dir(path.parent().unwrap_or(Path::new(".")))
+                    .map_err(|e| StoreError::io("sync", &path, e)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(StoreError::io("remove", &path, e)),
+            },
+        }
+    }
+
+    fn note_path(&self, source: &str) -> Result<PathBuf, StoreError> {
+        validate_name("source", source).map_err(|e| StoreError::SourceName(e.to_string()))?;
+        Ok(self
+            .inner
+            .shared
+            .state_dir
+            .join("source-notes")
+            .join(format!("{source}.json")))
+    }
+}
+
+/// A checkpoint's JSON text as a file name: `[1500]` → `1500`, other characters than letters,
+/// digits, `-` and `.` as `_`, cut to [`MAX_NAME_PART`] bytes.
+fn file_part(checkpoint: &str) -> String {
+    let inner = checkpoint
+        .trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let mut out: String = inner
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    out.truncate(MAX_NAME_PART);
+    if out.is_empty() || out.starts_with('.') {
+        out.push('_');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::file_part;
+
+    #[test]
+    fn checkpoints_become_plain_file_names() {
+        assert_eq!(file_part("[1500]"), "1500");
+        assert_eq!(
+            file_part("[\"2026-11-23T10:00:00\",7]"),
+            "_2026-11-23T10_00_00__7"
+        );
+        assert_eq!(file_part("[\"../x\"]"), "_.._x_");
+    }
+}
