@@ -170,8 +170,15 @@ pub fn insert_record(
     segment_id: i64,
     offset: u64,
     len: u64,
+    keys: Option<&crate::Keyring>,
 ) -> rusqlite::Result<bool> {
     let sinks = env.sinks.join(",");
+    // A sealing store keeps the key's keyed hash: equal keys stay equal (order), and the
+    // index says nothing of them without the key file.
+    let key = match (keys, &env.key) {
+        (Some(k), Some(key)) => Some(k.hash(key)),
+        (_, key) => key.clone(),
+    };
     let inserted = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO records (seq, id, segment_id, offset, len, action, entity, key, staged_at, sinks, open_sinks)
@@ -185,7 +192,7 @@ pub fn insert_record(
             len as i64,
             env.action,
             env.entity,
-            env.key,
+            key,
             env.staged_at,
             sinks,
             env.sinks.len() as i64
@@ -193,7 +200,7 @@ pub fn insert_record(
     if inserted == 0 {
         return Ok(false);
     }
-    let okey = order_key(env.key.as_deref());
+    let okey = order_key(key.as_deref());
     let mut stmt = conn.prepare_cached(
         "INSERT OR IGNORE INTO deliveries (sink, seq, entity, okey, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
     )?;

@@ -41,12 +41,15 @@ impl Staging {
             .failed_dir
             .clone()
             .unwrap_or_else(|| root.join(layout::FAILED_DIR));
+        // First of all: a folder sealed with keys we were not given is left exactly as it is.
+        crate::sealed_folder::check(&state_dir, opts.keys.as_deref())?;
         for d in [&root, &state_dir, &failed_dir] {
             layout::create_dir_durable(d).map_err(|e| StoreError::io("create folder", d, e))?;
             layout::make_private(d).map_err(|e| {
                 StoreError::io("make private (mode 0700, it holds patient data)", d, e)
             })?;
         }
+
         let shared = Arc::new(Shared {
             root: root.clone(),
             state_dir: state_dir.clone(),
