@@ -136,6 +136,11 @@ impl Staging {
         &self.inner.shared.failed_dir
     }
 
+    /// The keys the store seals with (encryption at rest), if any.
+    pub fn keys(&self) -> Option<&crate::Keyring> {
+        self.inner.shared.keys()
+    }
+
     /// Sinks records are routed to by default.
     pub fn sinks(&self) -> Vec<String> {
         self.inner.shared.opts.sinks.clone()
