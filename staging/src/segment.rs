@@ -85,7 +85,7 @@ pub fn read_file(path: &Path, keys: Option<&Keyring>) -> Result<Vec<Envelope>, S
 pub fn encode_line(env: &Envelope, seal: Option<&mut DataKey>) -> Vec<u8> {
     let mut line = match seal {
         None => serde_json::to_vec(env).expect("an envelope always serializes"),
-        Some(dk) => serde_json::to_vec(&seal_envelope(env, dk)).expect("a sealed line serializes"),
+        Some(dk) => encode_sealed(env, dk),
     };
     // Replace the closing brace with the CRC field, computed over everything before it.
     line.pop();
@@ -106,6 +106,79 @@ pub struct SealedLine<'a> {
     staged_at: &'a str,
     sinks: &'a [String],
     sealed: SealedUnit,
+}
+
+/// What a sealed line keeps in clear, written before its `sealed` unit.
+#[derive(serde::Serialize)]
+struct ClearHead<'a> {
+    v: u32,
+    id: &'a str,
+    seq: u64,
+    action: &'a str,
+    entity: &'a str,
+    staged_at: &'a str,
+    sinks: &'a [String],
+}
+
+/// The hidden part, borrowed from the envelope (the writer seals on its own thread: no copy).
+#[derive(serde::Serialize)]
+struct HiddenRef<'a> {
+    key: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_key: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_fingerprint: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_records: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: &'a Option<crate::record::SourceMark>,
+    payload: &'a RawValue,
+}
+
+/// A sealed line without its crc32 field and closing brace: the same JSON as a
+/// [`SealedLine`], built without intermediate strings.
+fn encode_sealed(env: &Envelope, dk: &mut DataKey) -> Vec<u8> {
+    let mut plain = Vec::with_capacity(env.payload.get().len() + 64);
+    serde_json::to_writer(
+        &mut plain,
+        &HiddenRef {
+            key: &env.key,
+            client_key: &env.client_key,
+            client_fingerprint: &env.client_fingerprint,
+            client_records: env.client_records,
+            source: &env.source,
+            payload: &env.payload,
+        },
+    )
+    .expect("a record serializes");
+    let mut line = Vec::with_capacity(plain.len() * 4 / 3 + 400);
+    serde_json::to_writer(
+        &mut line,
+        &ClearHead {
+            v: env.v,
+            id: &env.id,
+            seq: env.seq,
+            action: &env.action,
+            entity: &env.entity,
+            staged_at: &env.staged_at,
+            sinks: &env.sinks,
+        },
+    )
+    .expect("a record serializes");
+    line.pop();
+    line.extend_from_slice(b",\"sealed\":");
+    let aad = line_aad(
+        env.v,
+        &env.id,
+        env.seq,
+        &env.action,
+        &env.entity,
+        &env.staged_at,
+        &env.sinks,
+    );
+    dk.seal_into(&mut plain, &aad, &mut line);
+    line.push(b'}');
+    line
 }
 
 /// The part of a record a sealed line (or dead letter) hides.
