@@ -218,3 +218,53 @@ pub fn insert_record(
     }
     Ok(true)
 }
+
+/// The first open with keys of an index written without them: every record key, order key and
+/// client key still in clear becomes its keyed hash, so that records staged before and after
+/// encryption was turned on keep one order per key, and the index holds no key in clear. From
+/// then on the folder needs the key (it is listed in `_state/sealed-with` first).
+pub fn hash_keys(
+    conn: &Connection,
+    keys: &crate::Keyring,
+    state_dir: &Path,
+) -> Result<(), crate::StoreError> {
+    if meta_get(conn, "index_keys")?.as_deref() == Some("hashed") {
+        return Ok(());
+    }
+    crate::sealed_folder::note_current(state_dir, keys)?;
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    let rows: Vec<(i64, String)> = tx
+        .prepare("SELECT seq, key FROM records WHERE key IS NOT NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let had_keys = !rows.is_empty();
+    for (seq, key) in rows {
+        let hashed = keys.hash(&key);
+        tx.execute(
+            "UPDATE records SET key = ?1 WHERE seq = ?2",
+            params![hashed, seq],
+        )?;
+        tx.execute(
+            "UPDATE deliveries SET okey = ?1 WHERE seq = ?2",
+            params![order_key(Some(&hashed)), seq],
+        )?;
+    }
+    let clients: Vec<(String, String)> = tx
+        .prepare("SELECT key, fingerprint FROM client_keys")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (key, fingerprint) in clients {
+        tx.execute(
+            "UPDATE client_keys SET key = ?1, fingerprint = ?2 WHERE key = ?3",
+            params![keys.hash(&key), keys.hash(&fingerprint), key],
+        )?;
+    }
+    meta_set(&tx, "index_keys", "hashed")?;
+    tx.commit()?;
+    if had_keys {
+        // The clear keys may survive in pages SQLite moved rather than freed (b-tree splits):
+        // rewrite the file, then empty the WAL of the frames that held them.
+        conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
+    }
+    Ok(())
+}

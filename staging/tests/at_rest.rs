@@ -386,3 +386,47 @@ fn ring_clone(ring: &Keyring, dir: &Path) -> Keyring {
     ring.save(&path, true).unwrap();
     Keyring::load(&path).unwrap()
 }
+
+#[test]
+fn turning_encryption_on_keeps_one_order_per_key_across_plain_and_sealed_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    {
+        let (store, _) = Staging::open(Options::new(root).with_sinks(["db"])).unwrap();
+        store
+            .stage(
+                NewRecord::new("update", "patient", Some(CANARY_KEY.into()), r#"{"n":1}"#).unwrap(),
+            )
+            .unwrap();
+        // Its first attempt fails: it holds back the later records of its key.
+        let batch = store.next_batch("db", 10).unwrap();
+        let later = chrono::Utc::now() + chrono::Duration::hours(1);
+        store
+            .fail("db", batch[0].envelope.seq, "HTTP 503", later)
+            .unwrap();
+    }
+    let keys = std::sync::Arc::new(Keyring::generate());
+    let store = Staging::open(sealed_options(root, &keys)).unwrap().0;
+    store
+        .stage(NewRecord::new("update", "patient", Some(CANARY_KEY.into()), r#"{"n":2}"#).unwrap())
+        .unwrap();
+    assert!(
+        store.next_batch("db", 10).unwrap().is_empty(),
+        "the sealed record of the key went before the plain one waiting ahead of it"
+    );
+    assert_no_canary_in_index(root);
+    store.retry_now("db").unwrap();
+    let order: Vec<u64> = store
+        .next_batch("db", 10)
+        .unwrap()
+        .iter()
+        .map(|d| d.envelope.seq)
+        .collect();
+    assert_eq!(order, vec![1, 2]);
+}
+
+/// The index (and its WAL) holds no record key in clear.
+fn assert_no_canary_in_index(root: &Path) {
+    let found: Vec<String> = files_containing(&root.join("_state"), CANARY_KEY.as_bytes());
+    assert!(found.is_empty(), "{found:?}");
+}

@@ -95,6 +95,10 @@ impl Staging {
                 let conn = crate::index::open(&index_path, true)?;
                 crate::recover::recover(&shared, &conn, &mut seq_file, &mut report)?;
                 crate::dead::apply_dead_letters(&shared, &conn)?;
+                if shared.keys().is_some() {
+                    // Rebuilt with keys: every key went in as its hash already.
+                    crate::index::meta_set(&conn, "index_keys", "hashed")?;
+                }
                 Ok::<_, StoreError>(conn)
             })();
             let _ = seq_file.unlock();
@@ -105,6 +109,10 @@ impl Staging {
             conn
         } else {
             let conn = crate::index::open(&index_path, true)?;
+            if let Some(keys) = shared.keys() {
+                // Before recovery, which indexes what it finds with hashed keys already.
+                crate::index::hash_keys(&conn, keys, &state_dir)?;
+            }
             seq_file
                 .lock()
                 .map_err(|e| StoreError::io("lock", state_dir.join("seq"), e))?;
