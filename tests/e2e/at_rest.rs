@@ -323,3 +323,80 @@ async fn a_sealed_staging_folder_never_holds_the_canary_and_is_left_untouched_wi
     back.terminate();
     back.wait(Duration::from_secs(15)).await;
 }
+
+/// `estafeta key rotate`: after a restart, new segments are sealed with the new key; the old
+/// key stays in the file, and `estafeta key prune` keeps it while its records wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_seals_new_segments_and_the_old_one_stays_while_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let staging = dir.path().join("staging");
+    let key_file = dir.path().join("staging.key");
+    let key_text = key_file.display().to_string();
+    let made = run_cli(dir.path(), &[], &["key", "generate", &key_text]).await;
+    assert!(made.status.success(), "{}", output(&made));
+    let old = String::from_utf8_lossy(&made.stdout)
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    // An API that refuses connections: the records wait, so the old key stays in use.
+    let env = [
+        ("STAGING_KEY_FILE", key_text.as_str()),
+        ("CENTRAL_API_URL", "http://127.0.0.1:9"),
+    ];
+    let post_one = |n: u32| async move { json!({"id": format!("k{n}"), "n": n}) };
+    let mut agent = Agent::start(dir.path(), &env);
+    agent.wait_ready(Duration::from_secs(20)).await;
+    let (code, _) = agent.post("create", "patient", &post_one(1).await).await;
+    assert_eq!(code, StatusCode::ACCEPTED);
+    agent.terminate();
+    agent.wait(Duration::from_secs(15)).await;
+
+    let rotated = run_cli(dir.path(), &env, &["key", "rotate"]).await;
+    assert!(rotated.status.success(), "{}", output(&rotated));
+    let new = String::from_utf8_lossy(&rotated.stdout)
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .to_owned();
+    assert_ne!(new, old);
+    agent.restart();
+    agent.wait_ready(Duration::from_secs(20)).await;
+    let (code, _) = agent.post("create", "patient", &post_one(2).await).await;
+    assert_eq!(code, StatusCode::ACCEPTED);
+    agent.terminate();
+    agent.wait(Duration::from_secs(15)).await;
+
+    let kids: Vec<String> = files(&staging)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(
+        kids.iter()
+            .any(|l| l.contains(&format!("\"kid\":\"{old}\""))),
+        "{kids:?}"
+    );
+    assert!(
+        kids.iter()
+            .any(|l| l.contains(&format!("\"kid\":\"{new}\""))),
+        "{kids:?}"
+    );
+    let pruned = run_cli(dir.path(), &env, &["key", "prune"]).await;
+    assert!(pruned.status.success(), "{}", output(&pruned));
+    assert!(
+        output(&pruned).contains("dropped: none"),
+        "{}",
+        output(&pruned)
+    );
+    let file = std::fs::read_to_string(&key_file).unwrap();
+    assert!(file.contains(&old) && file.contains(&new), "{file}");
+    // Both records read back with the rotated key file.
+    let listed = run_cli(dir.path(), &env, &["ls"]).await;
+    assert!(listed.status.success(), "{}", output(&listed));
+    assert!(
+        output(&listed).contains("k1") && output(&listed).contains("k2"),
+        "{}",
+        output(&listed)
+    );
+}
