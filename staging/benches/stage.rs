@@ -1,5 +1,6 @@
 //! Stage throughput and time to acknowledge, with 1 KB payloads:
-//! 1, 16 and 64 concurrent stagers × batches of 1 and 256 records; p99 at a steady
+//! 1, 16 and 64 concurrent stagers × batches of 1 and 256 records, each in clear and sealed
+//! (encryption at rest, `STAGING_KEY_FILE`), with the sealed/clear ratio; p99 at a steady
 //! 1,000 records/s; and the open time and memory with a large backlog.
 //!
 //! Run: `cargo bench -p estafeta-staging --bench stage` (set `STAGE_BENCH_BACKLOG=1000000`
@@ -32,14 +33,23 @@ fn base_dir() -> tempfile::TempDir {
 }
 
 fn open(root: &std::path::Path) -> Staging {
+    open_with(root, false)
+}
+
+/// The store, sealing with a fresh key when `sealed`.
+fn open_with(root: &std::path::Path, sealed: bool) -> Staging {
     let mut opts = Options::new(root).with_sinks(["db"]);
     opts.min_free_bytes = 0;
+    if sealed {
+        opts = opts.with_keys(Arc::new(Keyring::generate()));
+    }
     Staging::open(opts).unwrap().0
 }
 
-fn throughput(stagers: usize, batch: usize, duration: Duration) {
+/// Records/s of `stagers` threads staging batches of `batch`; prints a table row.
+fn throughput(stagers: usize, batch: usize, duration: Duration, sealed: bool) -> f64 {
     let dir = base_dir();
-    let store = open(dir.path());
+    let store = open_with(dir.path(), sealed);
     let body = payload();
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
@@ -77,13 +87,16 @@ fn throughput(stagers: usize, batch: usize, duration: Duration) {
     let secs = start.elapsed().as_secs_f64();
     lat.sort();
     let n = count.load(Ordering::Relaxed);
+    let rate = n as f64 / secs;
     println!(
-        "| {stagers:>3} | {batch:>4} | {:>9.0} | {:>8.2} | {:>8.2} | {:>8.2} |",
-        n as f64 / secs,
+        "| {stagers:>3} | {batch:>4} | {:>6} | {:>9.0} | {:>8.2} | {:>8.2} | {:>8.2} |",
+        if sealed { "sealed" } else { "clear" },
+        rate,
         percentile(&lat, 0.50).as_secs_f64() * 1e3,
         percentile(&lat, 0.99).as_secs_f64() * 1e3,
         lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
     );
+    rate
 }
 
 fn steady_rate(rate: u64, duration: Duration) {
@@ -176,12 +189,18 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let secs = if quick { 0.3 } else { 3.0 };
     let d = Duration::from_secs_f64(secs);
-    println!("| stagers | batch | records/s | p50 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|---|");
+    println!("| stagers | batch | at rest | records/s | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
     for stagers in [1, 16, 64] {
         for batch in [1, 256] {
-            throughput(stagers, batch, d);
+            let clear = throughput(stagers, batch, d, false);
+            let sealed = throughput(stagers, batch, d, true);
+            ratios.push((stagers, batch, sealed / clear));
         }
+    }
+    for (stagers, batch, ratio) in ratios {
+        println!("sealed/clear, {stagers} stagers × batches of {batch}: {ratio:.2}");
     }
     steady_rate(
         1000,

@@ -28,6 +28,10 @@ pub struct Options {
     /// A segment file is closed and a new one started past this size, in bytes.
     /// Default [`crate::DEFAULT_SEGMENT_MAX_BYTES`].
     pub segment_max_bytes: u64,
+    /// Encryption at rest: with a key file's keys, everything written from now on is sealed
+    /// (see `crypt.rs`); `None`: written in clear, and a folder that holds sealed data is
+    /// refused at open, untouched.
+    pub keys: Option<std::sync::Arc<crate::Keyring>>,
 }
 
 impl Options {
@@ -41,7 +45,14 @@ impl Options {
             lease: crate::DEFAULT_LEASE,
             keep_delivered: Duration::ZERO,
             segment_max_bytes: crate::DEFAULT_SEGMENT_MAX_BYTES,
+            keys: None,
         }
+    }
+
+    /// Seals everything written with `keys` (and opens what they sealed).
+    pub fn with_keys(mut self, keys: std::sync::Arc<crate::Keyring>) -> Self {
+        self.keys = Some(keys);
+        self
     }
 
     pub fn with_sinks<I, S>(mut self, sinks: I) -> Self

@@ -74,10 +74,17 @@ fn store(
 /// Adds a record that recovery has just indexed to its client key's answer, in the same
 /// transaction, so the key and the record come back together or not at all. Receipts stay in
 /// sequence order, which is the order of the records in the request.
-pub fn recovered(conn: &Connection, env: &Envelope, segment: &Path) -> rusqlite::Result<()> {
+pub fn recovered(
+    shared: &Shared,
+    conn: &Connection,
+    env: &Envelope,
+    segment: &Path,
+) -> rusqlite::Result<()> {
     let (Some(key), Some(fingerprint)) = (&env.client_key, &env.client_fingerprint) else {
         return Ok(());
     };
+    // A sealing store's index holds keyed hashes of both (see `Shared::index_text`).
+    let (key, fingerprint) = (&shared.index_text(key), &shared.index_text(fingerprint));
     let receipt = Receipt {
         id: env.id.clone(),
         seq: env.seq,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 use crate::api_types::DeadLetter;
+use crate::crypt::Keyring;
 use crate::error::StoreError;
 use crate::layout;
 use crate::record::Envelope;
@@ -40,11 +41,59 @@ struct LetterVersion {
     record: crate::segment::FormatVersion,
 }
 
+/// A dead letter as it is on disk: its record plain or sealed (`segment::DiskRecord`), its
+/// reason plain or sealed (`crypt::Keyring::seal_text`).
+#[derive(Deserialize)]
+struct RawLetter {
+    sink: String,
+    reason: String,
+    attempts: u32,
+    failed_at: String,
+    segment: String,
+    record: crate::segment::DiskRecord,
+}
+
+/// What a sealed dead letter writes: the record as a sealed line (without its crc32).
+#[derive(Serialize)]
+struct SealedLetter<'a> {
+    sink: &'a str,
+    reason: String,
+    attempts: u32,
+    failed_at: String,
+    segment: String,
+    record: crate::segment::SealedLine<'a>,
+}
+
+impl RawLetter {
+    fn open(self, path: &Path, keys: Option<&Keyring>) -> Result<DeadLetterFile, StoreError> {
+        let record = self.record.open(keys).map_err(|e| match e {
+            crate::segment::LineError::NeedsKey(kid) => StoreError::KeyNeeded {
+                what: format!("dead letter {}", path.display()),
+                kids: kid,
+                why: "that key was not given".into(),
+            },
+            crate::segment::LineError::Damaged(reason) => StoreError::Damaged {
+                what: format!("dead letter {}", path.display()),
+                reason,
+            },
+        })?;
+        Ok(DeadLetterFile {
+            sink: self.sink,
+            reason: Keyring::reveal(keys, self.reason),
+            attempts: self.attempts,
+            failed_at: self.failed_at,
+            segment: self.segment,
+            record,
+        })
+    }
+}
+
 impl DeadLetterFile {
     /// Reads a dead-letter file, checking its format version first. A file that is not a dead
     /// letter is [`StoreError::NotStagingFile`]; one written by a newer Estafeta is
-    /// [`StoreError::NewerFormat`].
-    pub fn read(path: &Path) -> Result<DeadLetterFile, StoreError> {
+    /// [`StoreError::NewerFormat`]; a sealed one whose key is not in `keys` is
+    /// [`StoreError::KeyNeeded`].
+    pub fn read(path: &Path, keys: Option<&Keyring>) -> Result<DeadLetterFile, StoreError> {
         let bytes = std::fs::read(path).map_err(|e| StoreError::io("read", path, e))?;
         let not_a_letter = |reason: String| StoreError::NotStagingFile {
             path: path.to_path_buf(),
@@ -57,7 +106,9 @@ impl DeadLetterFile {
             ))
         })?;
         crate::segment::check_format(path, version.record.v)?;
-        serde_json::from_slice(&bytes).map_err(|e| not_a_letter(e.to_string()))
+        let raw: RawLetter =
+            serde_json::from_slice(&bytes).map_err(|e| not_a_letter(e.to_string()))?;
+        raw.open(path, keys)
     }
 }
 
@@ -118,15 +169,36 @@ pub fn write_letter(
     reason: &str,
 ) -> Result<PathBuf, StoreError> {
     let path = dead_letter_path(store.failed_dir(), &delivery.envelope, sink);
-    let letter = DeadLetterFile {
-        sink: sink.to_string(),
-        reason: reason.to_string(),
-        attempts,
-        failed_at: layout::rfc3339(Utc::now()),
-        segment: layout::rel_string(store.root(), &delivery.path),
-        record: delivery.envelope.clone(),
+    let failed_at = layout::rfc3339(Utc::now());
+    let segment = layout::rel_string(store.root(), &delivery.path);
+    let mut bytes = match store.shared().keys() {
+        // Sealed with a data key of its own: the record as in a sealed line, the server's
+        // answer (which may quote the payload) as a sealed text.
+        Some(keys) => {
+            crate::sealed_folder::note_current(&store.shared().state_dir, keys)?;
+            let mut dk = keys.new_data_key();
+            let letter = SealedLetter {
+                sink,
+                reason: keys.seal_text(reason),
+                attempts,
+                failed_at,
+                segment,
+                record: crate::segment::seal_envelope(&delivery.envelope, &mut dk),
+            };
+            serde_json::to_vec_pretty(&letter).expect("dead letters serialize")
+        }
+        None => {
+            let letter = DeadLetterFile {
+                sink: sink.to_string(),
+                reason: reason.to_string(),
+                attempts,
+                failed_at,
+                segment,
+                record: delivery.envelope.clone(),
+            };
+            serde_json::to_vec_pretty(&letter).expect("dead letters serialize")
+        }
     };
-    let mut bytes = serde_json::to_vec_pretty(&letter).expect("dead letters serialize");
     bytes.push(b'\n');
     layout::write_file_durable(&path, &bytes).map_err(|e| StoreError::io("write", &path, e))?;
     Ok(path)
@@ -155,32 +227,51 @@ pub fn requeue(store: &Staging, sink: &str, seq: u64) -> Result<(), StoreError> 
     Ok(())
 }
 
-fn parse_letter(path: &Path) -> Option<DeadLetterFile> {
+fn parse_letter(path: &Path) -> Option<RawLetter> {
     let bytes = std::fs::read(path).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Every dead letter under `failed_dir`, oldest record first.
-pub fn list(failed_dir: &Path, limit: Option<usize>) -> Result<Vec<DeadLetter>, StoreError> {
+/// Every dead letter under `failed_dir` as on disk, with its path.
+fn raw_letters(failed_dir: &Path) -> Result<Vec<(PathBuf, RawLetter)>, StoreError> {
     let files =
         layout::walk_day_files(failed_dir).map_err(|e| StoreError::io("read", failed_dir, e))?;
-    let mut out: Vec<DeadLetter> = files
-        .iter()
+    Ok(files
+        .into_iter()
         .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("json"))
-        .filter_map(|p| {
-            let l = parse_letter(p)?;
-            Some(DeadLetter {
-                path: p.clone(),
-                id: l.record.id,
-                seq: l.record.seq,
+        .filter_map(|p| parse_letter(&p).map(|l| (p, l)))
+        .collect())
+}
+
+/// Every dead letter under `failed_dir`, oldest record first; sealed ones opened with `keys`
+/// (without them, a sealed letter is listed by what it keeps in clear).
+pub fn list(
+    failed_dir: &Path,
+    limit: Option<usize>,
+    keys: Option<&Keyring>,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let mut out: Vec<DeadLetter> = raw_letters(failed_dir)?
+        .into_iter()
+        .map(|(path, l)| {
+            let (seq, id, action, entity) = l.record.clear_fields();
+            let key = if l.record.kid().is_some() {
+                keys.and_then(|k| l.record.clone_open(k).ok())
+                    .and_then(|e| e.key)
+            } else {
+                l.record.clone_open_plain().and_then(|e| e.key)
+            };
+            DeadLetter {
+                path,
+                id,
+                seq,
                 sink: l.sink,
-                action: l.record.action,
-                entity: l.record.entity,
-                key: l.record.key,
-                reason: l.reason,
+                action,
+                entity,
+                key,
+                reason: Keyring::reveal(keys, l.reason),
                 attempts: l.attempts,
                 failed_at: l.failed_at,
-            })
+            }
         })
         .collect();
     out.sort_by_key(|d| (d.seq, d.sink.clone()));
@@ -200,7 +291,7 @@ pub fn list(failed_dir: &Path, limit: Option<usize>) -> Result<Vec<DeadLetter>, 
 pub fn remove_stale_letters(shared: &Shared, conn: &Connection) -> Result<u64, StoreError> {
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
     let mut removed = 0;
-    for letter in list(&shared.failed_dir, None)? {
+    for letter in list(&shared.failed_dir, None, None)? {
         let dead: Option<i64> = tx
             .query_row(
                 "SELECT 1 FROM deliveries WHERE sink = ?1 AND seq = ?2 AND state = 'dead'",
@@ -223,10 +314,12 @@ pub fn remove_stale_letters(shared: &Shared, conn: &Connection) -> Result<u64, S
 
 /// After a rebuild: the dead letters in the folder say which deliveries are dead.
 pub fn apply_dead_letters(shared: &Shared, conn: &Connection) -> Result<(), StoreError> {
-    for letter in list(&shared.failed_dir, None)? {
+    // The reason as on disk: a sealed one stays sealed in the index.
+    for (_, letter) in raw_letters(&shared.failed_dir)? {
+        let (seq, ..) = letter.record.clear_fields();
         conn.execute(
             "UPDATE deliveries SET state = 'dead', attempts = ?1, last_error = ?2 WHERE sink = ?3 AND seq = ?4",
-            params![letter.attempts, letter.reason, letter.sink, letter.seq as i64],
+            params![letter.attempts, letter.reason, letter.sink, seq as i64],
         )?;
     }
     Ok(())

@@ -101,6 +101,18 @@ pub enum StoreError {
         found: u32,
         supported: u32,
     },
+    /// The folder holds data sealed with keys this process was not given. Nothing was changed.
+    #[error(
+        "{what} is encrypted with key {kids} and {why}: set STAGING_KEY_FILE to the key file that holds that key and start again (nothing in the staging folder was changed)"
+    )]
+    KeyNeeded {
+        what: String,
+        kids: String,
+        why: String,
+    },
+    /// Another process holds what this operation needs; the text says which and what to do.
+    #[error("{0}")]
+    Busy(String),
     /// A file given by its path is not the kind of staging file it was read as.
     #[error("{path} is not a {expected}: {reason}")]
     NotStagingFile {

@@ -170,8 +170,15 @@ pub fn insert_record(
     segment_id: i64,
     offset: u64,
     len: u64,
+    keys: Option<&crate::Keyring>,
 ) -> rusqlite::Result<bool> {
     let sinks = env.sinks.join(",");
+    // A sealing store keeps the key's keyed hash: equal keys stay equal (order), and the
+    // index says nothing of them without the key file.
+    let key = match (keys, &env.key) {
+        (Some(k), Some(key)) => Some(k.hash(key)),
+        (_, key) => key.clone(),
+    };
     let inserted = conn
         .prepare_cached(
             "INSERT OR IGNORE INTO records (seq, id, segment_id, offset, len, action, entity, key, staged_at, sinks, open_sinks)
@@ -185,7 +192,7 @@ pub fn insert_record(
             len as i64,
             env.action,
             env.entity,
-            env.key,
+            key,
             env.staged_at,
             sinks,
             env.sinks.len() as i64
@@ -193,7 +200,7 @@ pub fn insert_record(
     if inserted == 0 {
         return Ok(false);
     }
-    let okey = order_key(env.key.as_deref());
+    let okey = order_key(key.as_deref());
     let mut stmt = conn.prepare_cached(
         "INSERT OR IGNORE INTO deliveries (sink, seq, entity, okey, state) VALUES (?1, ?2, ?3, ?4, 'pending')",
     )?;
@@ -210,4 +217,54 @@ pub fn insert_record(
         .execute(params![mark.name, mark.checkpoint, env.seq as i64])?;
     }
     Ok(true)
+}
+
+/// The first open with keys of an index written without them: every record key, order key and
+/// client key still in clear becomes its keyed hash, so that records staged before and after
+/// encryption was turned on keep one order per key, and the index holds no key in clear. From
+/// then on the folder needs the key (it is listed in `_state/sealed-with` first).
+pub fn hash_keys(
+    conn: &Connection,
+    keys: &crate::Keyring,
+    state_dir: &Path,
+) -> Result<(), crate::StoreError> {
+    if meta_get(conn, "index_keys")?.as_deref() == Some("hashed") {
+        return Ok(());
+    }
+    crate::sealed_folder::note_current(state_dir, keys)?;
+    let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+    let rows: Vec<(i64, String)> = tx
+        .prepare("SELECT seq, key FROM records WHERE key IS NOT NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let had_keys = !rows.is_empty();
+    for (seq, key) in rows {
+        let hashed = keys.hash(&key);
+        tx.execute(
+            "UPDATE records SET key = ?1 WHERE seq = ?2",
+            params![hashed, seq],
+        )?;
+        tx.execute(
+            "UPDATE deliveries SET okey = ?1 WHERE seq = ?2",
+            params![order_key(Some(&hashed)), seq],
+        )?;
+    }
+    let clients: Vec<(String, String)> = tx
+        .prepare("SELECT key, fingerprint FROM client_keys")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (key, fingerprint) in clients {
+        tx.execute(
+            "UPDATE client_keys SET key = ?1, fingerprint = ?2 WHERE key = ?3",
+            params![keys.hash(&key), keys.hash(&fingerprint), key],
+        )?;
+    }
+    meta_set(&tx, "index_keys", "hashed")?;
+    tx.commit()?;
+    if had_keys {
+        // The clear keys may survive in pages SQLite moved rather than freed (b-tree splits):
+        // rewrite the file, then empty the WAL of the frames that held them.
+        conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;
+    }
+    Ok(())
 }

@@ -37,6 +37,18 @@ pub fn unregister(state_dir: &Path, owner: &str) {
     let _ = std::fs::remove_file(owners_dir(state_dir).join(format!("{owner}.lock")));
 }
 
+/// Does any process other than `me` have the store open now?
+pub fn others_alive(state_dir: &Path, me: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(owners_dir(state_dir)) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        name.strip_suffix(".lock")
+            .is_some_and(|owner| owner != me && !is_dead(state_dir, owner))
+    })
+}
+
 /// Is the process that registered `owner` gone?
 fn is_dead(state_dir: &Path, owner: &str) -> bool {
     let path = owners_dir(state_dir).join(format!("{owner}.lock"));

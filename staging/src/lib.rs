@@ -58,6 +58,8 @@
 //!     owners/<pid>-<uuid>.lock              one per process that opened the store, locked
 //!                                           while it lives: leases of an unlocked owner are
 //!                                           given back at once
+//!     sealed-with                           ids of the keys that sealed data here (no key):
+//!                                           open refuses, untouched, without them
 //!     sources.json                          the SQL sources' checkpoints, kept outside the
 //!                                           index so that a rebuild does not rewind a source
 //!     source-notes/<source>.json            a page whose `after_stage` statement has not run
@@ -81,6 +83,21 @@
 //! (one physical line; `client_key`, `client_fingerprint` and `client_records` appear when the
 //! client sent an `Idempotency-Key`, `source` when a SQL source read the row; `crc32` covers
 //! every byte of the line before `,"crc32"`.) `v` is the format version, [`FORMAT_VERSION`].
+//!
+//! With encryption at rest ([`Options::keys`], `STAGING_KEY_FILE`), a line keeps in clear only
+//! what order and routing need, bound to the ciphertext as associated data; the key, the client
+//! key and fingerprint, the source mark and the payload are sealed (AES-256-GCM) with the
+//! segment's own data key, which is wrapped by key `kid` of the key file (see `crypt.rs`):
+//!
+//! ```text
+//! {"v":1,"id":"019ab1c2-…","seq":1,"action":"create","entity":"patient",
+//!  "staged_at":"2026-11-23T08:41:06.123456Z","sinks":["database"],
+//!  "sealed":{"kid":"k-3f…","dk":"<wrapped data key>","n":"<nonce>","ct":"<ciphertext>"},
+//!  "crc32":"1a2b3c4d"}
+//! ```
+//!
+//! A sealed dead letter holds its record in the same form and its `reason` as a sealed text;
+//! the index then holds keyed hashes of record and client keys, and sealed error texts.
 //!
 //! A dead letter ([`DeadLetterFile`]), one pretty-printed JSON object:
 //!
@@ -137,6 +154,7 @@ mod adopt;
 mod api_types;
 mod checkpoints;
 mod client_keys;
+mod crypt;
 mod dead;
 mod error;
 mod index;
@@ -144,6 +162,7 @@ mod layout;
 mod leases;
 mod record;
 mod recover;
+mod sealed_folder;
 mod segment;
 mod status;
 mod store;
@@ -151,6 +170,7 @@ mod writer;
 
 pub use adopt::{Admission, Admit};
 pub use api_types::*;
+pub use crypt::{KeyError, Keyring};
 pub use dead::DeadLetterFile;
 pub use error::{StageError, StoreError};
 /// The store's private modes (0700 folders, 0600 files), which the agent uses too for the other
@@ -167,3 +187,23 @@ pub const DEFAULT_MIN_FREE_BYTES: u64 = 256 * 1024 * 1024;
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(300);
 /// Default segment size before a new file is started: 16 MiB.
 pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Line codecs for the crate's own damage tests, which forge and read lines as a crashed
+/// writer or a disk would leave them. Not an API.
+#[doc(hidden)]
+pub mod testing {
+    use crate::{Envelope, Keyring};
+
+    /// Encodes `env` as a segment line, sealed under a fresh data key when `keys` is given.
+    pub fn encode_line(env: &Envelope, keys: Option<&Keyring>) -> Vec<u8> {
+        match keys {
+            Some(k) => crate::segment::encode_line(env, Some(&mut k.new_data_key())),
+            None => crate::segment::encode_line(env, None),
+        }
+    }
+
+    /// Decodes a segment line (without its newline).
+    pub fn decode_line(line: &[u8], keys: Option<&Keyring>) -> Result<Envelope, String> {
+        crate::segment::decode_line(line, keys).map_err(|e| e.to_string())
+    }
+}

@@ -193,14 +193,29 @@ fn index_tail(
     repair: bool,
     report: &mut OpenReport,
 ) -> Result<(), StoreError> {
-    let scan = match crate::segment::scan(path, from) {
+    let scan = match crate::segment::scan(path, from, shared.keys()) {
         Ok(scan) => scan,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(StoreError::io("read", path, e)),
     };
+    if let Some(kid) = scan.needs_key {
+        // Not damage: the key is elsewhere. Nothing of this scan is applied.
+        return Err(StoreError::KeyNeeded {
+            what: format!("staging segment {}", path.display()),
+            kids: kid,
+            why: "that key was not given".into(),
+        });
+    }
     for rec in &scan.records {
-        if crate::index::insert_record(tx, &rec.envelope, segment_id, rec.offset, rec.len)? {
-            crate::client_keys::recovered(tx, &rec.envelope, path)?;
+        if crate::index::insert_record(
+            tx,
+            &rec.envelope,
+            segment_id,
+            rec.offset,
+            rec.len,
+            shared.keys(),
+        )? {
+            crate::client_keys::recovered(shared, tx, &rec.envelope, path)?;
             report.records_recovered += 1;
         }
     }

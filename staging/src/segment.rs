@@ -6,6 +6,9 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::path::Path;
 
+use serde_json::value::RawValue;
+
+use crate::crypt::{DataKey, KeyError, Keyring, SealedUnit};
 use crate::error::StoreError;
 use crate::record::{Envelope, FORMAT_VERSION};
 
@@ -36,7 +39,7 @@ pub fn check_format(path: &Path, found: u32) -> Result<(), StoreError> {
 /// version is checked first ([`StoreError::NewerFormat`]), then its checksum
 /// ([`StoreError::Damaged`]). A file that holds no record lines is
 /// [`StoreError::NotStagingFile`]; a torn last line (a write in progress) is left out.
-pub fn read_file(path: &Path) -> Result<Vec<Envelope>, StoreError> {
+pub fn read_file(path: &Path, keys: Option<&Keyring>) -> Result<Vec<Envelope>, StoreError> {
     let bytes = std::fs::read(path).map_err(|e| StoreError::io("read", path, e))?;
     let not_a_segment = |reason: String| StoreError::NotStagingFile {
         path: path.to_path_buf(),
@@ -61,8 +64,14 @@ pub fn read_file(path: &Path) -> Result<Vec<Envelope>, StoreError> {
             ))
         })?;
         check_format(path, version.v)?;
-        let envelope =
-            decode_line(line).map_err(|reason| StoreError::Damaged { what: at(), reason })?;
+        let envelope = decode_line(line, keys).map_err(|e| match e {
+            LineError::NeedsKey(kid) => StoreError::KeyNeeded {
+                what: at(),
+                kids: kid,
+                why: "that key was not given".into(),
+            },
+            LineError::Damaged(reason) => StoreError::Damaged { what: at(), reason },
+        })?;
         records.push(envelope);
     }
     if records.is_empty() {
@@ -71,9 +80,13 @@ pub fn read_file(path: &Path) -> Result<Vec<Envelope>, StoreError> {
     Ok(records)
 }
 
-/// Encodes an envelope as one line, newline included.
-pub fn encode_line(env: &Envelope) -> Vec<u8> {
-    let mut line = serde_json::to_vec(env).expect("an envelope always serializes");
+/// Encodes an envelope as one line, newline included: in clear, or sealed with `seal` (the
+/// segment's data key).
+pub fn encode_line(env: &Envelope, seal: Option<&mut DataKey>) -> Vec<u8> {
+    let mut line = match seal {
+        None => serde_json::to_vec(env).expect("an envelope always serializes"),
+        Some(dk) => encode_sealed(env, dk),
+    };
     // Replace the closing brace with the CRC field, computed over everything before it.
     line.pop();
     let crc = crc32fast::hash(&line);
@@ -82,26 +95,304 @@ pub fn encode_line(env: &Envelope) -> Vec<u8> {
     line
 }
 
+/// A sealed line: what the store needs for order and routing in clear, the rest sealed.
+#[derive(serde::Serialize)]
+pub struct SealedLine<'a> {
+    v: u32,
+    id: &'a str,
+    seq: u64,
+    action: &'a str,
+    entity: &'a str,
+    staged_at: &'a str,
+    sinks: &'a [String],
+    sealed: SealedUnit,
+}
+
+/// What a sealed line keeps in clear, written before its `sealed` unit.
+#[derive(serde::Serialize)]
+struct ClearHead<'a> {
+    v: u32,
+    id: &'a str,
+    seq: u64,
+    action: &'a str,
+    entity: &'a str,
+    staged_at: &'a str,
+    sinks: &'a [String],
+}
+
+/// The hidden part, borrowed from the envelope (the writer seals on its own thread: no copy).
+#[derive(serde::Serialize)]
+struct HiddenRef<'a> {
+    key: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_key: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_fingerprint: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_records: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: &'a Option<crate::record::SourceMark>,
+    payload: &'a RawValue,
+}
+
+/// A sealed line without its crc32 field and closing brace: the same JSON as a
+/// [`SealedLine`], built without intermediate strings.
+fn encode_sealed(env: &Envelope, dk: &mut DataKey) -> Vec<u8> {
+    let mut plain = Vec::with_capacity(env.payload.get().len() + 64);
+    serde_json::to_writer(
+        &mut plain,
+        &HiddenRef {
+            key: &env.key,
+            client_key: &env.client_key,
+            client_fingerprint: &env.client_fingerprint,
+            client_records: env.client_records,
+            source: &env.source,
+            payload: &env.payload,
+        },
+    )
+    .expect("a record serializes");
+    let mut line = Vec::with_capacity(plain.len() * 4 / 3 + 400);
+    serde_json::to_writer(
+        &mut line,
+        &ClearHead {
+            v: env.v,
+            id: &env.id,
+            seq: env.seq,
+            action: &env.action,
+            entity: &env.entity,
+            staged_at: &env.staged_at,
+            sinks: &env.sinks,
+        },
+    )
+    .expect("a record serializes");
+    line.pop();
+    line.extend_from_slice(b",\"sealed\":");
+    let aad = line_aad(
+        env.v,
+        &env.id,
+        env.seq,
+        &env.action,
+        &env.entity,
+        &env.staged_at,
+        &env.sinks,
+    );
+    dk.seal_into(&mut plain, &aad, &mut line);
+    line.push(b'}');
+    line
+}
+
+/// The part of a record a sealed line (or dead letter) hides.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Hidden {
+    key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_fingerprint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_records: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<crate::record::SourceMark>,
+    payload: Box<RawValue>,
+}
+
+/// The fields a sealed line keeps in clear, bound to its ciphertext: a line moved to another
+/// place in the order, another entity or another sink does not open.
+fn line_aad(
+    v: u32,
+    id: &str,
+    seq: u64,
+    action: &str,
+    entity: &str,
+    staged_at: &str,
+    sinks: &[String],
+) -> Vec<u8> {
+    format!(
+        "estafeta record v{v}\n{id}\n{seq}\n{action}\n{entity}\n{staged_at}\n{}",
+        sinks.join(",")
+    )
+    .into_bytes()
+}
+
+pub fn seal_envelope<'a>(env: &'a Envelope, dk: &mut DataKey) -> SealedLine<'a> {
+    let hidden = Hidden {
+        key: env.key.clone(),
+        client_key: env.client_key.clone(),
+        client_fingerprint: env.client_fingerprint.clone(),
+        client_records: env.client_records,
+        source: env.source.clone(),
+        payload: env.payload.clone(),
+    };
+    let plain = serde_json::to_vec(&hidden).expect("a record serializes");
+    let aad = line_aad(
+        env.v,
+        &env.id,
+        env.seq,
+        &env.action,
+        &env.entity,
+        &env.staged_at,
+        &env.sinks,
+    );
+    SealedLine {
+        v: env.v,
+        id: &env.id,
+        seq: env.seq,
+        action: &env.action,
+        entity: &env.entity,
+        staged_at: &env.staged_at,
+        sinks: &env.sinks,
+        sealed: dk.seal(&plain, &aad),
+    }
+}
+
+/// A line or a dead letter's record as read: plain (the whole envelope) or sealed.
+#[derive(Clone, serde::Deserialize)]
+pub struct DiskRecord {
+    v: u32,
+    id: String,
+    seq: u64,
+    action: String,
+    entity: String,
+    #[serde(default)]
+    key: Option<String>,
+    staged_at: String,
+    #[serde(default)]
+    client_key: Option<String>,
+    #[serde(default)]
+    client_fingerprint: Option<String>,
+    #[serde(default)]
+    client_records: Option<u32>,
+    sinks: Vec<String>,
+    #[serde(default)]
+    source: Option<crate::record::SourceMark>,
+    /// `Some` for a plain record, whatever its payload (JSON `null` included).
+    #[serde(default, deserialize_with = "present")]
+    payload: Option<Box<RawValue>>,
+    #[serde(default)]
+    sealed: Option<SealedUnit>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    <Box<RawValue> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+/// Why a line could not be read: damage, or a key this process does not have (never damage).
+#[derive(Debug)]
+pub enum LineError {
+    Damaged(String),
+    NeedsKey(String),
+}
+
+impl std::fmt::Display for LineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LineError::Damaged(reason) => f.write_str(reason),
+            LineError::NeedsKey(kid) => write!(f, "sealed with key {kid}, which was not given"),
+        }
+    }
+}
+
+impl DiskRecord {
+    /// `(seq, id, action, entity)`, which every record keeps in clear.
+    pub fn clear_fields(&self) -> (u64, String, String, String) {
+        (
+            self.seq,
+            self.id.clone(),
+            self.action.clone(),
+            self.entity.clone(),
+        )
+    }
+
+    /// Opens a copy (the record itself is kept).
+    pub fn clone_open(&self, keys: &Keyring) -> Result<Envelope, LineError> {
+        self.clone().open(Some(keys))
+    }
+
+    /// A plain record's envelope (`None` when sealed).
+    pub fn clone_open_plain(&self) -> Option<Envelope> {
+        self.clone().open(None).ok()
+    }
+
+    /// The key id that sealed it, if sealed.
+    pub fn kid(&self) -> Option<&str> {
+        self.sealed.as_ref().map(|s| s.kid.as_str())
+    }
+
+    /// The envelope, opened with `keys` when sealed.
+    pub fn open(self, keys: Option<&Keyring>) -> Result<Envelope, LineError> {
+        let hidden = match (self.sealed, self.payload) {
+            (None, Some(payload)) => Hidden {
+                key: self.key,
+                client_key: self.client_key,
+                client_fingerprint: self.client_fingerprint,
+                client_records: self.client_records,
+                source: self.source,
+                payload,
+            },
+            (None, None) => return Err(LineError::Damaged("record has no payload".into())),
+            (Some(unit), _) => {
+                let Some(keys) = keys else {
+                    return Err(LineError::NeedsKey(unit.kid));
+                };
+                let aad = line_aad(
+                    self.v,
+                    &self.id,
+                    self.seq,
+                    &self.action,
+                    &self.entity,
+                    &self.staged_at,
+                    &self.sinks,
+                );
+                let plain = keys.open(&unit, &aad).map_err(|e| match e {
+                    KeyError::Missing(kid) => LineError::NeedsKey(kid),
+                    other => LineError::Damaged(other.to_string()),
+                })?;
+                serde_json::from_slice(&plain).map_err(|e| {
+                    LineError::Damaged(format!("sealed content opens but is not a record: {e}"))
+                })?
+            }
+        };
+        Ok(Envelope {
+            v: self.v,
+            id: self.id,
+            seq: self.seq,
+            action: self.action,
+            entity: self.entity,
+            key: hidden.key,
+            staged_at: self.staged_at,
+            client_key: hidden.client_key,
+            client_fingerprint: hidden.client_fingerprint,
+            client_records: hidden.client_records,
+            sinks: self.sinks,
+            source: hidden.source,
+            payload: hidden.payload,
+        })
+    }
+}
+
 /// Decodes one line (without its newline). The error says what is wrong with it.
-pub fn decode_line(line: &[u8]) -> Result<Envelope, String> {
+pub fn decode_line(line: &[u8], keys: Option<&Keyring>) -> Result<Envelope, LineError> {
+    let damaged = |s: &str| LineError::Damaged(s.to_string());
     if line.len() <= CRC_SUFFIX_LEN + 1 {
-        return Err("line too short to be a record".into());
+        return Err(damaged("line too short to be a record"));
     }
     let body_len = line.len() - CRC_SUFFIX_LEN;
     let (body, suffix) = line.split_at(body_len);
     if !suffix.starts_with(CRC_PREFIX) || !suffix.ends_with(b"\"}") {
-        return Err("line does not end with its crc32 field".into());
+        return Err(damaged("line does not end with its crc32 field"));
     }
     let hex = std::str::from_utf8(&suffix[CRC_PREFIX.len()..CRC_PREFIX.len() + 8])
-        .map_err(|_| "crc32 field is not text".to_string())?;
-    let want = u32::from_str_radix(hex, 16).map_err(|_| "crc32 field is not hex".to_string())?;
+        .map_err(|_| damaged("crc32 field is not text"))?;
+    let want = u32::from_str_radix(hex, 16).map_err(|_| damaged("crc32 field is not hex"))?;
     let got = crc32fast::hash(body);
     if want != got {
-        return Err(format!(
+        return Err(LineError::Damaged(format!(
             "checksum mismatch (stored {want:08x}, computed {got:08x}): the line was changed or damaged on disk"
-        ));
+        )));
     }
-    serde_json::from_slice(line).map_err(|e| format!("checksum matches but JSON is invalid: {e}"))
+    let record: DiskRecord = serde_json::from_slice(line)
+        .map_err(|e| LineError::Damaged(format!("checksum matches but JSON is invalid: {e}")))?;
+    record.open(keys)
 }
 
 /// A record found while scanning a segment.
@@ -129,19 +420,22 @@ pub struct Scan {
     pub complete_len: u64,
     /// The torn tail's bytes, if any.
     pub torn_tail: Vec<u8>,
+    /// A line sealed with a key this process lacks: the scan stops there, and the caller must
+    /// change nothing (it is not damage).
+    pub needs_key: Option<String>,
 }
 
 /// Scans `path` from `from` to its end.
-pub fn scan(path: &Path, from: u64) -> io::Result<Scan> {
+pub fn scan(path: &Path, from: u64, keys: Option<&Keyring>) -> io::Result<Scan> {
     let mut f = File::open(path)?;
     f.seek(SeekFrom::Start(from))?;
     let mut buf = Vec::new();
     f.read_to_end(&mut buf)?;
-    Ok(scan_bytes(&buf, from))
+    Ok(scan_bytes(&buf, from, keys))
 }
 
 /// Scans `buf`, which starts at file offset `base`.
-pub fn scan_bytes(buf: &[u8], base: u64) -> Scan {
+pub fn scan_bytes(buf: &[u8], base: u64, keys: Option<&Keyring>) -> Scan {
     let mut out = Scan {
         complete_len: base,
         ..Scan::default()
@@ -165,13 +459,17 @@ pub fn scan_bytes(buf: &[u8], base: u64) -> Scan {
                 });
             }
         } else {
-            match decode_line(line) {
+            match decode_line(line, keys) {
                 Ok(envelope) => out.records.push(ScannedRecord {
                     offset,
                     len,
                     envelope,
                 }),
-                Err(reason) => out.damaged.push(DamagedLine {
+                Err(LineError::NeedsKey(kid)) => {
+                    out.needs_key = Some(kid);
+                    return out;
+                }
+                Err(LineError::Damaged(reason)) => out.damaged.push(DamagedLine {
                     offset,
                     bytes: line.to_vec(),
                     reason,
@@ -185,9 +483,15 @@ pub fn scan_bytes(buf: &[u8], base: u64) -> Scan {
 }
 
 /// Reads one record back from its segment, checking its CRC.
-pub fn read_record(path: &Path, offset: u64, len: u64) -> Result<Envelope, String> {
-    let mut f = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    read_record_from(&mut f, path, offset, len)
+pub fn read_record(
+    path: &Path,
+    offset: u64,
+    len: u64,
+    keys: Option<&Keyring>,
+) -> Result<Envelope, LineError> {
+    let mut f = File::open(path)
+        .map_err(|e| LineError::Damaged(format!("cannot open {}: {e}", path.display())))?;
+    read_record_from(&mut f, path, offset, len, keys)
 }
 
 /// Like [`read_record`], from a file the caller keeps open across records.
@@ -196,21 +500,24 @@ pub fn read_record_from(
     path: &Path,
     offset: u64,
     len: u64,
-) -> Result<Envelope, String> {
+    keys: Option<&Keyring>,
+) -> Result<Envelope, LineError> {
     f.seek(SeekFrom::Start(offset))
-        .map_err(|e| format!("cannot seek in {}: {e}", path.display()))?;
+        .map_err(|e| LineError::Damaged(format!("cannot seek in {}: {e}", path.display())))?;
     let mut buf = vec![0u8; len as usize];
     f.read_exact(&mut buf).map_err(|e| {
-        format!(
+        LineError::Damaged(format!(
             "cannot read {len} bytes at offset {offset} of {}: {e} (was the file truncated?)",
             path.display()
-        )
+        ))
     })?;
     if buf.last() != Some(&b'\n') {
-        return Err("record does not end with a newline (file changed on disk)".into());
+        return Err(LineError::Damaged(
+            "record does not end with a newline (file changed on disk)".into(),
+        ));
     }
     buf.pop();
-    decode_line(&buf)
+    decode_line(&buf, keys)
 }
 
 #[cfg(test)]
@@ -238,32 +545,34 @@ mod tests {
 
     #[test]
     fn line_round_trips_and_keeps_payload_bytes() {
-        let line = encode_line(&env(3));
+        let line = encode_line(&env(3), None);
         assert_eq!(line.last(), Some(&b'\n'));
-        let back = decode_line(&line[..line.len() - 1]).unwrap();
+        let back = decode_line(&line[..line.len() - 1], None).unwrap();
         assert_eq!(back.seq, 3);
         assert_eq!(back.payload.get(), r#"{"nome":"Ana","n":1.50}"#);
     }
 
     #[test]
     fn flipped_byte_is_caught_by_the_checksum() {
-        let mut line = encode_line(&env(3));
+        let mut line = encode_line(&env(3), None);
         let i = line.len() / 2;
         line[i] ^= 0x01;
-        let err = decode_line(&line[..line.len() - 1]).unwrap_err();
+        let err = decode_line(&line[..line.len() - 1], None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("checksum") || err.contains("JSON"), "{err}");
     }
 
     #[test]
     fn scan_separates_records_damage_and_torn_tail() {
-        let mut buf = encode_line(&env(1));
-        let mut bad = encode_line(&env(2));
+        let mut buf = encode_line(&env(1), None);
+        let mut bad = encode_line(&env(2), None);
         bad[30] ^= 0x20;
         buf.extend_from_slice(&bad);
-        buf.extend_from_slice(&encode_line(&env(3)));
+        buf.extend_from_slice(&encode_line(&env(3), None));
         let complete = buf.len() as u64;
-        buf.extend_from_slice(&encode_line(&env(4))[..25]);
-        let s = scan_bytes(&buf, 0);
+        buf.extend_from_slice(&encode_line(&env(4), None)[..25]);
+        let s = scan_bytes(&buf, 0, None);
         assert_eq!(
             s.records.iter().map(|r| r.envelope.seq).collect::<Vec<_>>(),
             vec![1, 3]

@@ -48,7 +48,7 @@ pub fn status(store: &Staging) -> Result<Status, StoreError> {
             s.sink = name;
             s.last_success_at = ok;
             s.last_failure_at = fail;
-            s.last_error = err;
+            s.last_error = err.map(|e| crate::crypt::Keyring::reveal(store.shared().keys(), e));
         }
     }
     {

@@ -77,6 +77,8 @@ struct ActiveSegment {
     len: u64,
     day: (i32, u32, u32),
     last_write: Instant,
+    /// The segment's own data key when the store seals (crypt.rs); dies with the segment.
+    dk: Option<crate::crypt::DataKey>,
 }
 
 pub struct Writer {
@@ -245,6 +247,7 @@ impl Writer {
             .unwrap_or(0) as u64;
         let free = fs4::available_space(&root).ok();
 
+        let sealing = shared.opts.keys.is_some();
         // Phase 1: decide each request, number the accepted ones and encode their lines.
         struct Accepted {
             reply: Reply,
@@ -258,9 +261,9 @@ impl Writer {
         let mut replays: Vec<(Reply, usize)> = Vec::new();
         for req in group {
             if let Some(ck) = &req.client_key {
-                match crate::client_keys::lookup(&tx, &ck.key) {
+                match crate::client_keys::lookup(&tx, &shared.index_text(&ck.key)) {
                     Ok(Some((fp, receipts))) => {
-                        let answer = if fp == ck.fingerprint {
+                        let answer = if fp == shared.index_text(&ck.fingerprint) {
                             Ok(Staged::Replayed(receipts))
                         } else {
                             Err(StageError::Conflict(ck.key.clone()))
@@ -332,8 +335,17 @@ impl Writer {
                     source: if i + 1 == count { source.take() } else { None },
                     payload: rec.payload,
                 };
-                let line = segment::encode_line(&env);
-                group_bytes += line.len() as u64;
+                // Sealed lines are encoded in phase 2, with their segment's data key.
+                let line = if sealing {
+                    Vec::new()
+                } else {
+                    segment::encode_line(&env, None)
+                };
+                group_bytes += if sealing {
+                    env.payload.get().len() as u64 + 400
+                } else {
+                    line.len() as u64
+                };
                 lines.push(line);
                 envelopes.push(env);
             }
@@ -381,6 +393,14 @@ impl Writer {
                     }
                 }
                 let seg = active.get_mut(&k).expect("segment opened above");
+                let sealed_line;
+                let line: &[u8] = match seg.dk.as_mut() {
+                    Some(dk) => {
+                        sealed_line = segment::encode_line(env, Some(dk));
+                        &sealed_line
+                    }
+                    None => line,
+                };
                 let buf = buffers.entry(k).or_default();
                 let offset = seg.len + buf.len() as u64;
                 buf.extend_from_slice(line);
@@ -432,14 +452,21 @@ impl Writer {
             }
             for (acc, places) in accepted.iter().zip(&placed) {
                 for (env, (seg_id, _, offset, len)) in acc.envelopes.iter().zip(places) {
-                    crate::index::insert_record(&tx, env, *seg_id, *offset, *len)?;
+                    crate::index::insert_record(
+                        &tx,
+                        env,
+                        *seg_id,
+                        *offset,
+                        *len,
+                        shared.opts.keys.as_deref(),
+                    )?;
                 }
                 if let Some(ck) = &acc.client_key {
                     let receipts = receipts_of(&acc.envelopes, places);
                     crate::client_keys::remember(
                         &tx,
-                        &ck.key,
-                        &ck.fingerprint,
+                        &shared.index_text(&ck.key),
+                        &shared.index_text(&ck.fingerprint),
                         &receipts,
                         now.timestamp(),
                     )?;
@@ -524,6 +551,10 @@ fn segment_for(
         tx.execute("UPDATE segments SET sealed = 1 WHERE id = ?1", [seg.id])
             .map_err(|e| StageError::Store(e.into()))?;
     }
+    if let Some(keys) = shared.keys() {
+        // Listed before anything is sealed with it: a process without it is then refused.
+        crate::sealed_folder::note_current(&shared.state_dir, keys).map_err(StageError::Store)?;
+    }
     let dir = shared.root.join(layout::day_dir(&k.0, &k.1, now));
     let path = dir.join(layout::segment_file_name(now, first_seq));
     let io = |source| StageError::Io {
@@ -569,6 +600,7 @@ fn segment_for(
             len: 0,
             day,
             last_write: Instant::now(),
+            dk: shared.opts.keys.as_ref().map(|k| k.new_data_key()),
         },
     );
     Ok(0)

@@ -11,6 +11,17 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const ROOT_ENV: &str = "ESTAFETA_CRASH_ROOT";
+/// Set in the sealed run: the key file the child and the parent open the store with.
+const KEY_ENV: &str = "ESTAFETA_CRASH_KEY_FILE";
+
+/// The store's options, sealed when `key_file` is given (the child reads it from `KEY_ENV`).
+fn options(root: impl Into<std::path::PathBuf>, key_file: Option<&std::path::Path>) -> Options {
+    let opts = Options::new(root).with_sinks(["db"]);
+    match key_file {
+        Some(path) => opts.with_keys(std::sync::Arc::new(Keyring::load(path).unwrap())),
+        None => opts,
+    }
+}
 const KILLS: usize = 20;
 
 /// The child: stages until killed. Run only by `acknowledged_records_survive_sigkill`.
@@ -20,7 +31,10 @@ fn crash_child_stager() {
     let Ok(root) = std::env::var(ROOT_ENV) else {
         return;
     };
-    let (store, _) = Staging::open(Options::new(&root).with_sinks(["db"])).unwrap();
+    let key_file = std::env::var_os(KEY_ENV)
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from);
+    let (store, _) = Staging::open(options(&root, key_file.as_deref())).unwrap();
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let store = store.clone();
@@ -68,6 +82,20 @@ fn next_rand(state: &mut u64) -> u64 {
 
 #[test]
 fn acknowledged_records_survive_sigkill() {
+    survive_sigkill(None);
+}
+
+/// The same with encryption at rest on (issue 23): sealed lines cut by a kill are torn tails,
+/// never damage, and every acknowledged record opens again.
+#[test]
+fn acknowledged_sealed_records_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("staging.key");
+    Keyring::generate().save(&key_file, false).unwrap();
+    survive_sigkill(Some(&key_file));
+}
+
+fn survive_sigkill(key_file: Option<&std::path::Path>) {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("staging");
     let exe = std::env::current_exe().unwrap();
@@ -87,6 +115,7 @@ fn acknowledged_records_survive_sigkill() {
                 "--test-threads=1",
             ])
             .env(ROOT_ENV, &root)
+            .env(KEY_ENV, key_file.unwrap_or(std::path::Path::new("")))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -124,7 +153,7 @@ fn acknowledged_records_survive_sigkill() {
         );
         acked.extend(lines);
 
-        let (store, report) = Staging::open(Options::new(&root).with_sinks(["db"])).unwrap();
+        let (store, report) = Staging::open(options(&root, key_file)).unwrap();
         recovered_total += report.records_recovered;
         torn_total += report.torn_tails_repaired;
         assert!(
@@ -140,7 +169,7 @@ fn acknowledged_records_survive_sigkill() {
         drop(store);
     }
 
-    let (store, _) = Staging::open(Options::new(&root).with_sinks(["db"])).unwrap();
+    let (store, _) = Staging::open(options(&root, key_file)).unwrap();
     let all = store
         .list(&ListFilter {
             include_delivered: true,

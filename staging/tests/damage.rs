@@ -7,14 +7,55 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const RECORDS: u64 = 24;
 const KEYS: u64 = 4;
+
+thread_local! {
+    /// The keys of a test run sealed (encryption at rest), `None` in the plain run.
+    static KEY_RING: std::cell::RefCell<Option<Arc<Keyring>>> = const { std::cell::RefCell::new(None) };
+}
+
+fn keys() -> Option<Arc<Keyring>> {
+    KEY_RING.with(|k| k.borrow().clone())
+}
+
+/// Every damage test runs twice: on a plain folder and on a sealed one (issue 23: damage is
+/// handled the same with encryption on).
+macro_rules! plain_and_sealed {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn plain() {
+                super::$name()
+            }
+            #[test]
+            fn sealed() {
+                super::KEY_RING.with(|k| {
+                    *k.borrow_mut() = Some(std::sync::Arc::new(super::Keyring::generate()))
+                });
+                super::$name()
+            }
+        }
+    )*};
+}
+
+plain_and_sealed!(
+    a_newest_segment_cut_mid_record_keeps_every_record_before_the_cut,
+    garbled_bytes_in_a_sealed_segment_set_aside_only_that_record,
+    a_deleted_index_is_rebuilt_and_dead_letters_stay_dead,
+    a_corrupt_index_is_set_aside_and_rebuilt,
+    a_torn_tail_is_cut_on_open_and_every_complete_record_survives,
+    a_synced_but_unindexed_record_is_recovered_and_its_seq_never_reused,
+    reindex_gives_the_same_pending_set_as_before,
+);
 
 fn options(root: &Path) -> Options {
     let mut opts = Options::new(root).with_sinks(["db"]);
     opts.min_free_bytes = 0;
     opts.segment_max_bytes = 2 * 1024;
+    opts.keys = keys();
     opts
 }
 
@@ -35,6 +76,16 @@ fn stage_all(root: &Path) -> BTreeSet<u64> {
         let rec = NewRecord::new("create", "patient", Some(key_of(i)), &payload).unwrap();
         seqs.insert(store.stage(rec).unwrap().seq);
     }
+    if keys().is_some() {
+        for seg in segments(root) {
+            let bytes = fs::read(&seg).unwrap();
+            assert!(
+                !bytes.windows(20).any(|w| w == [b'x'; 20]),
+                "the sealed run wrote a payload in clear in {}",
+                seg.display()
+            );
+        }
+    }
     seqs
 }
 
@@ -52,12 +103,12 @@ fn lines_of(path: &Path) -> Vec<Line> {
     let mut out = Vec::new();
     let mut offset = 0u64;
     for line in bytes.split_inclusive(|b| *b == b'\n') {
-        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let env = testing::decode_line(&line[..line.len() - 1], keys().as_deref()).unwrap();
         out.push(Line {
             offset,
             len: line.len() as u64,
-            seq: v["seq"].as_u64().unwrap(),
-            key: v["key"].as_str().unwrap().to_string(),
+            seq: env.seq,
+            key: env.key.unwrap(),
         });
         offset += line.len() as u64;
     }
@@ -158,7 +209,6 @@ fn next_seq_after_reopen(root: &Path) -> u64 {
         .seq
 }
 
-#[test]
 fn a_newest_segment_cut_mid_record_keeps_every_record_before_the_cut() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -215,7 +265,6 @@ fn a_newest_segment_cut_mid_record_keeps_every_record_before_the_cut() {
     assert_eq!(next_seq_after_reopen(root), RECORDS + 1);
 }
 
-#[test]
 fn garbled_bytes_in_a_sealed_segment_set_aside_only_that_record() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -339,7 +388,6 @@ fn index_files(state_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-#[test]
 fn a_deleted_index_is_rebuilt_and_dead_letters_stay_dead() {
     let (report, _dir) = index_rebuild_scenario(|state| {
         let files = index_files(state);
@@ -351,7 +399,6 @@ fn a_deleted_index_is_rebuilt_and_dead_letters_stay_dead() {
     assert_eq!(report.rebuild_reason.as_deref(), Some("index missing"));
 }
 
-#[test]
 fn a_corrupt_index_is_set_aside_and_rebuilt() {
     let (report, dir) = index_rebuild_scenario(|state| {
         let index = state.join("index.sqlite3");
@@ -370,7 +417,6 @@ fn a_corrupt_index_is_set_aside_and_rebuilt() {
     assert!(!aside.is_empty(), "the corrupt index was not kept aside");
 }
 
-#[test]
 fn a_torn_tail_is_cut_on_open_and_every_complete_record_survives() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -403,26 +449,13 @@ fn a_torn_tail_is_cut_on_open_and_every_complete_record_survives() {
 /// Makes a valid segment line for `seq` from an existing line, as a crashed writer would have
 /// left it: written and synced, but never indexed.
 fn forge_line(template: &[u8], old_seq: u64, seq: u64) -> Vec<u8> {
-    const SUFFIX: usize = 20; // ,"crc32":"xxxxxxxx"}
-    let text = std::str::from_utf8(template)
-        .unwrap()
-        .trim_end_matches('\n');
-    let body = &text[..text.len() - SUFFIX];
-    let v: serde_json::Value = serde_json::from_str(text).unwrap();
-    let old_id = v["id"].as_str().unwrap().to_string();
-    let new_id = format!("{}{:x}", &old_id[..old_id.len() - 4], 0xf000 + seq);
-    let body = body
-        .replacen(
-            &format!("\"seq\":{old_seq},"),
-            &format!("\"seq\":{seq},"),
-            1,
-        )
-        .replacen(&old_id, &new_id, 1);
-    let crc = crc32fast::hash(body.as_bytes());
-    format!("{body},\"crc32\":\"{crc:08x}\"}}\n").into_bytes()
+    let mut env = testing::decode_line(&template[..template.len() - 1], keys().as_deref()).unwrap();
+    assert_eq!(env.seq, old_seq);
+    env.seq = seq;
+    env.id = format!("{}{:x}", &env.id[..env.id.len() - 4], 0xf000 + seq);
+    testing::encode_line(&env, keys().as_deref())
 }
 
-#[test]
 fn a_synced_but_unindexed_record_is_recovered_and_its_seq_never_reused() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -450,7 +483,6 @@ fn a_synced_but_unindexed_record_is_recovered_and_its_seq_never_reused() {
     assert_eq!(next_seq_after_reopen(root), RECORDS + 2);
 }
 
-#[test]
 fn reindex_gives_the_same_pending_set_as_before() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();

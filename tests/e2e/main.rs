@@ -24,6 +24,9 @@ mod full_disk;
 // Hostile input: NUL/non-ASCII/encoded names, 100 MB bodies, JSON 100,000 deep, invalid UTF-8,
 // 1,000 simultaneous connections, slow clients, and schemathesis against /v1/openapi.json.
 mod hostile;
+// Encryption at rest: a canary staged, delivered, dead-lettered, requeued and cleaned up is never
+// in clear under the staging folder; without the key the agent refuses and changes no file.
+mod at_rest;
 // Access: no token, URL password or payload in logs or check-config; staging 0600/0700; an
 // HTTPS API with an unknown CA is refused until CENTRAL_API_CA_FILE names it.
 mod access;

@@ -1,6 +1,6 @@
 //! The command line: one binary, `estafeta run` for the daemon and the offline tools beside it
 //! (`stage`, `ls`, `show`, `status`, `flush`, `retry`, `reindex`, `check-config`, `update`,
-//! `version`, `token`),
+//! `version`, `token`, `key`),
 //! and `service`, the Windows service entry point.
 //! The tools open the staging store directly; the daemon may be running at the same time.
 //! This module holds the clap definition, the dispatch, the exit codes and how errors are
@@ -19,6 +19,7 @@
 mod check_config;
 mod fleet;
 mod flush;
+mod key;
 mod ls;
 mod reindex;
 mod retry;
@@ -44,6 +45,7 @@ use crate::config::{Config, ConfigError};
 pub use check_config::{CheckConfigArgs, PROBE_TIMEOUT};
 pub use fleet::FleetArgs;
 pub use flush::FlushArgs;
+pub use key::{KeyArgs, KeyCommand};
 pub use ls::LsArgs;
 pub use retry::RetryArgs;
 pub use service::ServiceArgs;
@@ -117,6 +119,9 @@ pub enum Command {
     /// Print a new random token for INGEST_TOKEN (64 hex characters from the operating
     /// system's random source).
     Token,
+    /// Encryption at rest: `generate PATH` a new key file for STAGING_KEY_FILE, `rotate` to a
+    /// new key, `prune` the keys nothing uses any more.
+    Key(KeyArgs),
     /// Run as the Windows service `Estafeta` (started by Windows, not from a console). Its env
     /// file is --env-file or %ProgramData%\Estafeta\estafeta.env, created from
     /// estafeta.env.default beside the executable when missing.
@@ -176,6 +181,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             json,
         }) => fleet::fleet(&database, stale_minutes, backlog_minutes, json),
         Command::Service(ServiceArgs { prepare_only }) => service::service(env_file, prepare_only),
+        Command::Key(KeyArgs {
+            command: KeyCommand::Generate { path },
+        }) => key::generate(&path),
         command => {
             let config = Config::load(env_file)?;
             match command {
@@ -202,6 +210,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Flush(args) => flush::flush(config, args),
                 Command::Retry(args) => retry::retry(&config, args),
                 Command::Reindex => reindex::reindex(&config),
+                Command::Key(KeyArgs { command }) => match command {
+                    KeyCommand::Rotate => key::rotate(&config),
+                    KeyCommand::Prune => key::prune(&config),
+                    KeyCommand::Generate { .. } => unreachable!("handled above"),
+                },
                 Command::Sources(SourcesArgs { command, json }) => match command {
                     None => sources::sources(&config, json),
                     Some(SourcesCommand::Reset { name, to }) => {

@@ -57,10 +57,16 @@ fn record_json(store: &Staging, id_or_seq: &str) -> anyhow::Result<Value> {
     }))
 }
 
+/// The keys the store was opened with (`STAGING_KEY_FILE`): sealed files open with them.
+fn store_keys(store: &Staging) -> Option<&estafeta_staging::Keyring> {
+    store.keys()
+}
+
 /// A dead-letter file (one JSON document with `record`) or a segment file (one record per
 /// line), read by the store, each record shown with its state from the index.
 fn show_file(store: &Staging, path: &Path) -> anyhow::Result<Vec<Value>> {
-    match Staging::dead_letter(path) {
+    let keys = store_keys(store);
+    match Staging::dead_letter_with_keys(path, keys) {
         Ok(letter) => {
             let mut record = record_json(store, &letter.record.id)?;
             record["dead_letter"] = json!({
@@ -76,7 +82,7 @@ fn show_file(store: &Staging, path: &Path) -> anyhow::Result<Vec<Value>> {
         Err(StoreError::NotStagingFile { .. }) => {}
         Err(err) => return Err(err.into()),
     }
-    let envelopes = Staging::read_file(path).map_err(|err| match err {
+    let envelopes = Staging::read_file_with_keys(path, keys).map_err(|err| match err {
         StoreError::NotStagingFile { .. } => usage(err.to_string()),
         other => anyhow::Error::new(other),
     })?;

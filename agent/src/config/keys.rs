@@ -200,6 +200,7 @@ pub const KEY_TABLE: &[Key] = &[
     key("STAGING_AREA_PATH", Staging, Text(DEFAULT_STAGING_AREA_PATH), "Folder where every write is kept until delivered."),
     key("IS_ABSOLUTE_STAGING_AREA_PATH", Staging, Flag(DEFAULT_IS_ABSOLUTE_STAGING_AREA_PATH), "true: STAGING_AREA_PATH must be a full path; false: relative to the working directory."),
     key("FAILED_DIR", Staging, Unset("(<staging>/_failed)"), "Dead letters (records a sink refused for good)."),
+    key("STAGING_KEY_FILE", Staging, Unset("(no encryption)"), "Key file (`estafeta key generate`): seals everything staged from then on (AES-256-GCM)."),
     key("INBOX_PATH", Staging, Unset("(none)"), "Drop folder other programs write into, in the staging layout."),
     key("STAGING_MAX_BYTES", Staging, Unset("(no limit)"), "Largest total size of staged records."),
     key("STAGING_MIN_FREE_BYTES", Staging, Bytes(estafeta_staging::DEFAULT_MIN_FREE_BYTES), "MIN_FREE_DISK_MB in any unit; set only one of the two."),

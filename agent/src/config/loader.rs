@@ -95,6 +95,7 @@ impl Loader {
         };
         let failed_dir = self.text("FAILED_DIR").map(|d| self.cwd.join(d));
         let inbox_path = self.text("INBOX_PATH").map(|d| self.cwd.join(d));
+        let (staging_key_file, staging_keys) = self.staging_keys();
         let staging_max_bytes = self.parse_opt("STAGING_MAX_BYTES", |v| {
             parse_size(v).and_then(|b| {
                 if b == 0 {
@@ -237,6 +238,8 @@ impl Loader {
             tz,
             staging_path,
             failed_dir,
+            staging_key_file,
+            staging_keys,
             inbox_path,
             staging_max_bytes,
             staging_min_free_bytes,
@@ -306,6 +309,29 @@ impl Loader {
             return None;
         }
         Some(IngestTls { cert, key })
+    }
+
+    /// `STAGING_KEY_FILE` and its keys; a key file that cannot be used is a problem (the agent
+    /// must not start writing in clear what the operator asked to seal).
+    #[allow(clippy::type_complexity)]
+    fn staging_keys(
+        &mut self,
+    ) -> (
+        Option<PathBuf>,
+        Option<std::sync::Arc<estafeta_staging::Keyring>>,
+    ) {
+        let Some(given) = self.text("STAGING_KEY_FILE") else {
+            return (None, None);
+        };
+        let path = self.cwd.join(&given);
+        match estafeta_staging::Keyring::load(&path) {
+            Ok(keys) => (Some(path), Some(std::sync::Arc::new(keys))),
+            Err(err) => {
+                let label = self.label("STAGING_KEY_FILE");
+                self.problem(label, Some(given), err.to_string());
+                (Some(path), None)
+            }
+        }
     }
 
     pub(super) fn ingest_token(&mut self) -> Option<String> {

@@ -72,6 +72,11 @@ pub struct Config {
     pub staging_path: PathBuf,
     /// `FAILED_DIR`: dead letters; `None`: `<staging>/_failed`.
     pub failed_dir: Option<PathBuf>,
+    /// `STAGING_KEY_FILE`: the key file that seals the staging folder; `None`: no encryption.
+    pub staging_key_file: Option<PathBuf>,
+    /// Its keys, read when the configuration is loaded (a key file that cannot be used is a
+    /// configuration problem, reported with the others).
+    pub staging_keys: Option<std::sync::Arc<estafeta_staging::Keyring>>,
     /// `INBOX_PATH`: a drop folder in the staging layout whose files are adopted; `None`: none.
     pub inbox_path: Option<PathBuf>,
     /// `STAGING_MAX_BYTES`: largest total staging size; `None`: no limit.
@@ -147,6 +152,7 @@ impl fmt::Debug for Config {
             .field("tz", &self.tz)
             .field("staging_path", &self.staging_path)
             .field("failed_dir", &self.failed_dir)
+            .field("staging_key_file", &self.staging_key_file)
             .field("inbox_path", &self.inbox_path)
             .field("staging_max_bytes", &self.staging_max_bytes)
             .field("staging_min_free_bytes", &self.staging_min_free_bytes)
@@ -305,6 +311,7 @@ impl Config {
         options.max_bytes = self.staging_max_bytes;
         options.min_free_bytes = self.staging_min_free_bytes;
         options.keep_delivered = self.keep_delivered;
+        options.keys = self.staging_keys.clone();
         options
     }
 
@@ -319,6 +326,8 @@ impl Config {
             tz: None,
             staging_path: staging_dir.to_path_buf(),
             failed_dir: None,
+            staging_key_file: None,
+            staging_keys: None,
             inbox_path: None,
             staging_max_bytes: None,
             staging_min_free_bytes: 0,

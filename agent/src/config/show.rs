@@ -30,6 +30,19 @@ impl Config {
         push("STAGING_AREA_PATH", self.staging_path.display().to_string());
         push("FAILED_DIR", self.failed_dir().display().to_string());
         push(
+            "STAGING_KEY_FILE",
+            match (&self.staging_key_file, &self.staging_keys) {
+                (Some(path), Some(keys)) => format!(
+                    "{} (keys {}; new data sealed with {})",
+                    path.display(),
+                    keys.ids().join(", "),
+                    keys.current_id()
+                ),
+                (Some(path), None) => path.display().to_string(),
+                (None, _) => "(no encryption)".into(),
+            },
+        );
+        push(
             "INBOX_PATH",
             self.inbox_path
                 .as_ref()

@@ -128,11 +128,18 @@ impl Staging {
         let mut out = Vec::with_capacity(leased.len());
         // Records of one batch mostly share a few segments: open each once.
         let mut files: std::collections::HashMap<String, std::fs::File> = Default::default();
+        let keys = self.shared().keys();
         for (seq, attempts, offset, len, rel) in leased {
             let path = self.root().join(&rel);
             let read = match files.entry(rel) {
                 std::collections::hash_map::Entry::Occupied(mut e) => {
-                    crate::segment::read_record_from(e.get_mut(), &path, offset as u64, len as u64)
+                    crate::segment::read_record_from(
+                        e.get_mut(),
+                        &path,
+                        offset as u64,
+                        len as u64,
+                        keys,
+                    )
                 }
                 std::collections::hash_map::Entry::Vacant(v) => match std::fs::File::open(&path) {
                     Ok(f) => crate::segment::read_record_from(
@@ -140,8 +147,12 @@ impl Staging {
                         &path,
                         offset as u64,
                         len as u64,
+                        keys,
                     ),
-                    Err(e) => Err(format!("cannot open {}: {e}", path.display())),
+                    Err(e) => Err(crate::segment::LineError::Damaged(format!(
+                        "cannot open {}: {e}",
+                        path.display()
+                    ))),
                 },
             };
             match read {
@@ -158,7 +169,20 @@ impl Staging {
                     );
                     crate::dead::move_damaged_record(self, seq, &path, &reason)?;
                 }
-                Err(reason) => crate::dead::move_damaged_record(self, seq, &path, &reason)?,
+                Err(crate::segment::LineError::NeedsKey(kid)) => {
+                    // A wrong or missing key is never damage: give the batch back untouched.
+                    let mut held: Vec<u64> = out.iter().map(|d| d.envelope.seq).collect();
+                    held.push(seq);
+                    let _ = self.release(sink, &held);
+                    return Err(StoreError::KeyNeeded {
+                        what: format!("staged record {seq} in {}", path.display()),
+                        kids: kid,
+                        why: "that key is not in the key file".into(),
+                    });
+                }
+                Err(crate::segment::LineError::Damaged(reason)) => {
+                    crate::dead::move_damaged_record(self, seq, &path, &reason)?
+                }
             }
         }
         // A damaged record taken out of a run leaves a gap: the records after it in the batch
@@ -212,10 +236,15 @@ impl Staging {
                 .execute(params![sink, layout::rfc3339(now)])?;
         }
         if !batch.retries.is_empty() {
-            let retries: Vec<(u64, i64, &str)> = batch
+            // A server's answer may quote the payload: sealed in the index when the store seals.
+            let keys = self.shared().keys();
+            let retries: Vec<(u64, i64, String)> = batch
                 .retries
                 .iter()
-                .map(|r| (r.seq, r.at.timestamp_millis(), r.error.as_str()))
+                .map(|r| {
+                    let error = crate::crypt::seal_opt(keys, &r.error);
+                    (r.seq, r.at.timestamp_millis(), error)
+                })
                 .collect();
             load_settle_rows(&tx, &json_text(&retries))?;
             tx.prepare_cached(
@@ -229,14 +258,18 @@ impl Staging {
             tx.prepare_cached(NOTE_FAILURE_SQL)?.execute(params![
                 sink,
                 layout::rfc3339(now),
-                batch.retries[0].error
+                retries[0].2
             ])?;
         }
         if !batch.dead.is_empty() {
-            let dead: Vec<(u64, i64, &str)> = batch
+            let keys = self.shared().keys();
+            let dead: Vec<(u64, i64, String)> = batch
                 .dead
                 .iter()
-                .map(|d| (d.delivery.envelope.seq, 0, d.reason.as_str()))
+                .map(|d| {
+                    let reason = crate::crypt::seal_opt(keys, &d.reason);
+                    (d.delivery.envelope.seq, 0, reason)
+                })
                 .collect();
             load_settle_rows(&tx, &json_text(&dead))?;
             tx.prepare_cached(
@@ -330,7 +363,10 @@ impl Staging {
         let db = self.db();
         match error {
             None => db.execute(NOTE_SUCCESS_SQL, params![sink, now])?,
-            Some(err) => db.execute(NOTE_FAILURE_SQL, params![sink, now, err])?,
+            Some(err) => {
+                let err = crate::crypt::seal_opt(self.shared().keys(), err);
+                db.execute(NOTE_FAILURE_SQL, params![sink, now, err])?
+            }
         };
         Ok(())
     }

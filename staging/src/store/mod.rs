@@ -62,6 +62,20 @@ impl Shared {
         self.is_poisoned.store(true, Ordering::Release);
     }
 
+    /// What the index keeps of a record key, client key or fingerprint: the text itself, or its
+    /// keyed hash when the store seals (the index must not hold them in clear).
+    pub fn index_text(&self, text: &str) -> String {
+        match &self.opts.keys {
+            Some(k) => k.hash(text),
+            None => text.to_owned(),
+        }
+    }
+
+    /// The key ring, when the store seals.
+    pub fn keys(&self) -> Option<&crate::Keyring> {
+        self.opts.keys.as_deref()
+    }
+
     /// Sets why staging refuses writes (`None`: it accepts them), logging each change once:
     /// a WARN with the reason when writes start being refused, an INFO when they resume.
     pub fn set_blocked(&self, reason: Option<String>) {
@@ -122,6 +136,11 @@ impl Staging {
     /// The dead-letter folder.
     pub fn failed_dir(&self) -> &Path {
         &self.inner.shared.failed_dir
+    }
+
+    /// The keys the store seals with (encryption at rest), if any.
+    pub fn keys(&self) -> Option<&crate::Keyring> {
+        self.inner.shared.keys()
     }
 
     /// Sinks records are routed to by default.

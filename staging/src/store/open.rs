@@ -41,12 +41,15 @@ impl Staging {
             .failed_dir
             .clone()
             .unwrap_or_else(|| root.join(layout::FAILED_DIR));
+        // First of all: a folder sealed with keys we were not given is left exactly as it is.
+        crate::sealed_folder::check(&state_dir, opts.keys.as_deref())?;
         for d in [&root, &state_dir, &failed_dir] {
             layout::create_dir_durable(d).map_err(|e| StoreError::io("create folder", d, e))?;
             layout::make_private(d).map_err(|e| {
                 StoreError::io("make private (mode 0700, it holds patient data)", d, e)
             })?;
         }
+
         let shared = Arc::new(Shared {
             root: root.clone(),
             state_dir: state_dir.clone(),
@@ -92,6 +95,10 @@ impl Staging {
                 let conn = crate::index::open(&index_path, true)?;
                 crate::recover::recover(&shared, &conn, &mut seq_file, &mut report)?;
                 crate::dead::apply_dead_letters(&shared, &conn)?;
+                if shared.keys().is_some() {
+                    // Rebuilt with keys: every key went in as its hash already.
+                    crate::index::meta_set(&conn, "index_keys", "hashed")?;
+                }
                 Ok::<_, StoreError>(conn)
             })();
             let _ = seq_file.unlock();
@@ -102,6 +109,10 @@ impl Staging {
             conn
         } else {
             let conn = crate::index::open(&index_path, true)?;
+            if let Some(keys) = shared.keys() {
+                // Before recovery, which indexes what it finds with hashed keys already.
+                crate::index::hash_keys(&conn, keys, &state_dir)?;
+            }
             seq_file
                 .lock()
                 .map_err(|e| StoreError::io("lock", state_dir.join("seq"), e))?;

@@ -24,7 +24,9 @@ impl Staging {
                     checkpoint: r.get(1)?,
                     last_run_at: r.get(2)?,
                     last_rows: r.get::<_, Option<i64>>(3)?.map(|n| n as u64),
-                    last_error: r.get(4)?,
+                    last_error: r
+                        .get::<_, Option<String>>(4)?
+                        .map(|e| crate::crypt::Keyring::reveal(self.shared().keys(), e)),
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -77,7 +79,12 @@ impl Staging {
             "INSERT INTO sources (name, last_run_at, last_rows, last_error) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(name) DO UPDATE SET last_run_at = excluded.last_run_at,
                  last_rows = excluded.last_rows, last_error = excluded.last_error",
-            params![name, layout::rfc3339(Utc::now()), rows as i64, error],
+            params![
+                name,
+                layout::rfc3339(Utc::now()),
+                rows as i64,
+                error.map(|e| crate::crypt::seal_opt(self.shared().keys(), e))
+            ],
         )?;
         Ok(())
     }

@@ -16,7 +16,7 @@ use super::{Staging, lock, now_ms};
 impl Staging {
     /// Dead letters, oldest first.
     pub fn dead_letters(&self, limit: Option<usize>) -> Result<Vec<DeadLetter>, StoreError> {
-        crate::dead::list(self.failed_dir(), limit)
+        crate::dead::list(self.failed_dir(), limit, self.shared().keys())
     }
 
     /// Records, oldest first.
@@ -43,9 +43,23 @@ impl Staging {
                 |r| r.get::<_, i64>(0),
             )?
             .collect::<Result<Vec<_>, _>>()?;
-        seqs.into_iter()
-            .map(|seq| info_of(&db, self.root(), seq as u64))
-            .collect()
+        let mut infos = seqs
+            .into_iter()
+            .map(|seq| info_of(&db, self.root(), seq as u64, self.shared().keys()))
+            .collect::<Result<Vec<_>, _>>()?;
+        drop(stmt);
+        drop(db);
+        if self.shared().keys().is_some() {
+            // The index holds a keyed hash of each key: the key itself is in the sealed line.
+            for info in &mut infos {
+                if info.key.is_some()
+                    && let Ok(env) = self.read_indexed(info)
+                {
+                    info.key = env.key;
+                }
+            }
+        }
+        Ok(infos)
     }
 
     /// Reads a segment file back by its path (every complete line, in file order), without
@@ -53,7 +67,16 @@ impl Staging {
     /// ([`StoreError::NewerFormat`]) and its checksum ([`StoreError::Damaged`]); a file that
     /// is not a segment is [`StoreError::NotStagingFile`].
     pub fn read_file(path: &Path) -> Result<Vec<Envelope>, StoreError> {
-        crate::segment::read_file(path)
+        crate::segment::read_file(path, None)
+    }
+
+    /// [`Staging::read_file`] of a file that may hold sealed lines, opened with `keys`; a sealed
+    /// line whose key is not in `keys` is [`StoreError::KeyNeeded`], never damage.
+    pub fn read_file_with_keys(
+        path: &Path,
+        keys: Option<&Keyring>,
+    ) -> Result<Vec<Envelope>, StoreError> {
+        crate::segment::read_file(path, keys)
     }
 
     /// Reads a dead-letter file back by its path: the record, the sink that refused it, the
@@ -61,7 +84,36 @@ impl Staging {
     /// ([`StoreError::NewerFormat`]); a file that is not a dead letter is
     /// [`StoreError::NotStagingFile`].
     pub fn dead_letter(path: &Path) -> Result<DeadLetterFile, StoreError> {
-        DeadLetterFile::read(path)
+        DeadLetterFile::read(path, None)
+    }
+
+    /// [`Staging::dead_letter`] of a letter that may be sealed, opened with `keys`.
+    pub fn dead_letter_with_keys(
+        path: &Path,
+        keys: Option<&Keyring>,
+    ) -> Result<DeadLetterFile, StoreError> {
+        DeadLetterFile::read(path, keys)
+    }
+
+    /// The ids of the keys that the folder's files and index use now (`estafeta key prune`).
+    pub fn keys_in_use(&self) -> Result<std::collections::BTreeSet<String>, StoreError> {
+        let db = self.db();
+        crate::sealed_folder::keys_in_use(self.root(), self.failed_dir(), &db)
+    }
+
+    /// Records that the folder needs only the keys `ids` from now on (after a prune of the key
+    /// file). Refused while another process has the store open: it may be about to seal with a
+    /// key that nothing uses yet.
+    pub fn set_keys_needed(
+        &self,
+        ids: &std::collections::BTreeSet<String>,
+    ) -> Result<(), StoreError> {
+        if crate::leases::others_alive(&self.shared().state_dir, &self.inner.owner) {
+            return Err(StoreError::Busy(
+                "another Estafeta process has the staging folder open (the daemon?): stop it, then prune the keys".into(),
+            ));
+        }
+        crate::sealed_folder::set(&self.shared().state_dir, ids)
     }
 
     /// A record by id or sequence number (decimal).
@@ -77,21 +129,40 @@ impl Staging {
                     .optional()?,
             };
             let seq = seq.ok_or_else(|| StoreError::NotFound(id_or_seq.to_string()))?;
-            info_of(&db, self.root(), seq as u64)?
+            info_of(&db, self.root(), seq as u64, self.shared().keys())?
         };
+        let mut info = info;
+        let env = self.read_indexed(&info)?;
+        info.key = env.key.clone();
+        Ok((env, info))
+    }
+
+    /// Reads an indexed record from its segment.
+    fn read_indexed(&self, info: &RecordInfo) -> Result<Envelope, StoreError> {
         let (offset, len): (i64, i64) = self.db().query_row(
             "SELECT offset, len FROM records WHERE seq = ?1",
             [info.seq as i64],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
-        let env = crate::segment::read_record(&info.path, offset as u64, len as u64).map_err(
-            |reason| StoreError::Damaged {
+        let env = crate::segment::read_record(
+            &info.path,
+            offset as u64,
+            len as u64,
+            self.shared().keys(),
+        )
+        .map_err(|e| match e {
+            crate::segment::LineError::NeedsKey(kid) => StoreError::KeyNeeded {
+                what: format!("record {}", info.id),
+                kids: kid,
+                why: "that key was not given".into(),
+            },
+            crate::segment::LineError::Damaged(reason) => StoreError::Damaged {
                 what: info.id.clone(),
                 reason,
             },
-        )?;
+        })?;
         crate::segment::check_format(&info.path, env.v)?;
-        Ok((env, info))
+        Ok(env)
     }
 
     pub fn status(&self) -> Result<Status, StoreError> {
@@ -116,7 +187,12 @@ impl Staging {
 }
 
 /// Builds a record's listing from the index.
-pub(crate) fn info_of(db: &Connection, root: &Path, seq: u64) -> Result<RecordInfo, StoreError> {
+pub(crate) fn info_of(
+    db: &Connection,
+    root: &Path,
+    seq: u64,
+    keys: Option<&Keyring>,
+) -> Result<RecordInfo, StoreError> {
     let (id, action, entity, key, staged_at, sinks, rel): (
         String,
         String,
@@ -157,7 +233,9 @@ pub(crate) fn info_of(db: &Connection, root: &Path, seq: u64) -> Result<RecordIn
                 sink: r.get(0)?,
                 state: if lease_expired { State::Pending } else { state },
                 attempts: r.get::<_, i64>(2)? as u32,
-                last_error: r.get(3)?,
+                last_error: r
+                    .get::<_, Option<String>>(3)?
+                    .map(|e| crate::crypt::Keyring::reveal(keys, e)),
                 next_attempt_at: (state == State::Pending && next_at > now_ms())
                     .then(|| ms_to_rfc3339(next_at)),
             })
