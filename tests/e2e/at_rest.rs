@@ -209,6 +209,14 @@ async fn a_sealed_staging_folder_never_holds_the_canary_and_is_left_untouched_wi
     assert!(shown.status.success(), "{}", output(&shown));
     assert!(output(&shown).contains(DEAD_TEXT), "{}", output(&shown));
     assert!(output(&shown).contains("echo"), "{}", output(&shown));
+    // `estafeta retry` opens sealed dead letters with the key (a listing: nothing changes).
+    let retry = run_cli(dir.path(), &env, &["retry", "--verbose"]).await;
+    assert!(retry.status.success(), "{}", output(&retry));
+    assert!(
+        output(&retry).contains(&format!("seq={dead_seq}")) && !output(&retry).contains("skipped"),
+        "{}",
+        output(&retry)
+    );
 
     // The API is fixed; the dead letter is requeued, delivered and cleaned up.
     api.clear_status_for(&format!("/patient/{DEAD_KEY}"));

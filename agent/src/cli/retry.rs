@@ -113,7 +113,7 @@ pub(super) fn retry(config: &Config, args: RetryArgs) -> anyhow::Result<u8> {
         }
     };
     for path in files {
-        match Staging::dead_letter(&path) {
+        match Staging::dead_letter_with_keys(&path, config.staging_keys.as_deref()) {
             Ok(letter) => letters.push(Letter { path, file: letter }),
             // A file given by name must be a dead letter; one met in a folder is skipped.
             Err(err @ StoreError::NotStagingFile { .. }) if file.is_some() => {
