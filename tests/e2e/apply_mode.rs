@@ -277,6 +277,17 @@ async fn upsert_example_is_applied_once_across_replays(dialect: Dialect) {
     .unwrap();
     target.execute(&schema).await;
 
+    // check-config prepares the sources' queries too: AGHU's tables must exist where
+    // AGHU_DATABASE_URL points (created once, under a lock: both dialects' tests run at once).
+    let aghu = std::fs::read_to_string(example.join("schema/aghu-postgres.sql")).unwrap();
+    estafeta_e2e::pg()
+        .await
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(2022); {aghu}; COMMIT;"
+        ))
+        .await
+        .expect("creating AGHU's tables");
+
     let config = example.join("estafeta.toml");
     let env = [
         ("CONFIG_FILE", config.to_str().unwrap()),
