@@ -26,6 +26,7 @@ fn test_config(root: &std::path::Path, addr: SocketAddr, central: &str) -> Confi
                 ca_file: None,
                 routes: Vec::new(),
                 idempotency_key: None,
+                lookups: Default::default(),
                 concurrency: 4,
                 heartbeat_path: None,
             }),

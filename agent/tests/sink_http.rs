@@ -167,6 +167,7 @@ fn config(url: &str) -> HttpSinkConfig {
         ca_file: None,
         routes: Vec::new(),
         idempotency_key: None,
+        lookups: Default::default(),
         concurrency: 4,
         heartbeat_path: None,
     }
@@ -367,6 +368,7 @@ async fn the_first_matching_route_sets_method_path_and_headers() {
     let sink = sink(HttpSinkConfig {
         routes,
         idempotency_key: None,
+        lookups: Default::default(),
         ..config(&url)
     });
     let batch = vec![

@@ -252,3 +252,120 @@ body_template = "templates/oru.hl7"
     );
     assert!(!reason.contains("João"), "{reason}");
 }
+
+/// Seed 003's lookups: exam codes mapped through `tests_map.json`, the specimen found in the
+/// API's own catalog (`GET /tests`, fetched once with the token and cached), the Bemsoft request
+/// built by a JSON body template. A code with no mapping, and a mapped code the catalog does not
+/// hold, are dead letters that say which code and where to fix it; the others go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_are_mapped_and_looked_up_in_the_apis_catalog_and_an_unknown_code_is_a_dead_letter() {
+    let server = FlakyHttpServer::start_with_seed(24).await;
+    server.respond_for(
+        "/tests",
+        200,
+        json!([
+            {"supportTestId": "HB-001", "supportSpecimenId": "SANGUE-EDTA"},
+            {"supportTestId": "TEST-12345", "supportSpecimenId": "SORO"}
+        ]),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("templates")).unwrap();
+    std::fs::write(
+        dir.path().join("tests_map.json"),
+        r#"{"HEMOGRAMA": "HB-001", "GLICOSE": "GLU-FAST", "12345": "TEST-12345"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("templates/request.json"),
+        r#"{"externalId": {{ payload.CodSolicitacao }},
+ "tests": [{% for item in payload.items %}{% set id = map("exames", item.exame) %}
+   {"supportTestId": {{ id }}, "supportSpecimenId": {{ catalog("tests", id).supportSpecimenId }}}{% if not loop.last %},{% endif %}{% endfor %}]}"#,
+    )
+    .unwrap();
+    let token = "bemsoft-token-0123456789abcdef";
+    std::fs::write(
+        dir.path().join("estafeta.toml"),
+        format!(
+            r#"[[sinks]]
+name = "bemsoft"
+type = "http"
+url = "{}"
+token = "{token}"
+idempotency_key = "sol-{{payload.CodSolicitacao}}"
+maps = {{ exames = "tests_map.json" }}
+catalogs = {{ tests = {{ path = "/tests", key = "supportTestId" }} }}
+
+[[sinks.routes]]
+entity = "solicitacao"
+method = "POST"
+path = "/requests"
+body_template = "templates/request.json"
+
+# One key per request, so a refused request holds back only its own later records.
+[entities.solicitacao]
+key_field = "CodSolicitacao"
+"#,
+            server.url()
+        ),
+    )
+    .unwrap();
+    let toml = dir.path().join("estafeta.toml");
+    let env = [
+        ("CONFIG_FILE", toml.to_str().unwrap()),
+        ("CRONTAB", "* * * * * *"),
+        ("FLUSH_ON_WRITE", "true"),
+    ];
+    let mut agent = Agent::start(dir.path(), &env);
+    agent.wait_ready(Duration::from_secs(20)).await;
+    let solicitacao = |cod: u64, exames: &[&str]| json!({"CodSolicitacao": cod, "items": exames.iter().map(|e| json!({"exame": e})).collect::<Vec<_>>()});
+    post(
+        &agent,
+        "solicitacao",
+        solicitacao(1, &["HEMOGRAMA", "12345"]),
+    )
+    .await;
+    post(&agent, "solicitacao", solicitacao(2, &["URINA"])).await;
+    post(&agent, "solicitacao", solicitacao(3, &["GLICOSE"])).await;
+    wait_settled(&agent, &["bemsoft"], 2).await;
+
+    let requests = server.requests();
+    let sent: Vec<Value> = requests
+        .iter()
+        .filter(|r| r.path == "/requests")
+        .map(|r| serde_json::from_slice(&r.body).expect("a JSON body"))
+        .collect();
+    assert_eq!(
+        sent,
+        [json!({"externalId": 1, "tests": [
+            {"supportTestId": "HB-001", "supportSpecimenId": "SANGUE-EDTA"},
+            {"supportTestId": "TEST-12345", "supportSpecimenId": "SORO"}
+        ]})],
+        "{sent:?}"
+    );
+    let catalog: Vec<_> = requests.iter().filter(|r| r.path == "/tests").collect();
+    assert_eq!(catalog.len(), 1, "the catalog is fetched once and cached");
+    assert!(
+        catalog[0]
+            .headers
+            .iter()
+            .any(|(n, v)| n == "authorization" && v == &format!("Bearer {token}")),
+        "the catalog is fetched with the sink's token"
+    );
+
+    let mut reasons: Vec<String> = dead_letters(&agent, "bemsoft")
+        .await
+        .iter()
+        .map(|d| d["reason"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].contains("code \"URINA\" has no mapping in")
+            && reasons[0].contains("tests_map.json"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].contains("no item with supportTestId = \"GLU-FAST\" in the catalog GET /tests"),
+        "{reasons:?}"
+    );
+}

@@ -94,6 +94,11 @@ pub(super) struct FileSink {
     /// http: the `Idempotency-Key` template; database: the landing key's template
     /// (`sinks::record_template`).
     pub(super) idempotency_key: Option<String>,
+    /// http: mapping files for body templates, `{ name = "file.json" }` relative to the TOML
+    /// file (`map(name, code)` in a template).
+    pub(super) maps: Option<BTreeMap<String, PathBuf>>,
+    /// http: catalogs the API serves, for body templates (`catalog(name, id)`).
+    pub(super) catalogs: Option<BTreeMap<String, FileCatalog>>,
     /// Any sink: after this many transient failures a record becomes a dead letter (default:
     /// retry forever).
     pub(super) max_attempts: Option<u32>,
@@ -129,6 +134,8 @@ impl FileSink {
             ("nkey_file", self.nkey_file.is_some(), &[Nats]),
             ("apply_dir", self.apply_dir.is_some(), &[Database]),
             ("connections", self.connections.is_some(), &[Database]),
+            ("maps", self.maps.is_some(), &[Http]),
+            ("catalogs", self.catalogs.is_some(), &[Http]),
             (
                 "idempotency_key",
                 self.idempotency_key.is_some(),
@@ -136,6 +143,15 @@ impl FileSink {
             ),
         ]
     }
+}
+
+/// A catalog of an HTTP sink: `GET {url}{path}`, items matched on `key`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCatalog {
+    pub(super) path: String,
+    pub(super) key: String,
+    pub(super) ttl_secs: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

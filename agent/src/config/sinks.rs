@@ -20,6 +20,7 @@ use crate::db::apply::ApplyStatements;
 use crate::problem::Problem;
 use crate::redact::url as redact_url;
 use crate::sinks::database::DatabaseSinkConfig;
+use crate::sinks::http::lookups::{Catalog, DEFAULT_CATALOG_TTL, Lookups, MapFile};
 use crate::sinks::http::{BodyTemplate, HttpRoute, HttpSinkConfig};
 use crate::sinks::record_template::RecordTemplate;
 use crate::sinks::{SinkConfig, SinkKind};
@@ -144,9 +145,15 @@ impl Loader {
                             expected,
                         );
                     }
+                    let lookups = Arc::new(self.lookups(&at, sink, file_dir));
                     let mut routes = Vec::new();
                     for (j, route) in sink.routes.iter().enumerate() {
-                        routes.push(self.http_route(&format!("{at}.routes[{j}]"), route, file_dir));
+                        routes.push(self.http_route(
+                            &format!("{at}.routes[{j}]"),
+                            route,
+                            file_dir,
+                            &lookups,
+                        ));
                     }
                     if let Some(path) = &sink.heartbeat_path
                         && let Err(expected) = crate::sinks::http::check_heartbeat_path(path)
@@ -164,6 +171,7 @@ impl Loader {
                             &format!("{at}.idempotency_key"),
                             &sink.idempotency_key,
                         ),
+                        lookups,
                         concurrency,
                         heartbeat_path: sink.heartbeat_path.clone(),
                     })
@@ -205,6 +213,52 @@ impl Loader {
         sinks
     }
 
+    /// An HTTP sink's `maps` (files read now) and `catalogs`; each mistake is a problem.
+    fn lookups(&mut self, at: &str, sink: &FileSink, file_dir: &Path) -> Lookups {
+        let mut lookups = Lookups::default();
+        for (name, file) in sink.maps.iter().flatten() {
+            let path = file_dir.join(file);
+            match MapFile::load(&path) {
+                Ok(map) => {
+                    lookups.maps.insert(name.clone(), map);
+                }
+                Err(expected) => self.problem(
+                    format!("{at}.maps.{name}"),
+                    Some(path.display().to_string()),
+                    expected,
+                ),
+            }
+        }
+        for (name, catalog) in sink.catalogs.iter().flatten() {
+            if !catalog.path.starts_with('/') {
+                self.problem(
+                    format!("{at}.catalogs.{name}.path"),
+                    Some(catalog.path.clone()),
+                    "expected a path starting with '/', such as /tests",
+                );
+            }
+            let ttl = match catalog.ttl_secs {
+                None => DEFAULT_CATALOG_TTL,
+                Some(t) => match secs_from_f64(t, false) {
+                    Ok(d) => d,
+                    Err(expected) => {
+                        self.problem(
+                            format!("{at}.catalogs.{name}.ttl_secs"),
+                            Some(t.to_string()),
+                            expected,
+                        );
+                        DEFAULT_CATALOG_TTL
+                    }
+                },
+            };
+            lookups.catalogs.insert(
+                name.clone(),
+                Catalog::new(catalog.path.clone(), catalog.key.clone(), ttl),
+            );
+        }
+        lookups
+    }
+
     /// A record template (`idempotency_key`), checked: a bad one is a problem at `at`.
     fn record_template(&mut self, at: &str, text: &Option<String>) -> Option<RecordTemplate> {
         let text = text.as_ref()?;
@@ -222,6 +276,7 @@ impl Loader {
         at: &str,
         route: &FileHttpRoute,
         file_dir: &Path,
+        lookups: &Arc<Lookups>,
     ) -> HttpRoute {
         let method = route.method.as_ref().map(|m| m.to_ascii_uppercase());
         if let Some(m) = &method
@@ -252,7 +307,7 @@ impl Loader {
         }
         let body = route.body_template.as_ref().and_then(|path| {
             let path = file_dir.join(path);
-            match BodyTemplate::load(&path, route.content_type.as_deref()) {
+            match BodyTemplate::load(&path, route.content_type.as_deref(), lookups) {
                 Ok(template) => Some(Arc::new(template)),
                 Err(expected) => {
                     self.problem(
@@ -494,6 +549,7 @@ impl Loader {
                         ca_file,
                         routes: Vec::new(),
                         idempotency_key,
+                        lookups: Default::default(),
                         concurrency: concurrency.unwrap_or(DEFAULT_API_CONCURRENCY),
                         heartbeat_path,
                     }),

@@ -17,6 +17,9 @@
 //!   `check-config` and the start, naming the file and line.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::lookups::Lookups;
 
 use estafeta_staging::Envelope;
 use minijinja::value::Value as TemplateValue;
@@ -94,7 +97,11 @@ fn write_value(
 impl BodyTemplate {
     /// Reads and compiles the template at `path`; `content_type` overrides the one its
     /// extension implies. The error names the file (and line, for a syntax error).
-    pub fn load(path: &Path, content_type: Option<&str>) -> Result<Self, String> {
+    pub fn load(
+        path: &Path,
+        content_type: Option<&str>,
+        lookups: &Arc<Lookups>,
+    ) -> Result<Self, String> {
         let source = std::fs::read_to_string(path).map_err(|e| {
             format!(
                 "cannot read the body template {}: {e}; check the path (relative to the TOML file)",
@@ -109,6 +116,7 @@ impl BodyTemplate {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.add_filter("hl7", hl7_escape);
+        lookups.register(&mut env);
         env.set_formatter(move |out, state, value| write_value(out, state, value, hl7));
         env.add_template_owned(name.clone(), source).map_err(|e| {
             format!(
@@ -151,10 +159,16 @@ impl BodyTemplate {
                 }
             })
             .map_err(|e| {
+                // A lookup's own message (a code without a mapping) names the code and the file;
+                // other errors say only their kind, never a value of the record.
+                let what = match (e.kind(), e.detail()) {
+                    (ErrorKind::InvalidOperation, Some(detail)) => detail.to_owned(),
+                    (kind, _) => kind.to_string(),
+                };
                 format!(
                     "the body template {} cannot be filled for this record: {}{}; fix the record or the template, then requeue it",
                     self.path.display(),
-                    e.kind(),
+                    what,
                     e.line()
                         .map(|l| format!(" (line {l})"))
                         .unwrap_or_default()
@@ -180,7 +194,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(name);
         std::fs::write(&path, text).unwrap();
-        let t = BodyTemplate::load(&path, None);
+        let t = BodyTemplate::load(&path, None, &Arc::default());
         (dir, t)
     }
 

@@ -63,6 +63,7 @@ use crate::redact::{self, Secrets};
 
 mod body;
 mod config;
+pub mod lookups;
 mod path;
 #[cfg(test)]
 mod run_tests;
@@ -128,6 +129,8 @@ pub struct HttpSink {
     routes: Vec<CompiledRoute>,
     /// The `Idempotency-Key` of records whose route sets none; `None`: the record's id.
     idempotency_key: Option<RecordTemplate>,
+    /// Maps and catalogs of its body templates.
+    lookups: Arc<lookups::Lookups>,
     concurrency: usize,
     heartbeat_path: Option<String>,
     shared: Arc<Shared>,
@@ -232,6 +235,7 @@ impl HttpSink {
             token,
             routes,
             idempotency_key: config.idempotency_key,
+            lookups: config.lookups,
             concurrency: config.concurrency.max(1),
             heartbeat_path: config.heartbeat_path,
             shared: Arc::new(Shared {
@@ -346,6 +350,44 @@ impl HttpSink {
 }
 
 impl HttpSink {
+    /// Fetches every catalog that is stale (`GET {url}{path}` with the token). A failure is
+    /// the batch's transient error, unless an older copy can still serve (then a WARN).
+    async fn refresh_catalogs(&self) -> Result<(), String> {
+        for (name, catalog) in &self.lookups.catalogs {
+            if !catalog.stale() {
+                continue;
+            }
+            let url = join(&self.base, &catalog.path);
+            let shown = redact::url(url.as_str());
+            let mut request = self.shared.client.get(url);
+            if let Some(token) = &self.token {
+                request = request.header(header::AUTHORIZATION, token.clone());
+            }
+            let fetched = match request.send().await {
+                Ok(response) if response.status().is_success() => match response.bytes().await {
+                    Ok(body) => catalog.store(&body),
+                    Err(err) => Err(format!("reading it: {}", describe(&self.shared, err))),
+                },
+                Ok(response) => Err(format!("HTTP {}", response.status())),
+                Err(err) => Err(describe(&self.shared, err)),
+            };
+            match fetched {
+                Ok(items) => {
+                    tracing::info!(sink = %self.name, catalog = %name, url = %shown, items, "Catalog fetched for the body templates.");
+                }
+                Err(why) if catalog.loaded() => {
+                    tracing::warn!(sink = %self.name, catalog = %name, url = %shown, error = %why, "Catalog could not be refreshed; the copy fetched earlier serves.");
+                }
+                Err(why) => {
+                    return Err(format!(
+                        "the catalog {name} (GET {shown}) could not be fetched: {why}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `PUT`s one heartbeat as JSON: the latest state of one agent, so repeating it is harmless.
     async fn send_heartbeat(
         &self,
@@ -378,6 +420,16 @@ impl Sink for HttpSink {
 
     fn deliver<'a>(&'a self, batch: &'a [Delivery]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
+            // Catalogs are fetched before any body is rendered; without one the batch waits.
+            if let Err(error) = self.refresh_catalogs().await {
+                return batch
+                    .iter()
+                    .map(|_| Outcome::Retry {
+                        error: error.clone(),
+                        retry_after: None,
+                    })
+                    .collect();
+            }
             // Requests are built up front: the workers are tasks of their own and own what they
             // send. A record whose request cannot be built carries its outcome (dead) instead.
             let queue: VecDeque<Vec<Item>> = runs(batch)

@@ -105,6 +105,7 @@ fn sink(url: &str, concurrency: usize) -> HttpSink {
             ca_file: None,
             routes: Vec::new(),
             idempotency_key: None,
+            lookups: Default::default(),
             concurrency,
             heartbeat_path: None,
         },
