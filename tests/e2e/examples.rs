@@ -81,9 +81,11 @@ async fn bemsoft_monitor() {
     for r in &requests {
         assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/requests"));
         assert_eq!(r.header("authorization"), Some("Bearer example-token"));
-        assert!(r.idempotency_key().is_some());
     }
-    assert_ne!(requests[0].idempotency_key(), requests[1].idempotency_key());
+    // The seed's own Idempotency-Key, from the request number (idempotency_key in the TOML).
+    let mut keys: Vec<_> = requests.iter().map(|r| r.idempotency_key()).collect();
+    keys.sort();
+    assert_eq!(keys, [Some("sol-500"), Some("sol-501")]);
     let first = &bodies[0];
     assert_eq!(first["request"], 500);
     assert_eq!(
