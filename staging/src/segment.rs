@@ -167,15 +167,7 @@ fn encode_sealed(env: &Envelope, dk: &mut DataKey) -> Vec<u8> {
     .expect("a record serializes");
     line.pop();
     line.extend_from_slice(b",\"sealed\":");
-    let aad = line_aad(
-        env.v,
-        &env.id,
-        env.seq,
-        &env.action,
-        &env.entity,
-        &env.staged_at,
-        &env.sinks,
-    );
+    let aad = envelope_aad(env);
     dk.seal_into(&mut plain, &aad, &mut line);
     line.push(b'}');
     line
@@ -194,6 +186,19 @@ struct Hidden {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     source: Option<crate::record::SourceMark>,
     payload: Box<RawValue>,
+}
+
+/// [`line_aad`] of an envelope's clear fields.
+fn envelope_aad(env: &Envelope) -> Vec<u8> {
+    line_aad(
+        env.v,
+        &env.id,
+        env.seq,
+        &env.action,
+        &env.entity,
+        &env.staged_at,
+        &env.sinks,
+    )
 }
 
 /// The fields a sealed line keeps in clear, bound to its ciphertext: a line moved to another
@@ -224,15 +229,7 @@ pub fn seal_envelope<'a>(env: &'a Envelope, dk: &mut DataKey) -> SealedLine<'a> 
         payload: env.payload.clone(),
     };
     let plain = serde_json::to_vec(&hidden).expect("a record serializes");
-    let aad = line_aad(
-        env.v,
-        &env.id,
-        env.seq,
-        &env.action,
-        &env.entity,
-        &env.staged_at,
-        &env.sinks,
-    );
+    let aad = envelope_aad(env);
     SealedLine {
         v: env.v,
         id: &env.id,

@@ -25,6 +25,19 @@ async fn post(agent: &Agent, entity: &str, payload: Value) {
     );
 }
 
+/// The agent on `dir`'s `estafeta.toml`, delivering at once, ready.
+async fn start(dir: &std::path::Path) -> Agent {
+    let toml = dir.join("estafeta.toml");
+    let env = [
+        ("CONFIG_FILE", toml.to_str().unwrap()),
+        ("CRONTAB", "* * * * * *"),
+        ("FLUSH_ON_WRITE", "true"),
+    ];
+    let mut agent = Agent::start(dir, &env);
+    agent.wait_ready(Duration::from_secs(20)).await;
+    agent
+}
+
 /// The dead letters of `sink`, as `GET /v1/dead-letters` lists them.
 async fn dead_letters(agent: &Agent, sink: &str) -> Vec<Value> {
     let (code, answer) = agent.get("/v1/dead-letters").await;
@@ -192,14 +205,7 @@ body_template = "templates/oru.hl7"
         ),
     )
     .unwrap();
-    let toml = dir.path().join("estafeta.toml");
-    let env = [
-        ("CONFIG_FILE", toml.to_str().unwrap()),
-        ("CRONTAB", "* * * * * *"),
-        ("FLUSH_ON_WRITE", "true"),
-    ];
-    let mut agent = Agent::start(dir.path(), &env);
-    agent.wait_ready(Duration::from_secs(20)).await;
+    let agent = start(dir.path()).await;
     post(
         &agent,
         "resultado",
@@ -309,14 +315,7 @@ key_field = "CodSolicitacao"
         ),
     )
     .unwrap();
-    let toml = dir.path().join("estafeta.toml");
-    let env = [
-        ("CONFIG_FILE", toml.to_str().unwrap()),
-        ("CRONTAB", "* * * * * *"),
-        ("FLUSH_ON_WRITE", "true"),
-    ];
-    let mut agent = Agent::start(dir.path(), &env);
-    agent.wait_ready(Duration::from_secs(20)).await;
+    let agent = start(dir.path()).await;
     let solicitacao = |cod: u64, exames: &[&str]| json!({"CodSolicitacao": cod, "items": exames.iter().map(|e| json!({"exame": e})).collect::<Vec<_>>()});
     post(
         &agent,
