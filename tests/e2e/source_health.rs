@@ -121,23 +121,52 @@ checkpoint = ["criado_em", "id"]
     assert_eq!(s["lag_from"], "newest_row", "{s}");
     let lag = s["lag_secs"].as_u64().unwrap();
     assert!((89..=150).contains(&lag), "lag {lag}: {s}");
-    for at in ["last_run_started_at", "last_run_finished_at", "last_success_at"] {
+    for at in [
+        "last_run_started_at",
+        "last_run_finished_at",
+        "last_success_at",
+    ] {
         let t = s[at].as_str().unwrap_or_else(|| panic!("{at}: {s}"));
         assert!(chrono::DateTime::parse_from_rfc3339(t).is_ok(), "{at}: {s}");
     }
     let text = metrics(&agent).await;
     let series = |name: &str| format!("{name}{{source=\"exames\"}}");
-    assert_eq!(sample(&text, &series("estafeta_source_rows_total")), Some(3.0), "{text}");
-    assert_eq!(sample(&text, &series("estafeta_source_records_total")), Some(3.0), "{text}");
-    assert_eq!(sample(&text, &series("estafeta_source_errors_total")), Some(0.0), "{text}");
-    assert_eq!(sample(&text, &series("estafeta_source_up")), Some(1.0), "{text}");
-    let success = sample(&text, &series("estafeta_source_last_success_timestamp_seconds"))
-        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(
+        sample(&text, &series("estafeta_source_rows_total")),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &series("estafeta_source_records_total")),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &series("estafeta_source_errors_total")),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &series("estafeta_source_up")),
+        Some(1.0),
+        "{text}"
+    );
+    let success = sample(
+        &text,
+        &series("estafeta_source_last_success_timestamp_seconds"),
+    )
+    .unwrap_or_else(|| panic!("{text}"));
     assert!((secs_now() - success).abs() < 30.0, "{success}: {text}");
     let lag = sample(&text, &series("estafeta_source_lag_seconds")).unwrap();
     assert!((89.0..=150.0).contains(&lag), "{text}");
-    assert!(text.contains("# TYPE estafeta_source_rows_total counter\n"), "{text}");
-    assert!(text.contains("# TYPE estafeta_source_lag_seconds gauge\n"), "{text}");
+    assert!(
+        text.contains("# TYPE estafeta_source_rows_total counter\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE estafeta_source_lag_seconds gauge\n"),
+        "{text}"
+    );
 
     // 2. A row whose value the query cannot cast: the whole query fails with 22P02; the error
     // names the SQLSTATE but not the value (PostgreSQL's message quotes it).
@@ -153,12 +182,23 @@ checkpoint = ["criado_em", "id"]
     })
     .await;
     let s = source(&agent).await;
+    assert_hidden("/v1/status", &s.to_string());
     let error = s["last_error"].as_str().unwrap_or_else(|| panic!("{s}"));
     assert!(error.contains("PostgreSQL 22P02"), "{error}");
-    assert!(error.contains("postgres://postgres:***@127.0.0.1"), "{error}");
-    assert_hidden("/v1/status", &s.to_string());
+    assert!(
+        error.contains("postgres://postgres:***@127.0.0.1"),
+        "{error}"
+    );
+    // Nor in the agent's log.
+    assert_hidden(
+        "the agent's log",
+        &format!("{}{}", agent.stdout(), agent.stderr()),
+    );
     client
-        .execute(&format!("DELETE FROM {table} WHERE codigo = $1"), &[&PATIENT_VALUE])
+        .execute(
+            &format!("DELETE FROM {table} WHERE codigo = $1"),
+            &[&PATIENT_VALUE],
+        )
         .await
         .unwrap();
     eventually(&agent, "ok again once the row is gone", || async {
@@ -196,13 +236,20 @@ checkpoint = ["criado_em", "id"]
     assert_hidden("/v1/status", &s.to_string());
     let text = metrics(&agent).await;
     assert_hidden("/metrics", &text);
-    assert_eq!(sample(&text, &series("estafeta_source_up")), Some(0.0), "{text}");
+    assert_eq!(
+        sample(&text, &series("estafeta_source_up")),
+        Some(0.0),
+        "{text}"
+    );
     assert!(
         sample(&text, &series("estafeta_source_errors_total")).unwrap() > errors_before as f64,
         "{text}"
     );
     // The last success stays where it was: `time() - …` grows, which is what an alert watches.
-    let success = sample(&text, &series("estafeta_source_last_success_timestamp_seconds"));
+    let success = sample(
+        &text,
+        &series("estafeta_source_last_success_timestamp_seconds"),
+    );
     assert!(success.unwrap() <= success_before + 1.0, "{text}");
 
     // `estafeta status` asks the running agent.
@@ -221,7 +268,10 @@ checkpoint = ["criado_em", "id"]
             .any(|l| l.starts_with("exames") && l.contains("error")),
         "{cli}"
     );
-    assert!(cli.contains("source exames last error:") && cli.contains("42P01"), "{cli}");
+    assert!(
+        cli.contains("source exames last error:") && cli.contains("42P01"),
+        "{cli}"
+    );
     assert_hidden("estafeta status", &cli);
 
     // The page: a Sources table with the error, and the alert above it.
@@ -238,10 +288,22 @@ checkpoint = ["criado_em", "id"]
         .await
         .expect("the page shows the source's error");
     let row_text = row.text().await.unwrap();
-    assert!(row_text.contains("error") && row_text.contains("does not exist"), "{row_text}");
+    assert!(
+        row_text.contains("error") && row_text.contains("does not exist"),
+        "{row_text}"
+    );
     assert_hidden("the status page", &row_text);
-    let alert = browser.find(Locator::Id("alert")).await.unwrap().text().await.unwrap();
-    assert!(alert.contains("Source exames failed its last cycle"), "{alert}");
+    let alert = browser
+        .find(Locator::Id("alert"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        alert.contains("Source exames failed its last cycle"),
+        "{alert}"
+    );
     let png = browser.screenshot().await.expect("a screenshot");
     let shot = estafeta_e2e::profile_dir().join("status-page-sources.png");
     std::fs::write(&shot, &png).unwrap();
@@ -249,7 +311,9 @@ checkpoint = ["criado_em", "id"]
 
     // 4. Fixed: the table is back with a new row; the next cycle reads it and the error clears.
     client
-        .batch_execute(&format!("{create}; INSERT INTO {table} (codigo) VALUES ('4');"))
+        .batch_execute(&format!(
+            "{create}; INSERT INTO {table} (codigo) VALUES ('4');"
+        ))
         .await
         .unwrap();
     eventually(&agent, "the source ok again", || async {
@@ -261,8 +325,16 @@ checkpoint = ["criado_em", "id"]
     assert!(s["last_error"].is_null(), "{s}");
     assert!(s["lag_secs"].as_u64().unwrap() < 30, "{s}");
     let text = metrics(&agent).await;
-    assert_eq!(sample(&text, &series("estafeta_source_up")), Some(1.0), "{text}");
-    assert_eq!(sample(&text, &series("estafeta_source_records_total")), Some(4.0), "{text}");
+    assert_eq!(
+        sample(&text, &series("estafeta_source_up")),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &series("estafeta_source_records_total")),
+        Some(4.0),
+        "{text}"
+    );
     browser
         .wait()
         .at_most(Duration::from_secs(20))

@@ -75,7 +75,10 @@ where
 }
 
 /// A headless Chromium session through `driver`, its profile in `profile`.
-pub(crate) async fn open_browser(driver: &Chromedriver, profile: &std::path::Path) -> fantoccini::Client {
+pub(crate) async fn open_browser(
+    driver: &Chromedriver,
+    profile: &std::path::Path,
+) -> fantoccini::Client {
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),

@@ -129,7 +129,10 @@ fn sources_text(sources: &[Value]) -> String {
                 cell(&q["rows_total"]),
                 cell(&q["records_total"]),
                 cell(&q["refused_total"]),
-                q["lag_secs"].as_i64().map(age).unwrap_or_else(|| "-".into()),
+                q["lag_secs"]
+                    .as_i64()
+                    .map(age)
+                    .unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();

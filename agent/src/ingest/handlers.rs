@@ -405,9 +405,7 @@ pub async fn metrics(State(state): State<IngestState>) -> Response {
         .ok()
         .flatten();
     let mut text = state.metrics().render(status.as_ref(), memory);
-    state
-        .sources_health()
-        .render(chrono::Utc::now(), &mut text);
+    state.sources_health().render(chrono::Utc::now(), &mut text);
     (
         [(
             header::CONTENT_TYPE,

@@ -13,8 +13,8 @@ use crate::batcher::WriteSignal;
 use crate::config::Config;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
-use crate::sources::health::SourcesHealth;
 use crate::sinks::Sink;
+use crate::sources::health::SourcesHealth;
 
 /// What every ingest handler shares.
 #[derive(Clone)]

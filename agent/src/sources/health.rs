@@ -166,9 +166,11 @@ impl SourcesHealth {
                     running: e.running,
                     last_run_started_at: time(e.started),
                     last_run_finished_at: time(e.finished),
-                    outcome: e
-                        .ran
-                        .then_some(if e.last.error.is_some() { "error" } else { "ok" }),
+                    outcome: e.ran.then_some(if e.last.error.is_some() {
+                        "error"
+                    } else {
+                        "ok"
+                    }),
                     last_rows: e.last.rows,
                     last_records: e.last.records,
                     last_refused: e.last.refused,
@@ -324,8 +326,14 @@ mod tests {
         let error = s.last_error.as_deref().unwrap();
         assert!(error.contains("42P01") && !error.contains("pw@"), "{error}");
         // Caught up at the start of the first cycle, twenty seconds ago.
-        assert_eq!((s.lag_secs, s.lag_from), (Some(20), Some(LagFrom::CaughtUp)));
-        assert_eq!(s.last_success_at.as_deref(), Some(super::super::rfc3339(at(1)).as_str()));
+        assert_eq!(
+            (s.lag_secs, s.lag_from),
+            (Some(20), Some(LagFrom::CaughtUp))
+        );
+        assert_eq!(
+            s.last_success_at.as_deref(),
+            Some(super::super::rfc3339(at(1)).as_str())
+        );
 
         health.started("exames", at(30));
         health.finished(
@@ -339,14 +347,29 @@ mod tests {
         );
         let s = &health.snapshot(at(40))[0];
         assert_eq!((s.outcome, s.last_error.clone()), (Some("ok"), None));
-        assert_eq!((s.lag_secs, s.lag_from), (Some(15), Some(LagFrom::NewestRow)));
+        assert_eq!(
+            (s.lag_secs, s.lag_from),
+            (Some(15), Some(LagFrom::NewestRow))
+        );
 
         let mut text = String::new();
         health.render(at(40), &mut text);
-        assert!(text.contains("estafeta_source_rows_total{source=\"exames\"} 5\n"), "{text}");
-        assert!(text.contains("estafeta_source_errors_total{source=\"exames\"} 1\n"), "{text}");
-        assert!(text.contains("estafeta_source_up{source=\"exames\"} 1\n"), "{text}");
-        assert!(text.contains("estafeta_source_lag_seconds{source=\"exames\"} 15\n"), "{text}");
+        assert!(
+            text.contains("estafeta_source_rows_total{source=\"exames\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("estafeta_source_errors_total{source=\"exames\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("estafeta_source_up{source=\"exames\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("estafeta_source_lag_seconds{source=\"exames\"} 15\n"),
+            "{text}"
+        );
         assert!(text.contains(&format!(
             "estafeta_source_last_success_timestamp_seconds{{source=\"exames\"}} {}\n",
             at(31).timestamp()

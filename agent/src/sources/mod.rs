@@ -260,7 +260,9 @@ pub async fn run_page(
     };
     let checkpoint = checkpoint_of(source, last_row)?;
     if let Some(first) = source.checkpoint.first() {
-        let value = mapping::column(last_row, first).cloned().unwrap_or(Value::Null);
+        let value = mapping::column(last_row, first)
+            .cloned()
+            .unwrap_or(Value::Null);
         page.newest_row_at = checkpoint_time(source, &[value]);
     }
     let mut records = Vec::new();
