@@ -29,6 +29,9 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+/// One series' value for a source; `None`: the series is left out for it (not known yet).
+type SeriesValue = dyn Fn(&SourceHealth) -> Option<f64>;
+
 /// Longest last error kept, in characters: enough for a driver's message and its advice.
 const MAX_ERROR_CHARS: usize = 500;
 
@@ -195,7 +198,7 @@ impl SourcesHealth {
             return;
         }
         let label = |s: &SourceHealth| crate::metrics::escape_label(&s.name);
-        let series: [(&str, &str, &str, &dyn Fn(&SourceHealth) -> Option<f64>); 7] = [
+        let series: [(&str, &str, &str, &SeriesValue); 7] = [
             (
                 "estafeta_source_rows_total",
                 "counter",
@@ -374,6 +377,26 @@ mod tests {
             "estafeta_source_last_success_timestamp_seconds{{source=\"exames\"}} {}\n",
             at(31).timestamp()
         )));
+    }
+
+    #[test]
+    fn a_checkpoint_holds_a_time_only_when_it_reads_as_one() {
+        let utc = |wall: chrono::NaiveDateTime| wall.and_utc();
+        let zoned = serde_json::json!("2026-11-23T10:30:00.000000Z");
+        assert_eq!(
+            time_of(&zoned, utc).unwrap().to_rfc3339(),
+            "2026-11-23T10:30:00+00:00"
+        );
+        // A time without a zone goes through the source's zone (here, three hours behind).
+        let wall = serde_json::json!("2026-11-23 10:30:00");
+        let sao_paulo = |wall: chrono::NaiveDateTime| wall.and_utc() + chrono::Duration::hours(3);
+        assert_eq!(
+            time_of(&wall, sao_paulo).unwrap().to_rfc3339(),
+            "2026-11-23T13:30:00+00:00"
+        );
+        // An id is no time: the lag is then the time since the source was caught up.
+        assert_eq!(time_of(&serde_json::json!(1500), utc), None);
+        assert_eq!(time_of(&serde_json::json!("1500"), utc), None);
     }
 
     #[test]
