@@ -187,6 +187,7 @@ pub async fn run_until(
     crate::sources::spawn_all(
         &store,
         state.intake(),
+        state.sources_health(),
         &config.sql_sources,
         config.tz.clone(),
         &tracker,

@@ -340,7 +340,7 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// Escapes a label value as the text format requires.
-fn escape_label(value: &str) -> String {
+pub fn escape_label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")

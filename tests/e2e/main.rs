@@ -65,6 +65,9 @@ mod canary;
 // SQL sources: checkpoints across SIGKILLs (PostgreSQL), grouping and debounce (SQLite), types
 // (MariaDB), `estafeta sources` and `sources reset`.
 mod sources;
+// Source health (issue 22): a PostgreSQL source that works, fails (a value its query cannot cast,
+// a dropped table) and is fixed, in /v1/status, /metrics, `estafeta status` and the status page.
+mod source_health;
 // SQL sources, what migrating teams hit (issue 22): a local-time column's debounce (MariaDB),
 // max_records per cycle apart from page_size (SQLite), a row that cannot become a record set
 // aside while the rest is staged (SQLite), after_stage on a queue table across a SIGKILL

@@ -19,13 +19,13 @@ use fantoccini::{ClientBuilder, Locator};
 use serde_json::json;
 
 /// chromedriver on a free loopback port, killed on drop.
-struct Chromedriver {
+pub(crate) struct Chromedriver {
     child: Child,
     port: u16,
 }
 
 impl Chromedriver {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let port = free_port();
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
@@ -58,7 +58,7 @@ impl Drop for Chromedriver {
 }
 
 /// Polls `check` every 200 ms for up to 20 s; panics with `what` and the agent's log.
-async fn eventually<F, Fut>(agent: &Agent, what: &str, check: F)
+pub(crate) async fn eventually<F, Fut>(agent: &Agent, what: &str, check: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -75,7 +75,10 @@ where
 }
 
 /// A headless Chromium session through `driver`, its profile in `profile`.
-async fn open_browser(driver: &Chromedriver, profile: &std::path::Path) -> fantoccini::Client {
+pub(crate) async fn open_browser(
+    driver: &Chromedriver,
+    profile: &std::path::Path,
+) -> fantoccini::Client {
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),

@@ -82,6 +82,85 @@ fn connections(config: &Config, agent: Option<&Value>) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// Each SQL source's health: the running agent's (`GET /v1/status`, `sources`), or without
+/// one, the last run the staging index kept (no totals, no lag: those are the agent's).
+fn sources(
+    config: &Config,
+    store: &estafeta_staging::Staging,
+    agent: Option<&Value>,
+) -> Vec<Value> {
+    if let Some(Value::Array(theirs)) = agent.map(|a| &a["sources"]) {
+        return theirs.clone();
+    }
+    let kept = store.sources().unwrap_or_default();
+    config
+        .sql_sources
+        .iter()
+        .map(|source| {
+            let state = kept.iter().find(|s| s.name == source.name);
+            let ran = state.and_then(|s| s.last_run_at.clone());
+            let error = state.and_then(|s| s.last_error.clone());
+            json!({
+                "name": source.name,
+                "last_run_finished_at": ran,
+                "outcome": ran.as_ref().map(|_| if error.is_some() { "error" } else { "ok" }),
+                "last_rows": state.and_then(|s| s.last_rows),
+                "last_error": error.map(|e| crate::redact::text(&e)),
+            })
+        })
+        .collect()
+}
+
+/// The sources' table and their last errors, as `estafeta status` prints them.
+fn sources_text(sources: &[Value]) -> String {
+    let cell = |v: &Value| match v {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let rows: Vec<Vec<String>> = sources
+        .iter()
+        .map(|q| {
+            vec![
+                cell(&q["name"]),
+                cell(&q["last_run_finished_at"]),
+                cell(&q["outcome"]),
+                cell(&q["last_rows"]),
+                cell(&q["rows_total"]),
+                cell(&q["records_total"]),
+                cell(&q["refused_total"]),
+                q["lag_secs"]
+                    .as_i64()
+                    .map(age)
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "SOURCE",
+            "LAST_RUN",
+            "OUTCOME",
+            "LAST_ROWS",
+            "ROWS_TOTAL",
+            "STAGED_TOTAL",
+            "SET_ASIDE",
+            "LAG",
+        ],
+        &rows,
+    );
+    for q in sources {
+        if let Some(error) = q["last_error"].as_str() {
+            out.push_str(&format!(
+                "  source {} last error: {}\n",
+                cell(&q["name"]),
+                shorten(error, 200)
+            ));
+        }
+    }
+    out
+}
+
 /// `1,234/s`; the rate is unknown without a running agent.
 fn rate_cell(rate: Option<f64>) -> String {
     match rate {
@@ -116,12 +195,14 @@ pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
     let agent = add_drain(config, &mut status);
     let agent_answered = agent.is_some();
     let connections = connections(config, agent.as_ref());
+    let sources = sources(config, &store, agent.as_ref());
     if as_json {
         let mut value = serde_json::to_value(&status).context("could not format the status")?;
         value["connections"] = connections
             .into_iter()
             .collect::<serde_json::Map<_, _>>()
             .into();
+        value["sources"] = Value::Array(sources);
         value["version"] = json!(crate::version::current());
         value["agent_id"] = json!(config.agent_id);
         value["update"] = serde_json::to_value(crate::update::state::load(&config.staging_path))
@@ -229,6 +310,10 @@ pub(super) fn status(config: &Config, as_json: bool) -> anyhow::Result<u8> {
                 shorten(error, 200)
             ));
         }
+    }
+    if !sources.is_empty() {
+        out.push('\n');
+        out.push_str(&sources_text(&sources));
     }
     if !status.groups.is_empty() {
         out.push('\n');

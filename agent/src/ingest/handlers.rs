@@ -275,7 +275,7 @@ fn from_intake(err: IntakeError) -> ApiError {
 }
 
 /// `GET /v1/status`: the store's status with each sink's drain rate and time to empty, the
-/// version, the uptime and the ingest counters.
+/// version, the uptime, the ingest counters and each SQL source's health.
 pub async fn status(
     State(state): State<IngestState>,
     headers: HeaderMap,
@@ -326,6 +326,12 @@ pub async fn status(
         map.insert(
             "ingest".into(),
             serde_json::to_value(state.metrics().ingest_counters()).unwrap_or_default(),
+        );
+        // Each SQL source's last cycle, totals since start, lag and last error (issue 22).
+        map.insert(
+            "sources".into(),
+            serde_json::to_value(state.sources_health().snapshot(chrono::Utc::now()))
+                .unwrap_or_default(),
         );
     }
     Ok(Json(body).into_response())
@@ -398,7 +404,8 @@ pub async fn metrics(State(state): State<IngestState>) -> Response {
         .await
         .ok()
         .flatten();
-    let text = state.metrics().render(status.as_ref(), memory);
+    let mut text = state.metrics().render(status.as_ref(), memory);
+    state.sources_health().render(chrono::Utc::now(), &mut text);
     (
         [(
             header::CONTENT_TYPE,

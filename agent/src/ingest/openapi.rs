@@ -386,6 +386,7 @@ fn operations(max_body_bytes: usize) -> Value {
                         "staging_blocked": { "type": "string", "nullable": true },
                         "sinks": { "type": "array", "items": { "type": "object" } },
                         "groups": { "type": "array", "items": { "type": "object" } },
+                        "sources": sources_schema(),
                         "ingest": {
                             "type": "object",
                             "properties": {
@@ -395,6 +396,36 @@ fn operations(max_body_bytes: usize) -> Value {
                         }
                     }
                 }
+            }
+        }
+    })
+}
+
+/// `Status.sources`: each SQL source's health (apart: one `json!` this deep exceeds the macro
+/// recursion limit).
+fn sources_schema() -> serde_json::Value {
+    json!({
+        "type": "array",
+        "description": "Each SQL source's health, as the running agent saw its cycles (issue 22).",
+        "items": {
+            "type": "object",
+            "properties": {
+                "name": { "type": "string" },
+                "running": { "type": "boolean", "description": "A cycle is under way." },
+                "last_run_started_at": { "type": "string", "nullable": true, "description": "RFC 3339 UTC." },
+                "last_run_finished_at": { "type": "string", "nullable": true },
+                "outcome": { "type": "string", "enum": ["ok", "error"], "nullable": true, "description": "Null before the first cycle ends." },
+                "last_rows": { "type": "integer", "description": "Rows the last cycle read." },
+                "last_records": { "type": "integer", "description": "Records the last cycle staged." },
+                "last_refused": { "type": "integer", "description": "Rows the last cycle set aside (_failed/_refused/)." },
+                "rows_total": { "type": "integer", "description": "Since the agent started." },
+                "records_total": { "type": "integer" },
+                "refused_total": { "type": "integer" },
+                "errors_total": { "type": "integer", "description": "Failed cycles since start." },
+                "last_success_at": { "type": "string", "nullable": true },
+                "last_error": { "type": "string", "nullable": true, "description": "Without the URL's password or row values; null once a cycle ends well." },
+                "lag_secs": { "type": "integer", "nullable": true, "description": "How far behind the source is." },
+                "lag_from": { "type": "string", "enum": ["newest_row", "caught_up"], "nullable": true, "description": "newest_row: the age of the newest row staged (a time checkpoint); caught_up: the time since a cycle last read everything there was." }
             }
         }
     })

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::intake::Intake;
 use crate::metrics::Metrics;
 use crate::sinks::Sink;
+use crate::sources::health::SourcesHealth;
 
 /// What every ingest handler shares.
 #[derive(Clone)]
@@ -30,6 +31,8 @@ struct Inner {
     writes: WriteSignal,
     shutting_down: AtomicBool,
     metrics: Arc<Metrics>,
+    /// What each SQL source's cycles did, noted by their loops (`/v1/status`, `/metrics`).
+    sources_health: Arc<SourcesHealth>,
     started: Instant,
     /// `POST /v1/update` wakes the update task through it.
     update_trigger: Arc<tokio::sync::Notify>,
@@ -50,6 +53,7 @@ impl IngestState {
                 writes,
                 shutting_down: AtomicBool::new(false),
                 metrics: Arc::new(Metrics::default()),
+                sources_health: Arc::default(),
                 started: Instant::now(),
                 update_trigger: Arc::new(tokio::sync::Notify::new()),
                 sinks: OnceLock::new(),
@@ -67,6 +71,11 @@ impl IngestState {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
+    }
+
+    /// The SQL sources' health, shared with their loops.
+    pub fn sources_health(&self) -> &Arc<SourcesHealth> {
+        &self.inner.sources_health
     }
 
     /// The one intake, for every other way records come in (adoption, SQL sources).

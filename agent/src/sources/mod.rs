@@ -21,6 +21,7 @@
 //! several sources (see `template`).
 
 pub mod after_stage;
+pub mod health;
 mod load;
 pub mod mapping;
 pub mod query;
@@ -189,6 +190,11 @@ pub struct Page {
     pub records: usize,
     /// The page was full: more rows are probably waiting.
     pub full: bool,
+    /// Rows (or groups) set aside under `_failed/_refused/`.
+    pub refused: usize,
+    /// The time in the checkpoint after the page, when its first column holds one (the
+    /// source's lag, see `health`).
+    pub newest_row_at: Option<DateTime<Utc>>,
 }
 
 /// Reads one page of at most `limit` rows of `source` and stages it with the checkpoint after
@@ -246,11 +252,19 @@ pub async fn run_page(
         rows: rows.len(),
         records: 0,
         full: full && kept.len() == rows.len(),
+        refused: 0,
+        newest_row_at: checkpoint_time(source, &last),
     };
     let Some(last_row) = kept.last() else {
         return Ok(page);
     };
     let checkpoint = checkpoint_of(source, last_row)?;
+    if let Some(first) = source.checkpoint.first() {
+        let value = mapping::column(last_row, first)
+            .cloned()
+            .unwrap_or(Value::Null);
+        page.newest_row_at = checkpoint_time(source, &[value]);
+    }
     let mut records = Vec::new();
     let mut refused = 0usize;
     for made in records_of(intake, source, kept, &fetched.unreadable)? {
@@ -290,6 +304,7 @@ pub async fn run_page(
             .context("writing the after_stage note failed")?;
     }
     page.records = records.len();
+    page.refused = refused;
     let (store2, name) = (store.clone(), source.name.clone());
     if records.is_empty() {
         // Every row of the page was refused: only the checkpoint moves.
@@ -306,6 +321,11 @@ pub async fn run_page(
     }
     after_stage::finish(store, source).await?;
     Ok(page)
+}
+
+/// The time a checkpoint's first value holds, if it is one (a time column first).
+fn checkpoint_time(source: &SourceConfig, values: &[Value]) -> Option<DateTime<Utc>> {
+    health::time_of(values.first()?, |wall| instant_of(source, wall))
 }
 
 /// The checkpoint after `row`, as stored: a JSON array of its checkpoint column(s).
@@ -531,10 +551,13 @@ fn records_of(
 }
 
 /// Runs every enabled source on `tracker` until `stop` is cancelled; `staged` is called after
-/// each page that staged records (it wakes the batcher when `FLUSH_ON_WRITE` is on).
+/// each page that staged records (it wakes the batcher when `FLUSH_ON_WRITE` is on). Every
+/// cycle is noted in `health`.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn_all(
     store: &Staging,
     intake: &Arc<Intake>,
+    health: &Arc<health::SourcesHealth>,
     sources: &[SourceConfig],
     tz: Option<crate::timezone::Zone>,
     tracker: &TaskTracker,
@@ -542,15 +565,19 @@ pub fn spawn_all(
     staged: impl Fn() + Clone + Send + Sync + 'static,
 ) {
     for source in sources.iter().filter(|s| s.enabled) {
-        let (store, intake, source, tz, stop, staged) = (
+        health.register(&source.name);
+        let (store, intake, health, source, tz, stop, staged) = (
             store.clone(),
             intake.clone(),
+            health.clone(),
             source.clone(),
             tz.clone(),
             stop.clone(),
             staged.clone(),
         );
-        tracker.spawn(async move { run_source(&store, &intake, &source, tz, &stop, staged).await });
+        tracker.spawn(async move {
+            run_source(&store, &intake, &health, &source, tz, &stop, staged).await
+        });
     }
 }
 
@@ -558,6 +585,7 @@ pub fn spawn_all(
 async fn run_source(
     store: &Staging,
     intake: &Intake,
+    health: &health::SourcesHealth,
     source: &SourceConfig,
     tz: Option<crate::timezone::Zone>,
     stop: &CancellationToken,
@@ -608,6 +636,8 @@ async fn run_source(
             () = tokio::time::sleep(wait) => {}
         }
         let mut rows = 0u64;
+        let mut cycle = health::Cycle::default();
+        health.started(&source.name, Utc::now());
         let error = loop {
             if stop.is_cancelled() {
                 return;
@@ -622,6 +652,10 @@ async fn run_source(
             match run_page(store, intake, source, source.page_size.min(left)).await {
                 Ok(page) => {
                     rows += page.rows as u64;
+                    cycle.records += page.records as u64;
+                    cycle.refused += page.refused as u64;
+                    cycle.newest_row_at = page.newest_row_at.or(cycle.newest_row_at);
+                    cycle.caught_up = !page.full;
                     if page.records > 0 {
                         staged();
                         info!(source = %source.name, rows = page.rows, records = page.records, "Source rows staged.");
@@ -636,6 +670,9 @@ async fn run_source(
         if let Some(error) = &error {
             warn!(source = %source.name, error = %error, "The source's cycle failed; it will run again at the next tick.");
         }
+        cycle.rows = rows;
+        cycle.error = error.clone();
+        health.finished(&source.name, Utc::now(), cycle);
         let note = {
             let (store, name, error) = (store.clone(), source.name.clone(), error.clone());
             tokio::task::spawn_blocking(move || {

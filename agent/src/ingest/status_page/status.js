@@ -103,6 +103,9 @@ function drawStatus(s) {
   const problems = [];
   if (s.staging_blocked) problems.push("New records are refused (HTTP 507): " + s.staging_blocked + ". Records already staged are safe and delivery goes on.");
   if (s.shutting_down) problems.push("The agent is shutting down.");
+  for (const q of s.sources || []) {
+    if (q.outcome === "error") problems.push("Source " + q.name + " failed its last cycle; it runs again at the next tick.");
+  }
   alert.hidden = problems.length === 0;
   alert.textContent = problems.join(" ");
 
@@ -136,6 +139,21 @@ function drawStatus(s) {
     el("td", k.next_attempt_at ? k.next_attempt_at.replace("T", " ").replace(/\..*/, "") + " UTC" : "–"),
     el("td", k.last_error || "", "error"),
   ]), "No sinks.");
+
+  // The SQL sources' last cycles, as the running agent saw them. The lag is the age of the
+  // newest row staged (time checkpoint) or the time since the source was last caught up.
+  fillRows("sources", (s.sources || []).map((q) => [
+    el("td", q.name),
+    el("td", q.running ? "running now" : since(q.last_run_finished_at)),
+    el("td", q.outcome || "not run yet", q.outcome === "error" ? "bad" : q.outcome === "ok" ? "ok" : "muted"),
+    el("td", q.last_rows + " / " + q.rows_total, "num"),
+    el("td", q.records_total, "num"),
+    el("td", q.refused_total, q.refused_total ? "num bad" : "num"),
+    el("td", q.lag_secs === null || q.lag_secs === undefined ? "–"
+      : ago(q.lag_secs) + (q.lag_from === "newest_row" ? " (newest row)" : " (since caught up)")),
+    el("td", since(q.last_success_at)),
+    el("td", q.last_error || "", "error"),
+  ]), "No SQL sources.");
 
   fillRows("groups", (s.groups || []).map((g) => [
     el("td", g.action),

@@ -43,12 +43,17 @@ pub async fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
 pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
     let (client, connection) = connect(url).await?;
     let result = async {
-        let statement = client.prepare(sql).await.context("the query was refused")?;
+        let statement = client
+            .prepare(sql)
+            .await
+            .map_err(worded)
+            .context("the query was refused")?;
         let params: Vec<&(dyn ToSql + Sync)> =
             bound.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         let rows = client
             .query(&statement, &params)
             .await
+            .map_err(worded)
             .context("the query failed")?;
         let mut out = Fetched::default();
         for r in &rows {
@@ -62,16 +67,42 @@ pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetc
     result
 }
 
+/// SQLSTATE classes whose messages quote a row's values: 22 data exception (`invalid input
+/// syntax for type integer: "…"`), 23 integrity constraint (`Key (id)=(…)`), 54 program limit.
+const VALUE_CLASSES: &[&str] = &["22", "23", "54"];
+
+/// A database error as a source shows it: its SQLSTATE, and PostgreSQL's message unless the
+/// class quotes a row's values. A source's error is logged and shown by `GET /v1/status`,
+/// `/metrics` readers, the status page and `estafeta sources`, where patient data never goes.
+fn worded(err: tokio_postgres::Error) -> anyhow::Error {
+    let Some(db) = err.as_db_error() else {
+        return anyhow::Error::new(err);
+    };
+    let code = db.code().code();
+    if VALUE_CLASSES.iter().any(|class| code.starts_with(class)) {
+        anyhow::anyhow!(
+            "PostgreSQL {code}: a value in the source's rows was refused (the database's message quotes it, so it is not shown); run the query by hand to see which, then cast or filter it in the query"
+        )
+    } else {
+        anyhow::anyhow!("PostgreSQL {code}: {}", db.message())
+    }
+}
+
 pub async fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result<()> {
     let (mut client, connection) = connect(url).await?;
     let result = async {
         let tx = client.transaction().await.context("cannot begin")?;
-        let statement = tx.prepare(sql).await.context("the statement was refused")?;
+        let statement = tx
+            .prepare(sql)
+            .await
+            .map_err(worded)
+            .context("the statement was refused")?;
         for set in sets {
             let params: Vec<&(dyn ToSql + Sync)> =
                 set.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
             tx.execute(&statement, &params)
                 .await
+                .map_err(worded)
                 .context("the statement failed")?;
         }
         tx.commit().await.context("the commit failed")
