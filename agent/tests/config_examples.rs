@@ -185,6 +185,7 @@ fn deb_env_file_lists_every_key_and_loads_with_the_package_paths() {
             "CRONTAB=\"* * * * *\"",
             "STAGING_AREA_PATH=/var/lib/estafeta/staging",
             "IS_ABSOLUTE_STAGING_AREA_PATH=true",
+            "STAGING_KEY_FILE=/etc/estafeta/keys/staging.key",
             "INGEST_TOKEN_FILE=/etc/estafeta/ingest-token",
             "LOG_DIR=/var/log/estafeta",
         ],
@@ -194,12 +195,21 @@ fn deb_env_file_lists_every_key_and_loads_with_the_package_paths() {
     let dir = tempfile::tempdir().expect("temp dir");
     let token_file = dir.path().join("ingest-token");
     std::fs::write(&token_file, format!("{}\n", "a1".repeat(32))).expect("write token");
+    // And the staging key the postinst makes (`estafeta key generate`).
+    let key_file = dir.path().join("staging.key");
+    estafeta_staging::Keyring::generate()
+        .save(&key_file, false)
+        .expect("write key");
     let env_file = dir.path().join("estafeta.env");
     std::fs::write(
         &env_file,
         text.replace(
             "=/etc/estafeta/ingest-token",
             &format!("={}", token_file.display()),
+        )
+        .replace(
+            "=/etc/estafeta/keys/staging.key",
+            &format!("={}", key_file.display()),
         ),
     )
     .expect("write env file");
@@ -214,6 +224,9 @@ fn deb_env_file_lists_every_key_and_loads_with_the_package_paths() {
         config.log_dir.as_deref(),
         Some(Path::new("/var/log/estafeta"))
     );
+    // Sealed from the install (issue 23).
+    assert_eq!(config.staging_key_file.as_deref(), Some(key_file.as_path()));
+    assert!(config.staging_keys.is_some());
 }
 
 #[test]
@@ -230,11 +243,20 @@ fn windows_env_template_lists_every_key_and_loads_once_its_data_dir_is_filled_in
     let outcome = estafeta::winservice::prepare_env_file(&env_file, &template).expect("prepare");
     assert_eq!(outcome, estafeta::winservice::EnvFile::Created);
     let token_file = estafeta::winservice::prepare_token_file(&env_file).expect("token");
+    // The first start also makes the staging key the template names (DPAPI on Windows).
+    let made = estafeta::winservice::staging_key::prepare(&dir.path().join("data")).expect("key");
+    let key_file = dir.path().join("data").join("staging.key");
+    assert_eq!(
+        made,
+        estafeta::winservice::staging_key::StagingKey::Made(key_file.clone())
+    );
     let config = Config::inspect(dir.path(), Some(&env_file), &BTreeMap::new())
         .result
         .unwrap_or_else(|err| panic!("the filled-in Windows template was refused:\n{err}"));
     let data = std::path::absolute(dir.path().join("data")).expect("absolute");
     assert_eq!(config.staging_path, data.join("staging"));
+    assert_eq!(config.staging_key_file, Some(data.join("staging.key")));
+    assert!(config.staging_keys.is_some(), "sealed from the first start");
     // The service's first start made a token, and the template names it.
     assert_eq!(token_file, dir.path().join("data").join("ingest-token"));
     let token = config

@@ -26,7 +26,9 @@ use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::data_keys::{DataKeySlots, Slot};
 
 const KEY_LEN: usize = 32;
 const FILE_FORMAT: u32 = 1;
@@ -51,6 +53,12 @@ pub enum KeyError {
     /// The bytes do not open under the key they name: they were changed or damaged.
     #[error("{0}")]
     Damaged(String),
+    /// A segment's data key is no longer in `_state/data-keys`: forgotten when its segment was
+    /// deleted (crypto-shredding), or that file was lost. Never damage.
+    #[error(
+        "the data key {dkid} (under key {kid}) is not in _state/data-keys: it was forgotten when its segment was deleted, or that file was lost; restore _state/data-keys from the same backup as the segment"
+    )]
+    Forgotten { kid: String, dkid: String },
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -80,6 +88,9 @@ pub struct Keyring {
     index_secret: Vec<u8>,
     rng: SystemRandom,
     data_keys: Mutex<HashMap<String, Arc<LessSafeKey>>>,
+    /// The `_state/data-keys` of the folders opened with these keys, where sealed lines find
+    /// their segment's data key by id (data_keys.rs).
+    slots: RwLock<Vec<Arc<DataKeySlots>>>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -147,6 +158,7 @@ impl Keyring {
             index_secret,
             rng: SystemRandom::new(),
             data_keys: Mutex::new(HashMap::new()),
+            slots: RwLock::new(Vec::new()),
         })
     }
 
@@ -202,13 +214,15 @@ impl Keyring {
     /// Reads a key file. On Unix, one that others may read is refused: the key is what protects
     /// the patient data, and a readable key protects nothing.
     pub fn load(path: &Path) -> Result<Keyring, KeyError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let bytes = std::fs::read(path).map_err(|e| {
             KeyError::File(format!(
                 "cannot read the key file {} (STAGING_KEY_FILE): {e}; `estafeta key generate {}` makes a new one (only for a new staging folder: data sealed with a lost key cannot be read)",
                 path.display(),
                 path.display()
             ))
         })?;
+        let text = crate::key_protect::unprotect(bytes)
+            .map_err(|e| KeyError::File(format!("{}: {e}", path.display())))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -223,7 +237,7 @@ impl Keyring {
                 )));
             }
         }
-        let file: KeyFile = serde_json::from_str(&text).map_err(|e| {
+        let file: KeyFile = serde_json::from_slice(&text).map_err(|e| {
             KeyError::File(format!(
                 "{} is not an Estafeta key file ({e}); use the file `estafeta key generate` wrote",
                 path.display()
@@ -246,8 +260,19 @@ impl Keyring {
     }
 
     /// Writes the key file: a new file (`create_new`, 0600) or, with `replace`, over the old one
-    /// atomically (a `.tmp` beside it, then a rename), so a crash leaves the old or the new file.
+    /// atomically (a `.tmp` beside it, then a rename), so a crash leaves the old or the new file;
+    /// the new file keeps the old one's owner (root rotating the service user's key).
     pub fn save(&self, path: &Path, replace: bool) -> Result<(), KeyError> {
+        self.write(path, replace, false)
+    }
+
+    /// Writes a copy of the key file that opens anywhere (on Windows, without DPAPI), for a
+    /// backup kept apart from the machine; a new file, never over an existing one.
+    pub fn export(&self, path: &Path) -> Result<(), KeyError> {
+        self.write(path, false, true)
+    }
+
+    fn write(&self, path: &Path, replace: bool, plain: bool) -> Result<(), KeyError> {
         let file = KeyFile {
             estafeta_key_file: FILE_FORMAT,
             index_secret: B64.encode(&self.index_secret),
@@ -255,6 +280,8 @@ impl Keyring {
         };
         let mut text = serde_json::to_vec_pretty(&file).expect("key file serializes");
         text.push(b'\n');
+        let text = crate::key_protect::protect(text, plain)
+            .map_err(|e| KeyError::File(format!("{}: {e}", path.display())))?;
         let fail = |e: std::io::Error| {
             KeyError::File(format!("cannot write the key file {}: {e}", path.display()))
         };
@@ -281,10 +308,69 @@ impl Keyring {
             }
             return Ok(());
         }
-        crate::layout::write_file_durable(path, &text).map_err(fail)
+        crate::layout::replace_file_keeping_owner(path, &text).map_err(fail)
     }
 
-    /// A new data key for a segment or a dead letter, wrapped by the current key.
+    /// Lets sealed lines of the folder whose slots these are find their data keys.
+    pub fn attach(&self, slots: Arc<DataKeySlots>) {
+        let mut all = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        if !all.iter().any(|s| Arc::ptr_eq(s, &slots)) {
+            all.push(slots);
+        }
+    }
+
+    /// A new data key for the segment `segment` (its path under the root), kept in `slots`
+    /// (flushed before this returns) and named by id in the segment's lines, so that it can be
+    /// forgotten when the segment is deleted.
+    pub fn new_segment_data_key(
+        &self,
+        slots: &DataKeySlots,
+        segment: &str,
+    ) -> std::io::Result<DataKey> {
+        let mut dk = self.new_data_key();
+        let id: [u8; 16] = random(&self.rng);
+        let dkid: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        slots.add(&Slot {
+            dkid: dkid.clone(),
+            kid: dk.kid.clone(),
+            wrapped: dk.wrapped.clone(),
+            segment: segment.to_owned(),
+        })?;
+        dk.dkid = Some(dkid);
+        Ok(dk)
+    }
+
+    /// The key id and wrapped data key a sealed unit names: its own (a dead letter, an index
+    /// text, a line of an earlier version) or, by id, its segment's slot.
+    fn wrapped_of(&self, unit: &SealedUnit) -> Result<(String, String), KeyError> {
+        if let Some(dk) = &unit.dk {
+            return Ok((unit.kid.clone(), dk.clone()));
+        }
+        let Some(dkid) = &unit.dkid else {
+            return Err(KeyError::Damaged(
+                "a sealed unit names no data key".into(),
+            ));
+        };
+        for slots in self.slots.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            match slots.lookup(dkid) {
+                Ok(Some(found)) => return Ok(found),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(KeyError::File(format!(
+                        "cannot read the data keys of the staging folder (_state/{}): {e}",
+                        crate::data_keys::FILE
+                    )));
+                }
+            }
+        }
+        Err(KeyError::Forgotten {
+            kid: unit.kid.clone(),
+            dkid: dkid.clone(),
+        })
+    }
+
+    /// A new data key for a dead letter or an index text, wrapped by the current key, carried
+    /// inside what it seals.
     pub fn new_data_key(&self) -> DataKey {
         let dk: [u8; KEY_LEN] = random(&self.rng);
         let kek = self.keks.last().expect("a key file holds a key");
@@ -302,6 +388,7 @@ impl Keyring {
         DataKey {
             kid: kek.id.clone(),
             wrapped: B64.encode(blob),
+            dkid: None,
             key: aes(&dk),
             counter: 0,
         }
@@ -348,7 +435,8 @@ impl Keyring {
 
     /// Opens a sealed unit: the data key `wrapped` under key `kid`, then `ct` under it.
     pub fn open(&self, unit: &SealedUnit, aad: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let dk = self.unwrap(&unit.kid, &unit.dk)?;
+        let (kid, wrapped) = self.wrapped_of(unit)?;
+        let dk = self.unwrap(&kid, &wrapped)?;
         let nonce = decode_b64("nonce", &unit.n)?;
         let nonce = Nonce::try_assume_unique_for_key(&nonce)
             .map_err(|_| KeyError::Damaged("nonce has a wrong length".into()))?;
@@ -379,7 +467,10 @@ impl Keyring {
         let unit = dk.seal(text.as_bytes(), SEALED_TEXT.as_bytes());
         format!(
             "{SEALED_TEXT}{}:{}:{}:{}",
-            unit.kid, unit.dk, unit.n, unit.ct
+            unit.kid,
+            unit.dk.as_deref().unwrap_or_default(),
+            unit.n,
+            unit.ct
         )
     }
 
@@ -394,7 +485,8 @@ impl Keyring {
         };
         let unit = SealedUnit {
             kid: (*kid).into(),
-            dk: (*dk).into(),
+            dk: Some((*dk).into()),
+            dkid: None,
             n: (*n).into(),
             ct: (*ct).into(),
         };
@@ -419,6 +511,9 @@ pub fn seal_opt(keys: Option<&Keyring>, text: &str) -> String {
 pub struct DataKey {
     kid: String,
     wrapped: String,
+    /// A segment's data key is named by this id in its lines (kept in `_state/data-keys`);
+    /// `None`: the wrapped key goes inside what it seals.
+    dkid: Option<String>,
     key: LessSafeKey,
     counter: u64,
 }
@@ -428,17 +523,39 @@ impl DataKey {
     /// as a JSON object to `out`, base64 written straight into it: the writer thread seals
     /// every line of a group, so no intermediate string is made.
     pub fn seal_into(&mut self, plain: &mut Vec<u8>, aad: &[u8], out: &mut Vec<u8>) {
-        self.counter += 1;
+        let counter = self.reserve(1);
+        self.seal_into_at(counter, plain, aad, out);
+    }
+
+    /// Reserves `n` nonces and returns the first: each is then used once by
+    /// [`DataKey::seal_into_at`], on whichever thread, and never again.
+    pub fn reserve(&mut self, n: u64) -> u64 {
+        let first = self.counter + 1;
+        self.counter += n;
+        first
+    }
+
+    /// [`DataKey::seal_into`] with the nonce `counter`, reserved by [`DataKey::reserve`]: the
+    /// writer reserves a group's nonces in order, then seals its lines on several threads.
+    pub fn seal_into_at(&self, counter: u64, plain: &mut Vec<u8>, aad: &[u8], out: &mut Vec<u8>) {
         let mut nonce = [0u8; NONCE_LEN];
-        nonce[4..].copy_from_slice(&self.counter.to_be_bytes());
+        nonce[4..].copy_from_slice(&counter.to_be_bytes());
         self.key
             .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), plain)
             .expect("AES-GCM sealing");
         // Key ids and base64 need no JSON escaping.
         out.extend_from_slice(b"{\"kid\":\"");
         out.extend_from_slice(self.kid.as_bytes());
-        out.extend_from_slice(b"\",\"dk\":\"");
-        out.extend_from_slice(self.wrapped.as_bytes());
+        match &self.dkid {
+            Some(dkid) => {
+                out.extend_from_slice(b"\",\"dkid\":\"");
+                out.extend_from_slice(dkid.as_bytes());
+            }
+            None => {
+                out.extend_from_slice(b"\",\"dk\":\"");
+                out.extend_from_slice(self.wrapped.as_bytes());
+            }
+        }
         out.extend_from_slice(b"\",\"n\":\"");
         append_b64(out, &nonce);
         out.extend_from_slice(b"\",\"ct\":\"");
@@ -460,7 +577,8 @@ impl DataKey {
             .expect("AES-GCM sealing");
         SealedUnit {
             kid: self.kid.clone(),
-            dk: self.wrapped.clone(),
+            dk: self.dkid.is_none().then(|| self.wrapped.clone()),
+            dkid: self.dkid.clone(),
             n: B64.encode(nonce),
             ct: B64.encode(buf),
         }
@@ -480,7 +598,12 @@ fn append_b64(out: &mut Vec<u8>, bytes: &[u8]) {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SealedUnit {
     pub kid: String,
-    pub dk: String,
+    /// The wrapped data key, inside a dead letter or an index text (and the lines of 0.x
+    /// versions before data-keys); absent in a segment's lines, which name it by `dkid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dk: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkid: Option<String>,
     pub n: String,
     pub ct: String,
 }

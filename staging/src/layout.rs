@@ -122,6 +122,16 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Writes `bytes` to `path` atomically and durably: a temporary file, fsync, rename, fsync dir.
 pub fn write_file_durable(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_durable(path, bytes, false)
+}
+
+/// [`write_file_durable`] over an existing file whose owner the new one keeps (Unix): root
+/// replacing the service user's key file must leave a file the service can still read.
+pub fn replace_file_keeping_owner(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_durable(path, bytes, true)
+}
+
+fn write_durable(path: &Path, bytes: &[u8], keep_owner: bool) -> io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     create_dir_durable(dir)?;
@@ -132,6 +142,21 @@ pub fn write_file_durable(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .create(true)
             .truncate(true)
             .open(&tmp)?;
+        #[cfg(unix)]
+        if keep_owner && let Ok(old) = fs::metadata(path) {
+            use std::os::unix::fs::MetadataExt;
+            std::os::unix::fs::fchown(&f, Some(old.uid()), Some(old.gid())).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot give the new file the owner of the old one (uid {}): {e}; run this as that user or as root",
+                        old.uid()
+                    ),
+                )
+            })?;
+        }
+        #[cfg(not(unix))]
+        let _ = keep_owner;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -147,7 +172,12 @@ pub fn remove_file_durable(path: &Path) -> io::Result<()> {
         Err(e) => return Err(e),
     }
     if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
+        match sync_dir(dir) {
+            // Another process pruned the emptied folder meanwhile (cleanup, a requeue): the
+            // entry went with it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            other => other?,
+        }
     }
     Ok(())
 }

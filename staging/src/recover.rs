@@ -95,6 +95,7 @@ pub fn recover(
     for (rel, row) in rows.iter().filter(|(_, r)| r.deleting) {
         let path = root.join(rel);
         layout::remove_file_durable(&path).map_err(|e| StoreError::io("remove", &path, e))?;
+        forget_data_key(shared, rel);
         forget_segment(conn, row.id)?;
     }
     rows.retain(|_, r| !r.deleting);
@@ -312,6 +313,14 @@ fn forget_segment(conn: &Connection, segment_id: i64) -> Result<(), StoreError> 
 
 /// Deletes segments every sink has confirmed (and kept long enough), durably and in an order
 /// that a crash cannot turn into a redelivery: mark, delete the file, forget the rows.
+/// Forgets a deleted segment's data key (crypto-shredding, data_keys.rs). A failure is logged,
+/// not returned: the segment is gone already, and the next open's sweep forgets the key.
+fn forget_data_key(shared: &Shared, rel: &str) {
+    if let Err(e) = shared.data_keys.shred(rel) {
+        tracing::warn!(segment = rel, error = %e, "could not forget a deleted segment's data key; the next start will");
+    }
+}
+
 pub fn cleanup(store: &Staging, client_key_ttl: Duration) -> Result<CleanupReport, StoreError> {
     let shared = store.shared();
     let keep_secs = shared.opts.keep_delivered.as_secs() as i64;
@@ -368,6 +377,7 @@ pub fn cleanup(store: &Staging, client_key_ttl: Duration) -> Result<CleanupRepor
             tx.commit()?;
         }
         layout::remove_file_durable(&path).map_err(|e| StoreError::io("remove", &path, e))?;
+        forget_data_key(shared, &rel);
         let forgotten: i64 = store.db().query_row(
             "SELECT COUNT(*) FROM records WHERE segment_id = ?1",
             [id],

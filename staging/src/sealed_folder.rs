@@ -94,8 +94,8 @@ pub fn set(state_dir: &Path, ids: &BTreeSet<String>) -> Result<(), StoreError> {
     write(state_dir, &Marker { keys: ids.clone() })
 }
 
-/// The key ids the folder's files and index use now: each segment's first sealed line (a
-/// segment has one data key), each dead letter, each sealed text in the index.
+/// The key ids the folder's files and index use now: each segment's sealed lines, the live
+/// data keys of `_state/data-keys`, each dead letter, each sealed text in the index.
 pub fn keys_in_use(
     root: &Path,
     failed_dir: &Path,
@@ -108,6 +108,12 @@ pub fn keys_in_use(
             ids.extend(find_kids(&bytes));
         }
     }
+    let slots = crate::data_keys::DataKeySlots::new(&root.join(layout::STATE_DIR));
+    ids.extend(
+        slots
+            .kids()
+            .map_err(|e| StoreError::io("read", root.join(layout::STATE_DIR), e))?,
+    );
     for sql in [
         "SELECT last_error FROM deliveries WHERE last_error LIKE 'sealed:%'",
         "SELECT last_error FROM sinks WHERE last_error LIKE 'sealed:%'",

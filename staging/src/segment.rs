@@ -83,11 +83,15 @@ pub fn read_file(path: &Path, keys: Option<&Keyring>) -> Result<Vec<Envelope>, S
 /// Encodes an envelope as one line, newline included: in clear, or sealed with `seal` (the
 /// segment's data key).
 pub fn encode_line(env: &Envelope, seal: Option<&mut DataKey>) -> Vec<u8> {
-    let mut line = match seal {
+    finish_line(match seal {
         None => serde_json::to_vec(env).expect("an envelope always serializes"),
         Some(dk) => encode_sealed(env, dk),
-    };
-    // Replace the closing brace with the CRC field, computed over everything before it.
+    })
+}
+
+/// Replaces a JSON object's closing brace with the CRC field, computed over everything before
+/// it, and ends the line.
+fn finish_line(mut line: Vec<u8>) -> Vec<u8> {
     line.pop();
     let crc = crc32fast::hash(&line);
     line.extend_from_slice(CRC_PREFIX);
@@ -138,6 +142,17 @@ struct HiddenRef<'a> {
 /// A sealed line without its crc32 field and closing brace: the same JSON as a
 /// [`SealedLine`], built without intermediate strings.
 fn encode_sealed(env: &Envelope, dk: &mut DataKey) -> Vec<u8> {
+    let counter = dk.reserve(1);
+    encode_sealed_at(env, dk, counter)
+}
+
+/// A sealed line, newline included, with the nonce `counter` the caller reserved
+/// ([`DataKey::reserve`]): lines can then be sealed on several threads.
+pub fn encode_sealed_line(env: &Envelope, dk: &DataKey, counter: u64) -> Vec<u8> {
+    finish_line(encode_sealed_at(env, dk, counter))
+}
+
+fn encode_sealed_at(env: &Envelope, dk: &DataKey, counter: u64) -> Vec<u8> {
     let mut plain = Vec::with_capacity(env.payload.get().len() + 64);
     serde_json::to_writer(
         &mut plain,
@@ -168,7 +183,7 @@ fn encode_sealed(env: &Envelope, dk: &mut DataKey) -> Vec<u8> {
     line.pop();
     line.extend_from_slice(b",\"sealed\":");
     let aad = envelope_aad(env);
-    dk.seal_into(&mut plain, &aad, &mut line);
+    dk.seal_into_at(counter, &mut plain, &aad, &mut line);
     line.push(b'}');
     line
 }
@@ -342,6 +357,9 @@ impl DiskRecord {
                 );
                 let plain = keys.open(&unit, &aad).map_err(|e| match e {
                     KeyError::Missing(kid) => LineError::NeedsKey(kid),
+                    KeyError::Forgotten { kid, dkid } => LineError::NeedsKey(format!(
+                        "{kid} (data key {dkid}: not in _state/data-keys, forgotten when its segment was deleted, or that file was lost)"
+                    )),
                     other => LineError::Damaged(other.to_string()),
                 })?;
                 serde_json::from_slice(&plain).map_err(|e| {

@@ -376,40 +376,51 @@ impl Writer {
         let mut placed: Vec<Vec<(i64, PathBuf, u64, u64)>> = Vec::with_capacity(accepted.len());
         let mut buffers: HashMap<(String, String), Vec<u8>> = HashMap::new();
         let mut io_error: Option<StageError> = None;
-        for acc in &accepted {
-            let mut places = Vec::with_capacity(acc.envelopes.len());
-            for (env, line) in acc.envelopes.iter().zip(&acc.lines) {
+        // 2a: each (action, entity)'s segment, opened once per group.
+        'open: for acc in &accepted {
+            for env in &acc.envelopes {
                 let k = (env.action.clone(), env.entity.clone());
-                if !before_len.contains_key(&k) {
-                    match segment_for(shared, active, &tx, &k, now, env.seq) {
-                        Ok(len) => {
-                            before_len.insert(k.clone(), len);
-                            touched.push(k.clone());
-                        }
-                        Err(e) => {
-                            io_error = Some(e);
-                            break;
-                        }
+                if before_len.contains_key(&k) {
+                    continue;
+                }
+                match segment_for(shared, active, &tx, &k, now, env.seq) {
+                    Ok(len) => {
+                        before_len.insert(k.clone(), len);
+                        touched.push(k);
+                    }
+                    Err(e) => {
+                        io_error = Some(e);
+                        break 'open;
                     }
                 }
-                let seg = active.get_mut(&k).expect("segment opened above");
-                let sealed_line;
-                let line: &[u8] = match seg.dk.as_mut() {
-                    Some(dk) => {
-                        sealed_line = segment::encode_line(env, Some(dk));
-                        &sealed_line
-                    }
-                    None => line,
-                };
-                let buf = buffers.entry(k).or_default();
-                let offset = seg.len + buf.len() as u64;
-                buf.extend_from_slice(line);
-                places.push((seg.id, seg.path.clone(), offset, line.len() as u64));
             }
-            if io_error.is_some() {
-                break;
+        }
+        // 2b: sealed lines, encoded with their segment's data key (see seal_group).
+        let sealed_lines = if sealing && io_error.is_none() {
+            seal_group(&accepted.iter().map(|a| &a.envelopes[..]).collect::<Vec<_>>(), active)
+        } else {
+            Vec::new()
+        };
+        // 2c: each line after the last, in its segment's buffer.
+        let mut next_sealed = sealed_lines.iter();
+        if io_error.is_none() {
+            for acc in &accepted {
+                let mut places = Vec::with_capacity(acc.envelopes.len());
+                for (env, line) in acc.envelopes.iter().zip(&acc.lines) {
+                    let k = (env.action.clone(), env.entity.clone());
+                    let seg = &active[&k];
+                    let line: &[u8] = if sealing {
+                        next_sealed.next().expect("one sealed line per envelope")
+                    } else {
+                        line
+                    };
+                    let buf = buffers.entry(k).or_default();
+                    let offset = seg.len + buf.len() as u64;
+                    buf.extend_from_slice(line);
+                    places.push((seg.id, seg.path.clone(), offset, line.len() as u64));
+                }
+                placed.push(places);
             }
-            placed.push(places);
         }
         // Phase 3: write and fdatasync each touched segment once.
         if io_error.is_none() {
@@ -585,6 +596,18 @@ fn segment_for(
     })?;
     layout::sync_dir(&dir).map_err(io)?;
     let rel = layout::rel_string(&shared.root, &path);
+    // The data key is kept (flushed) before the segment's first line names it, and after the
+    // file exists, so the open's sweep never forgets it.
+    let dk = match shared.opts.keys.as_ref() {
+        Some(keys) => Some(
+            keys.new_segment_data_key(&shared.data_keys, &rel)
+                .map_err(|e| StageError::Io {
+                    path: shared.state_dir.join(crate::data_keys::FILE),
+                    source: e,
+                })?,
+        ),
+        None => None,
+    };
     tx.execute(
         "INSERT INTO segments (path, indexed_len, sealed) VALUES (?1, 0, 0)",
         [&rel],
@@ -600,10 +623,56 @@ fn segment_for(
             len: 0,
             day,
             last_write: Instant::now(),
-            dk: shared.opts.keys.as_ref().map(|k| k.new_data_key()),
+            dk,
         },
     );
     Ok(0)
+}
+
+/// Below this many lines a group is sealed on the writer thread alone: starting threads costs
+/// more than it saves.
+const PARALLEL_SEAL_MIN: usize = 64;
+
+/// Encodes the sealed line of every envelope of a group, in order. Sealing (serializing the
+/// hidden part, AES-GCM, base64, CRC) is the writer's largest cost with encryption on, so a
+/// large group is spread over the machine's cores: each line's nonce is reserved first, in
+/// order, from its segment's data key, so the thread that seals it changes nothing.
+fn seal_group(
+    groups: &[&[Envelope]],
+    active: &mut HashMap<(String, String), ActiveSegment>,
+) -> Vec<Vec<u8>> {
+    let mut jobs: Vec<(&Envelope, u64)> = Vec::new();
+    for env in groups.iter().flat_map(|g| g.iter()) {
+        let seg = active
+            .get_mut(&(env.action.clone(), env.entity.clone()))
+            .expect("segment opened for every envelope");
+        let dk = seg.dk.as_mut().expect("a sealing store's segments have data keys");
+        jobs.push((env, dk.reserve(1)));
+    }
+    let active = &*active;
+    let seal = |(env, counter): &(&Envelope, u64)| {
+        let seg = &active[&(env.action.clone(), env.entity.clone())];
+        let dk = seg.dk.as_ref().expect("checked above");
+        segment::encode_sealed_line(env, dk, *counter)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if jobs.len() < PARALLEL_SEAL_MIN || threads < 2 {
+        return jobs.iter().map(seal).collect();
+    }
+    let chunk = jobs.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = jobs
+            .chunks(chunk)
+            .skip(1)
+            .map(|part| scope.spawn(move || part.iter().map(seal).collect::<Vec<_>>()))
+            .collect();
+        // The writer thread seals the first chunk itself.
+        let mut lines: Vec<Vec<u8>> = jobs[..chunk.min(jobs.len())].iter().map(seal).collect();
+        for h in handles {
+            lines.extend(h.join().expect("a sealing thread panicked"));
+        }
+        lines
+    })
 }
 
 impl Writer {

@@ -430,3 +430,79 @@ fn assert_no_canary_in_index(root: &Path) {
     let found: Vec<String> = files_containing(&root.join("_state"), CANARY_KEY.as_bytes());
     assert!(found.is_empty(), "{found:?}");
 }
+
+/// Crypto-shredding (issue 23): a sealed line names its segment's data key, kept in
+/// `_state/data-keys`; when the delivered segment is deleted, that key is overwritten in place.
+/// A copy of the segment's bytes (a leftover in free space, a backup) then opens for nobody,
+/// not even with the key file; before, the same bytes opened.
+#[test]
+fn a_deleted_segment_is_crypto_shredded_and_a_copy_of_it_opens_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let keys = std::sync::Arc::new(Keyring::generate());
+    let store = Staging::open(sealed_options(root, &keys)).unwrap().0;
+    let seq = stage_canary(&store);
+    let segment = walk_segments(root);
+    assert_eq!(segment.len(), 1, "{segment:?}");
+    let copy = std::fs::read(&segment[0]).unwrap();
+    // The canary was staged last: the last line.
+    let line = copy
+        .split(|b| *b == b'\n')
+        .rfind(|l| !l.is_empty())
+        .unwrap()
+        .to_vec();
+    // The line names its data key by id and does not carry it.
+    let text = String::from_utf8_lossy(&line).into_owned();
+    assert!(text.contains("\"dkid\":\"") && !text.contains("\"dk\":\""), "{text}");
+    let opened = testing::decode_line(&line, Some(&keys)).expect("opens while the segment lives");
+    assert_eq!(opened.seq, seq);
+    let slots = std::fs::read(root.join("_state").join("data-keys")).unwrap();
+    let rel = segment[0].strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+    assert!(String::from_utf8_lossy(&slots).contains(&rel));
+
+    // Delivered and cleaned up: the segment goes, and its key with it.
+    loop {
+        let batch = store.next_batch("db", 100).unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        let seqs: Vec<u64> = batch.iter().map(|d| d.envelope.seq).collect();
+        store.ack("db", &seqs).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert_eq!(store.cleanup().unwrap().segments_deleted, 1);
+    assert!(!segment[0].exists());
+    let slots = std::fs::read(root.join("_state").join("data-keys")).unwrap();
+    assert!(
+        slots.iter().all(|b| *b == b' ' || *b == b'\n'),
+        "the slot was not overwritten: {:?}",
+        String::from_utf8_lossy(&slots)
+    );
+    let err = testing::decode_line(&line, Some(&keys)).expect_err("a shredded line must not open");
+    assert!(err.contains("not in _state/data-keys"), "{err}");
+    // Nor can another process with the key file, over the same folder.
+    drop(store);
+    let fresh = std::sync::Arc::new(ring_clone(&keys, dir.path()));
+    let again = Staging::open(sealed_options(root, &fresh)).unwrap().0;
+    let err = testing::decode_line(&line, Some(&fresh)).expect_err("still shredded");
+    assert!(err.contains("not in _state/data-keys"), "{err}");
+    drop(again);
+}
+
+fn walk_segments(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                if !path.ends_with("_state") && !path.ends_with("_failed") {
+                    stack.push(path);
+                }
+            } else if path.extension().is_some_and(|e| e == "jsonl") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}

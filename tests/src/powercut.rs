@@ -66,6 +66,9 @@ pub struct PowerCutParams {
     pub sync_delay: Duration,
     pub drain_timeout: Duration,
     pub seed: u64,
+    /// Encryption at rest on: a key made by `estafeta key generate` beside (not on) the cut
+    /// folder, named by `STAGING_KEY_FILE`.
+    pub sealed: bool,
 }
 
 /// What [`power_cut_cycles`] counted.
@@ -219,7 +222,23 @@ pub async fn power_cut_cycles(p: &PowerCutParams) -> PowerCutReport {
 
     let db_url = schema.url("127.0.0.1:5432");
     let api_url = server.url();
-    let mut agent = Agent::spec(dir.path())
+    // The key lives off the cut filesystem, as it would on its own volume or in a credential
+    // store: the cuts test the staging folder, not the key.
+    let key_file = dir.path().join("staging.key");
+    if p.sealed {
+        let key_arg = key_file.to_str().expect("a UTF-8 temporary path");
+        let out = crate::run_cli(dir.path(), &[], &["key", "generate", key_arg]).await;
+        assert!(
+            out.status.success(),
+            "estafeta key generate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut spec = Agent::spec(dir.path());
+    if p.sealed {
+        spec = spec.env("STAGING_KEY_FILE", &key_file);
+    }
+    let mut agent = spec
         .envs([
             ("CONFIG_FILE", "estafeta.toml"),
             ("CENTRAL_DATABASE_URL", db_url.as_str()),
@@ -550,6 +569,11 @@ pub async fn power_cut_cycles(p: &PowerCutParams) -> PowerCutReport {
         &mut report.problems,
     );
     let _ = breaks;
+    if p.sealed && !staging.join("_state").join("sealed-with").is_file() {
+        report.problems.push(
+            "STAGING_KEY_FILE was set but _state/sealed-with is missing: nothing was sealed".into(),
+        );
+    }
 
     drop(agent);
     if let Err(e) = fs.unmount() {

@@ -3,7 +3,8 @@
 //! - `generate PATH`: a new key file (0600, never over an existing file);
 //! - `rotate`: adds a key to `STAGING_KEY_FILE` that seals everything written after the next
 //!   start; the older keys stay, to open what they sealed;
-//! - `prune`: drops the keys nothing in the staging folder uses any more (daemon stopped).
+//! - `prune`: drops the keys nothing in the staging folder uses any more (daemon stopped);
+//! - `export PATH`: a copy that opens anywhere (without Windows DPAPI), for a backup.
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +36,13 @@ pub enum KeyCommand {
     /// Drop from STAGING_KEY_FILE the keys no segment, dead letter or index entry uses any more
     /// (stop the daemon first).
     Prune,
+    /// Write a copy of STAGING_KEY_FILE at PATH that opens on any machine (on Windows the key
+    /// file itself is protected by DPAPI and opens only on this machine), for a backup kept
+    /// apart from the staging folder. Treat the copy as the key itself.
+    Export {
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+    },
 }
 
 /// `estafeta key generate PATH`: needs no configuration.
@@ -94,6 +102,19 @@ pub(super) fn prune(config: &Config) -> anyhow::Result<u8> {
         } else {
             dropped.join(", ")
         }
+    ));
+    Ok(EXIT_OK)
+}
+
+/// `estafeta key export PATH`: a copy of the key file for a backup (0600, a new file).
+pub(super) fn export(config: &Config, to: &Path) -> anyhow::Result<u8> {
+    let (path, keys) = configured(config)?;
+    keys.export(to).map_err(|e| usage(e.to_string()))?;
+    write_stdout(&format!(
+        "wrote a copy of {} (keys {}) to {}\nIt opens on any machine: keep it offline, apart from the staging folder, like the key itself.\n",
+        path.display(),
+        keys.ids().join(", "),
+        to.display()
     ));
     Ok(EXIT_OK)
 }

@@ -213,6 +213,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Key(KeyArgs { command }) => match command {
                     KeyCommand::Rotate => key::rotate(&config),
                     KeyCommand::Prune => key::prune(&config),
+                    KeyCommand::Export { path } => key::export(&config, &path),
                     KeyCommand::Generate { .. } => unreachable!("handled above"),
                 },
                 Command::Sources(SourcesArgs { command, json }) => match command {

@@ -13,7 +13,9 @@
 //! `{DATA_DIR}`. An upgrade therefore never touches the user's settings. Beside it the service
 //! writes `ingest-token`, a random `INGEST_TOKEN` the template's `INGEST_TOKEN_FILE` names, when
 //! that file is missing (so a packaged install has a token without anyone choosing one, and any
-//! local user is not everyone; an existing token is never replaced).
+//! local user is not everyone; an existing token is never replaced), and `staging.key`, the key
+//! of encryption at rest the template's `STAGING_KEY_FILE` names, protected by DPAPI
+//! ([`staging_key`]).
 //!
 //! The service runs as LocalSystem and trusts that folder, so each start (and `--prepare-only`)
 //! secures it first and fails closed, in this order ([`prepare`]):
@@ -34,6 +36,7 @@
 //! every platform; the service control manager part is in the `#[cfg(windows)] mod imp`.
 
 pub mod acl;
+pub mod staging_key;
 #[cfg(windows)]
 mod eventlog;
 
@@ -130,8 +133,8 @@ pub fn default_env_template() -> anyhow::Result<PathBuf> {
 }
 
 /// `estafeta service --prepare-only`, and every start of the service: secures the data folder
-/// and fails closed (the steps are in the module documentation), then creates the env file and
-/// the ingest token when missing. Runs on every platform so it can be tested anywhere; the
+/// and fails closed (the steps are in the module documentation), then creates the env file,
+/// the ingest token and the staging key ([`staging_key`]) when missing. Runs on every platform so it can be tested anywhere; the
 /// owner and access list steps are Windows only.
 pub fn prepare(env_file: Option<&Path>) -> anyhow::Result<(PathBuf, EnvFile)> {
     let env_file = env_file_path(env_file);
@@ -139,10 +142,12 @@ pub fn prepare(env_file: Option<&Path>) -> anyhow::Result<(PathBuf, EnvFile)> {
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("could not create the data folder {}", dir.display()))?;
     let token_file = token_file_path(&env_file);
+    // A planted key file would seal patient data with a key its planter holds.
+    let key_file = dir.join(staging_key::KEY_FILE_NAME);
     // Read before the check: a file swapped after the read is caught by `ensure_unchanged`, one
     // swapped before it is the file the check sees.
-    let before = Snapshot::take(&[&env_file, &token_file])?;
-    for file in [&env_file, &token_file] {
+    let before = Snapshot::take(&[&env_file, &token_file, &key_file])?;
+    for file in [&env_file, &token_file, &key_file] {
         imp_check_trusted(file).map_err(refuse)?;
     }
     imp_restrict(&dir).map_err(refuse)?;
@@ -150,6 +155,13 @@ pub fn prepare(env_file: Option<&Path>) -> anyhow::Result<(PathBuf, EnvFile)> {
     // After the narrowing, so that new files inherit the narrowed access list.
     let outcome = prepare_env_file(&env_file, &default_env_template()?)?;
     prepare_token_file(&env_file)?;
+    if let staging_key::StagingKey::Missing(path) = staging_key::prepare(&dir)? {
+        // Not a refusal here: the agent's own start refuses the sealed folder and names the key.
+        tracing::warn!(
+            "{} is missing and the staging folder holds sealed records: restore the key file (or the copy `estafeta key export` made); no new key was made",
+            path.display()
+        );
+    }
     Ok((env_file, outcome))
 }
 

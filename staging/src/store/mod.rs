@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub state_dir: PathBuf,
     pub failed_dir: PathBuf,
     pub opts: Options,
+    /// `_state/data-keys`: the data keys of sealed segments (data_keys.rs).
+    pub data_keys: Arc<crate::data_keys::DataKeySlots>,
     poisoned: Mutex<Option<String>>,
     is_poisoned: AtomicBool,
     blocked: Mutex<Option<String>>,

@@ -50,11 +50,17 @@ impl Staging {
             })?;
         }
 
+        // Before recovery, which may read sealed lines: they find their data keys here.
+        let data_keys = Arc::new(crate::data_keys::DataKeySlots::new(&state_dir));
+        if let Some(keys) = opts.keys.as_deref() {
+            keys.attach(data_keys.clone());
+        }
         let shared = Arc::new(Shared {
             root: root.clone(),
             state_dir: state_dir.clone(),
             failed_dir,
             opts,
+            data_keys,
             poisoned: Mutex::new(None),
             is_poisoned: AtomicBool::new(false),
             blocked: Mutex::new(None),
@@ -122,6 +128,16 @@ impl Staging {
             report.stale_dead_letters_removed = crate::dead::remove_stale_letters(&shared, &conn)?;
             conn
         };
+        // Data keys whose segment a crash deleted before forgetting them: forget them now.
+        let shredded = shared.data_keys.sweep(&root).map_err(|e| {
+            StoreError::io("forget the data keys of deleted segments in", &state_dir, e)
+        })?;
+        if shredded > 0 {
+            tracing::info!(
+                shredded,
+                "forgot the data keys of segments deleted before a crash (crypto-shredding)"
+            );
+        }
         for sink in &shared.opts.sinks {
             db.execute("INSERT OR IGNORE INTO sinks (name) VALUES (?1)", [sink])?;
         }

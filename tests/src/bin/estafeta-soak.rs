@@ -46,6 +46,9 @@ struct Args {
     /// Seed of the random kill times, failures and workloads.
     #[arg(long, default_value_t = 2026)]
     seed: u64,
+    /// Power cuts with encryption at rest on (`STAGING_KEY_FILE`).
+    #[arg(long)]
+    sealed: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,6 +98,7 @@ async fn run(args: Args) -> std::process::ExitCode {
             sync_delay: Duration::from_millis(5),
             drain_timeout: Duration::from_secs(600),
             seed: args.seed,
+            sealed: args.sealed,
         })
         .await;
         eprintln!("soak: power cuts done: {report:?}");
