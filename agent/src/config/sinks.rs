@@ -20,7 +20,7 @@ use crate::db::apply::ApplyStatements;
 use crate::problem::Problem;
 use crate::redact::url as redact_url;
 use crate::sinks::database::DatabaseSinkConfig;
-use crate::sinks::http::lookups::{Catalog, DEFAULT_CATALOG_TTL, Lookups, MapFile};
+use crate::lookups::{Catalog, DEFAULT_CATALOG_TTL, Lookups, MapFile};
 use crate::sinks::http::{BodyTemplate, HttpRoute, HttpSinkConfig};
 use crate::sinks::record_template::RecordTemplate;
 use crate::sinks::{SinkConfig, SinkKind};
