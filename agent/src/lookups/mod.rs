@@ -220,6 +220,13 @@ pub fn is_setup(err: &Error) -> bool {
 
 /// A template value as a code (its text), or the error naming what it was.
 fn code(value: &TemplateValue, function: &str) -> Result<String, Error> {
+    // Undefined, not null: the template names a field (a column) that is not there at all,
+    // a mistake of the template that every record would share.
+    if value.is_undefined() {
+        return Err(failed(format!(
+            "{function}: the code is undefined (a field or column that does not exist); check the name"
+        )));
+    }
     let json: Value = serde_json::to_value(value)
         .map_err(|e| missed(format!("{function}: the code is not a plain value ({e})")))?;
     text_of(&json).ok_or_else(|| {
@@ -366,15 +373,19 @@ mod tests {
         assert!(is_miss(
             &lookups.map("exames", &TemplateValue::from(()), None).unwrap_err()
         ));
+        assert!(
+            err.to_string().contains("\"URINA\" has no mapping in"),
+            "{err}"
+        );
         let err = lookups.map("outro", &v("X"), None).unwrap_err();
         assert!(
             !is_miss(&err) && is_setup(&err),
             "a map that is not configured is a mistake of the settings"
         );
-        assert!(
-            err.to_string().contains("\"URINA\" has no mapping in"),
-            "{err}"
-        );
+        let err = lookups
+            .map("exames", &TemplateValue::UNDEFINED, None)
+            .unwrap_err();
+        assert!(is_setup(&err), "an undefined code is a field no record has");
         assert!(lookups.map("outro", &v("X"), None).is_err());
         std::fs::write(&path, "[1]").unwrap();
         assert!(

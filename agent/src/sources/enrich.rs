@@ -62,6 +62,7 @@ impl std::fmt::Debug for Enrich {
 }
 
 /// What enriching a row (or a group) came to.
+#[derive(Debug)]
 pub enum Enriched {
     Rows(Vec<Row>),
     /// The rows' own data cannot be enriched (a code with no mapping): why, to set them aside.
