@@ -167,6 +167,9 @@ async fn codes_are_mapped_and_looked_up_before_the_payload_and_an_unmapped_row_i
         r#"{"HEMOGRAMA": "HB-001", "12345": "TEST-12345", "URINA": "URI-01"}"#,
     )
     .unwrap();
+    // A copy, as if the file had survived a crash between staging and its removal.
+    let copy = dir.path().join("copy-of-2.json");
+    std::fs::copy(&file, &copy).unwrap();
     let out = run_cli(dir.path(), &env, &["retry", "--send"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -175,6 +178,11 @@ async fn codes_are_mapped_and_looked_up_before_the_payload_and_an_unmapped_row_i
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!file.exists(), "the refused row's file is removed once staged");
+    let seq_of = |text: &str| text.split("as seq=").nth(1).and_then(|t| t.split(';').next()).map(str::to_owned);
+    // Replayed again: the first answer, the same record, nothing staged twice.
+    let again = run_cli(dir.path(), &env, &["retry", "--send", "--file", copy.to_str().unwrap()]).await;
+    let again = String::from_utf8_lossy(&again.stdout);
+    assert!(seq_of(&text).is_some() && seq_of(&text) == seq_of(&again), "{text}\n{again}");
     let rows = wait_landed(&agent, &agent_id, 3, Duration::from_secs(30)).await;
     assert_eq!(
         rows[2].2,
