@@ -621,7 +621,11 @@ fn refused_rows_are_listed_with_their_files_and_removed_only_under_refused() {
     assert_eq!(path, &a);
     assert!(row.replayable);
     assert_eq!(row.reason, "code \"URINA\" has no mapping");
-    assert!(!listed.iter().any(|(_, r)| r.source == "outra" && r.replayable));
+    assert!(
+        !listed
+            .iter()
+            .any(|(_, r)| r.source == "outra" && r.replayable)
+    );
     assert_eq!(store.refused_row_files(Some(1)).unwrap().len(), 1);
     // Only a refused row's own file goes.
     let elsewhere = dir.path().join("x.json");

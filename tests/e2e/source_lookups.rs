@@ -151,7 +151,10 @@ async fn codes_are_mapped_and_looked_up_before_the_payload_and_an_unmapped_row_i
     let api = &letters["refused_rows"][0];
     assert_eq!(api["source"], "exames", "{letters}");
     assert_eq!(api["replayable"], true, "{letters}");
-    assert!(api["reason"].as_str().unwrap().contains("URINA"), "{letters}");
+    assert!(
+        api["reason"].as_str().unwrap().contains("URINA"),
+        "{letters}"
+    );
 
     // Before the fix, --send refuses it again and keeps the file.
     let out = run_cli(dir.path(), &env, &["retry", "--send"]).await;
@@ -173,16 +176,33 @@ async fn codes_are_mapped_and_looked_up_before_the_payload_and_an_unmapped_row_i
     let out = run_cli(dir.path(), &env, &["retry", "--send"]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && text.contains("staged again refused row source=exames checkpoint=[2] as seq="),
+        out.status.success()
+            && text.contains("staged again refused row source=exames checkpoint=[2] as seq="),
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!file.exists(), "the refused row's file is removed once staged");
-    let seq_of = |text: &str| text.split("as seq=").nth(1).and_then(|t| t.split(';').next()).map(str::to_owned);
+    assert!(
+        !file.exists(),
+        "the refused row's file is removed once staged"
+    );
+    let seq_of = |text: &str| {
+        text.split("as seq=")
+            .nth(1)
+            .and_then(|t| t.split(';').next())
+            .map(str::to_owned)
+    };
     // Replayed again: the first answer, the same record, nothing staged twice.
-    let again = run_cli(dir.path(), &env, &["retry", "--send", "--file", copy.to_str().unwrap()]).await;
+    let again = run_cli(
+        dir.path(),
+        &env,
+        &["retry", "--send", "--file", copy.to_str().unwrap()],
+    )
+    .await;
     let again = String::from_utf8_lossy(&again.stdout);
-    assert!(seq_of(&text).is_some() && seq_of(&text) == seq_of(&again), "{text}\n{again}");
+    assert!(
+        seq_of(&text).is_some() && seq_of(&text) == seq_of(&again),
+        "{text}\n{again}"
+    );
     let rows = wait_landed(&agent, &agent_id, 3, Duration::from_secs(30)).await;
     assert_eq!(
         rows[2].2,
@@ -197,7 +217,10 @@ async fn codes_are_mapped_and_looked_up_before_the_payload_and_an_unmapped_row_i
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(landed(&agent_id).await.len(), 3, "{}", log_tail(&agent, 20));
-    assert!(!agent.stderr().contains("URINA"), "the log quotes no code or value");
+    assert!(
+        !agent.stderr().contains("URINA"),
+        "the log quotes no code or value"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,7 +253,11 @@ async fn a_catalog_the_api_cannot_serve_fails_the_cycle_and_stages_nothing_until
     assert!(landed(&agent_id).await.is_empty());
     let out = run_cli(dir.path(), &env, &["sources", "--json"]).await;
     let line: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(line["checkpoint"], Value::Null, "the checkpoint stays: {line}");
+    assert_eq!(
+        line["checkpoint"],
+        Value::Null,
+        "the checkpoint stays: {line}"
+    );
     assert!(
         !dir.path().join("staging/_failed/_refused").exists(),
         "no row is set aside for the API's outage"

@@ -575,7 +575,9 @@ checkpoint = "id"
         ),
         &[(
             "faltando",
-            &format!("SELECT id FROM {table} WHERE :last_id IS NULL OR id > :last_id ORDER BY id LIMIT :limit"),
+            &format!(
+                "SELECT id FROM {table} WHERE :last_id IS NULL OR id > :last_id ORDER BY id LIMIT :limit"
+            ),
         )],
     );
     let agent_id = unique_name("src_missing");
@@ -587,7 +589,11 @@ checkpoint = "id"
         if let Some(error) = status["sources"][0]["last_error"].as_str() {
             break error.to_owned();
         }
-        assert!(Instant::now() < deadline, "{status}\n{}", log_tail(&agent, 20));
+        assert!(
+            Instant::now() < deadline,
+            "{status}\n{}",
+            log_tail(&agent, 20)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(

@@ -205,10 +205,24 @@ pub(super) fn retry(config: &Config, args: RetryArgs) -> anyhow::Result<u8> {
     let runtime = runtime()?;
     let mut code = EXIT_OK;
     if !letters.is_empty() || refused.is_empty() {
-        code = send_letters(config, &store, &runtime, &letters, move_ok.as_deref(), verbose)?;
+        code = send_letters(
+            config,
+            &store,
+            &runtime,
+            &letters,
+            move_ok.as_deref(),
+            verbose,
+        )?;
     }
     if !refused.is_empty() {
-        let replayed = send_refused(config, &store, &runtime, &refused, move_ok.as_deref(), verbose)?;
+        let replayed = send_refused(
+            config,
+            &store,
+            &runtime,
+            &refused,
+            move_ok.as_deref(),
+            verbose,
+        )?;
         code = code.max(replayed);
     }
     Ok(code)
@@ -228,17 +242,26 @@ fn send_refused(
     let mut staged = 0usize;
     for item in refused {
         let line = describe_refused(item, verbose, false);
-        let Some(source) = config.sql_sources.iter().find(|s| s.name == item.row.source) else {
+        let Some(source) = config
+            .sql_sources
+            .iter()
+            .find(|s| s.name == item.row.source)
+        else {
             eprintln!(
                 "not replayed {line}: no source named {:?} is configured; configure it or move the file away",
                 item.row.source
             );
             continue;
         };
-        let staged_move = match move_ok.map(|dir| Move::prepare(&item.path, dir)).transpose() {
+        let staged_move = match move_ok
+            .map(|dir| Move::prepare(&item.path, dir))
+            .transpose()
+        {
             Ok(m) => m,
             Err(err) => {
-                eprintln!("not replayed {line}: could not copy it into the --move-ok folder: {err}");
+                eprintln!(
+                    "not replayed {line}: could not copy it into the --move-ok folder: {err}"
+                );
                 continue;
             }
         };
@@ -263,9 +286,9 @@ fn send_refused(
                     m.abandon();
                 }
                 match other {
-                    Ok(Replayed::RefusedAgain(reason)) => write_stdout(&format!(
-                        "refused again {line}\n  reason: {reason}\n"
-                    )),
+                    Ok(Replayed::RefusedAgain(reason)) => {
+                        write_stdout(&format!("refused again {line}\n  reason: {reason}\n"))
+                    }
                     Ok(Replayed::NotReplayable(why)) => {
                         write_stdout(&format!("not replayed {line}: {why}\n"))
                     }

@@ -369,9 +369,14 @@ mod tests {
             v("X")
         );
         let err = lookups.map("exames", &v("URINA"), None).unwrap_err();
-        assert!(is_miss(&err), "a code without a mapping is the record's own problem");
+        assert!(
+            is_miss(&err),
+            "a code without a mapping is the record's own problem"
+        );
         assert!(is_miss(
-            &lookups.map("exames", &TemplateValue::from(()), None).unwrap_err()
+            &lookups
+                .map("exames", &TemplateValue::from(()), None)
+                .unwrap_err()
         ));
         assert!(
             err.to_string().contains("\"URINA\" has no mapping in"),

@@ -55,7 +55,10 @@ pub struct Enrich {
 impl std::fmt::Debug for Enrich {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Enrich")
-            .field("fields", &self.fields.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field(
+                "fields",
+                &self.fields.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
             .field("lookups", &self.lookups)
             .finish()
     }
@@ -99,14 +102,20 @@ impl Enrich {
                 Some(expr) => match env.compile_expression(expr) {
                     Ok(_) => Form::Expression(expr.to_owned()),
                     Err(e) => {
-                        problems.push((name.clone(), format!("the expression does not compile: {e:#}")));
+                        problems.push((
+                            name.clone(),
+                            format!("the expression does not compile: {e:#}"),
+                        ));
                         continue;
                     }
                 },
                 None => match env.add_template_owned(name.clone(), text.clone()) {
                     Ok(()) => Form::Text,
                     Err(e) => {
-                        problems.push((name.clone(), format!("the template does not compile: {e:#}")));
+                        problems.push((
+                            name.clone(),
+                            format!("the template does not compile: {e:#}"),
+                        ));
                         continue;
                     }
                 },
@@ -126,16 +135,17 @@ impl Enrich {
 
     /// One phrase for `check-config`: the columns added and the maps and catalogs they read.
     pub fn describe(&self) -> String {
-        let names = |it: &mut dyn Iterator<Item = &String>| it.cloned().collect::<Vec<_>>().join(" ");
-        let mut text = format!(
-            "{}",
-            names(&mut self.fields.iter().map(|(n, _)| n))
-        );
+        let names =
+            |it: &mut dyn Iterator<Item = &String>| it.cloned().collect::<Vec<_>>().join(" ");
+        let mut text = names(&mut self.fields.iter().map(|(n, _)| n));
         if !self.lookups.maps.is_empty() {
             text.push_str(&format!(" (maps {})", names(&mut self.lookups.maps.keys())));
         }
         if !self.lookups.catalogs.is_empty() {
-            text.push_str(&format!(" (catalogs {})", names(&mut self.lookups.catalogs.keys())));
+            text.push_str(&format!(
+                " (catalogs {})",
+                names(&mut self.lookups.catalogs.keys())
+            ));
         }
         text
     }
@@ -164,20 +174,19 @@ impl Enrich {
                 if let Some(token) = &catalog.token {
                     request = request.bearer_auth(token);
                 }
-                let secrets = crate::redact::Secrets::of(&catalog.target)
-                    .with(catalog.token.as_deref());
+                let secrets =
+                    crate::redact::Secrets::of(&catalog.target).with(catalog.token.as_deref());
                 async move {
                     let answer = match request.send().await {
-                        Ok(response) if response.status().is_success() => {
-                            response.bytes().await.map(|b| b.to_vec()).map_err(|e| {
-                                format!("reading it: {}", e.without_url())
-                            })
-                        }
+                        Ok(response) if response.status().is_success() => response
+                            .bytes()
+                            .await
+                            .map(|b| b.to_vec())
+                            .map_err(|e| format!("reading it: {}", e.without_url())),
                         Ok(response) => Err(format!("HTTP {}", response.status())),
-                        Err(e) if e.is_timeout() => Err(format!(
-                            "no answer within {} s",
-                            CATALOG_TIMEOUT.as_secs()
-                        )),
+                        Err(e) if e.is_timeout() => {
+                            Err(format!("no answer within {} s", CATALOG_TIMEOUT.as_secs()))
+                        }
                         Err(e) => Err(format!("cannot connect: {}", error_chain(&e.without_url()))),
                     };
                     answer.map_err(|e| secrets.scrub(&e))
@@ -302,7 +311,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = enrich(
             &[
-                ("items.supportTestId", "{{ map('exames', row['items.exame']) }}"),
+                (
+                    "items.supportTestId",
+                    "{{ map('exames', row['items.exame']) }}",
+                ),
                 (
                     "items.specimen",
                     "{{ catalog('tests', map('exames', row['items.exame'])) }}",
@@ -312,7 +324,10 @@ mod tests {
             dir.path(),
         );
         let Enriched::Rows(rows) = e
-            .rows(&[row(&[("id", json!(7)), ("items.exame", json!("HEMOGRAMA"))])])
+            .rows(&[row(&[
+                ("id", json!(7)),
+                ("items.exame", json!("HEMOGRAMA")),
+            ])])
             .unwrap()
         else {
             panic!("refused")

@@ -95,7 +95,11 @@ fn enrich_of(
             None => DEFAULT_CATALOG_TTL,
             Some(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
             Some(t) => {
-                problem(&at("ttl_secs"), Some(t.to_string()), "expected a number of seconds above 0, such as 3600".into());
+                problem(
+                    &at("ttl_secs"),
+                    Some(t.to_string()),
+                    "expected a number of seconds above 0, such as 3600".into(),
+                );
                 DEFAULT_CATALOG_TTL
             }
         };
@@ -106,7 +110,9 @@ fn enrich_of(
                 None => problem(
                     &at("token_env"),
                     Some(var.clone()),
-                    format!("the environment variable {var} is not set (nor in .env); set it to the API's token"),
+                    format!(
+                        "the environment variable {var} is not set (nor in .env); set it to the API's token"
+                    ),
                 ),
             }
         }
@@ -129,7 +135,11 @@ fn enrich_of(
         Ok(enrich) => Some(Arc::new(enrich)),
         Err(found) => {
             for (name, expected) in found {
-                problem(&format!("enrich.{name}"), entries.get(&name).cloned(), expected);
+                problem(
+                    &format!("enrich.{name}"),
+                    entries.get(&name).cloned(),
+                    expected,
+                );
             }
             None
         }
@@ -476,7 +486,10 @@ mod lookup_tests {
             enrich.lookups.catalogs["t"].token.as_deref(),
             Some("segredo")
         );
-        assert!(!format!("{:?}", out[0]).contains("segredo"), "the token never prints");
+        assert!(
+            !format!("{:?}", out[0]).contains("segredo"),
+            "the token never prints"
+        );
         assert!(out[0].describe().contains("enrich x (maps a) (catalogs t)"));
         let (_, problems) = load_text(
             "maps = { a = \"falta.json\" }\ncatalogs = { t = { url = \"ftp://u:pw@h/x\", key = \"id\", token_env = \"TOK\", ttl_secs = 0 } }\nenrich = { x = \"{{ map(\" }\n",

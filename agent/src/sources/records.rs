@@ -146,4 +146,3 @@ pub(super) fn records_of(
     }
     Ok(out)
 }
-

@@ -111,8 +111,9 @@ pub async fn replay(
             // A copy outside the store (`--file` elsewhere) is the caller's to move.
             Ok(()) | Err(StoreError::NotStagingFile { .. }) => {}
             Err(err) => {
-                return Err(anyhow::Error::new(err)
-                    .context("the record is staged, but the refused row's file could not be removed"));
+                return Err(anyhow::Error::new(err).context(
+                    "the record is staged, but the refused row's file could not be removed",
+                ));
             }
         }
         Ok(staged.receipts()[0].seq)

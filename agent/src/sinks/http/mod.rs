@@ -361,11 +361,11 @@ impl HttpSink {
                 }
                 async move {
                     match request.send().await {
-                        Ok(response) if response.status().is_success() => response
-                            .bytes()
-                            .await
-                            .map(|b| b.to_vec())
-                            .map_err(|err| format!("reading it: {}", describe(&self.shared, err))),
+                        Ok(response) if response.status().is_success() => {
+                            response.bytes().await.map(|b| b.to_vec()).map_err(|err| {
+                                format!("reading it: {}", describe(&self.shared, err))
+                            })
+                        }
                         Ok(response) => Err(format!("HTTP {}", response.status())),
                         Err(err) => Err(describe(&self.shared, err)),
                     }

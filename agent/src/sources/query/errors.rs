@@ -229,27 +229,52 @@ mod tests {
             w,
             "MySQL 1146 (table missing): Table 'test.exames' doesn't exist; a table the query names does not exist in this database: check the query file and the database in the url"
         );
-        assert!(mysql_words(1045, "Access denied for user 'leitor'@'h'").contains("check the user and password"));
+        assert!(
+            mysql_words(1045, "Access denied for user 'leitor'@'h'")
+                .contains("check the user and password")
+        );
         assert!(mysql_words(1049, "Unknown database 'x'").contains("check the database name"));
-        assert!(mysql_words(1064, "You have an error in your SQL syntax").contains("fix the query file"));
-        let w = mysql_words(1366, "Incorrect integer value: 'Maria Sigilosa' for column 'x'");
+        assert!(
+            mysql_words(1064, "You have an error in your SQL syntax")
+                .contains("fix the query file")
+        );
+        let w = mysql_words(
+            1366,
+            "Incorrect integer value: 'Maria Sigilosa' for column 'x'",
+        );
         assert!(!w.contains("Maria"), "{w}");
-        assert!(w.starts_with("MySQL 1366: a value in the source's rows was refused"), "{w}");
+        assert!(
+            w.starts_with("MySQL 1366: a value in the source's rows was refused"),
+            "{w}"
+        );
         let w = mysql_words(1062, "Duplicate entry 'CPF-123' for key 'PRIMARY'");
         assert!(!w.contains("CPF-123"), "{w}");
         let io = mysql_error(mysql_async::Error::Io(mysql_async::IoError::Io(
             std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
         )));
-        assert!(io.to_string().starts_with("MySQL 2003 (cannot reach the server)"), "{io}");
+        assert!(
+            io.to_string()
+                .starts_with("MySQL 2003 (cannot reach the server)"),
+            "{io}"
+        );
     }
 
     #[test]
     fn sqlite_errors_say_their_class_and_what_to_do() {
         use rusqlite::ErrorCode as C;
         let w = sqlite_words(C::Unknown, "no such table: exames");
-        assert!(w.starts_with("SQLite SQLITE_ERROR (the statement was refused): no such table: exames; "), "{w}");
-        assert!(sqlite_words(C::DatabaseBusy, "database is locked").contains("runs again by itself"));
-        assert!(sqlite_words(C::CannotOpen, "unable to open database file").contains("check the path"));
+        assert!(
+            w.starts_with(
+                "SQLite SQLITE_ERROR (the statement was refused): no such table: exames; "
+            ),
+            "{w}"
+        );
+        assert!(
+            sqlite_words(C::DatabaseBusy, "database is locked").contains("runs again by itself")
+        );
+        assert!(
+            sqlite_words(C::CannotOpen, "unable to open database file").contains("check the path")
+        );
         let w = sqlite_words(C::ConstraintViolation, "UNIQUE constraint failed: t.cpf");
         assert!(!w.contains("t.cpf") && w.contains("not shown"), "{w}");
         // Through rusqlite, as a cycle meets it.
@@ -269,7 +294,13 @@ mod tests {
         assert!(w.contains("check Server (host\\instance), Port"), "{w}");
         assert!(odbc_words("28000", "Login failed for user 'x'").contains("check UID and PWD"));
         assert!(odbc_words("42S02", "Invalid object name 'exames'").contains("table missing"));
-        assert!(odbc_words("IM002", "[unixODBC][Driver Manager]Data source name not found").contains("odbcinst -q -d"));
+        assert!(
+            odbc_words(
+                "IM002",
+                "[unixODBC][Driver Manager]Data source name not found"
+            )
+            .contains("odbcinst -q -d")
+        );
         let w = odbc_words("22018", "Conversion failed when converting 'Maria' to int");
         assert!(!w.contains("Maria"), "{w}");
         assert_eq!(odbc_words("HY000", "general"), "ODBC HY000: general");

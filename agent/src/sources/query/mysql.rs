@@ -77,11 +77,11 @@ pub async fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetc
     let mut conn = connect(url).await?;
     let params = positional(bound);
     let result: anyhow::Result<Fetched> = async {
-        let rows: Vec<mysql_async::Row> =
-            conn.exec(sql, params)
-                .await
-                .map_err(mysql_error)
-                .context("the query failed")?;
+        let rows: Vec<mysql_async::Row> = conn
+            .exec(sql, params)
+            .await
+            .map_err(mysql_error)
+            .context("the query failed")?;
         let mut out = Fetched::default();
         for r in rows {
             let (r, problem) = row(r)?;
@@ -119,9 +119,9 @@ fn row(mut row: mysql_async::Row) -> anyhow::Result<(Row, Option<String>)> {
                 }
                 _ if binary => return Err(unsupported(&name, "binary")),
                 _ => or_null(
-                    String::from_utf8(bytes).map(Value::String).map_err(|_| {
-                        anyhow::anyhow!("column {name:?} is not valid UTF-8 text")
-                    }),
+                    String::from_utf8(bytes)
+                        .map(Value::String)
+                        .map_err(|_| anyhow::anyhow!("column {name:?} is not valid UTF-8 text")),
                     &mut problem,
                 ),
             },
@@ -130,9 +130,7 @@ fn row(mut row: mysql_async::Row) -> anyhow::Result<(Row, Option<String>)> {
                     Value::String(format!("{y:04}-{mo:02}-{d:02}"))
                 } else {
                     let t = chrono::NaiveDate::from_ymd_opt(y as i32, mo as u32, d as u32)
-                        .and_then(|date| {
-                            date.and_hms_micro_opt(h as u32, mi as u32, s as u32, us)
-                        })
+                        .and_then(|date| date.and_hms_micro_opt(h as u32, mi as u32, s as u32, us))
                         .with_context(|| format!("column {name:?} holds an invalid date"));
                     or_null(
                         t.map(|t| Value::String(crate::sources::naive(t))),

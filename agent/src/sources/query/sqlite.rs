@@ -57,7 +57,9 @@ pub fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result
                 .context("the statement failed")?;
         }
     }
-    tx.commit().map_err(sqlite_error).context("the commit failed")
+    tx.commit()
+        .map_err(sqlite_error)
+        .context("the commit failed")
 }
 
 pub fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
