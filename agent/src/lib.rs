@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod intake;
 pub mod interval;
 pub mod logging;
+pub mod lookups;
 pub mod metrics;
 pub mod notify;
 pub mod problem;

@@ -592,3 +592,53 @@ fn a_source_checkpoint_survives_cleanup_of_its_segments_and_a_rebuilt_index() {
         "a rebuilt index without the segment must not send the source back to its start"
     );
 }
+
+#[test]
+fn refused_rows_are_listed_with_their_files_and_removed_only_under_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = store
+        .refuse_source_row(
+            "exames",
+            "[3]",
+            "code \"URINA\" has no mapping",
+            serde_json::json!({"id": 3}),
+            true,
+        )
+        .unwrap();
+    store
+        .refuse_source_row(
+            "outra",
+            "[9]",
+            "unreadable",
+            serde_json::json!({"id": 9}),
+            false,
+        )
+        .unwrap();
+    let listed = store.refused_row_files(None).unwrap();
+    assert_eq!(listed.len(), 2);
+    let (path, row) = listed.iter().find(|(_, r)| r.source == "exames").unwrap();
+    assert_eq!(path, &a);
+    assert!(row.replayable);
+    assert_eq!(row.reason, "code \"URINA\" has no mapping");
+    assert!(
+        !listed
+            .iter()
+            .any(|(_, r)| r.source == "outra" && r.replayable)
+    );
+    assert_eq!(store.refused_row_files(Some(1)).unwrap().len(), 1);
+    // Only a refused row's own file goes.
+    let elsewhere = dir.path().join("x.json");
+    std::fs::write(&elsewhere, "{}").unwrap();
+    assert!(store.remove_refused_row(&elsewhere).is_err());
+    assert!(elsewhere.exists());
+    store.remove_refused_row(&a).unwrap();
+    assert!(!a.exists());
+    assert_eq!(store.refused_row_files(None).unwrap().len(), 1);
+    // A file written before `replayable` existed reads as not replayable.
+    let old: estafeta_staging::RefusedRow = serde_json::from_str(
+        r#"{"source": "s", "checkpoint": "[1]", "reason": "r", "refused_at": "2026-01-01T00:00:00Z", "row": {}}"#,
+    )
+    .unwrap();
+    assert!(!old.replayable);
+}

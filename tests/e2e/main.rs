@@ -73,6 +73,11 @@ mod source_health;
 // aside while the rest is staged (SQLite), after_stage on a queue table across a SIGKILL
 // (PostgreSQL), a template expanded over hospitals, hh:mm:ss intervals and their errors.
 mod source_rows;
+// Lookups at the source (seed 003): codes mapped and looked up in the API's cached catalog before
+// the payload (PostgreSQL); an unmapped row set aside, listed by `retry` and /v1/dead-letters,
+// staged again by `retry --send` once fixed; an unreachable catalog stages nothing until it
+// answers; check-config names a missing map file and an unset token_env.
+mod source_lookups;
 // The examples under examples/ run as shipped against the local PostgreSQL.
 mod examples;
 // ODBC drivers no server here answers: FreeTDS (SQL Server) loads and says so; a missing

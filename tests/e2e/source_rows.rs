@@ -6,7 +6,8 @@
 //! - SQLite: `max_records` caps the rows one cycle reads, apart from `page_size`.
 //! - SQLite: a row holding a value the agent cannot read is set aside under
 //!   `_failed/_refused/` with its reason; the rows around it are staged and the checkpoint moves
-//!   past it, also when a page holds only refused rows.
+//!   past it, also when a page holds only refused rows; `estafeta retry` lists them, and says
+//!   such a row (a value it could not read) is read again with `sources reset`, not replayed.
 //! - PostgreSQL: a queue table consumed with `after_stage`; a SIGKILL after the page is staged
 //!   but before its statement ran is finished at the restart, and no row lands twice.
 //! - SQLite: one template block expanded over two hospitals, each its own source and
@@ -264,6 +265,23 @@ checkpoint = "id"
         log_tail(&agent, 20)
     );
     assert!(!agent.stderr().contains("Paciente 3"));
+    // A dead letter `estafeta retry` lists; a value that could not be read cannot be replayed
+    // from the file (it holds NULL there): --send says so and points at `sources reset`.
+    let out = run_cli(dir.path(), &env, &["retry"]).await;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains("cannot replay refused row source=refuse checkpoint=[3]: "),
+        "{listed}"
+    );
+    let out = run_cli(dir.path(), &env, &["retry", "--send", "--limit", "1"]).await;
+    let sent = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success()
+            && sent.contains("not replayed refused row source=refuse checkpoint=[3]")
+            && sent.contains("estafeta sources reset refuse --to"),
+        "{sent}"
+    );
+    assert!(refused_dir.join("3.json").exists(), "the file stays");
     agent.terminate();
 }
 

@@ -5,7 +5,8 @@
 //!   central landing table every source row appears exactly once, with nested fields.
 //! - SQLite: grouping (one record per request, its items in an array) and debounce (a request
 //!   younger than the debounce is left for a later cycle), and `estafeta sources` / `reset`.
-//! - MariaDB: types kept (integers, decimals as exact strings, accented text, datetimes).
+//! - MariaDB: types kept (integers, decimals as exact strings, accented text, datetimes); a
+//!   query naming a missing table shows its error class (MySQL 1146) in the source's status.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -550,4 +551,55 @@ checkpoint = "id"
         .batch_execute(&format!("DROP TABLE {table}"))
         .await
         .unwrap();
+}
+
+/// A MariaDB source whose query names a table that does not exist: its status (GET /v1/status)
+/// says the error's class (MySQL 1146, table missing) and what to do next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_source_reading_a_missing_table_shows_the_error_class_in_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = unique_name("src_missing");
+    write_config(
+        dir.path(),
+        &format!(
+            r#"
+[[sources]]
+name = "faltando"
+url = "{MYSQL_URL}"
+query = "sql/sources/faltando.sql"
+every = "200ms"
+entity = "exam"
+action = "create"
+checkpoint = "id"
+"#
+        ),
+        &[(
+            "faltando",
+            &format!(
+                "SELECT id FROM {table} WHERE :last_id IS NULL OR id > :last_id ORDER BY id LIMIT :limit"
+            ),
+        )],
+    );
+    let agent_id = unique_name("src_missing");
+    let agent = started(dir.path(), &source_env(&agent_id)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        let (code, status) = agent.get("/v1/status").await;
+        assert_eq!(code, 200, "{status}");
+        if let Some(error) = status["sources"][0]["last_error"].as_str() {
+            break error.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{status}\n{}",
+            log_tail(&agent, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        error.contains("MySQL 1146 (table missing)")
+            && error.contains(&table)
+            && error.contains("check the query file and the database in the url"),
+        "{error}"
+    );
 }

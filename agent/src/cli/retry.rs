@@ -9,13 +9,19 @@
 //! or a dead letter again (a new file) after a refusal. If this process dies mid-send, its
 //! lease is given back at once and the daemon sends the record again (idempotently).
 //! Without `--send` it only lists, and changes nothing.
+//!
+//! Source rows that could not become records (`<failed>/_refused/<source>/`) are dead letters
+//! too: listed after the records, with their reason. `--send` runs a row that was read whole
+//! through its source's mapping again, as the configuration is now (a map file or schema fixed
+//! since), and stages its record ([`crate::sources::replay`]); a row set aside for a value
+//! that could not be read is only listed, with the `estafeta sources reset` that reads it again.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Args;
-use estafeta_staging::{DeadLetterFile, Staging, StoreError};
+use estafeta_staging::{DeadLetterFile, REFUSED_DIR, RefusedRow, Staging, StoreError};
 
 use crate::batcher::Settle;
 use crate::config::Config;
@@ -53,6 +59,35 @@ pub struct RetryArgs {
 struct Letter {
     path: PathBuf,
     file: DeadLetterFile,
+}
+
+/// A refused source row as `retry` reads it.
+struct Refused {
+    path: PathBuf,
+    row: RefusedRow,
+}
+
+/// The refused rows under `dir/_refused/<source>/`, oldest first; unreadable files skipped.
+fn refused_files(dir: &Path) -> Vec<Refused> {
+    let mut out = Vec::new();
+    let Ok(sources) = std::fs::read_dir(dir.join(REFUSED_DIR)) else {
+        return out;
+    };
+    for source in sources.flatten() {
+        let Ok(files) = std::fs::read_dir(source.path()) else {
+            continue;
+        };
+        for path in files.flatten().map(|f| f.path()) {
+            if path.extension().is_some_and(|e| e == "json") {
+                match RefusedRow::read(&path) {
+                    Ok(row) => out.push(Refused { path, row }),
+                    Err(err) => eprintln!("skipped: {err}"),
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.row.refused_at, &a.path).cmp(&(&b.row.refused_at, &b.path)));
+    out
 }
 
 /// Every `*.json` under `dir`, skipping the store's own `_…` folders (such as `_damaged`).
@@ -96,7 +131,7 @@ pub(super) fn retry(config: &Config, args: RetryArgs) -> anyhow::Result<u8> {
     let files = match &file {
         Some(file) => vec![file.clone()],
         None => {
-            let dir = dir.unwrap_or_else(|| config.failed_dir());
+            let dir = dir.clone().unwrap_or_else(|| config.failed_dir());
             let mut files = Vec::new();
             match json_files(&dir, &mut files) {
                 Ok(()) => {}
@@ -112,12 +147,20 @@ pub(super) fn retry(config: &Config, args: RetryArgs) -> anyhow::Result<u8> {
             files
         }
     };
+    let mut refused = match (&file, &dir) {
+        (None, dir) => refused_files(&dir.clone().unwrap_or_else(|| config.failed_dir())),
+        (Some(_), _) => Vec::new(),
+    };
     for path in files {
         match Staging::dead_letter_with_keys(&path, config.staging_keys.as_deref()) {
             Ok(letter) => letters.push(Letter { path, file: letter }),
-            // A file given by name must be a dead letter; one met in a folder is skipped.
+            // A file given by name must be a dead letter or a refused source row; one met in a
+            // folder is skipped.
             Err(err @ StoreError::NotStagingFile { .. }) if file.is_some() => {
-                return Err(usage(err.to_string()));
+                match RefusedRow::read(&path) {
+                    Ok(row) => refused.push(Refused { path, row }),
+                    Err(_) => return Err(usage(err.to_string())),
+                }
             }
             Err(err) if file.is_some() => return Err(err.into()),
             Err(err) => eprintln!("skipped: {err}"),
@@ -128,35 +171,176 @@ pub(super) fn retry(config: &Config, args: RetryArgs) -> anyhow::Result<u8> {
         .sort_by(|a, b| (a.file.record.seq, &a.file.sink).cmp(&(b.file.record.seq, &b.file.sink)));
     if let Some(limit) = limit {
         letters.truncate(limit);
+        refused.truncate(limit.saturating_sub(letters.len()));
     }
     if !send {
         for letter in &letters {
             let line = describe_letter(letter, verbose, true);
             write_stdout(&format!("would send {line}\n"));
         }
+        for item in &refused {
+            let line = describe_refused(item, verbose, true);
+            if item.row.replayable {
+                write_stdout(&format!("would stage again {line}\n"));
+            } else {
+                write_stdout(&format!("cannot replay {line}\n"));
+            }
+        }
         write_stdout(&format!(
             "{} dead letter(s) would be sent; run again with --send to deliver them now\n",
             letters.len()
         ));
+        if !refused.is_empty() {
+            let replayable = refused.iter().filter(|r| r.row.replayable).count();
+            write_stdout(&format!(
+                "{} refused source row(s) under {REFUSED_DIR}/: --send runs the {replayable} read whole through their source's mapping again and stages their records; the others need the value fixed in the database, then `estafeta sources reset <source> --to <checkpoint before>`\n",
+                refused.len()
+            ));
+        }
         return Ok(EXIT_OK);
     }
-    send_letters(config, &letters, move_ok.as_deref(), verbose)
+    crate::logging::restrict_new_files();
+    let _guard = crate::logging::init(config);
+    let store = open_store(config)?;
+    let runtime = runtime()?;
+    let mut code = EXIT_OK;
+    if !letters.is_empty() || refused.is_empty() {
+        code = send_letters(
+            config,
+            &store,
+            &runtime,
+            &letters,
+            move_ok.as_deref(),
+            verbose,
+        )?;
+    }
+    if !refused.is_empty() {
+        let replayed = send_refused(
+            config,
+            &store,
+            &runtime,
+            &refused,
+            move_ok.as_deref(),
+            verbose,
+        )?;
+        code = code.max(replayed);
+    }
+    Ok(code)
+}
+
+/// `--send` for refused source rows: each run through its source's mapping again and staged.
+fn send_refused(
+    config: &Config,
+    store: &Staging,
+    runtime: &tokio::runtime::Runtime,
+    refused: &[Refused],
+    move_ok: Option<&Path>,
+    verbose: bool,
+) -> anyhow::Result<u8> {
+    use crate::sources::replay::{Replayed, replay};
+    let intake = crate::intake::Intake::new(config.rules())?;
+    let mut staged = 0usize;
+    for item in refused {
+        let line = describe_refused(item, verbose, false);
+        let Some(source) = config
+            .sql_sources
+            .iter()
+            .find(|s| s.name == item.row.source)
+        else {
+            eprintln!(
+                "not replayed {line}: no source named {:?} is configured; configure it or move the file away",
+                item.row.source
+            );
+            continue;
+        };
+        let staged_move = match move_ok
+            .map(|dir| Move::prepare(&item.path, dir))
+            .transpose()
+        {
+            Ok(m) => m,
+            Err(err) => {
+                eprintln!(
+                    "not replayed {line}: could not copy it into the --move-ok folder: {err}"
+                );
+                continue;
+            }
+        };
+        let result = runtime.block_on(replay(store, &intake, source, &item.path, &item.row));
+        match result {
+            Ok(Replayed::Staged { seq }) => {
+                staged += 1;
+                let moved = match staged_move.map(|m| m.finish(&item.path)) {
+                    Some(Ok(target)) => format!("; moved to {}", target.display()),
+                    Some(Err(err)) => {
+                        eprintln!("staged {line}, but its file could not be moved: {err}");
+                        String::new()
+                    }
+                    None => String::new(),
+                };
+                write_stdout(&format!(
+                    "staged again {line} as seq={seq}; the daemon (or `estafeta flush`) delivers it{moved}\n"
+                ));
+            }
+            other => {
+                if let Some(m) = staged_move {
+                    m.abandon();
+                }
+                match other {
+                    Ok(Replayed::RefusedAgain(reason)) => {
+                        write_stdout(&format!("refused again {line}\n  reason: {reason}\n"))
+                    }
+                    Ok(Replayed::NotReplayable(why)) => {
+                        write_stdout(&format!("not replayed {line}: {why}\n"))
+                    }
+                    Ok(Replayed::Staged { .. }) => unreachable!("handled above"),
+                    Err(err) => eprintln!("not replayed {line}: {err:#}"),
+                }
+            }
+        }
+    }
+    write_stdout(&format!(
+        "staged again {staged} of {} refused source row(s)\n",
+        refused.len()
+    ));
+    Ok(if staged == refused.len() {
+        EXIT_OK
+    } else {
+        EXIT_FAILURE
+    })
+}
+
+fn describe_refused(item: &Refused, verbose: bool, reason_too: bool) -> String {
+    let RefusedRow {
+        source,
+        checkpoint,
+        reason,
+        refused_at,
+        ..
+    } = &item.row;
+    let mut line = format!("refused row source={source} checkpoint={checkpoint}");
+    if verbose {
+        line.push_str(&format!(
+            "\n  file: {}\n  refused at: {refused_at}\n  reason: {reason}",
+            item.path.display()
+        ));
+    } else if reason_too {
+        line.push_str(&format!(": {}", shorten(reason, 100)));
+    }
+    line
 }
 
 /// `--send`: each letter in turn, taken back leased, delivered, settled and reported.
 fn send_letters(
     config: &Config,
+    store: &Staging,
+    runtime: &tokio::runtime::Runtime,
     letters: &[Letter],
     move_ok: Option<&Path>,
     verbose: bool,
 ) -> anyhow::Result<u8> {
-    crate::logging::restrict_new_files();
-    let _guard = crate::logging::init(config);
     // The daemon's own sinks: built from the same configuration by the same code.
     let sinks = crate::sinks::build(&config.sinks)
         .map_err(|err| usage(format!("the sinks are misconfigured: {err:#}")))?;
-    let store = open_store(config)?;
-    let runtime = runtime()?;
     let mut tally = Tally::default();
     for letter in letters {
         // The old refusal is not repeated beside the new answer (--verbose shows it).
@@ -186,7 +370,7 @@ fn send_letters(
                 continue;
             }
         };
-        let result = send_one(&runtime, &store, sink, config, letter);
+        let result = send_one(runtime, store, sink, config, letter);
         match result {
             Ok(Settle::Delivered) => {
                 tally.delivered += 1;

@@ -300,6 +300,9 @@ pub const SOURCE_KEY_TABLE: &[SourceKey] = &[
     source_key("after_stage", "(none)", "A .sql statement run once per row after its page is staged, with the row's columns as :<column> (marks queue rows taken; must be idempotent)."),
     source_key("params", "(none)", "Constant query parameters, such as { dias_sem_transito = 30 }, bound as :dias_sem_transito (as text: cast where a number is needed)."),
     source_key("each", "(none)", "Makes the block a template: one source per item, each item's {variables} filled in and bound as :<variable>."),
+    source_key("maps", "(none)", "Mapping files for enrich, { exames = \"tests_map.json\" } (JSON objects of codes, relative to the TOML file, read at start)."),
+    source_key("catalogs", "(none)", "Catalogs an API serves for enrich: { tests = { url = \"https://…/tests\", key = \"supportTestId\", token_env = \"API_TOKEN\", ttl_secs = 3600 } }."),
+    source_key("enrich", "(none)", "Columns added to each row before it becomes a record: { column = \"{{ map('exames', row.codigo) }}\" }; a code with no mapping sets the row aside."),
 ];
 
 const KEY_COUNT: usize = KEY_TABLE.len();

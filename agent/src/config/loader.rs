@@ -226,7 +226,8 @@ impl Loader {
         let names: BTreeSet<&str> = sinks.iter().map(|s| s.name.as_str()).collect();
         let routes = self.routes(&file.routes, &names);
         let entities = self.entities(file.entities, file_dir);
-        let sql_sources = crate::sources::load(&file.sources, file_dir, &mut self.problems);
+        let sql_sources =
+            crate::sources::load(&file.sources, file_dir, &self.vars, &mut self.problems);
 
         Config {
             sources: if self.sources.is_empty() {

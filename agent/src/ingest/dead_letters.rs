@@ -1,6 +1,8 @@
 //! Dead letters over HTTP, for the status page and for scripts: `GET /v1/dead-letters` lists
 //! them with their reasons, `POST /v1/dead-letters/{sink}/{seq}/requeue` puts one back in line
-//! (the same as `estafeta retry --send` for one record) and wakes the batcher.
+//! (the same as `estafeta retry --send` for one record) and wakes the batcher. Source rows
+//! that could not become records are listed too, under `refused_rows`, with their reason and
+//! whether `estafeta retry --send` can stage them again (`replayable`).
 //!
 //! The requeue (and `POST /v1/update`, which uses the same guard) changes state, so besides the token (when `INGEST_TOKEN` is set) it is guarded
 //! against cross-site requests, because a browser on the same workstation can be made to send
@@ -59,10 +61,29 @@ pub async fn list(
         ));
     }
     let store = state.store().clone();
-    let letters = tokio::task::spawn_blocking(move || store.dead_letters(Some(limit)))
-        .await
-        .map_err(|err| ApiError::internal(format!("dead-letter task failed: {err}")))?
-        .map_err(|err| ApiError::internal(format!("could not read the dead letters: {err}")))?;
+    let (letters, refused) = tokio::task::spawn_blocking(move || {
+        Ok::<_, estafeta_staging::StoreError>((
+            store.dead_letters(Some(limit))?,
+            store.refused_row_files(Some(limit))?,
+        ))
+    })
+    .await
+    .map_err(|err| ApiError::internal(format!("dead-letter task failed: {err}")))?
+    .map_err(|err| ApiError::internal(format!("could not read the dead letters: {err}")))?;
+    // The row itself stays in its file (patient data, like a dead letter's payload).
+    let refused: Vec<_> = refused
+        .into_iter()
+        .map(|(path, row)| {
+            json!({
+                "source": row.source,
+                "checkpoint": row.checkpoint,
+                "reason": row.reason,
+                "refused_at": row.refused_at,
+                "replayable": row.replayable,
+                "path": path,
+            })
+        })
+        .collect();
     let letters: Vec<_> = letters
         .into_iter()
         .map(|l| {
@@ -80,7 +101,7 @@ pub async fn list(
             })
         })
         .collect();
-    Ok(Json(json!({ "dead_letters": letters })).into_response())
+    Ok(Json(json!({ "dead_letters": letters, "refused_rows": refused })).into_response())
 }
 
 /// `POST /v1/dead-letters/{sink}/{seq}/requeue`.

@@ -177,7 +177,22 @@ fn operations(max_body_bytes: usize) -> Value {
                             "content": { "application/json": { "schema": {
                                 "type": "object",
                                 "required": ["dead_letters"],
-                                "properties": { "dead_letters": { "type": "array", "items": { "$ref": "#/components/schemas/DeadLetter" } } }
+                                "properties": {
+                                    "dead_letters": { "type": "array", "items": { "$ref": "#/components/schemas/DeadLetter" } },
+                                    "refused_rows": { "type": "array", "items": {
+                                        "type": "object",
+                                        "description": "A SQL source row that could not become a record, set aside under _failed/_refused/ (estafeta retry --send stages a replayable one again).",
+                                        "required": ["source", "checkpoint", "reason", "refused_at", "replayable", "path"],
+                                        "properties": {
+                                            "source": { "type": "string" },
+                                            "checkpoint": { "type": "string" },
+                                            "reason": { "type": "string" },
+                                            "refused_at": { "type": "string", "format": "date-time" },
+                                            "replayable": { "type": "boolean" },
+                                            "path": { "type": "string" }
+                                        }
+                                    } }
+                                }
                             } } }
                         },
                         "400": error("invalid_query: limit is not a whole number from 1 to 1000."),

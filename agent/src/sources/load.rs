@@ -2,13 +2,16 @@
 //! [`SourceConfig`]s, every mistake a [`Problem`] naming the key, and describes a source in one
 //! line for `check-config`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
     ActionFrom, Columns, DEFAULT_ITEMS, DEFAULT_PAGE_SIZE, FileSource, SourceConfig, When,
-    after_stage, query, template,
+    after_stage, enrich, query, template,
 };
+use crate::lookups::{Catalog, DEFAULT_CATALOG_TTL, Lookups, MapFile};
 use crate::problem::Problem;
 
 impl SourceConfig {
@@ -38,6 +41,9 @@ impl SourceConfig {
         if let Some(after) = &self.after_stage {
             parts.push(format!("after_stage {}", after.path.display()));
         }
+        if let Some(enrich) = &self.enrich {
+            parts.push(format!("enrich {}", enrich.describe()));
+        }
         if !self.vars.is_empty() {
             let vars: Vec<String> = self
                 .vars
@@ -53,10 +59,99 @@ impl SourceConfig {
     }
 }
 
-/// Checks `[[sources]]`; each mistake becomes a [`Problem`] naming the key.
+/// A source's `maps` (files read now), `catalogs` (`token_env` read from `vars`, the `.env`
+/// and process environment) and `enrich` entries, checked; each mistake a problem under `at`.
+fn enrich_of(
+    src: &FileSource,
+    file_dir: &Path,
+    vars: &BTreeMap<String, String>,
+    problem: &mut dyn FnMut(&str, Option<String>, String),
+) -> Option<Arc<enrich::Enrich>> {
+    let mut lookups = Lookups::default();
+    for (name, file) in src.maps.iter().flatten() {
+        let path = file_dir.join(file);
+        match MapFile::load(&path) {
+            Ok(map) => {
+                lookups.maps.insert(name.clone(), map);
+            }
+            Err(expected) => problem(
+                &format!("maps.{name}"),
+                Some(path.display().to_string()),
+                expected,
+            ),
+        }
+    }
+    for (name, catalog) in src.catalogs.iter().flatten() {
+        let at = |field: &str| format!("catalogs.{name}.{field}");
+        match reqwest::Url::parse(&catalog.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.password().is_none() => {}
+            _ => problem(
+                &at("url"),
+                Some(crate::redact::url(&catalog.url)),
+                "expected an http:// or https:// URL without a password, such as https://api.example/tests (the token goes in token_env)".into(),
+            ),
+        }
+        let ttl = match catalog.ttl_secs {
+            None => DEFAULT_CATALOG_TTL,
+            Some(t) if t.is_finite() && t > 0.0 => Duration::from_secs_f64(t),
+            Some(t) => {
+                problem(
+                    &at("ttl_secs"),
+                    Some(t.to_string()),
+                    "expected a number of seconds above 0, such as 3600".into(),
+                );
+                DEFAULT_CATALOG_TTL
+            }
+        };
+        let mut entry = Catalog::new(catalog.url.clone(), catalog.key.clone(), ttl);
+        if let Some(var) = &catalog.token_env {
+            match vars.get(var).filter(|v| !v.is_empty()) {
+                Some(token) => entry.token = Some(token.clone()),
+                None => problem(
+                    &at("token_env"),
+                    Some(var.clone()),
+                    format!(
+                        "the environment variable {var} is not set (nor in .env); set it to the API's token"
+                    ),
+                ),
+            }
+        }
+        lookups.catalogs.insert(name.clone(), entry);
+    }
+    let entries = match &src.enrich {
+        Some(entries) => entries,
+        None => {
+            if src.maps.is_some() || src.catalogs.is_some() {
+                problem(
+                    "enrich",
+                    None,
+                    "maps and catalogs are read by enrich; add enrich = { <column> = \"{{ map('name', row.<column>) }}\" }".into(),
+                );
+            }
+            return None;
+        }
+    };
+    match enrich::Enrich::new(entries, lookups) {
+        Ok(enrich) => Some(Arc::new(enrich)),
+        Err(found) => {
+            for (name, expected) in found {
+                problem(
+                    &format!("enrich.{name}"),
+                    entries.get(&name).cloned(),
+                    expected,
+                );
+            }
+            None
+        }
+    }
+}
+
+/// Checks `[[sources]]`; each mistake becomes a [`Problem`] naming the key. `vars` (the `.env`
+/// and process environment) give catalogs their `token_env`.
 pub fn load(
     file: &[FileSource],
     file_dir: &Path,
+    vars: &BTreeMap<String, String>,
     problems: &mut Vec<Problem>,
 ) -> Vec<SourceConfig> {
     let mut out: Vec<SourceConfig> = Vec::new();
@@ -239,6 +334,9 @@ pub fn load(
         {
             problem("key", Some(String::new()), "expected a column name".into());
         }
+        let enrich = enrich_of(src, file_dir, vars, &mut |field, value, expected| {
+            problem(field, value, expected)
+        });
         out.push(SourceConfig {
             name: src.name.clone(),
             url: src.url.clone(),
@@ -261,6 +359,7 @@ pub fn load(
                 .items
                 .clone()
                 .unwrap_or_else(|| DEFAULT_ITEMS.to_owned()),
+            enrich,
         });
     }
     out
@@ -289,7 +388,7 @@ mod tests {
         std::fs::write(dir.join("q.sql"), "SELECT id FROM t LIMIT :limit").unwrap();
         let file: File = toml::from_str(toml_text).unwrap();
         let mut problems = Vec::new();
-        let out = load(&file.sources, &dir, &mut problems);
+        let out = load(&file.sources, &dir, &BTreeMap::new(), &mut problems);
         std::fs::remove_dir_all(&dir).unwrap();
         (out, problems)
     }
@@ -349,5 +448,65 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want}: {text}");
         }
+    }
+}
+
+#[cfg(test)]
+mod lookup_tests {
+    use super::*;
+
+    #[derive(serde::Deserialize)]
+    struct File {
+        sources: Vec<FileSource>,
+    }
+
+    #[test]
+    fn maps_catalogs_and_enrich_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("q.sql"), "SELECT id FROM t LIMIT :limit").unwrap();
+        std::fs::write(dir.path().join("ok.json"), r#"{"A": "1"}"#).unwrap();
+        let base = "[[sources]]\nname = \"s\"\nurl = \"sqlite://x.db\"\nquery = \"q.sql\"\nentity = \"e\"\naction = \"create\"\ncheckpoint = \"id\"\nevery = \"5s\"\n";
+        let load_text = |extra: &str, vars: &[(&str, &str)]| {
+            let file: File = toml::from_str(&format!("{base}{extra}")).unwrap();
+            let vars = vars
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            let mut problems = Vec::new();
+            let out = load(&file.sources, dir.path(), &vars, &mut problems);
+            (out, format!("{problems:?}"))
+        };
+        let (out, problems) = load_text(
+            "maps = { a = \"ok.json\" }\ncatalogs = { t = { url = \"https://api.example/tests\", key = \"id\", token_env = \"TOK\" } }\nenrich = { x = \"{{ map('a', row.c) }}\" }\n",
+            &[("TOK", "segredo")],
+        );
+        assert_eq!(problems, "[]");
+        let enrich = out[0].enrich.as_ref().expect("enrich is loaded");
+        assert_eq!(
+            enrich.lookups.catalogs["t"].token.as_deref(),
+            Some("segredo")
+        );
+        assert!(
+            !format!("{:?}", out[0]).contains("segredo"),
+            "the token never prints"
+        );
+        assert!(out[0].describe().contains("enrich x (maps a) (catalogs t)"));
+        let (_, problems) = load_text(
+            "maps = { a = \"falta.json\" }\ncatalogs = { t = { url = \"ftp://u:pw@h/x\", key = \"id\", token_env = \"TOK\", ttl_secs = 0 } }\nenrich = { x = \"{{ map(\" }\n",
+            &[],
+        );
+        for want in [
+            "sources[0].maps.a",
+            "falta.json",
+            "sources[0].catalogs.t.url",
+            "sources[0].catalogs.t.token_env",
+            "sources[0].catalogs.t.ttl_secs",
+            "sources[0].enrich.x",
+        ] {
+            assert!(problems.contains(want), "{want}: {problems}");
+        }
+        assert!(!problems.contains("pw@"), "{problems}");
+        let (_, problems) = load_text("maps = { a = \"ok.json\" }\n", &[]);
+        assert!(problems.contains("sources[0].enrich"), "{problems}");
     }
 }

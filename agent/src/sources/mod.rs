@@ -18,13 +18,18 @@
 //! refuses) is set aside in the store's `_failed/_refused/` with its reason, and the page's
 //! other rows are staged: one bad row never stops a source. `after_stage` marks a staged page's
 //! rows taken in a queue table (see `after_stage`), and a block with `each` is a template of
-//! several sources (see `template`).
+//! several sources (see `template`). `enrich` adds columns to each row through maps and
+//! catalogs before it becomes a record (see `enrich`); a refused row whose data was read whole
+//! can be staged again by `estafeta retry --send` once its mapping is fixed (see `replay`).
 
 pub mod after_stage;
+pub mod enrich;
 pub mod health;
 mod load;
 pub mod mapping;
 pub mod query;
+mod records;
+pub mod replay;
 pub mod template;
 pub mod transport;
 
@@ -32,9 +37,9 @@ pub use load::load;
 
 use anyhow::Context as _;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use estafeta_staging::{NewRecord, SourceMark, Staging};
+use estafeta_staging::{SourceMark, Staging};
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,8 +48,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::intake::{Intake, KeyFrom};
+use crate::intake::Intake;
 use query::{Param, Row};
+use records::{Made, flat, kind_of, records_of};
 
 /// Rows per page when neither `page_size` nor `max_records` is set.
 pub const DEFAULT_PAGE_SIZE: usize = 1000;
@@ -98,6 +104,23 @@ pub struct FileSource {
     /// Constant query parameters (`params = { dias_sem_transito = 30 }`), bound as `:name`:
     /// a period or a code in the configuration rather than written into the SQL file.
     params: Option<BTreeMap<String, ParamValue>>,
+    /// Mapping files for `enrich`, `{ name = "file.json" }` relative to the TOML file.
+    maps: Option<BTreeMap<String, PathBuf>>,
+    /// Catalogs an API serves, for `enrich`'s `catalog(name, id)`.
+    catalogs: Option<BTreeMap<String, FileCatalog>>,
+    /// Columns added to each row: `{ column = "{{ map('exames', row.codigo) }}" }`.
+    enrich: Option<BTreeMap<String, String>>,
+}
+
+/// A source's catalog: `GET {url}`, items matched on `key`, cached `ttl_secs`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCatalog {
+    url: String,
+    key: String,
+    /// The environment variable holding the API's token (sent as `Authorization: Bearer`).
+    token_env: Option<String>,
+    ttl_secs: Option<f64>,
 }
 
 /// A `params` value as TOML writes it; bound as text, like a template's variables (cast it in
@@ -179,6 +202,9 @@ pub struct SourceConfig {
     pub vars: BTreeMap<String, String>,
     pub group_by: Option<String>,
     pub items: String,
+    /// Columns added to each row through maps and catalogs (`enrich`), shared by the clones of
+    /// this source so a catalog is fetched once per TTL.
+    pub enrich: Option<Arc<enrich::Enrich>>,
 }
 
 /// What one page did.
@@ -207,6 +233,11 @@ pub async fn run_page(
 ) -> anyhow::Result<Page> {
     // A page staged before a crash whose statement did not run yet comes first.
     after_stage::finish(store, source).await?;
+    // Catalogs before the rows: one that cannot be fetched fails the cycle before anything is
+    // read, so nothing is staged and the checkpoint stays.
+    if let Some(enrich) = &source.enrich {
+        enrich.refresh(&source.name).await?;
+    }
     let checkpoint = {
         let store = store.clone();
         let name = source.name.clone();
@@ -270,7 +301,11 @@ pub async fn run_page(
     for made in records_of(intake, source, kept, &fetched.unreadable)? {
         match made {
             Made::Record(record) => records.push(record),
-            Made::Refused { reason, rows } => {
+            Made::Refused {
+                reason,
+                rows,
+                replayable,
+            } => {
                 // Durable before the checkpoint moves past it; read again after a crash, it
                 // rewrites the same file.
                 let at = checkpoint_of(source, rows.last().expect("a group has rows"))?;
@@ -280,7 +315,7 @@ pub async fn run_page(
                 };
                 let (store, name) = (store.clone(), source.name.clone());
                 tokio::task::spawn_blocking(move || {
-                    store.refuse_source_row(&name, &at, &reason, row)
+                    store.refuse_source_row(&name, &at, &reason, row, replayable)
                 })
                 .await
                 .context("setting a row aside panicked")?
@@ -337,12 +372,6 @@ fn checkpoint_of(source: &SourceConfig, row: &Row) -> anyhow::Result<String> {
             .map(|c| mapping::column(row, c).cloned().unwrap_or(Value::Null))
             .collect::<Vec<_>>(),
     )?)
-}
-
-/// A row as one JSON object of its columns, as named by the query (not nested: nesting may be
-/// what failed).
-fn flat(row: &Row) -> Value {
-    Value::Object(row.iter().cloned().collect())
 }
 
 /// The rows of a page that become records now: up to the first row younger than the debounce
@@ -446,108 +475,6 @@ fn local_wall_clock(source: &SourceConfig, t: DateTime<Utc>) -> NaiveDateTime {
         None => t.naive_utc(),
         Some(zone) => t.with_timezone(zone).naive_local(),
     }
-}
-
-/// What a column holds, by JSON type: an error names the type, never the value (a row's values
-/// are patient data, and errors are logged and shown by `estafeta sources`).
-fn kind_of(value: Option<&Value>) -> &'static str {
-    match value {
-        None => "nothing (the query returns no such column)",
-        Some(Value::Null) => "NULL",
-        Some(Value::Bool(_)) => "a boolean",
-        Some(Value::Number(_)) => "a number",
-        Some(Value::String(_)) => "text",
-        Some(Value::Array(_)) => "an array",
-        Some(Value::Object(_)) => "an object",
-    }
-}
-
-/// What a row (or a group of rows) became.
-enum Made {
-    Record(NewRecord),
-    /// It cannot become a record: a value that could not be read, an action that is none, a
-    /// record its entity's JSON Schema refuses. It is set aside and the source moves on.
-    Refused {
-        reason: String,
-        rows: Vec<Row>,
-    },
-}
-
-/// Turns kept rows into records: one per row, or one per group, through the one intake (routes
-/// and the entity's JSON Schema as for a record posted to the API). A row that cannot become a
-/// record is refused alone; the page's other rows are staged. A mistake of the source's own
-/// settings (a column alias that cannot nest) is an error of the page, since every row would
-/// share it: nothing is staged and the error says what to fix.
-fn records_of(
-    intake: &Intake,
-    source: &SourceConfig,
-    rows: &[Row],
-    unreadable: &BTreeMap<usize, String>,
-) -> anyhow::Result<Vec<Made>> {
-    let groups: Vec<&[Row]> = match &source.group_by {
-        Some(group_by) => mapping::runs(rows, group_by),
-        None => rows.chunks(1).collect(),
-    };
-    let mut out = Vec::with_capacity(groups.len());
-    let mut start = 0usize;
-    for group in groups {
-        let first = &group[0];
-        let range = start..start + group.len();
-        start += group.len();
-        let refuse = |reason: String| Made::Refused {
-            reason,
-            rows: group.to_vec(),
-        };
-        if let Some(reason) = range.clone().find_map(|i| unreadable.get(&i)) {
-            out.push(refuse(format!("{reason}; fix the value in the database (or cast it in {}), then `estafeta sources reset {} --to` the checkpoint before it to read it again", source.query_path.display(), source.name)));
-            continue;
-        }
-        let payload: Map<String, Value> = match &source.group_by {
-            Some(_) => mapping::group(group, &source.items),
-            None => mapping::nest(first),
-        }
-        .map_err(|err| {
-            anyhow::anyhow!(
-                "{err}; fix the column aliases in {}",
-                source.query_path.display()
-            )
-        })?;
-        let action = match &source.action {
-            ActionFrom::Fixed(action) => action.clone(),
-            ActionFrom::Column(column) => match mapping::column(first, column) {
-                Some(Value::String(action)) => action.to_ascii_lowercase(),
-                other => {
-                    out.push(refuse(format!(
-                        "action_column {column:?} holds {}; expected create, update, upsert or delete",
-                        kind_of(other)
-                    )));
-                    continue;
-                }
-            },
-        };
-        let key = match &source.key {
-            Some(column) => match mapping::column(first, column) {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Number(n)) => Some(n.to_string()),
-                Some(Value::Null) | None => None,
-                Some(other) => Some(other.to_string()),
-            },
-            None => None,
-        };
-        match intake.record(
-            &action,
-            &source.entity,
-            &Value::Object(payload),
-            &KeyFrom::Given(key),
-        ) {
-            Ok(record) => out.push(Made::Record(record)),
-            Err(err) => out.push(refuse(format!(
-                "{err}; fix that row in the database or [entities.{}].schema, then `estafeta sources reset {} --to` the checkpoint before it to read it again",
-                source.entity, source.name
-            ))),
-        }
-    }
-    Ok(out)
 }
 
 /// Runs every enabled source on `tracker` until `stop` is cancelled; `staged` is called after

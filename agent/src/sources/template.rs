@@ -136,6 +136,10 @@ fn apply(src: &FileSource, vars: &BTreeMap<String, String>) -> FileSource {
         items: opt(&src.items),
         each: None,
         params: src.params.clone(),
+        // Lookups are the same for every expansion: the files and catalogs are shared data.
+        maps: src.maps.clone(),
+        catalogs: src.catalogs.clone(),
+        enrich: src.enrich.clone(),
     }
 }
 

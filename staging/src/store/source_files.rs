@@ -37,6 +37,25 @@ pub struct RefusedRow {
     pub refused_at: String,
     /// Its columns as far as they could be read (patient data: the file is the agent's only).
     pub row: serde_json::Value,
+    /// The row was read whole, so the agent can make its record again from this file once the
+    /// mapping (or schema) that refused it is fixed. False for a value that could not be read,
+    /// and for files written before this field existed.
+    #[serde(default)]
+    pub replayable: bool,
+}
+
+impl RefusedRow {
+    /// Reads a refused-row file; the error says what was expected.
+    pub fn read(path: &Path) -> Result<RefusedRow, StoreError> {
+        let bytes = std::fs::read(path).map_err(|e| StoreError::io("read", path, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| StoreError::NotStagingFile {
+            path: path.to_path_buf(),
+            expected: "refused source row",
+            reason: format!(
+                "expected a JSON object with source, checkpoint, reason, refused_at and row ({e})"
+            ),
+        })
+    }
 }
 
 impl Staging {
@@ -47,6 +66,7 @@ impl Staging {
         checkpoint: &str,
         reason: &str,
         row: serde_json::Value,
+        replayable: bool,
     ) -> Result<PathBuf, StoreError> {
         validate_name("source", source).map_err(|e| StoreError::SourceName(e.to_string()))?;
         let path = self
@@ -60,6 +80,7 @@ impl Staging {
             reason: reason.to_owned(),
             refused_at: layout::rfc3339(Utc::now()),
             row,
+            replayable,
         };
         let mut bytes = serde_json::to_vec_pretty(&doc).expect("refused rows serialize");
         bytes.push(b'\n');
@@ -84,6 +105,59 @@ impl Staging {
             .iter()
             .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
             .collect())
+    }
+
+    /// Every refused row of every source with its file, oldest first (by `refused_at`), at most
+    /// `limit`; files that cannot be read are skipped.
+    pub fn refused_row_files(
+        &self,
+        limit: Option<usize>,
+    ) -> Result<Vec<(PathBuf, RefusedRow)>, StoreError> {
+        let root = self.failed_dir().join(REFUSED_DIR);
+        let sources = match std::fs::read_dir(&root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io("read", &root, e)),
+        };
+        let mut out = Vec::new();
+        for dir in sources.filter_map(|e| e.ok().map(|e| e.path())) {
+            let Ok(files) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for path in files.filter_map(|e| e.ok().map(|e| e.path())) {
+                if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                    continue;
+                }
+                if let Ok(row) = RefusedRow::read(&path) {
+                    out.push((path, row));
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.1.refused_at, &a.0).cmp(&(&b.1.refused_at, &b.0)));
+        if let Some(limit) = limit {
+            out.truncate(limit);
+        }
+        Ok(out)
+    }
+
+    /// Removes a refused row's file, durably, once its record is staged (`estafeta retry
+    /// --send`). Only a file directly under `<failed>/_refused/<source>/` is removed.
+    pub fn remove_refused_row(&self, path: &Path) -> Result<(), StoreError> {
+        let root = self.failed_dir().join(REFUSED_DIR);
+        let inside = path
+            .parent()
+            .and_then(Path::parent)
+            .is_some_and(|p| same_dir(p, &root));
+        if !inside || path.extension().and_then(|e| e.to_str()) != Some("json") {
+            return Err(StoreError::NotStagingFile {
+                path: path.to_path_buf(),
+                expected: "refused source row",
+                reason: format!("it is not a .json file under {}", root.display()),
+            });
+        }
+        std::fs::remove_file(path).map_err(|e| StoreError::io("remove", path, e))?;
+        layout::sync_dir(path.parent().unwrap_or(Path::new(".")))
+            .map_err(|e| StoreError::io("sync", path, e))
     }
 
     /// The note `source` left, if any.
@@ -119,6 +193,14 @@ impl Staging {
             .state_dir
             .join("source-notes")
             .join(format!("{source}.json")))
+    }
+}
+
+/// Whether two paths name the same folder (either may be relative or hold `..`).
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }
 

@@ -19,7 +19,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::lookups::Lookups;
+use crate::lookups::Lookups;
 
 use estafeta_staging::Envelope;
 use minijinja::value::Value as TemplateValue;

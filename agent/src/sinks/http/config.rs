@@ -38,7 +38,7 @@ pub struct HttpSinkConfig {
     /// `CENTRAL_API_IDEMPOTENCY_KEY`); `None`: the record's id.
     pub idempotency_key: Option<RecordTemplate>,
     /// Maps and catalogs its body templates may read (`maps`, `catalogs`).
-    pub lookups: Arc<super::lookups::Lookups>,
+    pub lookups: Arc<crate::lookups::Lookups>,
     /// Most requests in flight at once (`CENTRAL_API_CONCURRENCY`): records of different keys
     /// go in parallel, a key's records one after another.
     pub concurrency: usize,

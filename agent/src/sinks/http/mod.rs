@@ -63,7 +63,6 @@ use crate::redact::{self, Secrets};
 
 mod body;
 mod config;
-pub mod lookups;
 mod path;
 #[cfg(test)]
 mod run_tests;
@@ -130,7 +129,7 @@ pub struct HttpSink {
     /// The `Idempotency-Key` of records whose route sets none; `None`: the record's id.
     idempotency_key: Option<RecordTemplate>,
     /// Maps and catalogs of its body templates.
-    lookups: Arc<lookups::Lookups>,
+    lookups: Arc<crate::lookups::Lookups>,
     concurrency: usize,
     heartbeat_path: Option<String>,
     shared: Arc<Shared>,
@@ -350,42 +349,29 @@ impl HttpSink {
 }
 
 impl HttpSink {
-    /// Fetches every catalog that is stale (`GET {url}{path}` with the token). A failure is
-    /// the batch's transient error, unless an older copy can still serve (then a WARN).
+    /// Fetches every catalog that is stale (`GET {url}{path}` with the token); see
+    /// [`crate::lookups::Lookups::refresh`].
     async fn refresh_catalogs(&self) -> Result<(), String> {
-        for (name, catalog) in &self.lookups.catalogs {
-            if !catalog.stale() {
-                continue;
-            }
-            let url = join(&self.base, &catalog.path);
-            let shown = redact::url(url.as_str());
-            let mut request = self.shared.client.get(url);
-            if let Some(token) = &self.token {
-                request = request.header(header::AUTHORIZATION, token.clone());
-            }
-            let fetched = match request.send().await {
-                Ok(response) if response.status().is_success() => match response.bytes().await {
-                    Ok(body) => catalog.store(&body),
-                    Err(err) => Err(format!("reading it: {}", describe(&self.shared, err))),
-                },
-                Ok(response) => Err(format!("HTTP {}", response.status())),
-                Err(err) => Err(describe(&self.shared, err)),
-            };
-            match fetched {
-                Ok(items) => {
-                    tracing::info!(sink = %self.name, catalog = %name, url = %shown, items, "Catalog fetched for the body templates.");
+        self.lookups
+            .refresh(&self.name, |catalog| {
+                let url = join(&self.base, &catalog.target);
+                let mut request = self.shared.client.get(url);
+                if let Some(token) = &self.token {
+                    request = request.header(header::AUTHORIZATION, token.clone());
                 }
-                Err(why) if catalog.loaded() => {
-                    tracing::warn!(sink = %self.name, catalog = %name, url = %shown, error = %why, "Catalog could not be refreshed; the copy fetched earlier serves.");
+                async move {
+                    match request.send().await {
+                        Ok(response) if response.status().is_success() => {
+                            response.bytes().await.map(|b| b.to_vec()).map_err(|err| {
+                                format!("reading it: {}", describe(&self.shared, err))
+                            })
+                        }
+                        Ok(response) => Err(format!("HTTP {}", response.status())),
+                        Err(err) => Err(describe(&self.shared, err)),
+                    }
                 }
-                Err(why) => {
-                    return Err(format!(
-                        "the catalog {name} (GET {shown}) could not be fetched: {why}"
-                    ));
-                }
-            }
-        }
-        Ok(())
+            })
+            .await
     }
 
     /// `PUT`s one heartbeat as JSON: the latest state of one agent, so repeating it is harmless.

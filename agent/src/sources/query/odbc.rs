@@ -9,6 +9,8 @@ use odbc_api::{
 };
 use std::sync::OnceLock;
 
+use super::errors::odbc_error;
+
 /// One ODBC environment for the process, as ODBC wants.
 fn environment() -> anyhow::Result<&'static Environment> {
     static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
@@ -41,6 +43,7 @@ fn connect(url: &str) -> anyhow::Result<odbc_api::Connection<'static>> {
     let connection_string = &url["odbc:".len()..];
     environment()?
         .connect_with_connection_string(connection_string, ConnectionOptions::default())
+        .map_err(odbc_error)
         .context("cannot connect (is the driver named in Driver={…} installed? see odbcinst -q -d)")
 }
 
@@ -49,7 +52,7 @@ pub fn prepare(url: &str, sql: &str) -> Result<(), Unprepared> {
     let conn = connect(url).map_err(|err| Unprepared::Unreachable(format!("{err:#}")))?;
     conn.prepare(sql)
         .map(drop)
-        .map_err(|err| Unprepared::Refused(err.to_string()))
+        .map_err(|err| Unprepared::Refused(odbc_error(err).to_string()))
 }
 
 /// Each set in autocommit: the statement is idempotent, so a set left undone by a failure
@@ -59,6 +62,7 @@ pub fn execute_each(url: &str, sql: &str, sets: &[Vec<Param>]) -> anyhow::Result
     let timeout = Some(QUERY_TIMEOUT.as_secs() as usize);
     for set in sets {
         conn.execute(sql, &parameters(set)[..], timeout)
+            .map_err(odbc_error)
             .context("the statement failed")?;
     }
     Ok(())
@@ -70,6 +74,7 @@ pub fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
     let timeout = Some(QUERY_TIMEOUT.as_secs() as usize);
     let Some(mut cursor) = conn
         .execute(sql, &params[..], timeout)
+        .map_err(odbc_error)
         .context("the query failed")?
     else {
         return Ok(Fetched::default());
@@ -83,7 +88,11 @@ pub fn fetch(url: &str, sql: &str, bound: &[Param]) -> anyhow::Result<Fetched> {
     }
     let mut out = Fetched::default();
     let mut buf = Vec::new();
-    while let Some(mut row) = cursor.next_row().context("the query failed")? {
+    while let Some(mut row) = cursor
+        .next_row()
+        .map_err(odbc_error)
+        .context("the query failed")?
+    {
         let mut values = Vec::with_capacity(columns as usize);
         let mut problem = None;
         for (i, (name, ty)) in names.iter().zip(&types).enumerate() {
