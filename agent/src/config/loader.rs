@@ -227,6 +227,7 @@ impl Loader {
         let routes = self.routes(&file.routes, &names);
         let entities = self.entities(file.entities, file_dir);
         let sql_sources = crate::sources::load(&file.sources, file_dir, &mut self.problems);
+        let relay = self.relay_settings();
 
         Config {
             sources: if self.sources.is_empty() {
@@ -269,6 +270,7 @@ impl Loader {
             entities,
             sql_sources,
             update,
+            relay,
         }
     }
 
