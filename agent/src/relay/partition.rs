@@ -52,7 +52,9 @@ pub(super) async fn run(relay: Arc<Relay>, partition: Option<u32>, stop: Cancell
                 Err(err) => Err(err.to_string()),
             };
             match batch {
-                Ok(batch) if batch.is_empty() => sleep_or_stop(IDLE, &stop).await,
+                Ok(batch) if batch.is_empty() => {
+                    sleep_or_stop(IDLE, &stop).await;
+                }
                 Ok(batch) => {
                     failures = 0;
                     write_and_ack(&relay, &stream, batch, &stop).await;
