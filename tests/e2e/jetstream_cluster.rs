@@ -177,11 +177,7 @@ impl Drop for Cluster {
 
 /// A JetStream context on the cluster (any node; the client moves to another when one dies).
 async fn connect(cluster: &Cluster) -> jetstream::Context {
-    let urls: Vec<String> = cluster
-        .urls()
-        .split(',')
-        .map(str::to_owned)
-        .collect();
+    let urls: Vec<String> = cluster.urls().split(',').map(str::to_owned).collect();
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(3)))
@@ -369,7 +365,10 @@ async fn killing_the_stream_leader_twice_loses_and_doubles_nothing() {
 
     let env = [
         ("CENTRAL_NATS_URL", cluster.urls()),
-        ("CENTRAL_NATS_SUBJECT", format!("{prefix}.{{entity}}.{{action}}")),
+        (
+            "CENTRAL_NATS_SUBJECT",
+            format!("{prefix}.{{entity}}.{{action}}"),
+        ),
         ("CENTRAL_NATS_TIMEOUT_SECS", "2".to_owned()),
         ("CRONTAB", "* * * * * *".to_owned()),
         ("RETRY_BASE_SECS", "1".to_owned()),
@@ -396,7 +395,8 @@ async fn killing_the_stream_leader_twice_loses_and_doubles_nothing() {
         let first = cluster.index_of(&leader);
         cluster.kill9(first);
         eprintln!("killed the stream leader {leader} at {before} messages");
-        let (during, second_leader) = wait_for(&js, &name, (before + 60).min(TOTAL), Some(&leader), &agent).await;
+        let (during, second_leader) =
+            wait_for(&js, &name, (before + 60).min(TOTAL), Some(&leader), &agent).await;
         eprintln!("new leader {second_leader}; {during} messages with {leader} down");
         cluster.restart(first);
         wait_replicas_current(&js, &name).await;
@@ -404,7 +404,8 @@ async fn killing_the_stream_leader_twice_loses_and_doubles_nothing() {
         let second = cluster.index_of(&leader);
         cluster.kill9(second);
         eprintln!("killed the stream leader {leader} at {before} messages");
-        let (after, third_leader) = wait_for(&js, &name, (before + 60).min(TOTAL), Some(&leader), &agent).await;
+        let (after, third_leader) =
+            wait_for(&js, &name, (before + 60).min(TOTAL), Some(&leader), &agent).await;
         eprintln!("new leader {third_leader}; {after} messages with {leader} down");
         (before, after)
     };
@@ -423,13 +424,15 @@ async fn killing_the_stream_leader_twice_loses_and_doubles_nothing() {
         .collect();
     let staged: Vec<Staged> = staged;
     assert_eq!(staged.len(), 600);
-    check_stream_deliveries(&patients, &staged, &prefix).unwrap_or_else(|problems| {
-        panic!("{problems}\nagent log tail:\n{}", log_tail(&agent, 60))
-    });
-    check_keyless(&stored, &events).unwrap_or_else(|problems| {
-        panic!("{problems}\nagent log tail:\n{}", log_tail(&agent, 60))
-    });
-    assert_eq!(stored.len() as u64, TOTAL, "one message per acknowledged record");
+    check_stream_deliveries(&patients, &staged, &prefix)
+        .unwrap_or_else(|problems| panic!("{problems}\nagent log tail:\n{}", log_tail(&agent, 60)));
+    check_keyless(&stored, &events)
+        .unwrap_or_else(|problems| panic!("{problems}\nagent log tail:\n{}", log_tail(&agent, 60)));
+    assert_eq!(
+        stored.len() as u64,
+        TOTAL,
+        "one message per acknowledged record"
+    );
     let warned = agent
         .stderr()
         .lines()

@@ -169,8 +169,7 @@ async fn two_relays_survive_a_sigkill_and_a_database_outage_exactly_once_in_key_
     let (a, b) = (relay_metrics(&first).await, relay_metrics(&second).await);
     assert!(metric(&b, "estafeta_relay_written_total") > 0, "{b}");
     assert!(
-        metric(&a, "estafeta_relay_retries_total") + metric(&b, "estafeta_relay_retries_total")
-            > 0,
+        metric(&a, "estafeta_relay_retries_total") + metric(&b, "estafeta_relay_retries_total") > 0,
         "a relay retried through the outage:\n{a}\n{b}"
     );
     // A few seconds more: nothing is written twice later either.

@@ -66,6 +66,22 @@ pub const MAX_CONCURRENCY: usize = 1024;
 pub const DEFAULT_CREATE_STREAM: bool = false;
 /// Default `UPDATE_ALLOW_HTTP`: a clear-text update URL to another machine is refused.
 pub const DEFAULT_UPDATE_ALLOW_HTTP: bool = false;
+/// Default `RELAY_ADDR`: `/metrics` and `/healthz` on loopback.
+pub const DEFAULT_RELAY_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8788));
+/// Default `RELAY_BATCH`: messages one partition fetches, writes in one go and acknowledges.
+pub const DEFAULT_RELAY_BATCH: u64 = 256;
+/// Largest `RELAY_BATCH` (JetStream's own cap on a pull request is far above; this bounds
+/// the relay's memory per partition).
+pub const MAX_RELAY_BATCH: usize = 10_000;
+/// Default `RELAY_ACK_WAIT_SECS`.
+pub const DEFAULT_RELAY_ACK_WAIT_SECS: u64 = 30;
+/// Default `RELAY_CONSUMER`: the durable consumers are `<this>` (no partitions) or
+/// `<this>-p<k>`.
+pub const DEFAULT_RELAY_CONSUMER: &str = "estafeta-relay";
+/// Default `RELAY_DEAD_LETTER_DIR`, relative to the working directory.
+pub const DEFAULT_RELAY_DEAD_LETTER_DIR: &str = "relay-dead-letters";
+
 /// `AGENT_ID` when the host name cannot be found.
 pub const DEFAULT_AGENT_ID: &str = "estafeta";
 /// Longest accepted `AGENT_ID`, in bytes.
@@ -262,12 +278,12 @@ pub const KEY_TABLE: &[Key] = &[
     key("UPDATE_ALLOW_HTTP", Update, Flag(DEFAULT_UPDATE_ALLOW_HTTP), "true: accept a clear-text http:// UPDATE_URL to another machine."),
     key("UPDATE_CA_FILE", Update, NOT_SET, "Extra CA certificate(s) trusted for update downloads."),
     key("CONFIG_FILE", ConfigFile, NOT_SET, "TOML file with several sinks, routes and per-entity settings."),
-    key("RELAY_ADDR", Relay, Addr(super::relay::DEFAULT_RELAY_ADDR), "estafeta relay: address of its /metrics (estafeta_relay_*) and /healthz."),
-    key("RELAY_BATCH", Relay, Number(super::relay::DEFAULT_RELAY_BATCH), "estafeta relay: messages a partition fetches, writes in one go and acknowledges after the commit (also max_ack_pending)."),
-    key("RELAY_ACK_WAIT_SECS", Relay, Number(super::relay::DEFAULT_RELAY_ACK_WAIT_SECS), "estafeta relay: JetStream redelivers a message a relay has not acknowledged in this time (a dead relay's batch)."),
-    key("RELAY_CONSUMER", Relay, Text(super::relay::DEFAULT_RELAY_CONSUMER), "estafeta relay: name of the durable consumers (NAME, or NAME-p<k> per partition)."),
+    key("RELAY_ADDR", Relay, Addr(DEFAULT_RELAY_ADDR), "estafeta relay: address of its /metrics (estafeta_relay_*) and /healthz."),
+    key("RELAY_BATCH", Relay, Number(DEFAULT_RELAY_BATCH), "estafeta relay: messages a partition fetches, writes in one go and acknowledges after the commit (also max_ack_pending)."),
+    key("RELAY_ACK_WAIT_SECS", Relay, Number(DEFAULT_RELAY_ACK_WAIT_SECS), "estafeta relay: JetStream redelivers a message a relay has not acknowledged in this time (a dead relay's batch)."),
+    key("RELAY_CONSUMER", Relay, Text(DEFAULT_RELAY_CONSUMER), "estafeta relay: name of the durable consumers (NAME, or NAME-p<k> per partition)."),
     key("RELAY_PARTITIONS", Relay, Unset("(all of CENTRAL_NATS_PARTITIONS)"), "estafeta relay: the partitions this relay consumes, such as 0-3 or 0,2; --partitions overrides."),
-    key("RELAY_DEAD_LETTER_DIR", Relay, Text(super::relay::DEFAULT_RELAY_DEAD_LETTER_DIR), "estafeta relay: folder of the messages the database refused for good (one JSON file each, with the reason)."),
+    key("RELAY_DEAD_LETTER_DIR", Relay, Text(DEFAULT_RELAY_DEAD_LETTER_DIR), "estafeta relay: folder of the messages the database refused for good (one JSON file each, with the reason)."),
 ];
 
 /// One key of a `[[sources]]` block in the TOML file (no environment variable sets these).

@@ -4,28 +4,16 @@
 //! where records the database refuses for good are kept. The relay's NATS server and database
 //! are the agent's own `CENTRAL_NATS_*` and `CENTRAL_DATABASE_*` (or `[[sinks]]`) settings.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::keys::{
+    DEFAULT_RELAY_ACK_WAIT_SECS, DEFAULT_RELAY_ADDR, DEFAULT_RELAY_BATCH, DEFAULT_RELAY_CONSUMER,
+    DEFAULT_RELAY_DEAD_LETTER_DIR, MAX_RELAY_BATCH,
+};
 use super::parse::{parse_addr, parse_secs, parse_u64, positive_usize};
 use super::raw::Loader;
-
-/// Default `RELAY_ADDR`: `/metrics` and `/healthz` on loopback.
-pub const DEFAULT_RELAY_ADDR: SocketAddr =
-    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 8788);
-/// Default `RELAY_BATCH`: messages one partition fetches, writes in one go and acknowledges.
-pub const DEFAULT_RELAY_BATCH: u64 = 256;
-/// Largest `RELAY_BATCH` (JetStream's own cap on a pull request is far above; this bounds
-/// the relay's memory per partition).
-pub const MAX_RELAY_BATCH: usize = 10_000;
-/// Default `RELAY_ACK_WAIT_SECS`.
-pub const DEFAULT_RELAY_ACK_WAIT_SECS: u64 = 30;
-/// Default `RELAY_CONSUMER`: the durable consumers are `<this>` (no partitions) or
-/// `<this>-p<k>`.
-pub const DEFAULT_RELAY_CONSUMER: &str = "estafeta-relay";
-/// Default `RELAY_DEAD_LETTER_DIR`, relative to the working directory.
-pub const DEFAULT_RELAY_DEAD_LETTER_DIR: &str = "relay-dead-letters";
 
 /// What `RELAY_*` says (defaults when unset).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,7 +116,11 @@ mod tests {
     fn partition_lists_are_ranges_and_numbers() {
         assert_eq!(parse_partition_list("0-3"), Ok(vec![0, 1, 2, 3]));
         assert_eq!(parse_partition_list("5, 0-1,1"), Ok(vec![0, 1, 5]));
-        assert!(parse_partition_list("3-1").unwrap_err().contains("backwards"));
+        assert!(
+            parse_partition_list("3-1")
+                .unwrap_err()
+                .contains("backwards")
+        );
         assert!(parse_partition_list("x").is_err());
         assert!(parse_partition_list("1024").is_err());
         assert!(parse_partition_list("").is_err());

@@ -107,11 +107,15 @@ mod tests {
         .expect("written");
         assert!(path.ends_with("ESTAFETA-00000000000000000042.json"));
         let text = std::fs::read_to_string(&path).expect("readable");
-        assert!(text.contains("23514") && text.contains("\"id-1\""), "{text}");
+        assert!(
+            text.contains("23514") && text.contains("\"id-1\""),
+            "{text}"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
-            let mode = |p: &Path| std::fs::metadata(p).expect("exists").permissions().mode() & 0o777;
+            let mode =
+                |p: &Path| std::fs::metadata(p).expect("exists").permissions().mode() & 0o777;
             assert_eq!((mode(&folder), mode(&path)), (0o700, 0o600));
         }
     }

@@ -84,7 +84,10 @@ mod tests {
         let record = parse(body, "database").expect("a record");
         assert_eq!(record.agent_id, "ws-07");
         let e = &record.delivery.envelope;
-        assert_eq!((e.seq, e.action.as_str(), e.key.as_deref()), (7, "create", Some("42")));
+        assert_eq!(
+            (e.seq, e.action.as_str(), e.key.as_deref()),
+            (7, "create", Some("42"))
+        );
         // The payload's text as published (1.50 stays 1.50).
         assert_eq!(e.payload.get(), r#"{"id":"42","n":1.50}"#);
         assert_eq!(record.delivery.sink, "database");
@@ -92,7 +95,9 @@ mod tests {
 
     #[test]
     fn a_foreign_message_is_refused_without_quoting_it() {
-        let err = parse(br#"{"name":"Ana Secret"}"#, "database").err().expect("refused");
+        let err = parse(br#"{"name":"Ana Secret"}"#, "database")
+            .err()
+            .expect("refused");
         assert!(err.contains("missing or mistyped field"), "{err}");
         assert!(!err.contains("Ana"), "{err}");
         assert!(parse(b"not json", "database").is_err());

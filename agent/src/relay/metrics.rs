@@ -39,14 +39,42 @@ impl Counters {
     /// The Prometheus text of every counter.
     pub fn render(&self) -> String {
         let rows: [(&str, &AtomicU64, &str); 8] = [
-            ("fetched", &self.fetched, "Messages fetched from the stream, redeliveries included."),
-            ("redelivered", &self.redelivered, "Messages JetStream had delivered before."),
-            ("written", &self.written, "Messages whose row is committed in the database."),
+            (
+                "fetched",
+                &self.fetched,
+                "Messages fetched from the stream, redeliveries included.",
+            ),
+            (
+                "redelivered",
+                &self.redelivered,
+                "Messages JetStream had delivered before.",
+            ),
+            (
+                "written",
+                &self.written,
+                "Messages whose row is committed in the database.",
+            ),
             ("acked", &self.acked, "Messages acknowledged to JetStream."),
-            ("dead", &self.dead, "Messages kept in RELAY_DEAD_LETTER_DIR."),
-            ("batches", &self.batches, "Batches written and acknowledged."),
-            ("retries", &self.retries, "Batch tries that failed on a transient error."),
-            ("fetch_errors", &self.fetch_errors, "Failed fetches or consumer set-ups."),
+            (
+                "dead",
+                &self.dead,
+                "Messages kept in RELAY_DEAD_LETTER_DIR.",
+            ),
+            (
+                "batches",
+                &self.batches,
+                "Batches written and acknowledged.",
+            ),
+            (
+                "retries",
+                &self.retries,
+                "Batch tries that failed on a transient error.",
+            ),
+            (
+                "fetch_errors",
+                &self.fetch_errors,
+                "Failed fetches or consumer set-ups.",
+            ),
         ];
         let mut out = String::new();
         for (name, value, help) in rows {
@@ -100,7 +128,10 @@ mod tests {
         Counters::add(&counters.written, 3);
         let text = counters.render();
         assert!(text.contains("estafeta_relay_written_total 3\n"), "{text}");
-        assert!(text.contains("# TYPE estafeta_relay_dead_total counter"), "{text}");
+        assert!(
+            text.contains("# TYPE estafeta_relay_dead_total counter"),
+            "{text}"
+        );
         assert_eq!(text.matches("# HELP").count(), 8);
     }
 }

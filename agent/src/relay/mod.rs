@@ -187,8 +187,14 @@ mod tests {
     #[test]
     fn partitions_are_checked_against_the_agents_count() {
         assert_eq!(partitions(0, None).unwrap(), vec![None]);
-        assert_eq!(partitions(3, None).unwrap(), vec![Some(0), Some(1), Some(2)]);
-        assert_eq!(partitions(4, Some(&[1, 3])).unwrap(), vec![Some(1), Some(3)]);
+        assert_eq!(
+            partitions(3, None).unwrap(),
+            vec![Some(0), Some(1), Some(2)]
+        );
+        assert_eq!(
+            partitions(4, Some(&[1, 3])).unwrap(),
+            vec![Some(1), Some(3)]
+        );
         let err = partitions(4, Some(&[4])).unwrap_err().to_string();
         assert!(err.contains("partition 4 does not exist"), "{err}");
         assert!(partitions(0, Some(&[0])).is_err());

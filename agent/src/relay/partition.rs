@@ -109,9 +109,7 @@ async fn consumer(
 }
 
 /// Every message of a fetch, or the error that cut it.
-async fn collect(
-    mut messages: consumer::pull::Batch,
-) -> Result<Vec<jetstream::Message>, String> {
+async fn collect(mut messages: consumer::pull::Batch) -> Result<Vec<jetstream::Message>, String> {
     use futures_util::StreamExt as _;
     let mut out = Vec::new();
     while let Some(message) = messages.next().await {
@@ -198,7 +196,11 @@ async fn write_and_ack(
     }
     Counters::add(&counters.acked, acked);
     Counters::add(&counters.batches, 1);
-    tracing::debug!(stream, records = slots.len(), "Relay batch written and acknowledged.");
+    tracing::debug!(
+        stream,
+        records = slots.len(),
+        "Relay batch written and acknowledged."
+    );
 }
 
 /// One pass over the messages not yet done, as consecutive runs of one agent in stream order;
@@ -239,8 +241,15 @@ async fn write_pending(
                         .record
                         .as_ref()
                         .map(|r| r.delivery.envelope.id.clone());
-                    if !keep_dead(relay, stream, &slots[i], id.as_deref(), &reason.detail, stop)
-                        .await
+                    if !keep_dead(
+                        relay,
+                        stream,
+                        &slots[i],
+                        id.as_deref(),
+                        &reason.detail,
+                        stop,
+                    )
+                    .await
                     {
                         return None;
                     }

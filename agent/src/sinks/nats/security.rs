@@ -263,11 +263,11 @@ fn auth(
         .into_iter()
         .fold(Secrets::default(), |all, part| all.and(&Secrets::of(part)))
         .with(match &auth {
-        Auth::None | Auth::Creds(_) => None,
-        Auth::Token(token) => Some(token.as_str()),
-        Auth::UserPassword(_, password) => Some(password.as_str()),
-        Auth::NKey(seed) => Some(seed.as_str()),
-    });
+            Auth::None | Auth::Creds(_) => None,
+            Auth::Token(token) => Some(token.as_str()),
+            Auth::UserPassword(_, password) => Some(password.as_str()),
+            Auth::NKey(seed) => Some(seed.as_str()),
+        });
     Ok((auth, secrets))
 }
 

@@ -212,18 +212,30 @@ fn each_server_of_a_cluster_list_is_checked_on_its_own() {
         Err("server 2 of 3 (): expected a URL between the commas, as in nats://10.0.0.1:4222,nats://10.0.0.2:4222".to_owned())
     );
     let err = check_nats_url("nats://127.0.0.1:4222,http://u:pw@10.0.0.2:4222").unwrap_err();
-    assert!(err.starts_with("server 2 of 2 (http://u:***@10.0.0.2:4222): expected a nats:// or tls://"), "{err}");
+    assert!(
+        err.starts_with("server 2 of 2 (http://u:***@10.0.0.2:4222): expected a nats:// or tls://"),
+        "{err}"
+    );
     let err = check_nats_url("nats://a:1@127.0.0.1:4222,nats://b:2@127.0.0.1:4223").unwrap_err();
-    assert!(err.contains("other credentials than an earlier server"), "{err}");
+    assert!(
+        err.contains("other credentials than an earlier server"),
+        "{err}"
+    );
     assert!(!err.contains(":2@"), "{err}");
     // One server beyond loopback: TLS for the whole list (one client serves them all).
     let sink = NatsSink::new(
         "nats",
-        config("nats://127.0.0.1:4222,nats://10.0.0.2:4222", DEFAULT_SUBJECT),
+        config(
+            "nats://127.0.0.1:4222,nats://10.0.0.2:4222",
+            DEFAULT_SUBJECT,
+        ),
     )
     .expect("valid");
     assert!(sink.security.tls_required);
-    let mut refused = config("tls://127.0.0.1:4222,nats://127.0.0.1:4223", DEFAULT_SUBJECT);
+    let mut refused = config(
+        "tls://127.0.0.1:4222,nats://127.0.0.1:4223",
+        DEFAULT_SUBJECT,
+    );
     refused.tls_required = Some(false);
     assert!(NatsSink::new("nats", refused).is_err());
 }
