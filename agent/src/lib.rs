@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod notify;
 pub mod problem;
 pub mod redact;
+pub mod relay;
 pub mod sinks;
 pub mod sources;
 pub mod timezone;

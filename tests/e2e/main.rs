@@ -58,6 +58,12 @@ mod intake;
 // The real NATS JetStream: one message per record with Nats-Msg-Id, key order, a resend after
 // SIGKILL dropped as a duplicate, outage and recovery, no stream, messages too large.
 mod jetstream;
+// A 3-node JetStream cluster, an R3 stream, CENTRAL_NATS_URL listing the three: the stream leader
+// SIGKILLed during delivery, twice; every record once, in key order (issue 24).
+mod jetstream_cluster;
+// `estafeta relay`: agent → JetStream (4 partitions) → two relays → PostgreSQL behind a proxy; a
+// relay SIGKILLed and restarted, the database cut off: 0 lost, 0 doubled, per-key order.
+mod relay;
 // Heartbeats into PostgreSQL / MariaDB / SQLite (estafeta_agents) and `estafeta fleet` flags.
 mod fleet;
 // Canary secrets, payloads and keys at trace level appear in no log, status or heartbeat.

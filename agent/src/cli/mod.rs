@@ -22,6 +22,7 @@ mod flush;
 mod key;
 mod ls;
 mod reindex;
+mod relay;
 mod retry;
 mod run;
 mod service;
@@ -47,6 +48,7 @@ pub use fleet::FleetArgs;
 pub use flush::FlushArgs;
 pub use key::{KeyArgs, KeyCommand};
 pub use ls::LsArgs;
+pub use relay::RelayArgs;
 pub use retry::RetryArgs;
 pub use service::ServiceArgs;
 pub use show::ShowArgs;
@@ -122,6 +124,10 @@ pub enum Command {
     /// Encryption at rest: `generate PATH` a new key file for STAGING_KEY_FILE, `rotate` to a
     /// new key, `prune` the keys nothing uses any more.
     Key(KeyArgs),
+    /// The central side: read what agents published to JetStream (durable consumers, one per
+    /// partition) and write it into the PostgreSQL or MariaDB of CENTRAL_DATABASE_URL, each
+    /// message acknowledged after its row is committed.
+    Relay(RelayArgs),
     /// Run as the Windows service `Estafeta` (started by Windows, not from a console). Its env
     /// file is --env-file or %ProgramData%\Estafeta\estafeta.env, created from
     /// estafeta.env.default beside the executable when missing.
@@ -210,6 +216,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 Command::Flush(args) => flush::flush(config, args),
                 Command::Retry(args) => retry::retry(&config, args),
                 Command::Reindex => reindex::reindex(&config),
+                Command::Relay(args) => relay::relay(config, args),
                 Command::Key(KeyArgs { command }) => match command {
                     KeyCommand::Rotate => key::rotate(&config),
                     KeyCommand::Prune => key::prune(&config),

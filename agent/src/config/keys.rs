@@ -66,6 +66,22 @@ pub const MAX_CONCURRENCY: usize = 1024;
 pub const DEFAULT_CREATE_STREAM: bool = false;
 /// Default `UPDATE_ALLOW_HTTP`: a clear-text update URL to another machine is refused.
 pub const DEFAULT_UPDATE_ALLOW_HTTP: bool = false;
+/// Default `RELAY_ADDR`: `/metrics` and `/healthz` on loopback.
+pub const DEFAULT_RELAY_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8788));
+/// Default `RELAY_BATCH`: messages one partition fetches, writes in one go and acknowledges.
+pub const DEFAULT_RELAY_BATCH: u64 = 256;
+/// Largest `RELAY_BATCH` (JetStream's own cap on a pull request is far above; this bounds
+/// the relay's memory per partition).
+pub const MAX_RELAY_BATCH: usize = 10_000;
+/// Default `RELAY_ACK_WAIT_SECS`.
+pub const DEFAULT_RELAY_ACK_WAIT_SECS: u64 = 30;
+/// Default `RELAY_CONSUMER`: the durable consumers are `<this>` (no partitions) or
+/// `<this>-p<k>`.
+pub const DEFAULT_RELAY_CONSUMER: &str = "estafeta-relay";
+/// Default `RELAY_DEAD_LETTER_DIR`, relative to the working directory.
+pub const DEFAULT_RELAY_DEAD_LETTER_DIR: &str = "relay-dead-letters";
+
 /// `AGENT_ID` when the host name cannot be found.
 pub const DEFAULT_AGENT_ID: &str = "estafeta";
 /// Longest accepted `AGENT_ID`, in bytes.
@@ -84,6 +100,8 @@ pub enum Section {
     CentralNats,
     Update,
     ConfigFile,
+    /// `estafeta relay` (the central-side consumer).
+    Relay,
 }
 
 /// A key's value when it is not set, as people see it.
@@ -239,7 +257,7 @@ pub const KEY_TABLE: &[Key] = &[
     key("CENTRAL_API_IDEMPOTENCY_KEY", CentralApi, Unset("(the record's id)"), "Template of the Idempotency-Key header, such as sol-{payload.CodSolicitacao}: a record staged again under the same business key is a resend to the API."),
     key("CENTRAL_API_HEARTBEAT_PATH", CentralApi, NOT_SET, "Where heartbeats go: PUT {CENTRAL_API_URL}{path}."),
     key("CENTRAL_API_MAX_ATTEMPTS", CentralApi, Unset("(retry forever)"), "After this many transient failures a record of the api sink becomes a dead letter (\"gave up after N attempts: …\"); unset: retry forever."),
-    key("CENTRAL_NATS_URL", CentralNats, NOT_SET, "The nats sink: nats:// or tls:// URL of a JetStream server.").url(),
+    key("CENTRAL_NATS_URL", CentralNats, NOT_SET, "The nats sink: nats:// or tls:// URL of a JetStream server; several comma-separated for a cluster.").url(),
     key("CENTRAL_NATS_TOKEN", CentralNats, NOT_SET, "NATS token authentication.").secret(),
     key("CENTRAL_NATS_SUBJECT", CentralNats, Text(crate::sinks::nats::DEFAULT_SUBJECT), "Subject template: {entity}, {action}, {agent}."),
     key("CENTRAL_NATS_TIMEOUT_SECS", CentralNats, Number(crate::sinks::nats::DEFAULT_NATS_TIMEOUT_SECS), "Connection timeout and the wait for each publish acknowledgement."),
@@ -251,6 +269,7 @@ pub const KEY_TABLE: &[Key] = &[
     key("CENTRAL_NATS_CLIENT_KEY", CentralNats, NOT_SET, "Private key (PEM) of CENTRAL_NATS_CLIENT_CERT."),
     key("CENTRAL_NATS_CREDS_FILE", CentralNats, NOT_SET, "A .creds file (user JWT and NKey seed) to authenticate with."),
     key("CENTRAL_NATS_NKEY_FILE", CentralNats, NOT_SET, "A file holding a user NKey seed (SU...) to authenticate with."),
+    key("CENTRAL_NATS_PARTITIONS", CentralNats, Number(0), "0: subjects as the template says; N: one more token .p0 to .p(N-1) by a hash of the record's key, for relays sharing the stream (the relays' CENTRAL_NATS_PARTITIONS must be the same)."),
     key("CENTRAL_NATS_MAX_ATTEMPTS", CentralNats, Unset("(retry forever)"), "After this many transient failures a record of the nats sink becomes a dead letter (\"gave up after N attempts: …\"); unset: retry forever."),
     key("UPDATE_URL", Update, Unset("(updates off)"), "Release manifest URL; empty: updates off.").url(),
     key("UPDATE_CRONTAB", Update, Unset("(no automatic checks)"), "When the running agent checks UPDATE_URL."),
@@ -259,6 +278,12 @@ pub const KEY_TABLE: &[Key] = &[
     key("UPDATE_ALLOW_HTTP", Update, Flag(DEFAULT_UPDATE_ALLOW_HTTP), "true: accept a clear-text http:// UPDATE_URL to another machine."),
     key("UPDATE_CA_FILE", Update, NOT_SET, "Extra CA certificate(s) trusted for update downloads."),
     key("CONFIG_FILE", ConfigFile, NOT_SET, "TOML file with several sinks, routes and per-entity settings."),
+    key("RELAY_ADDR", Relay, Addr(DEFAULT_RELAY_ADDR), "estafeta relay: address of its /metrics (estafeta_relay_*) and /healthz."),
+    key("RELAY_BATCH", Relay, Number(DEFAULT_RELAY_BATCH), "estafeta relay: messages a partition fetches, writes in one go and acknowledges after the commit (also max_ack_pending)."),
+    key("RELAY_ACK_WAIT_SECS", Relay, Number(DEFAULT_RELAY_ACK_WAIT_SECS), "estafeta relay: JetStream redelivers a message a relay has not acknowledged in this time (a dead relay's batch)."),
+    key("RELAY_CONSUMER", Relay, Text(DEFAULT_RELAY_CONSUMER), "estafeta relay: name of the durable consumers (NAME, or NAME-p<k> per partition)."),
+    key("RELAY_PARTITIONS", Relay, Unset("(all of CENTRAL_NATS_PARTITIONS)"), "estafeta relay: the partitions this relay consumes, such as 0-3 or 0,2; --partitions overrides."),
+    key("RELAY_DEAD_LETTER_DIR", Relay, Text(DEFAULT_RELAY_DEAD_LETTER_DIR), "estafeta relay: folder of the messages the database refused for good (one JSON file each, with the reason)."),
 ];
 
 /// One key of a `[[sources]]` block in the TOML file (no environment variable sets these).

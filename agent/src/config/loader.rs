@@ -228,6 +228,7 @@ impl Loader {
         let entities = self.entities(file.entities, file_dir);
         let sql_sources =
             crate::sources::load(&file.sources, file_dir, &self.vars, &mut self.problems);
+        let relay = self.relay_settings();
 
         Config {
             sources: if self.sources.is_empty() {
@@ -270,6 +271,7 @@ impl Loader {
             entities,
             sql_sources,
             update,
+            relay,
         }
     }
 

@@ -24,6 +24,7 @@ mod loader;
 mod nats;
 mod parse;
 mod raw;
+pub mod relay;
 mod show;
 mod sinks;
 
@@ -141,6 +142,8 @@ pub struct Config {
     /// Self-update: `UPDATE_URL`, `UPDATE_CRONTAB`, `UPDATE_PUBLIC_KEY`, `UPDATE_HEALTH_SECS`,
     /// `UPDATE_ALLOW_HTTP`, `UPDATE_CA_FILE`.
     pub update: crate::update::UpdateConfig,
+    /// `RELAY_*`: `estafeta relay`'s own settings (the agent ignores them).
+    pub relay: relay::RelaySettings,
 }
 
 // By hand, so `{:?}` of a config never prints the ingest token (sinks redact themselves).
@@ -357,6 +360,7 @@ impl Config {
             entities: BTreeMap::new(),
             sql_sources: Vec::new(),
             update: Default::default(),
+            relay: Default::default(),
         }
     }
 }

@@ -11,7 +11,7 @@ use super::parse::{parse_bool, parse_secs, secs_from_f64};
 use super::raw::Loader;
 use super::sinks::is_kind_key;
 use crate::problem::Problem;
-use crate::redact::url as redact_url;
+use crate::sinks::nats::shown_nats_urls as redact_url;
 use crate::sinks::nats::{NatsSinkConfig, Retention, StreamSettings};
 use crate::sinks::{SinkConfig, SinkKind};
 
@@ -166,8 +166,17 @@ impl Loader {
             ),
             _ => {}
         }
-        let url = reqwest::Url::parse(&config.url).ok();
-        if config.tls_required == Some(false) && url.as_ref().is_some_and(|u| u.scheme() == "tls") {
+        // Several servers (a cluster): the rules hold for each; their credentials are the same
+        // (check_nats_url), so the first server with any stands for all.
+        let urls: Vec<reqwest::Url> = crate::sinks::nats::split_nats_urls(&config.url)
+            .into_iter()
+            .filter_map(|part| reqwest::Url::parse(part).ok())
+            .collect();
+        let url = urls
+            .iter()
+            .find(|u| !u.username().is_empty())
+            .or(urls.first());
+        if config.tls_required == Some(false) && urls.iter().any(|u| u.scheme() == "tls") {
             self.problem(
                 label("tls_required"),
                 Some("false".into()),
@@ -175,7 +184,7 @@ impl Loader {
             );
         }
         let mut methods = Vec::new();
-        if let Some(url) = &url
+        if let Some(url) = url
             && !url.username().is_empty()
         {
             methods.push(if url.password().is_some() {
@@ -230,6 +239,10 @@ impl Loader {
             crate::sinks::nats::check_stream_name(v).map(|()| v.to_owned())
         });
         let tls_required = self.parse_opt("CENTRAL_NATS_TLS_REQUIRED", parse_bool);
+        let partitions = self.parse_opt(
+            "CENTRAL_NATS_PARTITIONS",
+            crate::sinks::nats::parse_partitions,
+        );
         let mut files: [(&'static str, Option<PathBuf>); 5] = [
             ("CENTRAL_NATS_CA_FILE", None),
             ("CENTRAL_NATS_CLIENT_CERT", None),
@@ -256,6 +269,19 @@ impl Loader {
             (_, nkey_file),
         ] = files;
         let env_security = |nats: &mut NatsSinkConfig| {
+            if let Some(partitions) = partitions {
+                nats.partitions = partitions;
+                // The stream's default subjects get the partition token too.
+                if let Some(stream) = &mut nats.stream
+                    && stream.subjects
+                        == [crate::sinks::nats::default_stream_subject(&nats.subject)]
+                {
+                    stream.subjects = vec![crate::sinks::nats::stream_subject(
+                        &nats.subject,
+                        partitions,
+                    )];
+                }
+            }
             if tls_required.is_some() {
                 nats.tls_required = tls_required;
             }

@@ -79,6 +79,22 @@ pub struct DatabaseSinkConfig {
     pub connections: usize,
 }
 
+tokio::task_local! {
+    /// The agent that staged the records of the batch being delivered, when that is not this
+    /// process: `estafeta relay` writes the messages of many agents through one sink, each row
+    /// with the `agent_id` its message carries. A task-local rather than a field of `Delivery`
+    /// or a parameter of `Sink::deliver`, so the staging format and the other sinks stay as
+    /// they are. PostgreSQL and MariaDB read it (the relay refuses SQLite).
+    pub static ORIGIN_AGENT: String;
+}
+
+/// The `agent_id` of a landing row: [`ORIGIN_AGENT`] when the relay set it, else `own`.
+pub(crate) fn origin_agent_or(own: &str) -> String {
+    ORIGIN_AGENT
+        .try_with(Clone::clone)
+        .unwrap_or_else(|_| own.to_owned())
+}
+
 /// Connections a PostgreSQL sink uses unless the TOML says otherwise.
 pub const DEFAULT_CONNECTIONS: usize = 2;
 

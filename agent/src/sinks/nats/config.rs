@@ -19,6 +19,8 @@ pub const DEFAULT_STREAM: &str = "ESTAFETA";
 pub const DEFAULT_NATS_TIMEOUT_SECS: u64 = 10;
 /// Largest accepted stream replica count (JetStream's own limit).
 pub const MAX_REPLICAS: usize = 5;
+/// Largest `CENTRAL_NATS_PARTITIONS`.
+pub const MAX_PARTITIONS: u32 = 1024;
 /// Placeholders a subject template may use.
 const PLACEHOLDERS: &[&str] = &["entity", "action", "agent"];
 /// JetStream's deduplication header, carrying the record's id.
@@ -34,6 +36,8 @@ pub const HEARTBEAT_SUBJECT_PREFIX: &str = "estafeta_heartbeat";
 #[derive(Clone, Default)]
 pub struct NatsSinkConfig {
     /// `nats://host:4222`, optionally with `user:password@` or `token@`; `tls://` for TLS.
+    /// Several servers (a cluster) separated by commas: the client connects to one of them
+    /// and moves to another when it fails.
     pub url: String,
     /// Token authentication (overrides a token in the URL).
     pub token: Option<String>,
@@ -59,13 +63,18 @@ pub struct NatsSinkConfig {
     pub creds_file: Option<PathBuf>,
     /// `nkey_file` (`CENTRAL_NATS_NKEY_FILE`): a file holding a user NKey seed (`SU…`).
     pub nkey_file: Option<PathBuf>,
+    /// `CENTRAL_NATS_PARTITIONS`: 0 (the default) publishes on the template's subject; N > 0
+    /// appends one more token, `.p<k>` with k = [`partition_of`] the record's order key, so
+    /// that `estafeta relay` processes can share a stream by partition without breaking
+    /// per-key order (every record of a key is in one partition). At most [`MAX_PARTITIONS`].
+    pub partitions: u32,
 }
 
 // By hand, so `{:?}` never prints the token or a password in the URL.
 impl fmt::Debug for NatsSinkConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NatsSinkConfig")
-            .field("url", &redact::url(&self.url))
+            .field("url", &shown_nats_urls(&self.url))
             .field("token", &self.token.as_ref().map(|_| "***"))
             .field("subject", &self.subject)
             .field("timeout", &self.timeout)
@@ -77,6 +86,7 @@ impl fmt::Debug for NatsSinkConfig {
             .field("client_key", &self.client_key)
             .field("creds_file", &self.creds_file)
             .field("nkey_file", &self.nkey_file)
+            .field("partitions", &self.partitions)
             .finish()
     }
 }
@@ -186,6 +196,48 @@ pub fn default_stream_subject(template: &str) -> String {
         .join(".")
 }
 
+/// The partition of a record's order key (entity and key; a keyless record's entity alone) among
+/// `partitions` (> 0): FNV-1a (64 bits) of `entity`, a 0xFF byte (which UTF-8 never holds, so
+/// `("ab", "c")` and `("a", "bc")` differ), and the key, modulo `partitions`. Written out here
+/// rather than taken from std's `Hasher`, whose output may change between Rust releases: agents
+/// and relays of different versions must agree on it forever.
+pub fn partition_of(entity: &str, key: Option<&str>, partitions: u32) -> u32 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut hash = OFFSET;
+    let mut eat = |byte: u8| {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(PRIME);
+    };
+    entity.bytes().for_each(&mut eat);
+    if let Some(key) = key {
+        eat(0xff);
+        key.bytes().for_each(&mut eat);
+    }
+    u32::try_from(hash % u64::from(partitions.max(1))).expect("below a u32")
+}
+
+/// Checks `CENTRAL_NATS_PARTITIONS`: 0 (off) to [`MAX_PARTITIONS`].
+pub fn parse_partitions(text: &str) -> Result<u32, String> {
+    match text.trim().parse::<u32>() {
+        Ok(n) if n <= MAX_PARTITIONS => Ok(n),
+        _ => Err(format!(
+            "expected a whole number from 0 (no partition token) to {MAX_PARTITIONS}"
+        )),
+    }
+}
+
+/// The subjects a stream needs for `template` published over `partitions` (0: none): the
+/// template's subjects, plus one `*` token for the partition.
+pub fn stream_subject(template: &str, partitions: u32) -> String {
+    let subject = default_stream_subject(template);
+    if partitions > 0 {
+        format!("{subject}.*")
+    } else {
+        subject
+    }
+}
+
 /// Checks a stream name: 1 to 255 characters, none of `. * > / \`, spaces or control
 /// characters (JetStream's rule).
 pub fn check_stream_name(name: &str) -> Result<(), String> {
@@ -204,8 +256,68 @@ pub fn check_stream_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a NATS URL: `nats://` or `tls://`, a host, at most a port.
+/// The servers of a NATS URL setting: one URL, or several separated by commas (the servers of
+/// a cluster: `nats://10.0.0.1:4222,nats://10.0.0.2:4222`), each trimmed.
+pub fn split_nats_urls(text: &str) -> Vec<&str> {
+    text.split(',').map(str::trim).collect()
+}
+
+/// A NATS URL setting as it may be shown: each server's URL redacted on its own (so one
+/// server's password cannot swallow the next server's address), joined by commas.
+pub fn shown_nats_urls(text: &str) -> String {
+    split_nats_urls(text)
+        .into_iter()
+        .map(redact::url)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Checks a NATS URL setting: one or more comma-separated URLs, each `nats://` or `tls://`, a
+/// host, at most a port. The client has one set of credentials for every server, so servers
+/// that carry credentials in their URL must all carry the same.
 pub fn check_nats_url(url: &str) -> Result<(), String> {
+    let parts = split_nats_urls(url);
+    let mut userinfo: Option<(String, Option<String>)> = None;
+    for (i, part) in parts.iter().enumerate() {
+        let named = |e: String| {
+            if parts.len() > 1 {
+                format!(
+                    "server {} of {} ({}): {e}",
+                    i + 1,
+                    parts.len(),
+                    redact::url(part)
+                )
+            } else {
+                e
+            }
+        };
+        if part.is_empty() {
+            return Err(named(
+                "expected a URL between the commas, as in nats://10.0.0.1:4222,nats://10.0.0.2:4222"
+                    .into(),
+            ));
+        }
+        let parsed = check_one_nats_url(part).map_err(named)?;
+        if !parsed.username().is_empty() {
+            let this = (
+                parsed.username().to_owned(),
+                parsed.password().map(str::to_owned),
+            );
+            match &userinfo {
+                Some(first) if *first != this => {
+                    return Err(named(
+                        "carries other credentials than an earlier server: the client uses one set for every server of the list; write the same in each URL, or use token, nkey_file or creds_file".into(),
+                    ));
+                }
+                _ => userinfo = Some(this),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks one NATS URL: `nats://` or `tls://`, a host, at most a port.
+fn check_one_nats_url(url: &str) -> Result<Url, String> {
     let parsed = Url::parse(url)
         .map_err(|err| format!("expected a URL such as nats://127.0.0.1:4222 ({err})"))?;
     if !matches!(parsed.scheme(), "nats" | "tls") {
@@ -220,5 +332,5 @@ pub fn check_nats_url(url: &str) -> Result<(), String> {
     if !matches!(parsed.path(), "" | "/") || parsed.query().is_some() {
         return Err("expected only scheme, credentials, host and port, as in nats://host:4222 (no path or query)".into());
     }
-    Ok(())
+    Ok(parsed)
 }

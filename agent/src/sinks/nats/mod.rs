@@ -43,6 +43,13 @@
 //!   stream belongs to the team that runs NATS.
 //! - Credentials in the URL (`nats://user:password@host`, `nats://token@host`) and the token are
 //!   taken out of the URL before it reaches the client, never logged, and scrubbed from errors.
+//! - Several servers (`nats://a:4222,nats://b:4222`, a cluster): each URL is checked like one;
+//!   the client connects to one of them and, when it fails, to another (and to the servers the
+//!   cluster announces), so a stream replicated over the cluster keeps taking records while a
+//!   node is down. One set of credentials and TLS rules serves them all ([`security`]).
+//! - With `CENTRAL_NATS_PARTITIONS` = N, the subject gets one more token, `.p<k>`, k =
+//!   [`partition_of`] the record's order key: every record of a key goes to one partition, so
+//!   relays consuming partitions apart keep per-key order (see [`crate::relay`]).
 //! - TLS and authentication ([`security`]): `tls://`, or `nats://` with `tls_required` (the
 //!   default beyond loopback), is TLS verified against the host name before anything else is
 //!   sent, never clear text; the trust is the project's ([`crate::tls`]: the CA file, else the
@@ -66,7 +73,7 @@ use tokio::sync::OnceCell;
 use tokio::task::JoinSet;
 
 use super::{BoxFuture, Outcome, Refusal, Sink, error_chain, order_key, runs};
-use crate::redact::{self, Secrets};
+use crate::redact::Secrets;
 
 mod config;
 mod limits;
@@ -90,8 +97,9 @@ struct Connection {
 /// Publishes records to JetStream; see the module documentation.
 pub struct NatsSink {
     name: String,
-    /// The URL without credentials, as the client gets it.
-    server: String,
+    /// The servers' URLs without credentials, as the client gets them (several for a
+    /// cluster: the client picks one and moves to another when it fails).
+    servers: Vec<String>,
     /// The URL as shown (credentials hidden).
     shown: String,
     /// TLS and authentication.
@@ -102,6 +110,8 @@ pub struct NatsSink {
     /// The agent id as one subject token.
     agent_token: String,
     stream: Option<StreamSettings>,
+    /// `CENTRAL_NATS_PARTITIONS` (0: no partition token).
+    partitions: u32,
     /// Whether the configured stream was created (or found) on this connection.
     stream_ready: AtomicBool,
     connection: OnceCell<Connection>,
@@ -113,16 +123,24 @@ impl NatsSink {
     /// Checks the URL, subject and stream settings. Connects to nothing.
     pub fn new(name: impl Into<String>, config: NatsSinkConfig) -> anyhow::Result<Self> {
         let name = name.into();
-        let shown = redact::url(&config.url);
+        let shown = shown_nats_urls(&config.url);
         check_nats_url(&config.url).map_err(|e| anyhow::anyhow!("the NATS URL {shown:?}: {e}"))?;
-        let mut url = Url::parse(&config.url).context("the NATS URL")?;
-        let security = security::Security::new(&config, &url, &shown)?;
+        // Every server of a cluster list, parsed; credentials leave each URL (they go to the
+        // client's options, once: check_nats_url made sure they are the same everywhere).
+        let mut urls = Vec::new();
+        for part in split_nats_urls(&config.url) {
+            urls.push(Url::parse(part).context("the NATS URL")?);
+        }
+        let security = security::Security::new(&config, &urls, &shown)?;
         let secrets = security.secrets.clone();
-        url.set_username("")
-            .map_err(|()| anyhow::anyhow!("the NATS URL {shown:?} cannot hold credentials"))?;
-        url.set_password(None)
-            .map_err(|()| anyhow::anyhow!("the NATS URL {shown:?} cannot hold credentials"))?;
-        let server = url.as_str().trim_end_matches('/').to_owned();
+        let mut servers = Vec::with_capacity(urls.len());
+        for mut url in urls {
+            url.set_username("")
+                .map_err(|()| anyhow::anyhow!("the NATS URL {shown:?} cannot hold credentials"))?;
+            url.set_password(None)
+                .map_err(|()| anyhow::anyhow!("the NATS URL {shown:?} cannot hold credentials"))?;
+            servers.push(url.as_str().trim_end_matches('/').to_owned());
+        }
 
         check_subject_template(&config.subject)
             .map_err(|e| anyhow::anyhow!("the subject {:?}: {e}", config.subject))?;
@@ -149,7 +167,7 @@ impl NatsSink {
             .collect();
         Ok(Self {
             name,
-            server,
+            servers,
             shown,
             security,
             subject: config.subject,
@@ -157,10 +175,42 @@ impl NatsSink {
             agent_id: config.agent_id,
             agent_token,
             stream: config.stream,
+            partitions: config.partitions,
             stream_ready: AtomicBool::new(false),
             connection: OnceCell::new(),
             secrets,
         })
+    }
+
+    /// The connection (opened now if needed, with the sink's TLS and credentials), for
+    /// [`crate::relay`], which consumes what agents published with the same settings.
+    pub async fn jetstream(&self) -> Result<jetstream::Context, String> {
+        Ok(self.connection().await?.js.clone())
+    }
+
+    /// The URL(s) as shown (credentials hidden).
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    /// `CENTRAL_NATS_PARTITIONS` (0: none).
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The subjects of one partition (`None`: every subject the template makes): what a
+    /// relay's consumer filters on, such as `estafeta.*.*.p3`.
+    pub fn filter_subject(&self, partition: Option<u32>) -> String {
+        let subjects = default_stream_subject(&self.subject);
+        match partition {
+            Some(k) => format!("{subjects}.p{k}"),
+            None => stream_subject(&self.subject, self.partitions),
+        }
+    }
+
+    /// Scrubs the sink's secrets from `message`.
+    pub fn scrub_text(&self, message: String) -> String {
+        self.scrub(message)
     }
 
     /// The subject of one record.
@@ -180,6 +230,11 @@ impl NatsSink {
             rest = after.get(close + 1..).unwrap_or("");
         }
         out.push_str(rest);
+        if self.partitions > 0 {
+            let partition =
+                partition_of(&envelope.entity, envelope.key.as_deref(), self.partitions);
+            out.push_str(&format!(".p{partition}"));
+        }
         out
     }
 
@@ -271,7 +326,7 @@ impl NatsSink {
                     .ping_interval(Duration::from_secs(20));
                 let options = self.security.apply(options).await?;
                 let client = options
-                    .connect(self.server.as_str())
+                    .connect(self.servers.clone())
                     .await
                     .map_err(|err| self.connect_error(&err))?;
                 let js = jetstream::ContextBuilder::new()
@@ -503,7 +558,7 @@ impl NatsSink {
                 self.stream_ready.store(false, Ordering::Release);
                 retry(format!(
                     "publish to {subject}: no JetStream stream captures this subject (no responders); create one (nats stream add --subjects '{}') or set create_stream = true",
-                    default_stream_subject(&self.subject)
+                    stream_subject(&self.subject, self.partitions)
                 ))
             }
             PublishErrorKind::TimedOut => retry(format!(
@@ -605,7 +660,7 @@ impl Sink for NatsSink {
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
             let connection = self.connection().await.map_err(anyhow::Error::msg)?;
-            let subjects = default_stream_subject(&self.subject);
+            let subjects = stream_subject(&self.subject, self.partitions);
             match connection.js.stream_by_subject(subjects.clone()).await {
                 Ok(stream) => {
                     tracing::debug!(sink = %self.name, stream = %stream, "JetStream stream found.");

@@ -43,19 +43,32 @@ pub(super) struct Security {
     pub observed: Observed,
     /// `ca_file` as given, for error messages.
     pub ca_file: Option<PathBuf>,
-    /// The URL's host, for error messages.
+    /// The servers' hosts (comma-separated), for error messages.
     pub host: String,
     /// Secrets to scrub from every message (token, password, seed).
     pub secrets: Secrets,
 }
 
 impl Security {
-    /// Reads `config`: `url` is the NATS URL as configured (credentials still in it), `shown`
-    /// the same URL with them hidden.
-    pub fn new(config: &NatsSinkConfig, url: &reqwest::Url, shown: &str) -> anyhow::Result<Self> {
-        let host = url.host_str().unwrap_or_default().to_owned();
-        let scheme_tls = url.scheme() == "tls";
-        let loopback = crate::tls::is_loopback(&host);
+    /// Reads `config`: `urls` are the servers' URLs as configured (credentials still in them;
+    /// several for a cluster, at least one), `shown` the setting with them hidden. One client
+    /// serves every server, so the rules apply to the list as a whole: TLS is required for all
+    /// when any URL is `tls://` or any host is beyond loopback.
+    pub fn new(
+        config: &NatsSinkConfig,
+        urls: &[reqwest::Url],
+        shown: &str,
+    ) -> anyhow::Result<Self> {
+        let Some(first) = urls.first() else {
+            bail!("the NATS URL {shown:?} names no server");
+        };
+        let hosts: Vec<&str> = urls
+            .iter()
+            .map(|url| url.host_str().unwrap_or_default())
+            .collect();
+        let host = hosts.join(", ");
+        let scheme_tls = urls.iter().any(|url| url.scheme() == "tls");
+        let loopback = hosts.iter().all(|host| crate::tls::is_loopback(host));
         let (tls_required, setting) = match (scheme_tls, config.tls_required) {
             (true, Some(false)) => bail!(
                 "the NATS URL {shown:?} is tls:// but tls_required is false: tls:// always uses TLS; remove tls_required (CENTRAL_NATS_TLS_REQUIRED) or use nats://"
@@ -99,7 +112,12 @@ impl Security {
             Transport::clear(setting)
         };
 
-        let (auth, secrets) = auth(config, url, shown)?;
+        // check_nats_url made sure that every URL with credentials carries the same ones.
+        let with_credentials = urls
+            .iter()
+            .find(|url| !url.username().is_empty())
+            .unwrap_or(first);
+        let (auth, secrets) = auth(config, with_credentials, shown)?;
         Ok(Self {
             auth,
             tls_required,
@@ -240,13 +258,16 @@ fn auth(
         );
     }
     let auth = methods.pop().map_or(Auth::None, |(_, auth)| auth);
-    // As written in the URL (percent-encoded) and decoded, and the token or seed.
-    let secrets = Secrets::of(&config.url).with(match &auth {
-        Auth::None | Auth::Creds(_) => None,
-        Auth::Token(token) => Some(token.as_str()),
-        Auth::UserPassword(_, password) => Some(password.as_str()),
-        Auth::NKey(seed) => Some(seed.as_str()),
-    });
+    // As written in each server's URL (percent-encoded) and decoded, and the token or seed.
+    let secrets = super::split_nats_urls(&config.url)
+        .into_iter()
+        .fold(Secrets::default(), |all, part| all.and(&Secrets::of(part)))
+        .with(match &auth {
+            Auth::None | Auth::Creds(_) => None,
+            Auth::Token(token) => Some(token.as_str()),
+            Auth::UserPassword(_, password) => Some(password.as_str()),
+            Auth::NKey(seed) => Some(seed.as_str()),
+        });
     Ok((auth, secrets))
 }
 

@@ -90,7 +90,7 @@ fn credentials_leave_the_url_and_never_show() {
         config("nats://estafeta:p%40ss@127.0.0.1:4222", DEFAULT_SUBJECT),
     )
     .expect("valid");
-    assert_eq!(sink.server, "nats://127.0.0.1:4222");
+    assert_eq!(sink.servers, ["nats://127.0.0.1:4222"]);
     assert!(
         matches!(&sink.security.auth, security::Auth::UserPassword(u, p) if u == "estafeta" && p == "p@ss")
     );
@@ -174,4 +174,68 @@ fn a_failed_ack_behind_which_its_key_was_stored_is_named_by_seq_and_id() {
         Outcome::Skipped,
     ];
     assert!(overtaken(&batch, &in_order).is_empty());
+}
+
+#[test]
+fn a_cluster_list_gives_every_server_to_the_client_without_credentials() {
+    let sink = NatsSink::new(
+        "nats",
+        config(
+            "nats://u:p%40ss@127.0.0.1:4222, nats://u:p%40ss@127.0.0.1:4223,nats://127.0.0.1:4224",
+            DEFAULT_SUBJECT,
+        ),
+    )
+    .expect("valid");
+    assert_eq!(
+        sink.servers,
+        [
+            "nats://127.0.0.1:4222",
+            "nats://127.0.0.1:4223",
+            "nats://127.0.0.1:4224"
+        ]
+    );
+    assert!(
+        matches!(&sink.security.auth, security::Auth::UserPassword(u, p) if u == "u" && p == "p@ss")
+    );
+    assert_eq!(
+        sink.shown,
+        "nats://u:***@127.0.0.1:4222,nats://u:***@127.0.0.1:4223,nats://127.0.0.1:4224"
+    );
+    assert!(!sink.security.tls_required, "every host is loopback");
+    assert_eq!(sink.scrub("p@ss".to_owned()), "***");
+}
+
+#[test]
+fn each_server_of_a_cluster_list_is_checked_on_its_own() {
+    assert_eq!(
+        check_nats_url("nats://127.0.0.1:4222,,nats://127.0.0.1:4223"),
+        Err("server 2 of 3 (): expected a URL between the commas, as in nats://10.0.0.1:4222,nats://10.0.0.2:4222".to_owned())
+    );
+    let err = check_nats_url("nats://127.0.0.1:4222,http://u:pw@10.0.0.2:4222").unwrap_err();
+    assert!(
+        err.starts_with("server 2 of 2 (http://u:***@10.0.0.2:4222): expected a nats:// or tls://"),
+        "{err}"
+    );
+    let err = check_nats_url("nats://a:1@127.0.0.1:4222,nats://b:2@127.0.0.1:4223").unwrap_err();
+    assert!(
+        err.contains("other credentials than an earlier server"),
+        "{err}"
+    );
+    assert!(!err.contains(":2@"), "{err}");
+    // One server beyond loopback: TLS for the whole list (one client serves them all).
+    let sink = NatsSink::new(
+        "nats",
+        config(
+            "nats://127.0.0.1:4222,nats://10.0.0.2:4222",
+            DEFAULT_SUBJECT,
+        ),
+    )
+    .expect("valid");
+    assert!(sink.security.tls_required);
+    let mut refused = config(
+        "tls://127.0.0.1:4222,nats://127.0.0.1:4223",
+        DEFAULT_SUBJECT,
+    );
+    refused.tls_required = Some(false);
+    assert!(NatsSink::new("nats", refused).is_err());
 }

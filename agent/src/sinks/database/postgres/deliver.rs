@@ -20,6 +20,7 @@ use super::{Connection, INSERT_RETURNING_SQL, PostgresSink, errors};
 use crate::db::apply::Bound;
 use crate::sinks::Outcome;
 use crate::sinks::database::landing::{ApplyRow, Failure, LandingRow, Stopped};
+use crate::sinks::database::origin_agent_or;
 
 /// Apply statements prepared on the current connection, by file, for one batch.
 type Prepared = HashMap<PathBuf, Statement>;
@@ -40,7 +41,7 @@ impl PostgresSink {
         // and COMMIT round trips around it): all the rows land, or none.
         let copied = async {
             let sink = conn.client.copy_in(&conn.copy).await?;
-            write_rows(sink, &self.agent_id, rows).await
+            write_rows(sink, &origin_agent_or(&self.agent_id), rows).await
         }
         .await;
         let err = match copied {
@@ -97,7 +98,9 @@ impl PostgresSink {
         let fail = |err| self.failure(err);
         tx.batch_execute(INCOMING_TABLE_SQL).await.map_err(fail)?;
         let sink = tx.copy_in(COPY_INCOMING_SQL).await.map_err(fail)?;
-        write_rows(sink, &self.agent_id, rows).await.map_err(fail)?;
+        write_rows(sink, &origin_agent_or(&self.agent_id), rows)
+            .await
+            .map_err(fail)?;
         if returning {
             let added = tx
                 .query(INSERT_FROM_INCOMING_RETURNING_SQL, &[])
@@ -270,8 +273,9 @@ impl PostgresSink {
         let record_keys: &[Option<&str>] = &[row.record_key.as_deref()];
         let payloads: &[&str] = &[&row.payload];
         let staged: &[chrono::DateTime<chrono::Utc>] = &[row.staged_at];
+        let agent_id = origin_agent_or(&self.agent_id);
         let params: [&(dyn ToSql + Sync); 8] = [
-            &self.agent_id,
+            &agent_id,
             &keys,
             &seqs,
             &actions,
