@@ -164,6 +164,7 @@ mod layout;
 mod leases;
 mod record;
 mod recover;
+mod sealed_file;
 mod sealed_folder;
 mod segment;
 mod status;

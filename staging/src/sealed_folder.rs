@@ -108,6 +108,16 @@ pub fn keys_in_use(
             ids.extend(find_kids(&bytes));
         }
     }
+    // Refused source rows and source notes, sealed whole (sealed_file.rs).
+    for dir in [
+        failed_dir.join(crate::REFUSED_DIR),
+        root.join(layout::STATE_DIR).join("source-notes"),
+    ] {
+        for file in files_under(&dir) {
+            let bytes = std::fs::read(&file).map_err(|e| StoreError::io("read", &file, e))?;
+            ids.extend(find_kids(&bytes));
+        }
+    }
     let slots = crate::data_keys::DataKeySlots::new(&root.join(layout::STATE_DIR));
     ids.extend(
         slots
@@ -127,6 +137,26 @@ pub fn keys_in_use(
         }
     }
     Ok(ids)
+}
+
+/// Every file under `dir`, at any depth (none when it does not exist).
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
 }
 
 /// Every `"kid":"…"` in a file (lines and letters) and every `sealed:v1:<kid>:` text.

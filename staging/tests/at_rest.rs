@@ -453,11 +453,18 @@ fn a_deleted_segment_is_crypto_shredded_and_a_copy_of_it_opens_no_more() {
         .to_vec();
     // The line names its data key by id and does not carry it.
     let text = String::from_utf8_lossy(&line).into_owned();
-    assert!(text.contains("\"dkid\":\"") && !text.contains("\"dk\":\""), "{text}");
+    assert!(
+        text.contains("\"dkid\":\"") && !text.contains("\"dk\":\""),
+        "{text}"
+    );
     let opened = testing::decode_line(&line, Some(&keys)).expect("opens while the segment lives");
     assert_eq!(opened.seq, seq);
     let slots = std::fs::read(root.join("_state").join("data-keys")).unwrap();
-    let rel = segment[0].strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+    let rel = segment[0]
+        .strip_prefix(root)
+        .unwrap()
+        .to_string_lossy()
+        .replace('\\', "/");
     assert!(String::from_utf8_lossy(&slots).contains(&rel));
 
     // Delivered and cleaned up: the segment goes, and its key with it.
@@ -505,4 +512,47 @@ fn walk_segments(root: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     found
+}
+
+/// A source row set aside (`_failed/_refused/`) and a source's note are sealed too: the row is
+/// the patient's data as read, and a checkpoint can be a patient's id, so the file is named by
+/// its keyed hash. Whoever has the key lists and reads them.
+#[test]
+fn refused_source_rows_and_source_notes_are_sealed_and_read_back_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let keys = std::sync::Arc::new(Keyring::generate());
+    let store = Staging::open(sealed_options(root, &keys)).unwrap().0;
+    let checkpoint = format!("[\"{CANARY_KEY}\"]");
+    let row = serde_json::json!({ "nome": CANARY_TEXT, "prontuario": CANARY_KEY });
+    let path = store
+        .refuse_source_row(
+            "lab",
+            &checkpoint,
+            "column obs: unsupported type",
+            row,
+            true,
+        )
+        .unwrap();
+    store
+        .set_source_note(
+            "lab",
+            Some(format!("{{\"keys\":[\"{CANARY_KEY}\"]}}").as_bytes()),
+        )
+        .unwrap();
+    assert_no_canary(root, "a refused row and a note written");
+    let rows = store.refused_rows("lab").unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].checkpoint, checkpoint);
+    assert_eq!(rows[0].row["nome"], CANARY_TEXT);
+    assert_eq!(
+        RefusedRow::read_with_keys(&path, Some(&keys)).unwrap().row["prontuario"],
+        CANARY_KEY
+    );
+    assert!(matches!(
+        RefusedRow::read(&path),
+        Err(StoreError::KeyNeeded { .. })
+    ));
+    let note = store.source_note("lab").unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&note).contains(CANARY_KEY));
 }

@@ -192,7 +192,13 @@ async fn dead_seqs(client: &reqwest::Client, base: &str, entity: &str) -> Option
 ///
 /// # Panics
 /// When FUSE cannot be mounted, PostgreSQL is missing or the agent does not start.
+/// One power-cut scenario at a time in a test process: each runs a FUSE folder, a load process
+/// and a restarting agent on a machine of two cores, and two at once starve each other's agent
+/// into timeouts that say nothing about power cuts.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub async fn power_cut_cycles(p: &PowerCutParams) -> PowerCutReport {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let mut report = PowerCutReport::default();
     let schema = PgSchema::create("powercut").await;
     let source_table = format!("{}.src_rows", schema.name);

@@ -68,7 +68,7 @@ struct Refused {
 }
 
 /// The refused rows under `dir/_refused/<source>/`, oldest first; unreadable files skipped.
-fn refused_files(dir: &Path) -> Vec<Refused> {
+fn refused_files(dir: &Path, keys: Option<&estafeta_staging::Keyring>) -> Vec<Refused> {
     let mut out = Vec::new();
     let Ok(sources) = std::fs::read_dir(dir.join(REFUSED_DIR)) else {
         return out;
@@ -79,7 +79,7 @@ fn refused_files(dir: &Path) -> Vec<Refused> {
         };
         for path in files.flatten().map(|f| f.path()) {
             if path.extension().is_some_and(|e| e == "json") {
-                match RefusedRow::read(&path) {
+                match RefusedRow::read_with_keys(&path, keys) {
                     Ok(row) => out.push(Refused { path, row }),
                     Err(err) => eprintln!("skipped: {err}"),
                 }
@@ -148,7 +148,10 @@ pub(super) fn retry(config: &Config, args: RetryArgs) -> anyhow::Result<u8> {
         }
     };
     let mut refused = match (&file, &dir) {
-        (None, dir) => refused_files(&dir.clone().unwrap_or_else(|| config.failed_dir())),
+        (None, dir) => refused_files(
+            &dir.clone().unwrap_or_else(|| config.failed_dir()),
+            config.staging_keys.as_deref(),
+        ),
         (Some(_), _) => Vec::new(),
     };
     for path in files {
@@ -157,7 +160,7 @@ pub(super) fn retry(config: &Config, args: RetryArgs) -> anyhow::Result<u8> {
             // A file given by name must be a dead letter or a refused source row; one met in a
             // folder is skipped.
             Err(err @ StoreError::NotStagingFile { .. }) if file.is_some() => {
-                match RefusedRow::read(&path) {
+                match RefusedRow::read_with_keys(&path, config.staging_keys.as_deref()) {
                     Ok(row) => refused.push(Refused { path, row }),
                     Err(_) => return Err(usage(err.to_string())),
                 }

@@ -9,6 +9,9 @@
 //! - **Notes** (`_state/source-notes/<source>.json`): a small opaque document the agent writes
 //!   before a page is staged and removes once the page's `after_stage` statement ran, so that a
 //!   crash in between runs the statement again at the next cycle.
+//!
+//! With encryption at rest on, both are sealed whole (sealed_file.rs), and a refused row's file
+//! is named by a keyed hash of its checkpoint instead of the checkpoint itself.
 
 use std::path::{Path, PathBuf};
 
@@ -44,10 +47,27 @@ pub struct RefusedRow {
     pub replayable: bool,
 }
 
+/// What [`crate::sealed_file`] binds a refused row's file to.
+const REFUSED_WHAT: &str = "refused source row";
+const NOTE_WHAT: &str = "source note";
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 impl RefusedRow {
-    /// Reads a refused-row file; the error says what was expected.
+    /// Reads a plain refused-row file; the error says what was expected.
     pub fn read(path: &Path) -> Result<RefusedRow, StoreError> {
+        Self::read_with_keys(path, None)
+    }
+
+    /// Reads a refused-row file, opening it with `keys` when it is sealed.
+    pub fn read_with_keys(path: &Path, keys: Option<&Keyring>) -> Result<RefusedRow, StoreError> {
         let bytes = std::fs::read(path).map_err(|e| StoreError::io("read", path, e))?;
+        let bytes = crate::sealed_file::open(keys, REFUSED_WHAT, &file_name(path), bytes)
+            .map_err(|e| key_error(path, e))?;
         serde_json::from_slice(&bytes).map_err(|e| StoreError::NotStagingFile {
             path: path.to_path_buf(),
             expected: "refused source row",
@@ -69,11 +89,16 @@ impl Staging {
         replayable: bool,
     ) -> Result<PathBuf, StoreError> {
         validate_name("source", source).map_err(|e| StoreError::SourceName(e.to_string()))?;
+        let name = match self.keys() {
+            // A checkpoint can be a patient's id: sealed folders name the file by its hash.
+            Some(keys) => file_part(&keys.hash(checkpoint)),
+            None => file_part(checkpoint),
+        };
         let path = self
             .failed_dir()
             .join(REFUSED_DIR)
             .join(source)
-            .join(format!("{}.json", file_part(checkpoint)));
+            .join(format!("{name}.json"));
         let doc = RefusedRow {
             source: source.to_owned(),
             checkpoint: checkpoint.to_owned(),
@@ -84,6 +109,9 @@ impl Staging {
         };
         let mut bytes = serde_json::to_vec_pretty(&doc).expect("refused rows serialize");
         bytes.push(b'\n');
+        if let Some(keys) = self.keys() {
+            bytes = crate::sealed_file::seal(keys, REFUSED_WHAT, &file_name(&path), &bytes);
+        }
         layout::write_file_durable(&path, &bytes).map_err(|e| StoreError::io("write", &path, e))?;
         Ok(path)
     }
@@ -103,7 +131,7 @@ impl Staging {
         paths.sort();
         Ok(paths
             .iter()
-            .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+            .filter_map(|p| RefusedRow::read_with_keys(p, self.keys()).ok())
             .collect())
     }
 
@@ -128,7 +156,7 @@ impl Staging {
                 if path.extension().and_then(|e| e.to_str()) != Some("json") {
                     continue;
                 }
-                if let Ok(row) = RefusedRow::read(&path) {
+                if let Ok(row) = RefusedRow::read_with_keys(&path, self.keys()) {
                     out.push((path, row));
                 }
             }
@@ -164,7 +192,9 @@ impl Staging {
     pub fn source_note(&self, source: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let path = self.note_path(source)?;
         match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(bytes)),
+            Ok(bytes) => crate::sealed_file::open(self.keys(), NOTE_WHAT, &file_name(&path), bytes)
+                .map(Some)
+                .map_err(|e| key_error(&path, e)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(StoreError::io("read", &path, e)),
         }
@@ -174,8 +204,19 @@ impl Staging {
     pub fn set_source_note(&self, source: &str, note: Option<&[u8]>) -> Result<(), StoreError> {
         let path = self.note_path(source)?;
         match note {
-            Some(bytes) => layout::write_file_durable(&path, bytes)
-                .map_err(|e| StoreError::io("write", &path, e)),
+            Some(bytes) => {
+                let sealed;
+                let bytes = match self.keys() {
+                    Some(keys) => {
+                        sealed =
+                            crate::sealed_file::seal(keys, NOTE_WHAT, &file_name(&path), bytes);
+                        &sealed[..]
+                    }
+                    None => bytes,
+                };
+                layout::write_file_durable(&path, bytes)
+                    .map_err(|e| StoreError::io("write", &path, e))
+            }
             None => match std::fs::remove_file(&path) {
                 Ok(()) => layout::sync_dir(path.parent().unwrap_or(Path::new(".")))
                     .map_err(|e| StoreError::io("sync", &path, e)),
@@ -193,6 +234,22 @@ impl Staging {
             .state_dir
             .join("source-notes")
             .join(format!("{source}.json")))
+    }
+}
+
+/// A sealed file that cannot be opened: a key not given (never damage), or damage.
+fn key_error(path: &Path, e: crate::crypt::KeyError) -> StoreError {
+    match e {
+        crate::crypt::KeyError::Missing(kid) => StoreError::KeyNeeded {
+            what: path.display().to_string(),
+            kids: kid,
+            why: "no key file holding it was given (STAGING_KEY_FILE)".into(),
+        },
+        other => StoreError::NotStagingFile {
+            path: path.to_path_buf(),
+            expected: "sealed file",
+            reason: other.to_string(),
+        },
     }
 }
 
