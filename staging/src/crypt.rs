@@ -347,9 +347,7 @@ impl Keyring {
             return Ok((unit.kid.clone(), dk.clone()));
         }
         let Some(dkid) = &unit.dkid else {
-            return Err(KeyError::Damaged(
-                "a sealed unit names no data key".into(),
-            ));
+            return Err(KeyError::Damaged("a sealed unit names no data key".into()));
         };
         for slots in self.slots.read().unwrap_or_else(|e| e.into_inner()).iter() {
             match slots.lookup(dkid) {

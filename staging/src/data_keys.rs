@@ -45,7 +45,10 @@ pub struct Slot {
 
 impl Slot {
     fn encode(&self) -> Result<Vec<u8>, std::io::Error> {
-        let text = format!("{} {} {} {}", self.dkid, self.kid, self.wrapped, self.segment);
+        let text = format!(
+            "{} {} {} {}",
+            self.dkid, self.kid, self.wrapped, self.segment
+        );
         if text.len() >= SLOT_LEN || text.contains('\n') {
             return Err(std::io::Error::other(format!(
                 "a data key slot cannot hold the segment path {} ({} bytes with the key; a slot holds {})",
@@ -237,8 +240,12 @@ mod tests {
     fn slots_are_added_found_shredded_in_place_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let slots = DataKeySlots::new(dir.path());
-        slots.add(&slot("a1", "create/p/2026/12/06/a.jsonl")).unwrap();
-        slots.add(&slot("b2", "create/p/2026/12/06/b.jsonl")).unwrap();
+        slots
+            .add(&slot("a1", "create/p/2026/12/06/a.jsonl"))
+            .unwrap();
+        slots
+            .add(&slot("b2", "create/p/2026/12/06/b.jsonl"))
+            .unwrap();
         let file = dir.path().join(FILE);
         assert_eq!(std::fs::metadata(&file).unwrap().len(), 2 * SLOT_LEN as u64);
         // Another process (a fresh reader) finds them.
@@ -256,7 +263,9 @@ mod tests {
         assert_eq!(DataKeySlots::new(dir.path()).lookup("a1").unwrap(), None);
 
         // The blank slot is reused: the file does not grow.
-        slots.add(&slot("c3", "create/p/2026/12/06/c.jsonl")).unwrap();
+        slots
+            .add(&slot("c3", "create/p/2026/12/06/c.jsonl"))
+            .unwrap();
         assert_eq!(std::fs::metadata(&file).unwrap().len(), 2 * SLOT_LEN as u64);
         assert!(slots.lookup("c3").unwrap().is_some());
     }
@@ -281,12 +290,20 @@ mod tests {
         let slots = DataKeySlots::new(dir.path());
         slots.add(&slot("a1", "a.jsonl")).unwrap();
         let file = dir.path().join(FILE);
-        let mut f = std::fs::OpenOptions::new().append(true).open(&file).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap();
         f.write_all(b"half a sl").unwrap();
         drop(f);
         slots.add(&slot("b2", "b.jsonl")).unwrap();
         assert_eq!(std::fs::metadata(&file).unwrap().len(), 2 * SLOT_LEN as u64);
-        assert!(DataKeySlots::new(dir.path()).lookup("b2").unwrap().is_some());
+        assert!(
+            DataKeySlots::new(dir.path())
+                .lookup("b2")
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

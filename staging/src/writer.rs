@@ -397,7 +397,13 @@ impl Writer {
         }
         // 2b: sealed lines, encoded with their segment's data key (see seal_group).
         let sealed_lines = if sealing && io_error.is_none() {
-            seal_group(&accepted.iter().map(|a| &a.envelopes[..]).collect::<Vec<_>>(), active)
+            seal_group(
+                &accepted
+                    .iter()
+                    .map(|a| &a.envelopes[..])
+                    .collect::<Vec<_>>(),
+                active,
+            )
         } else {
             Vec::new()
         };
@@ -646,7 +652,10 @@ fn seal_group(
         let seg = active
             .get_mut(&(env.action.clone(), env.entity.clone()))
             .expect("segment opened for every envelope");
-        let dk = seg.dk.as_mut().expect("a sealing store's segments have data keys");
+        let dk = seg
+            .dk
+            .as_mut()
+            .expect("a sealing store's segments have data keys");
         jobs.push((env, dk.reserve(1)));
     }
     let active = &*active;

@@ -453,11 +453,18 @@ fn a_deleted_segment_is_crypto_shredded_and_a_copy_of_it_opens_no_more() {
         .to_vec();
     // The line names its data key by id and does not carry it.
     let text = String::from_utf8_lossy(&line).into_owned();
-    assert!(text.contains("\"dkid\":\"") && !text.contains("\"dk\":\""), "{text}");
+    assert!(
+        text.contains("\"dkid\":\"") && !text.contains("\"dk\":\""),
+        "{text}"
+    );
     let opened = testing::decode_line(&line, Some(&keys)).expect("opens while the segment lives");
     assert_eq!(opened.seq, seq);
     let slots = std::fs::read(root.join("_state").join("data-keys")).unwrap();
-    let rel = segment[0].strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+    let rel = segment[0]
+        .strip_prefix(root)
+        .unwrap()
+        .to_string_lossy()
+        .replace('\\', "/");
     assert!(String::from_utf8_lossy(&slots).contains(&rel));
 
     // Delivered and cleaned up: the segment goes, and its key with it.

@@ -110,13 +110,20 @@ async fn power_cuts_with_encryption_at_rest_lose_nothing_and_apply_nothing_twice
         report.problems.len(),
         report.problems.join("\n")
     );
-    assert!(report.tears >= 1 && report.bytes_forgotten > 0, "{report:?}");
+    assert!(
+        report.tears >= 1 && report.bytes_forgotten > 0,
+        "{report:?}"
+    );
     assert_eq!(
         (report.pg.applied_twice, report.pg.lost, report.pg.disorder),
         (0, 0, 0)
     );
     assert_eq!(
-        (report.api.applied_twice, report.api.lost, report.api.disorder),
+        (
+            report.api.applied_twice,
+            report.api.lost,
+            report.api.disorder
+        ),
         (0, 0, 0)
     );
     assert!(report.rejected > 0 && report.requeued > 0, "{report:?}");

@@ -36,9 +36,9 @@
 //! every platform; the service control manager part is in the `#[cfg(windows)] mod imp`.
 
 pub mod acl;
-pub mod staging_key;
 #[cfg(windows)]
 mod eventlog;
+pub mod staging_key;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -63,8 +63,11 @@ mod tests {
         std::fs::remove_file(&path).expect("remove");
         let state = dir.path().join("staging").join("_state");
         std::fs::create_dir_all(&state).expect("state");
-        std::fs::write(state.join("sealed-with"), r#"{"keys":["k-0011223344556677"]}"#)
-            .expect("marker");
+        std::fs::write(
+            state.join("sealed-with"),
+            r#"{"keys":["k-0011223344556677"]}"#,
+        )
+        .expect("marker");
         assert_eq!(
             prepare(dir.path()).expect("prepare"),
             StagingKey::Missing(path.clone())
