@@ -168,6 +168,10 @@ fn userinfo(input: &str, ends: &[char], found: &mut dyn FnMut(&str)) -> String {
         let scheme = &rest[scheme_start..at];
         let after = &rest[at + 3..];
         let end = after.find(ends).unwrap_or(after.len());
+        // A comma followed by `scheme://` starts the next URL of a list (the servers of a NATS
+        // cluster): each is redacted on its own, so that one server's user info cannot
+        // swallow the addresses before the next one's '@'.
+        let end = next_listed_url(&after[..end]).unwrap_or(end);
         let (url, tail) = after.split_at(end);
         out.push_str(&rest[..at + 3]);
         // The user info ends at the last '@' before the query or fragment.
@@ -195,6 +199,20 @@ fn userinfo(input: &str, ends: &[char], found: &mut dyn FnMut(&str)) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Where in `url` a comma starts another `scheme://` URL (spaces after the comma allowed), if
+/// anywhere: `nats://a:4222,nats://u:pw@b:4223` → the index of the comma.
+fn next_listed_url(url: &str) -> Option<usize> {
+    url.match_indices(',').map(|(i, _)| i).find(|&comma| {
+        let next = url[comma + 1..].trim_start();
+        next.find("://").is_some_and(|sep| {
+            sep > 0
+                && next[..sep]
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        })
+    })
 }
 
 /// `nats://` or `tls://` (NATS over TLS), any case.
@@ -419,6 +437,43 @@ mod tests {
         assert_eq!(url("nats://tok@h:4222"), "nats://***@h:4222");
         assert_eq!(url("tls://u:pw@h:4222"), "tls://u:***@h:4222");
         assert_eq!(url("nats://h:4222"), "nats://h:4222");
+    }
+
+    #[test]
+    fn each_url_of_a_comma_list_is_redacted_on_its_own() {
+        for (list, shown) in [
+            (
+                "nats://u:secret@a:4222,nats://b:4223",
+                "nats://u:***@a:4222,nats://b:4223",
+            ),
+            (
+                "nats://a:4222,nats://u:secret@b:4223",
+                "nats://a:4222,nats://u:***@b:4223",
+            ),
+            (
+                "nats://u:secret@a:4222, tls://u:secret@b:4223,nats://tok@c",
+                "nats://u:***@a:4222, tls://u:***@b:4223,nats://***@c",
+            ),
+            (
+                "nats://a:4222,nats://tok@b:4223",
+                "nats://a:4222,nats://***@b:4223",
+            ),
+        ] {
+            assert_eq!(url(list), shown, "{list}");
+            assert_eq!(
+                text(&format!("servers {list} down")),
+                format!("servers {shown} down")
+            );
+            assert!(
+                !url(list).contains("secret") && !url(list).contains("tok"),
+                "{list}"
+            );
+        }
+        // The secrets found are the passwords alone, not runs of the list.
+        let secrets = Secrets::of("nats://a:4222,nats://u:secret@b:4223");
+        assert_eq!(secrets, Secrets(vec!["secret".into()]));
+        // A comma inside a password (no URL after it) is still part of the password.
+        assert_eq!(url("nats://u:pa,ss@h:4222"), "nats://u:***@h:4222");
     }
 
     #[test]

@@ -5,21 +5,29 @@
 //! is cut off (proxy down) and back. Then: every acknowledged record is one row (0 lost, 0
 //! doubled), each row carries the agent's id, and per key the rows landed in the order the
 //! records were staged (the payload's `n`, increasing per key, read in landing-id order).
+//! The same with MariaDB as the target: one relay without partitions, SIGKILLed mid-work and
+//! started again.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use estafeta_e2e::{
-    Agent, AgentSpec, NATS_URL, Staged, TcpProxy, TestStream, estafeta_bin, free_port, log_tail,
-    mixed_plan, pg, post_plan, unique_name, wait_drained,
+    Agent, AgentSpec, MYSQL_URL, NATS_URL, Staged, TcpProxy, TestStream, estafeta_bin, free_port,
+    log_tail, mixed_plan, mysql, pg, post_plan, unique_name, wait_drained,
 };
+use mysql_async::prelude::Queryable;
 
 /// A relay process: `estafeta relay --partitions <list>` with its `/healthz` on a free port.
 fn relay(dir: &std::path::Path, env: &[(String, String)], partitions: &str) -> Agent {
+    relay_args(dir, env, &["relay", "--partitions", partitions])
+}
+
+/// A relay process run with `args`, its `/healthz` on a free port.
+fn relay_args(dir: &std::path::Path, env: &[(String, String)], args: &[&str]) -> Agent {
     let port = free_port();
     std::fs::create_dir_all(dir).unwrap();
     AgentSpec::new(dir)
-        .program(estafeta_bin(), &["relay", "--partitions", partitions])
+        .program(estafeta_bin(), args)
         .port(port)
         .envs(env.iter().cloned())
         .env("RELAY_ADDR", format!("127.0.0.1:{port}"))
@@ -207,4 +215,131 @@ async fn wait_rows(agent_id: &str, min: usize, relay: &Agent) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The MariaDB rows of `agent_id`: (landing id, record id, key, payload n).
+async fn maria_rows(agent_id: &str) -> Vec<(i64, String, String, i64)> {
+    let mut conn = mysql().await;
+    let rows: Vec<(u64, String, Option<String>, i64)> = conn
+        .exec(
+            "SELECT id, idempotency_key, record_key, CAST(JSON_VALUE(payload, '$.n') AS SIGNED)
+               FROM estafeta_records WHERE agent_id = ? ORDER BY id",
+            (agent_id,),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("reading estafeta_records in MariaDB: {e}"));
+    let _ = conn.disconnect().await;
+    rows.into_iter()
+        .map(|(id, rid, key, n)| (id as i64, rid, key.unwrap_or_default(), n))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_into_mariadb_survives_a_sigkill_exactly_once_in_key_order() {
+    let started = Instant::now();
+    let stream = TestStream::create("relaymaria", None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent_id = unique_name("relay_maria");
+    let consumer = format!("relay-{}", unique_name("m"));
+    let nats = [
+        ("CENTRAL_NATS_URL", NATS_URL.to_owned()),
+        ("CENTRAL_NATS_SUBJECT", stream.template()),
+        ("CENTRAL_NATS_TIMEOUT_SECS", "2".to_owned()),
+    ];
+    let mut agent_env: Vec<(&str, String)> = nats.to_vec();
+    agent_env.extend([
+        ("AGENT_ID", agent_id.clone()),
+        ("CRONTAB", "* * * * * *".to_owned()),
+        ("RETRY_BASE_SECS", "1".to_owned()),
+        ("RETRY_MAX_SECS", "2".to_owned()),
+    ]);
+    let env: Vec<(&str, &str)> = agent_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let agent_dir = dir.path().join("agent");
+    std::fs::create_dir_all(&agent_dir).unwrap();
+    let mut agent = Agent::start(&agent_dir, &env);
+    agent.wait_ready(Duration::from_secs(20)).await;
+
+    // One relay, no partitions (one durable consumer for the whole stream), small batches and
+    // a short ack wait so the killed relay's unacknowledged batch comes back soon.
+    let mut relay_env: Vec<(String, String)> = nats
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    relay_env.extend([
+        ("CENTRAL_DATABASE_URL".to_owned(), MYSQL_URL.to_owned()),
+        ("RELAY_BATCH".to_owned(), "16".to_owned()),
+        ("RELAY_ACK_WAIT_SECS".to_owned(), "2".to_owned()),
+        ("RELAY_CONSUMER".to_owned(), consumer),
+        ("LOG_LEVEL".to_owned(), "info".to_owned()),
+    ]);
+    let mut relay = relay_args(&dir.path().join("relay"), &relay_env, &["relay"]);
+    relay.wait_ready(Duration::from_secs(20)).await;
+
+    // 8 hot keys, 30 records each.
+    let plan = mixed_plan(8, 30, 4711);
+    let load = post_plan(&agent, "patient", &plan, 6, 11);
+    let chaos = async {
+        // SIGKILL the relay three times as rows arrive (the load still going), starting it
+        // again each time. What each life saw redelivered is summed: at least one kill must
+        // have left a batch unacknowledged, or the test proved less.
+        let mut redelivered = 0;
+        let mut kills = Vec::new();
+        for threshold in [40, 100, 160] {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while maria_rows(&agent_id).await.len() < threshold {
+                assert!(
+                    Instant::now() < deadline,
+                    "fewer than {threshold} rows within 30 s; relay log tail:\n{}",
+                    log_tail(&relay, 40)
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            redelivered += metric(
+                &relay_metrics(&relay).await,
+                "estafeta_relay_redelivered_total",
+            );
+            relay.kill9();
+            kills.push(maria_rows(&agent_id).await.len());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            relay.restart();
+            relay.wait_ready(Duration::from_secs(20)).await;
+        }
+        (kills, redelivered)
+    };
+    let (staged, (kills, mut redelivered)) = tokio::join!(load, chaos);
+    assert_eq!(staged.len(), 240);
+    wait_drained(&agent, Duration::from_secs(30)).await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let landed = maria_rows(&agent_id).await;
+        if landed.len() >= staged.len() || Instant::now() >= deadline {
+            check(&landed, &staged).unwrap_or_else(|problems| {
+                panic!("{problems}\nrelay log tail:\n{}", log_tail(&relay, 40))
+            });
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A little longer: a redelivery after the restart writes nothing twice.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    check(&maria_rows(&agent_id).await, &staged).unwrap_or_else(|p| panic!("{p}"));
+    let metrics = relay_metrics(&relay).await;
+    redelivered += metric(&metrics, "estafeta_relay_redelivered_total");
+    assert!(
+        redelivered > 0,
+        "no kill (at {kills:?} rows) left a batch unacknowledged; the test proved less"
+    );
+    let mut conn = mysql().await;
+    conn.exec_drop(
+        "DELETE FROM estafeta_records WHERE agent_id = ?",
+        (agent_id.as_str(),),
+    )
+    .await
+    .unwrap();
+    let _ = conn.disconnect().await;
+    eprintln!(
+        "relay: MariaDB got 240 records in {:?}, relay killed at {kills:?} rows, {redelivered} redelivered",
+        started.elapsed()
+    );
 }

@@ -87,6 +87,9 @@ pub(super) struct FileSink {
     pub(super) creds_file: Option<PathBuf>,
     /// nats: a file holding a user NKey seed.
     pub(super) nkey_file: Option<PathBuf>,
+    /// nats: publish over this many partitions, a `.p<k>` subject token by a hash of the
+    /// record's key (like `CENTRAL_NATS_PARTITIONS`, which overrides it; default 0: none).
+    pub(super) partitions: Option<u32>,
     /// Database sinks: folder of `<entity>.<action>.sql` apply statements (apply mode),
     /// relative to the TOML file.
     pub(super) apply_dir: Option<PathBuf>,
@@ -132,6 +135,7 @@ impl FileSink {
             ("client_key", self.client_key.is_some(), &[Nats]),
             ("creds_file", self.creds_file.is_some(), &[Nats]),
             ("nkey_file", self.nkey_file.is_some(), &[Nats]),
+            ("partitions", self.partitions.is_some(), &[Nats]),
             ("apply_dir", self.apply_dir.is_some(), &[Database]),
             ("connections", self.connections.is_some(), &[Database]),
             ("maps", self.maps.is_some(), &[Http]),

@@ -41,6 +41,16 @@ impl Loader {
         if let Err(expected) = crate::sinks::nats::check_subject_template(&subject) {
             self.problem(format!("{at}.subject"), Some(subject.clone()), expected);
         }
+        // `partitions`: as CENTRAL_NATS_PARTITIONS (which overrides it, in env_nats_sink).
+        let partitions = match sink.partitions {
+            Some(n) => {
+                crate::sinks::nats::parse_partitions(&n.to_string()).unwrap_or_else(|expected| {
+                    self.problem(format!("{at}.partitions"), Some(n.to_string()), expected);
+                    0
+                })
+            }
+            None => 0,
+        };
         let create = sink.create_stream.unwrap_or(DEFAULT_CREATE_STREAM);
         if !create {
             for (field, set) in [
@@ -73,7 +83,7 @@ impl Loader {
             let subjects = sink
                 .stream_subjects
                 .clone()
-                .unwrap_or_else(|| vec![crate::sinks::nats::default_stream_subject(&subject)]);
+                .unwrap_or_else(|| vec![crate::sinks::nats::stream_subject(&subject, partitions)]);
             if subjects.is_empty() || subjects.iter().any(|s| s.trim().is_empty()) {
                 self.problem(
                     format!("{at}.stream_subjects"),
@@ -126,6 +136,7 @@ impl Loader {
             agent_id: agent_id.to_owned(),
             stream,
             tls_required: sink.tls_required,
+            partitions,
             ..Default::default()
         };
         for (field, value, slot) in [
@@ -270,11 +281,15 @@ impl Loader {
         ] = files;
         let env_security = |nats: &mut NatsSinkConfig| {
             if let Some(partitions) = partitions {
+                // The stream's default subjects (for the file's `partitions`, if any) follow:
+                // with or without the partition token.
+                let default_subjects = [crate::sinks::nats::stream_subject(
+                    &nats.subject,
+                    nats.partitions,
+                )];
                 nats.partitions = partitions;
-                // The stream's default subjects get the partition token too.
                 if let Some(stream) = &mut nats.stream
-                    && stream.subjects
-                        == [crate::sinks::nats::default_stream_subject(&nats.subject)]
+                    && stream.subjects == default_subjects
                 {
                     stream.subjects = vec![crate::sinks::nats::stream_subject(
                         &nats.subject,

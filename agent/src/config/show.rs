@@ -182,6 +182,7 @@ impl Config {
                     push(&key("token"), shown_secret(nats.token.as_deref()));
                     push(&key("subject"), nats.subject.clone());
                     push(&key("timeout_secs"), secs(nats.timeout));
+                    push(&key("partitions"), nats.partitions.to_string());
                     push(
                         &key("tls_required"),
                         nats.tls_required.map_or_else(

@@ -16,6 +16,9 @@ use crate::sinks::database::ORIGIN_AGENT;
 
 /// How long an empty fetch waits before asking again.
 const IDLE: Duration = Duration::from_millis(200);
+/// Waited beyond the ack wait for an earlier relay's unacknowledged messages, so that
+/// JetStream has queued them for redelivery before the first fetch.
+const ORPHAN_MARGIN: Duration = Duration::from_secs(1);
 
 /// The loop of `partition` (`None`: the whole stream) until `stop`.
 pub(super) async fn run(relay: Arc<Relay>, partition: Option<u32>, stop: CancellationToken) {
@@ -40,6 +43,18 @@ pub(super) async fn run(relay: Arc<Relay>, partition: Option<u32>, stop: Cancell
             }
         };
         tracing::info!(consumer = %name, stream = %stream, subjects = %filter, "Relay consumer ready.");
+        // Messages handed out and never acknowledged (a relay killed mid-batch) come back only
+        // after the ack wait; until then JetStream would hand this relay the messages after
+        // them, and a later record of a key could land before an earlier one. So wait for the
+        // ack wait to run out: JetStream then delivers the redeliveries before anything newer.
+        let orphans = consumer.cached_info().num_ack_pending;
+        if orphans > 0 {
+            let wait = relay.settings.ack_wait + ORPHAN_MARGIN;
+            tracing::info!(consumer = %name, messages = orphans, wait_secs = wait.as_secs_f64(), "Messages of an earlier relay are still unacknowledged; waiting for JetStream to give them back before fetching anything newer (per-key order).");
+            if !sleep_or_stop(wait, &stop).await {
+                break;
+            }
+        }
         while !stop.is_cancelled() {
             let fetched = consumer
                 .batch()
@@ -96,7 +111,8 @@ async fn consumer(
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: relay.settings.ack_wait,
         // One batch in flight per partition: nothing later can be handed to another relay
-        // before this batch is committed and acknowledged (per-key order).
+        // before this batch is committed and acknowledged (per-key order). A batch left
+        // unacknowledged by a killed relay may be smaller than this: see the wait in [`run`].
         max_ack_pending: batch,
         deliver_policy: consumer::DeliverPolicy::All,
         ..Default::default()
