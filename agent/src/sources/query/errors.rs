@@ -211,7 +211,8 @@ pub fn odbc_words(state: &str, message: &str) -> String {
 pub fn odbc_error(err: odbc_api::Error) -> anyhow::Error {
     match err {
         odbc_api::Error::Diagnostics { record, .. } => {
-            let message = String::from_utf8_lossy(&record.message).into_owned();
+            // Narrow (u8) or wide (u16, Windows) characters, as odbc-api was built.
+            let message = odbc_api::handles::slice_to_cow_utf8(&record.message).into_owned();
             anyhow::anyhow!("{}", odbc_words(record.state.as_str(), &message))
         }
         other => anyhow::Error::new(other),
