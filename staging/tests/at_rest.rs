@@ -8,6 +8,18 @@ use std::path::Path;
 const CANARY_KEY: &str = "MRN-CANARY-7f3a9c";
 const CANARY_TEXT: &str = "Paciente Canario da Silva 5d81e2";
 
+/// Leases and acknowledges every pending record of the sink `db`.
+fn deliver_all(store: &Staging) {
+    loop {
+        let batch = store.next_batch("db", 100).unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        let seqs: Vec<u64> = batch.iter().map(|d| d.envelope.seq).collect();
+        store.ack("db", &seqs).unwrap();
+    }
+}
+
 fn files_containing(root: &Path, needle: &[u8]) -> Vec<String> {
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -50,14 +62,7 @@ fn after_delivery_and_cleanup_no_file_holds_the_key_or_the_payload() {
             .unwrap();
     }
     assert!(!files_containing(dir.path(), CANARY_KEY.as_bytes()).is_empty());
-    loop {
-        let batch = store.next_batch("db", 100).unwrap();
-        if batch.is_empty() {
-            break;
-        }
-        let seqs: Vec<u64> = batch.iter().map(|d| d.envelope.seq).collect();
-        store.ack("db", &seqs).unwrap();
-    }
+    deliver_all(&store);
     // A segment is sealed once its writer has been idle for a second.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let report = store.cleanup().unwrap();
@@ -468,14 +473,7 @@ fn a_deleted_segment_is_crypto_shredded_and_a_copy_of_it_opens_no_more() {
     assert!(String::from_utf8_lossy(&slots).contains(&rel));
 
     // Delivered and cleaned up: the segment goes, and its key with it.
-    loop {
-        let batch = store.next_batch("db", 100).unwrap();
-        if batch.is_empty() {
-            break;
-        }
-        let seqs: Vec<u64> = batch.iter().map(|d| d.envelope.seq).collect();
-        store.ack("db", &seqs).unwrap();
-    }
+    deliver_all(&store);
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert_eq!(store.cleanup().unwrap().segments_deleted, 1);
     assert!(!segment[0].exists());

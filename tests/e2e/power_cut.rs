@@ -8,15 +8,11 @@ use estafeta_e2e::powercut::{PowerCutParams, power_cut_cycles};
 use estafeta_e2e::powercut_fs::ForgetfulFs;
 use estafeta_e2e::{free_port, run_cli};
 
-/// 12 cycles of load → SIGKILL → power cut (every third one tears the last unsynced write) →
-/// remount → restart. Every acknowledged record lands once at PostgreSQL and at the API by the
-/// client's own identity, in key order; every source row once; dead letters survive and a
-/// requeued one never comes back; no sequence number is used twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn power_cuts_lose_nothing_acknowledged_and_apply_nothing_twice() {
-    let started = Instant::now();
-    let report = power_cut_cycles(&PowerCutParams {
-        cycles: 12,
+/// The CI scenario: `cycles` cuts under a retrying load of patients on 4 shared keys per
+/// connection, a fifth of the API's answers 503, every third cut tearing a write.
+fn params(cycles: usize, seed: u64, sealed: bool) -> PowerCutParams {
+    PowerCutParams {
+        cycles,
         cut_after: (Duration::from_millis(400), Duration::from_millis(1500)),
         connections: 6,
         rate: 120.0,
@@ -26,10 +22,19 @@ async fn power_cuts_lose_nothing_acknowledged_and_apply_nothing_twice() {
         tear_every: 3,
         sync_delay: Duration::from_millis(5),
         drain_timeout: Duration::from_secs(120),
-        seed: 17,
-        sealed: false,
-    })
-    .await;
+        seed,
+        sealed,
+    }
+}
+
+/// 12 cycles of load → SIGKILL → power cut (every third one tears the last unsynced write) →
+/// remount → restart. Every acknowledged record lands once at PostgreSQL and at the API by the
+/// client's own identity, in key order; every source row once; dead letters survive and a
+/// requeued one never comes back; no sequence number is used twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_cuts_lose_nothing_acknowledged_and_apply_nothing_twice() {
+    let started = Instant::now();
+    let report = power_cut_cycles(&params(12, 17, false)).await;
     eprintln!(
         "power cuts: {} cycles ({} torn), {} bytes and {} directory entries forgotten in {} files; \
          {} patient records acknowledged ({} unanswered), load {}; {} source rows, {} rejected \
@@ -88,21 +93,7 @@ async fn power_cuts_lose_nothing_acknowledged_and_apply_nothing_twice() {
 /// plain run above covers the cut patterns; this one covers the sealed format under them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_with_encryption_at_rest_lose_nothing_and_apply_nothing_twice() {
-    let report = power_cut_cycles(&PowerCutParams {
-        cycles: 7,
-        cut_after: (Duration::from_millis(400), Duration::from_millis(1500)),
-        connections: 6,
-        rate: 120.0,
-        batch: 2,
-        keys: 4,
-        fail_fraction: 0.2,
-        tear_every: 3,
-        sync_delay: Duration::from_millis(5),
-        drain_timeout: Duration::from_secs(120),
-        seed: 23,
-        sealed: true,
-    })
-    .await;
+    let report = power_cut_cycles(&params(7, 23, true)).await;
     eprintln!("sealed power cuts: {report:?}");
     assert!(
         report.problems.is_empty(),
