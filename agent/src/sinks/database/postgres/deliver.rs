@@ -13,7 +13,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Statement, Transaction};
 
 use super::copy::{
-    COPY_INCOMING_SQL, INCOMING_TABLE_SQL, INSERT_FROM_INCOMING_RETURNING_SQL,
+    COPY_INCOMING_SQL, COPY_RECORDS_SQL, INCOMING_TABLE_SQL, INSERT_FROM_INCOMING_RETURNING_SQL,
     INSERT_FROM_INCOMING_SQL, write_rows,
 };
 use super::{Connection, INSERT_RETURNING_SQL, PostgresSink, errors};
@@ -38,11 +38,16 @@ impl PostgresSink {
         }
         // The fast path: one COPY, which PostgreSQL runs as a transaction of its own (no BEGIN
         // and COMMIT round trips around it): all the rows land, or none.
-        let copied = async {
-            let sink = conn.client.copy_in(&conn.copy).await?;
-            write_rows(sink, &self.agent_id, rows).await
-        }
-        .await;
+        let copied = match &conn.copy {
+            Some(copy) => {
+                async {
+                    let sink = conn.client.copy_in(copy).await?;
+                    write_rows(sink, &self.agent_id, rows).await
+                }
+                .await
+            }
+            None => self.copy_in_transaction(&mut conn.client, rows).await,
+        };
         let err = match copied {
             Ok(_) => return Ok(vec![Outcome::Delivered; rows.len()]),
             Err(err) => err,
@@ -62,6 +67,24 @@ impl PostgresSink {
         };
         tracing::debug!(sink = %self.name, error = %refusal.summary, "A row was refused; inserting the batch row by row.");
         self.insert_row_by_row(conn, rows).await
+    }
+
+    /// The fast path behind a transaction pooler: the COPY prepared, run and closed inside
+    /// BEGIN … COMMIT, so all of it runs on the one server connection the pooler lends for the
+    /// transaction (outside one, the Bind could reach a server connection that never saw the
+    /// Parse). Still all or nothing.
+    async fn copy_in_transaction(
+        &self,
+        client: &mut tokio_postgres::Client,
+        rows: &[LandingRow],
+    ) -> Result<u64, tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        // With a string, copy_in prepares the statement and closes it when the COPY ends,
+        // still inside the transaction.
+        let sink = tx.copy_in(COPY_RECORDS_SQL).await?;
+        let copied = write_rows(sink, &self.agent_id, rows).await?;
+        tx.commit().await?;
+        Ok(copied)
     }
 
     /// The exactly-once path, in one transaction: the rows copied into the temporary table,
@@ -142,6 +165,9 @@ impl PostgresSink {
             self.apply_pipelined(&tx, &applies, &mut prepared).await
         }
         .await;
+        // Closed before the transaction ends, on the server connection they were prepared on
+        // (behind a transaction pooler, the next transaction may run on another one).
+        drop(prepared);
         match result {
             Ok(()) => {
                 tx.commit().await.map_err(transient)?;
@@ -294,6 +320,14 @@ impl PostgresSink {
     ) -> Result<Vec<Outcome>, String> {
         let transient = |err| self.failure(err).message();
         let mut tx = conn.client.transaction().await.map_err(transient)?;
+        // Behind a transaction pooler, prepared in this transaction (and closed before its end).
+        let insert = match &conn.insert {
+            Some(insert) => insert.clone(),
+            None => tx
+                .prepare(super::INSERT_SQL)
+                .await
+                .map_err(|err| self.failure(err).message())?,
+        };
         let mut outcomes = Vec::with_capacity(rows.len());
         let mut prepared = Prepared::new();
         let mut stopped = Stopped::default();
@@ -306,9 +340,7 @@ impl PostgresSink {
             let result = if self.apply.is_some() {
                 self.insert_and_apply(&savepoint, row, &mut prepared).await
             } else {
-                self.insert_one(&savepoint, &conn.insert, row)
-                    .await
-                    .map(|_| ())
+                self.insert_one(&savepoint, &insert, row).await.map(|_| ())
             };
             match result {
                 Ok(()) => {
@@ -323,6 +355,8 @@ impl PostgresSink {
                 Err(Failure::Transient(error)) => return Err(error),
             }
         }
+        // Closed inside the transaction (see deliver_applied).
+        drop((insert, prepared));
         tx.commit().await.map_err(transient)?;
         Ok(outcomes)
     }
