@@ -67,8 +67,8 @@ impl Drop for Bouncer {
     }
 }
 
-/// The backend pids that answer `queries` consecutive transactions of one client of `bouncer`.
-async fn backends_seen(bouncer: &Bouncer, queries: usize) -> std::collections::BTreeSet<i32> {
+/// A client of `bouncer`.
+async fn bouncer_client(bouncer: &Bouncer) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(
         &format!(
             "host=127.0.0.1 port={} user=postgres dbname=test",
@@ -79,17 +79,40 @@ async fn backends_seen(bouncer: &Bouncer, queries: usize) -> std::collections::B
     .await
     .expect("connect through PgBouncer");
     tokio::spawn(connection);
+    client
+}
+
+/// The backend pid of one transaction of `client`.
+async fn backend_pid(client: &tokio_postgres::Client) -> String {
+    let rows = client
+        .simple_query("SELECT pg_backend_pid()")
+        .await
+        .expect("a query through PgBouncer");
+    rows.into_iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .expect("a row")
+}
+
+/// Opens the pool's 4 server connections (4 clients in a transaction at once), then returns
+/// the backend pids that answer 8 consecutive transactions of one client.
+async fn backends_seen(bouncer: &Bouncer) -> std::collections::BTreeSet<String> {
+    let mut holders = Vec::new();
+    for _ in 0..4 {
+        let client = bouncer_client(bouncer).await;
+        client.batch_execute("BEGIN").await.expect("BEGIN");
+        backend_pid(&client).await;
+        holders.push(client);
+    }
+    for client in &holders {
+        client.batch_execute("COMMIT").await.expect("COMMIT");
+    }
+    let client = bouncer_client(bouncer).await;
     let mut pids = std::collections::BTreeSet::new();
-    for _ in 0..queries {
-        let rows = client
-            .simple_query("SELECT pg_backend_pid()")
-            .await
-            .expect("a query through PgBouncer");
-        for message in rows {
-            if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-                pids.insert(row.get(0).unwrap_or("0").parse().unwrap_or(0));
-            }
-        }
+    for _ in 0..8 {
+        pids.insert(backend_pid(&client).await);
     }
     pids
 }
@@ -98,7 +121,7 @@ async fn backends_seen(bouncer: &Bouncer, queries: usize) -> std::collections::B
 async fn every_path_of_the_postgres_sink_works_through_pgbouncer_in_transaction_mode() {
     let bouncer = Bouncer::start();
     // The setup can catch lost session state: one client's transactions move between servers.
-    let pids = backends_seen(&bouncer, 8).await;
+    let pids = backends_seen(&bouncer).await;
     assert!(
         pids.len() >= 2,
         "PgBouncer lent one client a single server connection ({pids:?}); the test cannot catch lost session state"
