@@ -59,6 +59,10 @@ impl Bouncer {
 
 impl Drop for Bouncer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.path().join("pgbouncer.log"));
+            eprintln!("PgBouncer's log:\n{}", log.unwrap_or_default());
+        }
         let _ = Command::new(Self::script())
             .arg("--stop")
             .arg("--dir")

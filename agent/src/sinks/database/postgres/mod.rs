@@ -44,14 +44,16 @@
 //! With `transaction_pooling` (PgBouncer in `pool_mode = transaction` in between), a connection
 //! of the sink is a client of the pooler, and each of its transactions may run on another server
 //! connection: a statement prepared in one transaction may be missing (or, under the same name,
-//! be another client's) in the next. The sink then prepares nothing at connect: the COPY fast
-//! path runs inside BEGIN … COMMIT with its statement prepared and closed in it, the row-by-row
-//! path prepares its insert once per batch inside its transaction, and every statement is
-//! closed before its transaction ends. The rest holds in both modes: what runs outside a
-//! transaction uses unnamed statements (`query_typed`) or the simple protocol, the temporary
-//! `estafeta_incoming` is created and used inside one transaction, and the migrations' advisory
-//! lock is transaction-scoped. Session state (SET, LISTEN, session advisory locks, WITH HOLD
-//! cursors) is used nowhere.
+//! be another client's) in the next. The sink then prepares nothing at connect, and every
+//! statement is prepared, run and closed inside one transaction. It sends no COPY either: a
+//! COPY that fails server-side while its data is still coming makes PgBouncer (1.18 in Debian
+//! 12, up to 1.25) lose track of the server connection (pgbouncer/pgbouncer#1470). A part goes
+//! in one `INSERT … SELECT FROM UNNEST … ON CONFLICT DO NOTHING` (`sql/postgres/insert_records.sql`)
+//! instead, which a resend cannot fail (apply mode: the same with `RETURNING`); a refused row
+//! sends the part row by row, as above. In both modes, what runs outside a transaction uses
+//! unnamed statements (`query_typed`) or the simple protocol, the temporary `estafeta_incoming`
+//! is created and used inside one transaction, and the migrations' advisory lock is
+//! transaction-scoped; no session state (SET, LISTEN, session advisory locks) is used.
 //!
 //! TLS follows libpq's URL parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`), read and
 //! connected by [`crate::db::postgres_tls`], the same code as the sources and `estafeta fleet`:
