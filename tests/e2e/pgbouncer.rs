@@ -1,9 +1,10 @@
 //! The real agent through the real PgBouncer (Debian's `pgbouncer`, started by
 //! `scripts/start-pgbouncer`) in transaction pooling mode, into the real PostgreSQL: a sink
-//! with `transaction_pooling = true` delivers every path of the PostgreSQL sink (the COPY fast
-//! path, the exactly-once path through the temporary `estafeta_incoming` after a resend, the
-//! row-by-row path for a refused row, apply mode with its statements and a refused statement,
-//! heartbeats) exactly once, in per-key order, without one failed attempt.
+//! with `transaction_pooling = true` delivers every path of the PostgreSQL sink behind a pooler
+//! (the batch insert, a resend of a row already there, the row-by-row path for a refused row,
+//! apply mode with its statements and a refused statement, heartbeats) exactly once, in per-key
+//! order, without one failed attempt. The resend is the case that once hung the agent: a COPY
+//! failing on the unique key made PgBouncer 1.18 lose track of the server connection.
 //!
 //! The PgBouncer of this test keeps 4 server connections open and hands out the least recently
 //! used one (`server_round_robin`), so consecutive transactions of the agent's one connection
@@ -195,8 +196,8 @@ async fn every_path_of_the_postgres_sink_works_through_pgbouncer_in_transaction_
         s["records_pending"] == 0
     })
     .await;
-    // What a crash after the commit leaves: one row of the batch to come is there already, so
-    // its COPY fails on the unique key and the batch takes the temporary table's path.
+    // What a crash after the commit leaves: one row of the batch to come is there already (a
+    // COPY of the batch would fail on the unique key; behind PgBouncer that hung the agent).
     central
         .execute(
             "INSERT INTO estafeta_records
