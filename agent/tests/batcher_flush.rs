@@ -692,6 +692,7 @@ async fn max_attempts_gives_up_after_n_failures_and_unset_retries_forever() {
                         apply: None,
                         idempotency_key: None,
                         connections: 1,
+                        transaction_pooling: false,
                     },
                 ),
                 max_attempts,

@@ -832,6 +832,56 @@ fn a_postgresql_sink_takes_one_or_two_connections() {
 }
 
 #[test]
+fn transaction_pooling_is_for_postgresql_sinks_and_off_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = |url: &str, extra: &str| {
+        format!("[[sinks]]\nname = \"central\"\ntype = \"database\"\nurl = \"{url}\"\n{extra}")
+    };
+    let pooling = |file: &str| {
+        let config = load(dir.path(), &[("CONFIG_FILE", file)]);
+        let SinkKind::Database(db) = &config.sinks[0].kind else {
+            panic!("expected a database sink");
+        };
+        db.transaction_pooling
+    };
+    write(
+        dir.path(),
+        "off.toml",
+        &toml("postgres://u@db.example/central", ""),
+    );
+    assert!(!pooling("off.toml"));
+    let on = "transaction_pooling = true\n";
+    write(
+        dir.path(),
+        "on.toml",
+        &toml("postgres://u@pgbouncer.example:6432/central", on),
+    );
+    assert!(pooling("on.toml"));
+    write(
+        dir.path(),
+        "mysql.toml",
+        &toml("mysql://u@db.example/central", on),
+    );
+    let err = refuse(dir.path(), &[("CONFIG_FILE", "mysql.toml")]);
+    assert!(
+        err.to_string().contains(
+            "sinks[0].transaction_pooling=true: applies to postgres:// database sinks only"
+        ),
+        "{err}"
+    );
+    write(
+        dir.path(),
+        "http.toml",
+        &toml("https://api.example/v1", on).replace("\"database\"", "\"http\""),
+    );
+    let err = refuse(dir.path(), &[("CONFIG_FILE", "http.toml")]);
+    assert!(
+        err.to_string().contains("sinks[0].transaction_pooling"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_heartbeat_path_is_checked_and_the_environment_overrides_the_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     let err = refuse(

@@ -81,6 +81,7 @@ impl Central {
                 apply,
                 idempotency_key: None,
                 connections,
+                transaction_pooling: false,
             },
         )
         .expect("a valid URL")

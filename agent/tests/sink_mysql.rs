@@ -34,6 +34,7 @@ fn sink_at(url: &str, agent: &str) -> Arc<dyn Sink> {
             apply: None,
             idempotency_key: None,
             connections: estafeta::sinks::database::DEFAULT_CONNECTIONS,
+            transaction_pooling: false,
         },
     )
     .expect("a valid MySQL URL")
@@ -353,6 +354,7 @@ async fn a_duplicate_entry_is_shown_without_the_value_it_quotes() {
             apply: Some(Arc::new(statements)),
             idempotency_key: None,
             connections: 1,
+            transaction_pooling: false,
         },
     )
     .expect("a valid URL");

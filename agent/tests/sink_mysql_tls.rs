@@ -31,6 +31,7 @@ fn sink_at(url: &str, agent: &str) -> anyhow::Result<Arc<dyn Sink>> {
             apply: None,
             idempotency_key: None,
             connections: database::DEFAULT_CONNECTIONS,
+            transaction_pooling: false,
         },
     )
 }

@@ -33,6 +33,7 @@ fn sink_at(url: &str, agent: &str) -> Arc<dyn Sink> {
             apply: None,
             idempotency_key: None,
             connections: estafeta::sinks::database::DEFAULT_CONNECTIONS,
+            transaction_pooling: false,
         },
     )
     .expect("a valid PostgreSQL URL")
@@ -343,6 +344,7 @@ async fn a_refused_apply_statement_is_shown_without_the_values_it_quotes() {
             apply: Some(Arc::new(statements)),
             idempotency_key: None,
             connections: 1,
+            transaction_pooling: false,
         },
     )
     .expect("a valid URL");

@@ -43,6 +43,7 @@ fn sink_at(url: &str, agent: &str) -> anyhow::Result<Arc<dyn Sink>> {
             apply: None,
             idempotency_key: None,
             connections: 1,
+            transaction_pooling: false,
         },
     )
 }

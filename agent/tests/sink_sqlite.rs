@@ -21,6 +21,7 @@ fn sink_at(path: &Path) -> Arc<dyn Sink> {
             apply: None,
             idempotency_key: None,
             connections: estafeta::sinks::database::DEFAULT_CONNECTIONS,
+            transaction_pooling: false,
         },
     )
     .expect("a valid SQLite URL")

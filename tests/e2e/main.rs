@@ -66,6 +66,10 @@ mod jetstream_cluster;
 mod relay;
 // Heartbeats into PostgreSQL / MariaDB / SQLite (estafeta_agents) and `estafeta fleet` flags.
 mod fleet;
+// PgBouncer in transaction pooling mode (4 server connections, round robin) between the agent and
+// PostgreSQL: every path of the sink (COPY, a resend through the temporary table, a refused row,
+// apply mode, heartbeats) with transaction_pooling = true, once each, without a failed attempt.
+mod pgbouncer;
 // Canary secrets, payloads and keys at trace level appear in no log, status or heartbeat.
 mod canary;
 // SQL sources: checkpoints across SIGKILLs (PostgreSQL), grouping and debounce (SQLite), types

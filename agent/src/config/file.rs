@@ -94,6 +94,9 @@ pub(super) struct FileSink {
     /// relative to the TOML file.
     pub(super) apply_dir: Option<PathBuf>,
     pub(super) connections: Option<usize>,
+    /// Database (PostgreSQL): a transaction-mode pooler such as PgBouncer is in between, so
+    /// no prepared statement outlives its transaction.
+    pub(super) transaction_pooling: Option<bool>,
     /// http: the `Idempotency-Key` template; database: the landing key's template
     /// (`sinks::record_template`).
     pub(super) idempotency_key: Option<String>,
@@ -138,6 +141,11 @@ impl FileSink {
             ("partitions", self.partitions.is_some(), &[Nats]),
             ("apply_dir", self.apply_dir.is_some(), &[Database]),
             ("connections", self.connections.is_some(), &[Database]),
+            (
+                "transaction_pooling",
+                self.transaction_pooling.is_some(),
+                &[Database],
+            ),
             ("maps", self.maps.is_some(), &[Http]),
             ("catalogs", self.catalogs.is_some(), &[Http]),
             (

@@ -101,12 +101,25 @@ impl Loader {
                     };
                     let idempotency_key = self
                         .record_template(&format!("{at}.idempotency_key"), &sink.idempotency_key);
+                    let transaction_pooling = sink.transaction_pooling.unwrap_or(false);
+                    // An invalid url is reported on its own key.
+                    if transaction_pooling
+                        && crate::db::Dialect::of(&sink.url)
+                            .is_ok_and(|d| d != crate::db::Dialect::Postgres)
+                    {
+                        self.problem(
+                            format!("{at}.transaction_pooling"),
+                            Some("true".to_owned()),
+                            "applies to postgres:// database sinks only (PgBouncer in front of PostgreSQL); remove it from this sink",
+                        );
+                    }
                     SinkKind::Database(DatabaseSinkConfig {
                         url: sink.url.clone(),
                         agent_id: agent_id.to_owned(),
                         apply: None,
                         idempotency_key,
                         connections,
+                        transaction_pooling,
                     })
                 }
                 FileSinkType::Http => {
@@ -206,6 +219,7 @@ impl Loader {
                     apply: None,
                     idempotency_key: None,
                     connections: crate::sinks::database::DEFAULT_CONNECTIONS,
+                    transaction_pooling: false,
                 }),
                 max_attempts: None,
             });
@@ -412,6 +426,7 @@ impl Loader {
                     apply: None,
                     idempotency_key,
                     connections: crate::sinks::database::DEFAULT_CONNECTIONS,
+                    transaction_pooling: false,
                 }),
                 max_attempts: None,
             }),

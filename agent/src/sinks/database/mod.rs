@@ -77,6 +77,11 @@ pub struct DatabaseSinkConfig {
     /// the TOML). Two use a second core of the server; one halves what a fleet takes from the server's
     /// `max_connections`.
     pub connections: usize,
+    /// PostgreSQL: a transaction-mode pooler (PgBouncer `pool_mode = transaction`) sits between
+    /// the agent and the server (`transaction_pooling` in the TOML), so consecutive
+    /// transactions of one connection may run on different server connections: the sink then
+    /// keeps no prepared statement from one transaction to the next (docs/SCALING.md).
+    pub transaction_pooling: bool,
 }
 
 tokio::task_local! {
@@ -132,6 +137,7 @@ mod tests {
             apply: None,
             idempotency_key: None,
             connections: DEFAULT_CONNECTIONS,
+            transaction_pooling: false,
         };
         assert!(!format!("{config:?}").contains("hunter2"));
     }

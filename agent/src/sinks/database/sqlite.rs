@@ -454,6 +454,7 @@ mod tests {
                 apply: Some(Arc::new(statements)),
                 idempotency_key: None,
                 connections: crate::sinks::database::DEFAULT_CONNECTIONS,
+                transaction_pooling: false,
             },
         )
         .expect("sink");

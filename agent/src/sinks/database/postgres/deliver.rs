@@ -37,10 +37,17 @@ impl PostgresSink {
         if self.apply.is_some() {
             return self.deliver_applied(conn, rows).await;
         }
+        if self.transaction_pooling {
+            return self.deliver_inserted(conn, rows).await;
+        }
         // The fast path: one COPY, which PostgreSQL runs as a transaction of its own (no BEGIN
         // and COMMIT round trips around it): all the rows land, or none.
         let copied = async {
-            let sink = conn.client.copy_in(&conn.copy).await?;
+            let copy = conn
+                .copy
+                .as_ref()
+                .expect("prepared at connect without a pooler");
+            let sink = conn.client.copy_in(copy).await?;
             write_rows(sink, &origin_agent_or(&self.agent_id), rows).await
         }
         .await;
@@ -63,6 +70,40 @@ impl PostgresSink {
         };
         tracing::debug!(sink = %self.name, error = %refusal.summary, "A row was refused; inserting the batch row by row.");
         self.insert_row_by_row(conn, rows).await
+    }
+
+    /// Behind a transaction pooler: the part in one `INSERT … SELECT FROM UNNEST … ON CONFLICT
+    /// DO NOTHING` (`sql/postgres/insert_records.sql`), prepared, run and closed inside one
+    /// transaction, so on the one server connection the pooler lends for it. No COPY: when a
+    /// COPY fails server-side (a resend's unique key, a value jsonb refuses) while the client
+    /// still sends its data, PgBouncer (1.18 in Debian 12, and up to 1.25) loses track of the
+    /// server connection and the next transaction hangs (pgbouncer/pgbouncer#1470, seen here).
+    /// A resend cannot fail this insert; a refused row sends the part row by row.
+    async fn deliver_inserted(
+        &self,
+        conn: &mut Connection,
+        rows: &[LandingRow],
+    ) -> Result<Vec<Outcome>, String> {
+        let inserted = async {
+            let fail = |err| self.failure(err);
+            let tx = conn.client.transaction().await.map_err(fail)?;
+            match self.insert_many(&tx, super::INSERT_SQL, rows).await {
+                Ok(_) => tx.commit().await.map_err(fail),
+                Err(failure) => {
+                    self.roll_back(tx, &failure).await?;
+                    Err(failure)
+                }
+            }
+        }
+        .await;
+        match inserted {
+            Ok(()) => Ok(vec![Outcome::Delivered; rows.len()]),
+            Err(Failure::Transient(error)) => Err(error),
+            Err(Failure::Row(refusal)) => {
+                tracing::debug!(sink = %self.name, error = %refusal.summary, "A row was refused; inserting the batch row by row.");
+                self.insert_row_by_row(conn, rows).await
+            }
+        }
     }
 
     /// The exactly-once path, in one transaction: the rows copied into the temporary table,
@@ -96,6 +137,16 @@ impl PostgresSink {
         returning: bool,
     ) -> Result<HashSet<String>, Failure> {
         let fail = |err| self.failure(err);
+        if self.transaction_pooling {
+            // No COPY behind a pooler (deliver_inserted); the insert skips the rows already there.
+            let insert = if returning {
+                INSERT_RETURNING_SQL
+            } else {
+                super::INSERT_SQL
+            };
+            let added = self.insert_many(tx, insert, rows).await?;
+            return Ok(added.iter().map(|row| row.get(0)).collect());
+        }
         tx.batch_execute(INCOMING_TABLE_SQL).await.map_err(fail)?;
         let sink = tx.copy_in(COPY_INCOMING_SQL).await.map_err(fail)?;
         write_rows(sink, &origin_agent_or(&self.agent_id), rows)
@@ -145,6 +196,9 @@ impl PostgresSink {
             self.apply_pipelined(&tx, &applies, &mut prepared).await
         }
         .await;
+        // Closed before the transaction ends, on the server connection they were prepared on
+        // (behind a transaction pooler, the next transaction may run on another one).
+        drop(prepared);
         match result {
             Ok(()) => {
                 tx.commit().await.map_err(transient)?;
@@ -266,13 +320,28 @@ impl PostgresSink {
     where
         T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
     {
-        let keys: &[&str] = &[&row.idempotency_key];
-        let seqs: &[i64] = &[row.seq];
-        let actions: &[&str] = &[&row.action];
-        let entities: &[&str] = &[&row.entity];
-        let record_keys: &[Option<&str>] = &[row.record_key.as_deref()];
-        let payloads: &[&str] = &[&row.payload];
-        let staged: &[chrono::DateTime<chrono::Utc>] = &[row.staged_at];
+        self.insert_many(tx, insert, std::slice::from_ref(row))
+            .await
+    }
+
+    /// Inserts `rows`, in their order, with `insert` (`sql/postgres/insert_records*.sql`, one
+    /// array per column); the rows it returned.
+    async fn insert_many<T>(
+        &self,
+        tx: &impl GenericClient,
+        insert: &T,
+        rows: &[LandingRow],
+    ) -> Result<Vec<tokio_postgres::Row>, Failure>
+    where
+        T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
+    {
+        let keys: Vec<&str> = rows.iter().map(|r| r.idempotency_key.as_str()).collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        let actions: Vec<&str> = rows.iter().map(|r| r.action.as_str()).collect();
+        let entities: Vec<&str> = rows.iter().map(|r| r.entity.as_str()).collect();
+        let record_keys: Vec<Option<&str>> = rows.iter().map(|r| r.record_key.as_deref()).collect();
+        let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+        let staged: Vec<chrono::DateTime<chrono::Utc>> = rows.iter().map(|r| r.staged_at).collect();
         let agent_id = origin_agent_or(&self.agent_id);
         let params: [&(dyn ToSql + Sync); 8] = [
             &agent_id,
@@ -298,6 +367,14 @@ impl PostgresSink {
     ) -> Result<Vec<Outcome>, String> {
         let transient = |err| self.failure(err).message();
         let mut tx = conn.client.transaction().await.map_err(transient)?;
+        // Behind a transaction pooler, prepared in this transaction (and closed before its end).
+        let insert = match &conn.insert {
+            Some(insert) => insert.clone(),
+            None => tx
+                .prepare(super::INSERT_SQL)
+                .await
+                .map_err(|err| self.failure(err).message())?,
+        };
         let mut outcomes = Vec::with_capacity(rows.len());
         let mut prepared = Prepared::new();
         let mut stopped = Stopped::default();
@@ -310,9 +387,7 @@ impl PostgresSink {
             let result = if self.apply.is_some() {
                 self.insert_and_apply(&savepoint, row, &mut prepared).await
             } else {
-                self.insert_one(&savepoint, &conn.insert, row)
-                    .await
-                    .map(|_| ())
+                self.insert_one(&savepoint, &insert, row).await.map(|_| ())
             };
             match result {
                 Ok(()) => {
@@ -327,6 +402,8 @@ impl PostgresSink {
                 Err(Failure::Transient(error)) => return Err(error),
             }
         }
+        // Closed inside the transaction (see deliver_applied).
+        drop((insert, prepared));
         tx.commit().await.map_err(transient)?;
         Ok(outcomes)
     }

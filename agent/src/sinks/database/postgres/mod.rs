@@ -41,6 +41,20 @@
 //! not per record). A refused row or statement sends the batch row by row under savepoints, as above:
 //! the refused record is dead and the rest of its key's run skipped, neither landed nor applied.
 //!
+//! With `transaction_pooling` (PgBouncer in `pool_mode = transaction` in between), a connection
+//! of the sink is a client of the pooler, and each of its transactions may run on another server
+//! connection: a statement prepared in one transaction may be missing (or, under the same name,
+//! be another client's) in the next. The sink then prepares nothing at connect, and every
+//! statement is prepared, run and closed inside one transaction. It sends no COPY either: a
+//! COPY that fails server-side while its data is still coming makes PgBouncer (1.18 in Debian
+//! 12, up to 1.25) lose track of the server connection (pgbouncer/pgbouncer#1470). A part goes
+//! in one `INSERT … SELECT FROM UNNEST … ON CONFLICT DO NOTHING` (`sql/postgres/insert_records.sql`)
+//! instead, which a resend cannot fail (apply mode: the same with `RETURNING`); a refused row
+//! sends the part row by row, as above. In both modes, what runs outside a transaction uses
+//! unnamed statements (`query_typed`) or the simple protocol, the temporary `estafeta_incoming`
+//! is created and used inside one transaction, and the migrations' advisory lock is
+//! transaction-scoped; no session state (SET, LISTEN, session advisory locks) is used.
+//!
 //! TLS follows libpq's URL parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`), read and
 //! connected by [`crate::db::postgres_tls`], the same code as the sources and `estafeta fleet`:
 //! `verify-full` by default beyond loopback, never clear text when the URL asks for TLS, and a
@@ -111,6 +125,8 @@ pub struct PostgresSink {
     landing_key: Option<RecordTemplate>,
     /// 1 or 2 (`connections`): with 1, batches are never split and the second slot stays empty.
     connections: usize,
+    /// A transaction-mode pooler is in between: no statement outlives its transaction.
+    transaction_pooling: bool,
 }
 
 /// An open connection, migrated, with the batch's statements prepared on it: each batch then
@@ -119,10 +135,10 @@ pub struct PostgresSink {
 /// retried on a new connection (`a_column_added_under_a_running_agent_changes_nothing`).
 struct Connection {
     client: Client,
-    /// `copy::COPY_RECORDS_SQL`: the fast path.
-    copy: Statement,
-    /// `INSERT_SQL`: the row-by-row path.
-    insert: Statement,
+    /// `copy::COPY_RECORDS_SQL`: the fast path; `None` under transaction pooling.
+    copy: Option<Statement>,
+    /// `INSERT_SQL`: the row-by-row path; `None` under transaction pooling.
+    insert: Option<Statement>,
 }
 
 /// A batch of at least this many rows is split over both connections ([`split`]). Smaller
@@ -187,6 +203,7 @@ impl PostgresSink {
             apply: config.apply,
             landing_key: config.idempotency_key,
             connections: config.connections,
+            transaction_pooling: config.transaction_pooling,
         })
     }
 
@@ -214,7 +231,9 @@ impl PostgresSink {
     /// no DDL is sent: the agent's user then needs only SELECT on `estafeta_schema_migrations`
     /// and INSERT on `estafeta_records`.
     async fn migrate(&self, client: &mut Client) -> Result<(), String> {
-        if let Ok(rows) = client.query(APPLIED_SQL, &[]).await {
+        // Unnamed (query_typed): nothing left prepared on a server connection a pooler may lend
+        // to another client.
+        if let Ok(rows) = client.query_typed(APPLIED_SQL, &[]).await {
             let applied: Vec<i64> = rows.iter().map(|row| row.get(0)).collect();
             if MIGRATIONS.iter().all(|m| applied.contains(&m.version)) {
                 return Ok(());
@@ -264,6 +283,13 @@ impl PostgresSink {
         *slot = None;
         let mut client = self.connect().await?;
         self.migrate(&mut client).await?;
+        if self.transaction_pooling {
+            return Ok(slot.insert(Connection {
+                client,
+                copy: None,
+                insert: None,
+            }));
+        }
         let prepare = |err| {
             format!(
                 "cannot prepare the insert into the landing table at {}: {}",
@@ -278,8 +304,8 @@ impl PostgresSink {
         let insert = client.prepare(INSERT_SQL).await.map_err(prepare)?;
         Ok(slot.insert(Connection {
             client,
-            copy,
-            insert,
+            copy: Some(copy),
+            insert: Some(insert),
         }))
     }
 
@@ -312,12 +338,13 @@ impl PostgresSink {
                 self.failure(err).message()
             )
         };
-        if !self.agents_ready.load(Ordering::Acquire) {
-            let tx = client.transaction().await.map_err(fail)?;
+        // One transaction, so the upsert's statement is prepared, run and closed on one server
+        // connection even behind a transaction pooler.
+        let tx = client.transaction().await.map_err(fail)?;
+        let create = !self.agents_ready.load(Ordering::Acquire);
+        if create {
             tx.batch_execute(MIGRATION_LOCK_SQL).await.map_err(fail)?;
             tx.batch_execute(AGENTS_SQL).await.map_err(fail)?;
-            tx.commit().await.map_err(fail)?;
-            self.agents_ready.store(true, Ordering::Release);
         }
         let time = |text: &str| {
             DateTime::parse_from_rfc3339(text)
@@ -326,26 +353,29 @@ impl PostgresSink {
         };
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         let sinks = serde_json::to_string(&beat.sinks).map_err(|err| err.to_string())?;
-        client
-            .execute(
-                UPSERT_AGENT_SQL,
-                &[
-                    &beat.agent_id,
-                    &beat.hostname,
-                    &beat.version,
-                    &time(&beat.started_at)?,
-                    &time(&beat.sent_at)?,
-                    &count(beat.records_pending),
-                    &beat.oldest_pending_age_secs,
-                    &count(beat.dead_letters),
-                    &beat.disk_free_bytes.map(count),
-                    &beat.staging_blocked,
-                    &beat.last_error,
-                    &sinks,
-                ],
-            )
-            .await
-            .map_err(fail)?;
+        tx.execute(
+            UPSERT_AGENT_SQL,
+            &[
+                &beat.agent_id,
+                &beat.hostname,
+                &beat.version,
+                &time(&beat.started_at)?,
+                &time(&beat.sent_at)?,
+                &count(beat.records_pending),
+                &beat.oldest_pending_age_secs,
+                &count(beat.dead_letters),
+                &beat.disk_free_bytes.map(count),
+                &beat.staging_blocked,
+                &beat.last_error,
+                &sinks,
+            ],
+        )
+        .await
+        .map_err(fail)?;
+        tx.commit().await.map_err(fail)?;
+        if create {
+            self.agents_ready.store(true, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -420,18 +450,23 @@ impl Sink for PostgresSink {
 
     fn probe(&self) -> BoxFuture<'_, anyhow::Result<()>> {
         Box::pin(async move {
-            let client = self.connect().await.map_err(anyhow::Error::msg)?;
+            let mut client = self.connect().await.map_err(anyhow::Error::msg)?;
             client
                 .simple_query("SELECT 1")
                 .await
                 .map_err(|err| anyhow::anyhow!(self.failure(err).message()))
                 .with_context(|| format!("PostgreSQL at {} answered with an error", self.shown))?;
             // Apply mode: every statement must prepare (its tables and columns exist, its
-            // casts make sense), so a mistake shows here rather than as retries.
+            // casts make sense), so a mistake shows here rather than as retries. In a
+            // transaction rolled back at the end, so each statement is closed on the server
+            // connection it was prepared on, even behind a transaction pooler.
+            let tx = client
+                .transaction()
+                .await
+                .map_err(|err| anyhow::anyhow!(self.failure(err).message()))?;
             for statement in self.apply.iter().flat_map(|a| a.statements()) {
                 let types = vec![Type::TEXT; statement.params.len()];
-                client
-                    .prepare_typed(&statement.sql, &types)
+                tx.prepare_typed(&statement.sql, &types)
                     .await
                     .map_err(|err| anyhow::anyhow!(self.failure(err).message()))
                     .with_context(|| {
@@ -442,7 +477,9 @@ impl Sink for PostgresSink {
                         )
                     })?;
             }
-            Ok(())
+            tx.rollback()
+                .await
+                .map_err(|err| anyhow::anyhow!(self.failure(err).message()))
         })
     }
 }
