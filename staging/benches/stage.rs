@@ -1,10 +1,12 @@
 //! Stage throughput and time to acknowledge, with 1 KB payloads:
 //! 1, 16 and 64 concurrent stagers × batches of 1 and 256 records, each in clear and sealed
-//! (encryption at rest, `STAGING_KEY_FILE`), with the sealed/clear ratio; p99 at a steady
+//! (encryption at rest, `STAGING_KEY_FILE`) twice, in the order clear, sealed, sealed, clear
+//! with a `sync` before each run, with the sealed/clear ratio of the sums; p99 at a steady
 //! 1,000 records/s; and the open time and memory with a large backlog.
 //!
 //! Run: `cargo bench -p estafeta-staging --bench stage` (set `STAGE_BENCH_BACKLOG=1000000`
-//! for the full backlog figure; `STAGE_BENCH_DIR` to measure another disk).
+//! for the full backlog figure; `STAGE_BENCH_DIR` to measure another disk;
+//! `STAGE_BENCH_ONLY=16x256:sealed` for one run alone, under a profiler).
 
 use estafeta_staging::*;
 use std::sync::Arc;
@@ -61,11 +63,12 @@ fn throughput(stagers: usize, batch: usize, duration: Duration, sealed: bool) ->
             std::thread::spawn(move || {
                 let mut lat = Vec::new();
                 let mut n = 0usize;
+                let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1);
                 while !stop.load(Ordering::Relaxed) {
                     let records = (0..batch)
                         .map(|i| {
                             n += 1;
-                            let key = format!("{t}-{}", (n + i) % 1000);
+                            let key = bench_key(t, n + i, &mut rng);
                             NewRecord::new("create", "patient", Some(key), &body).unwrap()
                         })
                         .collect();
@@ -97,6 +100,27 @@ fn throughput(stagers: usize, batch: usize, duration: Duration, sealed: bool) ->
         lat.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
     );
     rate
+}
+
+/// The record key of a stager's `n`th record: one of 1,000 medical record numbers per stager
+/// (10 digits, like a prontuário), in no order, as patients come to a desk. With
+/// `STAGE_BENCH_KEYS=counter`, the shape of the benchmark's first figures: 5-character keys in
+/// counter order, which follow one another in the clear index (cheap, append-like inserts),
+/// something no keyed hash in a sealed index can do.
+fn bench_key(stager: usize, n: usize, rng: &mut u64) -> String {
+    if std::env::var_os("STAGE_BENCH_KEYS").is_some_and(|v| v == "counter") {
+        return format!("{stager}-{}", n % 1000);
+    }
+    // xorshift64: a fixed sequence, the same in every run.
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    format!("{:010}", 4_000_000 + stager as u64 * 1000 + *rng % 1000)
+}
+
+/// Waits until the previous run's dirty pages are on disk (`sync`), so runs do not share it.
+fn settle_disk() {
+    let _ = std::process::Command::new("sync").status();
 }
 
 fn steady_rate(rate: u64, duration: Duration) {
@@ -184,6 +208,18 @@ fn backlog(n: u64) {
     );
 }
 
+/// `STAGE_BENCH_ONLY=STAGERSxBATCH:clear|sealed` (e.g. `16x256:sealed`): that run alone, for a
+/// profiler (docs/PROFILES.md).
+fn only_one(spec: &str, d: Duration) {
+    let parsed = spec.split_once(':').and_then(|(shape, mode)| {
+        let (stagers, batch) = shape.split_once('x')?;
+        Some((stagers.parse().ok()?, batch.parse().ok()?, mode == "sealed"))
+    });
+    let (stagers, batch, sealed) =
+        parsed.unwrap_or_else(|| panic!("STAGE_BENCH_ONLY={spec}: expected e.g. 16x256:sealed"));
+    throughput(stagers, batch, d, sealed);
+}
+
 fn main() {
     // `cargo test --benches` runs this with `--bench` absent: keep that run short.
     let quick = !std::env::args().any(|a| a == "--bench");
@@ -191,11 +227,24 @@ fn main() {
     let d = Duration::from_secs_f64(secs);
     println!("| stagers | batch | at rest | records/s | p50 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|---|");
+    if let Ok(only) = std::env::var("STAGE_BENCH_ONLY") {
+        return only_one(&only, d);
+    }
     let mut ratios = Vec::new();
     for stagers in [1, 16, 64] {
         for batch in [1, 256] {
-            let clear = throughput(stagers, batch, d, false);
-            let sealed = throughput(stagers, batch, d, true);
+            // Clear, sealed, sealed, clear, each after the disk has written back the run
+            // before: whichever goes second otherwise pays for the first one's writeback.
+            let (mut clear, mut sealed) = (0.0, 0.0);
+            for sealed_run in [false, true, true, false] {
+                settle_disk();
+                let rate = throughput(stagers, batch, d, sealed_run);
+                if sealed_run {
+                    sealed += rate;
+                } else {
+                    clear += rate;
+                }
+            }
             ratios.push((stagers, batch, sealed / clear));
         }
     }

@@ -664,10 +664,10 @@ fn seal_group(
         let dk = seg.dk.as_ref().expect("checked above");
         segment::encode_sealed_line(env, dk, *counter)
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    if jobs.len() < PARALLEL_SEAL_MIN || threads < 2 {
+    if jobs.len() < PARALLEL_SEAL_MIN || sealing_threads() < 2 {
         return jobs.iter().map(seal).collect();
     }
+    let threads = sealing_threads();
     let chunk = jobs.len().div_ceil(threads);
     std::thread::scope(|scope| {
         let handles: Vec<_> = jobs
@@ -682,6 +682,14 @@ fn seal_group(
         }
         lines
     })
+}
+
+/// Threads a large group is sealed on: the machine's cores, at most 4. Asked once: on Linux
+/// `available_parallelism` reads the process's cgroup files, which cost more (~40 µs) than
+/// sealing a small group, and a single POST would pay it every time.
+fn sealing_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
 }
 
 impl Writer {
