@@ -148,9 +148,7 @@ impl PostgresSink {
         }
         tx.batch_execute(INCOMING_TABLE_SQL).await.map_err(fail)?;
         let sink = tx.copy_in(COPY_INCOMING_SQL).await.map_err(fail)?;
-        write_rows(sink, &self.agent_id, rows)
-            .await
-            .map_err(fail)?;
+        write_rows(sink, &self.agent_id, rows).await.map_err(fail)?;
         if returning {
             let added = tx
                 .query(INSERT_FROM_INCOMING_RETURNING_SQL, &[])
