@@ -26,8 +26,10 @@
 //!   k a hash of the record's key ([`crate::sinks::nats::partition_of`]); each partition has
 //!   its own consumer, and `--partitions 0-3` / `RELAY_PARTITIONS` says which this relay runs.
 //! - The rows carry the agent id of the message (the `agent_id` in its body), not the relay's
-//!   ([`crate::sinks::database::ORIGIN_AGENT`]); a batch mixing agents is written as
-//!   consecutive runs of one agent, in stream order.
+//!   ([`crate::sinks::database::ORIGIN_AGENTS`]). A batch mixing agents is written in one go
+//!   (one COPY, or two on the sink's two connections split by key), in stream order: a batch
+//!   from a fleet interleaves its agents record by record, and one transaction per run of an
+//!   agent made the relay's drain a fraction of `estafeta flush`'s (docs/SCALING.md).
 //! - Errors as the agent sorts them: transient ones (database or NATS down, a timeout) retry
 //!   the batch with backoff, forever, telling JetStream it is still in progress; a message the
 //!   database refuses for good (a constraint, apply mode's missing field) or that is not an
@@ -55,8 +57,11 @@ pub use metrics::Counters;
 
 /// First wait before retrying a batch; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
-/// Longest wait between two tries of a batch.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait between two tries of a batch. Short, because there are a few relays, not a
+/// fleet reconnecting in step: with 30 s, the first rows after a 20 s database outage landed
+/// 12 s after the database was back (docs/SCALING.md); a retry every 5 s of a down database
+/// costs nothing.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What every partition task shares.
 pub(crate) struct Relay {

@@ -12,10 +12,12 @@ use super::dead::{self, DeadLetter};
 use super::message::{self, Record};
 use super::{Counters, Relay, backoff};
 use crate::sinks::Outcome;
-use crate::sinks::database::ORIGIN_AGENT;
+use crate::sinks::database::ORIGIN_AGENTS;
 
 /// How long an empty fetch waits before asking again.
 const IDLE: Duration = Duration::from_millis(200);
+/// How long a pull waits for messages when the stream had none for this partition.
+const LONG_POLL: Duration = Duration::from_secs(1);
 /// Waited beyond the ack wait for an earlier relay's unacknowledged messages, so that
 /// JetStream has queued them for redelivery before the first fetch.
 const ORPHAN_MARGIN: Duration = Duration::from_secs(1);
@@ -56,16 +58,14 @@ pub(super) async fn run(relay: Arc<Relay>, partition: Option<u32>, stop: Cancell
             }
         }
         while !stop.is_cancelled() {
-            let fetched = consumer
-                .batch()
-                .max_messages(relay.settings.batch)
-                .expires(Duration::from_secs(1))
-                .messages()
-                .await;
-            let batch = match fetched {
-                Ok(messages) => collect(messages).await,
-                Err(err) => Err(err.to_string()),
-            };
+            // What the stream holds now, without waiting: a backlog drains batch after batch,
+            // and its last, partial batch of a partition is not held back for the pull's
+            // expiry (that wait was a second per partition at the end of every drain). Only
+            // when nothing is there, a pull that waits up to LONG_POLL for messages.
+            let mut batch = fetch(&consumer, relay.settings.batch, None).await;
+            if matches!(&batch, Ok(b) if b.is_empty()) {
+                batch = fetch(&consumer, relay.settings.batch, Some(LONG_POLL)).await;
+            }
             match batch {
                 Ok(batch) if batch.is_empty() => {
                     sleep_or_stop(IDLE, &stop).await;
@@ -84,6 +84,30 @@ pub(super) async fn run(relay: Arc<Relay>, partition: Option<u32>, stop: Cancell
                 }
             }
         }
+    }
+}
+
+/// Up to `max` messages: those available now (`wait` = `None`), or those that come within
+/// `wait` (the pull ends at `max` messages or when `wait` runs out).
+async fn fetch(
+    consumer: &consumer::PullConsumer,
+    max: usize,
+    wait: Option<Duration>,
+) -> Result<Vec<jetstream::Message>, String> {
+    let fetched = match wait {
+        None => consumer.fetch().max_messages(max).messages().await,
+        Some(wait) => {
+            consumer
+                .batch()
+                .max_messages(max)
+                .expires(wait)
+                .messages()
+                .await
+        }
+    };
+    match fetched {
+        Ok(messages) => collect(messages).await,
+        Err(err) => Err(err.to_string()),
     }
 }
 
@@ -219,79 +243,66 @@ async fn write_and_ack(
     );
 }
 
-/// One pass over the messages not yet done, as consecutive runs of one agent in stream order;
-/// stops at the first run that does not complete (a later run may hold the same key). Returns
-/// the last transient error (`Some("")` when none), or `None` when `stop` came first.
+/// One pass over the messages not yet done: one delivery of them all, in stream order, each row
+/// with the agent of its message ([`ORIGIN_AGENTS`]). The sink keeps each key's order inside
+/// it (runs of a key in one transaction; a dead record's later records `Skipped`), so what is
+/// not done after the pass is retried as a whole by the next one. Returns the last transient
+/// error (`Some("")` when none), or `None` when `stop` came first.
 async fn write_pending(
     relay: &Relay,
     stream: &str,
     slots: &mut [Slot],
     stop: &CancellationToken,
 ) -> Option<String> {
-    let pending: Vec<usize> = (0..slots.len()).filter(|&i| !slots[i].done).collect();
+    // A slot without a record was dead-lettered when the batch was read, so is done.
+    let pending: Vec<usize> = (0..slots.len())
+        .filter(|&i| !slots[i].done && slots[i].record.is_some())
+        .collect();
     let mut error = String::new();
-    let mut start = 0;
-    while start < pending.len() {
-        let agent = agent_of(&slots[pending[start]]);
-        let end = pending[start..]
-            .iter()
-            .position(|&i| agent_of(&slots[i]) != agent)
-            .map_or(pending.len(), |n| start + n);
-        let run = &pending[start..end];
-        let deliveries: Vec<estafeta_staging::Delivery> = run
-            .iter()
-            .filter_map(|&i| slots[i].record.as_ref().map(|r| r.delivery.clone()))
-            .collect();
-        let outcomes = ORIGIN_AGENT
-            .scope(agent.clone(), relay.database.deliver(&deliveries))
-            .await;
-        let mut complete = true;
-        for (&i, outcome) in run.iter().zip(outcomes) {
-            match outcome {
-                Outcome::Delivered => {
-                    slots[i].done = true;
-                    Counters::add(&relay.counters.written, 1);
-                }
-                Outcome::Dead { reason } => {
-                    let id = slots[i]
-                        .record
-                        .as_ref()
-                        .map(|r| r.delivery.envelope.id.clone());
-                    if !keep_dead(
-                        relay,
-                        stream,
-                        &slots[i],
-                        id.as_deref(),
-                        &reason.detail,
-                        stop,
-                    )
-                    .await
-                    {
-                        return None;
-                    }
-                    tracing::error!(stream, id = ?id, reason = %reason.summary, "The database refused a relayed record for good; it is kept in RELAY_DEAD_LETTER_DIR.");
-                    slots[i].done = true;
-                }
-                Outcome::Retry { error: e, .. } => {
-                    complete = false;
-                    error = e;
-                }
-                Outcome::Skipped => complete = false,
+    if pending.is_empty() {
+        return Some(error);
+    }
+    let mut deliveries = Vec::with_capacity(pending.len());
+    let mut agents = Vec::with_capacity(pending.len());
+    for &i in &pending {
+        let record = slots[i].record.as_ref().expect("filtered on is_some above");
+        deliveries.push(record.delivery.clone());
+        agents.push(record.agent_id.clone());
+    }
+    let outcomes = ORIGIN_AGENTS
+        .scope(agents.into(), relay.database.deliver(&deliveries))
+        .await;
+    for (&i, outcome) in pending.iter().zip(outcomes) {
+        match outcome {
+            Outcome::Delivered => {
+                slots[i].done = true;
+                Counters::add(&relay.counters.written, 1);
             }
+            Outcome::Dead { reason } => {
+                let id = slots[i]
+                    .record
+                    .as_ref()
+                    .map(|r| r.delivery.envelope.id.clone());
+                if !keep_dead(
+                    relay,
+                    stream,
+                    &slots[i],
+                    id.as_deref(),
+                    &reason.detail,
+                    stop,
+                )
+                .await
+                {
+                    return None;
+                }
+                tracing::error!(stream, id = ?id, reason = %reason.summary, "The database refused a relayed record for good; it is kept in RELAY_DEAD_LETTER_DIR.");
+                slots[i].done = true;
+            }
+            Outcome::Retry { error: e, .. } => error = e,
+            Outcome::Skipped => {}
         }
-        if !complete {
-            break;
-        }
-        start = end;
     }
     Some(error)
-}
-
-fn agent_of(slot: &Slot) -> String {
-    slot.record
-        .as_ref()
-        .map(|r| r.agent_id.clone())
-        .unwrap_or_default()
 }
 
 /// Writes the slot's message to the dead-letter folder, retrying until it is on disk (it is

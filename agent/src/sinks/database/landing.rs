@@ -53,6 +53,9 @@ pub(crate) struct LandingRow {
     pub staged_at: DateTime<Utc>,
     /// Apply mode: the statement that applies this record and its parameter values.
     pub apply: Option<ApplyRow>,
+    /// The agent that staged the record when it is not this process (the relay,
+    /// [`super::ORIGIN_AGENTS`]); `None`: the sink's own `agent_id`.
+    pub origin: Option<String>,
 }
 
 /// The statement that applies one record, with its bound values.
@@ -70,6 +73,11 @@ impl ApplyRow {
 }
 
 impl LandingRow {
+    /// The `agent_id` column: the record's origin, else `own` (the sink's).
+    pub fn agent_id<'a>(&'a self, own: &'a str) -> &'a str {
+        self.origin.as_deref().unwrap_or(own)
+    }
+
     /// The row's order key: its entity and key (the keyless rows of an entity share one), as
     /// [`crate::sinks::order_key`] gives it for the record.
     pub fn order_key(&self) -> (&str, Option<&str>) {
@@ -116,6 +124,7 @@ impl LandingRow {
             payload: envelope.payload.get().to_owned(),
             staged_at,
             apply,
+            origin: None,
         })
     }
 }
@@ -158,14 +167,15 @@ impl Rows {
         let mut slots = Vec::with_capacity(batch.len());
         let mut rows = Vec::with_capacity(batch.len());
         let mut stopped: HashSet<(&str, Option<&str>)> = HashSet::new();
-        for delivery in batch {
+        for (index, delivery) in batch.iter().enumerate() {
             let key = crate::sinks::order_key(delivery);
             if !stopped.is_empty() && stopped.contains(&key) {
                 slots.push(Some(Outcome::Skipped));
                 continue;
             }
             match LandingRow::from_delivery(delivery, apply, landing_key) {
-                Ok(row) => {
+                Ok(mut row) => {
+                    row.origin = super::origin_agent(index);
                     rows.push(row);
                     slots.push(None);
                 }
@@ -339,6 +349,28 @@ mod tests {
         assert_eq!(outcomes[2], Outcome::Delivered);
         assert_eq!(outcomes[3], Outcome::Skipped);
         assert_eq!(outcomes[4], Outcome::Delivered);
+    }
+
+    #[tokio::test]
+    async fn each_row_takes_the_agent_of_its_own_record_when_the_relay_says() {
+        let batch = [
+            test_delivery(1, "create", "patient", Some("k1"), "{}"),
+            test_delivery(2, "create", "patient", Some("k2"), "{}"),
+            test_delivery(3, "create", "patient", Some("k3"), "{}"),
+        ];
+        // Outside the relay: no origin, the sink's own agent id.
+        let own = Rows::new(&batch, None, None);
+        assert!(own.rows.iter().all(|r| r.agent_id("me") == "me"));
+        // The relay: one agent per record, in batch order, even when they alternate.
+        let agents: std::sync::Arc<[String]> = ["ws-1", "ws-2", "ws-1"]
+            .map(str::to_owned)
+            .into_iter()
+            .collect();
+        let relayed = super::super::ORIGIN_AGENTS
+            .scope(agents, async { Rows::new(&batch, None, None) })
+            .await;
+        let got: Vec<&str> = relayed.rows.iter().map(|r| r.agent_id("me")).collect();
+        assert_eq!(got, ["ws-1", "ws-2", "ws-1"]);
     }
 
     #[test]

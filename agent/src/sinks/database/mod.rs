@@ -85,19 +85,22 @@ pub struct DatabaseSinkConfig {
 }
 
 tokio::task_local! {
-    /// The agent that staged the records of the batch being delivered, when that is not this
-    /// process: `estafeta relay` writes the messages of many agents through one sink, each row
-    /// with the `agent_id` its message carries. A task-local rather than a field of `Delivery`
-    /// or a parameter of `Sink::deliver`, so the staging format and the other sinks stay as
-    /// they are. PostgreSQL and MariaDB read it (the relay refuses SQLite).
-    pub static ORIGIN_AGENT: String;
+    /// The agents that staged the records of the batch being delivered, one per record in
+    /// batch order, when that is not this process: `estafeta relay` writes the messages of many
+    /// agents through one sink, each row with the `agent_id` its message carries, and one batch
+    /// mixing agents goes in one COPY or insert (not one transaction per run of an agent). A
+    /// task-local rather than a field of `Delivery` or a parameter of `Sink::deliver`, so the
+    /// staging format and the other sinks stay as they are. PostgreSQL and MariaDB read it
+    /// (the relay refuses SQLite), through [`landing::LandingRow::agent_id`].
+    pub static ORIGIN_AGENTS: Arc<[String]>;
 }
 
-/// The `agent_id` of a landing row: [`ORIGIN_AGENT`] when the relay set it, else `own`.
-pub(crate) fn origin_agent_or(own: &str) -> String {
-    ORIGIN_AGENT
-        .try_with(Clone::clone)
-        .unwrap_or_else(|_| own.to_owned())
+/// The agent that staged the `index`-th record of the batch, when [`ORIGIN_AGENTS`] says.
+pub(crate) fn origin_agent(index: usize) -> Option<String> {
+    ORIGIN_AGENTS
+        .try_with(|agents| agents.get(index).cloned())
+        .ok()
+        .flatten()
 }
 
 /// Connections a PostgreSQL sink uses unless the TOML says otherwise.

@@ -454,7 +454,7 @@ impl MysqlSink {
         );
         vec![
             Value::from(row.idempotency_key.as_str()),
-            Value::from(super::origin_agent_or(&self.agent_id)),
+            Value::from(row.agent_id(&self.agent_id)),
             Value::from(row.seq),
             Value::from(row.action.as_str()),
             Value::from(row.entity.as_str()),
@@ -656,6 +656,7 @@ mod tests {
             payload: "x".repeat(payload_bytes),
             staged_at: Utc::now(),
             apply: None,
+            origin: None,
         }
     }
 

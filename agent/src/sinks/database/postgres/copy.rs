@@ -41,8 +41,8 @@ const COLUMN_TYPES: [Type; 8] = [
     Type::TIMESTAMPTZ, // staged_at
 ];
 
-/// Writes `rows` into an open COPY … FROM STDIN (FORMAT binary), in order, and ends it; the
-/// number of rows the server took. An error is the server's (a refused row fails the COPY as a
+/// Writes `rows` into an open COPY … FROM STDIN (FORMAT binary), in order, and ends it, each row
+/// with its origin agent or else `agent_id` (the sink's own); the number of rows the server took. An error is the server's (a refused row fails the COPY as a
 /// whole) or the connection's.
 pub(super) async fn write_rows(
     sink: CopyInSink<Bytes>,
@@ -56,7 +56,7 @@ pub(super) async fn write_rows(
             .as_mut()
             .write(&[
                 &row.idempotency_key,
-                &agent_id,
+                &row.agent_id(agent_id),
                 &row.seq,
                 &row.action,
                 &row.entity,

@@ -20,7 +20,6 @@ use super::{Connection, INSERT_RETURNING_SQL, PostgresSink, errors};
 use crate::db::apply::Bound;
 use crate::sinks::Outcome;
 use crate::sinks::database::landing::{ApplyRow, Failure, LandingRow, Stopped};
-use crate::sinks::database::origin_agent_or;
 
 /// Apply statements prepared on the current connection, by file, for one batch.
 type Prepared = HashMap<PathBuf, Statement>;
@@ -48,7 +47,7 @@ impl PostgresSink {
                 .as_ref()
                 .expect("prepared at connect without a pooler");
             let sink = conn.client.copy_in(copy).await?;
-            write_rows(sink, &origin_agent_or(&self.agent_id), rows).await
+            write_rows(sink, &self.agent_id, rows).await
         }
         .await;
         let err = match copied {
@@ -149,9 +148,7 @@ impl PostgresSink {
         }
         tx.batch_execute(INCOMING_TABLE_SQL).await.map_err(fail)?;
         let sink = tx.copy_in(COPY_INCOMING_SQL).await.map_err(fail)?;
-        write_rows(sink, &origin_agent_or(&self.agent_id), rows)
-            .await
-            .map_err(fail)?;
+        write_rows(sink, &self.agent_id, rows).await.map_err(fail)?;
         if returning {
             let added = tx
                 .query(INSERT_FROM_INCOMING_RETURNING_SQL, &[])
@@ -342,9 +339,9 @@ impl PostgresSink {
         let record_keys: Vec<Option<&str>> = rows.iter().map(|r| r.record_key.as_deref()).collect();
         let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
         let staged: Vec<chrono::DateTime<chrono::Utc>> = rows.iter().map(|r| r.staged_at).collect();
-        let agent_id = origin_agent_or(&self.agent_id);
+        let agents: Vec<&str> = rows.iter().map(|r| r.agent_id(&self.agent_id)).collect();
         let params: [&(dyn ToSql + Sync); 8] = [
-            &agent_id,
+            &agents,
             &keys,
             &seqs,
             &actions,
