@@ -222,7 +222,8 @@ async fn wait_rows(agent_id: &str, min: usize, relay: &Agent) {
 /// reports every record lost.
 async fn maria_rows(agent_id: &str) -> Vec<(i64, String, String, i64)> {
     let mut conn = mysql().await;
-    let read: Result<Vec<(u64, String, Option<String>, i64)>, _> = conn
+    type Row = (u64, String, Option<String>, i64);
+    let read: Result<Vec<Row>, _> = conn
         .exec(
             "SELECT id, idempotency_key, record_key, CAST(JSON_VALUE(payload, '$.n') AS SIGNED)
                FROM estafeta_records WHERE agent_id = ? ORDER BY id",

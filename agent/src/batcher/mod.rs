@@ -182,6 +182,12 @@ async fn flush_cycle(
         ..FlushReport::default()
     };
     let mut remaining = limit;
+    let batch_size = if sink.applies_in_one_transaction() {
+        config.database_batch_size
+    } else {
+        config.batch_size
+    }
+    .max(1);
     // A three-stage pipeline, so that the store's work overlaps the sink's round trip: while
     // one batch travels to the sink, the batch before it is settled (acked) and the batch after
     // it is leased. Per-key order holds: a record stays in flight until it is settled, and a
@@ -223,7 +229,7 @@ async fn flush_cycle(
                         let settled = settle(store, &name, config, batch, outcomes, rng).await?;
                         count(&mut report, &settled, stop);
                     }
-                    lease(store, &name, config.batch_size.max(1).min(remaining)).await?
+                    lease(store, &name, batch_size.min(remaining)).await?
                 }
             };
             if batch.is_empty() {
@@ -266,7 +272,7 @@ async fn flush_cycle(
                     None => Ok(None),
                 }
             };
-            let next_want = config.batch_size.max(1).min(remaining);
+            let next_want = batch_size.min(remaining);
             let in_flight = seqs.clone();
             let prefetch = async {
                 if next_want == 0 {

@@ -160,6 +160,11 @@ impl Loader {
             parse_u64(v, "a whole number above 0")
                 .and_then(|n| positive_usize(n, "a whole number above 0"))
         });
+        let database_batch_size =
+            self.parse("DATABASE_BATCH_SIZE", DEFAULT_DATABASE_BATCH_SIZE, |v| {
+                parse_u64(v, "a whole number above 0")
+                    .and_then(|n| positive_usize(n, "a whole number above 0"))
+            });
         let dry_run = self.parse("DRY_RUN", DEFAULT_DRY_RUN, parse_bool);
         let retry_base = self.parse(
             "RETRY_BASE_SECS",
@@ -256,6 +261,7 @@ impl Loader {
             flush_on_write,
             max_records,
             batch_size,
+            database_batch_size,
             dry_run,
             retry_base,
             retry_max,

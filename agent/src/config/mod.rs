@@ -108,8 +108,10 @@ pub struct Config {
     pub flush_on_write: bool,
     /// `MAX_RECORDS`: records per flush cycle and sink.
     pub max_records: usize,
-    /// `BATCH_SIZE`: records per batch handed to a sink.
+    /// `BATCH_SIZE`: records per batch handed to an HTTP or NATS sink.
     pub batch_size: usize,
+    /// `DATABASE_BATCH_SIZE`: records per batch handed to a database sink (one transaction).
+    pub database_batch_size: usize,
     /// `DRY_RUN`: build and log every request, deliver nothing, keep everything pending.
     pub dry_run: bool,
     /// `RETRY_BASE_SECS` / `RETRY_MAX_SECS`: exponential backoff bounds.
@@ -170,6 +172,7 @@ impl fmt::Debug for Config {
             .field("flush_on_write", &self.flush_on_write)
             .field("max_records", &self.max_records)
             .field("batch_size", &self.batch_size)
+            .field("database_batch_size", &self.database_batch_size)
             .field("dry_run", &self.dry_run)
             .field("retry_base", &self.retry_base)
             .field("retry_max", &self.retry_max)
@@ -345,6 +348,7 @@ impl Config {
             flush_on_write: DEFAULT_FLUSH_ON_WRITE,
             max_records: 1000,
             batch_size: 100,
+            database_batch_size: 100,
             dry_run: false,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),

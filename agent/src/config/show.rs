@@ -95,6 +95,7 @@ impl Config {
         push("FLUSH_ON_WRITE", self.flush_on_write.to_string());
         push("MAX_RECORDS", self.max_records.to_string());
         push("BATCH_SIZE", self.batch_size.to_string());
+        push("DATABASE_BATCH_SIZE", self.database_batch_size.to_string());
         push("DRY_RUN", self.dry_run.to_string());
         push("RETRY_BASE_SECS", secs(self.retry_base));
         push("RETRY_MAX_SECS", secs(self.retry_max));

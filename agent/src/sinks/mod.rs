@@ -129,6 +129,11 @@ pub trait Sink: Send + Sync {
     /// How the sink's connection is protected: TLS or not, verified or not (the last
     /// connection's, or what the settings ask for before the first one).
     fn transport(&self) -> crate::tls::Transport;
+    /// Whether the sink applies a batch in one database transaction: it then takes
+    /// `DATABASE_BATCH_SIZE` records at once rather than `BATCH_SIZE`.
+    fn applies_in_one_transaction(&self) -> bool {
+        false
+    }
     /// Sends a heartbeat ([`crate::heartbeat`]); `None` when this sink does not take them
     /// (the default).
     fn heartbeat<'a>(

@@ -574,6 +574,10 @@ fn multi_row_insert(rows: usize) -> String {
 }
 
 impl Sink for MysqlSink {
+    fn applies_in_one_transaction(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

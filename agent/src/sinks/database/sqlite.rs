@@ -288,6 +288,10 @@ fn failure(err: rusqlite::Error) -> Failure {
 }
 
 impl Sink for SqliteSink {
+    fn applies_in_one_transaction(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

@@ -386,6 +386,10 @@ impl PostgresSink {
 }
 
 impl Sink for PostgresSink {
+    fn applies_in_one_transaction(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &str {
         &self.name
     }
