@@ -209,7 +209,15 @@ impl DataKeySlots {
         file.read_to_end(&mut bytes)?;
         let len = bytes.len() - bytes.len() % SLOT_LEN;
         let slots = parse(&bytes[..len]);
-        f(&mut file, &slots, len)
+        let done = f(&mut file, &slots, len)?;
+        if bytes.is_empty() {
+            // Made just now (or empty): its name must be on disk too, or a power cut takes
+            // the file, and with it the keys of segments whose lines survived.
+            if let Some(dir) = self.path.parent() {
+                crate::layout::sync_dir(dir)?;
+            }
+        }
+        Ok(done)
         // The lock goes with the file.
     }
 }

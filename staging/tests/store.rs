@@ -263,10 +263,11 @@ fn a_dead_letter_a_crash_left_behind_its_requeue_is_removed_at_open() {
     std::fs::write(&stale, &letter).unwrap();
     assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a]);
     store.ack("db", &[a]).unwrap();
+    assert!(stale.exists(), "the stale letter is back in place");
     assert_eq!(
         store.dead_letters(None).unwrap().len(),
-        2,
-        "the stale letter is listed"
+        1,
+        "a letter whose death the index does not hold is not listed"
     );
     drop(store);
 

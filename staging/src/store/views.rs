@@ -14,9 +14,28 @@ use crate::*;
 use super::{Staging, lock, now_ms};
 
 impl Staging {
-    /// Dead letters, oldest first.
+    /// Dead letters, oldest first: those whose death the index holds. A letter is written
+    /// (durably) before the transaction that records its death; listed in between, a power cut
+    /// could take it back (the next open removes it as stale, and its record is sent again),
+    /// so a letter not yet committed is not shown.
     pub fn dead_letters(&self, limit: Option<usize>) -> Result<Vec<DeadLetter>, StoreError> {
-        crate::dead::list(self.failed_dir(), limit, self.shared().keys())
+        let mut letters = crate::dead::list(self.failed_dir(), None, self.shared().keys())?;
+        {
+            let db = self.db();
+            let mut dead = db.prepare_cached(
+                "SELECT 1 FROM deliveries WHERE sink = ?1 AND seq = ?2 AND state = 'dead'",
+            )?;
+            let mut committed = Vec::with_capacity(letters.len());
+            for letter in &letters {
+                committed.push(dead.exists(params![letter.sink, letter.seq as i64])?);
+            }
+            let mut flags = committed.into_iter();
+            letters.retain(|_| flags.next().unwrap_or(false));
+        }
+        if let Some(limit) = limit {
+            letters.truncate(limit);
+        }
+        Ok(letters)
     }
 
     /// Records, oldest first.
