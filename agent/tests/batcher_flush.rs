@@ -7,7 +7,7 @@
 //! `MAX_SLEEP` wake-up) instead of by sleeping.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -56,14 +56,16 @@ type Batch = Vec<(Option<String>, u64)>;
 /// A sink whose answer for each record is the payload's `fate`: `ok`, `retry`, `retry-later`
 /// (with a one-hour `Retry-After`) or `dead`, keeping the sink contract on runs: after a record
 /// of a key that is not delivered, the rest of that key in the batch is `Skipped`, not
-/// attempted. With `whole_batch_fails`, it answers `Retry` for every record instead, as a
-/// database sink does when its transaction fails. Remembers every batch it was handed and
+/// attempted. With `whole_batch_fails` (or while `down` is set), it answers `Retry` for every
+/// record instead, as a database sink does when its transaction fails. Remembers every batch it was handed and
 /// every record it attempted.
 #[derive(Default)]
 struct ScriptSink {
     batches: Mutex<Vec<Batch>>,
     attempted: Mutex<Vec<u64>>,
     whole_batch_fails: bool,
+    /// Switchable `whole_batch_fails`: an outage that ends.
+    down: AtomicBool,
     calls: AtomicUsize,
     /// Delivery takes this long (to test shutdown).
     delay: Option<Duration>,
@@ -120,7 +122,7 @@ impl Sink for ScriptSink {
                     .map(|d| (d.envelope.key.clone(), d.envelope.seq))
                     .collect(),
             );
-            if self.whole_batch_fails {
+            if self.whole_batch_fails || self.down.load(Ordering::SeqCst) {
                 return vec![
                     Outcome::Retry {
                         error: "PostgreSQL 08006 connection failure".into(),
@@ -456,6 +458,110 @@ async fn a_sink_that_is_down_is_not_hammered() {
     assert_eq!((report.delivered, report.retried), (0, 2));
     assert_eq!(sink.calls.load(Ordering::SeqCst), 1);
     assert_eq!(store.status().expect("status").records_pending, 6);
+}
+
+/// After an outage the records that waited in backoff go with the first batch the sink answers,
+/// not each at its own retry time: keys that failed all through a long outage (retry times
+/// 30-60 s away) drain in the cycle that finds the sink back. And the wake comes once per
+/// outage: a record the sink keeps failing while it takes the others keeps its backoff, not
+/// tried again at every write. Fails without the wake in `flush_cycle` (keys a and b wait out
+/// their backoff) and with a wake after every answered batch (c is tried at each write).
+#[tokio::test]
+async fn the_first_answer_after_an_outage_wakes_the_backlog_once() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open_store(&dir);
+    let mut config = test_config(dir.path());
+    config.retry_base = Duration::from_millis(100);
+    config.retry_max = Duration::from_secs(60);
+    let config = Arc::new(config);
+    let sink = Arc::new(ScriptSink::default());
+    sink.down.store(true, Ordering::SeqCst);
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+
+    // Early in a long outage: keys a and b, and c, which the sink will refuse for a while
+    // (a transient answer) even once it is back. Eleven failed attempts each: 30-60 s of backoff.
+    let early = stage(
+        &store,
+        &[
+            ("create", "a", "ok"),
+            ("update", "a", "ok"),
+            ("create", "b", "ok"),
+            ("create", "c", "retry"),
+        ],
+    );
+    for attempt in 1..=11 {
+        flush_once(&store, &dyn_sink, &config, usize::MAX)
+            .await
+            .expect("flush");
+        if attempt < 11 {
+            store.retry_now(SINK).expect("retry now");
+        }
+    }
+    // Late in the outage: key d, tried once (retry in 50-100 ms).
+    let late = stage(&store, &[("create", "d", "ok")]);
+    flush_once(&store, &dyn_sink, &config, usize::MAX)
+        .await
+        .expect("flush");
+    let records = records_by_seq(&store);
+    assert_eq!(sink_state(&records[&early[3]]).attempts, 11);
+    assert_eq!(sink_state(&records[&late[0]]).attempts, 1);
+
+    // The sink is back; the daemon's task finds it when d's retry time comes.
+    sink.down.store(false, Ordering::SeqCst);
+    let (writes, rx) = tokio::sync::watch::channel(0u64);
+    let metrics = Arc::new(estafeta::ingest::Metrics::default());
+    let batcher = Batcher::new(store.clone(), config.clone(), metrics, Some(rx)).expect("batcher");
+    let tracker = TaskTracker::new();
+    let cancel = CancellationToken::new();
+    batcher.spawn(&[dyn_sink], &tracker, &cancel, Duration::from_secs(1));
+    let delivered = |store: &Staging, seqs: &[u64]| {
+        let records = records_by_seq(store);
+        seqs.iter()
+            .all(|seq| sink_state(&records[seq]).state == State::Delivered)
+    };
+    let all_but_c = [early[0], early[1], early[2], late[0]];
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        while !delivered(&store, &all_but_c) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        drained.is_ok(),
+        "keys a and b still wait out their backoff after the sink answered for d: {:?}",
+        sink.batches()
+    );
+    assert_eq!(
+        sink_state(&records_by_seq(&store)[&early[3]]).attempts,
+        12,
+        "c is tried once with the woken backlog"
+    );
+
+    // The sink takes new records while c keeps failing: c waits for its own retry time.
+    for i in 0..5 {
+        let key = format!("e{i}");
+        let seqs = stage(&store, &[("create", key.as_str(), "ok")]);
+        writes.send_modify(|n| *n += 1);
+        let taken = tokio::time::timeout(Duration::from_secs(10), async {
+            while !delivered(&store, &seqs) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(
+            taken.is_ok(),
+            "record {key} not delivered after its write (c tried again alone made the sink look down)"
+        );
+    }
+    assert_eq!(
+        sink_state(&records_by_seq(&store)[&early[3]]).attempts,
+        12,
+        "c was tried again without waiting for its retry time: woken by an answered batch"
+    );
+    cancel.cancel();
+    tracker.close();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    assert!(stopped.is_ok(), "the batcher stops on cancel");
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 //! sink: it leases batches from the store, hands them to the sink and turns each outcome into an
 //! ack, a retry with exponential backoff and jitter, or a dead letter. [`Batcher`] runs one task
 //! per sink that starts a cycle on each `CRONTAB` tick (missed ticks collapse into one), after
-//! writes when `FLUSH_ON_WRITE` is on, and when the store's earliest retry comes due. A sink's
+//! writes when `FLUSH_ON_WRITE` is on, and when the store's earliest retry comes due; the first
+//! batch a sink answers after it was seen down makes every record waiting in backoff due. A sink's
 //! cycles never overlap because its task is one sequential loop. On shutdown the delivery in
 //! flight may finish within the grace period and is then settled; otherwise its lease is
 //! released and the records stay pending. Per-key order is shared: the store leases runs of a
@@ -126,7 +127,7 @@ pub async fn flush_once(
     limit: usize,
 ) -> anyhow::Result<FlushReport> {
     let mut rng = XorShift::from_clock();
-    let (report, _) = flush_cycle(store, sink, config, limit, None, true, &mut rng).await?;
+    let (report, _) = flush_cycle(store, sink, config, limit, None, true, false, &mut rng).await?;
     Ok(report)
 }
 
@@ -167,6 +168,11 @@ pub async fn preview(
     Ok(shown)
 }
 
+/// Runs batches of `sink` until nothing is deliverable, `limit` records or shutdown. With
+/// `wake_backlog` (the daemon's task, when the sink was last seen down), the first batch the
+/// sink answers makes every record waiting in backoff due at once, so the backlog drains in
+/// this cycle instead of key by key as each retry time comes.
+#[allow(clippy::too_many_arguments)]
 async fn flush_cycle(
     store: &Staging,
     sink: &Arc<dyn Sink>,
@@ -174,8 +180,10 @@ async fn flush_cycle(
     limit: usize,
     stop: Option<&Stop<'_>>,
     cleanup: bool,
+    wake_backlog: bool,
     rng: &mut XorShift,
 ) -> anyhow::Result<(FlushReport, CycleEnd)> {
+    let mut wake_backlog = wake_backlog;
     let name = sink.name().to_owned();
     let mut report = FlushReport {
         sink: name.clone(),
@@ -305,6 +313,20 @@ async fn flush_cycle(
             let answered = outcomes
                 .iter()
                 .any(|o| matches!(o, Outcome::Delivered | Outcome::Dead { .. }));
+            if answered && wake_backlog {
+                // The sink is back. The records that waited out the outage in backoff each
+                // have their own retry time (jittered, up to RETRY_MAX_SECS); left to them,
+                // a backlog over many keys would drain key by key as the times come. The batch
+                // just answered is still in flight, so a failure of its own keeps its backoff.
+                wake_backlog = false;
+                let woken = {
+                    let name = name.clone();
+                    blocking(store, move |store| store.retry_now(&name)).await?
+                };
+                if woken > 0 {
+                    info!(sink = %name, records = woken, "The sink answered again; delivering the records that waited in backoff.");
+                }
+            }
             if retried && !answered {
                 let (batch, outcomes) = unsettled.take().expect("just set");
                 let settled = settle(store, &name, config, batch, outcomes, rng).await?;
@@ -524,6 +546,10 @@ impl SinkTask {
         // the tick and the retry times still do.
         let mut quiet_writes = false;
         let mut last_cleanup: Option<tokio::time::Instant> = None;
+        // Whether the sink was last seen down: then the first batch it answers wakes every
+        // record waiting in backoff (see flush_cycle). True at start: records an earlier run
+        // left in backoff need not wait out times set before the restart.
+        let mut sink_down = true;
         info!(sink = %name, next_tick = ?next_tick, "Batcher started.");
         loop {
             if self.cancel.is_cancelled() {
@@ -583,9 +609,11 @@ impl SinkTask {
                     Ok(Probe::StillDown) => {
                         due = false;
                         quiet_writes = true;
+                        sink_down = true;
                         continue;
                     }
-                    Ok(Probe::Back | Probe::NothingWaiting) => {}
+                    Ok(Probe::Back) => sink_down = false,
+                    Ok(Probe::NothingWaiting) => {}
                     Err(err) => {
                         warn!(sink = %name, error = format!("{err:#}"), "Could not probe the sink; running the cycle as usual.")
                     }
@@ -612,6 +640,7 @@ impl SinkTask {
                 self.config.max_records,
                 Some(&stop),
                 cleanup,
+                sink_down,
                 &mut rng,
             )
             .await;
@@ -619,6 +648,11 @@ impl SinkTask {
                 Ok((report, end)) => {
                     self.metrics.add_flush(&report);
                     quiet_writes = matches!(end, CycleEnd::SinkDown | CycleEnd::DryRun);
+                    if end == CycleEnd::SinkDown {
+                        sink_down = true;
+                    } else if report.delivered + report.dead > 0 {
+                        sink_down = false;
+                    }
                     if end == CycleEnd::Cancelled {
                         break;
                     }
