@@ -3,7 +3,8 @@
 //! there; but cleanup deletes delivered segments, and with them the marks. So before cleanup
 //! deletes anything, and after a reset, the index's checkpoints are written to
 //! `_state/sources.json` (atomically, durably), and an opening store takes from that file any
-//! checkpoint newer (by seq) than what the segments gave it.
+//! checkpoint newer (by seq) than what the segments gave it. The text is copied as the index
+//! holds it: sealed when the store seals.
 
 use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};

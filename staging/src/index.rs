@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS client_keys (
     created_at  INTEGER NOT NULL,          -- unix seconds of the records' staged_at
     records     INTEGER                    -- records the request staged (see client_keys.rs)
 );
--- Sources' checkpoints and last runs. `checkpoint` (JSON text, NULL before the first row) is
+-- Sources' checkpoints and last runs. `checkpoint` (JSON text, NULL before the first row;
+-- sealed text when the store seals, since it may be a record key) is
 -- advanced with the records that carry it (`insert_record`); `checkpoint_seq` is the seq of
 -- the record that set it, so re-reading older records after a crash never moves it back.
 CREATE TABLE IF NOT EXISTS sources (
@@ -214,14 +215,21 @@ pub fn insert_record(
                                              checkpoint_seq = excluded.checkpoint_seq
               WHERE excluded.checkpoint_seq > sources.checkpoint_seq",
         )?
-        .execute(params![mark.name, mark.checkpoint, env.seq as i64])?;
+        // A checkpoint may be a record key (a checkpoint column that is the patient's number):
+        // sealed in the index when the store seals.
+        .execute(params![
+            mark.name,
+            crate::crypt::seal_opt(keys, &mark.checkpoint),
+            env.seq as i64
+        ])?;
     }
     Ok(true)
 }
 
 /// The first open with keys of an index written without them: every record key, order key and
 /// client key still in clear becomes its keyed hash, so that records staged before and after
-/// encryption was turned on keep one order per key, and the index holds no key in clear. From
+/// encryption was turned on keep one order per key, and sources' checkpoints are sealed: the
+/// index holds no key in clear. From
 /// then on the folder needs the key (it is listed in `_state/sealed-with` first).
 pub fn hash_keys(
     conn: &Connection,
@@ -259,9 +267,25 @@ pub fn hash_keys(
             params![keys.hash(&key), keys.hash(&fingerprint), key],
         )?;
     }
+    // Sources' checkpoints may hold record keys too (see insert_record).
+    let checkpoints: Vec<(String, String)> = tx
+        .prepare("SELECT name, checkpoint FROM sources WHERE checkpoint IS NOT NULL")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let had_checkpoints = !checkpoints.is_empty();
+    for (name, checkpoint) in checkpoints {
+        tx.execute(
+            "UPDATE sources SET checkpoint = ?1 WHERE name = ?2",
+            params![keys.seal_text(&checkpoint), name],
+        )?;
+    }
     meta_set(&tx, "index_keys", "hashed")?;
     tx.commit()?;
-    if had_keys {
+    if had_checkpoints {
+        // Their copy outside the index, written before by cleanup or a reset.
+        crate::checkpoints::save(conn, state_dir)?;
+    }
+    if had_keys || had_checkpoints {
         // The clear keys may survive in pages SQLite moved rather than freed (b-tree splits):
         // rewrite the file, then empty the WAL of the frames that held them.
         conn.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?;

@@ -554,3 +554,71 @@ fn refused_source_rows_and_source_notes_are_sealed_and_read_back_with_the_key() 
     let note = store.source_note("lab").unwrap().unwrap();
     assert!(String::from_utf8_lossy(&note).contains(CANARY_KEY));
 }
+
+/// A source's checkpoint can be a record key (a checkpoint column holding the patient's number):
+/// with a key, neither the index (nor its WAL) nor `_state/sources.json` holds it in clear, after
+/// staging, delivery and cleanup, or a reset; the store gives it back as it was, also after a
+/// reopen, and an index written in clear has its checkpoints sealed when encryption is turned
+/// on. Fails with the checkpoint written as it is.
+#[test]
+fn source_checkpoints_are_sealed_and_read_back_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let keys = std::sync::Arc::new(Keyring::generate());
+    let checkpoint = format!("[\"{CANARY_KEY}\"]");
+    let mark = |checkpoint: &str| SourceMark {
+        name: "lab".to_owned(),
+        checkpoint: checkpoint.to_owned(),
+    };
+    let record = || NewRecord::new("create", "exam", Some("k1".to_owned()), r#"{"a":1}"#).unwrap();
+
+    // Staged in clear first, then encryption turned on: the clear checkpoint gets sealed.
+    {
+        let store = Staging::open(Options::new(root).with_sinks(["db"]))
+            .unwrap()
+            .0;
+        store
+            .stage_from_source(vec![record()], mark(&checkpoint))
+            .unwrap();
+        deliver_all(&store);
+        store.cleanup().unwrap();
+        assert!(
+            !files_containing(root, CANARY_KEY.as_bytes()).is_empty(),
+            "the clear store keeps the checkpoint as it is (else this test proves nothing)"
+        );
+    }
+    let store = Staging::open(sealed_options(root, &keys)).unwrap().0;
+    assert_eq!(
+        store.source_checkpoint("lab").unwrap().as_deref(),
+        Some(checkpoint.as_str())
+    );
+    // The clear segment stays until its records are delivered and it is cleaned up (below);
+    // the index and `_state` hold the checkpoint sealed from this open on.
+    assert_no_canary_in_index(root);
+
+    let later = format!("[\"{CANARY_KEY}-2\"]");
+    store
+        .stage_from_source(vec![record()], mark(&later))
+        .unwrap();
+    assert_eq!(
+        store.source_checkpoint("lab").unwrap().as_deref(),
+        Some(later.as_str())
+    );
+    assert_eq!(
+        store.sources().unwrap()[0].checkpoint.as_deref(),
+        Some(later.as_str())
+    );
+    deliver_all(&store);
+    store.cleanup().unwrap();
+    assert!(root.join("_state/sources.json").exists());
+    assert_no_canary(root, "a checkpoint staged, delivered and cleaned up");
+
+    store.reset_source("lab", Some(&checkpoint)).unwrap();
+    assert_no_canary(root, "a source reset to a checkpoint");
+    drop(store);
+    let store = Staging::open(sealed_options(root, &keys)).unwrap().0;
+    assert_eq!(
+        store.source_checkpoint("lab").unwrap().as_deref(),
+        Some(checkpoint.as_str())
+    );
+}

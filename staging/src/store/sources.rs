@@ -21,7 +21,9 @@ impl Staging {
             .query_map([], |r| {
                 Ok(SourceState {
                     name: r.get(0)?,
-                    checkpoint: r.get(1)?,
+                    checkpoint: r
+                        .get::<_, Option<String>>(1)?
+                        .map(|c| crate::crypt::Keyring::reveal(self.shared().keys(), c)),
                     last_run_at: r.get(2)?,
                     last_rows: r.get::<_, Option<i64>>(3)?.map(|n| n as u64),
                     last_error: r
@@ -43,7 +45,9 @@ impl Staging {
                 |r| r.get::<_, Option<String>>(0),
             )
             .optional()?;
-        Ok(checkpoint.flatten())
+        Ok(checkpoint
+            .flatten()
+            .map(|c| crate::crypt::Keyring::reveal(self.shared().keys(), c)))
     }
 
     /// Rewinds a source on purpose: to `to` (JSON text), or to the start (`None`), so that
@@ -60,7 +64,11 @@ impl Staging {
             "INSERT INTO sources (name, checkpoint, checkpoint_seq) VALUES (?1, ?2, ?3)
              ON CONFLICT(name) DO UPDATE SET checkpoint = excluded.checkpoint,
                  checkpoint_seq = MAX(sources.checkpoint_seq, excluded.checkpoint_seq)",
-            params![name, to, newest],
+            params![
+                name,
+                to.map(|to| crate::crypt::seal_opt(self.shared().keys(), to)),
+                newest
+            ],
         )?;
         tx.commit()?;
         // Kept outside the index too, so that rebuilding the index does not undo it.
