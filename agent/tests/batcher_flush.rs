@@ -520,14 +520,8 @@ async fn the_first_answer_after_an_outage_wakes_the_backlog_once() {
             .all(|seq| sink_state(&records[seq]).state == State::Delivered)
     };
     let all_but_c = [early[0], early[1], early[2], late[0]];
-    let drained = tokio::time::timeout(Duration::from_secs(10), async {
-        while !delivered(&store, &all_but_c) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
     assert!(
-        drained.is_ok(),
+        within(Duration::from_secs(10), || delivered(&store, &all_but_c)).await,
         "keys a and b still wait out their backoff after the sink answered for d: {:?}",
         sink.batches()
     );
@@ -542,14 +536,8 @@ async fn the_first_answer_after_an_outage_wakes_the_backlog_once() {
         let key = format!("e{i}");
         let seqs = stage(&store, &[("create", key.as_str(), "ok")]);
         writes.send_modify(|n| *n += 1);
-        let taken = tokio::time::timeout(Duration::from_secs(10), async {
-            while !delivered(&store, &seqs) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
         assert!(
-            taken.is_ok(),
+            within(Duration::from_secs(10), || delivered(&store, &seqs)).await,
             "record {key} not delivered after its write (c tried again alone made the sink look down)"
         );
     }
@@ -629,14 +617,22 @@ async fn dry_run_delivers_nothing_and_keeps_everything_pending() {
 
 /// Waits (in paused time, polling every millisecond) until nothing is pending; `false` after
 /// `limit`.
-async fn drained_within(store: &Staging, limit: Duration) -> bool {
+/// Whether `done` holds within `limit`, asked every millisecond.
+async fn within(limit: Duration, done: impl Fn() -> bool) -> bool {
     tokio::time::timeout(limit, async {
-        while store.status().expect("status").records_pending > 0 {
+        while !done() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     })
     .await
     .is_ok()
+}
+
+async fn drained_within(store: &Staging, limit: Duration) -> bool {
+    within(limit, || {
+        store.status().expect("status").records_pending == 0
+    })
+    .await
 }
 
 #[tokio::test(start_paused = true)]

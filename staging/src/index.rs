@@ -226,6 +226,16 @@ pub fn insert_record(
     Ok(true)
 }
 
+/// Every row of `sql`, a query of two columns, as pairs.
+fn pairs<A: rusqlite::types::FromSql, B: rusqlite::types::FromSql>(
+    conn: &Connection,
+    sql: &str,
+) -> rusqlite::Result<Vec<(A, B)>> {
+    conn.prepare(sql)?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
+}
+
 /// The first open with keys of an index written without them: every record key, order key and
 /// client key still in clear becomes its keyed hash, so that records staged before and after
 /// encryption was turned on keep one order per key, and sources' checkpoints are sealed: the
@@ -241,10 +251,8 @@ pub fn hash_keys(
     }
     crate::sealed_folder::note_current(state_dir, keys)?;
     let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
-    let rows: Vec<(i64, String)> = tx
-        .prepare("SELECT seq, key FROM records WHERE key IS NOT NULL")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
+    let rows: Vec<(i64, String)> =
+        pairs(&tx, "SELECT seq, key FROM records WHERE key IS NOT NULL")?;
     let had_keys = !rows.is_empty();
     for (seq, key) in rows {
         let hashed = keys.hash(&key);
@@ -257,10 +265,7 @@ pub fn hash_keys(
             params![order_key(Some(&hashed)), seq],
         )?;
     }
-    let clients: Vec<(String, String)> = tx
-        .prepare("SELECT key, fingerprint FROM client_keys")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
+    let clients: Vec<(String, String)> = pairs(&tx, "SELECT key, fingerprint FROM client_keys")?;
     for (key, fingerprint) in clients {
         tx.execute(
             "UPDATE client_keys SET key = ?1, fingerprint = ?2 WHERE key = ?3",
@@ -268,10 +273,10 @@ pub fn hash_keys(
         )?;
     }
     // Sources' checkpoints may hold record keys too (see insert_record).
-    let checkpoints: Vec<(String, String)> = tx
-        .prepare("SELECT name, checkpoint FROM sources WHERE checkpoint IS NOT NULL")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<Result<_, _>>()?;
+    let checkpoints: Vec<(String, String)> = pairs(
+        &tx,
+        "SELECT name, checkpoint FROM sources WHERE checkpoint IS NOT NULL",
+    )?;
     let had_checkpoints = !checkpoints.is_empty();
     for (name, checkpoint) in checkpoints {
         tx.execute(
