@@ -237,6 +237,41 @@ fn a_dead_letter_requeued_leased_is_held_by_its_sender_and_keeps_key_order() {
     assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![a2]);
 }
 
+/// Older versions kept an index of deliveries by order key, which cost a b-tree page per
+/// record staged and acked; opening their store drops it, and the store still holds keys back.
+#[test]
+fn the_order_key_index_of_older_versions_is_dropped_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("_state").join("index.sqlite3");
+    let list = |conn: &rusqlite::Connection| -> Vec<String> {
+        conn.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'deliveries'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    };
+    {
+        let store = open(dir.path());
+        store.stage(rec("create", "patient", Some("a"), "{}")).unwrap();
+        store.stage(rec("update", "patient", Some("a"), "{}")).unwrap();
+    }
+    let conn = rusqlite::Connection::open(&index).unwrap();
+    conn.execute_batch(
+        "CREATE INDEX deliveries_by_key ON deliveries(sink, entity, okey, seq)",
+    )
+    .unwrap();
+    drop(conn);
+    let store = open(dir.path());
+    let conn = rusqlite::Connection::open(&index).unwrap();
+    assert!(
+        !list(&conn).contains(&"deliveries_by_key".to_string()),
+        "still there: {:?}",
+        list(&conn)
+    );
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![1, 2]);
+}
+
 /// A crash between a requeue's commit and the removal of its letter (or between a letter and
 /// the commit of its death) leaves a letter whose record is pending again. Reopening removes
 /// it, so the record is not listed as refused after it was delivered, and a letter still dead

@@ -18,7 +18,7 @@
 //! (`json_each`), not as one statement per record.
 
 use chrono::{DateTime, TimeZone, Utc};
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use std::path::PathBuf;
 
 use crate::layout;
@@ -396,13 +396,19 @@ impl Staging {
         {
             let mut db = self.db();
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let earlier: Option<i64> = tx.query_row(
-                "SELECT MIN(e.seq) FROM deliveries d JOIN deliveries e
-                    ON e.sink = d.sink AND e.entity = d.entity AND e.okey = d.okey AND e.seq < d.seq
-                 WHERE d.sink = ?1 AND d.seq = ?2",
-                params![sink, seq as i64],
-                |r| r.get(0),
-            )?;
+            // The earliest record of its key still owed to the sink, if any: a walk of the
+            // sink's earlier deliveries in sequence order (there is no index by key), which
+            // stops at the first of the key.
+            let earlier: Option<i64> = tx
+                .query_row(
+                    "SELECT e.seq FROM deliveries d JOIN deliveries e
+                        ON e.sink = d.sink AND e.seq < d.seq AND e.entity = d.entity AND e.okey = d.okey
+                     WHERE d.sink = ?1 AND d.seq = ?2
+                     ORDER BY e.seq LIMIT 1",
+                    params![sink, seq as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
             if let Some(earlier) = earlier {
                 return Err(StoreError::NotHead {
                     seq,
