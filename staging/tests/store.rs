@@ -244,23 +244,27 @@ fn the_order_key_index_of_older_versions_is_dropped_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("_state").join("index.sqlite3");
     let list = |conn: &rusqlite::Connection| -> Vec<String> {
-        conn.prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'deliveries'")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap()
+        conn.prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'deliveries'",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
     };
     {
         let store = open(dir.path());
-        store.stage(rec("create", "patient", Some("a"), "{}")).unwrap();
-        store.stage(rec("update", "patient", Some("a"), "{}")).unwrap();
+        store
+            .stage(rec("create", "patient", Some("a"), "{}"))
+            .unwrap();
+        store
+            .stage(rec("update", "patient", Some("a"), "{}"))
+            .unwrap();
     }
     let conn = rusqlite::Connection::open(&index).unwrap();
-    conn.execute_batch(
-        "CREATE INDEX deliveries_by_key ON deliveries(sink, entity, okey, seq)",
-    )
-    .unwrap();
+    conn.execute_batch("CREATE INDEX deliveries_by_key ON deliveries(sink, entity, okey, seq)")
+        .unwrap();
     drop(conn);
     let store = open(dir.path());
     let conn = rusqlite::Connection::open(&index).unwrap();
