@@ -517,6 +517,13 @@ pub fn read_record_from(
     len: u64,
     keys: Option<&Keyring>,
 ) -> Result<Envelope, LineError> {
+    let buf = read_span(f, path, offset, len)?;
+    decode_stored(&buf, keys)
+}
+
+/// Reads `len` bytes at `offset`: one record's line, or a run of consecutive lines (a lease
+/// reads a batch's records of one segment in one call instead of two system calls each).
+pub fn read_span(f: &mut File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>, LineError> {
     f.seek(SeekFrom::Start(offset))
         .map_err(|e| LineError::Damaged(format!("cannot seek in {}: {e}", path.display())))?;
     let mut buf = vec![0u8; len as usize];
@@ -526,13 +533,17 @@ pub fn read_record_from(
             path.display()
         ))
     })?;
-    if buf.last() != Some(&b'\n') {
-        return Err(LineError::Damaged(
+    Ok(buf)
+}
+
+/// Decodes one record's stored bytes (its line, newline included), checking its CRC.
+pub fn decode_stored(stored: &[u8], keys: Option<&Keyring>) -> Result<Envelope, LineError> {
+    match stored.split_last() {
+        Some((b'\n', line)) => decode_line(line, keys),
+        _ => Err(LineError::Damaged(
             "record does not end with a newline (file changed on disk)".into(),
-        ));
+        )),
     }
-    buf.pop();
-    decode_line(&buf, keys)
 }
 
 #[cfg(test)]

@@ -238,14 +238,17 @@ fn a_dead_letter_requeued_leased_is_held_by_its_sender_and_keeps_key_order() {
 }
 
 /// Older versions kept an index of deliveries by order key, which cost a b-tree page per
-/// record staged and acked; opening their store drops it, and the store still holds keys back.
+/// record staged and acked, and indexes of records on (segment_id, open_sinks) and
+/// (open_sinks, seq), which moved two entries each per ack. Opening their store drops them and
+/// makes the partial index of owed records; the store still holds keys back, and delivered
+/// records leave the owed count and their segment is cleaned up.
 #[test]
-fn the_order_key_index_of_older_versions_is_dropped_at_open() {
+fn the_indexes_of_older_versions_are_replaced_at_open() {
     let dir = tempfile::tempdir().unwrap();
     let index = dir.path().join("_state").join("index.sqlite3");
     let list = |conn: &rusqlite::Connection| -> Vec<String> {
         conn.prepare(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'deliveries'",
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",
         )
         .unwrap()
         .query_map([], |r| r.get(0))
@@ -263,17 +266,40 @@ fn the_order_key_index_of_older_versions_is_dropped_at_open() {
             .unwrap();
     }
     let conn = rusqlite::Connection::open(&index).unwrap();
-    conn.execute_batch("CREATE INDEX deliveries_by_key ON deliveries(sink, entity, okey, seq)")
-        .unwrap();
+    conn.execute_batch(
+        "CREATE INDEX deliveries_by_key ON deliveries(sink, entity, okey, seq);
+         DROP INDEX records_owed;
+         DROP INDEX records_of_segment;
+         CREATE INDEX records_by_segment ON records(segment_id, open_sinks);
+         CREATE INDEX records_open ON records(open_sinks, seq);",
+    )
+    .unwrap();
     drop(conn);
     let store = open(dir.path());
     let conn = rusqlite::Connection::open(&index).unwrap();
-    assert!(
-        !list(&conn).contains(&"deliveries_by_key".to_string()),
-        "still there: {:?}",
-        list(&conn)
+    assert_eq!(
+        list(&conn),
+        ["deliveries_by_seq", "records_of_segment", "records_owed"],
+        "the indexes after opening an older version's store"
     );
+    let plan: String = conn
+        .query_row(
+            "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM records WHERE segment_id = 1 AND open_sinks > 0",
+            [],
+            |r| r.get(3),
+        )
+        .unwrap();
+    assert!(plan.contains("records_owed"), "plan: {plan}");
     assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![1, 2]);
+    store.ack("db", &[1, 2]).unwrap();
+    let owed: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM records WHERE open_sinks > 0",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(owed, 0, "acked records are still counted as owed");
 }
 
 /// A crash between a requeue's commit and the removal of its letter (or between a letter and

@@ -129,59 +129,84 @@ impl Staging {
         // Records of one batch mostly share a few segments: open each once.
         let mut files: std::collections::HashMap<String, std::fs::File> = Default::default();
         let keys = self.shared().keys();
-        for (seq, attempts, offset, len, rel) in leased {
-            let path = self.root().join(&rel);
-            let read = match files.entry(rel) {
-                std::collections::hash_map::Entry::Occupied(mut e) => {
-                    crate::segment::read_record_from(
-                        e.get_mut(),
-                        &path,
-                        offset as u64,
-                        len as u64,
-                        keys,
-                    )
+        let mut next = 0;
+        while next < leased.len() {
+            // A run: records of one segment, each starting where the one before ends, read in
+            // one call. If the run cannot be read whole, each record is read on its own, so a
+            // damaged or missing part costs only its own records, as before.
+            let first = next;
+            let (_, _, start, first_len, rel) = &leased[first];
+            let (start, mut run_len) = (*start, *first_len);
+            next += 1;
+            while let Some((_, _, offset, len, other)) = leased.get(next) {
+                if other != rel || *offset != start + run_len || run_len + len > MAX_RUN_BYTES {
+                    break;
                 }
+                run_len += len;
+                next += 1;
+            }
+            let path = self.root().join(rel);
+            let file = match files.entry(rel.clone()) {
+                std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
                 std::collections::hash_map::Entry::Vacant(v) => match std::fs::File::open(&path) {
-                    Ok(f) => crate::segment::read_record_from(
-                        v.insert(f),
-                        &path,
-                        offset as u64,
-                        len as u64,
-                        keys,
-                    ),
-                    Err(e) => Err(crate::segment::LineError::Damaged(format!(
-                        "cannot open {}: {e}",
-                        path.display()
-                    ))),
+                    Ok(f) => Ok(v.insert(f)),
+                    Err(e) => Err(format!("cannot open {}: {e}", path.display())),
                 },
             };
-            match read {
-                Ok(envelope) if envelope.seq == seq => out.push(Delivery {
-                    envelope,
-                    sink: sink.to_string(),
-                    attempts,
-                    path,
-                }),
-                Ok(envelope) => {
-                    let reason = format!(
-                        "index points at record {} but the file holds record {} there",
-                        seq, envelope.seq
-                    );
-                    crate::dead::move_damaged_record(self, seq, &path, &reason)?;
-                }
-                Err(crate::segment::LineError::NeedsKey(kid)) => {
-                    // A wrong or missing key is never damage: give the batch back untouched.
-                    let mut held: Vec<u64> = out.iter().map(|d| d.envelope.seq).collect();
-                    held.push(seq);
-                    let _ = self.release(sink, &held);
-                    return Err(StoreError::KeyNeeded {
-                        what: format!("staged record {seq} in {}", path.display()),
-                        kids: kid,
-                        why: "that key is not in the key file".into(),
-                    });
-                }
-                Err(crate::segment::LineError::Damaged(reason)) => {
-                    crate::dead::move_damaged_record(self, seq, &path, &reason)?
+            let (run, open_error) = match file {
+                Ok(f) if next - first > 1 => (
+                    crate::segment::read_span(f, &path, start as u64, run_len as u64).ok(),
+                    None,
+                ),
+                Ok(_) => (None, None),
+                Err(e) => (None, Some(e)),
+            };
+            for (seq, attempts, offset, len, _) in &leased[first..next] {
+                let (seq, attempts) = (*seq, *attempts);
+                let read = match (&run, files.get_mut(rel)) {
+                    (Some(run), _) => {
+                        let at = (offset - start) as usize;
+                        crate::segment::decode_stored(&run[at..at + *len as usize], keys)
+                    }
+                    (None, Some(f)) => crate::segment::read_record_from(
+                        f,
+                        &path,
+                        *offset as u64,
+                        *len as u64,
+                        keys,
+                    ),
+                    (None, None) => Err(crate::segment::LineError::Damaged(
+                        open_error.clone().unwrap_or_default(),
+                    )),
+                };
+                match read {
+                    Ok(envelope) if envelope.seq == seq => out.push(Delivery {
+                        envelope,
+                        sink: sink.to_string(),
+                        attempts,
+                        path: path.clone(),
+                    }),
+                    Ok(envelope) => {
+                        let reason = format!(
+                            "index points at record {} but the file holds record {} there",
+                            seq, envelope.seq
+                        );
+                        crate::dead::move_damaged_record(self, seq, &path, &reason)?;
+                    }
+                    Err(crate::segment::LineError::NeedsKey(kid)) => {
+                        // A wrong or missing key is never damage: give the batch back untouched.
+                        let mut held: Vec<u64> = out.iter().map(|d| d.envelope.seq).collect();
+                        held.push(seq);
+                        let _ = self.release(sink, &held);
+                        return Err(StoreError::KeyNeeded {
+                            what: format!("staged record {seq} in {}", path.display()),
+                            kids: kid,
+                            why: "that key is not in the key file".into(),
+                        });
+                    }
+                    Err(crate::segment::LineError::Damaged(reason)) => {
+                        crate::dead::move_damaged_record(self, seq, &path, &reason)?
+                    }
                 }
             }
         }
@@ -487,6 +512,9 @@ enum Walk<'a> {
     /// Like `Complete`, but a record waiting in backoff counts as deliverable.
     Probe,
 }
+
+/// A lease reads consecutive records of a segment in one call of at most this many bytes.
+const MAX_RUN_BYTES: i64 = 4 << 20;
 
 /// A look-ahead lease steps over at most this many batches' worth of rows: enough to pass the
 /// batch in flight and take the next one.
