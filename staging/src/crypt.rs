@@ -112,6 +112,26 @@ fn aes(bytes: &[u8]) -> LessSafeKey {
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("32-byte key"))
 }
 
+/// The permission bits that make a key file refused: any for group or others, except in the
+/// credentials folder systemd gives the service (`$CREDENTIALS_DIRECTORY`, from
+/// `LoadCredentialEncrypted=`, see `/usr/lib/estafeta/staging-key-credential`). Newer systemd
+/// (≥ 253 on tmpfs) makes a credential root's, mode 0440, readable by the service's user through
+/// an ACL, whose mask is what the group bits show; that folder is mounted for the service alone.
+/// Others' bits are refused there too.
+#[cfg(unix)]
+fn refused_mode_bits(path: &Path, credentials_dir: Option<&std::ffi::OsStr>) -> u32 {
+    let inside = credentials_dir
+        .filter(|dir| !dir.is_empty())
+        .and_then(|dir| {
+            Some((
+                Path::new(dir).canonicalize().ok()?,
+                path.canonicalize().ok()?,
+            ))
+        })
+        .is_some_and(|(dir, file)| file.starts_with(dir));
+    if inside { 0o007 } else { 0o077 }
+}
+
 /// A key's id: the first 8 bytes of SHA-256 of its bytes, in hex.
 fn key_id(secret: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, secret);
@@ -229,7 +249,8 @@ impl Keyring {
             let mode = std::fs::metadata(path)
                 .map(|m| m.permissions().mode() & 0o777)
                 .unwrap_or(0);
-            if mode & 0o077 != 0 {
+            let credentials = std::env::var_os("CREDENTIALS_DIRECTORY");
+            if mode & refused_mode_bits(path, credentials.as_deref()) != 0 {
                 return Err(KeyError::File(format!(
                     "the key file {} can be read by other users (mode {mode:o}): run `chmod 600 {}` and check who copied it",
                     path.display(),
@@ -609,6 +630,35 @@ pub struct SealedUnit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn group_bits_are_refused_except_in_systemds_credentials_folder() {
+        let creds = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let in_creds = creds.path().join("staging.key");
+        let outside = elsewhere.path().join("staging.key");
+        std::fs::write(&in_creds, b"k").unwrap();
+        std::fs::write(&outside, b"k").unwrap();
+        let dir = Some(creds.path().as_os_str());
+        // A 0440 credential (root's, the service reads it through an ACL) is taken...
+        assert_eq!(0o440 & refused_mode_bits(&in_creds, dir), 0);
+        // ...but not a file readable by others, nor the same mode anywhere else.
+        assert_ne!(0o444 & refused_mode_bits(&in_creds, dir), 0);
+        assert_ne!(0o440 & refused_mode_bits(&outside, dir), 0);
+        assert_ne!(0o440 & refused_mode_bits(&in_creds, None), 0);
+        // A path that only looks inside (`..`) is judged by where it leads.
+        let sneaky = creds
+            .path()
+            .join("..")
+            .join(elsewhere.path().file_name().unwrap())
+            .join("staging.key");
+        assert!(
+            sneaky.exists(),
+            "both folders are in the same temporary folder"
+        );
+        assert_ne!(0o440 & refused_mode_bits(&sneaky, dir), 0);
+    }
 
     #[test]
     fn seals_and_opens_and_a_changed_byte_or_field_fails() {
