@@ -186,8 +186,14 @@ impl ForgetfulFs {
             self.session = Some(session);
             return Err(e);
         }
-        // The kernel aborted the connection: the session's thread reads ENODEV and ends.
-        session.join()?;
+        // The kernel ends the session's thread with ENODEV (unmounted) or, when it aborts the
+        // connection first, ECONNABORTED: either way the session is over, as asked (the check
+        // below still refuses a mount that stayed).
+        match session.join() {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+            Err(e) => return Err(e),
+        }
         if fuse_mounted_at(&self.mountpoint)? {
             let mountpoint = self.mountpoint.display();
             return Err(io::Error::other(format!(
