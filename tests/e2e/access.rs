@@ -241,13 +241,17 @@ fn check_modes(path: &Path, checked: &mut usize, wrong: &mut Vec<String>) {
 }
 
 /// An HTTPS server (Python) answering 201 to every request and printing one line per request.
+/// Its threads print under a lock: `print` writes each argument separately, so two requests
+/// answered at once could otherwise mix their words into one line and be counted as one.
 const HTTPS_SERVER: &str = r#"
-import http.server, ssl, sys
+import http.server, ssl, sys, threading
+OUT = threading.Lock()
 class H(http.server.BaseHTTPRequestHandler):
     def handle_one(self):
         n = int(self.headers.get('Content-Length') or 0)
         self.rfile.read(n)
-        print("REQUEST", self.command, self.path, flush=True)
+        with OUT:
+            print("REQUEST", self.command, self.path, flush=True)
         self.send_response(201)
         self.send_header('Content-Type', 'application/json')
         self.send_header('Content-Length', '2')
