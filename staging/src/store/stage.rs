@@ -128,15 +128,10 @@ impl Staging {
                 "no sink is configured, so the record could never be delivered".into(),
             ));
         }
-        let raw = r.payload.get();
-        let payload = if raw
-            .bytes()
-            .any(|b| matches!(b, b'\n' | b'\r' | b'\t' | b' '))
-        {
-            serde_json::value::RawValue::from_string(compact_json(raw))
-                .map_err(|e| StageError::Invalid(format!("payload is not valid JSON: {e}")))?
-        } else {
-            r.payload
+        let payload = match compact_json(r.payload.get()) {
+            Some(compacted) => serde_json::value::RawValue::from_string(compacted)
+                .map_err(|e| StageError::Invalid(format!("payload is not valid JSON: {e}")))?,
+            None => r.payload,
         };
         Ok(Prepared {
             action: r.action,
