@@ -958,12 +958,15 @@ async fn clear_text_to_another_machine_needs_update_allow_http() {
 }
 
 /// A static HTTPS server (Python) over a folder, with `server.pem` / `server.key` from its
-/// working folder; prints READY.
+/// working folder; prints READY, then one line per request, under a lock (`print` writes each
+/// argument separately, so two requests answered at once could mix their words on one line).
 const HTTPS_FILES: &str = r#"
-import functools, http.server, ssl, sys
+import functools, http.server, ssl, sys, threading
+OUT = threading.Lock()
 class H(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *a):
-        print("REQUEST", self.path, flush=True)
+        with OUT:
+            print("REQUEST", self.path, flush=True)
 s = http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), functools.partial(H, directory=sys.argv[2]))
 c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 c.load_cert_chain('server.pem', 'server.key')
