@@ -582,6 +582,24 @@ impl DataKey {
         out.extend_from_slice(b"\"}");
     }
 
+    /// The length of what [`DataKey::seal_into_at`] appends for a plaintext of `plain_len`
+    /// bytes: the same fields, counted.
+    pub fn sealed_unit_len(&self, plain_len: usize) -> usize {
+        let b64 = |n: usize| base64::encoded_len(n, false).expect("sizes fit");
+        let key_ref = match &self.dkid {
+            Some(dkid) => "\",\"dkid\":\"".len() + dkid.len(),
+            None => "\",\"dk\":\"".len() + self.wrapped.len(),
+        };
+        "{\"kid\":\"".len()
+            + self.kid.len()
+            + key_ref
+            + "\",\"n\":\"".len()
+            + b64(NONCE_LEN)
+            + "\",\"ct\":\"".len()
+            + b64(plain_len + AES_256_GCM.tag_len())
+            + "\"}".len()
+    }
+
     pub fn seal(&mut self, plain: &[u8], aad: &[u8]) -> SealedUnit {
         self.counter += 1;
         let mut nonce = [0u8; NONCE_LEN];

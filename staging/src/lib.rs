@@ -164,6 +164,7 @@ mod layout;
 mod leases;
 mod record;
 mod recover;
+mod seal_group;
 mod sealed_file;
 mod sealed_folder;
 mod segment;

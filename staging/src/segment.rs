@@ -154,38 +154,68 @@ pub fn encode_sealed_line(env: &Envelope, dk: &DataKey, counter: u64) -> Vec<u8>
 
 fn encode_sealed_at(env: &Envelope, dk: &DataKey, counter: u64) -> Vec<u8> {
     let mut plain = Vec::with_capacity(env.payload.get().len() + 64);
-    serde_json::to_writer(
-        &mut plain,
-        &HiddenRef {
-            key: &env.key,
-            client_key: &env.client_key,
-            client_fingerprint: &env.client_fingerprint,
-            client_records: env.client_records,
-            source: &env.source,
-            payload: &env.payload,
-        },
-    )
-    .expect("a record serializes");
+    serde_json::to_writer(&mut plain, &hidden_ref(env)).expect("a record serializes");
     let mut line = Vec::with_capacity(plain.len() * 4 / 3 + 400);
-    serde_json::to_writer(
-        &mut line,
-        &ClearHead {
-            v: env.v,
-            id: &env.id,
-            seq: env.seq,
-            action: &env.action,
-            entity: &env.entity,
-            staged_at: &env.staged_at,
-            sinks: &env.sinks,
-        },
-    )
-    .expect("a record serializes");
+    serde_json::to_writer(&mut line, &clear_head(env)).expect("a record serializes");
     line.pop();
-    line.extend_from_slice(b",\"sealed\":");
+    line.extend_from_slice(SEALED_FIELD);
     let aad = envelope_aad(env);
     dk.seal_into_at(counter, &mut plain, &aad, &mut line);
     line.push(b'}');
     line
+}
+
+/// `,"sealed":`, between a sealed line's clear head and its sealed unit.
+const SEALED_FIELD: &[u8] = b",\"sealed\":";
+
+/// The length, newline included, of the line [`encode_sealed_line`] makes of `env` with `dk`
+/// (whatever the nonce), without sealing it: the writer places and indexes a group's lines
+/// while other threads seal them. Serializes the two JSON parts into a counter, nothing else.
+pub fn sealed_line_len(env: &Envelope, dk: &DataKey) -> usize {
+    let head = json_len(&clear_head(env)) - 1; // without its closing brace
+    let plain = json_len(&hidden_ref(env));
+    // `}` closing the line, dropped again by finish_line for the CRC field and `\n`.
+    head + SEALED_FIELD.len() + dk.sealed_unit_len(plain) + CRC_SUFFIX_LEN + 1
+}
+
+/// The length of `value`'s compact JSON.
+fn json_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).expect("a record serializes");
+    count.0
+}
+
+fn hidden_ref(env: &Envelope) -> HiddenRef<'_> {
+    HiddenRef {
+        key: &env.key,
+        client_key: &env.client_key,
+        client_fingerprint: &env.client_fingerprint,
+        client_records: env.client_records,
+        source: &env.source,
+        payload: &env.payload,
+    }
+}
+
+fn clear_head(env: &Envelope) -> ClearHead<'_> {
+    ClearHead {
+        v: env.v,
+        id: &env.id,
+        seq: env.seq,
+        action: &env.action,
+        entity: &env.entity,
+        staged_at: &env.staged_at,
+        sinks: &env.sinks,
+    }
 }
 
 /// The part of a record a sealed line (or dead letter) hides.
@@ -576,6 +606,44 @@ mod tests {
         let back = decode_line(&line[..line.len() - 1], None).unwrap();
         assert_eq!(back.seq, 3);
         assert_eq!(back.payload.get(), r#"{"nome":"Ana","n":1.50}"#);
+    }
+
+    proptest::proptest! {
+        /// The writer places and indexes sealed lines by the length it predicts before they are
+        /// sealed: any difference would point the index at the wrong bytes.
+        #[test]
+        fn sealed_line_len_is_the_sealed_lines_length(
+            key in proptest::option::of("\\PC{0,40}"),
+            entity in "[a-z\"\\\\é]{1,12}",
+            text in "\\PC{0,300}",
+            client in proptest::option::of(("\\PC{1,20}", 1u32..300)),
+            seq in 1u64..u64::MAX,
+            counter in 1u64..1_000_000,
+            named in proptest::bool::ANY,
+        ) {
+            let ring = crate::Keyring::generate();
+            let dir = tempfile::tempdir().unwrap();
+            let slots = std::sync::Arc::new(crate::data_keys::DataKeySlots::new(dir.path()));
+            ring.attach(slots.clone());
+            let dk = if named {
+                ring.new_segment_data_key(&slots, "create/x/2026/12/07/a.jsonl").unwrap()
+            } else {
+                ring.new_data_key()
+            };
+            let mut e = env(seq);
+            e.key = key;
+            e.entity = entity;
+            e.payload = RawValue::from_string(serde_json::to_string(&text).unwrap()).unwrap();
+            if let Some((ck, n)) = client {
+                e.client_fingerprint = Some(format!("fp-{ck}"));
+                e.client_key = Some(ck);
+                e.client_records = Some(n);
+            }
+            let line = encode_sealed_line(&e, &dk, counter);
+            proptest::prop_assert_eq!(sealed_line_len(&e, &dk), line.len());
+            let back = decode_line(&line[..line.len() - 1], Some(&ring)).unwrap();
+            proptest::prop_assert_eq!(back.payload.get(), e.payload.get());
+        }
     }
 
     #[test]

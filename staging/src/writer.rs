@@ -1,8 +1,10 @@
 //! The writer: one thread per process that turns stage requests into durable records with
-//! group commit. Requests queue on a channel; the writer takes every request waiting, appends
-//! their lines to the segment files, makes each touched file durable with one fdatasync, indexes
-//! them, and only then answers every caller in the group. Concurrent stagers share one flush;
-//! no request is answered before its own flush.
+//! group commit. Requests queue on a channel; the writer takes every request waiting, places
+//! their lines after the last of their segment files and indexes them in a transaction (with
+//! encryption on, other threads seal the lines meanwhile: see seal_group.rs), appends them,
+//! makes each touched file durable with one fdatasync, commits the index, and only then answers
+//! every caller in the group. The index never commits a line before the line is durable.
+//! Concurrent stagers share one flush; no request is answered before its own flush.
 //!
 //! Across processes (the daemon and a CLI `stage`), sequence numbers come from `_state/seq`,
 //! read and advanced under an exclusive file lock that is held until the group is indexed, so
@@ -22,6 +24,7 @@ use std::time::Instant;
 use crate::error::StageError;
 use crate::layout;
 use crate::record::{ClientKey, Envelope, FORMAT_VERSION, Receipt, SourceMark, Staged};
+use crate::seal_group::{SealJob, SealingGroup};
 use crate::segment;
 use crate::store::Shared;
 
@@ -370,11 +373,13 @@ impl Writer {
             shared.set_blocked(None);
         }
 
-        // Phase 2: append every line to its segment, in sequence order per segment.
+        // Phase 2: place every line after the last of its segment, in sequence order per
+        // segment. A sealed line's length is known before it is sealed
+        // (segment::sealed_line_len): its nonce is reserved here, in order, and it is sealed in
+        // phase 3 while this thread indexes the group.
         let mut touched: Vec<(String, String)> = Vec::new();
         let mut before_len: HashMap<(String, String), u64> = HashMap::new();
         let mut placed: Vec<Vec<(i64, PathBuf, u64, u64)>> = Vec::with_capacity(accepted.len());
-        let mut buffers: HashMap<(String, String), Vec<u8>> = HashMap::new();
         let mut io_error: Option<StageError> = None;
         // 2a: each (action, entity)'s segment, opened once per group.
         'open: for acc in &accepted {
@@ -395,40 +400,115 @@ impl Writer {
                 }
             }
         }
-        // 2b: sealed lines, encoded with their segment's data key (see seal_group).
-        let sealed_lines = if sealing && io_error.is_none() {
-            seal_group(
-                &accepted
-                    .iter()
-                    .map(|a| &a.envelopes[..])
-                    .collect::<Vec<_>>(),
-                active,
-            )
-        } else {
-            Vec::new()
-        };
-        // 2c: each line after the last, in its segment's buffer.
-        let mut next_sealed = sealed_lines.iter();
-        if io_error.is_none() {
-            for acc in &accepted {
-                let mut places = Vec::with_capacity(acc.envelopes.len());
-                for (env, line) in acc.envelopes.iter().zip(&acc.lines) {
-                    let k = (env.action.clone(), env.entity.clone());
-                    let seg = &active[&k];
-                    let line: &[u8] = if sealing {
-                        next_sealed.next().expect("one sealed line per envelope")
-                    } else {
-                        line
-                    };
-                    let buf = buffers.entry(k).or_default();
-                    let offset = seg.len + buf.len() as u64;
-                    buf.extend_from_slice(line);
-                    places.push((seg.id, seg.path.clone(), offset, line.len() as u64));
+        if let Some(err) = io_error {
+            cut_back(active, &touched, &before_len);
+            drop(tx);
+            let pending = accepted.into_iter().map(|a| a.reply).collect();
+            return Err((err, pending));
+        }
+        // 2b: each line's place.
+        let mut seal_jobs: Vec<(&Envelope, u64)> = Vec::new();
+        let mut ends = before_len.clone();
+        for acc in &accepted {
+            let mut places = Vec::with_capacity(acc.envelopes.len());
+            for (env, line) in acc.envelopes.iter().zip(&acc.lines) {
+                let k = (env.action.clone(), env.entity.clone());
+                let seg = active.get_mut(&k).expect("opened above");
+                let len = if sealing {
+                    let dk = seg
+                        .dk
+                        .as_mut()
+                        .expect("a sealing store's segments have data keys");
+                    seal_jobs.push((env, dk.reserve(1)));
+                    segment::sealed_line_len(env, dk)
+                } else {
+                    line.len()
+                } as u64;
+                let end = ends.get_mut(&k).expect("opened above");
+                places.push((seg.id, seg.path.clone(), *end, len));
+                *end += len;
+            }
+            placed.push(places);
+        }
+
+        // Phase 3: index the group (committed in phase 5, once its lines are durable) while
+        // other threads seal its lines, then put each line in its segment's buffer.
+        let active_now = &*active;
+        let seal_jobs: Vec<SealJob> = seal_jobs
+            .into_iter()
+            .map(|(env, counter)| {
+                let seg = &active_now[&(env.action.clone(), env.entity.clone())];
+                let dk = seg
+                    .dk
+                    .as_ref()
+                    .expect("a sealing store's segments have data keys");
+                (env, dk, counter)
+            })
+            .collect();
+        let (indexed, sealed_lines) = std::thread::scope(|scope| {
+            let sealing = SealingGroup::start(scope, &seal_jobs);
+            let indexed = (|| -> rusqlite::Result<()> {
+                for (acc, places) in accepted.iter().zip(&placed) {
+                    for (env, (seg_id, _, offset, len)) in acc.envelopes.iter().zip(places) {
+                        crate::index::insert_record(
+                            &tx,
+                            env,
+                            *seg_id,
+                            *offset,
+                            *len,
+                            shared.opts.keys.as_deref(),
+                        )?;
+                    }
+                    if let Some(ck) = &acc.client_key {
+                        let receipts = receipts_of(&acc.envelopes, places);
+                        crate::client_keys::remember(
+                            &tx,
+                            &shared.index_text(&ck.key),
+                            &shared.index_text(&ck.fingerprint),
+                            &receipts,
+                            now.timestamp(),
+                        )?;
+                    }
                 }
-                placed.push(places);
+                Ok(())
+            })();
+            (indexed, sealing.finish())
+        });
+        drop(seal_jobs);
+        if let Err(e) = indexed {
+            // Nothing is written yet: the group is refused whole.
+            drop(tx);
+            let pending = accepted.into_iter().map(|a| a.reply).collect();
+            return Err((StageError::Store(e.into()), pending));
+        }
+        let mut buffers: HashMap<(String, String), Vec<u8>> = HashMap::new();
+        let mut next_sealed = sealed_lines.into_iter();
+        for (acc, places) in accepted.iter().zip(&placed) {
+            for ((env, line), (_, path, _, len)) in acc.envelopes.iter().zip(&acc.lines).zip(places)
+            {
+                let sealed;
+                let line: &[u8] = if sealing {
+                    sealed = next_sealed.next().expect("one sealed line per envelope");
+                    &sealed
+                } else {
+                    line
+                };
+                if line.len() as u64 != *len {
+                    // A bug, caught before anything is written: the index would point at the
+                    // wrong bytes.
+                    io_error.get_or_insert_with(|| StageError::Io {
+                        path: path.clone(),
+                        source: std::io::Error::other(format!(
+                            "a sealed line of {} bytes was placed as {len} bytes; nothing was written",
+                            line.len()
+                        )),
+                    });
+                }
+                let k = (env.action.clone(), env.entity.clone());
+                buffers.entry(k).or_default().extend_from_slice(line);
             }
         }
-        // Phase 3: write and fdatasync each touched segment once.
+        // Phase 4: write and fdatasync each touched segment once.
         if io_error.is_none() {
             for k in &touched {
                 let seg = active.get_mut(k).expect("touched segments are active");
@@ -455,8 +535,9 @@ impl Writer {
             return Err((err, pending));
         }
 
-        // Phase 4: index the group and advance the counter, then commit.
+        // Phase 5: the segments' indexed length, then commit: the index names only durable lines.
         let indexed = (|| -> rusqlite::Result<()> {
+            // The worst moment for the index to fail: the lines are written and synced.
             #[cfg(feature = "fault-injection")]
             if shared
                 .fail_next_index
@@ -466,28 +547,6 @@ impl Writer {
                     rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
                     Some("injected: database or disk is full".into()),
                 ));
-            }
-            for (acc, places) in accepted.iter().zip(&placed) {
-                for (env, (seg_id, _, offset, len)) in acc.envelopes.iter().zip(places) {
-                    crate::index::insert_record(
-                        &tx,
-                        env,
-                        *seg_id,
-                        *offset,
-                        *len,
-                        shared.opts.keys.as_deref(),
-                    )?;
-                }
-                if let Some(ck) = &acc.client_key {
-                    let receipts = receipts_of(&acc.envelopes, places);
-                    crate::client_keys::remember(
-                        &tx,
-                        &shared.index_text(&ck.key),
-                        &shared.index_text(&ck.fingerprint),
-                        &receipts,
-                        now.timestamp(),
-                    )?;
-                }
             }
             for k in &touched {
                 let seg = &active[k];
@@ -633,63 +692,6 @@ fn segment_for(
         },
     );
     Ok(0)
-}
-
-/// Below this many lines a group is sealed on the writer thread alone: starting threads costs
-/// more than it saves.
-const PARALLEL_SEAL_MIN: usize = 64;
-
-/// Encodes the sealed line of every envelope of a group, in order. Sealing (serializing the
-/// hidden part, AES-GCM, base64, CRC) is the writer's largest cost with encryption on, so a
-/// large group is spread over the machine's cores: each line's nonce is reserved first, in
-/// order, from its segment's data key, so the thread that seals it changes nothing.
-fn seal_group(
-    groups: &[&[Envelope]],
-    active: &mut HashMap<(String, String), ActiveSegment>,
-) -> Vec<Vec<u8>> {
-    let mut jobs: Vec<(&Envelope, u64)> = Vec::new();
-    for env in groups.iter().flat_map(|g| g.iter()) {
-        let seg = active
-            .get_mut(&(env.action.clone(), env.entity.clone()))
-            .expect("segment opened for every envelope");
-        let dk = seg
-            .dk
-            .as_mut()
-            .expect("a sealing store's segments have data keys");
-        jobs.push((env, dk.reserve(1)));
-    }
-    let active = &*active;
-    let seal = |(env, counter): &(&Envelope, u64)| {
-        let seg = &active[&(env.action.clone(), env.entity.clone())];
-        let dk = seg.dk.as_ref().expect("checked above");
-        segment::encode_sealed_line(env, dk, *counter)
-    };
-    if jobs.len() < PARALLEL_SEAL_MIN || sealing_threads() < 2 {
-        return jobs.iter().map(seal).collect();
-    }
-    let threads = sealing_threads();
-    let chunk = jobs.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = jobs
-            .chunks(chunk)
-            .skip(1)
-            .map(|part| scope.spawn(move || part.iter().map(seal).collect::<Vec<_>>()))
-            .collect();
-        // The writer thread seals the first chunk itself.
-        let mut lines: Vec<Vec<u8>> = jobs[..chunk.min(jobs.len())].iter().map(seal).collect();
-        for h in handles {
-            lines.extend(h.join().expect("a sealing thread panicked"));
-        }
-        lines
-    })
-}
-
-/// Threads a large group is sealed on: the machine's cores, at most 4. Asked once: on Linux
-/// `available_parallelism` reads the process's cgroup files, which cost more (~40 µs) than
-/// sealing a small group, and a single POST would pay it every time.
-fn sealing_threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
 }
 
 impl Writer {
