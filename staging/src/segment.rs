@@ -102,13 +102,8 @@ fn finish_line(mut line: Vec<u8>) -> Vec<u8> {
 /// A sealed line: what the store needs for order and routing in clear, the rest sealed.
 #[derive(serde::Serialize)]
 pub struct SealedLine<'a> {
-    v: u32,
-    id: &'a str,
-    seq: u64,
-    action: &'a str,
-    entity: &'a str,
-    staged_at: &'a str,
-    sinks: &'a [String],
+    #[serde(flatten)]
+    head: ClearHead<'a>,
     sealed: SealedUnit,
 }
 
@@ -265,25 +260,10 @@ fn line_aad(
 }
 
 pub fn seal_envelope<'a>(env: &'a Envelope, dk: &mut DataKey) -> SealedLine<'a> {
-    let hidden = Hidden {
-        key: env.key.clone(),
-        client_key: env.client_key.clone(),
-        client_fingerprint: env.client_fingerprint.clone(),
-        client_records: env.client_records,
-        source: env.source.clone(),
-        payload: env.payload.clone(),
-    };
-    let plain = serde_json::to_vec(&hidden).expect("a record serializes");
-    let aad = envelope_aad(env);
+    let plain = serde_json::to_vec(&hidden_ref(env)).expect("a record serializes");
     SealedLine {
-        v: env.v,
-        id: &env.id,
-        seq: env.seq,
-        action: &env.action,
-        entity: &env.entity,
-        staged_at: &env.staged_at,
-        sinks: &env.sinks,
-        sealed: dk.seal(&plain, &aad),
+        head: clear_head(env),
+        sealed: dk.seal(&plain, &envelope_aad(env)),
     }
 }
 
