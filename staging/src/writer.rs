@@ -21,6 +21,7 @@ use std::sync::mpsc::{Receiver, SyncSender};
 
 use std::time::Instant;
 
+use crate::crypt::DataKey;
 use crate::error::StageError;
 use crate::layout;
 use crate::record::{ClientKey, Envelope, FORMAT_VERSION, Receipt, SourceMark, Staged};
@@ -381,16 +382,24 @@ impl Writer {
         let mut before_len: HashMap<(String, String), u64> = HashMap::new();
         let mut placed: Vec<Vec<(i64, PathBuf, u64, u64)>> = Vec::with_capacity(accepted.len());
         let mut io_error: Option<StageError> = None;
-        // 2a: each (action, entity)'s segment, opened once per group.
+        // 2a: each (action, entity)'s segment, opened once per group; `seg_of` gives each
+        // line's segment as its index in `touched`, so later phases look nothing up by name.
+        let mut seg_of: Vec<Vec<usize>> = Vec::with_capacity(accepted.len());
+        let mut touched_index: HashMap<(&str, &str), usize> = HashMap::new();
         'open: for acc in &accepted {
+            let mut segs = Vec::with_capacity(acc.envelopes.len());
             for env in &acc.envelopes {
-                let k = (env.action.clone(), env.entity.clone());
-                if before_len.contains_key(&k) {
+                let name = (env.action.as_str(), env.entity.as_str());
+                if let Some(&i) = touched_index.get(&name) {
+                    segs.push(i);
                     continue;
                 }
+                let k = (env.action.clone(), env.entity.clone());
                 match segment_for(shared, active, &tx, &k, now, env.seq) {
                     Ok(len) => {
                         before_len.insert(k.clone(), len);
+                        touched_index.insert(name, touched.len());
+                        segs.push(touched.len());
                         touched.push(k);
                     }
                     Err(e) => {
@@ -399,7 +408,9 @@ impl Writer {
                     }
                 }
             }
+            seg_of.push(segs);
         }
+        drop(touched_index);
         if let Some(err) = io_error {
             cut_back(active, &touched, &before_len);
             drop(tx);
@@ -407,41 +418,36 @@ impl Writer {
             return Err((err, pending));
         }
         // 2b: each line's place.
-        let mut seal_jobs: Vec<(&Envelope, u64)> = Vec::new();
-        let mut ends = before_len.clone();
-        for acc in &accepted {
+        let mut seal_jobs: Vec<(&Envelope, usize, u64)> = Vec::new();
+        let mut ends: Vec<u64> = touched.iter().map(|k| before_len[k]).collect();
+        for (acc, segs) in accepted.iter().zip(&seg_of) {
             let mut places = Vec::with_capacity(acc.envelopes.len());
-            for (env, line) in acc.envelopes.iter().zip(&acc.lines) {
-                let k = (env.action.clone(), env.entity.clone());
-                let seg = active.get_mut(&k).expect("opened above");
+            for ((env, line), &i) in acc.envelopes.iter().zip(&acc.lines).zip(segs) {
+                let seg = active.get_mut(&touched[i]).expect("opened above");
                 let len = if sealing {
                     let dk = seg
                         .dk
                         .as_mut()
                         .expect("a sealing store's segments have data keys");
-                    seal_jobs.push((env, dk.reserve(1)));
+                    seal_jobs.push((env, i, dk.reserve(1)));
                     segment::sealed_line_len(env, dk)
                 } else {
                     line.len()
                 } as u64;
-                let end = ends.get_mut(&k).expect("opened above");
-                places.push((seg.id, seg.path.clone(), *end, len));
-                *end += len;
+                places.push((seg.id, seg.path.clone(), ends[i], len));
+                ends[i] += len;
             }
             placed.push(places);
         }
 
         // Phase 3: index the group (committed in phase 5, once its lines are durable) while
         // other threads seal its lines, then put each line in its segment's buffer.
-        let active_now = &*active;
+        let data_keys: Vec<Option<&DataKey>> =
+            touched.iter().map(|k| active[k].dk.as_ref()).collect();
         let seal_jobs: Vec<SealJob> = seal_jobs
             .into_iter()
-            .map(|(env, counter)| {
-                let seg = &active_now[&(env.action.clone(), env.entity.clone())];
-                let dk = seg
-                    .dk
-                    .as_ref()
-                    .expect("a sealing store's segments have data keys");
+            .map(|(env, i, counter)| {
+                let dk = data_keys[i].expect("a sealing store's segments have data keys");
                 (env, dk, counter)
             })
             .collect();
@@ -475,17 +481,17 @@ impl Writer {
             (indexed, sealing.finish())
         });
         drop(seal_jobs);
+        drop(data_keys);
         if let Err(e) = indexed {
             // Nothing is written yet: the group is refused whole.
             drop(tx);
             let pending = accepted.into_iter().map(|a| a.reply).collect();
             return Err((StageError::Store(e.into()), pending));
         }
-        let mut buffers: HashMap<(String, String), Vec<u8>> = HashMap::new();
+        let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); touched.len()];
         let mut next_sealed = sealed_lines.into_iter();
-        for (acc, places) in accepted.iter().zip(&placed) {
-            for ((env, line), (_, path, _, len)) in acc.envelopes.iter().zip(&acc.lines).zip(places)
-            {
+        for ((acc, places), segs) in accepted.iter().zip(&placed).zip(&seg_of) {
+            for ((line, (_, path, _, len)), &i) in acc.lines.iter().zip(places).zip(segs) {
                 let sealed;
                 let line: &[u8] = if sealing {
                     sealed = next_sealed.next().expect("one sealed line per envelope");
@@ -504,15 +510,13 @@ impl Writer {
                         )),
                     });
                 }
-                let k = (env.action.clone(), env.entity.clone());
-                buffers.entry(k).or_default().extend_from_slice(line);
+                buffers[i].extend_from_slice(line);
             }
         }
         // Phase 4: write and fdatasync each touched segment once.
         if io_error.is_none() {
-            for k in &touched {
+            for (k, buf) in touched.iter().zip(&buffers) {
                 let seg = active.get_mut(k).expect("touched segments are active");
-                let buf = &buffers[k];
                 let res = seg
                     .file
                     .write_all(buf)
