@@ -3,7 +3,7 @@
 //! decodes them and scans a file into records, torn tail and damaged lines.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use serde_json::value::RawValue;
@@ -83,20 +83,26 @@ pub fn read_file(path: &Path, keys: Option<&Keyring>) -> Result<Vec<Envelope>, S
 /// Encodes an envelope as one line, newline included: in clear, or sealed with `seal` (the
 /// segment's data key).
 pub fn encode_line(env: &Envelope, seal: Option<&mut DataKey>) -> Vec<u8> {
-    finish_line(match seal {
-        None => serde_json::to_vec(env).expect("an envelope always serializes"),
-        Some(dk) => encode_sealed(env, dk),
-    })
+    match seal {
+        None => {
+            let mut line = serde_json::to_vec(env).expect("an envelope always serializes");
+            finish_line(&mut line, 0);
+            line
+        }
+        Some(dk) => {
+            let counter = dk.reserve(1);
+            encode_sealed_line(env, dk, counter)
+        }
+    }
 }
 
-/// Replaces a JSON object's closing brace with the CRC field, computed over everything before
-/// it, and ends the line.
-fn finish_line(mut line: Vec<u8>) -> Vec<u8> {
-    line.pop();
-    let crc = crc32fast::hash(&line);
-    line.extend_from_slice(CRC_PREFIX);
-    line.extend_from_slice(format!("{crc:08x}\"}}\n").as_bytes());
-    line
+/// Replaces the closing brace of the JSON object that starts at `start` in `buf` (and ends it)
+/// with the CRC field, computed over the object before it, and ends the line.
+fn finish_line(buf: &mut Vec<u8>, start: usize) {
+    buf.pop();
+    let crc = crc32fast::hash(&buf[start..]);
+    buf.extend_from_slice(CRC_PREFIX);
+    write!(buf, "{crc:08x}\"}}\n").expect("writing to a Vec cannot fail");
 }
 
 /// A sealed line: what the store needs for order and routing in clear, the rest sealed.
@@ -134,30 +140,34 @@ struct HiddenRef<'a> {
     payload: &'a RawValue,
 }
 
-/// A sealed line without its crc32 field and closing brace: the same JSON as a
-/// [`SealedLine`], built without intermediate strings.
-fn encode_sealed(env: &Envelope, dk: &mut DataKey) -> Vec<u8> {
-    let counter = dk.reserve(1);
-    encode_sealed_at(env, dk, counter)
-}
-
 /// A sealed line, newline included, with the nonce `counter` the caller reserved
 /// ([`DataKey::reserve`]): lines can then be sealed on several threads.
 pub fn encode_sealed_line(env: &Envelope, dk: &DataKey, counter: u64) -> Vec<u8> {
-    finish_line(encode_sealed_at(env, dk, counter))
+    let mut line = Vec::with_capacity(env.payload.get().len() * 4 / 3 + 400);
+    append_sealed_line(env, dk, counter, &mut Vec::new(), &mut line);
+    line
 }
 
-fn encode_sealed_at(env: &Envelope, dk: &DataKey, counter: u64) -> Vec<u8> {
-    let mut plain = Vec::with_capacity(env.payload.get().len() + 64);
-    serde_json::to_writer(&mut plain, &hidden_ref(env)).expect("a record serializes");
-    let mut line = Vec::with_capacity(plain.len() * 4 / 3 + 400);
-    serde_json::to_writer(&mut line, &clear_head(env)).expect("a record serializes");
-    line.pop();
-    line.extend_from_slice(SEALED_FIELD);
+/// Appends to `out` the sealed line of `env` (newline included) with the reserved nonce
+/// `counter`. `plain` is scratch space for the hidden part, reused from line to line: a group's
+/// sealing thread makes no allocation of its own per line.
+pub fn append_sealed_line(
+    env: &Envelope,
+    dk: &DataKey,
+    counter: u64,
+    plain: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
+    plain.clear();
+    serde_json::to_writer(&mut *plain, &hidden_ref(env)).expect("a record serializes");
+    serde_json::to_writer(&mut *out, &clear_head(env)).expect("a record serializes");
+    out.pop();
+    out.extend_from_slice(SEALED_FIELD);
     let aad = envelope_aad(env);
-    dk.seal_into_at(counter, &mut plain, &aad, &mut line);
-    line.push(b'}');
-    line
+    dk.seal_into_at(counter, plain, &aad, out);
+    out.push(b'}');
+    finish_line(out, start);
 }
 
 /// `,"sealed":`, between a sealed line's clear head and its sealed unit.

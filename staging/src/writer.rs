@@ -489,13 +489,11 @@ impl Writer {
             return Err((StageError::Store(e.into()), pending));
         }
         let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); touched.len()];
-        let mut next_sealed = sealed_lines.into_iter();
+        let mut next_sealed = sealed_lines.iter().flat_map(|share| share.lines());
         for ((acc, places), segs) in accepted.iter().zip(&placed).zip(&seg_of) {
             for ((line, (_, path, _, len)), &i) in acc.lines.iter().zip(places).zip(segs) {
-                let sealed;
                 let line: &[u8] = if sealing {
-                    sealed = next_sealed.next().expect("one sealed line per envelope");
-                    &sealed
+                    next_sealed.next().expect("one sealed line per envelope")
                 } else {
                     line
                 };
