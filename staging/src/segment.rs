@@ -102,7 +102,7 @@ fn finish_line(buf: &mut Vec<u8>, start: usize) {
     buf.pop();
     let crc = crc32fast::hash(&buf[start..]);
     buf.extend_from_slice(CRC_PREFIX);
-    write!(buf, "{crc:08x}\"}}\n").expect("writing to a Vec cannot fail");
+    writeln!(buf, "{crc:08x}\"}}").expect("writing to a Vec cannot fail");
 }
 
 /// A sealed line: what the store needs for order and routing in clear, the rest sealed.
