@@ -116,7 +116,7 @@ mod tests {
             seq,
             action: "update".into(),
             entity: "attendance".into(),
-            key: (seq % 3 != 0).then(|| format!("k{}", seq % 5)),
+            key: (!seq.is_multiple_of(3)).then(|| format!("k{}", seq % 5)),
             staged_at: "2026-12-07T06:00:00.000000Z".into(),
             client_key: None,
             client_fingerprint: None,
