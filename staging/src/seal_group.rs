@@ -75,10 +75,9 @@ impl SealedLines {
 }
 
 fn seal_lines(jobs: &[SealJob<'_>]) -> SealedLines {
-    // About the line's length: the payload's base64 and the clear head.
     let room = jobs
         .iter()
-        .map(|(env, _, _)| env.payload.get().len() * 4 / 3 + 400)
+        .map(|(env, _, _)| segment::sealed_line_room(env))
         .sum();
     let mut out = SealedLines {
         bytes: Vec::with_capacity(room),

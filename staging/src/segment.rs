@@ -143,14 +143,20 @@ struct HiddenRef<'a> {
 /// A sealed line, newline included, with the nonce `counter` the caller reserved
 /// ([`DataKey::reserve`]): lines can then be sealed on several threads.
 pub fn encode_sealed_line(env: &Envelope, dk: &DataKey, counter: u64) -> Vec<u8> {
-    let mut line = Vec::with_capacity(env.payload.get().len() * 4 / 3 + 400);
+    let mut line = Vec::with_capacity(sealed_line_room(env));
     append_sealed_line(env, dk, counter, &mut Vec::new(), &mut line);
     line
 }
 
+/// Room to reserve for a sealed line of `env`, without counting it ([`sealed_line_len`]
+/// counts): the payload's base64 and the clear head, about.
+pub fn sealed_line_room(env: &Envelope) -> usize {
+    env.payload.get().len() * 4 / 3 + 400
+}
+
 /// Appends to `out` the sealed line of `env` (newline included) with the reserved nonce
-/// `counter`. `plain` is scratch space for the hidden part, reused from line to line: a group's
-/// sealing thread makes no allocation of its own per line.
+/// `counter`. `plain` is scratch space for the hidden part, reused from line to line, so a
+/// group's sealing thread allocates neither the line nor its hidden part per line.
 pub fn append_sealed_line(
     env: &Envelope,
     dk: &DataKey,
