@@ -170,6 +170,7 @@ mod sealed_folder;
 mod segment;
 mod status;
 mod store;
+mod wal_checkpointer;
 mod writer;
 
 pub use adopt::{Admission, Admit};

@@ -28,6 +28,7 @@ use crate::record::{ClientKey, Envelope, FORMAT_VERSION, Receipt, SourceMark, St
 use crate::seal_group::{SealJob, SealingGroup};
 use crate::segment;
 use crate::store::Shared;
+use crate::wal_checkpointer::Nudge;
 
 /// Most records one group commit takes before flushing.
 const MAX_GROUP_RECORDS: usize = 4096;
@@ -90,6 +91,7 @@ pub struct Writer {
     conn: Connection,
     seq_file: File,
     active: HashMap<(String, String), ActiveSegment>,
+    checkpointer: Nudge,
 }
 
 /// Opens `_state/seq`, the cross-process sequence counter and lock.
@@ -118,12 +120,16 @@ pub fn write_seq(f: &mut File, seq: u64) -> std::io::Result<()> {
 }
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>, conn: Connection, seq_file: File) -> Self {
+    /// `checkpointer`: the nudge of the thread that checkpoints the index's WAL (see
+    /// wal_checkpointer.rs); the caller has set this connection's own automatic checkpoint to
+    /// the safety net.
+    pub fn new(shared: Arc<Shared>, conn: Connection, seq_file: File, checkpointer: Nudge) -> Self {
         Self {
             shared,
             conn,
             seq_file,
             active: HashMap::new(),
+            checkpointer,
         }
     }
 
@@ -147,6 +153,7 @@ impl Writer {
             }
             if !group.is_empty() {
                 self.commit_group(group);
+                self.checkpointer.wal_grew();
             }
             if !seal_waiters.is_empty() {
                 if let Err(err) = self.seal_drained() {
@@ -218,6 +225,7 @@ impl Writer {
             conn,
             seq_file,
             active,
+            ..
         } = self;
         let root = shared.root.clone();
 

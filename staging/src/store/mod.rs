@@ -108,6 +108,8 @@ struct Inner {
     db: Mutex<Connection>,
     tx: Mutex<Option<SyncSender<Message>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Ends after the writer (whose nudge it waits on).
+    checkpointer: Mutex<Option<crate::wal_checkpointer::WalCheckpointer>>,
 }
 
 impl Drop for Inner {
@@ -115,6 +117,9 @@ impl Drop for Inner {
         lock(&self.tx).take();
         if let Some(handle) = lock(&self.writer).take() {
             let _ = handle.join();
+        }
+        if let Some(checkpointer) = lock(&self.checkpointer).take() {
+            checkpointer.join();
         }
         crate::leases::unregister(&self.shared.state_dir, &self.owner);
     }

@@ -149,8 +149,17 @@ impl Staging {
         report.leases_released = crate::leases::release_orphaned(&db, &state_dir, &owner)?;
 
         let writer_conn = crate::index::open(&index_path, false)?;
+        // The WAL is checkpointed on a thread of its own; the writer's own checkpoint is only a
+        // safety net (wal_checkpointer.rs says why).
+        writer_conn.pragma_update(
+            None,
+            "wal_autocheckpoint",
+            crate::wal_checkpointer::WRITER_SAFETY_PAGES,
+        )?;
+        let (checkpointer, nudge) = crate::wal_checkpointer::WalCheckpointer::start(&index_path)
+            .map_err(|e| StoreError::io("start the index checkpoint thread for", &root, e))?;
         let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
-        let w = Writer::new(shared.clone(), writer_conn, seq_file);
+        let w = Writer::new(shared.clone(), writer_conn, seq_file, nudge);
         let handle = std::thread::Builder::new()
             .name("estafeta-staging-writer".into())
             .spawn(move || w.run(rx))
@@ -163,6 +172,7 @@ impl Staging {
                 db: Mutex::new(db),
                 tx: Mutex::new(Some(tx)),
                 writer: Mutex::new(Some(handle)),
+                checkpointer: Mutex::new(Some(checkpointer)),
             }),
         };
         Ok((store, report))
