@@ -57,7 +57,7 @@ impl WalCheckpointer {
             .map_err(std::io::Error::other)?;
         let (tx, rx) = mpsc::sync_channel(1);
         let handle = std::thread::Builder::new()
-            .name("estafeta-staging-checkpoint".into())
+            .name("estafeta-wal-ckpt".into()) // within Linux's 15 characters, for top and strace
             .spawn(move || run(conn, rx))?;
         Ok((WalCheckpointer { handle }, Nudge(tx)))
     }
