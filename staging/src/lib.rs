@@ -129,7 +129,9 @@
 //! connection runs with `synchronous=NORMAL` because the segment fsync already made the record
 //! durable; after a power cut, open re-reads each segment past the length the index knew.
 //! Delivery state (acks, failures, dead letters, deletions) is written with
-//! `synchronous=FULL`. A missing or corrupt index is set aside and rebuilt from the folder:
+//! `synchronous=FULL`. The WAL is copied into the index file by a thread of its own
+//! (wal_checkpointer.rs), so the writer's commits do not wait for a checkpoint's fsyncs.
+//! A missing or corrupt index is set aside and rebuilt from the folder:
 //! records come back pending (a resend is harmless: sinks are idempotent on the record id)
 //! and dead letters come back dead.
 //!
