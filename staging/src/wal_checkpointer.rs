@@ -69,7 +69,10 @@ impl WalCheckpointer {
 }
 
 fn run(conn: Connection, nudges: Receiver<()>) {
-    let mut last = Instant::now() - MIN_INTERVAL;
+    // The first nudge is served at once (`checked_sub` only fails right after boot).
+    let mut last = Instant::now()
+        .checked_sub(MIN_INTERVAL)
+        .unwrap_or_else(Instant::now);
     while nudges.recv().is_ok() {
         if let Some(wait) = MIN_INTERVAL.checked_sub(last.elapsed()) {
             std::thread::sleep(wait);
