@@ -21,7 +21,9 @@ use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, OpenFlags};
+
+use crate::error::StoreError;
 
 /// The shortest time between two background checkpoints. Long enough that one checkpoint takes
 /// a few hundred group commits' pages at full load (each page copied and synced once, not once
@@ -29,7 +31,7 @@ use rusqlite::Connection;
 pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The writer's own automatic checkpoint, kept as a safety net (pages of 4 KiB: 32 MiB).
-pub(crate) const WRITER_SAFETY_PAGES: i64 = 8_000;
+const WRITER_SAFETY_PAGES: i64 = 8_000;
 
 /// The running thread.
 pub(crate) struct WalCheckpointer {
@@ -48,17 +50,24 @@ impl Nudge {
 }
 
 impl WalCheckpointer {
-    /// Starts the thread on a connection of its own to the index at `index_path`.
-    pub(crate) fn start(index_path: &Path) -> std::io::Result<(WalCheckpointer, Nudge)> {
-        let conn = crate::index::open(index_path, false).map_err(std::io::Error::other)?;
-        // This connection only checkpoints: it never commits (its own threshold is moot) and
-        // keeps no pages worth caching (opening read the schema).
-        conn.execute_batch("PRAGMA shrink_memory")
-            .map_err(std::io::Error::other)?;
+    /// Starts the thread on a connection of its own to the index at `index_path`, and turns the
+    /// writer's own automatic checkpoint (`writer_conn`) down to the safety net.
+    pub(crate) fn start(
+        index_path: &Path,
+        writer_conn: &Connection,
+    ) -> Result<(WalCheckpointer, Nudge), StoreError> {
+        writer_conn.pragma_update(None, "wal_autocheckpoint", WRITER_SAFETY_PAGES)?;
+        // A bare connection: the index's schema and settings (index::open) are the other
+        // connections' business; this one never writes a row.
+        let conn = Connection::open_with_flags(
+            index_path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
         let (tx, rx) = mpsc::sync_channel(1);
         let handle = std::thread::Builder::new()
             .name("estafeta-wal-ckpt".into()) // within Linux's 15 characters, for top and strace
-            .spawn(move || run(conn, rx))?;
+            .spawn(move || run(conn, rx))
+            .map_err(|e| StoreError::io("start the index checkpoint thread for", index_path, e))?;
         Ok((WalCheckpointer { handle }, Nudge(tx)))
     }
 

@@ -121,8 +121,8 @@ pub fn write_seq(f: &mut File, seq: u64) -> std::io::Result<()> {
 
 impl Writer {
     /// `checkpointer`: the nudge of the thread that checkpoints the index's WAL (see
-    /// wal_checkpointer.rs); the caller has set this connection's own automatic checkpoint to
-    /// the safety net.
+    /// wal_checkpointer.rs), whose start set this connection's own automatic checkpoint to the
+    /// safety net.
     pub fn new(shared: Arc<Shared>, conn: Connection, seq_file: File, checkpointer: Nudge) -> Self {
         Self {
             shared,

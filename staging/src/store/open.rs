@@ -149,15 +149,9 @@ impl Staging {
         report.leases_released = crate::leases::release_orphaned(&db, &state_dir, &owner)?;
 
         let writer_conn = crate::index::open(&index_path, false)?;
-        // The WAL is checkpointed on a thread of its own; the writer's own checkpoint is only a
-        // safety net (wal_checkpointer.rs says why).
-        writer_conn.pragma_update(
-            None,
-            "wal_autocheckpoint",
-            crate::wal_checkpointer::WRITER_SAFETY_PAGES,
-        )?;
-        let (checkpointer, nudge) = crate::wal_checkpointer::WalCheckpointer::start(&index_path)
-            .map_err(|e| StoreError::io("start the index checkpoint thread for", &root, e))?;
+        // The WAL is checkpointed on a thread of its own (wal_checkpointer.rs says why).
+        let (checkpointer, nudge) =
+            crate::wal_checkpointer::WalCheckpointer::start(&index_path, &writer_conn)?;
         let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
         let w = Writer::new(shared.clone(), writer_conn, seq_file, nudge);
         let handle = std::thread::Builder::new()
