@@ -69,6 +69,9 @@ struct ScriptSink {
     calls: AtomicUsize,
     /// Delivery takes this long (to test shutdown).
     delay: Option<Duration>,
+    /// A staging folder whose segment files are counted at each delivery.
+    watch: Option<std::path::PathBuf>,
+    segments_seen: Mutex<Vec<usize>>,
 }
 
 impl ScriptSink {
@@ -79,6 +82,27 @@ impl ScriptSink {
     fn attempted(&self) -> Vec<u64> {
         self.attempted.lock().expect("lock").clone()
     }
+}
+
+/// The segment files under a staging folder (`action/entity/yyyy/mm/dd/*.jsonl`).
+fn segment_files(root: &std::path::Path) -> usize {
+    fn walk(dir: &std::path::Path, count: &mut usize) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('_') {
+                continue; // _state, _dead, _damaged: not segments
+            }
+            if path.is_dir() {
+                walk(&path, count);
+            } else if path.extension().is_some_and(|e| e == "jsonl") {
+                *count += 1;
+            }
+        }
+    }
+    let mut count = 0;
+    walk(root, &mut count);
+    count
 }
 
 fn fate(delivery: &Delivery) -> Outcome {
@@ -115,6 +139,10 @@ impl Sink for ScriptSink {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if let Some(delay) = self.delay {
                 tokio::time::sleep(delay).await;
+            }
+            if let Some(root) = &self.watch {
+                let count = segment_files(root);
+                self.segments_seen.lock().expect("lock").push(count);
             }
             self.batches.lock().expect("lock").push(
                 batch
@@ -550,6 +578,54 @@ async fn the_first_answer_after_an_outage_wakes_the_backlog_once() {
     tracker.close();
     let stopped = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     assert!(stopped.is_ok(), "the batcher stops on cancel");
+}
+
+/// A long cycle deletes the segments it has delivered whole as it goes (every few batches,
+/// beside the deliveries), so a drain frees the disk before it ends; the rest go at its end.
+#[tokio::test]
+async fn a_long_cycle_deletes_delivered_segments_as_it_goes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut options = Options::new(dir.path()).with_sinks([SINK]);
+    options.min_free_bytes = 0;
+    options.segment_max_bytes = 16 * 1024;
+    let store = Staging::open(options).expect("store opens").0;
+    let mut config = test_config(dir.path());
+    config.batch_size = 25;
+    let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+    let records: Vec<(&str, &str, &str)> =
+        keys.iter().map(|k| ("create", k.as_str(), "ok")).collect();
+    stage(&store, &records);
+    let at_start = segment_files(dir.path());
+    assert!(
+        at_start >= 8,
+        "the test needs many segments, got {at_start}"
+    );
+
+    let sink = Arc::new(ScriptSink {
+        delay: Some(Duration::from_millis(10)),
+        watch: Some(dir.path().to_owned()),
+        ..ScriptSink::default()
+    });
+    let dyn_sink: Arc<dyn Sink> = sink.clone();
+    let report = flush_once(&store, &dyn_sink, &config, usize::MAX)
+        .await
+        .expect("flush");
+    assert_eq!(report.delivered, 1000);
+    let seen = sink.segments_seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 40, "one count per batch of 25");
+    assert_eq!(seen[0], at_start, "nothing is deleted before the first ack");
+    assert!(
+        seen.iter().any(|&n| n < at_start / 2),
+        "the delivered segments were still on disk while the cycle ran ({at_start} at start, per batch: {seen:?})"
+    );
+    // At the end only the segment still open for writing is left: the writer closes a drained
+    // segment once it has been idle a while (DRAINED_IDLE), and these were staged just now.
+    assert_eq!(
+        segment_files(dir.path()),
+        1,
+        "the delivered segments are gone at the end"
+    );
+    assert_eq!(store.status().expect("status").records_pending, 0);
 }
 
 #[tokio::test]

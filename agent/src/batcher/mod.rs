@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use estafeta_staging::{Delivery, Staging, StoreError};
+use estafeta_staging::{CleanupReport, Delivery, Staging, StoreError};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -44,6 +44,12 @@ pub const MIN_WAKEUP_GAP: Duration = Duration::from_secs(1);
 /// seals the segment being written when it is drained, so doing it after every write-triggered
 /// cycle would leave many small files.
 pub const CLEANUP_INTERVAL: Duration = Duration::from_secs(30);
+/// In a long cycle, the segments delivered whole are deleted every this many batches, beside the
+/// deliveries, instead of all at the cycle's end: the disk is freed as a backlog drains (a full
+/// disk after an outage takes records again sooner), and the deletions' work and `fsync`s overlap
+/// the sink's round trips instead of following the last batch. 8 database batches of 2,000 are
+/// 16,000 records, more than a 16 MiB segment of 1 KB records.
+const DELETE_DELIVERED_EVERY: usize = 8;
 
 /// Where a sink's task reads the time of day, for its `CRONTAB` ticks and its wake-ups.
 ///
@@ -206,6 +212,12 @@ async fn flush_cycle(
     // a hot key keeps the pipeline full without anything overtaking a failure.
     let mut prefetched: Option<Vec<Delivery>> = None;
     let mut unsettled: Option<(Vec<Delivery>, Vec<Outcome>)> = None;
+    // Deletion of delivered segments running beside the pipeline (one at a time), and the
+    // batches since the last one started. Not when delivered records are kept for days: nothing
+    // this cycle delivers is old enough, and the periodic cleanup deletes the rest.
+    let mut deleting: Option<tokio::task::JoinHandle<Result<CleanupReport, StoreError>>> = None;
+    let mut batches_since_delete = 0usize;
+    let delete_as_it_goes = config.keep_delivered.is_zero();
     let result: anyhow::Result<CycleEnd> = async {
         loop {
             if remaining == 0 {
@@ -305,6 +317,19 @@ async fn flush_cycle(
             if let Some(settled) = settled? {
                 count(&mut report, &settled, stop);
             }
+            if delete_as_it_goes {
+                batches_since_delete += 1;
+                if deleting.as_ref().is_some_and(|task| task.is_finished()) {
+                    note_cleanup(deleted(deleting.take().expect("checked")).await);
+                }
+                if deleting.is_none() && batches_since_delete >= DELETE_DELIVERED_EVERY {
+                    batches_since_delete = 0;
+                    let store = store.clone();
+                    deleting = Some(tokio::task::spawn_blocking(move || {
+                        store.delete_delivered()
+                    }));
+                }
+            }
             if next_failed {
                 anyhow::bail!("could not lease the next batch from the staging store");
             }
@@ -349,22 +374,14 @@ async fn flush_cycle(
         None => Ok(()),
     };
     release_prefetched(store, &name, prefetched.take()).await;
+    if let Some(task) = deleting.take() {
+        note_cleanup(deleted(task).await);
+    }
     let end = result?;
     last?;
 
     if cleanup {
-        match blocking(store, |store| store.cleanup()).await {
-            Ok(cleanup) if cleanup.segments_deleted > 0 => debug!(
-                segments = cleanup.segments_deleted,
-                bytes = cleanup.bytes_freed,
-                "Delivered segment files deleted."
-            ),
-            Ok(_) => {}
-            Err(err) => warn!(
-                error = format!("{err:#}"),
-                "Could not delete delivered segment files; will try again after the next flush."
-            ),
-        }
+        note_cleanup(blocking(store, |store| store.cleanup()).await);
     }
     if report.delivered + report.retried + report.dead > 0 {
         info!(
@@ -373,6 +390,29 @@ async fn flush_cycle(
         );
     }
     Ok((report, end))
+}
+
+/// Logs what a deletion of delivered segments did, or why it could not (it is tried again).
+fn note_cleanup(result: anyhow::Result<CleanupReport>) {
+    match result {
+        Ok(cleanup) if cleanup.segments_deleted > 0 => debug!(
+            segments = cleanup.segments_deleted,
+            bytes = cleanup.bytes_freed,
+            "Delivered segment files deleted."
+        ),
+        Ok(_) => {}
+        Err(err) => warn!(
+            error = format!("{err:#}"),
+            "Could not delete delivered segment files; will try again after the next flush."
+        ),
+    }
+}
+
+/// The result of a deletion started with `spawn_blocking` beside the pipeline.
+async fn deleted(
+    task: tokio::task::JoinHandle<Result<CleanupReport, StoreError>>,
+) -> anyhow::Result<CleanupReport> {
+    Ok(task.await.context("a staging task panicked")??)
 }
 
 /// Leases the next batch of `sink` (up to `want` records).

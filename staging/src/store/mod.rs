@@ -197,8 +197,17 @@ impl Staging {
             let db = self.db();
             crate::leases::release_orphaned(&db, &self.inner.shared.state_dir, &self.inner.owner)?
         };
-        let mut report = crate::recover::cleanup(self, CLIENT_KEY_TTL)?;
+        let mut report = self.delete_delivered()?;
         report.leases_released = released;
+        Ok(report)
+    }
+
+    /// Deletes the segment files every sink has confirmed, as [`Staging::cleanup`] does, without
+    /// asking this process's writer to close the segment it is filling first: a long drain calls
+    /// it between batches to free space as it goes, and closing the segment being written at
+    /// every call would cut it into small files.
+    pub fn delete_delivered(&self) -> Result<CleanupReport, StoreError> {
+        let report = crate::recover::cleanup(self, CLIENT_KEY_TTL)?;
         if report.bytes_freed > 0 {
             self.inner.shared.set_blocked(None);
         }
