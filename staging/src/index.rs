@@ -44,11 +44,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     seq         INTEGER NOT NULL,
     entity      TEXT NOT NULL,
     okey        TEXT NOT NULL,             -- 'k:' || key, or '' for keyless records
-    state       TEXT NOT NULL,             -- pending | in_flight | dead (delivered rows are deleted)
+    state       TEXT NOT NULL,             -- pending | dead (delivered rows are deleted); in_flight from older versions
     attempts    INTEGER NOT NULL DEFAULT 0,
     next_at     INTEGER NOT NULL DEFAULT 0,-- unix ms: not before
-    lease_until INTEGER NOT NULL DEFAULT 0,-- unix ms: in_flight lease end
-    lease_owner TEXT,                      -- the process holding the lease (see leases.rs)
+    lease_until INTEGER NOT NULL DEFAULT 0,-- unix ms: in_flight lease end (older versions; see leases)
+    lease_owner TEXT,                      -- the process holding that lease (older versions)
     last_error  TEXT,
     PRIMARY KEY (sink, seq)
 ) WITHOUT ROWID;
@@ -57,6 +57,20 @@ CREATE TABLE IF NOT EXISTS deliveries (
 -- per record staged and per record acked (keys, and sealed stores' keyed hashes, are in no
 -- order, so each touched a page of its own): about 40 % of a settlement. `migrate` drops the
 -- one older versions made.
+-- Leases: the records a deliverer holds while it sends them, one row per leased batch (their
+-- seqs as a JSON array), never a write per record. Marking each delivery row in flight cost a
+-- row rewrite per record, about a tenth of a flush's CPU. A leased record stays 'pending' in
+-- `deliveries`; while its lease lasts it holds its key back as an in-flight record does.
+-- A lease is ephemeral: it ends at its settlement, at `lease_until`, or when its owner's
+-- process is gone (leases.rs). Older versions marked `deliveries.state = 'in_flight'` instead;
+-- such rows are still read, and given back when their owner is gone.
+CREATE TABLE IF NOT EXISTS leases (
+    id          INTEGER PRIMARY KEY,
+    sink        TEXT NOT NULL,
+    owner       TEXT NOT NULL,             -- the process holding the lease (see leases.rs)
+    lease_until INTEGER NOT NULL,          -- unix ms
+    seqs        TEXT NOT NULL              -- JSON array of the leased records' seqs
+);
 -- Lookups of one record's deliveries across sinks (record details, listing dead letters,
 -- moving a damaged record aside); without it each is a scan of every pending delivery.
 CREATE INDEX IF NOT EXISTS deliveries_by_seq ON deliveries(seq);

@@ -1,11 +1,16 @@
-//! Lease owners. A lease normally ends when its deliverer acks, fails or releases the records,
-//! or when its time runs out. A deliverer that was killed never does the first, and waiting out
-//! the time (minutes) would stall the first record of every key in its batch. So every process
-//! that opens the store registers itself as an owner: `_state/owners/<owner>.lock`, locked for as
+//! Leases and their owners. A lease is one row of `leases` per leased batch (its seqs as a JSON
+//! array): taking a batch is one insert, settling it one read and one delete, whatever the
+//! batch size. While a lease lasts, its records hold their keys back as records in flight.
+//!
+//! A lease normally ends when its deliverer acks, fails or releases the records, or when its
+//! time runs out. A deliverer that was killed never does the first, and waiting out the time
+//! (minutes) would stall the first record of every key in its batch. So every process that
+//! opens the store registers itself as an owner: `_state/owners/<owner>.lock`, locked for as
 //! long as the process lives. Leases whose owner's file is no longer locked belong to a dead
 //! process and are given back at once.
 
 use rusqlite::{Connection, params};
+use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -64,8 +69,93 @@ fn is_dead(state_dir: &Path, owner: &str) -> bool {
     }
 }
 
+/// Records `seqs` (a JSON array) as leased to `owner` for `sink` until `until` (unix ms).
+pub(crate) fn take(
+    conn: &Connection,
+    sink: &str,
+    owner: &str,
+    until: i64,
+    seqs_json: &str,
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO leases (sink, owner, lease_until, seqs) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![sink, owner, until, seqs_json])?;
+    Ok(())
+}
+
+/// The records of `sink` under a lease that lasts beyond `now`, whoever holds it. Leases that
+/// have run out are deleted on the way: their records are simply deliverable again.
+pub(crate) fn held(conn: &Connection, sink: &str, now: i64) -> Result<HashSet<u64>, StoreError> {
+    conn.prepare_cached("DELETE FROM leases WHERE lease_until <= ?1")?
+        .execute(params![now])?;
+    let mut held = HashSet::new();
+    let mut stmt = conn.prepare_cached("SELECT seqs FROM leases WHERE sink = ?1")?;
+    let mut rows = stmt.query(params![sink])?;
+    while let Some(row) = rows.next()? {
+        held.extend(parse_seqs(row.get_ref(0)?.as_str().unwrap_or_default()));
+    }
+    Ok(held)
+}
+
+/// Ends `owner`'s leases of `settled` records of `sink`: a lease left with no record is
+/// deleted, one that still holds some keeps only those.
+pub(crate) fn end(
+    conn: &Connection,
+    sink: &str,
+    owner: &str,
+    settled: &HashSet<u64>,
+) -> Result<(), StoreError> {
+    let leases: Vec<(i64, String)> = conn
+        .prepare_cached("SELECT id, seqs FROM leases WHERE sink = ?1 AND owner = ?2")?
+        .query_map(params![sink, owner], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (id, seqs) in leases {
+        let seqs = parse_seqs(&seqs);
+        let left: Vec<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|s| !settled.contains(s))
+            .collect();
+        if left.is_empty() {
+            conn.prepare_cached("DELETE FROM leases WHERE id = ?1")?
+                .execute(params![id])?;
+        } else if left.len() < seqs.len() {
+            let left = serde_json::to_string(&left).expect("numbers serialize");
+            conn.prepare_cached("UPDATE leases SET seqs = ?2 WHERE id = ?1")?
+                .execute(params![id, left])?;
+        }
+    }
+    Ok(())
+}
+
+/// A lease's seqs. The index writes them; anything unreadable counts as no record (the lease
+/// then holds nothing back, and its records are sent again, which delivery tolerates).
+fn parse_seqs(json: &str) -> Vec<u64> {
+    serde_json::from_str(json).unwrap_or_default()
+}
+
 /// Gives back the leases of dead processes; returns how many records became pending again.
 pub fn release_orphaned(conn: &Connection, state_dir: &Path, me: &str) -> Result<u64, StoreError> {
+    let mut released = 0;
+    let owners: Vec<String> = conn
+        .prepare("SELECT DISTINCT owner FROM leases WHERE owner != ?1")?
+        .query_map([me], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for owner in owners {
+        if !is_dead(state_dir, &owner) {
+            continue;
+        }
+        let held: i64 = conn.query_row(
+            "SELECT COALESCE(SUM(json_array_length(seqs)), 0) FROM leases WHERE owner = ?1",
+            params![owner],
+            |r| r.get(0),
+        )?;
+        conn.execute("DELETE FROM leases WHERE owner = ?1", params![owner])?;
+        released += held as u64;
+        tracing::info!(owner = %owner, "Released the leases of a deliverer that is no longer running.");
+    }
+    // Leases an older version marked on the delivery rows themselves.
     let owners: Vec<String> = {
         let mut stmt = conn.prepare(
             "SELECT DISTINCT lease_owner FROM deliveries
@@ -74,7 +164,6 @@ pub fn release_orphaned(conn: &Connection, state_dir: &Path, me: &str) -> Result
         stmt.query_map([me], |r| r.get(0))?
             .collect::<Result<_, _>>()?
     };
-    let mut released = 0;
     for owner in owners {
         if !is_dead(state_dir, &owner) {
             continue;

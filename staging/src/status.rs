@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use rusqlite::params;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::api_types::{GroupStatus, SinkStatus, Status};
 use crate::error::StoreError;
@@ -71,12 +71,23 @@ pub fn status(store: &Staging) -> Result<Status, StoreError> {
                 r.get::<_, Option<i64>>(5)?,
             ))
         })?;
+        // Pending records under a lease (leases.rs) are in flight.
+        let leased: HashMap<String, i64> = db
+            .prepare(
+                "SELECT l.sink, COUNT(*) FROM leases l, json_each(l.seqs) j
+                   JOIN deliveries d ON d.sink = l.sink AND d.seq = j.value
+                  WHERE l.lease_until > ?1 AND d.state = 'pending'
+                  GROUP BY l.sink",
+            )?
+            .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
         for row in rows {
             let (name, pending, in_flight, dead, oldest_seq, next_at) = row?;
+            let leased = leased.get(&name).copied().unwrap_or(0);
             let s = sinks.entry(name.clone()).or_default();
             s.sink = name;
-            s.pending = pending as u64;
-            s.in_flight = in_flight as u64;
+            s.pending = (pending - leased).max(0) as u64;
+            s.in_flight = (in_flight + leased) as u64;
             s.dead = dead as u64;
             if let Some(seq) = oldest_seq {
                 let staged: String =

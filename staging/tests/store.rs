@@ -302,6 +302,52 @@ fn the_indexes_of_older_versions_are_replaced_at_open() {
     assert_eq!(owed, 0, "acked records are still counted as owed");
 }
 
+/// Older versions leased a batch by marking each delivery row in flight; this one keeps one
+/// `leases` row per batch. Opening a store an older version left with rows in flight: those of
+/// a process that is gone are given back at once (not after their lease time), those of a live
+/// one hold their key back until their time runs out; status and record details say which.
+#[test]
+fn the_in_flight_rows_of_an_older_version_are_still_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = dir.path().join("_state").join("index.sqlite3");
+    {
+        let store = open(dir.path());
+        for key in ["gone", "gone", "alive", "alive"] {
+            store
+                .stage(rec("update", "patient", Some(key), "{}"))
+                .unwrap();
+        }
+    }
+    // A live owner is one whose owner file is locked: this test holds one.
+    let owners = dir.path().join("_state").join("owners");
+    let alive = std::fs::File::create(owners.join("1-alive.lock")).unwrap();
+    alive.try_lock().unwrap();
+    let far = 4_102_444_800_000i64; // 2100-01-01, in unix ms
+    let conn = rusqlite::Connection::open(&index).unwrap();
+    conn.execute(
+        "UPDATE deliveries SET state = 'in_flight', lease_until = ?1, lease_owner = '2-gone' WHERE seq = 1",
+        [far],
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE deliveries SET state = 'in_flight', lease_until = ?1, lease_owner = '1-alive' WHERE seq = 3",
+        [far],
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = open(dir.path());
+    let status = store.status().unwrap();
+    let db = status.sinks.iter().find(|s| s.sink == "db").unwrap();
+    assert_eq!((db.pending, db.in_flight), (3, 1), "{db:?}");
+    assert_eq!(store.get("3").unwrap().1.state, State::InFlight);
+    assert_eq!(store.get("1").unwrap().1.state, State::Pending);
+    // The dead owner's record goes first in its key; the live owner's key waits.
+    assert_eq!(seqs(&store.next_batch("db", 10).unwrap()), vec![1, 2]);
+    store.ack("db", &[1, 2]).unwrap();
+    assert!(store.next_batch("db", 10).unwrap().is_empty());
+}
+
 /// The writer's commits are copied from the index's WAL into the index file by a thread of its
 /// own, soon after they happen, not inside a later commit once the WAL holds 1,000 pages. Seen
 /// from outside: a copy of the index file alone (no WAL) holds the records within seconds,

@@ -87,17 +87,14 @@ impl Staging {
             // does not wait for the disk; the next durable commit (a settlement) syncs it along.
             with_relaxed_sync(&mut db, |db| {
                 let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let taken = walk_deliverable(&tx, sink, now, limit, max_rows, walk)?;
+                let leased = crate::leases::held(&tx, sink, now)?;
+                let taken = walk_deliverable(&tx, sink, now, limit, max_rows, walk, &leased)?;
                 let rows = if taken.is_empty() {
                     Vec::new()
                 } else {
                     let (seqs, attempts): (Vec<u64>, Vec<u32>) = taken.into_iter().unzip();
                     let seqs_json = json_array(&seqs);
-                    tx.prepare_cached(
-                        "UPDATE deliveries SET state = 'in_flight', lease_until = ?1, lease_owner = ?2
-                          WHERE sink = ?3 AND seq IN (SELECT value FROM json_each(?4))",
-                    )?
-                    .execute(params![lease_until, self.inner.owner, sink, seqs_json])?;
+                    crate::leases::take(&tx, sink, &self.inner.owner, lease_until, &seqs_json)?;
                     let mut places: std::collections::HashMap<u64, (i64, i64, String)> = tx
                         .prepare_cached(
                             "SELECT r.seq, r.offset, r.len, s.path
@@ -304,14 +301,17 @@ impl Staging {
             )?
             .execute(params![sink])?;
         }
-        if !batch.give_back.is_empty() {
-            tx.prepare_cached(
-                "UPDATE deliveries SET state = 'pending', lease_until = 0
-                  WHERE sink = ?1 AND seq IN (SELECT value FROM json_each(?2))
-                    AND state = 'in_flight'",
-            )?
-            .execute(params![sink, json_array(&batch.give_back)])?;
-        }
+        // Every record settled here leaves this deliverer's lease; those given back untouched
+        // only that: they are pending again, their attempts as they were.
+        let settled: std::collections::HashSet<u64> = batch
+            .delivered
+            .iter()
+            .chain(batch.retries.iter().map(|r| &r.seq))
+            .chain(batch.dead.iter().map(|d| &d.delivery.envelope.seq))
+            .chain(&batch.give_back)
+            .copied()
+            .collect();
+        crate::leases::end(&tx, sink, &self.inner.owner, &settled)?;
         tx.commit()?;
         Ok(paths)
     }
@@ -375,7 +375,9 @@ impl Staging {
             "SELECT MIN(t) FROM (
                 SELECT MIN(next_at) AS t FROM deliveries WHERE sink = ?1 AND state = 'pending' AND next_at > ?2
                 UNION ALL
-                SELECT MIN(lease_until) FROM deliveries WHERE sink = ?1 AND state = 'in_flight')",
+                SELECT MIN(lease_until) FROM deliveries WHERE sink = ?1 AND state = 'in_flight'
+                UNION ALL
+                SELECT MIN(lease_until) FROM leases WHERE sink = ?1)",
             params![sink, now],
             |r| r.get(0),
         )?;
@@ -442,16 +444,23 @@ impl Staging {
                 });
             }
             let changed = tx.execute(
-                "UPDATE deliveries SET state = 'in_flight', attempts = 0, next_at = 0,
-                        lease_until = ?3, lease_owner = ?4, last_error = NULL
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_at = 0,
+                        last_error = NULL
                   WHERE sink = ?1 AND seq = ?2 AND state = 'dead'",
-                params![sink, seq as i64, lease_until, self.inner.owner],
+                params![sink, seq as i64],
             )?;
             if changed == 0 {
                 return Err(StoreError::NotFound(format!(
                     "{seq} as a dead letter of sink {sink:?}"
                 )));
             }
+            crate::leases::take(
+                &tx,
+                sink,
+                &self.inner.owner,
+                lease_until,
+                &json_array(&[seq]),
+            )?;
             tx.commit()?;
         }
         let letter = crate::dead::dead_letter_path(self.failed_dir(), &envelope, sink);
@@ -529,6 +538,7 @@ fn walk_deliverable(
     limit: usize,
     max_rows: usize,
     walk: Walk<'_>,
+    leased: &std::collections::HashSet<u64>,
 ) -> Result<Vec<(u64, u32)>, StoreError> {
     use std::hash::{BuildHasher, Hash, Hasher};
     let mut stmt = tx.prepare_cached(
@@ -562,10 +572,14 @@ fn walk_deliverable(
         if held_back.contains(&group) {
             continue;
         }
+        if leased.contains(&seq) {
+            held_back.insert(group); // in flight under a lease: its key waits behind it
+            continue;
+        }
         let deliverable = match text(row.get_ref(3)?) {
             b"pending" => walk == Walk::Probe || row.get::<_, i64>(5)? <= now,
-            b"in_flight" => row.get::<_, i64>(6)? <= now,
-            _ => false, // dead: holds its key back
+            b"in_flight" => row.get::<_, i64>(6)? <= now, // an older version's lease
+            _ => false,                                   // dead: holds its key back
         };
         if deliverable {
             taken.push((seq, row.get::<_, i64>(4)? as u32));
