@@ -386,7 +386,10 @@ pub fn set_aside_record(
         key.as_deref().unwrap_or("-")
     );
     let to = write_damaged(shared, segment, offset as u64, &bytes, &note)?;
-    conn.execute("DELETE FROM deliveries WHERE seq = ?1", [seq as i64])?;
+    conn.execute(
+        "DELETE FROM deliveries WHERE sink IN (SELECT value FROM json_each(?2)) AND seq = ?1",
+        params![seq as i64, crate::index::sinks_json(&sinks)],
+    )?;
     conn.execute(
         "UPDATE records SET open_sinks = 0, sinks = '', delivered_at = NULL WHERE seq = ?1",
         [seq as i64],

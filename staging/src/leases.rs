@@ -10,7 +10,7 @@
 //! process and are given back at once.
 
 use rusqlite::{Connection, params};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -96,6 +96,40 @@ pub(crate) fn held(conn: &Connection, sink: &str, now: i64) -> Result<HashSet<u6
         held.extend(parse_seqs(row.get_ref(0)?.as_str().unwrap_or_default()));
     }
     Ok(held)
+}
+
+/// How many records of each sink are pending under a lease that lasts beyond `now`: in flight.
+/// Counted here, lease by lease and record by record through the primary key, never by a join
+/// that SQLite might plan as a scan of every delivery with each lease's array inside.
+pub(crate) fn pending_leased(
+    conn: &Connection,
+    now: i64,
+) -> Result<HashMap<String, i64>, StoreError> {
+    let leases: Vec<(String, String)> = conn
+        .prepare_cached("SELECT sink, seqs FROM leases WHERE lease_until > ?1")?
+        .query_map(params![now], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut pending = conn.prepare_cached(
+        "SELECT 1 FROM deliveries WHERE sink = ?1 AND seq = ?2 AND state = 'pending'",
+    )?;
+    let mut counts: HashMap<String, i64> = HashMap::new();
+    for (sink, seqs) in leases {
+        let mut n = 0;
+        for seq in parse_seqs(&seqs) {
+            n += i64::from(pending.exists(params![sink, seq as i64])?);
+        }
+        *counts.entry(sink).or_default() += n;
+    }
+    Ok(counts)
+}
+
+/// Is record `seq` of `sink` under a lease that lasts beyond `now`?
+pub(crate) fn holds(conn: &Connection, sink: &str, seq: u64, now: i64) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT 1 FROM leases l, json_each(l.seqs) j
+          WHERE l.sink = ?1 AND l.lease_until > ?2 AND j.value = ?3",
+    )?
+    .exists(params![sink, now, seq as i64])
 }
 
 /// Ends `owner`'s leases of `settled` records of `sink`: a lease left with no record is

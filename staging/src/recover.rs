@@ -300,11 +300,21 @@ fn truncated_segment(
 }
 
 fn forget_segment(conn: &Connection, segment_id: i64) -> Result<(), StoreError> {
-    let tx = conn.unchecked_transaction()?;
-    tx.execute(
-        "DELETE FROM deliveries WHERE seq IN (SELECT seq FROM records WHERE segment_id = ?1)",
-        [segment_id],
-    )?;
+    // Immediate: it reads before it writes, and a deferred transaction that has read cannot
+    // wait for another connection's write lock (SQLite answers "database is locked" at once).
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    // Only records still owed have deliveries (an ack removes the row as it counts the sink
+    // off): none in a delivered segment, those of a segment whose file was lost.
+    let owed: Vec<(i64, String)> = tx
+        .prepare("SELECT seq, sinks FROM records WHERE segment_id = ?1 AND open_sinks > 0")?
+        .query_map([segment_id], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    for (seq, sinks) in owed {
+        tx.execute(
+            "DELETE FROM deliveries WHERE sink IN (SELECT value FROM json_each(?2)) AND seq = ?1",
+            params![seq, crate::index::sinks_json(&sinks)],
+        )?;
+    }
     tx.execute("DELETE FROM records WHERE segment_id = ?1", [segment_id])?;
     tx.execute("DELETE FROM segments WHERE id = ?1", [segment_id])?;
     tx.commit()?;

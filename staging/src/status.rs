@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use rusqlite::params;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::api_types::{GroupStatus, SinkStatus, Status};
 use crate::error::StoreError;
@@ -72,15 +72,7 @@ pub fn status(store: &Staging) -> Result<Status, StoreError> {
             ))
         })?;
         // Pending records under a lease (leases.rs) are in flight.
-        let leased: HashMap<String, i64> = db
-            .prepare(
-                "SELECT l.sink, COUNT(*) FROM leases l, json_each(l.seqs) j
-                   JOIN deliveries d ON d.sink = l.sink AND d.seq = j.value
-                  WHERE l.lease_until > ?1 AND d.state = 'pending'
-                  GROUP BY l.sink",
-            )?
-            .query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<Result<_, _>>()?;
+        let leased = crate::leases::pending_leased(&db, now)?;
         for row in rows {
             let (name, pending, in_flight, dead, oldest_seq, next_at) = row?;
             let leased = leased.get(&name).copied().unwrap_or(0);

@@ -240,19 +240,18 @@ pub(crate) fn info_of(
         .optional()?
         .ok_or_else(|| StoreError::NotFound(seq.to_string()))?;
     let mut stmt = db.prepare_cached(
-        "SELECT sink, state, attempts, last_error, next_at, lease_until,
-                EXISTS (SELECT 1 FROM leases l, json_each(l.seqs) j
-                         WHERE l.sink = d.sink AND l.lease_until > ?2 AND j.value = d.seq)
-           FROM deliveries d WHERE seq = ?1",
+        "SELECT sink, state, attempts, last_error, next_at, lease_until
+           FROM deliveries d WHERE d.sink IN (SELECT value FROM json_each(?2)) AND d.seq = ?1",
     )?;
     let now = now_ms();
     let mut open: Vec<SinkState> = stmt
-        .query_map(params![seq as i64, now], |r| {
+        .query_map(params![seq as i64, crate::index::sinks_json(&sinks)], |r| {
+            let sink: String = r.get(0)?;
             let state = State::from_db(&r.get::<_, String>(1)?);
             let next_at: i64 = r.get(4)?;
             let lease_until: i64 = r.get(5)?;
             let lease_expired = state == State::InFlight && lease_until <= now;
-            let leased = state == State::Pending && r.get::<_, bool>(6)?;
+            let leased = state == State::Pending && crate::leases::holds(db, &sink, seq, now)?;
             let state = if lease_expired {
                 State::Pending
             } else if leased {
@@ -261,7 +260,7 @@ pub(crate) fn info_of(
                 state
             };
             Ok(SinkState {
-                sink: r.get(0)?,
+                sink,
                 state,
                 attempts: r.get::<_, i64>(2)? as u32,
                 last_error: r
