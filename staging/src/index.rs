@@ -299,9 +299,11 @@ pub fn hash_keys(
             params![hashed, seq],
         )?;
     }
-    // Then every keyed delivery's order key, in one pass over the deliveries.
+    // Then every keyed delivery's order key, in one pass over the deliveries (one whose record
+    // is missing, which no path leaves, keeps its order key rather than failing the open).
     tx.execute(
-        "UPDATE deliveries SET okey = 'k:' || (SELECT r.key FROM records r WHERE r.seq = deliveries.seq)
+        "UPDATE deliveries
+            SET okey = COALESCE('k:' || (SELECT r.key FROM records r WHERE r.seq = deliveries.seq), okey)
           WHERE okey != ''",
         [],
     )?;
