@@ -12,7 +12,8 @@
 //! the batch before it travels) bounds its walk instead of stepping over a whole backlog held
 //! by the batch in flight.
 //!
-//! Bookkeeping is per batch: a lease is one walk plus two statements, a settlement one
+//! Bookkeeping is per batch: a lease is one walk plus four statements (the live leases read,
+//! the expired ones dropped, one `leases` row written, the records' places read), a settlement one
 //! transaction of a dozen statements at most plus one durable file per dead letter, whatever
 //! the batch size. Sets of records go to SQLite as one JSON array bound to a parameter
 //! (`json_each`), not as one statement per record.
