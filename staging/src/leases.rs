@@ -171,11 +171,17 @@ fn parse_seqs(json: &str) -> Vec<u64> {
 
 /// Gives back the leases of dead processes; returns how many records became pending again.
 pub fn release_orphaned(conn: &Connection, state_dir: &Path, me: &str) -> Result<u64, StoreError> {
-    let mut released = 0;
+    // Owners of `leases` rows, and of delivery rows an older version marked in flight.
     let owners: Vec<String> = conn
-        .prepare("SELECT DISTINCT owner FROM leases WHERE owner != ?1")?
+        .prepare(
+            "SELECT owner FROM leases WHERE owner != ?1
+             UNION
+             SELECT lease_owner FROM deliveries
+              WHERE state = 'in_flight' AND lease_owner IS NOT NULL AND lease_owner != ?1",
+        )?
         .query_map([me], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
+    let mut released = 0;
     for owner in owners {
         if !is_dead(state_dir, &owner) {
             continue;
@@ -187,21 +193,6 @@ pub fn release_orphaned(conn: &Connection, state_dir: &Path, me: &str) -> Result
         )?;
         conn.execute("DELETE FROM leases WHERE owner = ?1", params![owner])?;
         released += held as u64;
-        tracing::info!(owner = %owner, "Released the leases of a deliverer that is no longer running.");
-    }
-    // Leases an older version marked on the delivery rows themselves.
-    let owners: Vec<String> = {
-        let mut stmt = conn.prepare(
-            "SELECT DISTINCT lease_owner FROM deliveries
-              WHERE state = 'in_flight' AND lease_owner IS NOT NULL AND lease_owner != ?1",
-        )?;
-        stmt.query_map([me], |r| r.get(0))?
-            .collect::<Result<_, _>>()?
-    };
-    for owner in owners {
-        if !is_dead(state_dir, &owner) {
-            continue;
-        }
         released += conn.execute(
             "UPDATE deliveries SET state = 'pending', lease_until = 0, lease_owner = NULL
               WHERE state = 'in_flight' AND lease_owner = ?1",
