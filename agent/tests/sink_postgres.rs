@@ -114,6 +114,35 @@ async fn rows_hold_the_envelope_and_the_payload_as_json() {
     }
 }
 
+/// A batch whose COPY is sent in many pieces (over both connections) lands whole: every row,
+/// each with its own payload.
+#[tokio::test]
+async fn a_batch_sent_in_many_pieces_lands_whole() {
+    let agent = agent_id();
+    let (sink, client) = sink(&agent).await;
+    let batch: Vec<_> = (0..600)
+        .map(|n| {
+            let payload = format!(r#"{{"n":{n},"texto":"{}"}}"#, "x".repeat(1000));
+            delivery("create", "patient", Some(&format!("p{n}")), &payload)
+        })
+        .collect();
+    assert_eq!(sink.deliver(&batch).await, vec![Outcome::Delivered; 600]);
+    let rows = client
+        .query(
+            "SELECT seq, (payload->>'n')::bigint, length(payload->>'texto') FROM estafeta_records \
+             WHERE agent_id = $1 ORDER BY seq",
+            &[&agent],
+        )
+        .await
+        .expect("the rows");
+    assert_eq!(rows.len(), 600, "every row of the batch");
+    for (n, (row, record)) in rows.iter().zip(&batch).enumerate() {
+        assert_eq!(row.get::<_, i64>(0), record.envelope.seq as i64);
+        assert_eq!(row.get::<_, i64>(1), n as i64);
+        assert_eq!(row.get::<_, i32>(2), 1000);
+    }
+}
+
 #[tokio::test]
 async fn conformance_a_value_too_long_is_dead_alone() {
     let agent = agent_id();

@@ -13,13 +13,13 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Statement, Transaction};
 
 use super::copy::{
-    COPY_INCOMING_SQL, INCOMING_TABLE_SQL, INSERT_FROM_INCOMING_RETURNING_SQL,
+    COPY_INCOMING_SQL, CopyError, INCOMING_TABLE_SQL, INSERT_FROM_INCOMING_RETURNING_SQL,
     INSERT_FROM_INCOMING_SQL, write_rows,
 };
 use super::{Connection, INSERT_RETURNING_SQL, PostgresSink, errors};
 use crate::db::apply::Bound;
-use crate::sinks::Outcome;
 use crate::sinks::database::landing::{ApplyRow, Failure, LandingRow, Stopped};
+use crate::sinks::{Outcome, Refusal};
 
 /// Apply statements prepared on the current connection, by file, for one batch.
 type Prepared = HashMap<PathBuf, Statement>;
@@ -52,7 +52,11 @@ impl PostgresSink {
         .await;
         let err = match copied {
             Ok(_) => return Ok(vec![Outcome::Delivered; rows.len()]),
-            Err(err) => err,
+            Err(CopyError::Server(err)) => err,
+            Err(CopyError::Encode { seq, error }) => {
+                tracing::debug!(sink = %self.name, seq, error, "A row could not be encoded for COPY; inserting the batch row by row.");
+                return self.insert_row_by_row(conn, rows).await;
+            }
         };
         let refusal = if errors::is_resend(&err) {
             tracing::debug!(sink = %self.name, records = rows.len(), "Part of the batch is already in the landing table (a resend); inserting the rest.");
@@ -148,7 +152,15 @@ impl PostgresSink {
         }
         tx.batch_execute(INCOMING_TABLE_SQL).await.map_err(fail)?;
         let sink = tx.copy_in(COPY_INCOMING_SQL).await.map_err(fail)?;
-        write_rows(sink, &self.agent_id, rows).await.map_err(fail)?;
+        write_rows(sink, &self.agent_id, rows)
+            .await
+            .map_err(|err| match err {
+                CopyError::Server(err) => fail(err),
+                CopyError::Encode { seq, error } => Failure::Row(Refusal::new(
+                    format!("record {seq} cannot be encoded for its landing row"),
+                    &error,
+                )),
+            })?;
         if returning {
             let added = tx
                 .query(INSERT_FROM_INCOMING_RETURNING_SQL, &[])
