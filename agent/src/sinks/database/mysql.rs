@@ -222,7 +222,7 @@ impl MysqlSink {
     async fn deliver_rows(
         &self,
         slot: &mut Option<Conn>,
-        rows: &[LandingRow],
+        rows: &[LandingRow<'_>],
     ) -> Result<Vec<Outcome>, String> {
         // Unlike tokio-postgres, nothing tells a mysql_async connection that the server
         // dropped it (wait_timeout, a restart): ask, rather than fail the batch once.
@@ -250,7 +250,8 @@ impl MysqlSink {
         if rows.iter().all(|row| row.apply.is_none()) {
             for chunk in chunks(rows) {
                 // Rows behind a refused record of their key stay out of the insert.
-                let live: Vec<&LandingRow> = chunk.iter().filter(|r| !stopped.holds(r)).collect();
+                let live: Vec<&LandingRow<'_>> =
+                    chunk.iter().filter(|r| !stopped.holds(r)).collect();
                 if live.len() > 1 {
                     match tx
                         .exec_drop(multi_row_insert(live.len()), self.chunk_params(&live))
@@ -314,7 +315,7 @@ impl MysqlSink {
         &self,
         tx: &mut Transaction<'_>,
         statement: &Statement,
-        row: &LandingRow,
+        row: &LandingRow<'_>,
     ) -> Result<Outcome, String> {
         match tx.exec_drop(statement, self.params(row)).await {
             Ok(()) => Ok(Outcome::Delivered),
@@ -387,7 +388,7 @@ impl MysqlSink {
         &self,
         tx: &mut Transaction<'_>,
         insert: &Statement,
-        row: &LandingRow,
+        row: &LandingRow<'_>,
         apply: &ApplyRow,
     ) -> Result<(), Failure> {
         let transient = |err| Failure::Transient(self.failure(err).message());
@@ -430,7 +431,7 @@ impl MysqlSink {
         }
     }
 
-    fn params(&self, row: &LandingRow) -> Params {
+    fn params(&self, row: &LandingRow<'_>) -> Params {
         Params::Positional(self.values(row))
     }
 
@@ -439,7 +440,7 @@ impl MysqlSink {
         Params::Positional(rows.iter().flat_map(|row| self.values(row)).collect())
     }
 
-    fn values(&self, row: &LandingRow) -> Vec<Value> {
+    fn values(&self, row: &LandingRow<'_>) -> Vec<Value> {
         let t = row.staged_at.naive_utc();
         use chrono::{Datelike as _, Timelike as _};
         let staged_at = Value::Date(
@@ -453,13 +454,13 @@ impl MysqlSink {
             t.nanosecond() / 1_000 % 1_000_000,
         );
         vec![
-            Value::from(row.idempotency_key.as_str()),
+            Value::from(&*row.idempotency_key),
             Value::from(row.agent_id(&self.agent_id)),
             Value::from(row.seq),
-            Value::from(row.action.as_str()),
-            Value::from(row.entity.as_str()),
+            Value::from(&*row.action),
+            Value::from(&*row.entity),
             Value::from(row.record_key.as_deref()),
-            Value::from(row.payload.as_str()),
+            Value::from(&*row.payload),
             staged_at,
         ]
     }
@@ -537,7 +538,7 @@ fn error_name(code: u16) -> Option<&'static str> {
 }
 
 /// Splits a batch into the rows of each multi-row insert, in order.
-fn chunks(rows: &[LandingRow]) -> Vec<&[LandingRow]> {
+fn chunks<'r, 'a>(rows: &'r [LandingRow<'a>]) -> Vec<&'r [LandingRow<'a>]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, row) in rows.iter().enumerate() {
@@ -650,21 +651,21 @@ mod tests {
     use super::*;
     use chrono::Utc;
 
-    fn row(seq: i64, payload_bytes: usize) -> LandingRow {
+    fn row(seq: i64, payload_bytes: usize) -> LandingRow<'static> {
         LandingRow {
-            idempotency_key: format!("id-{seq}"),
+            idempotency_key: format!("id-{seq}").into(),
             seq,
             action: "create".into(),
             entity: "patient".into(),
             record_key: None,
-            payload: "x".repeat(payload_bytes),
+            payload: "x".repeat(payload_bytes).into(),
             staged_at: Utc::now(),
             apply: None,
             origin: None,
         }
     }
 
-    fn sizes(rows: &[LandingRow]) -> Vec<usize> {
+    fn sizes(rows: &[LandingRow<'_>]) -> Vec<usize> {
         chunks(rows).iter().map(|c| c.len()).collect()
     }
 

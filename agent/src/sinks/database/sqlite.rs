@@ -164,7 +164,7 @@ fn open(path: &Path) -> Result<Connection, String> {
 fn insert(
     conn: &mut Connection,
     agent_id: &str,
-    rows: &[LandingRow],
+    rows: &[LandingRow<'_>],
 ) -> Result<Vec<Outcome>, String> {
     let transient = |err| failure(err).message();
     let tx = conn
@@ -306,7 +306,11 @@ impl Sink for SqliteSink {
             let conn = slot.take();
             let path = Arc::clone(&self.path);
             let agent_id = Arc::clone(&self.agent_id);
-            let landing = std::mem::take(&mut rows.rows);
+            // The blocking task may outlive this call (a timeout): it owns its rows.
+            let landing: Vec<LandingRow<'static>> = std::mem::take(&mut rows.rows)
+                .into_iter()
+                .map(LandingRow::into_owned)
+                .collect();
             let count = landing.len();
             let work = tokio::task::spawn_blocking(move || {
                 let mut conn = match conn {

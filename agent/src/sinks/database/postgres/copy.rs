@@ -74,7 +74,7 @@ impl From<tokio_postgres::Error> for CopyError {
 pub(super) async fn write_rows(
     sink: CopyInSink<Bytes>,
     agent_id: &str,
-    rows: &[LandingRow],
+    rows: &[LandingRow<'_>],
 ) -> Result<u64, CopyError> {
     let mut sink = std::pin::pin!(sink);
     let mut buf = BytesMut::with_capacity(PIECE_BYTES + 4096);
@@ -98,17 +98,20 @@ pub(super) async fn write_rows(
 fn encode_row(
     buf: &mut BytesMut,
     agent_id: &str,
-    row: &LandingRow,
+    row: &LandingRow<'_>,
 ) -> Result<(), Box<dyn Error + Sync + Send>> {
+    let key: &str = &row.idempotency_key;
+    let (action, entity): (&str, &str) = (&row.action, &row.entity);
+    let record_key = row.record_key.as_deref();
     let agent = row.agent_id(agent_id);
     let payload = JsonText(&row.payload);
     let values: [&(dyn ToSql + Sync); COLUMN_TYPES.len()] = [
-        &row.idempotency_key,
+        &key,
         &agent,
         &row.seq,
-        &row.action,
-        &row.entity,
-        &row.record_key,
+        &action,
+        &entity,
+        &record_key,
         &payload,
         &row.staged_at,
     ];

@@ -30,7 +30,7 @@ impl PostgresSink {
     pub(super) async fn deliver_rows(
         &self,
         slot: &mut Option<Connection>,
-        rows: &[LandingRow],
+        rows: &[LandingRow<'_>],
     ) -> Result<Vec<Outcome>, String> {
         let conn = self.open(slot).await?;
         if self.apply.is_some() {
@@ -85,7 +85,7 @@ impl PostgresSink {
     async fn deliver_inserted(
         &self,
         conn: &mut Connection,
-        rows: &[LandingRow],
+        rows: &[LandingRow<'_>],
     ) -> Result<Vec<Outcome>, String> {
         let inserted = async {
             let fail = |err| self.failure(err);
@@ -114,7 +114,7 @@ impl PostgresSink {
     async fn deliver_exactly_once(
         &self,
         conn: &mut Connection,
-        rows: &[LandingRow],
+        rows: &[LandingRow<'_>],
     ) -> Result<(), Failure> {
         let tx = conn
             .client
@@ -136,7 +136,7 @@ impl PostgresSink {
     async fn insert_through_incoming(
         &self,
         tx: &Transaction<'_>,
-        rows: &[LandingRow],
+        rows: &[LandingRow<'_>],
         returning: bool,
     ) -> Result<HashSet<String>, Failure> {
         let fail = |err| self.failure(err);
@@ -190,7 +190,7 @@ impl PostgresSink {
     async fn deliver_applied(
         &self,
         conn: &mut Connection,
-        rows: &[LandingRow],
+        rows: &[LandingRow<'_>],
     ) -> Result<Vec<Outcome>, String> {
         let transient = |err| self.failure(err).message();
         let tx = conn.client.transaction().await.map_err(transient)?;
@@ -199,7 +199,7 @@ impl PostgresSink {
             let added = self.insert_through_incoming(&tx, rows, true).await?;
             let applies: Vec<&ApplyRow> = rows
                 .iter()
-                .filter(|row| added.contains(&row.idempotency_key))
+                .filter(|row| added.contains(row.idempotency_key.as_ref()))
                 .filter_map(|row| row.apply.as_ref())
                 .collect();
             self.apply_pipelined(&tx, &applies, &mut prepared).await
@@ -229,7 +229,7 @@ impl PostgresSink {
     async fn insert_and_apply(
         &self,
         tx: &impl GenericClient,
-        row: &LandingRow,
+        row: &LandingRow<'_>,
         prepared: &mut Prepared,
     ) -> Result<(), Failure> {
         let added = !self
@@ -324,7 +324,7 @@ impl PostgresSink {
         &self,
         tx: &impl GenericClient,
         insert: &T,
-        row: &LandingRow,
+        row: &LandingRow<'_>,
     ) -> Result<Vec<tokio_postgres::Row>, Failure>
     where
         T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
@@ -339,17 +339,17 @@ impl PostgresSink {
         &self,
         tx: &impl GenericClient,
         insert: &T,
-        rows: &[LandingRow],
+        rows: &[LandingRow<'_>],
     ) -> Result<Vec<tokio_postgres::Row>, Failure>
     where
         T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
     {
-        let keys: Vec<&str> = rows.iter().map(|r| r.idempotency_key.as_str()).collect();
+        let keys: Vec<&str> = rows.iter().map(|r| r.idempotency_key.as_ref()).collect();
         let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
-        let actions: Vec<&str> = rows.iter().map(|r| r.action.as_str()).collect();
-        let entities: Vec<&str> = rows.iter().map(|r| r.entity.as_str()).collect();
+        let actions: Vec<&str> = rows.iter().map(|r| r.action.as_ref()).collect();
+        let entities: Vec<&str> = rows.iter().map(|r| r.entity.as_ref()).collect();
         let record_keys: Vec<Option<&str>> = rows.iter().map(|r| r.record_key.as_deref()).collect();
-        let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+        let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_ref()).collect();
         let staged: Vec<chrono::DateTime<chrono::Utc>> = rows.iter().map(|r| r.staged_at).collect();
         let agents: Vec<&str> = rows.iter().map(|r| r.agent_id(&self.agent_id)).collect();
         let params: [&(dyn ToSql + Sync); 8] = [
@@ -372,7 +372,7 @@ impl PostgresSink {
     async fn insert_row_by_row(
         &self,
         conn: &mut Connection,
-        rows: &[LandingRow],
+        rows: &[LandingRow<'_>],
     ) -> Result<Vec<Outcome>, String> {
         let transient = |err| self.failure(err).message();
         let mut tx = conn.client.transaction().await.map_err(transient)?;

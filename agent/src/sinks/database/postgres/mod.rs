@@ -149,7 +149,7 @@ const SPLIT_MIN_ROWS: usize = 64;
 /// one connection, the runs in turn, largest first, to the one with fewer rows so far (ties to
 /// the first), so both carry about as many rows while no run is split over two transactions.
 /// Each connection inserts its rows in batch (sequence) order.
-fn split(rows: &[LandingRow]) -> Vec<usize> {
+fn split(rows: &[LandingRow<'_>]) -> Vec<usize> {
     let mut runs: Vec<Vec<usize>> = Vec::new();
     let mut by_key: std::collections::HashMap<(&str, Option<&str>), usize> = Default::default();
     for (index, row) in rows.iter().enumerate() {
@@ -313,7 +313,7 @@ impl PostgresSink {
     async fn deliver_part(
         &self,
         slot: &Mutex<Option<Connection>>,
-        rows: &[LandingRow],
+        rows: &[LandingRow<'_>],
     ) -> Vec<Outcome> {
         if rows.is_empty() {
             return Vec::new();
@@ -408,7 +408,7 @@ impl Sink for PostgresSink {
             let landing = std::mem::take(&mut rows.rows);
             let count = landing.len();
             let part = split(&landing);
-            let mut parts: [Vec<LandingRow>; 2] = Default::default();
+            let mut parts: [Vec<LandingRow<'_>>; 2] = Default::default();
             for (row, &to) in landing.into_iter().zip(&part) {
                 parts[to].push(row);
             }
@@ -494,17 +494,21 @@ mod tests {
     use crate::sinks::test_delivery;
 
     /// A batch of `keys` (entity `patient`, `None` for keyless), in this order.
-    fn rows(keys: &[Option<&str>]) -> Vec<LandingRow> {
+    fn rows(keys: &[Option<&str>]) -> Vec<LandingRow<'static>> {
         let batch: Vec<Delivery> = keys
             .iter()
             .enumerate()
             .map(|(i, key)| test_delivery(i as u64 + 1, "update", "patient", *key, "{}"))
             .collect();
-        Rows::new(&batch, None, None).rows
+        Rows::new(&batch, None, None)
+            .rows
+            .into_iter()
+            .map(LandingRow::into_owned)
+            .collect()
     }
 
     /// Checks that no order key has rows on both connections; the row count of each.
-    fn check(rows: &[LandingRow], part: &[usize]) -> [usize; 2] {
+    fn check(rows: &[LandingRow<'_>], part: &[usize]) -> [usize; 2] {
         assert_eq!(part.len(), rows.len());
         let mut owner = std::collections::HashMap::new();
         let mut sizes = [0; 2];
