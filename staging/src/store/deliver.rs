@@ -81,7 +81,7 @@ impl Staging {
             Walk::Ahead(_) => limit.saturating_mul(AHEAD_WALK_BATCHES),
             Walk::Complete | Walk::Probe => usize::MAX,
         };
-        let leased: Vec<(u64, u32, i64, i64, String)> = {
+        let leased: Vec<(u64, u32, i64, i64, std::sync::Arc<str>)> = {
             let mut db = self.db();
             // A lease promises nothing to anyone: if a power cut loses it, its records are
             // simply pending again and are sent again (delivery is idempotent). So its commit
@@ -96,28 +96,47 @@ impl Staging {
                     let (seqs, attempts): (Vec<u64>, Vec<u32>) = taken.into_iter().unzip();
                     let seqs_json = json_array(&seqs);
                     crate::leases::take(&tx, sink, &self.inner.owner, lease_until, &seqs_json)?;
-                    let mut places: std::collections::HashMap<u64, (i64, i64, String)> = tx
+                    let mut places: std::collections::HashMap<u64, (i64, i64, i64)> = tx
                         .prepare_cached(
-                            "SELECT r.seq, r.offset, r.len, s.path
-                               FROM records r JOIN segments s ON s.id = r.segment_id
-                              WHERE r.seq IN (SELECT value FROM json_each(?1))",
+                            "SELECT seq, offset, len, segment_id FROM records
+                              WHERE seq IN (SELECT value FROM json_each(?1))",
                         )?
                         .query_map(params![seqs_json], |r| {
                             Ok((
                                 r.get::<_, i64>(0)? as u64,
-                                (r.get(1)?, r.get(2)?, r.get::<_, String>(3)?),
+                                (r.get(1)?, r.get(2)?, r.get(3)?),
                             ))
                         })?
                         .collect::<Result<_, _>>()?;
-                    seqs.into_iter()
-                        .zip(attempts)
-                        .filter_map(|(seq, attempts)| {
-                            // A delivery always has its record (they are written and removed
-                            // together); one without is skipped rather than leased blind.
-                            let (offset, len, path) = places.remove(&seq)?;
-                            Some((seq, attempts, offset, len, path))
-                        })
-                        .collect()
+                    // A batch's records lie in a few segments: each path is read and held once,
+                    // not once per record.
+                    let mut paths: std::collections::HashMap<i64, Option<std::sync::Arc<str>>> =
+                        Default::default();
+                    let mut path_of = |id: i64| -> rusqlite::Result<Option<std::sync::Arc<str>>> {
+                        if let Some(path) = paths.get(&id) {
+                            return Ok(path.clone());
+                        }
+                        let path = tx
+                            .prepare_cached("SELECT path FROM segments WHERE id = ?1")?
+                            .query_row([id], |r| r.get::<_, String>(0))
+                            .optional()?
+                            .map(std::sync::Arc::<str>::from);
+                        paths.insert(id, path.clone());
+                        Ok(path)
+                    };
+                    let mut rows = Vec::with_capacity(seqs.len());
+                    for (seq, attempts) in seqs.into_iter().zip(attempts) {
+                        // A delivery always has its record and its record its segment (they
+                        // are written and removed together); one without is skipped rather
+                        // than leased blind.
+                        let Some((offset, len, segment)) = places.remove(&seq) else {
+                            continue;
+                        };
+                        if let Some(path) = path_of(segment)? {
+                            rows.push((seq, attempts, offset, len, path));
+                        }
+                    }
+                    rows
                 };
                 tx.commit()?;
                 Ok(rows)
@@ -125,7 +144,8 @@ impl Staging {
         };
         let mut out = Vec::with_capacity(leased.len());
         // Records of one batch mostly share a few segments: open each once.
-        let mut files: std::collections::HashMap<String, std::fs::File> = Default::default();
+        let mut files: std::collections::HashMap<std::sync::Arc<str>, std::fs::File> =
+            Default::default();
         let keys = self.shared().keys();
         let mut next = 0;
         while next < leased.len() {
@@ -143,7 +163,7 @@ impl Staging {
                 run_len += len;
                 next += 1;
             }
-            let path = self.root().join(rel);
+            let path = self.root().join(&**rel);
             let file = match files.entry(rel.clone()) {
                 std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
                 std::collections::hash_map::Entry::Vacant(v) => match std::fs::File::open(&path) {
